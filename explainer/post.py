@@ -1,0 +1,32 @@
+"""What templates render and translators translate: a post as plain data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Section:
+    """One chunk of code and the prose that explains it."""
+
+    code: str  # the chunk, byte for byte as in the source
+    language: str  # fence language: python, c, cpp, cuda
+    start_line: int
+    end_line: int
+    symbol: str  # enclosing symbol, e.g. "Llama.generate"; "" at module level
+    kind: str  # chunk kind from chunking: signature, block, loop, if, imports, ...
+    explanation: str = ""  # Markdown prose, translatable
+    ungrounded: list[str] = field(default_factory=list)  # `identifiers` the explanation invented
+
+
+@dataclass
+class Post:
+    title: str  # translatable
+    lang: str
+    date: str  # YYYY-MM-DD
+    source_path: str  # as given by the user, relative where possible
+    language: str  # programming language of the source
+    intro: str = ""  # translatable
+    sections: list[Section] = field(default_factory=list)
+    backend: str = ""
+    model: str = ""

@@ -1,0 +1,102 @@
+"""A real OpenAI-compatible HTTP server on 127.0.0.1 whose answers a test scripts.
+
+The official openai SDK talks to it over loopback exactly as it would talk to a vLLM or
+llama.cpp server, so tests exercise the real client: retries, timeouts, headers, parsing.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+
+@dataclass
+class Reply:
+    content: str = ""
+    finish_reason: str = "stop"
+    status: int = 200  # non-200 sends an OpenAI-style error body instead of a completion
+    headers: dict = field(default_factory=dict)  # e.g. {"Retry-After": "0"}
+    prompt_tokens: int = 10
+    completion_tokens: int | None = None  # default: number of words in content
+
+
+Script = Callable[[dict], "Reply | str"]
+
+
+def user_text(body: dict) -> str:
+    """The content of the last user message of a chat request."""
+    return [m for m in body["messages"] if m["role"] == "user"][-1]["content"]
+
+
+class ScriptedServer:
+    """Start with `with ScriptedServer(script) as server:`; point the SDK at server.base_url.
+
+    `script(body)` gets each chat-completions request body (a dict) and returns a Reply or a
+    plain string (a normal answer). Every body is kept in `server.requests`, in arrival order.
+    """
+
+    def __init__(self, script: Script):
+        self.script = script
+        self.requests: list[dict] = []
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", 0))
+                body = json.loads(self.rfile.read(length) or b"{}")
+                if not self.path.rstrip("/").endswith("/chat/completions"):
+                    return self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
+                with server._lock:
+                    server.requests.append(body)
+                reply = server.script(body)
+                if isinstance(reply, str):
+                    reply = Reply(reply)
+                if reply.status != 200:
+                    return self._send(reply.status, {"error": {"message": reply.content or "scripted error",
+                                                               "type": "scripted", "code": reply.status}},
+                                      reply.headers)
+                completion_tokens = reply.completion_tokens
+                if completion_tokens is None:
+                    completion_tokens = len(reply.content.split())
+                self._send(200, {
+                    "id": f"chatcmpl-{len(server.requests)}",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": body.get("model", "scripted"),
+                    "choices": [{"index": 0, "finish_reason": reply.finish_reason,
+                                 "message": {"role": "assistant", "content": reply.content}}],
+                    "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": completion_tokens,
+                              "total_tokens": reply.prompt_tokens + completion_tokens},
+                }, reply.headers)
+
+            def _send(self, status: int, payload: dict, headers: dict | None = None):
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+
+    def __enter__(self) -> "ScriptedServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._httpd.shutdown()
+        self._httpd.server_close()
