@@ -14,7 +14,7 @@ class Section:
     start_line: int
     end_line: int
     symbol: str  # enclosing symbol, e.g. "Llama.generate"; "" at module level
-    kind: str  # chunk kind from chunking: signature, block, loop, if, imports, ...
+    kind: str  # chunk kind from chunking.CHUNK_KINDS: signature, block, for, if, return, imports, ...
     explanation: str = ""  # Markdown prose, translatable
     ungrounded: list[str] = field(default_factory=list)  # `identifiers` the explanation invented
 

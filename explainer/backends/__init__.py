@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from explainer.errors import UserError
+
 
 @dataclass(frozen=True)
 class Request:
@@ -39,6 +41,13 @@ class Usage:
     def summary(self) -> str:
         return (f"{self.requests} requests, {self.tokens_in} tokens in, {self.tokens_out} tokens out, "
                 f"{self.cache_hits} cache hits")
+
+
+class UnusableAnswer(UserError):
+    """The model answered, but the answer can't be used: cut off at max_tokens, or empty.
+
+    Callers that can recover (the translator retries smaller pieces) catch this one; an
+    unreachable server or a bad key stays a plain UserError."""
 
 
 class Backend(Protocol):
