@@ -1,0 +1,456 @@
+"""Translate posts into other languages without ever sending code to a model.
+
+Generated posts (explainer.post.Post) are translated as data: title, intro and each explanation.
+The code of a section is never sent; the template puts it back from the source. Hand-written
+Markdown posts are split by markdown_segments: only prose segments are sent, with placeholders
+for everything protected, and the document is rebuilt from the source around the answers.
+
+Nothing is written until every answer has passed every check: placeholders intact, no chatter,
+one line per segment, the same Markdown structure, a complete answer (finish_reason=stop), the
+target language, and for the whole document byte-identical code blocks and the same headings,
+lists, links, images and tables. A request that fails is split and retried in smaller pieces,
+down to single segments; a segment that still fails makes the whole translation fail, with a
+report, and nothing is written. Answers that passed are cached per segment, so a rerun pays only
+for what failed, and editing one paragraph re-translates only that paragraph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap
+from ruamel.yaml.error import YAMLError
+
+from explainer.backends import Backend, Completion, Request, UnusableAnswer, Usage
+from explainer.cache import Cache, complete_cached, request_key
+from explainer.errors import UserError
+from explainer.fileio import write_atomic
+from explainer.languages import Language, known_languages, language
+from explainer.markdown_segments import (PLACEHOLDER_END, PLACEHOLDER_START, Document, Segment, split_document,
+                                         strip_placeholders, structure)
+from explainer.post import Post
+
+log = logging.getLogger(__name__)
+
+# Front matter keys whose values are prose; every other key is copied as it is.
+TRANSLATED_FRONT_MATTER_KEYS = ("title", "description", "excerpt")
+MAX_SEGMENTS_PER_REQUEST = 20
+MAX_CHARS_PER_REQUEST = 2000
+# Too little text to tell languages apart reliably: such segments are not judged.
+MIN_LETTERS_TO_DETECT = 20
+# A translation fails the language check only when the detector all but rules the target out.
+MIN_TARGET_PROBABILITY = 0.01
+
+# What models add around a translation. The Arabic seed shows the second group: code repeated
+# after "the code above was translated to:" and notes that the code was not translated.
+CHATTER = (
+    "here is the translation", "here's the translation", "here is the translated",
+    "here's the translated", "the code above was translated", "i have translated", "as an ai",
+    "تم ترجمة الكود أعلاه إلى", "تمت ترجمة الكود أعلاه إلى", "الكود لم يتم ترجمته", "إليك الترجمة",
+    "以下是翻译", "翻译如下", "以下为翻译", "以下是譯文",
+    "```", "~~~",  # a fence in prose: "```markdown" wrappers, code pasted back
+)
+
+
+class TranslationFailed(UserError):
+    """A translation did not pass its checks; nothing was written."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt and checks for one segment
+# ---------------------------------------------------------------------------------------------
+
+
+def _system_prompt(lang: Language) -> str:
+    terms = "; ".join(f"{term} → {rendering}" if term != rendering else f"{term} (keep as is)"
+                      for term, rendering in sorted(lang.glossary.items()))
+    return (
+        f"You translate the prose of a technical blog post into {lang.english_name} ({lang.name}).\n"
+        "The user sends a JSON object whose values are text segments. Answer with one JSON object "
+        "with exactly the same keys, each value the translation of that segment, and nothing else: "
+        "no notes, no explanations, no code fences.\n"
+        "Rules:\n"
+        "- Markers such as ⟦1⟧ stand for code, links and formatting. Copy every marker exactly once, "
+        "unchanged, to where it belongs in the translated sentence. Never add markers.\n"
+        "- Keep each segment on one line. Keep Markdown emphasis (*, **, _) around the same words.\n"
+        "- Do not add code, do not repeat code, do not comment on the translation.\n"
+        f"- Glossary, always write these terms this way: {terms}."
+    )
+
+
+@functools.cache
+def _language_identifier():
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+    identifier.set_languages(sorted({language(code).detect_code for code in known_languages()}))
+    return identifier
+
+
+def detect_language(text: str) -> str:
+    """The detect code (en, zh, ar, ...) of the language `text` is most likely written in."""
+    return _language_identifier().classify(text)[0]
+
+
+def _letters(text: str) -> int:
+    return sum(ch.isalpha() for ch in text)
+
+
+def _language_problem(segment: Segment, translation: str, lang: Language, source_lang: str) -> str | None:
+    text = strip_placeholders(translation)
+    if _letters(text) < MIN_LETTERS_TO_DETECT:
+        return None
+    ranking = dict(_language_identifier().rank(text))
+    if ranking.get(lang.detect_code, 0.0) >= MIN_TARGET_PROBABILITY:
+        return None
+    found = max(ranking, key=ranking.get)
+    # A quote that was already in another language (an English error message in a Chinese
+    # post) may stay in that language.
+    if found != language(source_lang).detect_code and found == detect_language(strip_placeholders(segment.text)):
+        return None
+    return f"reads as {found}, not {lang.code}"
+
+
+def segment_problems(segment: Segment, translation: str, lang: Language, source_lang: str) -> list[str]:
+    """Why `translation` cannot replace `segment` in a post in `lang`; empty when it can."""
+    if not translation.strip():
+        return ["the translation is empty"]
+    if "\n" in translation.strip():
+        return ["the translation spans several lines (a segment is one line; chatter or pasted code?)"]
+    lowered, source = translation.lower(), segment.text.lower()
+    chatter = [phrase for phrase in CHATTER if phrase in lowered and phrase not in source]
+    if chatter:
+        return [f"chatter in the translation: {chatter[0]!r}"]
+    problems = segment.placeholder_problems(translation)
+    if problems:
+        return problems
+    problems = structure(segment.content).differences(structure(segment.restore(translation, as_content=True)))
+    if segment.in_table_cell and "|" in strip_placeholders(translation) and "|" not in segment.text:
+        problems.append("a '|' in a table cell would split the cell")
+    language_problem = _language_problem(segment, translation, lang, source_lang)
+    if language_problem:
+        problems.append(language_problem)
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Sending segments in batches, retrying smaller
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Job:
+    where: str  # for reports: "post.md line 12", "title"
+    segment: Segment
+    key: str  # cache key of this segment's translation
+
+
+def _parse_answer(text: str, count: int) -> tuple[dict[int, str], str | None]:
+    """The translations in a batch answer, by 1-based id, and what is wrong with the answer as a
+    whole (None if nothing). A ```json fence around the object is tolerated: it carries no text."""
+    body = text.strip()
+    if body.startswith("```json") and body.endswith("```"):
+        body = body[len("```json"):-3].strip()
+    try:
+        data = json.loads(body)
+    except json.JSONDecodeError:
+        return {}, f"the answer is not a JSON object (it starts {_quote(body)})"
+    if not isinstance(data, dict):
+        return {}, "the answer is not a JSON object"
+    found = {int(key): value for key, value in data.items()
+             if isinstance(key, str) and key.isdigit() and 1 <= int(key) <= count and isinstance(value, str)}
+    return found, None
+
+
+def _quote(text: str, limit: int = 60) -> str:
+    text = " ".join(text.split())
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
+class SegmentTranslator:
+    """Translates prose segments into one language through a backend, checked and cached per segment."""
+
+    def __init__(self, lang: Language, backend: Backend, cache: Cache | None, usage: Usage, source_lang: str):
+        self.lang, self.backend, self.cache, self.usage = lang, backend, cache, usage
+        self.source_lang = source_lang
+        self.system_prompt = _system_prompt(lang)
+
+    def key(self, segment: Segment) -> str:
+        """One cache entry per segment, whatever batch it travelled in."""
+        messages = ({"role": "system", "content": self.system_prompt}, {"role": "user", "content": segment.text})
+        return request_key(self.backend.name, self.backend.model, Request(messages=messages),
+                           template_text="translate-segment")
+
+    def translate(self, jobs: list[_Job]) -> list[str]:
+        """Checked translations (placeholders still in) for `jobs`, in order. Raises
+        TranslationFailed naming every segment that failed even alone."""
+        done: dict[str, str] = {}  # by key: identical segments are translated once
+        for job in jobs:
+            hit = self.cache.get(job.key) if self.cache is not None and job.key not in done else None
+            if hit is not None:
+                self.usage.cache_hits += 1
+                done[job.key] = hit.text
+        todo = list({job.key: job for job in jobs if job.key not in done}.values())
+        failures: dict[str, str] = {}
+        batches = _batches(todo)
+        while batches:
+            retry = []
+            for batch, (answer, error) in zip(batches, self._send(batches)):
+                retry += self._take(batch, answer, error, done, failures)
+            batches = retry
+        if failures:
+            report = [failures[job.key] for job in todo if job.key in failures]  # top to bottom
+            more = f" | and {len(report) - 5} more" if len(report) > 5 else ""
+            raise TranslationFailed(f"{len(report)} segment(s) failed even when sent alone: "
+                                    + " | ".join(report[:5]) + more)
+        return [done[job.key] for job in jobs]
+
+    def _take(self, batch: list[_Job], answer: Completion | None, error: str | None,
+              done: dict[str, str], failures: dict[str, str]) -> list[list[_Job]]:
+        """Keep (and cache) what passed, note what failed alone; return the smaller units to retry."""
+        translations, error = _parse_answer(answer.text, len(batch)) if error is None else ({}, error)
+        if error is not None:
+            if len(batch) == 1:
+                failures[batch[0].key] = f"{batch[0].where}: {error}"
+                return []
+            return [batch[:len(batch) // 2], batch[len(batch) // 2:]]
+        retry = []
+        for number, job in enumerate(batch, 1):
+            translation = translations.get(number, "")
+            problems = (segment_problems(job.segment, translation, self.lang, self.source_lang)
+                        if number in translations else ["missing from the answer"])
+            if not problems:
+                done[job.key] = translation.strip()
+                if self.cache is not None:
+                    self.cache.put(job.key, Completion(done[job.key], "stop"))
+            elif len(batch) > 1:
+                retry.append([job])  # the smaller unit: this segment alone
+            else:
+                failures[job.key] = f"{job.where}: {'; '.join(problems)} (got {_quote(translation)})"
+        return retry
+
+    def _request(self, batch: list[_Job]) -> Request:
+        payload = json.dumps({str(number): job.segment.text for number, job in enumerate(batch, 1)},
+                             ensure_ascii=False, indent=0)
+        # Scripts differ a lot in tokens per character; leave room for the longest of them.
+        return Request(messages=({"role": "system", "content": self.system_prompt},
+                                 {"role": "user", "content": payload}),
+                       max_tokens=min(4096, 256 + 3 * len(payload)), temperature=0.0)
+
+    def _send(self, batches: list[list[_Job]]) -> list[tuple[Completion | None, str | None]]:
+        """One (completion, None) or (None, what went wrong) per batch. Answers the model got wrong
+        (cut off, empty) are per batch; a backend that cannot be reached fails the whole run."""
+        requests = [self._request(batch) for batch in batches]
+        results: list[tuple[Completion | None, str | None]] = [(None, None)] * len(requests)
+
+        def arrived(index: int, completion: Completion) -> None:
+            results[index] = _checked(completion)
+
+        try:
+            complete_cached(self.backend, requests, None, self.usage, on_done=arrived)
+            return results
+        except UnusableAnswer:
+            pass
+        # Some answer was unusable; find out which by sending each unanswered request alone.
+        for index, request in enumerate(requests):
+            if results[index] == (None, None):
+                try:
+                    results[index] = _checked(complete_cached(self.backend, [request], None, self.usage)[0])
+                except UnusableAnswer as error:
+                    results[index] = (None, str(error))
+        return results
+
+
+def _checked(completion: Completion) -> tuple[Completion | None, str | None]:
+    if completion.finish_reason != "stop":
+        return None, f"the answer was cut off (finish_reason={completion.finish_reason})"
+    return completion, None
+
+
+def _batches(jobs: list[_Job]) -> list[list[_Job]]:
+    batches, size = [], 0
+    for job in jobs:
+        if not batches or len(batches[-1]) >= MAX_SEGMENTS_PER_REQUEST or \
+                size + len(job.segment.text) > MAX_CHARS_PER_REQUEST:
+            batches.append([])
+            size = 0
+        batches[-1].append(job)
+        size += len(job.segment.text)
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents: Markdown texts, generated posts, Markdown files
+# ---------------------------------------------------------------------------------------------
+
+
+def translate_texts(texts: dict[str, str], target: str, backend: Backend, cache: Cache | None = None,
+                    usage: Usage | None = None, source_lang: str = "en") -> dict[str, str]:
+    """Translate several Markdown texts, named for reports, into `target` in one go.
+
+    Each comes back with its code, links and structure as in the source; raises TranslationFailed
+    (a UserError) if any answer fails its checks even when retried alone.
+    """
+    lang = language(target)
+    translator = SegmentTranslator(lang, backend, cache, usage or Usage(), source_lang)
+    documents = {name: split_document(text) for name, text in texts.items()}
+    jobs, owners = [], []
+    for name, document in documents.items():
+        if document.unmapped_lines:
+            log.warning("%s: prose at line(s) %s stays untranslated: markdown-it's text could not be located "
+                        "in the source (tabs in indentation, or escaped | in a table)", name,
+                        ", ".join(map(str, document.unmapped_lines)))
+        for index, segment in enumerate(document.segments):
+            if segment.translatable:
+                where = f"{name} line {segment.line}" if "\n" in document.source.strip() else name
+                jobs.append(_Job(where, segment, translator.key(segment)))
+                owners.append((name, index))
+    translated: dict[str, dict[int, str]] = {name: {} for name in documents}
+    for (name, index), job, text in zip(owners, jobs, translator.translate(jobs)):
+        translated[name][index] = job.segment.restore(text)
+    results, failures = {}, []
+    for name, document in documents.items():
+        results[name] = document.rebuild(translated[name])
+        problems = structure(document.source).differences(structure(results[name]))
+        if results[name].count(PLACEHOLDER_START) != document.source.count(PLACEHOLDER_START):
+            problems.append(f"a placeholder {PLACEHOLDER_START}…{PLACEHOLDER_END} was left in the text")
+        failures += [f"{name}: {problem}" for problem in problems]
+    if failures:
+        raise TranslationFailed("the translated document does not match the source: " + " | ".join(failures))
+    return results
+
+
+def translate_post(post: Post, target: str, backend: Backend, cache: Cache | None = None,
+                   usage: Usage | None = None) -> Post:
+    """The post in `target`: title, intro and explanations translated, code untouched (never sent)."""
+    texts = {"title": post.title, "intro": post.intro}
+    texts.update({f"section {number} explanation": section.explanation
+                  for number, section in enumerate(post.sections, 1)})
+    done = translate_texts({name: text for name, text in texts.items() if text.strip()}, target, backend,
+                           cache, usage, source_lang=post.lang)
+    sections = [dataclasses.replace(section, explanation=done.get(f"section {number} explanation",
+                                                                   section.explanation))
+                for number, section in enumerate(post.sections, 1)]
+    return dataclasses.replace(post, lang=language(target).code, title=done.get("title", post.title),
+                               intro=done.get("intro", post.intro), sections=sections)
+
+
+def _yaml() -> YAML:
+    yaml = YAML()  # round trip: key order, comments and quoting survive
+    yaml.preserve_quotes = True
+    yaml.width = 1_000_000  # never fold a long title onto two lines
+    return yaml
+
+
+def _front_matter(document: Document, name: str) -> CommentedMap | None:
+    """The post's front matter as a round-trip mapping, None if it has none."""
+    if document.front_matter is None:
+        return None
+    try:
+        data = _yaml().load(document.front_matter.yaml)
+    except YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 2}" if mark is not None else ""  # +2: the --- line, 1-based
+        raise UserError(f"{name}: the front matter is not valid YAML{where}: "
+                        f"{getattr(exc, 'problem', None) or exc}; fix it and retry") from None
+    if data is None:
+        return CommentedMap()
+    if not isinstance(data, CommentedMap):
+        raise UserError(f"{name}: the front matter is not a mapping of keys to values; fix it and retry")
+    return data
+
+
+def source_language(text: str, name: str = "post") -> str:
+    """The language a Markdown post is written in: its front matter's `lang`, else detected."""
+    document = split_document(text)
+    data = _front_matter(document, name)
+    if data is not None and isinstance(data.get("lang"), str):
+        return language(data["lang"]).code
+    prose = " ".join(strip_placeholders(segment.text) for segment in document.segments)
+    detected = detect_language(prose)
+    return next((code for code in known_languages() if code == detected), "en")
+
+
+def translate_markdown(text: str, target: str, backend: Backend, cache: Cache | None = None,
+                       usage: Usage | None = None, source_lang: str | None = None, name: str = "post") -> str:
+    """A hand-written Markdown post in `target`. Code, URLs, HTML, math and Liquid are copied from
+    the source; the front matter keeps every key and its order, gets its title, description and
+    excerpt translated, and records lang, dir, translated: true and the source's hash."""
+    lang = language(target)
+    source_lang = language(source_lang).code if source_lang else source_language(text, name)
+    if source_lang == lang.code:
+        raise UserError(f"{name} is already in {lang.code}; pick another language with --to")
+    document = split_document(text)
+    data = _front_matter(document, name)
+    prose_keys = [key for key in TRANSLATED_FRONT_MATTER_KEYS
+                  if data is not None and isinstance(data.get(key), str) and data[key].strip()]
+    texts = {name: text, **{f"front matter {key}": data[key] for key in prose_keys}}
+    done = translate_texts(texts, lang.code, backend, cache, usage, source_lang)
+    if data is None:
+        data = CommentedMap()
+    for key in prose_keys:
+        # Keep the source's quoting style: a DoubleQuotedScalarString stays double-quoted.
+        value = done[f"front matter {key}"]
+        data[key] = type(data[key])(value) if type(data[key]) is not str else value
+    data["lang"] = lang.code
+    data["dir"] = lang.dir
+    data["translated"] = True
+    data["source_hash"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    stream = io.StringIO()
+    _yaml().dump(data, stream)
+    # The body's front matter range was copied unchanged, so it ends where the source's does.
+    body = done[name][document.front_matter.end if document.front_matter else 0:]
+    return "---\n" + stream.getvalue() + "---\n" + body
+
+
+def output_path(source: Path, target: str, out_dir: Path | None = None) -> Path:
+    """Where the `target` copy of `source` goes: <dir>/<lang>/<name>-<lang>.md, as in
+    _posts/<lang>/DATE-slug-<lang>.md. <dir> is `out_dir`, else the folder holding the source's
+    language folder (_posts for _posts/zh/x.md), else the source's folder."""
+    codes = sorted(known_languages(), key=len, reverse=True)  # zh-Hant before zh
+    base = source.stem
+    for code in codes:
+        if base.lower().endswith(f"-{code.lower()}"):
+            base = base[:-len(code) - 1]
+            break
+    if out_dir is None:
+        in_language_folder = source.parent.name.lower() in (code.lower() for code in codes)
+        out_dir = source.parent.parent if in_language_folder else source.parent
+    code = language(target).code
+    return out_dir / code / f"{base}-{code}{source.suffix or '.md'}"
+
+
+def translate_file(source: Path, targets: list[str], backend: Backend, cache: Cache | None = None,
+                   usage: Usage | None = None, out_dir: Path | None = None,
+                   source_lang: str | None = None) -> list[Path]:
+    """Translate a Markdown post into each target language and write the copies, all or none:
+    if any language fails its checks, nothing is written. Targets in the post's own language
+    are skipped. Returns the paths written."""
+    try:
+        text = source.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {source}: {exc}; check the path") from None
+    langs = [language(target) for target in targets]  # every code checked before any request
+    source_lang = language(source_lang).code if source_lang else source_language(text, source.name)
+    outputs = {}
+    for lang in langs:
+        if lang.code == source_lang:
+            log.warning("%s is already in %s; skipped", source, lang.code)
+            continue
+        try:
+            outputs[output_path(source, lang.code, out_dir)] = translate_markdown(
+                text, lang.code, backend, cache, usage, source_lang, name=source.name)
+        except TranslationFailed as exc:
+            raise TranslationFailed(f"translating {source} to {lang.code} failed, nothing was written: {exc}; "
+                                    f"rerun (answers that passed are cached) or try another --model") from None
+    for path, content in outputs.items():
+        write_atomic(path, content)
+    return list(outputs)

@@ -1,0 +1,426 @@
+"""Translating posts through the real openai SDK against a scripted server on 127.0.0.1.
+
+The scripted translators here answer like a model would: a JSON object with the same ids. The
+well-behaved one puts a sentence in the target language in place of each piece of prose and
+keeps every ⟦n⟧ marker; the broken ones replay what the seed's Arabic copy shows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from markdown_it import MarkdownIt
+from mdit_py_plugins.front_matter import front_matter_plugin
+from ruamel.yaml import YAML
+
+from explainer.backends import Usage
+from explainer.backends.openai import OpenAIBackend
+from explainer.cache import Cache
+from explainer.cli import main
+from explainer.errors import UserError
+from explainer.post import Post, Section
+from explainer.translate import translate_file, translate_markdown, translate_post
+from scripted_server import Reply, ScriptedServer, user_text
+
+DATA = Path(__file__).parent / "data"
+SEED = (DATA / "seed_zh.md").read_text(encoding="utf-8")
+SENTENCE = {
+    "ar": "لقد قمت مؤخرا ببناء جهاز الكمبيوتر الخاص بي",
+    "en": "I recently built my own computer with a graphics card",
+}
+# An independent reading of the Markdown, for what the tests compare: CommonMark, tables, front matter.
+REFERENCE = MarkdownIt("commonmark").enable("table").use(front_matter_plugin)
+
+
+def target_of(body: dict) -> str:
+    system = body["messages"][0]["content"]
+    return "ar" if "Arabic" in system else "en"
+
+
+def sent_segments(body: dict) -> dict[str, str]:
+    return json.loads(user_text(body))
+
+
+def fake_translation(text: str, target: str) -> str:
+    """Each run of prose between markers becomes a sentence in `target`; markers stay in order."""
+    out, pos = [], 0
+    while True:
+        start = text.find("⟦", pos)
+        piece = text[pos:] if start < 0 else text[pos:start]
+        out.append(f" {SENTENCE[target]} " if any(ch.isalpha() for ch in piece) else piece)
+        if start < 0:
+            return "".join(out).strip()
+        end = text.index("⟧", start) + 1
+        out.append(text[start:end])
+        pos = end
+
+
+def well_behaved(body: dict) -> str:
+    target = target_of(body)
+    return json.dumps({key: fake_translation(value, target) for key, value in sent_segments(body).items()},
+                      ensure_ascii=False)
+
+
+def fences(text: str) -> list[str]:
+    return [token.content for token in REFERENCE.parse(text) if token.type in ("fence", "code_block")]
+
+
+def count(text: str, token_type: str) -> int:
+    return sum(token.type == token_type for token in REFERENCE.parse(text))
+
+
+def front_matter(text: str) -> dict:
+    assert text.startswith("---\n")
+    return YAML(typ="safe").load(text[4:text.index("\n---\n", 4)])
+
+
+def backend_for(server) -> OpenAIBackend:
+    return OpenAIBackend(model="test-model", base_url=server.base_url, backoff=0.001)
+
+
+def everything_sent(server) -> str:
+    return "\n".join(message["content"] for body in server.requests for message in body["messages"])
+
+
+@pytest.fixture
+def seed_post(tmp_path) -> Path:
+    path = tmp_path / "posts" / "2023-08-17-llama-zh.md"
+    path.parent.mkdir()
+    path.write_text(SEED, encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# A real input: the Chinese seed post, to Arabic and to English
+# ---------------------------------------------------------------------------------------------
+
+
+def test_seed_post_goes_to_arabic_and_english_with_code_and_structure_intact(scripted_server, openai_env,
+                                                                            seed_post, tmp_path):
+    server = scripted_server(well_behaved)
+    out = tmp_path / "site"
+
+    written = translate_file(seed_post, ["ar", "en"], backend_for(server), out_dir=out)
+
+    assert written == [out / "ar" / "2023-08-17-llama-ar.md", out / "en" / "2023-08-17-llama-en.md"]
+    for path, lang, direction in ((written[0], "ar", "rtl"), (written[1], "en", "ltr")):
+        text = path.read_text(encoding="utf-8")
+        assert fences(text) == fences(SEED)  # all 16 code blocks, byte for byte, in order
+        assert len(fences(SEED)) == 16
+        meta = front_matter(text)
+        assert list(meta) == ["layout", "title", "lang", "dir", "translated", "source_hash"]
+        assert (meta["layout"], meta["lang"], meta["dir"], meta["translated"]) == ("post", lang, direction, True)
+        assert meta["source_hash"] == hashlib.sha256(SEED.encode("utf-8")).hexdigest()
+        assert meta["title"] == SENTENCE[lang]
+        headings = [token for token in REFERENCE.parse(text) if token.type == "heading_open"]
+        assert [h.tag for h in headings] == ["h2", "h2", "h2"]
+        for token_type in ("bullet_list_open", "list_item_open", "blockquote_open", "hr", "link_open"):
+            assert count(text, token_type) == count(SEED, token_type), token_type
+        prose = [token.content for token in REFERENCE.parse(text) if token.type == "inline"]
+        assert not any("\u4e00" <= ch <= "\u9fff" for ch in "".join(prose))  # no Chinese prose left
+        assert "https://lzwjava.github.io/computer" in text
+
+    # Code, inline code and link targets never reached the model.
+    sent = everything_sent(server)
+    for block in fences(SEED):
+        for line in block.splitlines():
+            if len(line.strip()) > 12:
+                assert line.strip() not in sent
+    for never_sent in ("nvidia-smi", "https://developer.nvidia.com/nccl", "token_logprobs", "layout: post"):
+        assert never_sent not in sent
+
+
+def test_translate_command_writes_each_language_and_prints_the_paths(scripted_server, openai_env, seed_post,
+                                                                    tmp_path):
+    server = scripted_server(well_behaved)
+    result = CliRunner().invoke(main, ["translate", str(seed_post), "--to", "ar,en", "-o", str(tmp_path / "out"),
+                                       "--base-url", server.base_url, "--no-cache"])
+    assert result.exit_code == 0, result.output
+    paths = result.stdout.split()
+    assert paths == [str(tmp_path / "out" / "ar" / "2023-08-17-llama-ar.md"),
+                     str(tmp_path / "out" / "en" / "2023-08-17-llama-en.md")]
+    assert "requests" in result.stderr  # the usage summary
+    assert front_matter(Path(paths[0]).read_text(encoding="utf-8"))["dir"] == "rtl"
+
+
+def test_a_post_already_in_the_target_language_is_skipped(scripted_server, openai_env, seed_post, tmp_path):
+    server = scripted_server(well_behaved)
+    written = translate_file(seed_post, ["zh", "en"], backend_for(server), out_dir=tmp_path / "out")
+    assert [path.parent.name for path in written] == ["en"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Failure modes from the seed's Arabic copy: each is caught and nothing is written
+# ---------------------------------------------------------------------------------------------
+
+CODE_LINE = "total_len = min(params.max_seq_len, max_gen_len + max_prompt_len)"
+
+
+def drop_markers(value: str, target: str) -> str:
+    translated = fake_translation(value, target)
+    while "⟦" in translated:
+        start = translated.index("⟦")
+        translated = translated[:start] + translated[translated.index("⟧", start) + 1:]
+    return translated
+
+
+def mangle_each(mangle):
+    def script(body):
+        target = target_of(body)
+        return json.dumps({key: mangle(value, target) for key, value in sent_segments(body).items()},
+                          ensure_ascii=False)
+    return script
+
+
+def wrap_whole_answer(body):
+    return "Here is the translation:\n```markdown\n" + well_behaved(body) + "\n```"
+
+
+def cut_off(body):
+    answer = well_behaved(body)
+    return Reply(answer[: len(answer) // 2], finish_reason="length")
+
+
+def only_in_arabic(script):
+    """English answers are fine, so the test shows that a language that passed is not written either."""
+    return lambda body: script(body) if target_of(body) == "ar" else well_behaved(body)
+
+
+def break_front_matter(body):
+    segments = sent_segments(body)
+    answer = json.loads(well_behaved(body))
+    for key, value in segments.items():
+        if value == "Nvidia 驱动，LLaMA 和 ChatGPT":
+            answer[key] = 'تعريف Nvidia\n---\nlayout: post\ntitle: "LLaMA'
+    return json.dumps(answer, ensure_ascii=False)
+
+
+FAILURES = {
+    "dropped markers (fences and links lost)": (mangle_each(drop_markers), "is missing"),
+    "code duplicated after the Arabic phrase": (
+        mangle_each(lambda value, target: fake_translation(value, target)
+                    + f"\nتم ترجمة الكود أعلاه إلى:\n```python\n{CODE_LINE}\n```"),
+        "spans several lines"),
+    "the Arabic phrase on one line": (
+        mangle_each(lambda value, target: fake_translation(value, target) + " تم ترجمة الكود أعلاه إلى:"),
+        "chatter"),
+    "code with a translated comment instead of a marker": (
+        mangle_each(lambda value, target: fake_translation(value, target).replace(
+            "⟦1⟧", f"`{CODE_LINE}  # الطول الكلي المقبول`")),
+        "⟦1⟧ is missing"),
+    "chatter before each segment": (
+        mangle_each(lambda value, target: "Here is the translation: " + fake_translation(value, target)),
+        "chatter"),
+    "a ```markdown wrapper around the answer": (wrap_whole_answer, "not a JSON object"),
+    "a truncated answer (finish_reason=length)": (cut_off, "finish_reason=length"),
+    "front matter pasted into the title": (break_front_matter, "front matter title"),
+    "the source left untranslated": (
+        mangle_each(lambda value, target: value), "reads as zh, not ar"),
+}
+
+
+@pytest.mark.parametrize("failure", list(FAILURES))
+def test_each_failure_mode_is_caught_and_nothing_is_written(failure, scripted_server, openai_env, seed_post,
+                                                            tmp_path):
+    script, expected = FAILURES[failure]
+    server = scripted_server(only_in_arabic(script))
+    out = tmp_path / "out"
+
+    result = CliRunner().invoke(main, ["translate", str(seed_post), "--to", "en,ar", "-o", str(out),
+                                       "--base-url", server.base_url, "--no-cache"])
+
+    assert result.exit_code == 1
+    message = result.stderr.strip()
+    assert message.startswith("Error: translating") and "\n" not in message and "Traceback" not in message
+    assert "nothing was written" in message and expected in message, message
+    assert not out.exists()  # not even the language that passed (en) is written
+    assert sorted(p.name for p in seed_post.parent.iterdir()) == [seed_post.name]
+
+
+def test_a_failing_batch_is_retried_segment_by_segment(scripted_server, openai_env, seed_post, tmp_path):
+    """A model that only gets it wrong in big batches: smaller units succeed, the post is written."""
+
+    def script(body):
+        segments = sent_segments(body)
+        if len(segments) > 1:
+            return Reply(well_behaved(body)[:50], finish_reason="length")
+        return well_behaved(body)
+
+    server = scripted_server(script)
+    [written] = translate_file(seed_post, ["ar"], backend_for(server), out_dir=tmp_path / "out")
+    assert fences(written.read_text(encoding="utf-8")) == fences(SEED)
+    assert any(len(sent_segments(body)) == 1 for body in server.requests)
+
+
+def test_a_segment_chattering_only_in_a_batch_is_retried_alone(scripted_server, openai_env, seed_post, tmp_path):
+    def script(body):
+        segments = sent_segments(body)
+        answer = json.loads(well_behaved(body))
+        if len(segments) > 1:
+            answer["1"] = "Here is the translation: " + answer["1"]
+        return json.dumps(answer, ensure_ascii=False)
+
+    server = scripted_server(script)
+    [written] = translate_file(seed_post, ["ar"], backend_for(server), out_dir=tmp_path / "out")
+    assert "Here is the translation" not in written.read_text(encoding="utf-8")
+
+
+def test_a_json_fence_around_a_good_answer_is_accepted(scripted_server, openai_env, seed_post, tmp_path):
+    server = scripted_server(lambda body: "```json\n" + well_behaved(body) + "\n```")
+    [written] = translate_file(seed_post, ["ar"], backend_for(server), out_dir=tmp_path / "out")
+    assert fences(written.read_text(encoding="utf-8")) == fences(SEED)
+    assert all(len(sent_segments(body)) > 1 for body in server.requests)  # no retries were needed
+
+
+def test_broken_front_matter_in_the_source_is_one_clear_error(scripted_server, openai_env, tmp_path):
+    server = scripted_server(well_behaved)
+    post = tmp_path / "post.md"
+    post.write_text('---\ntitle: "unclosed\nlayout: post\n---\n\nSome text here.\n', encoding="utf-8")
+    result = CliRunner().invoke(main, ["translate", str(post), "--to", "ar", "--base-url", server.base_url,
+                                       "--no-cache"])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: post.md: the front matter is not valid YAML")
+    assert server.requests == [] and sorted(p.name for p in tmp_path.iterdir()) == ["post.md"]
+
+
+def test_an_unknown_language_lists_the_known_ones(openai_env, seed_post):
+    result = CliRunner().invoke(main, ["translate", str(seed_post), "--to", "ar,xx", "--no-cache"])
+    assert result.exit_code == 1
+    assert "unknown language 'xx'" in result.stderr and "zh-Hant" in result.stderr
+
+
+def test_an_unreachable_server_fails_at_once_with_the_backends_message(openai_env, seed_post, tmp_path):
+    backend = OpenAIBackend(model="test-model", base_url="http://127.0.0.1:9/v1", max_retries=0)
+    with pytest.raises(UserError, match="cannot reach"):
+        translate_file(seed_post, ["ar"], backend, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The segment cache
+# ---------------------------------------------------------------------------------------------
+
+
+def test_editing_one_paragraph_sends_exactly_that_segment(scripted_server, openai_env, seed_post, tmp_path):
+    server = scripted_server(well_behaved)
+    cache = Cache(tmp_path / "cache")
+    backend = backend_for(server)
+    translate_file(seed_post, ["ar"], backend, cache, out_dir=tmp_path / "out")
+    first_run = len(server.requests)
+    assert first_run > 1
+
+    edited = "实际上，达到这个阶段真的很难，我花了整整两天。"
+    seed_post.write_text(SEED.replace("实际上，达到这个阶段是有一定难度的。", edited), encoding="utf-8")
+    usage = Usage()
+    [written] = translate_file(seed_post, ["ar"], backend, cache, usage, out_dir=tmp_path / "out")
+
+    second_run = server.requests[first_run:]
+    assert len(second_run) == 1
+    segments = sent_segments(second_run[0])
+    assert len(segments) == 1 and edited in next(iter(segments.values()))
+    assert usage.requests == 1 and usage.cache_hits > 40
+    assert fences(written.read_text(encoding="utf-8")) == fences(SEED)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated posts: translated as data, code never sent
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_generated_post_is_translated_as_data_and_its_code_never_sent(scripted_server, openai_env):
+    server = scripted_server(well_behaved)
+    code = "def scale(x):\n    # 把输入乘以二\n    return x * 2\n"
+    post = Post(title="理解 `scale` 函数", lang="zh", date="2024-01-02", source_path="demo.py", language="python",
+                intro="这篇文章逐段解释一个很小的函数，看看它是如何工作的。",
+                sections=[Section(code=code, language="python", start_line=1, end_line=3, symbol="scale",
+                                  kind="function", explanation="函数 `scale` 把参数 `x` 乘以二，然后返回结果。")])
+
+    translated = translate_post(post, "en", backend_for(server))
+
+    assert translated.lang == "en"
+    assert translated.sections[0].code == code
+    assert translated.title == f"{SENTENCE['en']} `scale` {SENTENCE['en']}"
+    assert translated.sections[0].explanation.count("`") == 4 and "`x`" in translated.sections[0].explanation
+    assert SENTENCE["en"] in translated.intro
+    assert post.title == "理解 `scale` 函数"  # the source post is not changed
+    sent = everything_sent(server)
+    assert "return x * 2" not in sent and "把输入乘以二" not in sent and "`scale`" not in sent
+
+
+# ---------------------------------------------------------------------------------------------
+# Property: an identity translator gives back the same structure and the same code
+# ---------------------------------------------------------------------------------------------
+
+SENTENCES = ["The model reads the whole prompt before it writes anything",
+             "Each layer of the network keeps its own cache of keys and values",
+             "We ran the example on a small graphics card without trouble",
+             "Sampling with a lower temperature makes the answers more predictable"]
+sentence = st.sampled_from(SENTENCES)
+# No Devanagari: the documents claim to be Hindi, so no stray text can look like untranslated source.
+code_text = st.text(st.sampled_from([chr(c) for c in range(32, 127) if chr(c) not in "`~"] + list("é中文ü→\t")),
+                    max_size=40)
+inline = st.one_of(
+    sentence,
+    code_text.filter(lambda t: t.strip() and "\n" not in t).map(lambda t: f"`{t.strip()}`"),
+    st.tuples(sentence, st.sampled_from(["https://example.com/a_b", "/docs/page.html"])).map(
+        lambda pair: f"[{pair[0]}]({pair[1]})"),
+    sentence.map(lambda s: f"**{s}**"),
+    st.just("see https://example.org/x_y?q=1 there"),
+    st.just("{{ site.baseurl }}"),
+    st.just("![a chart](img/chart.png)"),
+    st.just("<kbd>Ctrl</kbd>"),
+    st.just("$x_1 + y$"),
+)
+line = st.lists(inline, min_size=1, max_size=4).map(" ".join)
+block = st.one_of(
+    st.tuples(st.integers(1, 4), line).map(lambda pair: "#" * pair[0] + " " + pair[1]),
+    line,
+    st.lists(line, min_size=2, max_size=3).map("\n".join),  # a paragraph with soft breaks
+    st.lists(line, min_size=1, max_size=3).map(lambda items: "\n".join(f"- {item}" for item in items)),
+    st.lists(line, min_size=1, max_size=3).map(lambda items: "\n".join(f"{n}. {item}"
+                                                                       for n, item in enumerate(items, 1))),
+    st.lists(line, min_size=1, max_size=2).map(lambda lines: "\n".join(f"> {item}" for item in lines)),
+    st.tuples(st.sampled_from(["", "python", "c"]), st.lists(code_text, max_size=4)).map(
+        lambda pair: f"```{pair[0]}\n" + "\n".join(pair[1]) + "\n```"),
+    st.lists(code_text.filter(lambda t: t.strip()), min_size=1, max_size=3).map(
+        lambda lines: "\n".join("    " + item.strip() for item in lines)),
+    st.tuples(sentence, sentence).map(lambda pair: f"| {pair[0]} | `code` |\n|---|---|\n| {pair[1]} | two |"),
+    st.just("{% highlight python %}\nprint('keep me')  # a comment\n{% endhighlight %}"),
+    st.just("<div class=\"note\">\nRaw HTML that stays as it is.\n</div>"),
+    st.just("***"),
+)
+documents = st.lists(block, min_size=1, max_size=8).map(lambda blocks: "\n\n".join(blocks) + "\n")
+
+
+@pytest.fixture(scope="module")
+def identity_backend():
+    def echo(body):
+        return json.dumps(sent_segments(body), ensure_ascii=False)
+
+    with ScriptedServer(echo) as server:
+        yield OpenAIBackend(model="test-model", base_url=server.base_url, api_key="sk-test-not-a-real-key")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(document=documents)
+def test_identity_translation_keeps_structure_and_code_bytes(identity_backend, document):
+    translated = translate_markdown(document, "en", identity_backend, source_lang="hi")
+    body = translated[translated.index("\n---\n", 4) + len("\n---\n"):]
+
+    assert fences(body) == fences(document)
+    source_tokens, body_tokens = REFERENCE.parse(document), REFERENCE.parse(body)
+    assert [t.type for t in body_tokens] == [t.type for t in source_tokens]
+    assert [t.content for t in body_tokens if t.type == "html_block"] == \
+        [t.content for t in source_tokens if t.type == "html_block"]
+    source_inline = [c for t in source_tokens for c in t.children or () if c.type != "softbreak"]
+    body_inline = [c for t in body_tokens for c in t.children or () if c.type != "softbreak"]
+    assert [(c.type, c.content, c.attrs) for c in body_inline if c.type != "text"] == \
+        [(c.type, c.content, c.attrs) for c in source_inline if c.type != "text"]
+    if "\n" not in "".join(t.content for t in source_tokens if t.type == "inline"):
+        assert body == document  # without soft line breaks, an identity translation changes nothing

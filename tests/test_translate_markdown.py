@@ -1,0 +1,191 @@
+"""What a translator may see of a Markdown post, and the checks that reject a mangled translation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from markdown_it import MarkdownIt
+from mdit_py_plugins.front_matter import front_matter_plugin
+
+from explainer.languages import language
+from explainer.markdown_segments import split_document, structure
+from explainer.translate import segment_problems
+
+DATA = Path(__file__).parent / "data"
+SEED = (DATA / "seed_zh.md").read_text(encoding="utf-8")
+BROKEN_ARABIC = (DATA / "seed_ar_broken.md").read_text(encoding="utf-8")
+REFERENCE = MarkdownIt("commonmark").enable("table").use(front_matter_plugin)
+
+
+def texts(markdown: str) -> list[str]:
+    return [segment.text for segment in split_document(markdown).segments]
+
+
+def translate_with(markdown: str, translations: dict[str, str]) -> str:
+    """Rebuild `markdown` with segments replaced by hand-written translations (by source text)."""
+    document = split_document(markdown)
+    return document.rebuild({index: segment.restore(translations[segment.text])
+                             for index, segment in enumerate(document.segments) if segment.text in translations})
+
+
+# ---------------------------------------------------------------------------------------------
+# What is sent: prose only, protected spans as markers
+# ---------------------------------------------------------------------------------------------
+
+
+def test_inline_code_links_urls_html_math_and_liquid_become_markers():
+    markdown = ("Run `make test`, read [the docs](https://x.org/a_b \"Docs\") or https://example.com/x_y, "
+                "press <kbd>Ctrl</kbd>, see ![plot](p.png), solve $a^2$ and use {{ site.url }} &amp; \\*.\n")
+    [segment] = split_document(markdown).segments
+    assert segment.text == ("Run ⟦1⟧, read ⟦2⟧the docs⟦3⟧ or ⟦4⟧, press ⟦5⟧Ctrl⟦6⟧, see ⟦7⟧, "
+                            "solve ⟦8⟧ and use ⟦9⟧ ⟦10⟧ ⟦11⟧.")
+    assert segment.protected == ("`make test`", "[", '](https://x.org/a_b "Docs")', "https://example.com/x_y",
+                                 "<kbd>", "</kbd>", "![plot](p.png)", "$a^2$", "{{ site.url }}", "&amp;", "\\*")
+    assert segment.pairs == ((2, 3),)
+
+
+def test_a_link_whose_text_is_its_url_is_protected_whole():
+    # The seed's links look like this; a model must not get to "translate" the URL in the text.
+    assert texts("链接为[https://lzwjava.github.io/computer](https://lzwjava.github.io/computer)。\n") == \
+        ["链接为⟦1⟧。"]
+
+
+def test_front_matter_code_html_and_liquid_blocks_are_never_segments():
+    markdown = ("---\ntitle: Keep me out\n---\n\n```python\nprint('fenced')  # comment\n```\n\n"
+                "    indented code line\n\n<div>\nraw html words\n</div>\n\n"
+                "{% highlight python %}\nprint('liquid')\n\nmore = 1\n{% endhighlight %}\n\n$$\nE = mc^2\n$$\n\n"
+                "Only this sentence is prose.\n")
+    assert texts(markdown) == ["Only this sentence is prose."]
+
+
+def test_headings_list_items_quotes_and_table_cells_are_separate_segments():
+    markdown = "## Heading one ##\n\n- item a\n- item b\n\n> quoted\n\n| h1 | h2 |\n|----|----|\n| c1 | c2 |\n"
+    assert texts(markdown) == ["Heading one", "item a", "item b", "quoted", "h1", "h2", "c1", "c2"]
+
+
+def test_the_seed_post_sends_no_code_and_no_urls():
+    sent = "\n".join(texts(SEED))
+    assert "torchrun" not in sent and "def generate" not in sent and "https://" not in sent
+    assert "`" not in sent and "layout" not in sent
+    assert "通过 ChatGPT 理解代码" in sent and "ChatGPT帮助翻译。" in sent
+
+
+# ---------------------------------------------------------------------------------------------
+# Putting translations back
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_wrapped_paragraph_in_a_quote_comes_back_on_one_quoted_line():
+    markdown = "> first line\n> second line\n\nafter\n"
+    assert texts(markdown) == ["first line second line", "after"]
+    assert translate_with(markdown, {"first line second line": "première et seconde"}) == \
+        "> première et seconde\n\nafter\n"
+
+
+def test_a_hard_break_keeps_its_line_and_quote_marker():
+    markdown = "> roses are red  \n> violets are blue\n"
+    [segment] = split_document(markdown).segments
+    assert segment.text == "roses are red⟦1⟧violets are blue"
+    assert translate_with(markdown, {segment.text: "les roses⟦1⟧les violettes"}) == \
+        "> les roses  \n> les violettes\n"
+
+
+def test_untouched_parts_keep_their_bytes():
+    markdown = "Intro text here.\n\n*   loose   item\n\n```c\nint  x;\t// tab\n```\n\nEnd text.\n"
+    result = translate_with(markdown, {"Intro text here.": "Introducción.", "End text.": "Fin."})
+    assert result == "Introducción.\n\n*   loose   item\n\n```c\nint  x;\t// tab\n```\n\nFin.\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks on a whole document: the seed's Arabic copy fails every one of them
+# ---------------------------------------------------------------------------------------------
+
+
+def fence_count(markdown: str) -> int:
+    return sum(token.type == "fence" for token in REFERENCE.parse(markdown))
+
+
+def test_the_broken_arabic_seed_is_rejected():
+    problems = structure(SEED).differences(structure(BROKEN_ARABIC))
+    assert fence_count(SEED) == 16 and fence_count(BROKEN_ARABIC) == 0
+    assert "16 code/verbatim blocks in the source, 0 in the translation" in problems
+    assert any(problem.startswith("blockquotes") for problem in problems)
+    assert any(problem.startswith("list items") for problem in problems)
+
+
+def test_a_translated_comment_inside_code_is_rejected():
+    comment = "# only replace token if prompt has already been generated"
+    assert SEED.count(comment) == 1
+    mangled = SEED.replace(comment, "# استبدال الرمز فقط إذا تم إنشاء النص المطلوب بالفعل")
+    fences = [token for token in REFERENCE.parse(SEED) if token.type == "fence"]
+    [(number, block)] = [(n, token) for n, token in enumerate(fences, 1) if comment in token.content]
+    problems = structure(SEED).differences(structure(mangled))
+    assert problems == [f"fence {number} (source line {block.map[0] + 1}) is not byte-identical"]
+
+
+def test_code_duplicated_after_the_arabic_phrase_is_rejected():
+    duplicated = SEED.replace("最终，我们可以运行它。",
+                              "تم ترجمة الكود أعلاه إلى:\n\n```\ninput_ids = input_ids.to(model.device)\n```\n\n最终，我们可以运行它。")
+    assert "16 code/verbatim blocks in the source, 17 in the translation" in \
+        structure(SEED).differences(structure(duplicated))
+
+
+def test_a_flattened_heading_and_list_are_rejected():
+    flattened = SEED.replace("## 运行 LLaMA", "运行 LLaMA").replace("* NVIDIA NCCL，", "NVIDIA NCCL，")
+    problems = structure(SEED).differences(structure(flattened))
+    assert "headings: 3 in the source, 2 in the translation" in problems
+    assert "list items: 13 in the source, 12 in the translation" in problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks on one segment
+# ---------------------------------------------------------------------------------------------
+
+LINKED = split_document("Read [the guide](https://x.org) and run `make` before the build starts today.\n").segments[0]
+
+
+@pytest.mark.parametrize("translation, problem", [
+    ("Lisez ⟦1⟧le guide⟦2⟧ et lancez avant que la compilation commence.", "placeholder ⟦3⟧ is missing"),
+    ("Lisez ⟦1⟧le guide⟦2⟧ et ⟦3⟧ ⟦3⟧ avant que la compilation commence.", "placeholder ⟦3⟧ appears 2 times"),
+    ("Lisez ⟦1⟧le guide⟦2⟧ et ⟦3⟧ ⟦4⟧ avant que la compilation commence.", "unknown placeholder ⟦4⟧"),
+    ("Lisez ⟦2⟧le guide⟦1⟧ et lancez ⟦3⟧ avant que la compilation commence.", "out of order"),
+    ("Lisez ⟦1⟧le guide⟦2⟧ et lancez ⟦3 avant que la compilation commence.", "placeholder is broken"),
+    ("Lisez ⟦1⟧le guide⟦2⟧ et lancez ⟦3⟧ avant.\n```\nmake\n```", "spans several lines"),
+    ("Voici la traduction : ⟦1⟧le guide⟦2⟧ ⟦3⟧ ```markdown", "chatter"),
+    ("# Lisez ⟦1⟧le guide⟦2⟧ et lancez ⟦3⟧ avant que la compilation commence.", "headings"),
+    ("Lisez ⟦1⟧le guide⟦2⟧ et lancez ⟦3⟧ et `rm -rf` avant que la compilation commence.", "inline code"),
+    ("Read ⟦1⟧the guide⟦2⟧ and run ⟦3⟧ before the whole build starts today.", "reads as en, not fr"),
+])
+def test_segment_problems(translation, problem):
+    problems = segment_problems(LINKED, translation, language("fr"), source_lang="en")
+    assert any(problem in found for found in problems), problems
+
+
+def test_a_good_segment_translation_passes():
+    assert segment_problems(LINKED, "Lisez ⟦1⟧le guide⟦2⟧ et lancez ⟦3⟧ avant que la compilation ne commence.",
+                            language("fr"), source_lang="en") == []
+
+
+def test_a_pipe_in_a_table_cell_is_rejected():
+    cell = split_document("| Column |\n|---|\n| the value of the setting |\n").segments[1]
+    assert "a '|' in a table cell would split the cell" in \
+        segment_problems(cell, "la valeur | du réglage", language("fr"), source_lang="en")
+
+
+def test_a_quote_already_in_another_language_may_stay_in_it():
+    quote = split_document("> RuntimeError: Distributed package doesn't have NCCL built in\n").segments[0]
+    assert segment_problems(quote, quote.text, language("ar"), source_lang="zh") == []
+
+
+def test_short_or_mostly_protected_segments_are_not_judged_by_language():
+    short = split_document("NVIDIA NCCL，[https://developer.nvidia.com/nccl](https://developer.nvidia.com/nccl)\n")
+    [segment] = short.segments
+    assert segment_problems(segment, "NVIDIA NCCL، ⟦1⟧", language("ar"), source_lang="zh") == []
+
+
+def test_prose_that_cannot_be_located_is_left_alone_and_reported():
+    # markdown-it unescapes "\|" in a cell, so the cell's text is not in the source as it is.
+    document = split_document("| a |\n|---|\n| x \\| y |\n")
+    assert [segment.text for segment in document.segments] == ["a"]
+    assert document.unmapped_lines == [3]
