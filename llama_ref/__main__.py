@@ -53,7 +53,7 @@ def main(argv=None) -> int:
             prompt_tokens = llama.tokenizer.encode(llama.render_chat([{"role": "user", "content": args.prompt}]),
                                                    bos=False, eos=False)
         else:
-            prompt_tokens = llama.tokenizer.encode(args.prompt, bos=True, eos=False)
+            prompt_tokens = llama.tokenizer.encode(args.prompt, bos=llama.tokenizer.add_bos, eos=False)
             sys.stdout.write(args.prompt)
         max_gen_len = min(args.max_tokens, llama.model.params.max_seq_len - len(prompt_tokens))
         if max_gen_len < 1:

@@ -197,7 +197,7 @@ class Llama:
                         max_gen_len: Optional[int] = None, logprobs: bool = False, echo: bool = False,
                         **extras) -> List[dict]:
         """Complete plain-text prompts; extras (top_k, seed, stop_tokens, on_token) go to generate()."""
-        prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+        prompt_tokens = [self.tokenizer.encode(p, bos=self.tokenizer.add_bos, eos=False) for p in prompts]
         return self._complete(prompt_tokens, temperature, top_p, max_gen_len, logprobs, echo, extras,
                               as_message=False)
 
@@ -209,9 +209,11 @@ class Llama:
                               as_message=True)
 
     def render_chat(self, dialog: Dialog, add_generation_prompt: bool = True) -> str:
+        pieces = self.tokenizer.token_bytes
         return _jinja_env().from_string(self.chat_template).render(
             messages=dialog, add_generation_prompt=add_generation_prompt,
-            bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token)
+            bos_token=pieces[self.tokenizer.bos_id].decode(errors="replace"),
+            eos_token=pieces[self.tokenizer.eos_id].decode(errors="replace"))
 
     def _complete(self, prompt_tokens, temperature, top_p, max_gen_len, logprobs, echo, extras, as_message):
         if max_gen_len is None:
@@ -290,10 +292,9 @@ def _cache_bytes(args, dtype: torch.dtype) -> int:
 
 
 def _fallback_template(tokenizer) -> str:
-    vocab_has = getattr(tokenizer, "has_token", lambda piece: False)
-    if vocab_has("<|im_start|>"):
+    if "<|im_start|>" in tokenizer.special_ids:
         return CHATML_TEMPLATE
-    if vocab_has("<|start_header_id|>"):
+    if "<|start_header_id|>" in tokenizer.special_ids:
         return LLAMA3_TEMPLATE
     return LLAMA2_TEMPLATE
 

@@ -46,7 +46,8 @@ def test_echo_logprobs_equal_log_softmax_of_a_full_forward(llama):
         assert toks[: len(prompt)] == prompt and len(toks) == len(probs) > len(prompt)
         logits = llama.model.forward(torch.tensor([toks]), 0)[0]
         expected = torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(toks[1:])[:, None])[:, 0]
-        assert torch.allclose(torch.tensor(probs[1:]), expected, atol=1e-4)
+        # incremental decoding and one full pass round differently in fp32, hence the tolerance
+        assert torch.allclose(torch.tensor(probs[1:]), expected, atol=1e-3)
         assert probs[0] == 0.0  # the first token has no prediction, as upstream
 
 
