@@ -63,9 +63,6 @@ class Llama:
         device = pick_device(device)
         dtype = pick_dtype(dtype, device)
         args = replace(checkpoint.args, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-        if checkpoint.tokenizer.n_words != args.vocab_size:
-            raise CheckpointError(f"{checkpoint.path}: the model has {args.vocab_size} tokens but its tokenizer "
-                                  f"has {checkpoint.tokenizer.n_words}; use the tokenizer that came with the model")
         check_fits(_weight_bytes(checkpoint, dtype, int8), _cache_bytes(args, dtype), device, quantized=int8)
 
         # Build on the meta device (no memory), then allocate once on the target device and stream
