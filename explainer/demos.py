@@ -27,6 +27,7 @@ from mdit_py_plugins.front_matter import front_matter_plugin
 
 from explainer.errors import UserError
 from explainer.fileio import write_atomic
+from explainer.render import fence_for, fenced
 
 DEFAULT_TIMEOUT_S = 120.0
 TAIL_LINES = 20  # how much of a failing demo's output the error shows
@@ -110,6 +111,8 @@ class DemoRunner:
         self.runs = 0
         self.cache_hits = 0
         self._lock = threading.Lock()
+        self._running: set[subprocess.Popen] = set()
+        self._stopped = False
 
     def run(self, demo: Demo) -> DemoResult:
         """The demo's result, from the cache or a fresh run. Raise UserError if it fails and
@@ -130,6 +133,15 @@ class DemoRunner:
                             f"to publish the failure. Last lines of its output:\n{tail}")
         self._save(key, result)
         return result
+
+    def stop(self):
+        """Kill every demo still running and refuse new ones (Ctrl-C). Demos run in their own
+        session, so the terminal's interrupt does not reach them."""
+        with self._lock:
+            self._stopped = True
+            running = list(self._running)
+        for process in running:
+            _kill_group(process)
 
     def cache_key(self, demo: Demo) -> str:
         digest = hashlib.sha256()
@@ -174,15 +186,19 @@ class DemoRunner:
         env = dict(os.environ, PYTHONUNBUFFERED="1", NO_COLOR="1", TERM="dumb")
         # `python` in a shell demo means the interpreter running the build (the project's venv).
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        try:
-            # Own session: on timeout we kill the whole process group, grandchildren included,
-            # or a leftover child holding the pipe would hang the build.
-            process = subprocess.Popen(_RUNNERS[demo.language] + [demo.code], cwd=self.project_root, env=env,
-                                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
-        except OSError as exc:
-            raise UserError(f"demo at {demo.where}: can't start {_RUNNERS[demo.language][0]} ({exc.strerror}); "
-                            f"install it or change the fence language") from None
+        with self._lock:
+            if self._stopped:
+                raise KeyboardInterrupt
+            try:
+                # Own session: on timeout we kill the whole process group, grandchildren included,
+                # or a leftover child holding the pipe would hang the build.
+                process = subprocess.Popen(_RUNNERS[demo.language] + [demo.code], cwd=self.project_root,
+                                           env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                           stderr=subprocess.STDOUT, start_new_session=True)
+            except OSError as exc:
+                raise UserError(f"demo at {demo.where}: can't start {_RUNNERS[demo.language][0]} "
+                                f"({exc.strerror}); install it or change the fence language") from None
+            self._running.add(process)
         timed_out = False
         try:
             raw, _ = process.communicate(timeout=timeout_s)
@@ -194,6 +210,12 @@ class DemoRunner:
             _kill_group(process)
             process.wait()
             raise
+        finally:
+            with self._lock:
+                self._running.discard(process)
+        with self._lock:
+            if self._stopped:  # killed by stop(): its output is not a result
+                raise KeyboardInterrupt
         output = raw.decode("utf-8", errors="replace").replace("\r\n", "\n").rstrip()
         return DemoResult(output, -signal.SIGKILL if timed_out else process.returncode, timed_out)
 
@@ -250,7 +272,7 @@ def _files_under(folder: Path) -> list[Path]:
 def output_block(output: str, prefix: str = "") -> str:
     """A plain fenced block holding `output` verbatim, each line behind `prefix` (a container's
     indent or `> `). The fence is longer than any backtick run inside."""
-    fence = "`" * max(3, _longest_backtick_run(output) + 1)
+    fence = fence_for(output)
     lines = [fence, *output.split("\n"), fence] if output else [fence, fence]
     # An empty line gets the bare prefix (`>` keeps a blockquote open) without trailing spaces.
     return "".join(f"{prefix}{line}\n" if line else prefix.rstrip() + "\n" for line in lines)
@@ -259,8 +281,7 @@ def output_block(output: str, prefix: str = "") -> str:
 def demo_markdown(demo: Demo, result: DemoResult) -> str:
     """A demo that isn't in a Markdown source (an explain target's config): its code block,
     then its output block."""
-    fence = "`" * max(3, _longest_backtick_run(demo.code) + 1)
-    return f"{fence}{demo.language}\n{demo.code.rstrip()}\n{fence}\n\n{output_block(result.output)}"
+    return f"{fenced(demo.code, demo.language)}\n\n{output_block(result.output)}"
 
 
 def expand_demos(text: str, runner: DemoRunner, source_name: str) -> str:
@@ -289,10 +310,3 @@ def expand_demos(text: str, runner: DemoRunner, source_name: str) -> str:
         insertions[end] = prefix.rstrip() + "\n" + output_block(result.output, prefix)
     return "".join(insertions.get(index, "") + line for index, line in enumerate(lines)) + insertions.get(len(lines), "")
 
-
-def _longest_backtick_run(text: str) -> int:
-    longest = current = 0
-    for char in text:
-        current = current + 1 if char == "`" else 0
-        longest = max(longest, current)
-    return longest
