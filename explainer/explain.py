@@ -1,0 +1,359 @@
+"""The explain use case: a source file -> chunks -> one model request per chunk, plus one for the
+introduction -> a Post.
+
+No request depends on another's answer. Each chunk prompt carries what a reader has on screen:
+the enclosing definition with the chunk marked, the same-file functions the chunk calls, and one
+line per earlier chunk made from the code itself (not from an earlier answer). So the local
+backend can batch every request of a post into one generate call, the API backend can send them
+all at once, and a cached answer stays valid when another chunk's answer changes.
+
+Answers are checked for grounding: a name the explanation puts in backticks that appears nowhere
+in what the model was shown is reported, because small models invent plausible API names.
+"""
+
+from __future__ import annotations
+
+import builtins
+import keyword
+import logging
+import os
+from datetime import date as Date
+from functools import cache
+from pathlib import Path
+from typing import Callable
+
+import jinja2
+from markdown_it import MarkdownIt
+
+from explainer.backends import Backend, Request, Usage
+from explainer.cache import Cache, complete_cached
+from explainer.chunking import Chunk, ChunkedFile, Symbol, chunk_file, enclosing_view
+from explainer.languages import Language, language
+from explainer.post import Post, Section
+from explainer.render import fenced
+
+log = logging.getLogger(__name__)
+
+SUMMARY_WIDTH = 72  # characters of code in an earlier chunk's one-line summary
+MAX_EARLIER = 20  # earlier chunks summarised in a prompt: the nearest ones matter most
+MAX_DEFINITIONS = 40  # signatures listed in the overview prompt
+# A longer enclosing definition is shown as its signature and the lines around the chunk: prompt
+# tokens are what a local model on a CPU pays for most, and earlier chunks are summarised anyway.
+MAX_VIEW_LINES = 60
+VIEW_CONTEXT_LINES = 4
+ELISION = "   ⋮"
+
+LANGUAGE_LABELS = {"python": "Python", "c": "C", "cpp": "C++", "cuda": "CUDA"}
+
+# Backticked words that are not names a model could invent. Python's come from the keyword module.
+C_FAMILY_WORDS = frozenset(
+    "auto break case char const constexpr continue default do double else enum extern false float for "
+    "goto if inline int long nullptr NULL register return short signed sizeof static struct switch "
+    "template this true typedef union unsigned void volatile while class public private protected "
+    "virtual namespace new delete bool __global__ __device__ __host__ __shared__".split())
+PYTHON_WORDS = frozenset(keyword.kwlist) | frozenset(keyword.softkwlist) | frozenset(dir(builtins))
+NAME_SEPARATORS = ("::", "->")  # turned into "." before a backticked name is split into parts
+
+
+ProgressCallback = Callable[[int, int], None]  # (answers so far, requests in all)
+WarningCallback = Callable[[str], None]
+
+
+def explain_file(path: str | os.PathLike, symbol: str | None = None, *, backend: Backend,
+                 cache: Cache | None = None, lang: str = "en", max_lines: int = 30,
+                 max_tokens: int = Request.max_tokens, usage: Usage | None = None, date: str | None = None,
+                 on_progress: ProgressCallback | None = None,
+                 on_warning: WarningCallback | None = None,
+                 display_path: str | None = None) -> tuple[Post, Usage]:
+    """Explain a source file (or one symbol in it) chunk by chunk, in language `lang`.
+
+    Returns the Post and the Usage of this run (requests sent, cache hits, tokens). Warnings
+    (syntax errors in the file, names an explanation invented) go to on_warning, by default
+    to this module's logger; progress goes to on_progress(done, total) as answers arrive.
+    display_path is how prompts, cache keys and the post name the file (default: `path`, relative
+    to the current folder where it lies inside it), so where a checkout lives never reaches a model.
+    """
+    warn = on_warning or log.warning
+    answer_language = language(lang)
+    # The path as shown (relative where possible) is what prompts, cache keys and the post carry.
+    chunked = chunk_file(path, symbol=symbol, max_lines=max_lines, display_path=display_path or _display_path(path))
+    for warning in chunked.warnings:
+        warn(warning)
+    requests = [chunk_request(chunked, index, answer_language, max_tokens)
+                for index in range(len(chunked.chunks))]
+    requests.append(overview_request(chunked, symbol, answer_language, max_tokens))
+
+    usage = usage if usage is not None else Usage()
+    answered = 0
+
+    def arrived(_index, _completion):
+        nonlocal answered  # complete_cached never calls this from two threads at once
+        answered += 1
+        if on_progress is not None:
+            on_progress(answered, len(requests))
+
+    if on_progress is not None:
+        on_progress(0, len(requests))
+    answers = complete_cached(backend, requests, cache, usage, on_done=arrived)
+
+    sections = [_section(chunked, chunk, answer.text, warn) for chunk, answer in zip(chunked.chunks, answers)]
+    title, intro = split_title(answers[-1].text, default=symbol or Path(chunked.path).name)
+    whole = "\n".join([c.code for c in chunked.chunks] + [_signature_text(chunked.language, s) for s in chunked.symbols])
+    invented = ungrounded_names(intro, whole, known_names(chunked))
+    if invented:
+        warn(f"{chunked.path}: the introduction mentions {_quoted(invented)}, which the code does not contain; "
+             "check these names in the post")
+    post = Post(title=title, lang=answer_language.code, date=date or Date.today().isoformat(),
+                source_path=chunked.path, language=chunked.language, intro=intro,
+                sections=sections, backend=backend.name, model=backend.model)
+    return post, usage
+
+
+def _section(chunked: ChunkedFile, chunk: Chunk, answer: str, warn: WarningCallback) -> Section:
+    explanation = answer.strip()
+    invented = ungrounded_names(explanation, grounding_text(chunked, chunk), known_names(chunked))
+    if invented:
+        warn(f"{chunked.path}, {_lines(chunk.start_line, chunk.end_line)}: the explanation mentions "
+             f"{_quoted(invented)}, which the code it was shown does not contain; check these names in the post")
+    return Section(code=chunk.code, language=chunk.language, start_line=chunk.start_line, end_line=chunk.end_line,
+                   symbol=chunk.symbol, kind=chunk.kind, explanation=explanation, ungrounded=invented)
+
+
+def _quoted(names: list[str]) -> str:
+    return ", ".join(f"`{name}`" for name in names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+# ---------------------------------------------------------------------------------------------
+
+@cache
+def _prompt_templates() -> jinja2.Environment:
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("explainer", "templates/prompts"),
+                                     undefined=jinja2.StrictUndefined, autoescape=False,
+                                     trim_blocks=True, lstrip_blocks=True)
+    environment.filters["fenced"] = fenced
+    return environment
+
+
+def _render(template: str, **values) -> str:
+    return _prompt_templates().get_template(template).render(**values).strip() + "\n"
+
+
+def system_prompt(chunked: ChunkedFile, answer_language: Language) -> str:
+    glossary = ""
+    if answer_language.code != "en":  # English explanations use the terms as they are
+        glossary = "; ".join(f"{term} → {written}" for term, written in sorted(answer_language.glossary.items()))
+    return _render("system.j2", language_label=LANGUAGE_LABELS.get(chunked.language, chunked.language),
+                   answer_language=_language_label(answer_language), glossary=glossary)
+
+
+def chunk_request(chunked: ChunkedFile, index: int, answer_language: Language, max_tokens: int) -> Request:
+    """The request that explains chunk number `index` of `chunked`."""
+    chunk = chunked.chunks[index]
+    owner = owner_symbol(chunked, chunk)
+    # A chunk that is its whole definition needs no surrounding view: it would repeat the chunk.
+    view = chunk_view(chunked, chunk, owner) if owner is not None and _is_part_of(chunk, owner) else ""
+    earlier = [summary_line(c) for c in chunked.chunks[max(0, index - MAX_EARLIER):index]]
+    user = _render("chunk.j2", path=chunked.path, language=chunked.language, chunk=chunk, view=view,
+                   lines=_lines(chunk.start_line, chunk.end_line),
+                   definition_kind=owner.kind if owner is not None else "",
+                   callees=[_signature_text(chunked.language, s) for s in callees(chunked, chunk)],
+                   earlier=earlier, answer_language=_language_label(answer_language))
+    return _request(chunked, answer_language, user, max_tokens)
+
+
+def overview_request(chunked: ChunkedFile, symbol: str | None, answer_language: Language,
+                     max_tokens: int) -> Request:
+    """The request for the post's title and introduction."""
+    user = _render("overview.j2", path=chunked.path, language=chunked.language, symbol=symbol or "",
+                   definitions=[_signature_text(chunked.language, s) for s in _covered_symbols(chunked)],
+                   pieces=[summary_line(c) for c in chunked.chunks],
+                   answer_language=_language_label(answer_language))
+    return _request(chunked, answer_language, user, max_tokens)
+
+
+def _request(chunked: ChunkedFile, answer_language: Language, user: str, max_tokens: int) -> Request:
+    messages = ({"role": "system", "content": system_prompt(chunked, answer_language)},
+                {"role": "user", "content": user})
+    return Request(messages=messages, max_tokens=max_tokens)
+
+
+def _language_label(answer_language: Language) -> str:
+    if answer_language.english_name == answer_language.name:
+        return answer_language.name
+    return f"{answer_language.english_name} ({answer_language.name})"
+
+
+def chunk_view(chunked: ChunkedFile, chunk: Chunk, owner: Symbol) -> str:
+    """The enclosing definition, numbered, with the chunk marked (chunking.enclosing_view); past
+    MAX_VIEW_LINES only its signature and the chunk with a few lines around it, gaps shown as ⋮."""
+    view = enclosing_view(chunked, chunk).split("\n")
+    if len(view) <= MAX_VIEW_LINES:
+        return "\n".join(view)
+    first = min(chunk.start_line, owner.start_line)  # the line number of view[0]
+    signature_end = owner.start_line + owner.signature.count("\n")
+    shown: list[str] = []
+    for number, line in enumerate(view, start=first):
+        near = chunk.start_line - VIEW_CONTEXT_LINES <= number <= chunk.end_line + VIEW_CONTEXT_LINES
+        if number <= signature_end or near:
+            shown.append(line)
+        elif shown[-1:] != [ELISION]:
+            shown.append(ELISION)
+    return "\n".join(shown)
+
+
+def summary_line(chunk: Chunk) -> str:
+    """One line that names a chunk without asking the model: its lines and its first line of code."""
+    lines = [line.strip() for line in chunk.code.splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    if len(first) > SUMMARY_WIDTH:
+        first = first[:SUMMARY_WIDTH - 1] + "…"
+    elif len(lines) > 1:
+        first += " …"
+    return f"{_lines(chunk.start_line, chunk.end_line)} ({chunk.kind}): {first}"
+
+
+def _lines(start: int, end: int) -> str:
+    return f"line {start}" if start == end else f"lines {start}-{end}"
+
+
+def owner_symbol(chunked: ChunkedFile, chunk: Chunk) -> Symbol | None:
+    """The definition a chunk belongs to (None at module level)."""
+    return next((s for s in chunked.symbols if s.name == chunk.symbol
+                 and s.start_line <= chunk.end_line and chunk.start_line <= s.end_line), None)
+
+
+def _is_part_of(chunk: Chunk, owner: Symbol) -> bool:
+    return owner.start_line < chunk.start_line or chunk.end_line < owner.end_line
+
+
+def callees(chunked: ChunkedFile, chunk: Chunk) -> list[Symbol]:
+    """The same-file definitions a chunk calls, other than its own."""
+    by_name = {}
+    for symbol in chunked.symbols:
+        by_name.setdefault(symbol.name, symbol)
+    return [by_name[name] for name in chunk.calls if name in by_name and name != chunk.symbol]
+
+
+def _signature_text(language_name: str, symbol: Symbol) -> str:
+    """A definition's signature with its docstring (Python: below it; C family: the comment above)."""
+    if not symbol.docstring:
+        return symbol.signature
+    if language_name == "python":
+        indent = symbol.signature[: len(symbol.signature) - len(symbol.signature.lstrip())]
+        return f"{symbol.signature}\n{indent}    {symbol.docstring}"
+    return f"{symbol.docstring}\n{symbol.signature}"
+
+
+def _covered_symbols(chunked: ChunkedFile) -> list[Symbol]:
+    """Definitions inside the explained lines, outermost first, at most MAX_DEFINITIONS."""
+    first = min(c.start_line for c in chunked.chunks)
+    last = max(c.end_line for c in chunked.chunks)
+    return [s for s in chunked.symbols if first <= s.start_line and s.end_line <= last][:MAX_DEFINITIONS]
+
+
+def _display_path(path: str | os.PathLike) -> str:
+    """The path as the post shows it: relative to the current folder when it lies inside it."""
+    path = Path(path)
+    if path.is_absolute():
+        try:
+            return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+        except ValueError:
+            pass
+    return path.as_posix()
+
+
+# ---------------------------------------------------------------------------------------------
+# The overview answer: title and introduction
+# ---------------------------------------------------------------------------------------------
+
+@cache
+def _markdown() -> MarkdownIt:
+    return MarkdownIt("commonmark")
+
+
+def split_title(answer: str, default: str) -> tuple[str, str]:
+    """(title, introduction) from an answer that should open with a heading; without one, the
+    whole answer is the introduction and `default` the title."""
+    text = answer.strip()
+    tokens = _markdown().parse(text)
+    if len(tokens) < 2 or tokens[0].type != "heading_open" or tokens[0].map is None:
+        return default, text
+    title = tokens[1].content.strip() or default
+    rest = text.splitlines()[tokens[0].map[1]:]
+    return title, "\n".join(rest).strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# Grounding: names in backticks that the model was never shown
+# ---------------------------------------------------------------------------------------------
+
+def grounding_text(chunked: ChunkedFile, chunk: Chunk) -> str:
+    """Everything the model saw of the code for this chunk: the chunk, its enclosing definition
+    and the signatures and docstrings of what it calls."""
+    owner = owner_symbol(chunked, chunk)
+    parts = [chunk.code, owner.text if owner is not None else ""]
+    parts += [_signature_text(chunked.language, s) for s in callees(chunked, chunk)]
+    return "\n".join(parts)
+
+
+def known_names(chunked: ChunkedFile) -> frozenset[str]:
+    """Names that are real even where they do not occur as written: qualified definition names
+    (`Llama.generate`), the file's name, and the language's keywords and builtins."""
+    names = {s.name for s in chunked.symbols} | {Path(chunked.path).name, Path(chunked.path).stem}
+    words = PYTHON_WORDS if chunked.language == "python" else C_FAMILY_WORDS
+    return frozenset(names | words)
+
+
+def backticked(markdown: str) -> list[str]:
+    """The inline code spans of a Markdown text, in order."""
+    spans = []
+    for token in _markdown().parse(markdown):
+        spans += [child.content for child in token.children or () if child.type == "code_inline"]
+    return spans
+
+
+def name_in(span: str) -> str | None:
+    """The name a backticked span holds (`x`, `self.model.params`, `Llama::generate`,
+    `sample_top_p()`), or None when it holds anything else: an expression, a literal, a path."""
+    name = span.strip()
+    if name.endswith("()"):
+        name = name[:-2]
+    dotted = name
+    for separator in NAME_SEPARATORS:
+        dotted = dotted.replace(separator, ".")
+    parts = dotted.split(".")
+    if not all(part.isascii() and part.isidentifier() for part in parts):
+        return None
+    return name
+
+
+def _is_name_char(char: str) -> bool:
+    return char.isalnum() or char == "_"
+
+
+def occurs_as_name(name: str, text: str) -> bool:
+    """Whether `name` occurs in `text` not as part of a longer name: `model.params` occurs in
+    `self.model.params`, `param` does not occur in `params`."""
+    start = text.find(name)
+    while start != -1:
+        end = start + len(name)
+        before = text[start - 1] if start > 0 else " "
+        after = text[end] if end < len(text) else " "
+        if not _is_name_char(before) and not _is_name_char(after):
+            return True
+        start = text.find(name, start + 1)
+    return False
+
+
+def ungrounded_names(explanation: str, context: str, known: frozenset[str] = frozenset()) -> list[str]:
+    """Names the explanation puts in backticks that occur nowhere in `context` and are not
+    `known`, each once, in order of first mention."""
+    invented: list[str] = []
+    for span in backticked(explanation):
+        name = name_in(span)
+        if name is None or name in known or name in invented or occurs_as_name(name, context):
+            continue
+        invented.append(name)
+    return invented

@@ -1,0 +1,126 @@
+"""Post data -> Jekyll-ready Markdown: front matter, notices, introduction, then each piece of code
+followed by its explanation.
+
+The page is rendered with jinja2 from templates/post.md.j2 (shipped inside the package). Jekyll runs
+Liquid over a post before Markdown, code blocks included, so every `{{` and `{%` in code or prose is
+escaped here; nothing the model or the source says can run as a Liquid tag on the site.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import textwrap
+from functools import cache
+from typing import Mapping
+
+import jinja2
+from ruamel.yaml import YAML
+
+from explainer.languages import language
+from explainer.post import Post
+
+# Jekyll runs Liquid over a post before Markdown; a raw block passes text through untouched.
+RAW_OPEN, RAW_CLOSE = "{% raw %}", "{% endraw %}"
+
+
+def fence_for(text: str) -> str:
+    """A backtick fence longer than any backtick run in `text`, so the text cannot close it
+    (CommonMark: a closing fence has at least as many backticks as the opening one)."""
+    longest = run = 0
+    for char in text:
+        run = run + 1 if char == "`" else 0
+        longest = max(longest, run)
+    return "`" * max(3, longest + 1)
+
+
+def fenced(text: str, info: str = "") -> str:
+    """`text` as a fenced code block with the given info string (the language)."""
+    fence = fence_for(text)
+    return f"{fence}{info}\n{text.rstrip(chr(10))}\n{fence}"
+
+
+def display_code(code: str) -> str:
+    """A chunk as the post shows it: without the blank lines around it, and dedented, so a method
+    body starts at the left margin like the seed post's snippets. The Post keeps the exact bytes."""
+    lines = code.replace("\r\n", "\n").split("\n")
+    while lines and not lines[0].strip():
+        lines.pop(0)
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return textwrap.dedent("\n".join(lines))
+
+
+def liquid_safe(text: str, inline: bool = False) -> str:
+    """`text` as Jekyll will show it literally: wrapped in {% raw %} ... {% endraw %} when it holds a
+    Liquid opener (`{{` or `{%`). A block is wrapped on lines of its own, so its fences still start
+    their lines; inline=True wraps in place (inside a heading, say).
+
+    Liquid ends a raw block at the first endraw tag, so an endraw tag written in the text itself is
+    stepped around: the raw block closes, a Liquid expression prints its `{%`, and a new one opens.
+    """
+    if "{{" not in text and "{%" not in text:
+        return text
+    pieces, start = [], 0
+    while (opener := text.find("{%", start)) != -1:
+        if text[opener + 2:].lstrip("-").lstrip().startswith("endraw"):
+            pieces.append(text[start:opener] + RAW_CLOSE + '{{ "{%" }}' + RAW_OPEN)
+            start = opener + 2
+        else:
+            pieces.append(text[start:opener + 2])
+            start = opener + 2
+    body = "".join(pieces) + text[start:]
+    return f"{RAW_OPEN}{body}{RAW_CLOSE}" if inline else f"{RAW_OPEN}\n{body}\n{RAW_CLOSE}"
+
+
+def front_matter(fields: Mapping[str, object]) -> str:
+    """YAML for a post's front matter, keys in the given order; ruamel.yaml quotes whatever
+    would otherwise read back as another type or break the syntax (`: `, `#`, `yes`, `1.0`)."""
+    yaml = YAML()
+    yaml.allow_unicode = True
+    yaml.width = 1 << 16  # never fold a long title over two lines
+    stream = io.StringIO()
+    yaml.dump(dict(fields), stream)
+    return stream.getvalue()
+
+
+@cache
+def _templates() -> jinja2.Environment:
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("explainer", "templates"),
+                                     undefined=jinja2.StrictUndefined, autoescape=False,
+                                     keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
+    environment.filters.update(liquid_safe=liquid_safe, display_code=display_code, fenced=fenced)
+    return environment
+
+
+def render_post(post: Post, *, ui: Mapping[str, str] | None = None, translation_notice: str = "",
+                direction: str | None = None, extra_front_matter: Mapping[str, object] | None = None) -> str:
+    """The post as Jekyll Markdown.
+
+    ui: the strings the page shows (default: explainer/translations/<post.lang>.toml, English
+    for any it lacks). translation_notice: a line shown first, like "ChatGPT helped translate
+    this post." direction: "rtl" or "ltr" (default: the language's); an rtl post says so in its
+    front matter for the layout. extra_front_matter: keys added after the standard ones.
+    """
+    lang = language(post.lang)
+    strings = {**language("en").ui, **lang.ui, **(ui or {})}
+    fields: dict[str, object] = {"layout": "post", "title": post.title, "lang": post.lang, "date": post.date}
+    if (direction or lang.dir) == "rtl":
+        fields["dir"] = "rtl"
+    fields.update(extra_front_matter or {})
+    first = min((s.start_line for s in post.sections), default=0)
+    last = max((s.end_line for s in post.sections), default=0)
+    fill = {"model": post.model, "path": post.source_path, "start": first, "end": last}
+    notices = [translation_notice] if translation_notice else []
+    if post.model:
+        notices.append(strings["explanation_notice"].format(**fill))
+    return _templates().get_template("post.md.j2").render(
+        post=post, front_matter=front_matter(fields), notices=notices,
+        source_lines=strings["source_lines"].format(**fill) if post.sections else "")
+
+
+def post_json(post: Post) -> str:
+    """The post as JSON (every field, the ungrounded names included), for scripts and translators."""
+    return json.dumps(dataclasses.asdict(post), ensure_ascii=False, indent=2) + "\n"
+

