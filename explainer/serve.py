@@ -322,7 +322,7 @@ def open_server(model_path: str | Path | None = None, host: str = "127.0.0.1", p
     Port 0 picks a free port; the server's base_url tells which. Call serve_forever() next."""
     backend = LocalBackend(model_path, max_seq_len=max_seq_len or DEFAULT_MAX_SEQ_LEN,
                            max_batch_size=max_batch_size or DEFAULT_MAX_BATCH_SIZE)
-    llama = backend._build()  # loads with the local backend's one-line errors
+    llama = backend.llama  # loads with the local backend's one-line errors
     path = backend.model_path
     try:
         return ModelServer((host, port), llama, path.stem if path.is_file() else path.name)

@@ -57,7 +57,10 @@ def test_explains_llama_generate_with_the_real_model_and_reruns_from_the_cache(b
 @pytest.mark.slow
 def test_answers_come_back_in_request_order_whatever_the_batching(backend):
     # Prompts of very different lengths, longest first: the backend batches them by length.
-    requests = [Request(messages=({"role": "user", "content": "Say hi. " * words},), max_tokens=8, temperature=0)
+    # A question SmolLM2 answers in a few tokens, behind system prompts of very different lengths.
+    requests = [Request(messages=({"role": "system", "content": "Context: " + "the sky is blue. " * words},
+                                  {"role": "user", "content": "What is the capital of France?"}),
+                        max_tokens=24, temperature=0)
                 for words in (40, 1, 20, 5, 30)]
     llama = backend.llama
     expected = [len(llama.tokenizer.encode(llama.render_chat(list(r.messages)), bos=False, eos=False))
