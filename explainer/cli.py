@@ -171,7 +171,8 @@ def explain(file: Path, symbol: str | None, backend: str | None, model: str | No
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write DIR/<lang>/<name>-<lang>.md [default: beside the post's language folder].")
 @click.option("--from", "source_lang", metavar="LANG", help="The post's language [default: front matter lang, else detected].")
-@click.option("--backend", type=click.Choice(["openai", "local"]), default="openai", show_default=True)
+@click.option("--backend", type=click.Choice(["openai", "local"]),
+              help="[default: openai if OPENAI_API_KEY or a server is set, else local].")
 @click.option("--model", help="Model name (openai) or model file (local).")
 @click.option("--base-url", help="OpenAI-compatible server [default: OPENAI_BASE_URL, else api.openai.com].")
 @click.option("--cache-dir", help="Answer cache folder [default: EXPLAINER_CACHE_DIR, else ~/.cache/llama-explainer].")
@@ -184,11 +185,14 @@ def translate(post: Path, targets: str, output_dir: Path | None, source_lang: st
     language). If any check fails, nothing is written.
     """
     from explainer.backends import Usage
+    from explainer.languages import language
     from explainer.translate import translate_file
 
     codes = [code.strip() for code in targets.split(",") if code.strip()]
     if not codes:
         raise UserError("--to needs at least one language, e.g. --to zh,ar")
+    for code in codes:
+        language(code)  # an unknown code fails here, before a backend is set up
     usage = Usage()
     written = translate_file(post, codes, make_backend(backend, model, base_url), open_cache(cache_dir, no_cache),
                              usage, out_dir=output_dir, source_lang=source_lang)
