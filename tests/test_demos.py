@@ -3,7 +3,6 @@
 import os
 import select
 import sys
-from pathlib import Path
 
 import pytest
 from markdown_it import MarkdownIt
