@@ -214,12 +214,20 @@ def enclosing_view(chunked: ChunkedFile, chunk: Chunk) -> str:
     first, last = chunk.start_line, chunk.end_line
     if owner is not None:
         first, last = min(first, owner.start_line), max(last, owner.end_line)
+    return numbered_lines(chunked, first, last, marked=(chunk.start_line, chunk.end_line))
+
+
+def numbered_lines(chunked: ChunkedFile, first: int, last: int, marked: tuple[int, int] | None = None) -> str:
+    """Lines first..last numbered as in the file; with `marked` (first, last), those lines get '>>'
+    in a marker column."""
     lines = chunked.source.split("\n")
     width = len(str(last))
     view = []
     for number in range(first, last + 1):
-        marker = ">>" if chunk.start_line <= number <= chunk.end_line else "  "
-        view.append(f"{marker} {number:>{width}} | {lines[number - 1].rstrip(chr(13))}")
+        marker = ""
+        if marked is not None:
+            marker = ">> " if marked[0] <= number <= marked[1] else "   "
+        view.append(f"{marker}{number:>{width}} | {lines[number - 1].rstrip(chr(13))}")
     return "\n".join(view)
 
 

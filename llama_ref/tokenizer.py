@@ -337,6 +337,9 @@ GGUF_TOKEN_KINDS = {0: "normal", 1: "normal", 2: "unknown", 3: "control", 4: "us
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b")
+# Qwen2's split is Llama 3's with digits one at a time (tokenizer.json of Qwen2/Qwen2.5 models)
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+QWEN2_FAMILY = ("qwen2", "deepseek-r1-qwen")
 LLAMA3_FAMILY = ("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "falcon3", "pixtral", "dbrx")
 PLAIN_GPT2 = ("default", "gpt-2", "gpt2", "mpt", "olmo", "jais")
 
@@ -378,13 +381,14 @@ def _byte_level_bpe(tokens: Sequence[str], kinds: Sequence[str], merges: Sequenc
     if pre in DIGITS_THEN_GPT2:
         split = [pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"),
                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-    elif pre in LLAMA3_FAMILY:
-        split = [pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+    elif pre in LLAMA3_FAMILY or pre in QWEN2_FAMILY:
+        pattern = LLAMA3_SPLIT if pre in LLAMA3_FAMILY else QWEN2_SPLIT
+        split = [pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     elif pre in PLAIN_GPT2:
         split = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
     else:
-        known = ", ".join(DIGITS_THEN_GPT2 + LLAMA3_FAMILY + PLAIN_GPT2)
+        known = ", ".join(DIGITS_THEN_GPT2 + LLAMA3_FAMILY + QWEN2_FAMILY + PLAIN_GPT2)
         raise TokenizerError(f"tokenizer.ggml.pre '{pre}' is not supported; supported: {known}")
     backend.pre_tokenizer = pre_tokenizers.Sequence(split)
     backend.decoder = decoders.ByteLevel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import textwrap
@@ -156,13 +157,32 @@ def test_a_chunk_prompt_carries_its_context_and_no_other_answer(scripted_server,
     # the same-file function it calls, with its docstring
     assert "def softmax(xs):" in calls_softmax
     assert '"""Turn scores into probabilities that sum to one."""' in calls_softmax
-    # the whole enclosing function, numbered as in the file, this chunk's lines marked
-    assert ">> 15 |     probs = softmax([s / temperature for s in scores])" in calls_softmax
-    assert "   19 |         if p > probs[best]:" in calls_softmax
+    # the whole enclosing function, numbered as in the file, and which of its lines to explain
+    assert "15 |     probs = softmax([s / temperature for s in scores])" in calls_softmax
+    assert "19 |         if p > probs[best]:" in calls_softmax
+    assert "Explain lines 15-" in calls_softmax
     # the earlier chunk, summarised from its code
     assert "def pick(scores, temperature=1.0):" in calls_softmax.split("```")[-3]
     # answers never feed other prompts, so all requests can run at once
     assert not any("This runs" in prompt for prompt in prompts)
+
+
+def test_requests_about_one_symbol_share_their_beginning(scripted_server, openai_env, sample):
+    """System prompt, file, the numbered definition and its callees come first, byte for byte the
+    same in every request about the symbol, so a prefix cache (ours or a provider's) can reuse them."""
+    server = scripted_server(echo_script(sample))
+    explain_file(sample, "pick", backend=backend_for(server), max_lines=MAX_LINES)
+
+    prompts = [user_text(body) for body in server.requests]
+    assert len(prompts) > 2
+    shared = os.path.commonprefix(prompts)
+    assert "def softmax(xs):" in shared  # the callee
+    assert "22 |     return best" in shared  # the definition's last line
+    pieces = [p for p in prompts if "Write the opening of the post" not in p]
+    assert len(pieces) == len(prompts) - 1
+    assert all(p[len(shared):].count("```") >= 2 for p in pieces)  # each piece's own code follows
+    systems = {body["messages"][0]["content"] for body in server.requests}
+    assert len(systems) == 1
 
 
 def test_names_the_code_does_not_contain_are_flagged(scripted_server, openai_env, sample):

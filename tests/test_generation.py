@@ -1,4 +1,4 @@
-"""generate() semantics on the real default model (SmolLM2-135M-Instruct, Q4_1 GGUF), in fp32 on CPU."""
+"""generate() semantics on SmolLM2-135M-Instruct (Q4_1 GGUF, the small catalog model), in fp32 on CPU."""
 
 import inspect
 import os
@@ -7,14 +7,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from llama_ref import Llama, default_model_path  # noqa: E402
+from llama_ref import Llama  # noqa: E402
+from llama_ref.catalog import resolve_model  # noqa: E402
 
 PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):\n    "]
 
 
 @pytest.fixture(scope="module")
 def llama():
-    return Llama.build(default_model_path(), max_seq_len=256, max_batch_size=4, device="cpu", dtype="fp32")
+    return Llama.build(resolve_model("smollm2-135m"), max_seq_len=256, max_batch_size=4, device="cpu", dtype="fp32")
 
 
 def encode(llama, text):
@@ -95,8 +96,8 @@ def test_prompt_longer_than_context_is_a_clear_error(llama):
 
 
 def test_int8_weights_stay_close_to_full_precision():
-    full = Llama.build(default_model_path(), max_seq_len=64, max_batch_size=1, device="cpu", dtype="fp32")
-    int8 = Llama.build(default_model_path(), max_seq_len=64, max_batch_size=1, device="cpu", dtype="fp32", int8=True)
+    full = Llama.build(resolve_model("smollm2-135m"), max_seq_len=64, max_batch_size=1, device="cpu", dtype="fp32")
+    int8 = Llama.build(resolve_model("smollm2-135m"), max_seq_len=64, max_batch_size=1, device="cpu", dtype="fp32", int8=True)
     tokens = torch.tensor([encode(full, "The quick brown fox jumps over the lazy dog")])
     ref = torch.log_softmax(full.model.forward(tokens, 0), -1)
     approx = torch.log_softmax(int8.model.forward(tokens, 0), -1)
@@ -110,7 +111,7 @@ def test_int8_weights_stay_close_to_full_precision():
 def test_greedy_tokens_match_transformers_on_the_same_gguf(llama, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     transformers = pytest.importorskip("transformers")
-    path = default_model_path()
+    path = resolve_model("smollm2-135m")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                            dtype=torch.float32)
     hf.eval()

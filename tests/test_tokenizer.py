@@ -17,10 +17,10 @@ EDGE_CASES = ["", " ", "  leading spaces", "trailing space ", "\n\nnewlines\n", 
 def smollm():
     """The default model's tokenizer, built by llama_ref from the GGUF metadata."""
     pytest.importorskip("gguf")
-    from llama_ref import default_model_path
+    from llama_ref.catalog import resolve_model
     from llama_ref.checkpoints import open_checkpoint
 
-    return open_checkpoint(default_model_path()).tokenizer
+    return open_checkpoint(resolve_model("smollm2-135m")).tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +34,9 @@ def smollm_reference():
     """
     from tokenizers import pre_tokenizers
 
-    from llama_ref import default_model_path
+    from llama_ref.catalog import resolve_model
 
-    path = default_model_path()
+    path = resolve_model("smollm2-135m")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_HUB_OFFLINE", "1")
         transformers = pytest.importorskip("transformers")

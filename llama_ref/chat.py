@@ -1,0 +1,228 @@
+"""Chat templates: the checkpoint's own jinja2 template (or a fallback), rendered in a bounded sandbox.
+
+A chat template is code that arrives inside a model file (GGUF tokenizer.chat_template, or
+tokenizer_config.json / chat_template.jinja beside HF weights). jinja2's ImmutableSandboxedEnvironment
+keeps it away from Python internals and from mutating the dialog; render_chat adds what the sandbox
+lacks: a deadline and a size limit, so a broken or hostile template fails with one line instead of
+hanging a server or filling its memory. The environment follows transformers' apply_chat_template
+(trim_blocks, lstrip_blocks, loopcontrols, its tojson, raise_exception, strftime_now), because the
+templates shipped with models are written and tested against it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from typing import Iterable, Iterator, List, Optional
+
+from jinja2 import TemplateSyntaxError, nodes
+from jinja2.compiler import CodeGenerator
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import Namespace
+
+# Fallback chat templates, used when a checkpoint carries none; jinja2 like the HF/GGUF ones.
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}"
+    "{% set messages = messages[1:] %}{% else %}{% set system = '' %}{% endif %}"
+    "{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + (system if loop.first else '') + message['content'] | trim + ' [/INST]' }}"
+    "{% else %}{{ ' ' + message['content'] | trim + ' ' + eos_token }}{% endif %}{% endfor %}")
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+# A prompt this long is already far past any context window llama_ref runs, so nothing legitimate is cut.
+MAX_PROMPT_CHARS = 4 * 1024 * 1024
+# Real templates render in milliseconds; this only ends runaway ones.
+MAX_RENDER_SECONDS = 5.0
+
+Dialog = List[dict]
+
+
+class ChatTemplateError(ValueError):
+    """A chat template that cannot be compiled or rendered. str() is one line."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+def fallback_template(tokenizer) -> str:
+    """The template matching the turn markers the vocabulary has, for checkpoints that carry none."""
+    if "<|im_start|>" in tokenizer.special_ids:
+        return CHATML_TEMPLATE
+    if "<|start_header_id|>" in tokenizer.special_ids:
+        return LLAMA3_TEMPLATE
+    return LLAMA2_TEMPLATE
+
+
+def render_chat(template: str, tokenizer, dialog: Dialog, add_generation_prompt: bool = True,
+                tools: Optional[List[dict]] = None, *, max_chars: int = MAX_PROMPT_CHARS,
+                max_seconds: float = MAX_RENDER_SECONDS) -> str:
+    """The prompt text for `dialog` (a list of {"role", "content"} messages), with tools as JSON schemas.
+
+    Raises ChatTemplateError when the template does not compile, raises, breaks the sandbox's rules,
+    produces more than max_chars characters or runs longer than max_seconds.
+    """
+    compiled = _compile(template)
+    budget = _LIMITS.set(_Limits(time.monotonic() + max_seconds, max_chars))
+    try:
+        chunks = compiled.generate(messages=dialog, tools=tools, add_generation_prompt=add_generation_prompt,
+                                   bos_token=_token_text(tokenizer, tokenizer.bos_id),
+                                   eos_token=_token_text(tokenizer, tokenizer.eos_id))
+        return "".join(_within_size(chunks, max_chars))
+    except ChatTemplateError:
+        raise
+    except Exception as e:  # jinja2's SecurityError, UndefinedError, ... and Python's ('a' + 1, 1 / 0): the template's
+        raise ChatTemplateError(f"chat template: {type(e).__name__}: {e}") from e
+    finally:
+        _LIMITS.reset(budget)
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+    # Control tokens decode to nothing, so their text comes from the special-token table; a template
+    # that writes {{ bos_token }} must produce the marker that encode() turns back into bos_id.
+    for text, special_id in tokenizer.special_ids.items():
+        if special_id == token_id:
+            return text
+    if 0 <= token_id < len(tokenizer.token_bytes):
+        return tokenizer.token_bytes[token_id].decode(errors="replace")
+    return ""
+
+
+def _within_size(chunks: Iterable[str], max_chars: int) -> Iterator[str]:
+    size = 0
+    for chunk in chunks:
+        size += len(chunk)
+        if size > max_chars:
+            raise ChatTemplateError(f"chat template: the prompt grew past {max_chars} characters; "
+                                    "the template or the dialog is too large")
+        yield chunk
+
+
+# ---------------------------------------------------------------------------- the bounded sandbox
+#
+# Why these hooks: jinja2 compiles a template to a Python generator, which nothing can interrupt from
+# outside short of a separate process (a thread cannot be stopped). So the checks run inside the
+# template's own steps, at the points every long-running template must pass through:
+# - every call (functions, methods, macros, range(), recursive loop()) goes through Environment.call;
+# - every for-loop step, because a nested loop with an empty body makes no call and no output; a
+#   code generator wraps each loop's iterable in `checked_steps`;
+# - every chunk of output, counted against max_chars;
+# - values that can grow from one step to the next (call arguments and results, namespace attributes,
+#   the results of `*` and `**`), so that doubling a string in a loop stops at the limit, and
+#   `'x' * 10**10` is refused before it is allocated.
+# The deadline and limit of the render in progress live in a ContextVar, so one compiled template is
+# shared by every render, including concurrent ones.
+
+@dataclass(frozen=True)
+class _Limits:
+    deadline: float
+    max_chars: int
+
+    def check_time(self):
+        if time.monotonic() > self.deadline:
+            raise ChatTemplateError("chat template: rendering ran past its time limit; the template loops too long")
+
+    def check_size(self, size: int):
+        if size > self.max_chars:
+            raise ChatTemplateError(f"chat template: built a value of size {size}, over the limit "
+                                    f"of {self.max_chars}; the template or the dialog is too large")
+
+
+_LIMITS: ContextVar[_Limits] = ContextVar("chat_template_limits")
+
+
+class _CheckedLoops(CodeGenerator):
+    def visit_For(self, node: nodes.For, frame) -> None:
+        node.iter = nodes.Call(nodes.EnvironmentAttribute("checked_steps"), [node.iter], [], None, None)
+        super().visit_For(node, frame)
+
+
+class _BoundedNamespace(Namespace):
+    def __setitem__(self, name, value):
+        _LIMITS.get().check_size(_size(value))
+        super().__setitem__(name, value)
+
+
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+    code_generator_class = _CheckedLoops
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's signature)
+        limits = _LIMITS.get()
+        limits.check_time()
+        for value in (*args, *kwargs.values()):
+            limits.check_size(_size(value))
+        result = super().call(__context, __obj, *args, **kwargs)
+        limits.check_size(_size(result))
+        return result
+
+    def call_binop(self, context, operator, left, right):
+        limits = _LIMITS.get()
+        limits.check_time()
+        limits.check_size(_result_size(operator, left, right))
+        return super().call_binop(context, operator, left, right)
+
+    @staticmethod
+    def checked_steps(iterable):
+        limits = _LIMITS.get()
+        for item in iterable:
+            limits.check_time()
+            yield item
+
+
+def _size(value) -> int:
+    # ints count by bits: a huge integer costs memory and time like a huge string
+    if isinstance(value, int):
+        return value.bit_length()
+    return len(value) if isinstance(value, (str, bytes, list, tuple, dict)) else 0
+
+
+def _result_size(operator: str, left, right) -> int:
+    """The size _size would find in `left <operator> right` (or more), known before computing it."""
+    if isinstance(left, int) and isinstance(right, int):
+        return max(right, 0) * _size(left) if operator == "**" else _size(left) + _size(right)
+    if operator == "*" and isinstance(right, int):
+        return _size(left) * max(right, 0)  # "ab" * 3, [x] * 3
+    if operator == "*" and isinstance(left, int):
+        return _size(right) * max(left, 0)
+    return 0  # floats and other types: Python raises or the result stays small
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # jinja2's own tojson escapes <, >, & and ' for HTML and sorts keys; templates expect transformers'
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _raise_exception(message):
+    raise ChatTemplateError(f"chat template: {message}")
+
+
+def _strftime_now(format):
+    # Llama 3.x templates write today's date into the system prompt
+    return datetime.now().strftime(format)
+
+
+@lru_cache(maxsize=1)
+def _environment() -> _BoundedEnvironment:
+    env = _BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, namespace=_BoundedNamespace)
+    return env
+
+
+@lru_cache(maxsize=32)
+def _compile(template: str):
+    try:
+        return _environment().from_string(template)
+    except TemplateSyntaxError as e:
+        raise ChatTemplateError(f"chat template line {e.lineno}: {e.message}") from e

@@ -1,0 +1,375 @@
+"""The fast path: continuous batching, chunked prefill and a prefix cache over one Transformer.
+
+`Llama.generate` keeps the upstream shape because our posts explain it: one batch in, every row fed
+from the shortest prompt's end one token per step, everything out at the end. Serving many requests
+wants more, as vLLM and llama.cpp's server do it:
+
+- **Continuous batching.** Each request holds one row (a "slot") of the model's KV cache for as long
+  as it runs. Rows join and leave independently; every decode step advances all running rows at
+  once, each at its own position, so a short answer never waits for a long one.
+- **Chunked prefill.** A prompt is fed in chunks of up to `prefill_chunk` tokens, all of its tokens
+  in one forward pass per chunk, never one token per step. Between chunks the running rows take a
+  decode step, so a long prompt does not stall the answers already streaming.
+- **A prefix cache.** After a prompt is prefilled its keys and values are kept, keyed by its token
+  ids, in a memory-bounded LRU store. A later prompt that starts with the same tokens copies that
+  stretch into its row and prefills only the rest. The explainer's requests about one symbol all
+  start with the same system prompt and definition, so only the first of them pays for it.
+
+One thread steps the engine: `run(jobs)` in the caller's thread, or `serve_forever()` in a worker
+thread while other threads `submit()`. Jobs report through their own queues, so readers never touch
+tensors (a handler thread must not free them).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from llama_ref.generation import sample_top_p
+from llama_ref.tokenizer import StreamDecoder
+
+DEFAULT_PREFILL_CHUNK = 512  # long enough to keep a matmul efficient, short enough to keep streams flowing
+DEFAULT_PREFIX_CACHE_BYTES = 512 << 20
+
+_END = object()
+
+
+class EngineError(RuntimeError):
+    """Generation failed before the job finished."""
+
+
+class EngineStopped(EngineError):
+    """The engine was closed (or interrupted) before the job finished."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One request: prompt and sampling in; tokens, text pieces and the ending out."""
+
+    prompt_tokens: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    seed: int | None = None
+    stop_ids: frozenset[int] | None = None  # default: the tokenizer's end-of-turn tokens
+    tokens: list[int] = field(default_factory=list)  # generated, without the stop token
+    finish_reason: str | None = None  # "stop", "length" or "cancelled"
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    _events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False)
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+    _error: Exception | None = field(default=None, repr=False)
+    _cancelled: bool = field(default=False, repr=False)
+
+    def cancel(self) -> None:
+        """Free this job's row at the engine's next step (a client went away)."""
+        self._cancelled = True
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self) -> "Job":
+        """Block until the job has finished; raise EngineError if it failed."""
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def pieces(self) -> Iterator[str]:
+        """The answer's text as it is generated, blocking until each piece exists. Once exhausted,
+        finish_reason and tokens are final. Raises EngineError if generation failed."""
+        while (event := self._events.get()) is not _END:
+            if isinstance(event, Exception):
+                raise event
+            yield event
+
+
+@dataclass(eq=False)
+class _Row:
+    job: Job
+    slot: int
+    filled: int = 0  # positions of the slot's cache that hold this job's keys and values
+    decoder: StreamDecoder | None = None
+    generator: torch.Generator | None = None
+    next_token: int | None = None  # sampled, not yet fed back
+
+
+class PrefixCache:
+    """Keys and values of earlier prompts, keyed by token ids, least recently used out first.
+
+    Any common prefix of a stored prompt is reusable: position i's keys and values depend only on
+    tokens 0..i. So one entry per prompt serves every later prompt that shares any start with it.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._bytes = 0
+
+    def longest_match(self, tokens: list[int]) -> tuple[int, tuple[torch.Tensor, torch.Tensor] | None]:
+        """(length, (k, v)) of the stored prompt sharing the longest start with `tokens`."""
+        best, best_key = 0, None
+        for key in self._entries:
+            n = _common_prefix(key, tokens)
+            if n > best:
+                best, best_key = n, key
+        if best_key is None:
+            return 0, None
+        self._entries.move_to_end(best_key)
+        return best, self._entries[best_key]
+
+    def add(self, tokens: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        key = tuple(tokens)
+        size = k.numel() * k.element_size() * 2
+        if size > self.max_bytes:
+            return
+        for stored in list(self._entries):
+            if _common_prefix(stored, key) == len(stored):  # the new prompt extends a stored one
+                self._drop(stored)
+            elif _common_prefix(stored, key) == len(key):  # already covered by a longer one
+                self._entries.move_to_end(stored)
+                return
+        self._entries[key] = (k, v)
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, key) -> None:
+        k, v = self._entries.pop(key)
+        self._bytes -= k.numel() * k.element_size() * 2
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+
+def _common_prefix(a, b) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class Engine:
+    """Continuous batching over `model` (a Transformer whose caches are set up) and `tokenizer`."""
+
+    def __init__(self, model, tokenizer, *, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
+        self.model, self.tokenizer = model, tokenizer
+        self.device = model.tok_embeddings.weight.device
+        self.prefill_chunk = prefill_chunk
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self._slots: list[_Row | None] = [None] * model.max_batch_size
+        self._waiting: deque[Job] = deque()
+        self._prefilling: _Row | None = None
+        self._changed = threading.Condition()
+        self._closed = False
+        self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "decode_steps": 0}
+
+    # ------------------------------------------------------------------ submitting and running
+
+    def submit(self, job: Job) -> Job:
+        """Queue a job (from any thread). Raises ValueError if it can never fit the cache."""
+        if not job.prompt_tokens:
+            raise ValueError("the prompt is empty; give at least one token")
+        if job.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {job.max_tokens}")
+        needed = len(job.prompt_tokens) + job.max_tokens
+        if needed > self.model.max_seq_len:
+            raise ValueError(f"the prompt's {len(job.prompt_tokens)} tokens + max_tokens={job.max_tokens} "
+                             f"exceed max_seq_len={self.model.max_seq_len}")
+        with self._changed:
+            if self._closed:
+                raise EngineStopped("the engine is stopping")
+            self._waiting.append(job)
+            self._changed.notify()
+        return job
+
+    def run(self, jobs: list[Job], on_finished: Callable[[int, Job], None] | None = None) -> list[Job]:
+        """Submit `jobs` and step the engine in this thread until every one has finished, calling
+        on_finished(index, job) as each one does."""
+        for job in jobs:
+            self.submit(job)
+        pending = dict(enumerate(jobs))
+        try:
+            while pending:
+                self.step()
+                for index in [i for i, job in pending.items() if job.done]:
+                    job = pending.pop(index)
+                    if on_finished is not None:
+                        on_finished(index, job)
+        except BaseException as exc:  # Ctrl-C or a failing step: no job is left half-running
+            self._fail_all(EngineError(f"generation failed: {exc}") if isinstance(exc, Exception)
+                           else EngineStopped("generation was interrupted"))
+            raise
+        return jobs
+
+    def serve_forever(self) -> None:
+        """The worker thread's loop: step while there is work, sleep on the condition when idle."""
+        while True:
+            with self._changed:
+                while not self._closed and not self._has_work():
+                    self._changed.wait()
+                if self._closed:
+                    break
+            try:
+                self.step()
+            except Exception as exc:  # answer every waiting client, and keep serving
+                self._fail_all(EngineError(f"generation failed: {exc}"))
+        self._fail_all(EngineStopped("the engine is stopping"))
+
+    def close(self) -> None:
+        """Stop serve_forever() after its current step; unfinished jobs get an EngineError."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting) or any(self._slots)
+
+    # ------------------------------------------------------------------ one step
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Admit a waiting job if a row is free, feed one prefill chunk, then one decode step for
+        every row that is generating."""
+        self._drop_cancelled()
+        if self._prefilling is None:
+            self._admit()
+        if self._prefilling is not None:
+            self._prefill_chunk(self._prefilling)
+        decoding = [row for row in self._slots if row is not None and row.next_token is not None]
+        if decoding:
+            self._decode(decoding)
+
+    def _admit(self) -> None:
+        with self._changed:
+            if not self._waiting or None not in self._slots:
+                return
+            job = self._waiting.popleft()
+        slot = self._slots.index(None)
+        row = _Row(job, slot, decoder=StreamDecoder(self.tokenizer))
+        if job.temperature > 0 and job.seed is not None:
+            row.generator = torch.Generator(device=self.device).manual_seed(job.seed)
+        # at least the last prompt token is fed: its logits give the first new token
+        reused, stored = self.prefix_cache.longest_match(job.prompt_tokens[:-1])
+        if stored is not None:
+            k, v = stored
+            for layer, layer_k, layer_v in zip(self.model.layers, k, v):
+                layer.attention.cache.k[slot, :, :reused] = layer_k[:, :reused]
+                layer.attention.cache.v[slot, :, :reused] = layer_v[:, :reused]
+        row.filled = job.cached_tokens = reused
+        self.stats["prompt_tokens"] += len(job.prompt_tokens)
+        self.stats["cached_tokens"] += reused
+        self._slots[slot] = row
+        self._prefilling = row
+
+    def _prefill_chunk(self, row: _Row) -> None:
+        prompt = row.job.prompt_tokens
+        end = min(row.filled + self.prefill_chunk, len(prompt))
+        tokens = torch.tensor([prompt[row.filled:end]], dtype=torch.long, device=self.device)
+        last = end == len(prompt)
+        logits = self.model.forward(tokens, row.filled, last_only=True, rows=slice(row.slot, row.slot + 1))
+        row.filled = end
+        if not last:
+            return
+        self._prefilling = None
+        self._remember_prompt(row)
+        self._accept(row, self._sample([row], logits[:, -1])[0])
+
+    def _remember_prompt(self, row: _Row) -> None:
+        n = len(row.job.prompt_tokens)
+        layers = self.model.layers
+        k = torch.stack([layer.attention.cache.k[row.slot, :, :n] for layer in layers])
+        v = torch.stack([layer.attention.cache.v[row.slot, :, :n] for layer in layers])
+        self.prefix_cache.add(row.job.prompt_tokens, k, v)
+
+    def _decode(self, rows: list[_Row]) -> None:
+        # One forward pass over slots 0..highest running; free or still-prefilling slots in between
+        # ride along at a harmless position (their own next write position, rewritten before it is read).
+        width = max(row.slot for row in rows) + 1
+        tokens = torch.zeros((width, 1), dtype=torch.long, device=self.device)
+        positions = torch.zeros(width, dtype=torch.long, device=self.device)
+        for slot in range(width):
+            other = self._slots[slot]
+            positions[slot] = other.filled if other is not None else 0
+        for row in rows:
+            tokens[row.slot, 0] = row.next_token
+        logits = self.model.forward(tokens, positions, rows=slice(0, width))[:, -1]
+        self.stats["decode_steps"] += 1
+        for row in rows:
+            row.filled += 1
+        chosen = self._sample(rows, logits[[row.slot for row in rows]])
+        for row, token in zip(rows, chosen):
+            self._accept(row, token)
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        greedy = torch.argmax(logits, dim=-1).tolist()
+        chosen = []
+        for i, row in enumerate(rows):
+            job = row.job
+            if job.temperature <= 0:
+                chosen.append(greedy[i])
+                continue
+            probs = torch.softmax(logits[i:i + 1] / job.temperature, dim=-1)
+            chosen.append(int(sample_top_p(probs, job.top_p, top_k=job.top_k, generator=row.generator)))
+        return chosen
+
+    def _accept(self, row: _Row, token: int) -> None:
+        """Record a sampled token: end the row on a stop token or its limit, else feed it next step."""
+        job = row.job
+        stop_ids = job.stop_ids if job.stop_ids is not None else self.tokenizer.stop_ids
+        if token in stop_ids:
+            return self._finish(row, "stop")
+        job.tokens.append(token)
+        self.stats["generated_tokens"] += 1
+        if text := row.decoder.push(token):
+            job._events.put(text)
+        if len(job.tokens) >= job.max_tokens:
+            return self._finish(row, "length")
+        row.next_token = token
+
+    def _finish(self, row: _Row, reason: str) -> None:
+        job = row.job
+        if tail := row.decoder.flush():
+            job._events.put(tail)
+        job.finish_reason = reason
+        self._release(row)
+        job._events.put(_END)
+        job._done.set()
+
+    def _release(self, row: _Row) -> None:
+        self._slots[row.slot] = None
+        if self._prefilling is row:
+            self._prefilling = None
+
+    def _drop_cancelled(self) -> None:
+        with self._changed:
+            cancelled = [job for job in self._waiting if job._cancelled]
+            for job in cancelled:
+                self._waiting.remove(job)
+        for job in cancelled:
+            job.finish_reason = "cancelled"
+            job._events.put(_END)
+            job._done.set()
+        for row in self._slots:
+            if row is not None and row.job._cancelled:
+                self._finish(row, "cancelled")
+
+    def _fail_all(self, error: EngineError) -> None:
+        with self._changed:
+            waiting, self._waiting = list(self._waiting), deque()
+        rows = [row for row in self._slots if row is not None]
+        for row in rows:
+            self._release(row)
+        for job in waiting + [row.job for row in rows]:
+            job._error = error
+            job._events.put(error)
+            job._done.set()
