@@ -17,6 +17,7 @@ import builtins
 import keyword
 import logging
 import os
+from dataclasses import replace
 from datetime import date as Date
 from functools import cache
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Callable
 import jinja2
 from markdown_it import MarkdownIt
 
-from explainer.backends import Backend, Request, Usage
+from explainer.backends import Backend, Request, UnusableAnswer, Usage
 from explainer.cache import Cache, complete_cached
 from explainer.chunking import Chunk, ChunkedFile, Symbol, chunk_file, enclosing_view, numbered_lines
 from explainer.languages import Language, language
@@ -89,15 +90,27 @@ def explain_file(path: str | os.PathLike, symbol: str | None = None, *, backend:
     usage = usage if usage is not None else Usage()
     answered = 0
 
-    def arrived(_index, _completion):
+    answers: list = [None] * len(requests)
+
+    def arrived(index, completion):
         nonlocal answered  # complete_cached never calls this from two threads at once
+        answers[index] = completion
         answered += 1
         if on_progress is not None:
             on_progress(answered, len(requests))
 
     if on_progress is not None:
         on_progress(0, len(requests))
-    answers = complete_cached(backend, requests, cache, usage, on_done=arrived)
+    try:
+        complete_cached(backend, requests, cache, usage, on_done=arrived)
+    except UnusableAnswer:
+        # One more try for what is missing, asking firmly for less: a small model that ran past
+        # max_tokens usually restated the code; a second failure fails the post.
+        missing = [index for index, answer in enumerate(answers) if answer is None]
+        warn(f"{chunked.path}: {len(missing)} of {len(requests)} answers were unusable (cut off or empty); "
+             "asking again for shorter ones")
+        retries = [firmer(requests[index]) for index in missing]
+        complete_cached(backend, retries, cache, usage, on_done=lambda k, completion: arrived(missing[k], completion))
 
     sections = [_section(chunked, chunk, answer.text, warn) for chunk, answer in zip(chunked.chunks, answers)]
     title, intro = split_title(answers[-1].text, default=symbol or Path(chunked.path).name)
@@ -204,6 +217,15 @@ def symbol_context(chunked: ChunkedFile, owner: Symbol) -> dict:
                 called.setdefault(symbol.name, symbol)
     return {"symbol": owner.name, "definition": numbered_lines(chunked, owner.start_line, owner.end_line),
             "callees": [_signature_text(chunked.language, s) for s in called.values()]}
+
+
+def firmer(request: Request) -> Request:
+    """The same request, its last message ending with a firm instruction to be brief."""
+    *earlier, last = request.messages
+    words = max(40, request.max_tokens // 4)
+    note = (f"\n\nYour answer must be short: at most {words} words, no code, no headings. "
+            "Stop as soon as the point is made.")
+    return replace(request, messages=(*earlier, {**last, "content": last["content"] + note}))
 
 
 def _request(chunked: ChunkedFile, answer_language: Language, user: str, max_tokens: int) -> Request:

@@ -26,8 +26,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
 
-from jinja2 import TemplateError
-
 from explainer.backends.local import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, LocalBackend
 from explainer.errors import UserError
 
@@ -112,8 +110,8 @@ def chat_prompt(llama, body: dict) -> list[int]:
         dialog.append({"role": role, "content": _text_content(message.get("content"), index)})
     try:
         text = llama.render_chat(dialog)
-    except (ValueError, TemplateError) as exc:
-        raise ApiError(f"the model's chat template rejected the messages: {exc}", "messages") from None
+    except ValueError as exc:  # chat.ChatTemplateError: its message starts with "chat template"
+        raise ApiError(f"the model's {exc}", "messages") from None
     return llama.tokenizer.encode(text, bos=False, eos=False)
 
 
@@ -199,6 +197,7 @@ def open_server(model: str | Path | None = None, host: str = "127.0.0.1", port: 
     backend = LocalBackend(model, dtype=dtype, max_seq_len=max_seq_len or DEFAULT_MAX_SEQ_LEN,
                            max_batch_size=max_batch_size or DEFAULT_MAX_BATCH_SIZE)
     llama = backend.llama  # loads the model now, with the local backend's one-line errors
+    llama.model.setup_caches(backend.max_batch_size, min(backend.max_seq_len, llama.model.params.context_length))
     try:
         return ModelServer((host, port), llama, _served_name(backend))
     except OSError as exc:

@@ -1,9 +1,9 @@
-"""Build a model from any supported checkpoint and generate text with it.
+"""Llama and generate(): text from any checkpoint llama_ref reads (loading.py builds the model).
 
 `Llama.generate` keeps the public shape of Meta's reference (facebookresearch/llama,
 llama/generation.py) because it is the function our posts walk through. What changes is what made
 the reference hard to run: every tensor lives on the model's device (never a hard-coded "cuda"),
-nothing needs torch.distributed or NCCL, memory is checked before it is allocated, and logprobs
+nothing needs torch.distributed or NCCL, memory is checked before it is allocated (loading.py), and logprobs
 are computed after the sampled token is written (so generated tokens get real values).
 """
 
@@ -16,63 +16,28 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from llama_ref import chat
 from llama_ref.catalog import default_model_path
-from llama_ref.checkpoints import Checkpoint, CheckpointError, open_checkpoint
-from llama_ref.device import check_fits, pick_device, pick_dtype
+from llama_ref.chat import Dialog
+from llama_ref.loading import load_model
 from llama_ref.model import Transformer
-from llama_ref.quantize import Int8Linear, quantize_linears
-
-# Fallback chat templates, used when a checkpoint carries none; jinja2 like the HF/GGUF ones.
-LLAMA2_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}{% set system = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}"
-    "{% set messages = messages[1:] %}{% else %}{% set system = '' %}{% endif %}"
-    "{% for message in messages %}{% if message['role'] == 'user' %}"
-    "{{ bos_token + '[INST] ' + (system if loop.first else '') + message['content'] | trim + ' [/INST]' }}"
-    "{% else %}{{ ' ' + message['content'] | trim + ' ' + eos_token }}{% endif %}{% endfor %}")
-LLAMA3_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-
-Dialog = List[dict]
 
 
 class Llama:
     @staticmethod
     def build(model_path: str | Path | None = None, max_seq_len: int = 2048, max_batch_size: int = 4,
               device: str | None = None, dtype: str | torch.dtype | None = None, int8: bool = False) -> "Llama":
-        """Load any supported checkpoint (format detected from the path) onto one device."""
-        device = pick_device(device)  # a mistyped device or dtype is reported before a slow load
-        dtype = pick_dtype(dtype, device)
-        checkpoint = open_checkpoint(model_path or default_model_path())
-        args = checkpoint.args
-        max_seq_len = min(max_seq_len, args.context_length)  # positions past the trained context are noise
-        check_fits(_weight_bytes(checkpoint, dtype, int8), cache_bytes(args, max_batch_size, max_seq_len, dtype),
-                   device, quantized=int8)
+        """Load any supported checkpoint (format detected from the path; default: the catalog's default
+        model) onto one device, with a KV cache for max_batch_size rows of max_seq_len positions."""
+        model, tokenizer, chat_template = load_model(model_path or default_model_path(), max_seq_len,
+                                                     max_batch_size, device, dtype, int8)
+        return Llama(model, tokenizer, chat_template)
 
-        # Build on the meta device (no memory), then allocate once on the target device and stream
-        # the checkpoint's tensors in one at a time: never two full copies of the weights.
-        with torch.device("meta"):
-            model = Transformer(args).to(dtype)
-            if int8:
-                quantize_linears(model, skip=("output",) if args.tie_embeddings else ())
-        model = model.to_empty(device=device)
-        if args.tie_embeddings:
-            model.output.weight = model.tok_embeddings.weight
-        _load_weights(model, checkpoint)
-        model.setup_caches(max_batch_size, max_seq_len, dtype=dtype, device=device)
-        model.eval()
-        return Llama(model, checkpoint.tokenizer, checkpoint)
-
-    def __init__(self, model: Transformer, tokenizer, checkpoint: Checkpoint | None = None):
+    def __init__(self, model: Transformer, tokenizer, chat_template: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
-        self.checkpoint = checkpoint
         self.device = model.tok_embeddings.weight.device
-        self.chat_template = (checkpoint.chat_template if checkpoint else None) or _fallback_template(tokenizer)
+        self.chat_template = chat_template or chat.fallback_template(tokenizer)
 
     @torch.inference_mode()
     def generate(
@@ -193,12 +158,10 @@ class Llama:
         return self._complete(prompt_tokens, temperature, top_p, max_gen_len, logprobs, False, extras,
                               as_message=True)
 
-    def render_chat(self, dialog: Dialog, add_generation_prompt: bool = True) -> str:
-        pieces = self.tokenizer.token_bytes
-        return _jinja_env().from_string(self.chat_template).render(
-            messages=dialog, add_generation_prompt=add_generation_prompt,
-            bos_token=pieces[self.tokenizer.bos_id].decode(errors="replace"),
-            eos_token=pieces[self.tokenizer.eos_id].decode(errors="replace"))
+    def render_chat(self, dialog: Dialog, add_generation_prompt: bool = True,
+                    tools: Optional[List[dict]] = None) -> str:
+        """The prompt text for `dialog` in this checkpoint's chat format; raises chat.ChatTemplateError."""
+        return chat.render_chat(self.chat_template, self.tokenizer, dialog, add_generation_prompt, tools)
 
     def _complete(self, prompt_tokens, temperature, top_p, max_gen_len, logprobs, echo, extras, as_message):
         if max_gen_len is None:
@@ -234,65 +197,6 @@ def sample_top_p(probs: torch.Tensor, p: float, top_k: Optional[int] = None,
     probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
     next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
     return torch.gather(probs_idx, -1, next_token)
-
-
-def _load_weights(model: Transformer, checkpoint: Checkpoint) -> None:
-    params = dict(model.named_parameters(remove_duplicate=False))
-    modules = dict(model.named_modules())
-    missing = {name for name in params if not (name == "output.weight" and model.params.tie_embeddings)}
-    missing |= {f"{name}.weight" for name, m in modules.items() if isinstance(m, Int8Linear)}
-    for name, tensor in checkpoint.tensors():
-        owner = modules.get(name.rsplit(".", 1)[0])
-        if isinstance(owner, Int8Linear):
-            owner.load_float_weight(tensor)
-        elif name in params:
-            if params[name].shape != tensor.shape:
-                raise CheckpointError(f"{checkpoint.path}: tensor {name} has shape {tuple(tensor.shape)}, "
-                                      f"expected {tuple(params[name].shape)}; the file does not match its own header")
-            with torch.no_grad():
-                params[name].copy_(tensor)
-        else:
-            continue  # tensors we don't use, e.g. precomputed rotary tables
-        missing.discard(name)
-    if missing:
-        raise CheckpointError(f"{checkpoint.path}: missing tensors {', '.join(sorted(missing)[:4])}"
-                              f"{' ...' if len(missing) > 4 else ''}; the checkpoint is incomplete")
-
-
-def _weight_bytes(checkpoint: Checkpoint, dtype: torch.dtype, int8: bool) -> int:
-    element = torch.finfo(dtype).bits // 8
-    total = 0
-    for name, shape in checkpoint.tensor_shapes.items():
-        count = 1
-        for size in shape:
-            count *= size
-        is_linear = len(shape) == 2 and "tok_embeddings" not in name
-        total += count * (1 if int8 and is_linear else element)
-    return total
-
-
-def cache_bytes(args, batch: int, seq_len: int, dtype: torch.dtype) -> int:
-    element = torch.finfo(dtype).bits // 8
-    return 2 * args.n_layers * batch * seq_len * args.n_kv_heads * args.head_dim * element
-
-
-def _fallback_template(tokenizer) -> str:
-    if "<|im_start|>" in tokenizer.special_ids:
-        return CHATML_TEMPLATE
-    if "<|start_header_id|>" in tokenizer.special_ids:
-        return LLAMA3_TEMPLATE
-    return LLAMA2_TEMPLATE
-
-
-def _jinja_env():
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise ValueError(f"chat template: {message}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    return env
 
 
 def timed_generation(llama: Llama, prompt_tokens: List[int], max_gen_len: int,

@@ -12,10 +12,12 @@ from torch import nn
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, dtype=None, device=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=None, device=None):
         super().__init__()
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
+        # Qwen2's q/k/v biases stay in the model dtype: they are a few thousand numbers
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
 
     @torch.no_grad()
     def load_float_weight(self, weight: torch.Tensor) -> None:
@@ -25,7 +27,8 @@ class Int8Linear(nn.Module):
         self.scales.copy_(scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        out = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        return out if self.bias is None else out + self.bias
 
 
 def quantize_linears(model: nn.Module, skip: tuple[str, ...] = ()) -> None:
@@ -34,5 +37,5 @@ def quantize_linears(model: nn.Module, skip: tuple[str, ...] = ()) -> None:
         for child_name, child in list(module.named_children()):
             full_name = f"{name}.{child_name}" if name else child_name
             if isinstance(child, nn.Linear) and full_name not in skip:
-                setattr(module, child_name, Int8Linear(child.in_features, child.out_features,
+                setattr(module, child_name, Int8Linear(child.in_features, child.out_features, child.bias is not None,
                                                        dtype=child.weight.dtype, device=child.weight.device))

@@ -15,13 +15,14 @@ from markdown_it import MarkdownIt
 from mdit_py_plugins.front_matter import front_matter_plugin
 from ruamel.yaml import YAML
 
+from explainer.backends import UnusableAnswer
 from explainer.backends.openai import OpenAIBackend
 from explainer.cache import Cache
 from explainer.chunking import chunk_file
 from explainer.explain import explain_file, split_title, ungrounded_names
 from explainer.post import Post, Section
 from explainer.render import post_json, render_post
-from scripted_server import user_text
+from scripted_server import Reply, user_text
 
 # Every chunk of this file starts with a different line, so an answer that echoes its chunk's
 # first line can be traced back to exactly one code block of the post.
@@ -281,3 +282,33 @@ def test_json_holds_every_field_of_the_post():
     data = json.load(io.StringIO(post_json(post)))
     assert data["title"] == "A post" and data["sections"][0]["code"] == "x = 1\n"
     assert data["sections"][0]["ungrounded"] == ["torch.empty"]
+
+
+def test_a_cut_off_answer_is_asked_again_once_firmly(scripted_server, openai_env, sample, tmp_path):
+    plain = echo_script(sample)
+
+    def script(body):
+        prompt = user_text(body)
+        if "title" in prompt and "Your answer must be short" not in prompt:
+            return Reply("# Sampling\n\n```python\ndef pick(...)\n```\n## Step 1\n...", finish_reason="length")
+        return plain(body)
+
+    server = scripted_server(script)
+    warnings = []
+    post, usage = explain_file(sample, "pick", backend=backend_for(server), cache=Cache(tmp_path / "cache"),
+                               max_lines=MAX_LINES, on_warning=warnings.append)
+
+    assert post.title == TITLE
+    firm = [user_text(body) for body in server.requests if "Your answer must be short" in user_text(body)]
+    assert len(firm) == 1  # only the cut-off request is asked again
+    assert any("asking again for shorter ones" in w for w in warnings)
+    assert usage.requests == len(server.requests) - 1  # the cut-off answer was never counted as answered
+
+
+def test_a_second_cut_off_fails_the_post(scripted_server, openai_env, sample):
+    plain = echo_script(sample)
+    server = scripted_server(lambda body: Reply("# Too long", finish_reason="length")
+                             if "title" in user_text(body) else plain(body))
+    with pytest.raises(UnusableAnswer, match="cut off"):
+        explain_file(sample, "pick", backend=backend_for(server), max_lines=MAX_LINES, on_warning=lambda w: None)
+    assert sum("Your answer must be short" in user_text(body) for body in server.requests) == 1

@@ -1,6 +1,5 @@
 """`python -m llama_ref`, as a user runs it: offline on CPU, one-line errors for bad checkpoints."""
 
-import json
 import os
 import subprocess
 import sys

@@ -25,6 +25,7 @@ DEFAULT_MAX_SEQ_LEN = 4096  # prompt + answer per row; our prompts need far less
 # Rows the engine runs at once. The KV cache grows with it: 8 x 4096 positions of Qwen2.5-Coder-1.5B in
 # bf16 is 0.9 GiB. More rows add little on 2 cores, where prefill, not decode, bounds a post.
 DEFAULT_MAX_BATCH_SIZE = 8
+CACHE_STEP = 256  # the KV cache's length is rounded up to this, so similar runs reuse one allocation
 # A stretch this long said twice is a loop (about eight English words); shorter ones may be meant.
 LOOP_CHARS = 40
 SENTENCE_ENDS = (".", "!", "?", "\n", "。", "！", "？")
@@ -90,6 +91,10 @@ class LocalBackend:
                                  f"max_seq_len={self.max_seq_len}; send less text per request")
         jobs = [Job(p, r.max_tokens, temperature=r.temperature, top_p=r.top_p, seed=r.seed)
                 for r, p in zip(requests, prompts)]
+        # the KV cache holds what these requests need, not the largest thing they could
+        longest = max(len(p) + r.max_tokens for r, p in zip(requests, prompts))
+        self.engine.reserve(min(self.max_batch_size, len(requests)),
+                            min(self.max_seq_len, -(-longest // CACHE_STEP) * CACHE_STEP))
         results: list[Completion | None] = [None] * len(requests)
         cut_off, loops = [], []
 
@@ -127,8 +132,9 @@ class LocalBackend:
             from llama_ref.tokenizer import TokenizerError
 
             try:
-                self._llama = Llama.build(self.model_path, max_seq_len=self.max_seq_len,
-                                          max_batch_size=self.max_batch_size, device=self.device, dtype=self.dtype)
+                # a token cache for now: complete() sizes it to its requests (Engine.reserve)
+                self._llama = Llama.build(self.model_path, max_seq_len=CACHE_STEP, max_batch_size=1,
+                                          device=self.device, dtype=self.dtype)
             except (CheckpointError, DeviceError, TokenizerError) as exc:
                 raise UserError(str(exc)) from None
         return self._llama

@@ -1,0 +1,86 @@
+"""Build a model from a checkpoint: pick the device and dtype, check that weights and KV cache fit
+there before anything is allocated, then stream the weights in one tensor at a time.
+
+The upstream reference loads every shard into memory at once on a hard-coded CUDA device and learns
+about memory by running out of it; here a model that can't fit is refused with the ways out named.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from llama_ref.checkpoints import Checkpoint, CheckpointError, open_checkpoint
+from llama_ref.device import check_fits, pick_device, pick_dtype
+from llama_ref.model import ModelArgs, Transformer
+from llama_ref.quantize import Int8Linear, quantize_linears
+
+
+def load_model(model_path: str | Path, max_seq_len: int, max_batch_size: int, device: str | None = None,
+               dtype: str | torch.dtype | None = None, int8: bool = False):
+    """(model, tokenizer, chat template or None) for the checkpoint at `model_path`, on one device,
+    with its KV cache set up. Raises CheckpointError, DeviceError or TokenizerError."""
+    device = pick_device(device)  # a mistyped device or dtype is reported before a slow load
+    dtype = pick_dtype(dtype, device)
+    checkpoint = open_checkpoint(model_path)
+    args = checkpoint.args
+    max_seq_len = min(max_seq_len, args.context_length)  # positions past the trained context are noise
+    check_fits(weight_bytes(checkpoint, dtype, int8), cache_bytes(args, max_batch_size, max_seq_len, dtype),
+               device, quantized=int8)
+
+    # Build on the meta device (no memory), then allocate once on the target device and stream
+    # the checkpoint's tensors in one at a time: never two full copies of the weights.
+    with torch.device("meta"):
+        model = Transformer(args).to(dtype)
+        if int8:
+            quantize_linears(model, skip=("output",) if args.tie_embeddings else ())
+    model = model.to_empty(device=device)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    _load_weights(model, checkpoint)
+    model.setup_caches(max_batch_size, max_seq_len, dtype=dtype, device=device)
+    model.eval()
+    # Only the tokenizer and template outlive the load: the checkpoint holds the file's mapping, and
+    # its pages would stay resident beside the weights they were copied into.
+    return model, checkpoint.tokenizer, checkpoint.chat_template
+
+
+def _load_weights(model: Transformer, checkpoint: Checkpoint) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    modules = dict(model.named_modules())
+    missing = {name for name in params if not (name == "output.weight" and model.params.tie_embeddings)}
+    missing |= {f"{name}.weight" for name, m in modules.items() if isinstance(m, Int8Linear)}
+    for name, tensor in checkpoint.tensors():
+        owner = modules.get(name.rsplit(".", 1)[0])
+        if isinstance(owner, Int8Linear) and name.endswith(".weight"):
+            owner.load_float_weight(tensor)
+        elif name in params:
+            if params[name].shape != tensor.shape:
+                raise CheckpointError(f"{checkpoint.path}: tensor {name} has shape {tuple(tensor.shape)}, "
+                                      f"expected {tuple(params[name].shape)}; the file does not match its own header")
+            with torch.no_grad():
+                params[name].copy_(tensor)
+        else:
+            continue  # tensors we don't use, e.g. precomputed rotary tables
+        missing.discard(name)
+    if missing:
+        raise CheckpointError(f"{checkpoint.path}: missing tensors {', '.join(sorted(missing)[:4])}"
+                              f"{' ...' if len(missing) > 4 else ''}; the checkpoint is incomplete")
+
+
+def weight_bytes(checkpoint: Checkpoint, dtype: torch.dtype, int8: bool) -> int:
+    element = torch.finfo(dtype).bits // 8
+    total = 0
+    for name, shape in checkpoint.tensor_shapes.items():
+        count = 1
+        for size in shape:
+            count *= size
+        is_linear = len(shape) == 2 and "tok_embeddings" not in name
+        total += count * (1 if int8 and is_linear else element)
+    return total
+
+
+def cache_bytes(args: ModelArgs, batch: int, seq_len: int, dtype: torch.dtype) -> int:
+    element = torch.finfo(dtype).bits // 8
+    return 2 * args.n_layers * batch * seq_len * args.n_kv_heads * args.head_dim * element

@@ -1,0 +1,145 @@
+"""llama_ref's Engine: continuous batching, chunked prefill and the prefix cache give the same greedy
+tokens as Llama.generate, the upstream-shaped reference, on a tiny random model and on SmolLM2."""
+
+import threading
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from llama_ref import Llama  # noqa: E402
+from llama_ref.catalog import resolve_model  # noqa: E402
+from llama_ref.engine import Engine, EngineStopped, Job, PrefixCache  # noqa: E402
+from tiny_checkpoints import make_tiny_model, write_gguf  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny")
+    path = write_gguf(make_tiny_model(directory), directory / "tiny.gguf")
+    return Llama.build(path, max_seq_len=128, max_batch_size=3, device="cpu", dtype="fp32")
+
+
+def prompts_sharing_a_start(vocab: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(7)
+    shared = torch.randint(3, vocab, (23,), generator=generator).tolist()
+    tails = [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in (1, 9, 17, 4, 30)]
+    return [shared + tail for tail in tails] + [shared[:11], shared]
+
+
+def reference(llama, prompt, max_tokens):
+    (tokens,), _ = llama.generate([prompt], max_tokens, temperature=0, stop_tokens=[-1])
+    return tokens
+
+
+def test_greedy_tokens_equal_generate_with_rows_joining_and_leaving(tiny):
+    prompts = prompts_sharing_a_start(tiny.model.params.vocab_size)
+    limits = [5, 20, 11, 3, 16, 8, 25]
+    engine = Engine(tiny.model, tiny.tokenizer, prefill_chunk=8)  # several chunks per prompt
+
+    # 7 jobs over 3 rows: rows free up at different steps and waiting jobs take them
+    jobs = engine.run([Job(p, n, stop_ids=frozenset()) for p, n in zip(prompts, limits)])
+
+    for job, prompt, limit in zip(jobs, prompts, limits):
+        assert job.tokens == reference(tiny, prompt, limit)
+        assert (job.finish_reason, len(job.tokens)) == ("length", limit)
+    assert sum(job.cached_tokens for job in jobs) > 0  # later prompts reused the shared start
+    assert jobs[0].cached_tokens == 0
+
+
+def test_prefix_cache_off_gives_the_same_tokens(tiny):
+    prompts = prompts_sharing_a_start(tiny.model.params.vocab_size)
+    cached = Engine(tiny.model, tiny.tokenizer).run([Job(p, 12, stop_ids=frozenset()) for p in prompts])
+    uncached = Engine(tiny.model, tiny.tokenizer, prefix_cache_bytes=0).run(
+        [Job(p, 12, stop_ids=frozenset()) for p in prompts])
+    assert [j.tokens for j in cached] == [j.tokens for j in uncached]
+    assert all(j.cached_tokens == 0 for j in uncached)
+    # the second prompt shares 23 tokens with the first; the last one is the whole shared start
+    assert cached[1].cached_tokens == 23 and cached[6].cached_tokens == 22
+
+
+def test_each_row_stops_at_its_own_stop_token(tiny):
+    prompt = prompts_sharing_a_start(tiny.model.params.vocab_size)[2]
+    free_run = reference(tiny, prompt, 12)
+    stop = free_run[5]
+    first = free_run.index(stop)
+    stopping, running = Engine(tiny.model, tiny.tokenizer).run(
+        [Job(prompt, 12, stop_ids=frozenset({stop})), Job(prompt, 12, stop_ids=frozenset())])
+    assert stopping.finish_reason == "stop" and stopping.tokens == free_run[:first]
+    assert running.finish_reason == "length" and running.tokens == free_run
+
+
+def test_seeded_sampling_repeats_whatever_runs_beside_it(tiny):
+    prompts = prompts_sharing_a_start(tiny.model.params.vocab_size)
+    sampled = dict(temperature=0.9, top_p=0.95, seed=3, stop_ids=frozenset())
+    alone = Engine(tiny.model, tiny.tokenizer).run([Job(prompts[0], 15, **sampled)])[0]
+    together = Engine(tiny.model, tiny.tokenizer).run(
+        [Job(prompts[4], 9, stop_ids=frozenset()), Job(prompts[0], 15, **sampled)])[1]
+    assert together.tokens == alone.tokens
+
+
+def test_a_cancelled_job_frees_its_row_and_the_rest_finish(tiny):
+    prompts = prompts_sharing_a_start(tiny.model.params.vocab_size)
+    engine = Engine(tiny.model, tiny.tokenizer)
+    jobs = [engine.submit(Job(p, 40, stop_ids=frozenset())) for p in prompts[:4]]
+    for _ in range(5):
+        engine.step()
+    jobs[0].cancel()
+    while not all(job.done for job in jobs):
+        engine.step()
+    assert jobs[0].finish_reason == "cancelled" and len(jobs[0].tokens) < 40
+    assert [len(job.tokens) for job in jobs[1:]] == [40, 40, 40]
+    assert jobs[3].tokens == reference(tiny, prompts[3], 40)
+
+
+def test_too_long_a_job_is_refused_before_it_runs(tiny):
+    engine = Engine(tiny.model, tiny.tokenizer)
+    with pytest.raises(ValueError, match="max_seq_len=128"):
+        engine.submit(Job([5] * 100, 40))
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit(Job([], 4))
+
+
+def test_a_worker_thread_streams_pieces_and_stops_cleanly(tiny):
+    engine = Engine(tiny.model, tiny.tokenizer)
+    worker = threading.Thread(target=engine.serve_forever)
+    worker.start()
+    prompt = prompts_sharing_a_start(tiny.model.params.vocab_size)[1]
+    job = engine.submit(Job(prompt, 10, stop_ids=frozenset()))
+    text = "".join(job.pieces())
+    assert job.tokens == reference(tiny, prompt, 10)
+    assert text == tiny.tokenizer.decode(job.tokens)
+    engine.close()
+    worker.join()
+    with pytest.raises(EngineStopped):
+        engine.submit(Job(prompt, 4))
+
+
+def test_prefix_cache_keeps_the_most_recent_within_its_bound():
+    entry = torch.zeros(2, 1, 10, 4)  # 320 bytes each for k and v
+    cache = PrefixCache(max_bytes=2 * 2 * entry.numel() * entry.element_size())  # room for two prompts
+    cache.add([1, 2, 3], entry, entry)
+    cache.add([4, 5, 6], entry, entry)
+    assert cache.longest_match([1, 2, 3, 9])[0] == 3  # touching [1, 2, 3] makes [4, 5, 6] the oldest
+    cache.add([7, 8, 9], entry, entry)
+    assert cache.longest_match([4, 5, 6])[0] == 0
+    assert cache.longest_match([1, 2, 7])[0] == 2
+    cache.add([7, 8, 9, 10], entry, entry)  # extends a stored prompt: replaces it
+    assert cache.nbytes <= cache.max_bytes
+    assert cache.longest_match([7, 8, 9, 10, 11])[0] == 4
+
+
+@pytest.mark.slow
+def test_smollm2_answers_equal_generate_token_for_token():
+    llama = Llama.build(resolve_model("smollm2-135m"), max_seq_len=512, max_batch_size=4, device="cpu",
+                        dtype="fp32")
+    questions = ["What is 2+2? Answer with one number.", "Name three colours.",
+                 "Write a Python function that adds two numbers.", "What is the capital of France?",
+                 "Explain recursion in one sentence."]
+    prompts = [llama.tokenizer.encode(llama.render_chat([{"role": "user", "content": q}]), bos=False, eos=False)
+               for q in questions]
+    jobs = Engine(llama.model, llama.tokenizer, prefill_chunk=16).run([Job(p, 24) for p in prompts])
+    for job, prompt in zip(jobs, prompts):
+        (expected,), _ = llama.generate([prompt], 24, temperature=0)
+        assert job.tokens == expected
+    assert all(job.cached_tokens > 0 for job in jobs[1:])  # the chat template's system prompt is shared
