@@ -309,14 +309,19 @@ def _covered_symbols(chunked: ChunkedFile) -> list[Symbol]:
 
 
 def _display_path(path: str | os.PathLike) -> str:
-    """The path as the post shows it: relative to the current folder when it lies inside it."""
+    """The path as the post shows it. An absolute path is shown relative to the current folder when it
+    lies inside it, else relative to its project (the nearest folder above it with a .git), else by
+    its name alone: where the writer's checkout lives never reaches a post or a model."""
     path = Path(path)
-    if path.is_absolute():
+    if not path.is_absolute():
+        return path.as_posix()
+    resolved = path.resolve()
+    for root in (Path.cwd().resolve(), *(p for p in resolved.parents if (p / ".git").exists())):
         try:
-            return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+            return resolved.relative_to(root).as_posix()
         except ValueError:
-            pass
-    return path.as_posix()
+            continue
+    return resolved.name
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,13 +34,14 @@ class Checkpoint:
     tokenizer: Tokenizer
     chat_template: str | None
     tensor_shapes: dict[str, tuple[int, ...]]  # Meta names; known before any weight is read
-    read_tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]] = field(repr=False)
+    read_tensors: Callable[[torch.dtype], Iterator[tuple[str, torch.Tensor]]] = field(repr=False)
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (Meta name, CPU tensor) one at a time, float32 or the file's bf16/f16; 'output.weight'
-        is left out when the embeddings are tied."""
+    def tensors(self, dequantized_dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (Meta name, CPU tensor) one at a time, float32 or the file's bf16/f16; quantised blocks
+        are dequantised straight to `dequantized_dtype` (a bf16 model never holds an fp32 copy of its
+        largest matrix). 'output.weight' is left out when the embeddings are tied."""
         try:
-            yield from self.read_tensors()
+            yield from self.read_tensors(dequantized_dtype)
         except CheckpointError:
             raise
         except Exception as e:  # whatever breaks while reading the user's file is a problem with that file
@@ -193,12 +194,28 @@ GGUF_ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency divisors for 
 GGUF_ARCHITECTURES = {"llama": False, "qwen2": True}
 
 
-def _open_gguf(path: Path) -> Checkpoint:
+def _gguf_reader(path: Path):
+    """gguf's GGUFReader over plain arrays: it slices the file once per metadata value, and numpy's
+    memmap subclass adds a Python __array_finalize__ to every slice. A 150k-token vocabulary is 600k
+    slices; plain views of the same mapping read it 4x faster (2.3 s instead of 9 s for Qwen2.5's)."""
     from gguf import GGUFReader
 
+    class PlainArrayReader(GGUFReader):
+        @property
+        def data(self):
+            return self._data
+
+        @data.setter
+        def data(self, mapping):
+            self._data = mapping.view(np.ndarray)  # the view's base keeps the mapping open
+
+    return PlainArrayReader(path)
+
+
+def _open_gguf(path: Path) -> Checkpoint:
     from .quants import SUPPORTED
 
-    reader = GGUFReader(path)
+    reader = _gguf_reader(path)
     meta = {key: f.contents() for key, f in reader.fields.items()}
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
@@ -244,9 +261,9 @@ def _open_gguf(path: Path) -> Checkpoint:
     shapes = _check_shapes(path, shapes, args)
     rotate_half_layout = arch == "qwen2"
 
-    def read_tensors():
+    def read_tensors(dequantized_dtype):
         for name, t in by_meta_name.items():
-            tensor = _gguf_tensor(t, shapes[name])
+            tensor = _gguf_tensor(path, t, shapes[name], dequantized_dtype)
             yield name, _rotary_to_meta(name, tensor, args) if rotate_half_layout else tensor
 
     chat_template = meta.get("tokenizer.chat_template")
@@ -254,8 +271,11 @@ def _open_gguf(path: Path) -> Checkpoint:
                       chat_template if isinstance(chat_template, str) else None, shapes, read_tensors)
 
 
-def _gguf_tensor(t, shape: tuple[int, ...]) -> torch.Tensor:
-    """One GGUF tensor as a torch tensor (a copy: the reader's arrays are read-only views of the file).
+def _gguf_tensor(path: Path, t, shape: tuple[int, ...], dequantized_dtype: torch.dtype) -> torch.Tensor:
+    """One GGUF tensor as a torch tensor.
+
+    Its bytes are read from the file, not through the reader's mapping: pages of a mapping stay
+    resident while it is open, and would hold a second copy of the model during the load.
 
     For llama, convert_hf_to_gguf.py (LlamaModel.modify_tensors) re-permutes HF's q/k rows back to
     Meta's interleaved layout before writing, and transformers' GGUF loader (LlamaTensorProcessor,
@@ -266,9 +286,13 @@ def _gguf_tensor(t, shape: tuple[int, ...]) -> torch.Tensor:
 
     from .quants import dequantize
 
-    # half-precision files stay half precision; quantised blocks become float32
-    dtype = {Q.F16: torch.float16, Q.BF16: torch.bfloat16}.get(t.tensor_type, torch.float32)
-    return dequantize(t.data, t.tensor_type, shape, dtype)
+    # float files keep their precision; quantised blocks become dequantized_dtype
+    dtype = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}.get(t.tensor_type, dequantized_dtype)
+    raw = np.fromfile(path, dtype=np.uint8, count=int(t.n_bytes), offset=int(t.data_offset))
+    if raw.size != t.n_bytes:
+        raise CheckpointError(f"{path}: tensor {t.name} runs past the end of the file; the file is truncated, "
+                              "download it again")
+    return dequantize(raw, t.tensor_type, shape, dtype)
 
 
 def _gguf_rope_scaling(path: Path, arch: str, meta: dict, rope_freqs, head_dim: int, theta: float) -> dict | None:
@@ -383,7 +407,7 @@ def _open_hf(directory: Path) -> Checkpoint:
                 shapes[name] = tuple(f.get_slice(hf_name).get_shape())
     shapes = _check_shapes(directory, shapes, args)
 
-    def read_tensors():
+    def read_tensors(_dequantized_dtype):  # nothing quantised in these formats
         for file in files:
             with safe_open(file, framework="pt") as f:
                 for name, (source, hf_name) in sources.items():
@@ -472,7 +496,7 @@ def _open_meta(directory: Path) -> Checkpoint:
         context_length=params.get("max_seq_len", 2048))  # params.json rarely says; Meta's default
     shapes = _check_shapes(directory, shapes, args)
 
-    def read_tensors():
+    def read_tensors(_dequantized_dtype):  # nothing quantised in these formats
         for name, concat_dim in concat_dims.items():
             parts = [shard[name] for shard in shards]
             yield name, parts[0] if concat_dim is None else torch.cat(parts, dim=concat_dim)
@@ -556,7 +580,7 @@ def _open_llama2c(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path}: {file_size} bytes, but its header {sizes} implies {expected_bytes}; "
                               "the file is truncated or not a llama2.c checkpoint")
 
-    def read_tensors():
+    def read_tensors(_dequantized_dtype):  # nothing quantised in these formats
         weights = np.memmap(path, dtype=np.float32, mode="r", offset=offset)
         pos = 0
         for name, shape in layout:

@@ -51,7 +51,7 @@ def _load_weights(model: Transformer, checkpoint: Checkpoint) -> None:
     modules = dict(model.named_modules())
     missing = {name for name in params if not (name == "output.weight" and model.params.tie_embeddings)}
     missing |= {f"{name}.weight" for name, m in modules.items() if isinstance(m, Int8Linear)}
-    for name, tensor in checkpoint.tensors():
+    for name, tensor in checkpoint.tensors(model.norm.weight.dtype):
         owner = modules.get(name.rsplit(".", 1)[0])
         if isinstance(owner, Int8Linear) and name.endswith(".weight"):
             owner.load_float_weight(tensor)

@@ -312,3 +312,27 @@ def test_a_second_cut_off_fails_the_post(scripted_server, openai_env, sample):
     with pytest.raises(UnusableAnswer, match="cut off"):
         explain_file(sample, "pick", backend=backend_for(server), max_lines=MAX_LINES, on_warning=lambda w: None)
     assert sum("Your answer must be short" in user_text(body) for body in server.requests) == 1
+
+
+def test_a_path_outside_the_current_folder_never_shows_where_it_lives(scripted_server, openai_env, tmp_path,
+                                                                      monkeypatch):
+    project = tmp_path / "home" / "writer" / "proj"
+    (project / ".git").mkdir(parents=True)
+    (project / "src").mkdir()
+    source = project / "src" / "sampler.py"
+    source.write_text(SAMPLE, encoding="utf-8")
+    loose = tmp_path / "elsewhere" / "sampler.py"
+    loose.parent.mkdir()
+    loose.write_text(SAMPLE, encoding="utf-8")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    server = scripted_server(echo_script(source))
+
+    in_project, _ = explain_file(source, "pick", backend=backend_for(server), max_lines=MAX_LINES)
+    monkeypatch.chdir(tmp_path)
+    alone, _ = explain_file(str(loose), "pick", backend=backend_for(server), max_lines=MAX_LINES)
+
+    assert in_project.source_path == "src/sampler.py"
+    assert alone.source_path == "elsewhere/sampler.py"  # inside the current folder: relative to it
+    monkeypatch.chdir(project)
+    assert explain_file(loose, "pick", backend=backend_for(server), max_lines=MAX_LINES)[0].source_path == "sampler.py"
+    assert not any(str(tmp_path) in user_text(body) for body in server.requests)
