@@ -150,6 +150,22 @@ class PrefixCache:
         return self._bytes
 
 
+NUCLEUS_CANDIDATES = 256
+
+
+def sample_nucleus(probs: torch.Tensor, top_p: float, top_k: int | None, generator) -> int:
+    """sample_top_p over the few most likely tokens when they already hold more than top_p of the mass.
+
+    Sorting a 150k-token vocabulary every step cost a sixth of a decode step. The tokens past the
+    most likely NUCLEUS_CANDIDATES would all be cut by top-p then, so the distribution is the same.
+    """
+    candidates = torch.topk(probs, min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
+    if candidates.values.sum() > top_p and (top_k is None or top_k <= NUCLEUS_CANDIDATES):
+        pick = sample_top_p(candidates.values, top_p, top_k=top_k, generator=generator)
+        return int(candidates.indices[0, int(pick)])
+    return int(sample_top_p(probs, top_p, top_k=top_k, generator=generator))
+
+
 def _common_prefix(a, b) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -332,7 +348,7 @@ class Engine:
                 chosen.append(greedy[i])
                 continue
             probs = torch.softmax(logits[i:i + 1] / job.temperature, dim=-1)
-            chosen.append(int(sample_top_p(probs, job.top_p, top_k=job.top_k, generator=row.generator)))
+            chosen.append(sample_nucleus(probs, job.top_p, job.top_k, row.generator))
         return chosen
 
     def _accept(self, row: _Row, token: int) -> None:

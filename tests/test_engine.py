@@ -143,3 +143,23 @@ def test_smollm2_answers_equal_generate_token_for_token():
         (expected,), _ = llama.generate([prompt], 24, temperature=0)
         assert job.tokens == expected
     assert all(job.cached_tokens > 0 for job in jobs[1:])  # the chat template's system prompt is shared
+
+
+def test_nucleus_sampling_over_candidates_draws_like_the_full_vocabulary():
+    from llama_ref.engine import NUCLEUS_CANDIDATES, sample_nucleus
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 5000, generator=generator) * 3
+    probs = torch.softmax(logits, dim=-1)
+    p = float(torch.topk(probs, NUCLEUS_CANDIDATES).values.sum()) * 0.9  # the nucleus fits the candidates
+    sorted_probs, order = torch.sort(probs[0], descending=True)
+    keep = (torch.cumsum(sorted_probs, 0) - sorted_probs) <= p
+    expected = torch.zeros(5000)
+    expected[order[keep]] = sorted_probs[keep] / sorted_probs[keep].sum()
+    draws = torch.tensor([sample_nucleus(probs, p, None, generator) for _ in range(20000)])
+    frequency = torch.bincount(draws, minlength=5000).float() / len(draws)
+    assert set(draws.tolist()) <= set(order[keep].tolist())  # never a token top-p would cut
+    assert (frequency - expected).abs().max() < 0.02
+    # a flat distribution whose nucleus is wider than the candidates falls back to the full sort
+    flat = torch.full((1, 5000), 1 / 5000)
+    assert 0 <= sample_nucleus(flat, 0.9, None, generator) < 5000
