@@ -375,9 +375,21 @@ class Engine:
         job._done.set()
 
     def _release(self, row: _Row) -> None:
-        self._slots[row.slot] = None
+        """Free the row's slot, and move the highest occupied slot down into it: decode steps run over
+        slots 0..highest, so a hole would cost a whole row of work on every step until it is filled."""
         if self._prefilling is row:
             self._prefilling = None
+        freed = row.slot
+        self._slots[freed] = None
+        highest = max((r.slot for r in self._slots if r is not None), default=-1)
+        if highest > freed:
+            moved = self._slots[highest]
+            for layer in self.model.layers:
+                cache = layer.attention.cache
+                cache.k[freed, :, :moved.filled] = cache.k[highest, :, :moved.filled]
+                cache.v[freed, :, :moved.filled] = cache.v[highest, :, :moved.filled]
+            moved.slot = freed
+            self._slots[freed], self._slots[highest] = moved, None
 
     def _drop_cancelled(self) -> None:
         with self._changed:
@@ -388,7 +400,7 @@ class Engine:
             job.finish_reason = "cancelled"
             job._events.put(_END)
             job._done.set()
-        for row in self._slots:
+        for row in list(self._slots):  # finishing a row moves another into its slot
             if row is not None and row.job._cancelled:
                 self._finish(row, "cancelled")
 

@@ -61,7 +61,7 @@ class Llama:
         ours: top_k, a per-call seed, stop tokens (default: the tokenizer's end-of-turn set) and
         on_token(row, token), called as each token is produced, for streaming.
         """
-        params = self.model
+        params = self.model  # its KV cache holds max_batch_size rows of max_seq_len positions
         bsz = len(prompt_tokens)
         if bsz > params.max_batch_size:
             raise ValueError(f"{bsz} prompts exceed max_batch_size={params.max_batch_size}; build with a larger batch")
