@@ -38,10 +38,12 @@ test: install
 
 # The whole job side by side with llama.cpp: llama-cpp-python is the reference, installed here once. It
 # builds llama.cpp from source for this CPU (about 5 minutes); pinned so that reruns compare like with like.
+# On a machine shared with other work: make bench BENCH_ARGS="--threads 1" (see benchmarks/bench_job.py).
+BENCH_ARGS ?=
 bench: install
 	$(PIP) install -e '.[bench]'
 	$(PY) -c 'import llama_cpp' 2>/dev/null || $(PIP) install llama-cpp-python==0.3.36
-	$(PY) benchmarks/bench_job.py
+	$(PY) benchmarks/bench_job.py $(BENCH_ARGS)
 
 # Explanation quality: key-point recall and invented names over benchmarks/eval_set/ (README, "Quality").
 # Another model: make eval EVAL_ARGS="--backend openai --base-url http://127.0.0.1:8000/v1 --model M"

@@ -92,5 +92,12 @@ def test_a_looping_answer_is_kept_up_to_the_first_repeat():
 
 
 def test_a_missing_model_file_is_one_clear_error(tmp_path):
-    with pytest.raises(UserError, match="nope.gguf"):
-        LocalBackend(model_path=tmp_path / "nope.gguf").complete([Request(messages=({"role": "user", "content": "hi"},))])
+    with pytest.raises(UserError, match="nope.gguf") as caught:
+        LocalBackend(tmp_path / "nope.gguf").complete([Request(messages=({"role": "user", "content": "hi"},))])
+    assert "\n" not in str(caught.value) and "qwen2.5-coder-1.5b" in str(caught.value)  # names the catalog
+
+
+def test_an_unknown_model_name_lists_the_catalog():
+    with pytest.raises(UserError, match="no such model") as caught:
+        LocalBackend("qwen-9000").complete([Request(messages=({"role": "user", "content": "hi"},))])
+    assert "smollm2-135m" in str(caught.value) and "--list-models" in str(caught.value)
