@@ -428,7 +428,19 @@ def machine(args, dtype: str, load_before: float) -> dict:
                  "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2)}
     if args.device.startswith("cuda"):
         described["gpu"] = torch.cuda.get_device_name(0)
+    described["code"] = code_version()
     return described
+
+
+def code_version() -> str:
+    """The commit measured, marked "+changes" when llama_ref/ or explainer/ differ from it."""
+    def git(*command) -> str:
+        return subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit:
+        return "unknown (not a git checkout)"
+    return commit + (" +changes" if git("status", "--porcelain", "llama_ref", "explainer") else "")
 
 
 def ratio(ours, theirs) -> float | None:
@@ -544,7 +556,8 @@ def main() -> int:
         for name in names:
             results["serve"][name] = run_child("serve", resolve_model(name), args)
         checkpoint = write_stories15m_shape(Path(scratch))
-        for threads in sorted(RUN_C_TOK_S, reverse=True):
+        # no more threads than the run was given: on a shared machine, more would measure the contention
+        for threads in sorted((t for t in RUN_C_TOK_S if t <= args.threads), reverse=True):
             results["llama2c"][threads] = run_child("llama2c", checkpoint, args, threads=threads)
 
     dtype = next((r["llama_ref"].get("dtype") for r in results["models"].values() if "dtype" in r["llama_ref"]), "?")
@@ -562,10 +575,10 @@ def main() -> int:
     versions = {engine: row["version"] for rows in results["models"].values()
                 for engine, row in rows.items() if "version" in row}
     header = (f"## Benchmark: the whole job, side by side\n\n"
-              f"Machine: {m['cpu']}, {m['cores']} cores{', ' + m['gpu'] if 'gpu' in m else ''}; {m['threads']} threads "
-              f"for every engine; Python {m['python']}, torch {m['torch']}"
+              f"Machine: {m['cpu']}, {m['cores']} cores{', ' + m['gpu'] if 'gpu' in m else ''}; {m['threads']} CPU "
+              f"thread(s) for every engine; Python {m['python']}, torch {m['torch']}"
               + "".join(f", {engine} {version}" for engine, version in versions.items()) +
-              f"; llama_ref on {m['device']} in {dtype}. "
+              f"; llama_ref on {m['device']} in {dtype}, code {m['code']}. "
               f"Load average (1 min) {m['load_average_before']} before, {m['load_average_after']} after.\n\n"
               f"The job: the requests of `explainer explain {JOB_FILE} --symbol {JOB_SYMBOL}`, greedy, max_tokens "
               f"{JOB_MAX_TOKENS}. llama_ref runs them together through its Engine (continuous batching, prefix "
