@@ -469,9 +469,9 @@ def model_table(name: str, rows: dict) -> tuple[str, dict]:
               "prefill": ratio(ours.get("prefill_tok_s"), cpp.get("prefill_tok_s")) if both else None,
               "decode": ratio(ours.get("decode_tok_s"), cpp.get("decode_tok_s")) if both else None,
               "rss": ratio(ours.get("peak_rss_mib"), cpp.get("peak_rss_mib")) if both else None}
-    lines = [f"### {name}", "",
-             f"| measure | llama_ref ({ours.get('dtype', '?')}) | llama.cpp | transformers | llama_ref / llama.cpp |",
-             "|---|---:|---:|---:|---|"]
+    head = (f"| measure | llama_ref ({ours.get('dtype', '?')}) | llama.cpp | transformers ({hf.get('dtype', '-')}) "
+            "| llama_ref / llama.cpp |")
+    lines = [f"### {name}", "", head, "|---|---:|---:|---:|---|"]
 
     def row(label, key, digits=1, target=None, hf_key=None):
         lines.append(f"| {label} | {cell(ours, key, digits)} | {cell(cpp, key, digits)} | "
