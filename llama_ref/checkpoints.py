@@ -35,6 +35,9 @@ class Checkpoint:
     chat_template: str | None
     tensor_shapes: dict[str, tuple[int, ...]]  # Meta names; known before any weight is read
     read_tensors: Callable[[torch.dtype], Iterator[tuple[str, torch.Tensor]]] = field(repr=False)
+    # GGUF only: a 4-bit weight as its exact (q, scale, min) groups (quants.int4_groups), else None
+    read_int4: Callable[[str], tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] | None = field(
+        default=None, repr=False)
 
     def tensors(self, dequantized_dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (Meta name, CPU tensor) one at a time, float32 or the file's bf16/f16; quantised blocks
@@ -266,9 +269,18 @@ def _open_gguf(path: Path) -> Checkpoint:
             tensor = _gguf_tensor(path, t, shapes[name], dequantized_dtype)
             yield name, _rotary_to_meta(name, tensor, args) if rotate_half_layout else tensor
 
+    def read_int4(name):
+        from .quants import FOUR_BIT, int4_groups
+
+        t = by_meta_name.get(name)
+        if t is None or t.tensor_type not in FOUR_BIT:
+            return None
+        groups = int4_groups(_gguf_raw(path, t), t.tensor_type, shapes[name])
+        return tuple(_rotary_to_meta(name, g, args) for g in groups) if rotate_half_layout else groups
+
     chat_template = meta.get("tokenizer.chat_template")
     return Checkpoint(path, "gguf", args, tokenizer_from_gguf(meta),
-                      chat_template if isinstance(chat_template, str) else None, shapes, read_tensors)
+                      chat_template if isinstance(chat_template, str) else None, shapes, read_tensors, read_int4)
 
 
 def _gguf_tensor(path: Path, t, shape: tuple[int, ...], dequantized_dtype: torch.dtype) -> torch.Tensor:
@@ -288,11 +300,15 @@ def _gguf_tensor(path: Path, t, shape: tuple[int, ...], dequantized_dtype: torch
 
     # float files keep their precision; quantised blocks become dequantized_dtype
     dtype = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}.get(t.tensor_type, dequantized_dtype)
+    return dequantize(_gguf_raw(path, t), t.tensor_type, shape, dtype)
+
+
+def _gguf_raw(path: Path, t) -> np.ndarray:
     raw = np.fromfile(path, dtype=np.uint8, count=int(t.n_bytes), offset=int(t.data_offset))
     if raw.size != t.n_bytes:
         raise CheckpointError(f"{path}: tensor {t.name} runs past the end of the file; the file is truncated, "
                               "download it again")
-    return dequantize(raw, t.tensor_type, shape, dtype)
+    return raw
 
 
 def _gguf_rope_scaling(path: Path, arch: str, meta: dict, rope_freqs, head_dim: int, theta: float) -> dict | None:

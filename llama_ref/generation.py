@@ -26,11 +26,14 @@ from llama_ref.model import Transformer
 class Llama:
     @staticmethod
     def build(model_path: str | Path | None = None, max_seq_len: int = 2048, max_batch_size: int = 4,
-              device: str | None = None, dtype: str | torch.dtype | None = None, int8: bool = False) -> "Llama":
+              device: str | None = None, dtype: str | torch.dtype | None = None, int8: bool = False,
+              packed: bool = True) -> "Llama":
         """Load any supported checkpoint (format detected from the path; default: the catalog's default
-        model) onto one device, with a KV cache for max_batch_size rows of max_seq_len positions."""
+        model) onto one device, with a KV cache for max_batch_size rows of max_seq_len positions.
+        int8: int8 weights (less memory). packed: in bf16 on a CPU, decode with 4-bit copies of the
+        weights a GGUF stores in 4 bits (faster; loading.load_model)."""
         model, tokenizer, chat_template = load_model(model_path or default_model_path(), max_seq_len,
-                                                     max_batch_size, device, dtype, int8)
+                                                     max_batch_size, device, dtype, int8, packed)
         return Llama(model, tokenizer, chat_template)
 
     def __init__(self, model: Transformer, tokenizer, chat_template: str | None = None):

@@ -14,13 +14,16 @@ import torch
 from llama_ref.checkpoints import Checkpoint, CheckpointError, open_checkpoint
 from llama_ref.device import check_fits, pick_device, pick_dtype
 from llama_ref.model import ModelArgs, Transformer
-from llama_ref.quantize import Int8Linear, quantize_linears
+from llama_ref.quantize import Int8Linear, pack_linears, quantize_linears
 
 
 def load_model(model_path: str | Path, max_seq_len: int, max_batch_size: int, device: str | None = None,
-               dtype: str | torch.dtype | None = None, int8: bool = False):
+               dtype: str | torch.dtype | None = None, int8: bool = False, packed: bool = True):
     """(model, tokenizer, chat template or None) for the checkpoint at `model_path`, on one device,
-    with its KV cache set up. Raises CheckpointError, DeviceError or TokenizerError."""
+    with its KV cache set up. Raises CheckpointError, DeviceError or TokenizerError.
+
+    With `packed`, bf16 linear layers on a CPU whose weights were 4-bit in a GGUF also keep them packed
+    in 4 bits, which decode steps read instead of the bf16 weight (quantize.PackedLinear)."""
     device = pick_device(device)  # a mistyped device or dtype is reported before a slow load
     dtype = pick_dtype(dtype, device)
     checkpoint = open_checkpoint(model_path)
@@ -39,6 +42,14 @@ def load_model(model_path: str | Path, max_seq_len: int, max_batch_size: int, de
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     _load_weights(model, checkpoint)
+    if packed and not int8 and checkpoint.read_int4 is not None and device.type == "cpu" and dtype == torch.bfloat16:
+        try:
+            pack_linears(model, checkpoint.read_int4)
+        except CheckpointError:
+            raise
+        except Exception as e:  # as Checkpoint.tensors: a failure reading the user's file is that file's
+            raise CheckpointError(f"{checkpoint.path}: reading the 4-bit weights failed ({type(e).__name__}: {e}); "
+                                  "the file may be truncated or corrupt, download it again") from e
     model.setup_caches(max_batch_size, max_seq_len, dtype=dtype, device=device)
     model.eval()
     # Only the tokenizer and template outlive the load: the checkpoint holds the file's mapping, and

@@ -151,3 +151,47 @@ def dequantize(raw: np.ndarray, qtype: Q, shape: tuple[int, ...], dtype: torch.d
     finally:
         torch.set_num_threads(threads)
     return out.view(shape)
+
+
+# ---------------------------------------------------------------------------- 4-bit groups
+
+FOUR_BIT = (Q.Q4_0, Q.Q4_1, Q.Q4_K)  # the types whose every group of 32 values reads q * scale + min, q in 0..15
+GROUP = 32
+
+
+def _groups_q4_0(b):
+    d = _f16(b, 0)
+    return _fields(b[:, 2:], 4).reshape(-1, 1, GROUP), d, -8 * d
+
+
+def _groups_q4_1(b):
+    return _fields(b[:, 4:], 4).reshape(-1, 1, GROUP), _f16(b, 0), _f16(b, 2)
+
+
+def _groups_q4_k(b):
+    n = len(b)
+    scales, mins = _k_scales(b[:, 4:16])
+    return _fields(b[:, 16:].view(n, 4, 32), 4).view(n, 8, GROUP), _f16(b, 0) * scales, -(_f16(b, 2) * mins)
+
+
+_GROUPS = {Q.Q4_0: _groups_q4_0, Q.Q4_1: _groups_q4_1, Q.Q4_K: _groups_q4_k}
+
+
+def int4_groups(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 4-bit GGUF tensor as (q, scale, min): q uint8 in 0..15 of `shape`; scale and min float32 of
+    shape[:-1] + (shape[-1] // 32,), one per group of 32 consecutive values of the last dim. Each value is
+    q * scale + min, which is what dequantize() writes: no precision is lost. Only FOUR_BIT types."""
+    if qtype not in _GROUPS:
+        raise ValueError(f"{getattr(qtype, 'name', qtype)} is not a 4-bit type; 4-bit types: "
+                         f"{', '.join(t.name for t in FOUR_BIT)}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        data = torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8).reshape(-1))
+    shape = tuple(int(d) for d in shape)
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    n = math.prod(shape)
+    if n % block_size or data.numel() != n // block_size * type_size or shape[-1] % GROUP:
+        raise ValueError(f"{data.numel()} bytes of {qtype.name} do not hold a tensor of shape {shape}")
+    q, scale, low = _GROUPS[qtype](data.view(-1, type_size))
+    groups = (*shape[:-1], shape[-1] // GROUP)
+    return q.reshape(shape), scale.reshape(groups), low.reshape(groups)

@@ -90,3 +90,20 @@ def test_callers_thread_count_is_left_alone():
     threads = torch.get_num_threads()
     dequantize(random_blocks(Q.Q4_K, rows=1, blocks_per_row=1), Q.Q4_K, (256,))
     assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("qtype", quants.FOUR_BIT, ids=lambda q: q.name)
+def test_four_bit_groups_rebuild_the_reference_values_exactly(qtype):
+    block_size = GGML_QUANT_SIZES[qtype][0]
+    raw = random_blocks(qtype, rows=3, blocks_per_row=512 // block_size, seed=4)
+    expected = torch.from_numpy(reference(raw, qtype)).reshape(3, 512)
+    q, scale, low = quants.int4_groups(raw, qtype, (3, 512))
+    assert q.shape == (3, 512) and scale.shape == low.shape == (3, 16)
+    assert int(q.min()) >= 0 and int(q.max()) <= 15
+    rebuilt = q.view(3, 16, 32).float() * scale[..., None] + low[..., None]
+    torch.testing.assert_close(rebuilt.view(3, 512), expected, rtol=0, atol=0)
+
+
+def test_four_bit_groups_refuse_other_types():
+    with pytest.raises(ValueError, match="Q6_K is not a 4-bit type; 4-bit types: Q4_0, Q4_1, Q4_K"):
+        quants.int4_groups(random_blocks(Q.Q6_K, 1, 1), Q.Q6_K, (256,))

@@ -1,0 +1,77 @@
+"""4-bit copies of 4-bit GGUF weights for decode steps (quantize.PackedLinear): the same values as the
+bf16 weights they sit beside, used for few rows only."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+gguf = pytest.importorskip("gguf")
+
+from gguf import GGMLQuantizationType as Q  # noqa: E402
+from tiny_checkpoints import make_tiny_model, write_gguf  # noqa: E402
+
+from llama_ref import Llama  # noqa: E402
+from llama_ref.quantize import PACKED_MAX_ROWS, PackedLinear  # noqa: E402
+
+
+def packed_layers(model):
+    return [name for name, m in model.named_modules() if isinstance(m, PackedLinear)]
+
+
+@pytest.fixture(scope="module", params=[Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+def gguf_path(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(request.param.name)
+    return write_gguf(make_tiny_model(directory), directory / "tiny.gguf", request.param)
+
+
+def decode_logits(llama, prompt, rows):
+    """Prefill `prompt` into `rows` cache rows, then the logits of one decode step for all of them."""
+    model = llama.model
+    tokens = torch.tensor([prompt] * rows)
+    model.forward(tokens[:, :-1], 0)
+    return model.forward(tokens[:, -1:], len(prompt) - 1)[:, -1]
+
+
+def test_every_four_bit_matrix_gets_a_packed_copy_in_bf16_on_cpu(gguf_path):
+    llama = Llama.build(gguf_path, max_seq_len=64, max_batch_size=2, device="cpu", dtype="bf16")
+    # 7 matrices in each of 2 layers, and the output matrix
+    assert len(packed_layers(llama.model)) == 15
+    for dtype in ("fp32", "bf16"):
+        plain = Llama.build(gguf_path, max_seq_len=64, max_batch_size=2, device="cpu", dtype=dtype,
+                            packed=dtype == "fp32")
+        assert packed_layers(plain.model) == []
+
+
+@pytest.mark.parametrize("rows", [1, PACKED_MAX_ROWS, PACKED_MAX_ROWS + 1])
+def test_decode_steps_read_the_files_values(gguf_path, rows):
+    """The packed path is as close to the file's exact (fp32) values as the bf16 weights are."""
+    prompt = [1, 37, 99, 200, 5, 17, 301, 44]
+    exact = decode_logits(Llama.build(gguf_path, max_seq_len=64, max_batch_size=rows, device="cpu",
+                                      dtype="fp32"), prompt, rows)
+    bf16 = decode_logits(Llama.build(gguf_path, max_seq_len=64, max_batch_size=rows, device="cpu",
+                                     dtype="bf16", packed=False), prompt, rows)
+    packed = decode_logits(Llama.build(gguf_path, max_seq_len=64, max_batch_size=rows, device="cpu",
+                                       dtype="bf16"), prompt, rows)
+    bf16_error = (bf16 - exact).abs().max().item()
+    packed_error = (packed - exact).abs().max().item()
+    assert packed_error <= 2 * bf16_error + 1e-3, (packed_error, bf16_error)
+    assert packed.argmax(-1).tolist() == exact.argmax(-1).tolist()
+
+
+def test_packed_linear_uses_the_4_bit_copy_for_few_rows_only():
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (64, 96), generator=generator, dtype=torch.uint8)
+    scale = torch.rand(64, 3, generator=generator) / 10
+    low = -torch.rand(64, 3, generator=generator)
+    exact = (q.view(64, 3, 32).float() * scale[..., None] + low[..., None]).view(64, 96)
+    layer = PackedLinear(96, 64, bias=False, dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.copy_(exact)
+    layer.attach(q, scale, low)
+    for rows in (1, 3, PACKED_MAX_ROWS):
+        x = torch.randn(1, rows, 96, generator=generator).to(torch.bfloat16)
+        torch.testing.assert_close(layer(x).float(), x.float() @ exact.T, rtol=2e-2, atol=5e-2)
+    # a prefill-sized call goes through the bf16 weight: a packed copy of other values does not show
+    layer.attach(torch.zeros_like(q), scale, low)
+    x = torch.randn(1, PACKED_MAX_ROWS + 1, 96, generator=generator).to(torch.bfloat16)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight))
+    assert not torch.allclose(layer(x[:, :1]).float(), (x[:, :1] @ layer.weight.T).float(), atol=1e-1)
