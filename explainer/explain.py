@@ -27,7 +27,7 @@ import jinja2
 from markdown_it import MarkdownIt
 
 from explainer.backends import Backend, Request, UnusableAnswer, Usage
-from explainer.cache import Cache, complete_cached
+from explainer.cache import Cache, complete_cached, request_key
 from explainer.chunking import Chunk, ChunkedFile, Symbol, chunk_file, enclosing_view, numbered_lines
 from explainer.languages import Language, language
 from explainer.post import Post, Section
@@ -110,7 +110,14 @@ def explain_file(path: str | os.PathLike, symbol: str | None = None, *, backend:
         warn(f"{chunked.path}: {len(missing)} of {len(requests)} answers were unusable (cut off or empty); "
              "asking again for shorter ones")
         retries = [firmer(requests[index]) for index in missing]
-        complete_cached(backend, retries, cache, usage, on_done=lambda k, completion: arrived(missing[k], completion))
+
+        def retried(k, completion):
+            # kept under the first request's key too, so that a rerun is answered from the cache
+            if cache is not None:
+                cache.put(request_key(backend.name, backend.model, requests[missing[k]]), completion)
+            arrived(missing[k], completion)
+
+        complete_cached(backend, retries, cache, usage, on_done=retried)
 
     sections = [_section(chunked, chunk, answer.text, warn) for chunk, answer in zip(chunked.chunks, answers)]
     title, intro = split_title(answers[-1].text, default=symbol or Path(chunked.path).name)

@@ -304,6 +304,13 @@ def test_a_cut_off_answer_is_asked_again_once_firmly(scripted_server, openai_env
     assert any("asking again for shorter ones" in w for w in warnings)
     assert usage.requests == len(server.requests) - 1  # the cut-off answer was never counted as answered
 
+    # a rerun is answered from the cache, the retried piece included, and writes the same post
+    asked = len(server.requests)
+    again, rerun = explain_file(sample, "pick", backend=backend_for(server), cache=Cache(tmp_path / "cache"),
+                                max_lines=MAX_LINES, on_warning=warnings.append)
+    assert len(server.requests) == asked and rerun.requests == 0
+    assert again == post
+
 
 def test_a_second_cut_off_fails_the_post(scripted_server, openai_env, sample):
     plain = echo_script(sample)
