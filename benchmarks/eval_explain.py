@@ -47,7 +47,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from markdown_it import MarkdownIt
 
-from explainer.backends import Backend, Usage
+from explainer.backends import BACKENDS, Backend, Usage
 from explainer.cache import Cache
 from explainer.chunking import ChunkedFile, chunk_file
 from explainer.cli import make_backend, open_cache
@@ -347,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", choices=["local", "openai"],
+    parser.add_argument("--backend", choices=list(BACKENDS),
                         help="local: the bundled llama_ref model; openai: any OpenAI-compatible API "
                              "[default: openai if OPENAI_API_KEY or a server is set, else local]")
     parser.add_argument("--model", help="model file or name (local) or model name (openai)")

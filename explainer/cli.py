@@ -50,21 +50,47 @@ def explain_main():
     main.commands["explain"].main(prog_name="explain")
 
 
+class BackendName(click.ParamType):
+    """--backend: a name from the backend registry (explainer.backends.BACKENDS), checked when parsed."""
+
+    name = "backend"
+
+    def get_metavar(self, param, ctx=None) -> str:
+        from explainer.backends import BACKENDS
+
+        return "[" + "|".join(BACKENDS) + "]"
+
+    def convert(self, value, param, ctx):
+        from explainer.backends import BACKENDS
+
+        if value not in BACKENDS:
+            self.fail(f"unknown backend {value!r}; use one of {', '.join(BACKENDS)}", param, ctx)
+        return value
+
+
+class _BackendOption(click.Option):
+    """--backend, whose help lists the registry as it is when help is shown."""
+
+    def __init__(self, *args, help_prefix: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.help_prefix = help_prefix
+
+    def get_help_record(self, ctx):
+        from explainer.backends import backend_help
+
+        self.help = self.help_prefix + backend_help()
+        return super().get_help_record(ctx)
+
+
+def backend_option(prefix: str = ""):
+    return click.option("--backend", cls=_BackendOption, type=BackendName(), help_prefix=prefix)
+
+
 def make_backend(name: str | None, model: str | None, base_url: str | None):
-    """The backend the --backend, --model and --base-url options ask for (torch only for local).
+    """The backend the --backend, --model and --base-url options ask for (explainer.backends' registry)."""
+    from explainer.backends import BackendSettings, make_backend as from_registry
 
-    No name: openai when a key or a server is configured, else the local model."""
-    if name is None:
-        name = "openai" if base_url or os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_BASE_URL") else "local"
-    if name == "local":
-        from explainer.backends.local import LocalBackend
-
-        if base_url:
-            raise UserError("--base-url is for the openai backend; leave it out with --backend local")
-        return LocalBackend(model)
-    from explainer.backends.openai import OpenAIBackend
-
-    return OpenAIBackend(model=model, base_url=base_url)
+    return from_registry(BackendSettings(name=name, model=model, base_url=base_url))
 
 
 def open_cache(cache_dir: str | None, no_cache: bool):
@@ -105,9 +131,7 @@ class _AnswerProgress:
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--symbol", metavar="NAME", help="Explain only this function, class or method: sample_top_p, "
                                                  "Llama.generate (C++: Llama::generate) [default: the whole file].")
-@click.option("--backend", type=click.Choice(["openai", "local"]),
-              help="openai: any OpenAI-compatible API; local: the bundled llama_ref model "
-                   "[default: openai if OPENAI_API_KEY or a server is set, else local].")
+@backend_option()
 @click.option("--model", help="Model name (openai) [default: gpt-4o-mini], or a catalog name or checkpoint path "
                               "(local) [default: qwen2.5-coder-1.5b; see python -m llama_ref --list-models].")
 @click.option("--base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 "
@@ -171,8 +195,7 @@ def explain(file: Path, symbol: str | None, backend: str | None, model: str | No
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write DIR/<lang>/<name>-<lang>.md [default: beside the post's language folder].")
 @click.option("--from", "source_lang", metavar="LANG", help="The post's language [default: front matter lang, else detected].")
-@click.option("--backend", type=click.Choice(["openai", "local"]),
-              help="[default: openai if OPENAI_API_KEY or a server is set, else local].")
+@backend_option()
 @click.option("--model", help="Model name (openai), or a catalog name or checkpoint path (local).")
 @click.option("--base-url", help="OpenAI-compatible server [default: OPENAI_BASE_URL, else api.openai.com].")
 @click.option("--cache-dir", help="Answer cache folder [default: EXPLAINER_CACHE_DIR, else ~/.cache/llama-explainer].")
@@ -209,7 +232,7 @@ def translate(post: Path, targets: str, output_dir: Path | None, source_lang: st
               help="Build only these languages, comma-separated or repeated [default: the config's].")
 @click.option("--dry-run", is_flag=True, help="List the files the build would write; ask no model, run no demo.")
 @click.option("--rerun-demos", is_flag=True, help="Run every demo again instead of using its cached output.")
-@click.option("--backend", type=click.Choice(["openai", "local"]), help="Override [backend] name.")
+@backend_option(prefix="Override [backend] name. ")
 @click.option("--model", help="Override [backend] model: a model name (openai), or a catalog name or checkpoint path (local).")
 @click.option("--base-url", help="Override the OpenAI-compatible server [default: OPENAI_BASE_URL, else the config's].")
 @click.option("--cache-dir", help="Cache folder for answers and demo results "

@@ -23,7 +23,8 @@ from pathlib import Path
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
-from explainer.backends import Backend, Usage
+from explainer.backends import (Backend, BackendSettings, Usage, backend_kind, capabilities, default_backend_name,
+                                make_backend)
 from explainer.demos import DEFAULT_TIMEOUT_S, Demo, DemoRunner, demo_markdown, expand_demos
 from explainer.errors import UserError
 from explainer.fileio import write_atomic
@@ -55,15 +56,6 @@ class PostSpec:
     symbol: str | None = None
     max_lines: int = 30
     demos: tuple[str, ...] = ()  # shell commands whose output follows an explained post
-
-
-@dataclass(frozen=True)
-class BackendSettings:
-    name: str = "openai"  # openai | local
-    model: str | None = None
-    base_url: str | None = None
-    concurrency: int = 8  # openai: requests in flight per call
-    batch_size: int | None = None  # local: prompts per generate() call
 
 
 @dataclass(frozen=True)
@@ -128,15 +120,16 @@ def load_config(path: str | Path) -> SiteConfig:
         raise UserError(f"{where}: [site] jobs and demo_timeout must be positive")
 
     settings = BackendSettings(
-        name=_get(backend, "name", str, "openai", where),
+        name=_get(backend, "name", str, None, where),
         model=_get(backend, "model", str, None, where),
         base_url=_get(backend, "base_url", str, None, where),
-        concurrency=_get(backend, "concurrency", int, 8, where),
+        concurrency=_get(backend, "concurrency", int, None, where),
         batch_size=_get(backend, "batch_size", int, None, where))
-    if settings.name not in ("openai", "local"):
-        raise UserError(f"{where}: [backend] name is {settings.name!r}; use \"openai\" or \"local\"")
-    if settings.name == "local" and settings.model:  # a model file, relative to the config like other paths
-        settings = dataclasses.replace(settings, model=str((folder / settings.model).resolve()))
+    if settings.name is not None:
+        kind = backend_kind(settings.name, f"{where}: [backend] name")
+        if kind.model_files and settings.model and settings.model not in _catalog_names():
+            # a model file, relative to the config like other paths
+            settings = dataclasses.replace(settings, model=str((folder / settings.model).resolve()))
 
     posts_data = data.get("posts", [])
     if not isinstance(posts_data, list) or not posts_data:
@@ -155,6 +148,12 @@ def load_config(path: str | Path) -> SiteConfig:
         demo_timeout=float(demo_timeout), jobs=jobs, backend=settings, posts=posts)
 
 
+def _catalog_names() -> set[str]:
+    from llama_ref.catalog import CATALOG  # no torch
+
+    return set(CATALOG)
+
+
 def with_overrides(config: SiteConfig, *, backend: str | None = None, model: str | None = None,
                    base_url: str | None = None, cache_dir: str | None = None) -> SiteConfig:
     """Apply command-line flags and the environment over the file: flag, then environment
@@ -162,8 +161,10 @@ def with_overrides(config: SiteConfig, *, backend: str | None = None, model: str
     settings = config.backend
     if backend and backend != settings.name:
         settings = BackendSettings(name=backend)  # another backend: the file's model is not for it
-    settings = dataclasses.replace(settings, model=model or settings.model,
-                                   base_url=base_url or os.environ.get("OPENAI_BASE_URL") or settings.base_url)
+    settings = dataclasses.replace(settings, model=model or settings.model, base_url=base_url or settings.base_url)
+    name = settings.name or default_backend_name(settings.base_url)
+    if "base_url" in backend_kind(name).settings and not settings.base_url:
+        settings = dataclasses.replace(settings, base_url=os.environ.get("OPENAI_BASE_URL"))
     cache = cache_dir or os.environ.get("EXPLAINER_CACHE_DIR")
     return dataclasses.replace(config, backend=settings,
                                cache_dir=Path(cache).expanduser().resolve() if cache else config.cache_dir)
@@ -359,18 +360,6 @@ class BuildReport:
                 f"{self.demo_cache_hits} from cache; {self.seconds:.1f} s")
 
 
-def make_backend(settings: BackendSettings) -> Backend:
-    """The configured backend. Neither loads a model nor connects until its first request, so
-    a build answered from the cache costs nothing."""
-    if settings.name == "local":
-        from explainer.backends.local import DEFAULT_MAX_BATCH_SIZE, LocalBackend
-
-        return LocalBackend(settings.model, max_batch_size=settings.batch_size or DEFAULT_MAX_BATCH_SIZE)
-    from explainer.backends.openai import OpenAIBackend
-
-    return OpenAIBackend(model=settings.model, base_url=settings.base_url, concurrency=settings.concurrency)
-
-
 def build_site(config: SiteConfig, options: BuildOptions = BuildOptions(), backend: Backend | None = None,
                progress: BuildProgress | None = None) -> BuildReport:
     """Build every post of `config` (or options.only) in every language; see the module docstring.
@@ -422,7 +411,8 @@ class _Build:
             self.progress.start(post.slug, 1 + len(self.languages))
         # The local model answers one batch at a time (it batches each call's requests itself);
         # an API takes several posts' requests at once.
-        jobs = 1 if backend.name == "local" else self.config.jobs or DEFAULT_API_JOBS
+        kind = capabilities(backend)
+        jobs = 1 if kind is not None and kind.batches_locally else self.config.jobs or DEFAULT_API_JOBS
         pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="explainer-build")
         try:
             # A post's languages start as soon as its source is ready, while other sources are made.

@@ -166,7 +166,7 @@ def edit_config(config, edit) -> None:
     (lambda c: c["site"].update(langs=["en"]), "unknown key 'langs' in [site]"),
     (lambda c: c["site"].update(languages=["en", "xx"]), "unknown language 'xx'"),
     (lambda c: c["posts"][1].update(slug="llama-generate"), "two posts have the slug 'llama-generate'"),
-    (lambda c: c["backend"].update(name="claude"), "[backend] name is 'claude'"),
+    (lambda c: c["backend"].update(name="claude"), "[backend] name: unknown backend 'claude'; use one of openai, local"),
 ])
 def test_config_mistakes_are_one_clear_line(config, edit, message):
     edit_config(config, edit)

@@ -1,12 +1,18 @@
-"""One small interface over every model that can write an explanation.
+"""One small interface over every model that can write an explanation, and the registry of backends.
 
 A backend answers a list of chat requests, in order. How it gets there (concurrent HTTP
 requests, one batched generate call) is its own business; callers go through
 `explainer.cache.complete_cached`, which skips everything already answered.
+
+Adding a backend is one module with a `from_settings(BackendSettings)` factory, plus one
+`register(BackendKind(...))` entry below: the CLI's --backend choices, explainer.toml's
+[backend] name, the default rule and the capability checks all read BACKENDS.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -59,3 +65,83 @@ class Backend(Protocol):
         """Answer every request, in order. Call on_done(index, completion) as each one finishes
         so the caller can cache it at once. Raise explainer.errors.UserError on failure."""
         ...
+
+
+# ---------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """What a user chooses for a backend, by flags or in explainer.toml's [backend]; None: the default."""
+
+    name: str | None = None  # None: default_backend_name()
+    model: str | None = None
+    base_url: str | None = None
+    concurrency: int | None = None  # requests in flight per call, for backends that send them out
+    batch_size: int | None = None  # prompts run together, for backends that run the model here
+
+
+@dataclass(frozen=True)
+class BackendKind:
+    """One registered backend: its name, how to make it, what it takes and what it can do."""
+
+    name: str
+    summary: str  # one line, for --help
+    factory: str  # "module:function", function(BackendSettings) -> Backend; imported only when chosen
+    settings: frozenset[str] = frozenset({"model"})  # the BackendSettings fields it takes, besides name
+    batches_locally: bool = False  # runs the model in this process: one call at a time, batched inside
+    supports_json_schema: bool = False  # can be asked for answers that follow a JSON schema
+    model_files: bool = False  # its model may be a file here: explainer.toml's model path is relative to the file
+
+
+BACKENDS: dict[str, BackendKind] = {}
+
+
+def register(kind: BackendKind) -> BackendKind:
+    BACKENDS[kind.name] = kind
+    return kind
+
+
+register(BackendKind("openai", "any OpenAI-compatible API", "explainer.backends.openai:from_settings",
+                     frozenset({"model", "base_url", "concurrency"})))
+register(BackendKind("local", "the bundled llama_ref model, on this machine", "explainer.backends.local:from_settings",
+                     frozenset({"model", "batch_size"}), batches_locally=True, model_files=True))
+
+_FLAGS = {"base_url": "--base-url / base_url", "concurrency": "concurrency", "batch_size": "batch_size"}
+
+
+def backend_help() -> str:
+    """The backends and the default rule, for --help."""
+    listed = "; ".join(f"{kind.name}: {kind.summary}" for kind in BACKENDS.values())
+    return f"{listed} [default: openai if OPENAI_API_KEY or a server is set, else local]."
+
+
+def default_backend_name(base_url: str | None = None) -> str:
+    """openai when a key or a server is configured (flag or environment), else the local model."""
+    if base_url or os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_BASE_URL"):
+        return "openai"
+    return "local"
+
+
+def backend_kind(name: str, where: str = "--backend") -> BackendKind:
+    """The registered backend called `name`; an unknown name is a UserError listing the known ones."""
+    if name not in BACKENDS:
+        raise UserError(f"{where}: unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
+    return BACKENDS[name]
+
+
+def capabilities(backend: Backend) -> BackendKind | None:
+    """What the backend object can do (None for one that is not registered, e.g. a test's stand-in)."""
+    return BACKENDS.get(backend.name)
+
+
+def make_backend(settings: BackendSettings, where: str = "--backend") -> Backend:
+    """The backend `settings` ask for. Nothing loads a model or connects before the first request."""
+    kind = backend_kind(settings.name or default_backend_name(settings.base_url), where)
+    for name, flag in _FLAGS.items():
+        if getattr(settings, name) is not None and name not in kind.settings:
+            users = [k.name for k in BACKENDS.values() if name in k.settings]
+            raise UserError(f"{flag} is for the {' and '.join(users)} backend; leave it out with the "
+                            f"{kind.name} backend")
+    module, function = kind.factory.split(":")
+    return getattr(importlib.import_module(module), function)(settings)

@@ -149,6 +149,11 @@ class LocalBackend:
         return self._engine
 
 
+def from_settings(settings) -> LocalBackend:
+    """The registry's factory (explainer.backends.BACKENDS)."""
+    return LocalBackend(settings.model, max_batch_size=settings.batch_size or DEFAULT_MAX_BATCH_SIZE)
+
+
 def before_loop(text: str) -> str | None:
     """If `text` repeats itself (a stretch of LOOP_CHARS characters, whitespace aside, comes back
     later), the text before the repeat begins, up to its last sentence end; else None. Characters,

@@ -58,6 +58,15 @@ def _one_line(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+DEFAULT_CONCURRENCY = 8  # requests in flight per call
+
+
+def from_settings(settings) -> "OpenAIBackend":
+    """The registry's factory (explainer.backends.BACKENDS)."""
+    return OpenAIBackend(model=settings.model, base_url=settings.base_url,
+                         concurrency=DEFAULT_CONCURRENCY if settings.concurrency is None else settings.concurrency)
+
+
 class OpenAIBackend:
     """Backend for any OpenAI-compatible server.
 
@@ -69,7 +78,7 @@ class OpenAIBackend:
     name = "openai"
 
     def __init__(self, model: str | None = None, base_url: str | None = None, api_key: str | None = None,
-                 concurrency: int = 8, timeout: float = 120.0, max_retries: int = 5, backoff: float = 0.5):
+                 concurrency: int = DEFAULT_CONCURRENCY, timeout: float = 120.0, max_retries: int = 5, backoff: float = 0.5):
         self.model = model or DEFAULT_MODEL
         base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
         api_key = api_key or os.environ.get("OPENAI_API_KEY") or None
