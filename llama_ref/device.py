@@ -98,31 +98,3 @@ def check_fits(weight_bytes: int, cache_bytes: int, device: torch.device, *, qua
         f"not enough memory on {device}: the weights need {weight_bytes / 2**30:.2f} GiB and the KV cache "
         f"{cache_bytes / 2**30:.2f} GiB, but only {available / 2**30:.2f} GiB is free; try " + ", or ".join(ways_out))
 
-
-def steady_heap() -> None:
-    """Make glibc return large freed blocks to the system at once (a fixed mmap threshold).
-
-    glibc raises its mmap threshold to the size of each large block freed, up to 32 MiB, after which
-    blocks of that size come from the heap; a generation loop whose tensors change size every step
-    then leaves the heap fragmented and growing. With the threshold fixed, blocks of 256 KiB and more
-    are mapped and unmapped, and the process's memory stays what its tensors need. No-op elsewhere.
-    """
-    import ctypes
-    import ctypes.util
-
-    global _heap_steadied
-    if _heap_steadied:
-        return
-    _heap_steadied = True
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
-    except (OSError, AttributeError):  # not glibc
-        return
-    if mallopt is not None:
-        mallopt(M_MMAP_THRESHOLD, 256 << 10)
-
-
-M_MMAP_THRESHOLD = -3  # glibc's malloc.h
-_heap_steadied = False

@@ -30,7 +30,6 @@ from typing import Callable, Iterator
 
 import torch
 
-from llama_ref.device import steady_heap
 from llama_ref.generation import sample_top_p
 from llama_ref.tokenizer import StreamDecoder
 
@@ -182,7 +181,6 @@ class Engine:
                  prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
         self.model, self.tokenizer = model, tokenizer
         self.device = model.tok_embeddings.weight.device
-        steady_heap()
         self.prefill_chunk = prefill_chunk
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self._slots: list[_Row | None] = [None] * model.max_batch_size
