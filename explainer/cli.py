@@ -100,33 +100,6 @@ def open_cache(cache_dir: str | None, no_cache: bool):
     return None if no_cache else Cache(cache_dir)
 
 
-class _AnswerProgress:
-    """Progress of the model's answers on stderr: a bar on a terminal, a plain line per answer otherwise."""
-
-    def __init__(self, label: str):
-        self.label = label
-        self._bar = None
-        self._task = None
-
-    def __call__(self, done: int, total: int):
-        if not sys.stderr.isatty():
-            click.echo(f"{self.label}: {done} of {total} answers", err=True)
-            return
-        if self._bar is None:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=Console(stderr=True))
-            self._task = self._bar.add_task(self.label, total=total)
-            self._bar.start()
-        self._bar.update(self._task, completed=done)
-
-    def close(self):
-        if self._bar is not None:
-            self._bar.stop()
-
-
 @main.command()
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--symbol", metavar="NAME", help="Explain only this function, class or method: sample_top_p, "
@@ -166,10 +139,11 @@ def explain(file: Path, symbol: str | None, backend: str | None, model: str | No
     """
     from explainer.explain import explain_file
     from explainer.fileio import write_atomic
+    from explainer.progress import AnswerProgress
     from explainer.render import post_json, render_post
 
     chosen = make_backend(backend, model, base_url)
-    progress = _AnswerProgress(f"explaining {file}")
+    progress = AnswerProgress(f"explaining {file}")
     try:
         post, usage = explain_file(file, symbol, backend=chosen, cache=open_cache(cache_dir, no_cache), lang=lang,
                                    max_lines=max_lines, max_tokens=max_tokens, on_progress=progress,
@@ -245,7 +219,9 @@ def build(config_path: Path, only: tuple[str, ...], langs: tuple[str, ...], dry_
     would not change are not rewritten. Files are written atomically, so an interrupted build
     leaves only whole files and the next one resumes from the cache.
     """
-    from explainer.site import BuildOptions, build_site, load_config, progress_for, with_overrides
+    from explainer.progress import progress_for
+    from explainer.site import BuildOptions, build_site
+    from explainer.site_config import load_config, with_overrides
 
     config = with_overrides(load_config(config_path), backend=backend, model=model, base_url=base_url,
                             cache_dir=cache_dir)

@@ -12,7 +12,8 @@ from ruamel.yaml import YAML
 
 from explainer.cli import main
 from explainer.errors import UserError
-from explainer.site import BuildOptions, build_site, load_config
+from explainer.site import BuildOptions, build_site
+from explainer.site_config import load_config
 from site_support import (GENERATED_DEMO, STAND_IN_DEMO, is_translation, make_site, run_build, site_script,
                           snapshot, to_toml)
 

@@ -1,0 +1,244 @@
+"""explainer.toml: the site's schema, read and checked into a SiteConfig, and the overrides flags and the
+environment apply over it. Every mistake in the file is one UserError naming the file, the table and
+the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import string
+import sys
+from dataclasses import dataclass
+from datetime import date as Date
+from pathlib import Path
+
+from explainer.backends import BackendSettings, backend_kind, default_backend_name
+from explainer.demos import DEFAULT_TIMEOUT_S
+from explainer.errors import UserError
+from explainer.languages import language
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+DEFAULT_PATTERN = "_posts/{lang}/{date}-{slug}-{lang}.md"  # the seed author's layout
+PATTERN_FIELDS = {"lang", "slug", "date", "year", "month", "day"}
+DEFAULT_CACHE_DIR = ".explainer-cache"  # beside explainer.toml, like Quarto's _freeze
+
+
+@dataclass(frozen=True)
+class PostSpec:
+    slug: str
+    date: str  # YYYY-MM-DD
+    markdown: Path | None = None  # a hand-written post (absolute)
+    file: str | None = None  # an explain target, relative to the project root
+    symbol: str | None = None
+    max_lines: int = 30
+    demos: tuple[str, ...] = ()  # shell commands whose output follows an explained post
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    path: Path  # the explainer.toml
+    root: Path  # project root: explain targets are read and demos run from here
+    output: Path  # the Jekyll site
+    pattern: str
+    source_lang: str
+    languages: tuple[str, ...]
+    layout: str
+    cache_dir: Path
+    demo_timeout: float
+    jobs: int | None  # None: DEFAULT_API_JOBS on an API backend, 1 on the local model
+    backend: BackendSettings
+    posts: tuple[PostSpec, ...]
+
+    def post_path(self, post: PostSpec, lang: str) -> Path:
+        year, month, day = post.date.split("-")
+        return self.output / self.pattern.format(lang=lang, slug=post.slug, date=post.date,
+                                                 year=year, month=month, day=day)
+
+
+_SECTIONS = {
+    "site": {"root", "output", "pattern", "source_lang", "languages", "layout", "cache_dir", "demo_timeout", "jobs"},
+    "backend": {"name", "model", "base_url", "concurrency", "batch_size"},
+    "posts": {"slug", "date", "markdown", "file", "symbol", "max_lines", "demos"},
+}
+
+
+def load_config(path: str | Path) -> SiteConfig:
+    """Read and check explainer.toml. Paths in it are relative to its folder, except a post's
+    `file`, which is relative to the project `root` (the code lives in the project)."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"no config file {path}; write one (see examples/site/explainer.toml) "
+                        f"or pass --config FILE") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path} is not valid TOML: {exc}") from None
+    where = path.name
+    for key in data:
+        if key not in _SECTIONS:
+            raise UserError(f"{where}: unknown section [{key}]; expected [site], [backend] and [[posts]]")
+    site = _table(data, "site", where)
+    backend = _table(data, "backend", where)
+    folder = path.parent.resolve()
+
+    source_lang = _language(_get(site, "source_lang", str, "en", where), f"{where}: [site] source_lang")
+    languages = tuple(_language(code, f"{where}: [site] languages")
+                      for code in _get(site, "languages", list, [source_lang], where))
+    if len(set(languages)) != len(languages):
+        raise UserError(f"{where}: [site] languages lists a language twice")
+    pattern = _get(site, "pattern", str, DEFAULT_PATTERN, where)
+    _check_pattern(pattern, where)
+    jobs = _get(site, "jobs", int, None, where)
+    demo_timeout = _get(site, "demo_timeout", (int, float), DEFAULT_TIMEOUT_S, where)
+    if (jobs is not None and jobs < 1) or demo_timeout <= 0:
+        raise UserError(f"{where}: [site] jobs and demo_timeout must be positive")
+
+    settings = BackendSettings(
+        name=_get(backend, "name", str, None, where),
+        model=_get(backend, "model", str, None, where),
+        base_url=_get(backend, "base_url", str, None, where),
+        concurrency=_get(backend, "concurrency", int, None, where),
+        batch_size=_get(backend, "batch_size", int, None, where))
+    if settings.name is not None:
+        kind = backend_kind(settings.name, f"{where}: [backend] name")
+        if kind.model_files and settings.model and settings.model not in _catalog_names():
+            # a model file, relative to the config like other paths
+            settings = dataclasses.replace(settings, model=str((folder / settings.model).resolve()))
+
+    posts_data = data.get("posts", [])
+    if not isinstance(posts_data, list) or not posts_data:
+        raise UserError(f"{where}: no posts; add a [[posts]] table with `file` (and `symbol`) or `markdown`")
+    root = (folder / _get(site, "root", str, ".", where)).resolve()
+    posts = tuple(_post_spec(entry, index, root, folder, where) for index, entry in enumerate(posts_data, 1))
+    slugs = [post.slug for post in posts]
+    if duplicates := sorted({slug for slug in slugs if slugs.count(slug) > 1}):
+        raise UserError(f"{where}: two posts have the slug {duplicates[0]!r}; give one of them another `slug`")
+
+    return SiteConfig(
+        path=path, root=root, output=(folder / _get(site, "output", str, ".", where)).resolve(),
+        pattern=pattern, source_lang=source_lang, languages=languages,
+        layout=_get(site, "layout", str, "post", where),
+        cache_dir=(folder / _get(site, "cache_dir", str, DEFAULT_CACHE_DIR, where)).resolve(),
+        demo_timeout=float(demo_timeout), jobs=jobs, backend=settings, posts=posts)
+
+
+def _catalog_names() -> set[str]:
+    from llama_ref.catalog import CATALOG  # no torch
+
+    return set(CATALOG)
+
+
+def with_overrides(config: SiteConfig, *, backend: str | None = None, model: str | None = None,
+                   base_url: str | None = None, cache_dir: str | None = None) -> SiteConfig:
+    """Apply command-line flags and the environment over the file: flag, then environment
+    (OPENAI_BASE_URL, EXPLAINER_CACHE_DIR), then explainer.toml, then the default."""
+    settings = config.backend
+    if backend and backend != settings.name:
+        settings = BackendSettings(name=backend)  # another backend: the file's model is not for it
+    settings = dataclasses.replace(settings, model=model or settings.model, base_url=base_url or settings.base_url)
+    name = settings.name or default_backend_name(settings.base_url)
+    if "base_url" in backend_kind(name).settings and not settings.base_url:
+        settings = dataclasses.replace(settings, base_url=os.environ.get("OPENAI_BASE_URL"))
+    cache = cache_dir or os.environ.get("EXPLAINER_CACHE_DIR")
+    return dataclasses.replace(config, backend=settings,
+                               cache_dir=Path(cache).expanduser().resolve() if cache else config.cache_dir)
+
+
+def _language(code, where: str) -> str:
+    if not isinstance(code, str):
+        raise UserError(f"{where}: {code!r} is not a language code; write one like \"zh\"")
+    try:
+        return language(code).code
+    except UserError as error:
+        raise UserError(f"{where}: {error}") from None
+
+
+def _table(data: dict, name: str, where: str) -> dict:
+    table = data.get(name, {})
+    if not isinstance(table, dict):
+        raise UserError(f"{where}: [{name}] must be a table")
+    _check_keys(table, name, where)
+    return table
+
+
+def _check_keys(table: dict, name: str, where: str):
+    for key in table:
+        if key not in _SECTIONS[name]:
+            raise UserError(f"{where}: unknown key {key!r} in [{name}]; expected one of "
+                            f"{', '.join(sorted(_SECTIONS[name]))}")
+
+
+def _get(table: dict, key: str, kind, default, where: str):
+    value = table.get(key, default)
+    if value is not default and not isinstance(value, kind) or isinstance(value, bool):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise UserError(f"{where}: {key} = {value!r} should be a {names}")
+    return value
+
+
+def _check_pattern(pattern: str, where: str):
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(pattern) if name is not None}
+    except ValueError as exc:
+        raise UserError(f"{where}: pattern {pattern!r} is malformed ({exc}); "
+                        f"write it like {DEFAULT_PATTERN!r}") from None
+    if unknown := fields - PATTERN_FIELDS:
+        raise UserError(f"{where}: pattern uses {{{sorted(unknown)[0]}}}; "
+                        f"use only {', '.join('{' + f + '}' for f in sorted(PATTERN_FIELDS))}")
+    if not {"lang", "slug"} <= fields:
+        raise UserError(f"{where}: pattern {pattern!r} must contain {{lang}} and {{slug}}, "
+                        f"or posts would overwrite each other")
+
+
+def _post_spec(entry, index: int, root: Path, folder: Path, where: str) -> PostSpec:
+    where = f"{where}: post {index}"
+    if not isinstance(entry, dict):
+        raise UserError(f"{where} must be a [[posts]] table")
+    _check_keys(entry, "posts", where)
+    markdown, file = _get(entry, "markdown", str, None, where), _get(entry, "file", str, None, where)
+    if (markdown is None) == (file is None):
+        raise UserError(f"{where} needs exactly one of `file` (code to explain) or `markdown` (a hand-written post)")
+    if markdown is not None:
+        markdown_path = (folder / markdown).resolve()
+        if not markdown_path.is_file():
+            raise UserError(f"{where}: markdown file {markdown} does not exist (paths are relative to "
+                            f"{folder.name}/); fix the path")
+        default_slug = markdown_path.stem
+    else:
+        if not (root / file).is_file():
+            raise UserError(f"{where}: file {file} does not exist under the project root {root}; "
+                            f"fix `file` or [site] root")
+        markdown_path = None
+        symbol = _get(entry, "symbol", str, None, where)
+        default_slug = (symbol or Path(file).stem).rsplit(".", 1)[-1]
+    slug = _get(entry, "slug", str, _slugify(default_slug), where)
+    if not slug or slug != _slugify(slug):
+        raise UserError(f"{where}: slug {slug!r} should be lowercase letters, digits and hyphens, "
+                        f"like {_slugify(slug) or 'my-post'!r}")
+    post_date = entry.get("date")
+    if isinstance(post_date, Date):  # TOML has a date type: date = 2023-08-17
+        post_date = post_date.isoformat()
+    try:
+        Date.fromisoformat(post_date if isinstance(post_date, str) else "")
+    except ValueError:
+        raise UserError(f"{where} ({slug}) needs date = \"YYYY-MM-DD\" (it names the file, so it must not "
+                        f"change between builds)") from None
+    demos = _get(entry, "demos", list, [], where)
+    if not all(isinstance(command, str) for command in demos):
+        raise UserError(f"{where}: demos must be a list of shell commands (strings)")
+    if demos and markdown is not None:
+        raise UserError(f"{where}: a hand-written post marks its demos in the text (```sh demo); remove `demos`")
+    return PostSpec(slug=slug, date=post_date, markdown=markdown_path, file=file,
+                    symbol=_get(entry, "symbol", str, None, where),
+                    max_lines=_get(entry, "max_lines", int, 30, where), demos=tuple(demos))
+
+
+def _slugify(text: str) -> str:
+    words = "".join(char.lower() if char.isascii() and char.isalnum() else " " for char in text).split()
+    return "-".join(words)
