@@ -262,6 +262,23 @@ class Segment:
         return problems
 
 
+# What models write instead of ⟦n⟧: CJK lenticular brackets, doubled square brackets, spaces inside.
+_LOOKALIKES = ("\u3010{n}\u3011", "[[{n}]]", "\u27e6 {n} \u27e7", "\u27e6{n} \u27e7", "\u27e6 {n}\u27e7")
+
+
+def repair_placeholders(translation: str, count: int) -> str:
+    """`translation` with look-alikes of a missing placeholder (【1】, [[1]], ⟦ 1 ⟧) written back as ⟦1⟧,
+    for placeholders 1..count, where the repair is unambiguous: ⟦n⟧ does not appear and exactly one
+    look-alike of n does. Anything else is left for placeholder_problems to report."""
+    for n in range(1, count + 1):
+        if placeholder(n) in translation:
+            continue
+        found = [form.format(n=n) for form in _LOOKALIKES if form.format(n=n) in translation]
+        if len(found) == 1 and translation.count(found[0]) == 1:
+            translation = translation.replace(found[0], placeholder(n))
+    return translation
+
+
 def _placeholder_numbers(text: str) -> list[int] | None:
     numbers, pos = [], 0
     while (start := text.find(PLACEHOLDER_START, pos)) >= 0:

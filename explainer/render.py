@@ -9,15 +9,14 @@ escaped here; nothing the model or the source says can run as a Liquid tag on th
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import textwrap
 from functools import cache
 from typing import Mapping
 
 import jinja2
-from ruamel.yaml import YAML
 
+from explainer import frontmatter
 from explainer.languages import language
 from explainer.post import Post
 
@@ -74,17 +73,6 @@ def liquid_safe(text: str, inline: bool = False) -> str:
     return f"{RAW_OPEN}{body}{RAW_CLOSE}" if inline else f"{RAW_OPEN}\n{body}\n{RAW_CLOSE}"
 
 
-def front_matter(fields: Mapping[str, object]) -> str:
-    """YAML for a post's front matter, keys in the given order; ruamel.yaml quotes whatever
-    would otherwise read back as another type or break the syntax (`: `, `#`, `yes`, `1.0`)."""
-    yaml = YAML()
-    yaml.allow_unicode = True
-    yaml.width = 1 << 16  # never fold a long title over two lines
-    stream = io.StringIO()
-    yaml.dump(dict(fields), stream)
-    return stream.getvalue()
-
-
 @cache
 def _templates() -> jinja2.Environment:
     environment = jinja2.Environment(loader=jinja2.PackageLoader("explainer", "templates"),
@@ -116,7 +104,7 @@ def render_post(post: Post, *, ui: Mapping[str, str] | None = None, translation_
     if post.model:
         notices.append(strings["explanation_notice"].format(**fill))
     return _templates().get_template("post.md.j2").render(
-        post=post, front_matter=front_matter(fields), notices=notices,
+        post=post, front_matter=frontmatter.dump(fields), notices=notices,
         source_lines=strings["source_lines"].format(**fill) if post.sections else "")
 
 

@@ -19,23 +19,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
-from ruamel.yaml.error import YAMLError
 
+from explainer import frontmatter
 from explainer.backends import Backend, Completion, Request, UnusableAnswer, Usage
 from explainer.cache import Cache, complete_cached, request_key
 from explainer.errors import UserError
 from explainer.fileio import write_atomic
 from explainer.languages import Language, known_languages, language
-from explainer.markdown_segments import (PLACEHOLDER_END, PLACEHOLDER_START, Document, Segment, split_document,
-                                         strip_placeholders, structure)
+from explainer.markdown_segments import (PLACEHOLDER_END, PLACEHOLDER_START, Segment, repair_placeholders,
+                                         split_document, strip_placeholders, structure)
 from explainer.post import Post
 
 log = logging.getLogger(__name__)
@@ -224,7 +222,7 @@ class SegmentTranslator:
             return [batch[:len(batch) // 2], batch[len(batch) // 2:]]
         retry = []
         for number, job in enumerate(batch, 1):
-            translation = translations.get(number, "")
+            translation = repair_placeholders(translations.get(number, ""), len(job.segment.protected))
             problems = (segment_problems(job.segment, translation, self.lang, self.source_lang)
                         if number in translations else ["missing from the answer"])
             if not problems:
@@ -343,35 +341,10 @@ def translate_post(post: Post, target: str, backend: Backend, cache: Cache | Non
                                intro=done.get("intro", post.intro), sections=sections)
 
 
-def _yaml() -> YAML:
-    yaml = YAML()  # round trip: key order, comments and quoting survive
-    yaml.preserve_quotes = True
-    yaml.width = 1_000_000  # never fold a long title onto two lines
-    return yaml
-
-
-def _front_matter(document: Document, name: str) -> CommentedMap | None:
-    """The post's front matter as a round-trip mapping, None if it has none."""
-    if document.front_matter is None:
-        return None
-    try:
-        data = _yaml().load(document.front_matter.yaml)
-    except YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 2}" if mark is not None else ""  # +2: the --- line, 1-based
-        raise UserError(f"{name}: the front matter is not valid YAML{where}: "
-                        f"{getattr(exc, 'problem', None) or exc}; fix it and retry") from None
-    if data is None:
-        return CommentedMap()
-    if not isinstance(data, CommentedMap):
-        raise UserError(f"{name}: the front matter is not a mapping of keys to values; fix it and retry")
-    return data
-
-
 def source_language(text: str, name: str = "post") -> str:
     """The language a Markdown post is written in: its front matter's `lang`, else detected."""
     document = split_document(text)
-    data = _front_matter(document, name)
+    data = frontmatter.read(document, name)
     if data is not None and isinstance(data.get("lang"), str):
         return language(data["lang"]).code
     prose = " ".join(strip_placeholders(segment.text) for segment in document.segments)
@@ -389,7 +362,7 @@ def translate_markdown(text: str, target: str, backend: Backend, cache: Cache | 
     if source_lang == lang.code:
         raise UserError(f"{name} is already in {lang.code}; pick another language with --to")
     document = split_document(text)
-    data = _front_matter(document, name)
+    data = frontmatter.read(document, name)
     prose_keys = [key for key in TRANSLATED_FRONT_MATTER_KEYS
                   if data is not None and isinstance(data.get(key), str) and data[key].strip()]
     texts = {name: text, **{f"front matter {key}": data[key] for key in prose_keys}}
@@ -404,11 +377,8 @@ def translate_markdown(text: str, target: str, backend: Backend, cache: Cache | 
     data["dir"] = lang.dir
     data["translated"] = True
     data["source_hash"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    stream = io.StringIO()
-    _yaml().dump(data, stream)
     # The body's front matter range was copied unchanged, so it ends where the source's does.
-    body = done[name][document.front_matter.end if document.front_matter else 0:]
-    return "---\n" + stream.getvalue() + "---\n" + body
+    return frontmatter.join(data, frontmatter.body(document, done[name]))
 
 
 def output_path(source: Path, target: str, out_dir: Path | None = None) -> Path:

@@ -424,3 +424,33 @@ def test_identity_translation_keeps_structure_and_code_bytes(identity_backend, d
         [(c.type, c.content, c.attrs) for c in source_inline if c.type != "text"]
     if "\n" not in "".join(t.content for t in source_tokens if t.type == "inline"):
         assert body == document  # without soft line breaks, an identity translation changes nothing
+
+
+@pytest.mark.parametrize("lookalike", ["【{n}】", "[[{n}]]", "⟦ {n} ⟧"])
+def test_a_placeholder_written_as_a_lookalike_is_mapped_back(lookalike, scripted_server, openai_env, seed_post,
+                                                             tmp_path):
+    """Small models write ⟦1⟧ as 【1】 (zh) or drop into [[1]]: unambiguous, so repaired, and the post is whole."""
+    def respell(value, target):
+        translated = fake_translation(value, target)
+        return translated.replace("⟦1⟧", lookalike.format(n=1), 1)
+
+    server = scripted_server(mangle_each(respell))
+    [written] = translate_file(seed_post, ["ar"], backend_for(server), out_dir=tmp_path / "out")
+    text = written.read_text(encoding="utf-8")
+    assert fences(text) == fences(SEED) and count(text, "link_open") == count(SEED, "link_open")
+    assert lookalike.format(n=1) not in text
+    assert all(len(sent_segments(body)) > 1 for body in server.requests)  # accepted at once, no retries
+
+
+@pytest.mark.parametrize("translation, expected", [
+    ("see 【1】 and ⟦2⟧", "see ⟦1⟧ and ⟦2⟧"),
+    ("see [[1]] and [[2]]", "see ⟦1⟧ and ⟦2⟧"),
+    ("see ⟦1⟧ and 【1】", "see ⟦1⟧ and 【1】"),  # ⟦1⟧ is there: nothing is missing, nothing changes
+    ("see 【1】 and 【1】 and ⟦2⟧", "see 【1】 and 【1】 and ⟦2⟧"),  # two candidates: ambiguous, left to fail
+    ("see 【1】 and [[1]] and ⟦2⟧", "see 【1】 and [[1]] and ⟦2⟧"),
+    ("see 【3】", "see 【3】"),  # no placeholder 3 in the segment
+])
+def test_lookalikes_are_repaired_only_when_unambiguous(translation, expected):
+    from explainer.markdown_segments import repair_placeholders
+
+    assert repair_placeholders(translation, 2) == expected
