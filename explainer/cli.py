@@ -252,7 +252,12 @@ def build(config_path: Path, only: tuple[str, ...], langs: tuple[str, ...], dry_
               help="Longest prompt + answer, in tokens; the KV cache is allocated for it [default: 4096].")
 @click.option("--max-batch-size", type=click.IntRange(min=1), metavar="N",
               help="Most requests generating at once; more wait for a free row [default: 8].")
-def serve(model: str | None, host: str, port: int, max_seq_len: int | None, max_batch_size: int | None):
+@click.option("--api-key", metavar="KEY", help="Require `Authorization: Bearer KEY` of every client "
+                                                "[default: EXPLAINER_API_KEY, else no key].")
+@click.option("--max-body-bytes", type=click.IntRange(min=1), default=8 << 20, show_default=True,
+              help="Largest request body; a larger one gets 413 before it is read.")
+def serve(model: str | None, host: str, port: int, max_seq_len: int | None, max_batch_size: int | None,
+          api_key: str | None, max_body_bytes: int):
     """Serve the local model over an OpenAI-compatible API, until Ctrl-C.
 
     Endpoints: GET /v1/models, POST /v1/chat/completions and POST /v1/completions, streamed or
@@ -268,7 +273,8 @@ def serve(model: str | None, host: str, port: int, max_seq_len: int | None, max_
     from explainer.serve import open_server
 
     try:
-        with open_server(model, host, port, max_seq_len=max_seq_len, max_batch_size=max_batch_size) as server:
+        with open_server(model, host, port, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                         api_key=api_key, max_body_bytes=max_body_bytes) as server:
             click.echo(f"serving {server.model_name} on {server.base_url}", err=True)
             server.serve_forever()
     except KeyboardInterrupt:

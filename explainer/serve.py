@@ -13,16 +13,32 @@ stop token, and prompts sharing a start with an earlier one reuse its keys and v
 request's tokens reach its connection as they are produced; a streaming client that goes away
 frees its row at the next step.
 
+Limits, as llama.cpp's server and vLLM keep them: a body over max_body_bytes gets 413 before it is
+read, a POST without a valid Content-Length 411 or 400, a socket idle for `timeout` seconds is
+closed, and past max_connections open connections or max_queue waiting requests a client gets 503
+with Retry-After. Every failure is a JSON error body; nothing a client sends reaches a traceback.
+
+Access: with an API key (--api-key or EXPLAINER_API_KEY), every request needs `Authorization: Bearer
+KEY` (compared in constant time). POSTs must be `Content-Type: application/json`, so a web page
+cannot send one without a CORS preflight, which this server never grants. While bound to loopback,
+the Host header must name loopback and an Origin header, if any, must be a loopback origin: a page
+on another site (or a DNS-rebinding name that points at 127.0.0.1) is refused with 403.
+
 torch is imported only when a model is loaded (open_server), never by importing this module.
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
+import logging
+import os
 import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 from pathlib import Path
 from typing import Iterator
 
@@ -34,6 +50,16 @@ ROLES = ("system", "user", "assistant")
 UNSUPPORTED_FIELDS = ("stop", "logprobs", "tools", "echo", "suffix")
 TEXT_COMPLETION_DEFAULT_MAX_TOKENS = 16  # the legacy completions API's documented default
 GREEDY = (0.0, 1.0, None)  # (temperature, top_p, seed) of every temperature-0 request: top_p and seed don't matter
+DEFAULT_MAX_BODY_BYTES = 8 << 20
+DEFAULT_MAX_CONNECTIONS = 64
+DEFAULT_MAX_QUEUE = 64  # requests waiting for a row; more get 503 at once rather than wait for minutes
+DEFAULT_TIMEOUT_S = 60.0  # a socket that sends nothing for this long is closed
+# A token of these vocabularies is at most a few dozen bytes, so a prompt this many times longer in bytes
+# than the context cannot fit: it is refused before tokenising it costs anything.
+MAX_BYTES_PER_TOKEN = 64
+API_KEY_ENV = "EXPLAINER_API_KEY"
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------- errors
@@ -41,9 +67,11 @@ GREEDY = (0.0, 1.0, None)  # (temperature, top_p, seed) of every temperature-0 r
 class ApiError(Exception):
     """An error the client gets as an OpenAI-style body: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None,
+                 headers: dict | None = None):
         super().__init__(message)
         self.message, self.param, self.status, self.code = message, param, status, code
+        self.headers = headers or {}
 
     def body(self) -> dict:
         kind = "server_error" if self.status >= 500 else "invalid_request_error"
@@ -160,7 +188,9 @@ class ModelServer(ThreadingHTTPServer):
 
     Use it as a context manager or call server_close() to stop the worker."""
 
-    def __init__(self, address: tuple[str, int], llama, model_name: str):
+    def __init__(self, address: tuple[str, int], llama, model_name: str, *, api_key: str | None = None,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 max_queue: int = DEFAULT_MAX_QUEUE, timeout: float = DEFAULT_TIMEOUT_S):
         from llama_ref.engine import Engine
 
         super().__init__(address, _Handler)
@@ -168,8 +198,40 @@ class ModelServer(ThreadingHTTPServer):
         self.engine = Engine(llama.model, llama.tokenizer)  # the model's KV cache is this engine's alone
         self.model_name = model_name
         self.created = int(time.time())
+        self.api_key = api_key
+        self.max_body_bytes, self.max_queue, self.socket_timeout = max_body_bytes, max_queue, timeout
+        self._connections = threading.BoundedSemaphore(max_connections)
         self._worker = threading.Thread(target=self.engine.serve_forever, name="explainer-serve-generate")
         self._worker.start()
+
+    @property
+    def on_loopback(self) -> bool:
+        return _is_loopback(self.server_address[0])
+
+    def process_request(self, request, client_address):
+        """A thread per connection, up to max_connections; past that a 503 at once, and the socket closed."""
+        if not self._connections.acquire(blocking=False):
+            error = ApiError("too many connections; retry in a moment", status=503, code="server_busy")
+            data = json.dumps(error.body()).encode()
+            try:
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n"
+                                b"Content-Type: application/json\r\nConnection: close\r\n"
+                                + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._connections.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connections.release()
 
     @property
     def base_url(self) -> str:
@@ -191,15 +253,17 @@ class ModelServer(ThreadingHTTPServer):
 
 def open_server(model: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000, *,
                 max_seq_len: int | None = None, max_batch_size: int | None = None,
-                dtype: str | None = None) -> ModelServer:
+                dtype: str | None = None, api_key: str | None = None, **limits) -> ModelServer:
     """Load the model (a catalog name or a checkpoint path; default: the catalog's default) and listen
-    on host:port. Port 0 picks a free port; the server's base_url tells which. Call serve_forever() next."""
+    on host:port. Port 0 picks a free port; the server's base_url tells which. Call serve_forever() next.
+    api_key: required of every client (default: EXPLAINER_API_KEY, else none); `limits`: ModelServer's."""
     backend = LocalBackend(model, dtype=dtype, max_seq_len=max_seq_len or DEFAULT_MAX_SEQ_LEN,
                            max_batch_size=max_batch_size or DEFAULT_MAX_BATCH_SIZE)
     llama = backend.llama  # loads the model now, with the local backend's one-line errors
     llama.model.setup_caches(backend.max_batch_size, min(backend.max_seq_len, llama.model.params.context_length))
     try:
-        return ModelServer((host, port), llama, _served_name(backend))
+        return ModelServer((host, port), llama, _served_name(backend),
+                           api_key=api_key or os.environ.get(API_KEY_ENV) or None, **limits)
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
                         f"pick another --port, or stop what is using it") from None
@@ -219,40 +283,83 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: the SDK reuses its connections
     server: ModelServer
 
+    def setup(self):
+        self.timeout = self.server.socket_timeout  # StreamRequestHandler sets it on the socket
+        super().setup()
+
     def handle(self):
         try:
             super().handle()
-        except ConnectionError:  # the client went away mid-answer; a streamed job is cancelled in _stream
+        except (ConnectionError, TimeoutError):  # the client went away or stalled; a streamed job is cancelled
             pass
 
     def do_GET(self):
-        if self._route() == "/v1/models":
+        try:
+            self._check_access()
+            if self._route() != "/v1/models":
+                return self._send_json(*self._no_route())
             card = {"id": self.server.model_name, "object": "model", "created": self.server.created,
                     "owned_by": "llama-explainer"}
-            return self._send_json(200, {"object": "list", "data": [card]})
-        self._send_json(*self._no_route())
+            self._send_json(200, {"object": "list", "data": [card]})
+        except ApiError as exc:
+            self._send_error(exc)
 
     def do_POST(self):
         try:
-            raw = self._read_body()  # always read, so the next request on this connection starts clean
-            kind = {"/v1/chat/completions": "chat", "/v1/completions": "text"}.get(self._route())
-            if kind is None:
-                return self._send_json(*self._no_route())
-            body = _parse_json(raw)
-            job = self._job(kind, body)
-            if _flag(body, "stream"):
-                options = body.get("stream_options")
-                return self._stream(kind, job, include_usage=isinstance(options, dict)
-                                    and options.get("include_usage") is True)
-            text = "".join(_pieces(job))
+            self._answer_post()
         except ApiError as exc:
-            return self._send_json(exc.status, exc.body())
+            self._send_error(exc)
+        except (ConnectionError, TimeoutError):
+            raise
+        except Exception as exc:  # a bug of ours: the client still gets an answer, the log one line
+            log.error("%s %s failed: %s: %s", self.command, self._route(), type(exc).__name__, exc)
+            self.close_connection = True
+            self._send_error(ApiError(f"internal error ({type(exc).__name__}); see the server's log", status=500))
+
+    def _answer_post(self):
+        self._check_access()
+        raw = self._read_body()
+        kind = {"/v1/chat/completions": "chat", "/v1/completions": "text"}.get(self._route())
+        if kind is None:
+            return self._send_json(*self._no_route())
+        if self.headers.get_content_type() != "application/json":
+            raise ApiError(f"the body must be sent as Content-Type: application/json, not "
+                           f"{self.headers.get_content_type()}", status=415, code="unsupported_media_type")
+        body = _parse_json(raw)
+        job = self._job(kind, body)
+        if _flag(body, "stream"):
+            options = body.get("stream_options")
+            return self._stream(kind, job, include_usage=isinstance(options, dict)
+                                and options.get("include_usage") is True)
+        text = "".join(_pieces(job))
         choice = {"index": 0, "finish_reason": job.finish_reason, "logprobs": None}
         if kind == "chat":
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
         self._send_json(200, {**self._envelope(kind, streaming=False), "choices": [choice], "usage": _usage(job)})
+
+    def _check_access(self):
+        """The API key, then (on loopback) Host and Origin, before anything else is read."""
+        server = self.server
+        if server.on_loopback:
+            host = urlsplit(f"//{self.headers.get('Host', '')}").hostname
+            if host is None or not (host == "localhost" or _is_loopback(host)):
+                self.close_connection = True
+                raise ApiError(f"Host {self.headers.get('Host')!r} is not this machine; this server answers "
+                               f"requests for 127.0.0.1, ::1 or localhost only", status=403, code="forbidden")
+            origin = self.headers.get("Origin")
+            if origin is not None and not _is_loopback_origin(origin):
+                self.close_connection = True
+                raise ApiError(f"requests from web pages of {origin} are not allowed", status=403,
+                               code="forbidden")
+        if server.api_key is not None:
+            given = self.headers.get("Authorization", "")
+            expected = f"Bearer {server.api_key}"
+            if not hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8")):
+                self.close_connection = True
+                raise ApiError("a valid API key is required: send Authorization: Bearer KEY", status=401,
+                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     def _job(self, kind: str, body: dict):
         """Validate the request, tokenize its prompt and queue it."""
@@ -265,6 +372,7 @@ class _Handler(BaseHTTPRequestHandler):
         check_supported(body)
         sampling = sampling_of(body)
         llama = self.server.llama
+        _check_size(body, kind, self.server.max_seq_len)
         if kind == "chat":
             prompt, prompt_field, default = chat_prompt(llama, body), "messages", None
         else:
@@ -273,6 +381,9 @@ class _Handler(BaseHTTPRequestHandler):
         from llama_ref.engine import EngineStopped, Job
 
         temperature, top_p, seed = sampling
+        if self.server.engine.queued >= self.server.max_queue:
+            raise ApiError(f"{self.server.max_queue} requests are already waiting; retry in a moment", status=503,
+                           code="server_busy", headers={"Retry-After": "2"})
         try:
             return self.server.engine.submit(Job(prompt, max_tokens, temperature=temperature, top_p=top_p,
                                                  seed=seed))
@@ -337,20 +448,69 @@ class _Handler(BaseHTTPRequestHandler):
                              code="not_found").body()
 
     def _read_body(self) -> bytes:
+        """The body, if Content-Length is there, valid and within the limit; nothing is read otherwise."""
+        value = self.headers.get("Content-Length")
+        if value is None:
+            self.close_connection = True
+            raise ApiError("a POST needs a Content-Length header", status=411, code="length_required")
         try:
-            length = int(self.headers.get("Content-Length") or 0)
+            length = int(value)
         except ValueError:
+            length = -1
+        if length < 0:
             self.close_connection = True  # the body's end is unknown: this connection can't go on
-            raise ApiError("the Content-Length header is not a number") from None
+            raise ApiError(f"the Content-Length header must be a byte count; got {value!r}")
+        if length > self.server.max_body_bytes:
+            self.close_connection = True
+            raise ApiError(f"the body is {length} bytes; this server takes at most {self.server.max_body_bytes} "
+                           f"(explainer serve --max-body-bytes)", status=413, code="request_too_large")
         return self.rfile.read(length)
 
-    def _send_json(self, status: int, payload: dict) -> None:
+    def _send_error(self, error: ApiError) -> None:
+        try:
+            self._send_json(error.status, error.body(), error.headers)
+        except OSError:
+            self.close_connection = True
+
+    def _send_json(self, status: int, payload: dict, headers: dict | None = None) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_loopback_origin(origin: str) -> bool:
+    parts = urlsplit(origin)
+    return parts.scheme in ("http", "https") and (parts.hostname == "localhost"
+                                                   or _is_loopback(parts.hostname or ""))
+
+
+def _check_size(body: dict, kind: str, max_seq_len: int) -> None:
+    """Refuse, before tokenising, a prompt that cannot fit the context whatever its tokens are."""
+    if kind == "chat":
+        messages = body.get("messages")
+        parts = [m.get("content") for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
+        size = sum(len(p) if isinstance(p, str) else len(json.dumps(p)) for p in parts)
+        field = "messages"
+    else:
+        prompt = body.get("prompt")
+        size, field = (len(prompt) if isinstance(prompt, str) else 0), "prompt"
+    if size > max_seq_len * MAX_BYTES_PER_TOKEN:
+        raise ApiError(f"the {field} hold {size} characters, far more than this model's context of {max_seq_len} "
+                       f"tokens can take; shorten them", field, code="context_length_exceeded")
 
 
 def _parse_json(raw: bytes) -> dict:
@@ -358,8 +518,17 @@ def _parse_json(raw: bytes) -> dict:
         body = json.loads(raw)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
         raise ApiError(f"the request body is not valid JSON ({exc}); send a JSON object") from None
+    except RecursionError:
+        raise ApiError("the request body nests too deeply; send a flat JSON object") from None
     if not isinstance(body, dict):
         raise ApiError(f"the request body must be a JSON object, not {type(body).__name__}")
+    try:  # "\ud800" is valid JSON but not text: no tokenizer can encode it
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError("the request body holds an unpaired surrogate (like \"\\ud800\"); send valid Unicode text") \
+            from None
+    except RecursionError:
+        raise ApiError("the request body nests too deeply; send a flat JSON object") from None
     return body
 
 

@@ -260,6 +260,12 @@ class Engine:
         model.setup_caches(max_batch_size, max_seq_len)
         self._slots = [None] * max_batch_size
 
+    @property
+    def queued(self) -> int:
+        """Jobs submitted and not yet running."""
+        with self._changed:
+            return len(self._waiting)
+
     def _has_work(self) -> bool:
         return bool(self._waiting) or any(self._slots)
 

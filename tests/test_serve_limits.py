@@ -1,0 +1,143 @@
+"""`explainer serve` under the requests a hostile or broken client sends: limits, access checks, and a JSON
+answer for everything, over raw sockets so that every header and byte is the test's own."""
+
+import http.client
+import json
+import socket
+import threading
+
+import openai
+import pytest
+
+from explainer.serve import open_server
+
+pytestmark = pytest.mark.slow
+
+KEY = "s3cret-key"
+MAX_BODY = 1 << 20
+CONNECTIONS = 3
+
+
+@pytest.fixture(scope="module")
+def server():
+    server = open_server("smollm2-135m", "127.0.0.1", 0, max_seq_len=256, max_batch_size=2, dtype="fp32",
+                         api_key=KEY, max_body_bytes=MAX_BODY, max_connections=CONNECTIONS, timeout=2.0)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def raw(server, head: str, body: bytes = b"") -> tuple[int, dict, dict]:
+    """Send `head` (request line and headers, without the blank line) and `body`; (status, headers, JSON)."""
+    host, port = server.server_address[:2]
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(head.encode() + b"\r\n\r\n" + body)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, dict(response.getheaders()), json.loads(response.read())
+
+
+def post(server, body: bytes, *, content_type="application/json", extra="", length: str | None = None):
+    host, port = server.server_address[:2]
+    length_line = "" if length == "" else f"Content-Length: {len(body) if length is None else length}\r\n"
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: {content_type}\r\n{length_line}{extra}").rstrip("\r\n")
+    return raw(server, head, body)
+
+
+def chat(server, content) -> bytes:
+    return json.dumps({"model": server.model_name, "messages": [{"role": "user", "content": content}],
+                       "max_tokens": 4, "temperature": 0}).encode()
+
+
+def test_a_valid_request_with_the_key_is_answered(server):
+    with openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0) as client:  # closes its connection
+        answer = client.chat.completions.create(model=server.model_name, max_tokens=4, temperature=0,
+                                                messages=[{"role": "user", "content": "Hi"}])
+    assert answer.choices[0].message.content
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong", f"Basic {KEY}", f"Bearer {KEY}x"])
+def test_without_the_key_a_client_gets_401(server, authorization):
+    port = server.server_address[1]
+    head = f"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1:{port}"
+    if authorization:
+        head += f"\r\nAuthorization: {authorization}"
+    status, headers, body = raw(server, head)
+    assert status == 401 and headers["WWW-Authenticate"] == "Bearer"
+    assert "valid API key is required" in body["error"]["message"]
+
+
+def test_a_body_over_the_limit_gets_413_before_it_is_read(server):
+    # it claims 10 GB and sends none: a server that read it first would never answer
+    status, _, body = post(server, b"", length=str(10 << 30))
+    assert status == 413 and "at most 1048576" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("length, status", [("", 411), ("-1", 400), ("ten", 400)])
+def test_a_missing_or_invalid_content_length_is_refused(server, length, status):
+    code, _, body = post(server, b"", length=length)
+    assert code == status and body["error"]["message"]
+
+
+def test_a_body_sent_as_text_plain_gets_415(server):
+    # a web page can POST text/plain without a CORS preflight; JSON needs one, which is never granted
+    status, _, body = post(server, chat(server, "Hi"), content_type="text/plain")
+    assert status == 415 and "application/json" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("payload, message", [
+    (b"[" * 100_000 + b"]" * 100_000, "nests too deeply"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}', "unpaired surrogate"),
+])
+def test_hostile_json_gets_a_400_not_a_crash(server, payload, message):
+    status, _, body = post(server, payload)
+    assert status == 400 and message in body["error"]["message"]
+    test_a_valid_request_with_the_key_is_answered(server)  # and the server still answers
+
+
+@pytest.mark.parametrize("extra", ["Origin: http://evil.example", "Host: evil.example"])
+def test_pages_and_names_of_other_sites_get_403_on_loopback(server, extra):
+    host, port = server.server_address[:2]
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: 2\r\n{extra}")
+    if not extra.startswith("Host"):
+        head += f"\r\nHost: 127.0.0.1:{port}"
+    status, _, body = raw(server, head, b"{}")
+    assert status == 403 and body["error"]["code"] == "forbidden"
+
+
+def test_a_prompt_far_longer_than_the_context_is_refused_before_tokenising(server):
+    status, _, body = post(server, chat(server, "x" * (256 * 64 + 1)))
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+
+
+def test_a_full_queue_gets_503_with_retry_after(server):
+    server.max_queue = 0
+    try:
+        status, headers, body = post(server, chat(server, "Hi"))
+    finally:
+        server.max_queue = 64
+    assert status == 503 and headers["Retry-After"] and body["error"]["code"] == "server_busy"
+
+
+def test_past_the_connection_limit_a_client_gets_503_and_stalled_sockets_time_out():
+    # a server of its own, so that no other test's connection holds a slot
+    server = open_server("smollm2-135m", "127.0.0.1", 0, max_seq_len=64, max_batch_size=1, dtype="fp32",
+                         max_connections=CONNECTIONS, timeout=2.0)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    host, port = server.server_address[:2]
+    stalled = [socket.create_connection((host, port), timeout=10) for _ in range(CONNECTIONS)]
+    try:
+        status, headers, body = raw(server, f"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1:{port}")
+        assert status == 503 and headers["Retry-After"] == "1" and body["error"]["code"] == "server_busy"
+        # a connection that never sends its request is closed after the server's timeout (2 s)
+        assert stalled[0].recv(1) == b""
+    finally:
+        for sock in stalled:
+            sock.close()
+        server.shutdown()
+        server.server_close()
