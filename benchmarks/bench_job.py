@@ -361,7 +361,7 @@ def child_llama2c(args) -> dict:
     import torch
 
     from llama_ref import Llama
-    from llama_ref.generation import timed_generation
+    from llama_ref.__main__ import timed_generation
 
     torch.set_num_threads(args.threads)
     seq_len = STORIES15M["seq_len"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,6 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16")
     parser.add_argument("--int8", action="store_true", help="int8 weight-only linear layers (less memory)")
+    parser.add_argument("--no-packed", action="store_true",
+                        help="decode with the bf16 weights, not with 4-bit copies of a GGUF's 4-bit ones")
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="context length to allocate the KV cache for (default: 2048)")
     args = parser.parse_args(argv)
@@ -50,13 +53,13 @@ def main(argv=None) -> int:
     # torch is imported here, after --help has had its chance to answer quickly
     from llama_ref.checkpoints import CheckpointError
     from llama_ref.device import DeviceError
-    from llama_ref.generation import Llama, timed_generation
+    from llama_ref.generation import Llama
     from llama_ref.tokenizer import StreamDecoder
 
     try:
         max_seq_len = args.max_seq_len or 2048
         llama = Llama.build(resolve_model(args.model), max_seq_len=max_seq_len, max_batch_size=1,
-                            device=args.device, dtype=args.dtype, int8=args.int8)
+                            device=args.device, dtype=args.dtype, int8=args.int8, packed=not args.no_packed)
         if args.chat:
             prompt_tokens = llama.tokenizer.encode(llama.render_chat([{"role": "user", "content": args.prompt}]),
                                                    bos=False, eos=False)
@@ -87,6 +90,27 @@ def main(argv=None) -> int:
     rate = steps / decode_s if decode_s > 0 else 0.0
     print(f"achieved tok/s: {rate:f}", file=sys.stderr)
     return 0
+
+
+def timed_generation(llama, prompt_tokens: list[int], max_gen_len: int, on_token=None, **sampling):
+    """Generate for one prompt; returns (tokens, prefill_seconds, decode_seconds, decode_steps).
+
+    Prefill runs until the first new token exists and decode covers the rest: the split behind
+    llama2.c's "achieved tok/s", which counts decode steps only.
+    """
+    marks = []
+
+    def timing_hook(row, token):
+        marks.append(time.perf_counter())
+        if on_token is not None:
+            on_token(row, token)
+
+    started = time.perf_counter()
+    (tokens,), _ = llama.generate([prompt_tokens], max_gen_len, on_token=timing_hook, **sampling)
+    finished = time.perf_counter()
+    if not marks:
+        return tokens, finished - started, 0.0, 0
+    return tokens, marks[0] - started, finished - marks[0], len(marks) - 1
 
 
 if __name__ == "__main__":

@@ -23,13 +23,10 @@ from .model import ModelArgs, scale_rope_frequencies
 from .tokenizer import (SentencePieceTokenizer, Tokenizer, TokenizerError, load_hf_tokenizer,
                         read_llama2c_tokenizer, tokenizer_from_gguf)
 
-SUPPORTED_INPUTS = "a .gguf file, a Hugging Face or Meta model directory, or a llama2.c .bin file"
-
-
 @dataclass
 class Checkpoint:
     path: Path
-    format: str  # "gguf" | "hf" | "meta" | "llama2c"
+    format: str  # the name of its entry in FORMATS
     args: ModelArgs
     tokenizer: Tokenizer
     chat_template: str | None
@@ -53,20 +50,20 @@ class Checkpoint:
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Detect the format of `path` and read everything but the weights. Raises CheckpointError."""
+    """Detect the format of `path` (FORMATS, in order) and read everything but the weights. Raises
+    CheckpointError."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory; pass {SUPPORTED_INPUTS}")
+        raise CheckpointError(f"{path}: no such file or directory; pass {supported_inputs()}")
     model_format, location = _detect_format(path)
-    opener = {"gguf": _open_gguf, "hf": _open_hf, "meta": _open_meta, "llama2c": _open_llama2c}[model_format]
     try:
-        checkpoint = opener(location)
+        checkpoint = model_format.open(location)
     except CheckpointError:
         raise
     except TokenizerError as e:
         raise CheckpointError(f"{location}: tokenizer: {e}") from e
     except Exception as e:  # a file we cannot parse is a broken file, whatever the parser raised
-        raise CheckpointError(f"{location}: cannot be read as a {model_format} checkpoint "
+        raise CheckpointError(f"{location}: cannot be read as a {model_format.name} checkpoint "
                               f"({type(e).__name__}: {e}); the file may be truncated or corrupt") from e
     if checkpoint.tokenizer.n_words > checkpoint.args.vocab_size:
         raise CheckpointError(
@@ -75,32 +72,61 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     return checkpoint
 
 
-def _detect_format(path: Path) -> tuple[str, Path]:
+@dataclass(frozen=True)
+class Format:
+    """One checkpoint format: how to recognise it and how to open it. A new format is one entry of FORMATS."""
+
+    name: str  # Checkpoint.format
+    described: str  # what a user passes, for error messages
+    marker: str  # what marks a directory in this format, for error messages ("": files only)
+    detect: Callable[[Path], Path | None]  # where the checkpoint is if `path` is one (a folder may hold it)
+    open: Callable[[Path], Checkpoint]
+
+
+def supported_inputs() -> str:
+    described = [f.described for f in FORMATS]
+    return ", ".join(described[:-1]) + ", or " + described[-1]
+
+
+def _detect_format(path: Path) -> tuple[Format, Path]:
+    for model_format in FORMATS:
+        location = model_format.detect(path)
+        if location is not None:
+            return model_format, location
     if path.is_dir():
-        if (path / "config.json").is_file():
-            return "hf", path
-        if (path / "params.json").is_file() or any(path.glob("consolidated.*.pth")):
-            return "meta", path
+        raise CheckpointError(f"{path}: found no {' or '.join(f.marker for f in FORMATS if f.marker)} in this directory; "
+                              f"pass {supported_inputs()}")
+    raise CheckpointError(f"{path}: unrecognised model file; pass {supported_inputs()}")
+
+
+def _is_hf(path: Path) -> Path | None:
+    if path.is_dir():
+        return path if (path / "config.json").is_file() else None
+    return path.parent if path.suffix.lower() == ".safetensors" or path.name == "config.json" else None
+
+
+def _is_meta(path: Path) -> Path | None:
+    if path.is_dir():
+        return path if (path / "params.json").is_file() or any(path.glob("consolidated.*.pth")) else None
+    return path.parent if path.suffix.lower() == ".pth" or path.name == "params.json" else None
+
+
+def _is_gguf(path: Path) -> Path | None:
+    if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) == 1:
-            return "gguf", ggufs[0]
-        raise CheckpointError(f"{path}: found no config.json (Hugging Face), params.json (Meta) or single .gguf "
-                              f"file in this directory; pass {SUPPORTED_INPUTS}")
+        return ggufs[0] if len(ggufs) == 1 else None
     with path.open("rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
-        return "gguf", path
-    suffix = path.suffix.lower()
-    if suffix == ".gguf":
+        return path
+    if path.suffix.lower() == ".gguf":
         raise CheckpointError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF'); "
                               "the download may be incomplete or the file is something else")
-    if suffix == ".bin":
-        return "llama2c", path
-    if suffix == ".pth" or path.name == "params.json":
-        return "meta", path.parent
-    if suffix == ".safetensors" or path.name == "config.json":
-        return "hf", path.parent
-    raise CheckpointError(f"{path}: unrecognised model file; pass {SUPPORTED_INPUTS}")
+    return None
+
+
+def _is_llama2c(path: Path) -> Path | None:
+    return path if path.is_file() and path.suffix.lower() == ".bin" else None
 
 
 # ---------------------------------------------------------------------------- shapes and names
@@ -635,3 +661,13 @@ def _llama2c_layout(args: ModelArgs, version: int) -> list[tuple[str, tuple[int,
     if not args.tie_embeddings:
         layout.append(("output.weight", shapes["output.weight"]))
     return layout
+
+
+# ---------------------------------------------------------------------------- the formats, in detection order
+
+FORMATS: tuple[Format, ...] = (
+    Format("hf", "a Hugging Face model directory", "config.json (Hugging Face)", _is_hf, _open_hf),
+    Format("meta", "a Meta model directory", "params.json (Meta)", _is_meta, _open_meta),
+    Format("gguf", "a .gguf file", "single .gguf file", _is_gguf, _open_gguf),
+    Format("llama2c", "a llama2.c .bin file", "", _is_llama2c, _open_llama2c),
+)

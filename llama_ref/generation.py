@@ -9,7 +9,6 @@ are computed after the sampled token is written (so generated tokens get real va
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
@@ -200,25 +199,3 @@ def sample_top_p(probs: torch.Tensor, p: float, top_k: Optional[int] = None,
     probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
     next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
     return torch.gather(probs_idx, -1, next_token)
-
-
-def timed_generation(llama: Llama, prompt_tokens: List[int], max_gen_len: int,
-                     on_token: Optional[Callable[[int, int], None]] = None, **sampling):
-    """Generate for one prompt; returns (tokens, prefill_seconds, decode_seconds, decode_steps).
-
-    Prefill runs until the first new token exists and decode covers the rest: the split behind
-    llama2.c's "achieved tok/s", which counts decode steps only.
-    """
-    marks = []
-
-    def timing_hook(row, token):
-        marks.append(time.perf_counter())
-        if on_token is not None:
-            on_token(row, token)
-
-    started = time.perf_counter()
-    (tokens,), _ = llama.generate([prompt_tokens], max_gen_len, on_token=timing_hook, **sampling)
-    finished = time.perf_counter()
-    if not marks:
-        return tokens, finished - started, 0.0, 0
-    return tokens, marks[0] - started, finished - marks[0], len(marks) - 1
