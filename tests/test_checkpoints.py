@@ -285,3 +285,42 @@ def test_cli_reports_a_bad_model_in_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1 and str(path) in result.stderr and "not a GGUF file" in result.stderr
+
+
+# ---------------------------------------------------------------------------- crafted headers
+
+def gguf_bytes_claiming_a_huge_array() -> bytes:
+    """65 bytes: GGUF v3, no tensors, one key whose uint8 array claims 2^60 elements."""
+    import struct
+
+    key = b"general.huge"
+    return (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key
+            + struct.pack("<IIQ", 9, 0, 1 << 60) + b"\x00" * 5)
+
+
+def test_a_gguf_claiming_more_than_it_holds_fails_at_once(tmp_path):
+    """Before, gguf's reader looped on empty reads past the end of such a file until memory ran out."""
+    path = tmp_path / "huge.gguf"
+    path.write_bytes(gguf_bytes_claiming_a_huge_array())
+    assert path.stat().st_size == 65
+    with pytest.raises(CheckpointError, match="claims 1152921504606846976 elements"):
+        open_checkpoint(path)
+
+
+def test_a_gguf_claiming_a_million_layers_is_refused_before_building_them(tmp_path):
+    import dataclasses
+
+    model = make_tiny_model(tmp_path)
+    crafted = TinyModel(dataclasses.replace(model.args, n_layers=1_000_000), model.weights, model.tokenizer_model)
+    path = write_gguf(crafted, tmp_path / "layers.gguf")
+    with pytest.raises(CheckpointError, match="says 1000000 layers but the file holds tensors for 2"):
+        open_checkpoint(path)
+
+
+def test_a_llama2c_header_claiming_terabytes_is_refused_before_building_anything(tmp_path):
+    import struct
+
+    path = tmp_path / "huge.bin"
+    path.write_bytes(struct.pack("<7i", 4096, 11008, 2**31 - 1, 32, 32, 32000, 2048))
+    with pytest.raises(CheckpointError, match="28 bytes, but its header .* implies at least"):
+        open_checkpoint(path)
