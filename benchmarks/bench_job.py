@@ -585,8 +585,9 @@ def main() -> int:
               f"cache); llama.cpp (llama-cpp-python, the same GGUF and token ids) one after another, reusing the "
               f"prefix each shares with the one before. Load time is not part of the job's wall time. Ratios are "
               f"llama_ref / llama.cpp; each engine ran in its own process, so each peak RSS is its own.")
-    if max(m["load_average_before"], m["load_average_after"]) >= 1:
-        header += (" Other work shared the machine during this run (the load averages above), so every figure is a "
+    # the run's own threads raise the load average after it, so only the one before tells of other work
+    if m["load_average_before"] >= 1:
+        header += (" The machine was busy as this run started (the load average before), so every figure may be a "
                    "lower bound; with as many threads as cores, a thread that loses its core stalls every operation.")
     report = header + "\n\n" + "\n\n".join(sections) + "\n"
     print(report)

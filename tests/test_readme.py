@@ -1,0 +1,30 @@
+"""Counts the README states are checked against what they count, so the README cannot drift from the code."""
+
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from explainer.chunking import chunk_file
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def number_before(phrase: str) -> int:
+    """The number written just before `phrase` in the README ("(16 pieces and the introduction)")."""
+    assert phrase in README, f"the README no longer says {phrase!r}"
+    words = README[:README.index(phrase)].replace("(", " ").split()
+    return int(words[-1].replace(",", ""))
+
+
+def test_the_make_run_post_has_as_many_pieces_as_the_readme_says():
+    chunked = chunk_file(ROOT / "llama_ref/generation.py", symbol="Llama.generate", max_lines=30)
+    assert number_before("pieces and the introduction)") == len(chunked.chunks)
+
+
+def test_the_eval_set_has_as_many_pieces_as_the_readme_says():
+    pieces = tomllib.loads((ROOT / "benchmarks/eval_set/pieces.toml").read_text(encoding="utf-8"))["piece"]
+    assert number_before("pieces of\n`benchmarks/eval_set/pieces.toml`") == len(pieces)
