@@ -191,6 +191,9 @@ def _check_pattern(pattern: str, where: str):
     if unknown := fields - PATTERN_FIELDS:
         raise UserError(f"{where}: pattern uses {{{sorted(unknown)[0]}}}; "
                         f"use only {', '.join('{' + f + '}' for f in sorted(PATTERN_FIELDS))}")
+    if Path(pattern).is_absolute() or ".." in Path(pattern).parts:
+        raise UserError(f"{where}: pattern {pattern!r} would write outside the site's output folder; "
+                        f"write a relative path without '..', like {DEFAULT_PATTERN!r}")
     if not {"lang", "slug"} <= fields:
         raise UserError(f"{where}: pattern {pattern!r} must contain {{lang}} and {{slug}}, "
                         f"or posts would overwrite each other")
@@ -206,11 +209,18 @@ def _post_spec(entry, index: int, root: Path, folder: Path, where: str) -> PostS
         raise UserError(f"{where} needs exactly one of `file` (code to explain) or `markdown` (a hand-written post)")
     if markdown is not None:
         markdown_path = (folder / markdown).resolve()
+        if not (_inside(markdown_path, folder) or _inside(markdown_path, root)):
+            raise UserError(f"{where}: markdown file {markdown} is outside the site's folder and the project root; "
+                            f"keep posts inside them")
         if not markdown_path.is_file():
             raise UserError(f"{where}: markdown file {markdown} does not exist (paths are relative to "
                             f"{folder.name}/); fix the path")
         default_slug = markdown_path.stem
     else:
+        if not _inside((root / file).resolve(), root):
+            # its code would be sent to the model: only the project's own files are
+            raise UserError(f"{where}: file {file} is outside the project root {root.name}/; explain files inside "
+                            f"[site] root, or move root")
         if not (root / file).is_file():
             raise UserError(f"{where}: file {file} does not exist under the project root {root}; "
                             f"fix `file` or [site] root")
@@ -225,8 +235,10 @@ def _post_spec(entry, index: int, root: Path, folder: Path, where: str) -> PostS
     if isinstance(post_date, Date):  # TOML has a date type: date = 2023-08-17
         post_date = post_date.isoformat()
     try:
-        Date.fromisoformat(post_date if isinstance(post_date, str) else "")
-    except ValueError:
+        # exactly YYYY-MM-DD: fromisoformat also takes "20240105", which would not name a file the same way
+        if Date.fromisoformat(post_date).isoformat() != post_date:
+            raise ValueError(post_date)
+    except (ValueError, TypeError):
         raise UserError(f"{where} ({slug}) needs date = \"YYYY-MM-DD\" (it names the file, so it must not "
                         f"change between builds)") from None
     demos = _get(entry, "demos", list, [], where)
@@ -237,6 +249,10 @@ def _post_spec(entry, index: int, root: Path, folder: Path, where: str) -> PostS
     return PostSpec(slug=slug, date=post_date, markdown=markdown_path, file=file,
                     symbol=_get(entry, "symbol", str, None, where),
                     max_lines=_get(entry, "max_lines", int, 30, where), demos=tuple(demos))
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
 
 
 def _slugify(text: str) -> str:

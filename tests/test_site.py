@@ -168,6 +168,12 @@ def edit_config(config, edit) -> None:
     (lambda c: c["site"].update(languages=["en", "xx"]), "unknown language 'xx'"),
     (lambda c: c["posts"][1].update(slug="llama-generate"), "two posts have the slug 'llama-generate'"),
     (lambda c: c["backend"].update(name="claude"), "[backend] name: unknown backend 'claude'; use one of openai, local"),
+    (lambda c: c["posts"][0].update(date="20240105"), "post 1 (llama-generate) needs date = \"YYYY-MM-DD\""),
+    (lambda c: c["posts"][0].update(file="../secret.py"), "post 1: file ../secret.py is outside the project root"),
+    (lambda c: c["posts"][0].update(file="/etc/hostname"), "post 1: file /etc/hostname is outside the project root"),
+    (lambda c: c["posts"][1].update(markdown="/etc/hostname"), "post 2: markdown file /etc/hostname is outside"),
+    (lambda c: c["site"].update(pattern="../{lang}/{slug}.md"), "would write outside the site's output folder"),
+    (lambda c: c["site"].update(pattern="/tmp/{lang}/{slug}.md"), "would write outside the site's output folder"),
 ])
 def test_config_mistakes_are_one_clear_line(config, edit, message):
     edit_config(config, edit)
