@@ -69,15 +69,25 @@ class Cache:
                             f"fix --cache-dir or EXPLAINER_CACHE_DIR, or run with --no-cache") from None
 
 
-def request_key(backend_name: str, model: str, request: Request, template_text: str = "") -> str:
+def request_key(backend_name: str, model: str, request: Request, template_text: str = "",
+                endpoint: str | None = None) -> str:
     """sha256 of a canonical JSON of everything that changes the answer to `request`.
 
     Every field of Request takes part, so a sampling setting added later cannot be forgotten here.
+    `endpoint` is the server a remote backend asks (its base URL): two servers may serve different
+    models under one name. The local backend has none, and its keys leave it out.
     """
     recipe = {"version": KEY_VERSION, "backend": backend_name, "model": model, "template": template_text,
               "request": dataclasses.asdict(request)}
+    if endpoint is not None:
+        recipe["endpoint"] = endpoint
     canonical = json.dumps(recipe, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def key_for(backend: Backend, request: Request, template_text: str = "") -> str:
+    """The cache key of `request` sent to `backend` (its name, model and, if remote, its base URL)."""
+    return request_key(backend.name, backend.model, request, template_text, getattr(backend, "base_url", None))
 
 
 def complete_cached(backend: Backend, requests: list[Request], cache: Cache | None, usage: Usage,
@@ -94,7 +104,7 @@ def complete_cached(backend: Backend, requests: list[Request], cache: Cache | No
         template_texts = [""] * len(requests)
     if len(template_texts) != len(requests):
         raise ValueError(f"{len(template_texts)} template texts for {len(requests)} requests")
-    keys = [request_key(backend.name, backend.model, request, template)
+    keys = [key_for(backend, request, template)
             for request, template in zip(requests, template_texts)]
     results: list[Completion | None] = [None] * len(requests)
     lock = threading.Lock()  # backends may call back from worker threads

@@ -27,7 +27,7 @@ import jinja2
 from markdown_it import MarkdownIt
 
 from explainer.backends import Backend, Request, UnusableAnswer, Usage
-from explainer.cache import Cache, complete_cached, request_key
+from explainer.cache import Cache, complete_cached, key_for
 from explainer.chunking import Chunk, ChunkedFile, Symbol, chunk_file, enclosing_view, numbered_lines
 from explainer.languages import Language, language
 from explainer.post import Post, Section
@@ -114,7 +114,7 @@ def explain_file(path: str | os.PathLike, symbol: str | None = None, *, backend:
         def retried(k, completion):
             # kept under the first request's key too, so that a rerun is answered from the cache
             if cache is not None:
-                cache.put(request_key(backend.name, backend.model, requests[missing[k]]), completion)
+                cache.put(key_for(backend, requests[missing[k]]), completion)
             arrived(missing[k], completion)
 
         complete_cached(backend, retries, cache, usage, on_done=retried)

@@ -28,7 +28,7 @@ from ruamel.yaml.comments import CommentedMap
 
 from explainer import frontmatter
 from explainer.backends import Backend, Completion, Request, UnusableAnswer, Usage
-from explainer.cache import Cache, complete_cached, request_key
+from explainer.cache import Cache, complete_cached, key_for
 from explainer.errors import UserError
 from explainer.fileio import write_atomic
 from explainer.languages import Language, known_languages, language
@@ -184,8 +184,7 @@ class SegmentTranslator:
     def key(self, segment: Segment) -> str:
         """One cache entry per segment, whatever batch it travelled in."""
         messages = ({"role": "system", "content": self.system_prompt}, {"role": "user", "content": segment.text})
-        return request_key(self.backend.name, self.backend.model, Request(messages=messages),
-                           template_text="translate-segment")
+        return key_for(self.backend, Request(messages=messages), template_text="translate-segment")
 
     def translate(self, jobs: list[_Job]) -> list[str]:
         """Checked translations (placeholders still in) for `jobs`, in order. Raises

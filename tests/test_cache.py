@@ -9,7 +9,7 @@ import pytest
 
 from explainer.backends import Completion, Request, Usage
 from explainer.backends.openai import OpenAIBackend
-from explainer.cache import Cache, complete_cached, request_key
+from explainer.cache import Cache, complete_cached, key_for, request_key
 from explainer.errors import UserError
 from scripted_server import Reply, user_text
 
@@ -112,6 +112,8 @@ def test_key_changes_with_everything_that_changes_the_answer():
         request_key("openai", "gpt-4o-mini", Request(request.messages, max_tokens=1024), TEMPLATE),
         request_key("openai", "gpt-4o-mini", Request(request.messages, top_p=1.0), TEMPLATE),
         request_key("openai", "gpt-4o-mini", Request(request.messages, seed=1), TEMPLATE),
+        # another server may serve another model under the same name
+        request_key("openai", "gpt-4o-mini", request, TEMPLATE, endpoint="http://127.0.0.1:8000/v1"),
     ]
     assert len({base, *variants}) == 1 + len(variants)
     # Equal content, built separately, gives the same key: the key is content, not identity.
@@ -143,7 +145,6 @@ def test_the_cache_uses_write_ahead_logging(tmp_path):
 def test_each_answer_is_committed_before_the_next_request_and_survives_a_failure(
         scripted_server, openai_env, tmp_path):
     requests = chunk_requests(5)
-    keys = [request_key("openai", "test-model", request) for request in requests]
     committed_before = {}
     failing = threading.Event()
     failing.set()
@@ -158,6 +159,7 @@ def test_each_answer_is_committed_before_the_next_request_and_survives_a_failure
 
     server = scripted_server(script)
     backend = backend_for(server, concurrency=1)
+    keys = [key_for(backend, request) for request in requests]
 
     with pytest.raises(UserError):
         complete_cached(backend, requests, Cache(tmp_path), Usage())
@@ -217,9 +219,10 @@ def test_concurrent_answers_are_all_stored(scripted_server, openai_env, tmp_path
     server = scripted_server(answer)
     requests = chunk_requests(16)
 
-    complete_cached(backend_for(server, concurrency=8), requests, Cache(tmp_path), Usage())
+    backend = backend_for(server, concurrency=8)
+    complete_cached(backend, requests, Cache(tmp_path), Usage())
 
     saved = Cache(tmp_path)
-    assert [saved.get(request_key("openai", "test-model", r)).text for r in requests] == \
+    assert [saved.get(key_for(backend, r)).text for r in requests] == \
         [f"answer to chunk {i}" for i in range(16)]
 
