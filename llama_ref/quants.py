@@ -119,12 +119,8 @@ _FLOATS = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
 SUPPORTED = (*_KERNELS, *_FLOATS)
 
 
-def dequantize(raw: np.ndarray, qtype: Q, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The GGUF tensor stored as `raw` (the file's bytes, in any numpy dtype and shape) as a new torch tensor
-    of `shape` (torch order, last dim fastest) and `dtype`."""
-    if qtype not in _KERNELS and qtype not in _FLOATS:
-        raise ValueError(f"cannot dequantize ggml type {getattr(qtype, 'name', qtype)}; "
-                         f"supported: {', '.join(t.name for t in SUPPORTED)}")
+def _bytes_of(raw: np.ndarray, qtype: Q, shape) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The file's bytes as a flat uint8 tensor (no copy), checked to hold a `qtype` tensor of `shape`."""
     with warnings.catch_warnings():
         # the reader's arrays are read-only maps of the file; nothing here writes to them
         warnings.simplefilter("ignore", UserWarning)
@@ -134,6 +130,17 @@ def dequantize(raw: np.ndarray, qtype: Q, shape: tuple[int, ...], dtype: torch.d
     n = math.prod(shape)
     if n % block_size or data.numel() != n // block_size * type_size:
         raise ValueError(f"{data.numel()} bytes of {qtype.name} do not hold a tensor of shape {shape}")
+    return data, shape
+
+
+def dequantize(raw: np.ndarray, qtype: Q, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The GGUF tensor stored as `raw` (the file's bytes, in any numpy dtype and shape) as a new torch tensor
+    of `shape` (torch order, last dim fastest) and `dtype`."""
+    if qtype not in _KERNELS and qtype not in _FLOATS:
+        raise ValueError(f"cannot dequantize ggml type {getattr(qtype, 'name', qtype)}; "
+                         f"supported: {', '.join(t.name for t in SUPPORTED)}")
+    data, shape = _bytes_of(raw, qtype, shape)
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
     if qtype in _FLOATS:
         # a copy even when no conversion is needed: a view would keep the file mapped and be read-only
         return data.view(_FLOATS[qtype]).to(dtype, copy=True).view(shape)
@@ -184,14 +191,9 @@ def int4_groups(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> tuple[torc
     if qtype not in _GROUPS:
         raise ValueError(f"{getattr(qtype, 'name', qtype)} is not a 4-bit type; 4-bit types: "
                          f"{', '.join(t.name for t in FOUR_BIT)}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        data = torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8).reshape(-1))
-    shape = tuple(int(d) for d in shape)
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
-    n = math.prod(shape)
-    if n % block_size or data.numel() != n // block_size * type_size or shape[-1] % GROUP:
-        raise ValueError(f"{data.numel()} bytes of {qtype.name} do not hold a tensor of shape {shape}")
-    q, scale, low = _GROUPS[qtype](data.view(-1, type_size))
+    data, shape = _bytes_of(raw, qtype, shape)
+    if shape[-1] % GROUP:
+        raise ValueError(f"a row of {shape[-1]} values is not whole groups of {GROUP}")
+    q, scale, low = _GROUPS[qtype](data.view(-1, GGML_QUANT_SIZES[qtype][1]))
     groups = (*shape[:-1], shape[-1] // GROUP)
     return q.reshape(shape), scale.reshape(groups), low.reshape(groups)
