@@ -8,6 +8,8 @@ Checkpoint.tensors() yields the weights one at a time, under Meta's names and in
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 import struct
@@ -40,12 +42,24 @@ class Checkpoint:
         """Yield (Meta name, CPU tensor) one at a time, float32 or the file's bf16/f16; quantised blocks
         are dequantised straight to `dequantized_dtype` (a bf16 model never holds an fp32 copy of its
         largest matrix). 'output.weight' is left out when the embeddings are tied."""
-        try:
+        with self._reading("the weights"):
             yield from self.read_tensors(dequantized_dtype)
+
+    def int4_groups(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The weight `name` as its exact 4-bit (q, scale, min) groups if the file stores it so, else None."""
+        if self.read_int4 is None:
+            return None
+        with self._reading("the 4-bit weights"):
+            return self.read_int4(name)
+
+    @contextlib.contextmanager
+    def _reading(self, what: str):
+        try:
+            yield
         except CheckpointError:
             raise
         except Exception as e:  # whatever breaks while reading the user's file is a problem with that file
-            raise CheckpointError(f"{self.path}: reading the weights failed ({type(e).__name__}: {e}); "
+            raise CheckpointError(f"{self.path}: reading {what} failed ({type(e).__name__}: {e}); "
                                   "the file may be truncated or corrupt, download it again") from e
 
 

@@ -43,13 +43,7 @@ def load_model(model_path: str | Path, max_seq_len: int, max_batch_size: int, de
         model.output.weight = model.tok_embeddings.weight
     _load_weights(model, checkpoint)
     if packed and not int8 and checkpoint.read_int4 is not None and device.type == "cpu" and dtype == torch.bfloat16:
-        try:
-            pack_linears(model, checkpoint.read_int4)
-        except CheckpointError:
-            raise
-        except Exception as e:  # as Checkpoint.tensors: a failure reading the user's file is that file's
-            raise CheckpointError(f"{checkpoint.path}: reading the 4-bit weights failed ({type(e).__name__}: {e}); "
-                                  "the file may be truncated or corrupt, download it again") from e
+        pack_linears(model, checkpoint.int4_groups)
     model.setup_caches(max_batch_size, max_seq_len, dtype=dtype, device=device)
     model.eval()
     # Only the tokenizer and template outlive the load: the checkpoint holds the file's mapping, and

@@ -1,7 +1,8 @@
-"""Weight-only int8: each output row of a linear layer stored as int8 with one fp scale.
+"""Weight-only quantisation of linear layers.
 
-Halves bf16 weight memory (a quarter of fp32) at a small accuracy cost; activations stay in the
-model dtype, so no int8 kernels are needed.
+Int8Linear: each output row stored as int8 with one fp scale. Halves bf16 weight memory (a quarter
+of fp32) at a small accuracy cost; activations stay in the model dtype, so no int8 kernels are needed.
+PackedLinear: a bf16 layer that also keeps a GGUF's 4-bit weights packed, for decode steps.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from llama_ref.quants import GROUP  # values per (scale, min) group of GGUF's Q4_0, Q4_1 and Q4_K blocks
 
 
 class Int8Linear(nn.Module):
@@ -31,14 +34,19 @@ class Int8Linear(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
-def quantize_linears(model: nn.Module, skip: tuple[str, ...] = ()) -> None:
-    """Swap every nn.Linear (except those named in skip) for an empty Int8Linear, in place."""
+def _children(model: nn.Module):
+    """(parent, attribute name, full name, module) for every submodule, listed before any is replaced."""
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            full_name = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, nn.Linear) and full_name not in skip:
-                setattr(module, child_name, Int8Linear(child.in_features, child.out_features, child.bias is not None,
-                                                       dtype=child.weight.dtype, device=child.weight.device))
+            yield module, child_name, f"{name}.{child_name}" if name else child_name, child
+
+
+def quantize_linears(model: nn.Module, skip: tuple[str, ...] = ()) -> None:
+    """Swap every nn.Linear (except those named in skip) for an empty Int8Linear, in place."""
+    for parent, attribute, full_name, child in list(_children(model)):
+        if isinstance(child, nn.Linear) and full_name not in skip:
+            setattr(parent, attribute, Int8Linear(child.in_features, child.out_features, child.bias is not None,
+                                                  dtype=child.weight.dtype, device=child.weight.device))
 
 
 # ---------------------------------------------------------------------------- 4-bit copies for decoding
@@ -50,7 +58,6 @@ def quantize_linears(model: nn.Module, skip: tuple[str, ...] = ()) -> None:
 # rows bf16 was faster (2.3 against 3.0), and at prefill sizes it is many times faster. So the layers
 # keep their bf16 weight for prefill and use the 4-bit copy for calls of at most PACKED_MAX_ROWS rows.
 PACKED_MAX_ROWS = 8
-GROUP = 32  # values per (scale, min) group: the group of GGUF's Q4_0, Q4_1 and Q4_K blocks
 
 
 class PackedLinear(nn.Linear):
@@ -92,17 +99,13 @@ def pack_linears(model: nn.Module, read_int4) -> int:
     """Give every bf16 CPU linear layer whose weight was 4-bit in the checkpoint a packed copy for decoding
     (read_int4(name) -> (q, scale, min) or None). Returns how many layers got one."""
     packed = 0
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full_name = f"{name}.{child_name}" if name else child_name
-            if not can_pack(child):
-                continue
-            groups = read_int4(f"{full_name}.weight")
-            if groups is None:
-                continue
-            layer = PackedLinear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
-            layer.weight, layer.bias = child.weight, child.bias
-            layer.attach(*groups)
-            setattr(module, child_name, layer)
-            packed += 1
+    for parent, attribute, full_name, child in list(_children(model)):
+        groups = read_int4(f"{full_name}.weight") if can_pack(child) else None
+        if groups is None:
+            continue
+        layer = PackedLinear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+        layer.weight, layer.bias = child.weight, child.bias
+        layer.attach(*groups)
+        setattr(parent, attribute, layer)
+        packed += 1
     return packed
