@@ -4,16 +4,23 @@ A fenced block whose info string says `demo` (```sh demo, ```python demo allow-e
 runs in a subprocess from the project root. Its output goes below it as a plain fenced block, the
 same in every language. Like Quarto's freeze, a result is cached under a hash of the code and of
 the project files the code names, so an unchanged demo never runs twice.
+
+A demo is someone's code running on the builder's machine, so it runs in a small sandbox: an
+environment of allowlisted names with no credentials in it (DEMO_ENVIRONMENT), a deadline that
+ends it and every process it started (explainer._demo_supervisor), and a cap on the output
+published.
 """
 
 from __future__ import annotations
 
 import ast
+import codecs
 import hashlib
 import io
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,8 +37,26 @@ from explainer.fileio import write_atomic
 from explainer.render import fence_for, fenced
 
 DEFAULT_TIMEOUT_S = 120.0
+DEFAULT_OUTPUT_LIMIT = 1 << 20  # bytes of a demo's output published; the rest is counted, not kept
 TAIL_LINES = 20  # how much of a failing demo's output the error shows
-_CACHE_VERSION = "demo-v1"  # bump when the stored result's meaning changes
+_CACHE_VERSION = "demo-v2"  # bump when the stored result's meaning changes (v2: the sandboxed environment)
+_GRACE_S = 5.0  # how long the supervisor may take to clean up after the deadline or SIGTERM
+_SUPERVISOR = Path(__file__).with_name("_demo_supervisor.py")
+
+# The environment a demo sees: only these names of the build's environment, so that a demo can't
+# publish a key or token it was never meant to see. PATH is the build's, the build's interpreter
+# folder first.
+DEMO_ENVIRONMENT = (
+    "HOME", "USER", "LOGNAME", "SHELL",  # who runs it, and where their files are
+    "LANG", "LANGUAGE", "TZ", "LC_*",  # how text, dates and times read
+    "TMPDIR",
+    "VIRTUAL_ENV", "PYTHONPATH",  # `python` imports what the build imports
+    "XDG_CACHE_HOME", "EXPLAINER_CACHE_DIR",  # where llama_ref finds the catalog's models
+    "CUDA_VISIBLE_DEVICES",  # which GPU a model demo may use
+)
+DEMO_SETTINGS = {"TERM": "dumb", "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"}  # plain text, as it comes
+# Never passed, whatever the allowlist says.
+SECRET_SUFFIXES, SECRET_PREFIXES = ("_KEY", "_TOKEN", "_SECRET"), ("OPENAI_",)
 
 # Fence language -> the interpreter that runs the block's text as one program.
 _RUNNERS = {
@@ -98,16 +123,21 @@ def parse_fence_info(info: str, where: str) -> FenceInfo:
 class DemoRunner:
     """Runs demos from `project_root`, caching results in `cache_dir/demos` (None: no cache).
 
+    A demo publishes at most `output_limit` bytes of output, then a line saying how much there was.
+    A truncated result is cached like any other: the same code gives the same output, and the
+    limit is part of the cache key.
+
     Thread-safe: a site build runs several posts at once. `runs` and `cache_hits` count for the
     build summary.
     """
 
     def __init__(self, project_root: Path, cache_dir: Path | None, *, rerun: bool = False,
-                 timeout_s: float = DEFAULT_TIMEOUT_S):
+                 timeout_s: float = DEFAULT_TIMEOUT_S, output_limit: int = DEFAULT_OUTPUT_LIMIT):
         self.project_root = Path(project_root).resolve()
         self.store = Path(cache_dir) / "demos" if cache_dir is not None else None
         self.rerun = rerun
         self.timeout_s = timeout_s
+        self.output_limit = output_limit
         self.runs = 0
         self.cache_hits = 0
         self._lock = threading.Lock()
@@ -135,17 +165,19 @@ class DemoRunner:
         return result
 
     def stop(self):
-        """Kill every demo still running and refuse new ones (Ctrl-C). Demos run in their own
-        session, so the terminal's interrupt does not reach them."""
+        """End every demo still running, with every process it started, and refuse new ones
+        (Ctrl-C). Demos run in their own session, so the terminal's interrupt does not reach them."""
         with self._lock:
             self._stopped = True
             running = list(self._running)
-        for process in running:
-            _kill_group(process)
+        for supervisor in running:
+            supervisor.terminate()
+        for supervisor in running:
+            _end(supervisor)
 
     def cache_key(self, demo: Demo) -> str:
         digest = hashlib.sha256()
-        for part in (_CACHE_VERSION, demo.language, demo.code):
+        for part in (_CACHE_VERSION, str(self.output_limit), demo.language, demo.code):
             digest.update(part.encode() + b"\0")
         for path in sorted(self.named_files(demo)):
             digest.update(path.relative_to(self.project_root).as_posix().encode() + b"\0")
@@ -183,48 +215,117 @@ class DemoRunner:
 
     def _execute(self, demo: Demo) -> DemoResult:
         timeout_s = demo.timeout_s or self.timeout_s
-        env = dict(os.environ, PYTHONUNBUFFERED="1", NO_COLOR="1", TERM="dumb")
-        # `python` in a shell demo means the interpreter running the build (the project's venv).
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env = demo_environment()
+        interpreter, *arguments = _RUNNERS[demo.language]
+        program = shutil.which(interpreter, path=env["PATH"])
+        if program is None:
+            raise UserError(f"demo at {demo.where}: can't find {interpreter} on PATH; install it or change "
+                            f"the fence language")
         with self._lock:
             if self._stopped:
                 raise KeyboardInterrupt
-            try:
-                # Own session: on timeout we kill the whole process group, grandchildren included,
-                # or a leftover child holding the pipe would hang the build.
-                process = subprocess.Popen(_RUNNERS[demo.language] + [demo.code], cwd=self.project_root,
-                                           env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                           stderr=subprocess.STDOUT, start_new_session=True)
-            except OSError as exc:
-                raise UserError(f"demo at {demo.where}: can't start {_RUNNERS[demo.language][0]} "
-                                f"({exc.strerror}); install it or change the fence language") from None
-            self._running.add(process)
-        timed_out = False
+            # Own session: the terminal's Ctrl-C reaches the build, which ends demos itself.
+            supervisor = subprocess.Popen(
+                [sys.executable, "-I", str(_SUPERVISOR), repr(timeout_s), program, *arguments, demo.code],
+                cwd=self.project_root, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, start_new_session=True)
+            self._running.add(supervisor)
+        output = _CappedOutput(self.output_limit)
+        reader = threading.Thread(target=output.read, args=(supervisor.stdout,), daemon=True)
+        reader.start()
+        hung = False
         try:
-            raw, _ = process.communicate(timeout=timeout_s)
+            # The supervisor keeps the deadline; this one only guards against the supervisor itself hanging.
+            supervisor.wait(timeout_s + _GRACE_S)
         except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill_group(process)
-            raw, _ = process.communicate()
+            hung = True
+            _end(supervisor)
         except BaseException:  # Ctrl-C: don't leave the demo running in its own session
-            _kill_group(process)
-            process.wait()
+            _end(supervisor)
             raise
         finally:
             with self._lock:
-                self._running.discard(process)
+                self._running.discard(supervisor)
+        # Every process that held the pipe is gone, so it ends at once. Without a subreaper, one that
+        # called setsid may still hold it: it is not waited for, and its reader is left to it.
+        reader.join(_GRACE_S)
+        if not reader.is_alive():
+            supervisor.stdout.close()
+        with supervisor.stderr:
+            status = supervisor.stderr.read().decode("utf-8", errors="replace").strip()
         with self._lock:
-            if self._stopped:  # killed by stop(): its output is not a result
+            if self._stopped:  # ended by stop(): its output is not a result
                 raise KeyboardInterrupt
-        output = raw.decode("utf-8", errors="replace").replace("\r\n", "\n").rstrip()
-        return DemoResult(output, -signal.SIGKILL if timed_out else process.returncode, timed_out)
+        ending = status.splitlines()[-1] if status else ""
+        if ending == "timeout" or hung:
+            return DemoResult(output.text(), -signal.SIGKILL, timed_out=True)
+        if not ending.startswith("exit "):
+            raise UserError(f"demo at {demo.where}: its supervisor failed ({ending or supervisor.returncode}); "
+                            f"run the build with --debug and report it")
+        return DemoResult(output.text(), int(ending.removeprefix("exit ")))
 
 
-def _kill_group(process: subprocess.Popen):
+def demo_environment() -> dict[str, str]:
+    """The build's environment, cut down to DEMO_ENVIRONMENT, plus DEMO_SETTINGS and PATH."""
+    names = [name for name in DEMO_ENVIRONMENT if not name.endswith("*")]
+    prefixes = tuple(name.removesuffix("*") for name in DEMO_ENVIRONMENT if name.endswith("*"))
+    env = {name: value for name, value in os.environ.items()
+           if (name in names or name.startswith(prefixes)) and not _secret(name)}
+    env.update(DEMO_SETTINGS)
+    # `python` in a shell demo means the interpreter running the build (the project's venv).
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])
+    return env
+
+
+def _secret(name: str) -> bool:
+    return name.upper().endswith(SECRET_SUFFIXES) or name.upper().startswith(SECRET_PREFIXES)
+
+
+def _end(supervisor: subprocess.Popen):
+    """Ask the supervisor to end its demo (it kills every process the demo started), and kill the
+    supervisor if it doesn't exit in time."""
+    if supervisor.poll() is None:
+        supervisor.terminate()
     try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        supervisor.wait(_GRACE_S)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(supervisor.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        supervisor.wait()
+
+
+class _CappedOutput:
+    """A demo's output as it is read: the first `limit` bytes kept, the rest counted and dropped,
+    so a demo that writes gigabytes is neither kept in memory nor blocked on a full pipe."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.kept = bytearray()
+        self.total = 0
+
+    def read(self, pipe):
+        while chunk := os.read(pipe.fileno(), 1 << 16):
+            if len(self.kept) < self.limit:
+                self.kept += chunk[:self.limit - len(self.kept)]
+            self.total += len(chunk)
+
+    def text(self) -> str:
+        truncated = self.total > self.limit
+        # A character cut in half at the limit is left out rather than shown as garbage.
+        text = codecs.getincrementaldecoder("utf-8")("replace").decode(bytes(self.kept), final=not truncated)
+        text = text.replace("\r\n", "\n").rstrip()
+        if truncated:
+            text += f"\n… output truncated: {_size(self.limit)} shown of {_size(self.total)}"
+        return text
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= scale:
+            return f"{count / scale:.1f}".removesuffix(".0") + f" {unit}"
+    return f"{count} bytes"
 
 
 def _words(code: str, language: str) -> list[str]:

@@ -1,8 +1,12 @@
 """Live demos: blocks marked `demo` run at build time and their real output is published below them."""
 
 import os
+import secrets
 import select
 import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 from markdown_it import MarkdownIt
@@ -10,6 +14,8 @@ from mdit_py_plugins.front_matter import front_matter_plugin
 
 from explainer.demos import DemoRunner, expand_demos
 from explainer.errors import UserError
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds processes in /proc")
 
 
 def fences(markdown: str) -> list[tuple[str, str]]:
@@ -29,6 +35,24 @@ def project(tmp_path):
 
 def runner_for(project, **options):
     return DemoRunner(project, project.parent / "cache", **options)
+
+
+def unique_sleep() -> str:
+    """A sleep's length no other process has as an argument, to find the sleep by."""
+    return f"30.{secrets.randbelow(10**9):09d}"
+
+
+def running(argument: str) -> bool:
+    """Whether any process has `argument` as one of its command-line arguments."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                arguments = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:  # it ended meanwhile
+                continue
+            if argument.encode() in arguments:
+                return True
+    return False
 
 
 POST = """---
@@ -133,23 +157,99 @@ def test_allow_errors_publishes_the_failure(project):
     ]
 
 
+@needs_proc
 def test_timeout_kills_the_demo_and_its_children(project):
-    # The background sleep keeps the output pipe open: only killing the whole group ends it.
-    post = "```sh demo timeout=0.5\nsleep 60 &\necho $! > child.pid\nwait\n```\n"
+    child = unique_sleep()
+    post = f"```sh demo timeout=0.5\nsleep {child} &\nwait\n```\n"
     with pytest.raises(UserError, match="timed out after 0.5 s"):
         expand_demos(post, runner_for(project), "p.md")
-    child = int((project / "child.pid").read_text())
+    assert not running(child)
+
+
+def test_a_demo_that_never_ends_times_out_though_it_holds_the_output_pipe(project):
+    started = time.monotonic()
+    with pytest.raises(UserError, match="timed out after 2 s"):
+        expand_demos("```sh demo timeout=2\nsleep infinity\n```\n", runner_for(project), "p.md")
+    assert time.monotonic() - started < 10  # the deadline, not the sleep, ended it
+
+
+@needs_proc
+def test_a_child_that_leaves_the_session_is_killed_when_the_demo_ends(project):
+    # The child keeps the output pipe open; waiting for the pipe to close would time the demo out.
+    child = unique_sleep()
+    post = f"```sh demo timeout=10\nsetsid sleep {child} &\necho done\n```\n"
+    assert fences(expand_demos(post, runner_for(project), "p.md"))[1] == ("", "done\n")
+    assert not running(child)
+
+
+@needs_proc
+def test_no_background_child_outlives_its_demo(project):
+    child = unique_sleep()
+    post = f"```sh demo\nsleep {child} > /dev/null 2>&1 &\necho started\n```\n"  # not holding the pipe
+    assert fences(expand_demos(post, runner_for(project), "p.md"))[1] == ("", "started\n")
+    assert not running(child)
+
+
+@needs_proc
+def test_stop_ends_a_running_demo_and_every_child_it_started(project):
+    left_session, in_group = unique_sleep(), unique_sleep()
+    os.mkfifo(project / "started")
+    signal_read = os.open(project / "started", os.O_RDONLY | os.O_NONBLOCK)
+    post = (f"```sh demo timeout=60\nsetsid sleep {left_session} &\nsleep {in_group} &\n"
+            f"echo started > started\nwait\n```\n")
+    runner, outcome = runner_for(project), []
+
+    def build():
+        try:
+            expand_demos(post, runner, "p.md")
+        except KeyboardInterrupt as error:  # anything else: outcome stays empty, and the test fails
+            outcome.append(error)
+
+    thread = threading.Thread(target=build)
+    thread.start()
     try:
-        handle = os.pidfd_open(child)
-    except ProcessLookupError:
-        return  # already gone
-    # A pidfd turns readable when its process exits; the killed child must exit long before its 60 s.
-    # (It may still be finishing its exit right after the pipe closed, so wait for that event.)
-    try:
-        readable, _, _ = select.select([handle], [], [], 20)
+        readable, _, _ = select.select([signal_read], [], [], 30)  # the demo is running
+        assert readable, outcome
     finally:
-        os.close(handle)
-    assert readable, "the demo's background child outlived the timeout"
+        os.close(signal_read)
+        runner.stop()  # what Ctrl-C in `explainer build` does
+        thread.join(30)
+    assert [type(error) for error in outcome] == [KeyboardInterrupt]  # stopped, not finished
+    assert not running(left_session) and not running(in_group)
+
+
+def test_a_demo_sees_no_key_or_token_of_the_build(project, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-build-secret")
+    monkeypatch.setenv("MY_TOKEN", "build-secret-token")
+    monkeypatch.setenv("LC_DEPLOY_KEY", "build-secret-lc")  # allowlisted as LC_*, still a key
+    monkeypatch.setenv("TZ", "UTC")
+    post = "```sh demo\necho key=$OPENAI_API_KEY\necho token=$MY_TOKEN\nenv\n```\n"
+    published = expand_demos(post, runner_for(project), "p.md")
+
+    output = fences(published)[1][1].splitlines()
+    assert output[:2] == ["key=", "token="]
+    assert "build-secret" not in published
+    assert {"TZ=UTC", "TERM=dumb", "NO_COLOR=1"} <= set(output)
+    assert not any(line.startswith("LC_DEPLOY_KEY=") for line in output)
+    for stored in (project.parent / "cache").rglob("*"):
+        assert stored.is_dir() or b"build-secret" not in stored.read_bytes()
+
+
+def test_output_over_the_limit_is_cut_with_a_visible_marker(project):
+    post = ("```python demo\nimport sys\nmebibyte = ('x' * 1023 + '\\n') * 1024\n"
+            "for _ in range(200):\n    sys.stdout.write(mebibyte)\n```\n")
+    published = expand_demos(post, runner_for(project), "p.md")
+    assert len(published.encode()) < 1.1 * (1 << 20)
+    assert published.endswith("x\n… output truncated: 1 MiB shown of 200 MiB\n```\n")
+
+
+def test_a_character_cut_by_the_limit_is_left_out_and_the_limit_is_part_of_the_cache_key(project):
+    post = "```sh demo\nprintf 'ééééé'\n```\n"  # 10 bytes
+    published = expand_demos(post, runner_for(project, output_limit=5), "p.md")
+    assert fences(published)[1] == ("", "éé\n… output truncated: 5 bytes shown of 10 bytes\n")
+    runner = runner_for(project)
+    assert fences(expand_demos(post, runner, "p.md"))[1] == ("", "ééééé\n")
+    assert runner.runs == 1
 
 
 def test_output_with_backticks_gets_a_longer_fence_and_containers_keep_it(project):
