@@ -104,7 +104,7 @@ class _Build:
         started = time.monotonic()
         self.backend, self.cache = backend, Cache(self.config.cache_dir)
         self.demos = DemoRunner(self.config.root, self.config.cache_dir, rerun=self.options.rerun_demos,
-                                timeout_s=self.config.demo_timeout)
+                                timeout_s=self.config.demo_timeout, output_limit=self.config.demo_output_limit)
         for post in self.posts:
             self.progress.start(post.slug, 1 + len(self.languages))
         # The local model answers one batch at a time (it batches each call's requests itself);

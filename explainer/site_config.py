@@ -13,7 +13,7 @@ from datetime import date as Date
 from pathlib import Path
 
 from explainer.backends import BackendSettings, backend_kind, default_backend_name
-from explainer.demos import DEFAULT_TIMEOUT_S
+from explainer.demos import DEFAULT_OUTPUT_LIMIT, DEFAULT_TIMEOUT_S
 from explainer.errors import UserError
 from explainer.languages import language
 
@@ -49,6 +49,7 @@ class SiteConfig:
     layout: str
     cache_dir: Path
     demo_timeout: float
+    demo_output_limit: int  # bytes of a demo's output published
     jobs: int | None  # None: DEFAULT_API_JOBS on an API backend, 1 on the local model
     backend: BackendSettings
     posts: tuple[PostSpec, ...]
@@ -60,7 +61,8 @@ class SiteConfig:
 
 
 _SECTIONS = {
-    "site": {"root", "output", "pattern", "source_lang", "languages", "layout", "cache_dir", "demo_timeout", "jobs"},
+    "site": {"root", "output", "pattern", "source_lang", "languages", "layout", "cache_dir", "demo_timeout",
+             "demo_output_limit", "jobs"},
     "backend": {"name", "model", "base_url", "concurrency", "batch_size"},
     "posts": {"slug", "date", "markdown", "file", "symbol", "max_lines", "demos"},
 }
@@ -96,8 +98,9 @@ def load_config(path: str | Path) -> SiteConfig:
     _check_pattern(pattern, where)
     jobs = _get(site, "jobs", int, None, where)
     demo_timeout = _get(site, "demo_timeout", (int, float), DEFAULT_TIMEOUT_S, where)
-    if (jobs is not None and jobs < 1) or demo_timeout <= 0:
-        raise UserError(f"{where}: [site] jobs and demo_timeout must be positive")
+    demo_output_limit = _get(site, "demo_output_limit", int, DEFAULT_OUTPUT_LIMIT, where)
+    if (jobs is not None and jobs < 1) or demo_timeout <= 0 or demo_output_limit <= 0:
+        raise UserError(f"{where}: [site] jobs, demo_timeout and demo_output_limit must be positive")
 
     settings = BackendSettings(
         name=_get(backend, "name", str, None, where),
@@ -125,7 +128,7 @@ def load_config(path: str | Path) -> SiteConfig:
         pattern=pattern, source_lang=source_lang, languages=languages,
         layout=_get(site, "layout", str, "post", where),
         cache_dir=(folder / _get(site, "cache_dir", str, DEFAULT_CACHE_DIR, where)).resolve(),
-        demo_timeout=float(demo_timeout), jobs=jobs, backend=settings, posts=posts)
+        demo_timeout=float(demo_timeout), demo_output_limit=demo_output_limit, jobs=jobs, backend=settings, posts=posts)
 
 
 def _catalog_names() -> set[str]:

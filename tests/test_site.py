@@ -158,6 +158,16 @@ def edit_config(config, edit) -> None:
     config.write_text(to_toml(data), encoding="utf-8")
 
 
+def test_demo_output_limit_caps_what_a_demo_publishes(config):
+    edit_config(config, lambda c: c["site"].update(demo_output_limit=20))
+    result = run_build(config, "--only", "running-llama", "--lang", "en")
+    assert result.returncode == 0, result.stderr
+    post = config.parent / "_posts" / "en" / "2023-08-17-running-llama-en.md"
+    published = fences(post.read_text(encoding="utf-8"))
+    [demo_index] = [index for index, (_, code) in enumerate(published) if code.startswith("python -c")]
+    assert published[demo_index + 1] == ("", "Once upon a time, a\n… output truncated: 20 bytes shown of 91 bytes\n")
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda c: c["posts"][0].pop("date"), "post 1 (llama-generate) needs date = \"YYYY-MM-DD\""),
     (lambda c: c["posts"][1].update(file="x.py"), "post 2 needs exactly one of `file`"),
@@ -174,6 +184,8 @@ def edit_config(config, edit) -> None:
     (lambda c: c["posts"][1].update(markdown="/etc/hostname"), "post 2: markdown file /etc/hostname is outside"),
     (lambda c: c["site"].update(pattern="../{lang}/{slug}.md"), "would write outside the site's output folder"),
     (lambda c: c["site"].update(pattern="/tmp/{lang}/{slug}.md"), "would write outside the site's output folder"),
+    (lambda c: c["site"].update(demo_output_limit=0), "demo_output_limit must be positive"),
+    (lambda c: c["site"].update(demo_output_limit="1M"), "demo_output_limit = '1M' should be a int"),
 ])
 def test_config_mistakes_are_one_clear_line(config, edit, message):
     edit_config(config, edit)
