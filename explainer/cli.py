@@ -206,14 +206,20 @@ def translate(post: Path, targets: str, output_dir: Path | None, source_lang: st
               help="Build only these languages, comma-separated or repeated [default: the config's].")
 @click.option("--dry-run", is_flag=True, help="List the files the build would write; ask no model, run no demo.")
 @click.option("--rerun-demos", is_flag=True, help="Run every demo again instead of using its cached output.")
+@click.option("--no-demos", is_flag=True, help="Run no demo: publish demo blocks as plain code without output, "
+                                                "and leave out the demos of explained posts.")
 @backend_option(prefix="Override [backend] name. ")
 @click.option("--model", help="Override [backend] model: a model name (openai), or a catalog name or checkpoint path (local).")
 @click.option("--base-url", help="Override the OpenAI-compatible server [default: OPENAI_BASE_URL, else the config's].")
 @click.option("--cache-dir", help="Cache folder for answers and demo results "
                                   "[default: EXPLAINER_CACHE_DIR, else the config's, else .explainer-cache].")
 def build(config_path: Path, only: tuple[str, ...], langs: tuple[str, ...], dry_run: bool, rerun_demos: bool,
-          backend: str | None, model: str | None, base_url: str | None, cache_dir: str | None):
+          no_demos: bool, backend: str | None, model: str | None, base_url: str | None, cache_dir: str | None):
     """Explain, translate and render every post of a site in every language, running its demos.
+
+    Demos are the site's code running on this machine: build only sites you trust, or pass
+    --no-demos. They run from the project root with a clean environment (no keys or tokens),
+    a deadline, and a cap on the output published.
 
     Only what changed is redone: answers and demo results are cached, and files whose bytes
     would not change are not rewritten. Files are written atomically, so an interrupted build
@@ -223,11 +229,13 @@ def build(config_path: Path, only: tuple[str, ...], langs: tuple[str, ...], dry_
     from explainer.site import BuildOptions, build_site
     from explainer.site_config import load_config, with_overrides
 
+    if no_demos and rerun_demos:
+        raise UserError("--no-demos runs no demo, so --rerun-demos can't rerun them; pass one of the two")
     config = with_overrides(load_config(config_path), backend=backend, model=model, base_url=base_url,
                             cache_dir=cache_dir)
     options = BuildOptions(only=only, languages=tuple(code.strip() for value in langs for code in value.split(",")
                                                       if code.strip()),
-                           dry_run=dry_run, rerun_demos=rerun_demos)
+                           dry_run=dry_run, rerun_demos=rerun_demos, run_demos=not no_demos)
     try:
         report = build_site(config, options, progress=progress_for(sys.stderr))
     except KeyboardInterrupt:

@@ -385,9 +385,10 @@ def demo_markdown(demo: Demo, result: DemoResult) -> str:
     return f"{fenced(demo.code, demo.language)}\n\n{output_block(result.output)}"
 
 
-def expand_demos(text: str, runner: DemoRunner, source_name: str) -> str:
+def expand_demos(text: str, runner: DemoRunner | None, source_name: str) -> str:
     """Run every demo block of a Markdown document and return the document to publish: demo
-    markers dropped from the info strings, each demo followed by its output block."""
+    markers dropped from the info strings, each demo followed by its output block. Without a
+    runner (--no-demos), nothing runs: demo blocks are published as plain code."""
     lines = text.splitlines(keepends=True)
     parser = MarkdownIt("commonmark").use(front_matter_plugin)
     insertions: dict[int, str] = {}  # line index -> output block to insert before it
@@ -404,6 +405,8 @@ def expand_demos(text: str, runner: DemoRunner, source_name: str) -> str:
         if end - 1 == first or token.markup not in lines[end - 1]:
             raise UserError(f"{where}: demo block has no closing {token.markup}; close it")
         lines[first] = f"{prefix}{token.markup}{' '.join([info.language, *info.rest])}\n"
+        if runner is None:
+            continue
         demo = Demo(token.content, info.language, where, info.allow_errors, info.timeout_s)
         result = runner.run(demo)
         if not lines[end - 1].endswith("\n"):

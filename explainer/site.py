@@ -37,6 +37,7 @@ class BuildOptions:
     languages: tuple[str, ...] = ()  # empty: the config's
     dry_run: bool = False  # plan only: no model, no demo, no file
     rerun_demos: bool = False
+    run_demos: bool = True  # False: demo blocks published as plain code, the config's demos left out
 
 
 @dataclass
@@ -103,8 +104,10 @@ class _Build:
 
         started = time.monotonic()
         self.backend, self.cache = backend, Cache(self.config.cache_dir)
-        self.demos = DemoRunner(self.config.root, self.config.cache_dir, rerun=self.options.rerun_demos,
-                                timeout_s=self.config.demo_timeout, output_limit=self.config.demo_output_limit)
+        self.demos: DemoRunner | None = None  # --no-demos
+        if self.options.run_demos:
+            self.demos = DemoRunner(self.config.root, self.config.cache_dir, rerun=self.options.rerun_demos,
+                                    timeout_s=self.config.demo_timeout, output_limit=self.config.demo_output_limit)
         for post in self.posts:
             self.progress.start(post.slug, 1 + len(self.languages))
         # The local model answers one batch at a time (it batches each call's requests itself);
@@ -125,14 +128,16 @@ class _Build:
                                     for lang in self.languages}
         except BaseException:
             # A failed job or Ctrl-C: start nothing new. Files written are whole; answers are cached.
-            self.demos.stop()
+            if self.demos is not None:
+                self.demos.stop()
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown()
         order = {path: index for index, path in enumerate(self.report.planned)}
         self.report.written.sort(key=order.get)
         self.report.unchanged.sort(key=order.get)
-        self.report.demo_runs, self.report.demo_cache_hits = self.demos.runs, self.demos.cache_hits
+        if self.demos is not None:
+            self.report.demo_runs, self.report.demo_cache_hits = self.demos.runs, self.demos.cache_hits
         self.report.seconds = time.monotonic() - started
         return self.report
 
@@ -143,8 +148,9 @@ class _Build:
                 source = _Source(markdown=self.read_markdown(post))
             else:
                 generated = self.explain(post, usage)
+                commands = post.demos if self.demos is not None else ()  # --no-demos: left out
                 demos = [Demo(command, "sh", f"{self.config.path.name}: post {post.slug!r}, demo {number}")
-                         for number, command in enumerate(post.demos, 1)]
+                         for number, command in enumerate(commands, 1)]
                 if demos:
                     self.progress.status(post.slug, "running demos")
                 source = _Source(post=generated, demos_markdown="\n".join(
@@ -167,7 +173,8 @@ class _Build:
         # Set once in the source: translations keep every key, and set their own lang and dir.
         text = frontmatter.update(text, name, {"lang": source_lang.code, "dir": source_lang.dir, "ref": post.slug},
                                   defaults={"layout": self.config.layout})
-        self.progress.status(post.slug, "running demos")
+        if self.demos is not None:
+            self.progress.status(post.slug, "running demos")
         return expand_demos(text, self.demos, name)
 
     def explain(self, post: PostSpec, usage: Usage):

@@ -252,6 +252,12 @@ def test_a_character_cut_by_the_limit_is_left_out_and_the_limit_is_part_of_the_c
     assert runner.runs == 1
 
 
+def test_without_a_runner_demos_are_published_as_plain_code_and_nothing_runs(project):
+    post = "```sh demo allow-errors\ntouch ran.txt\n```\n\nafter\n"
+    assert expand_demos(post, None, "p.md") == "```sh\ntouch ran.txt\n```\n\nafter\n"
+    assert not (project / "ran.txt").exists()
+
+
 def test_output_with_backticks_gets_a_longer_fence_and_containers_keep_it(project):
     post = "> quoted demo:\n>\n> ```sh demo\n> printf 'a\\n```\\n\\nb\\n'\n> ```\n"
     published = expand_demos(post, runner_for(project), "p.md")

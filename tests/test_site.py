@@ -150,6 +150,28 @@ def test_a_failing_demo_fails_the_build_and_shows_the_end_of_its_output(config):
     assert not (config.parent / "_posts").exists()
 
 
+def test_no_demos_runs_nothing_and_publishes_the_demo_code_alone(config, tmp_path):
+    source = config.parent / "_sources" / "running-llama.md"
+    ran = tmp_path / "the-demo-ran"
+    source.write_text(source.read_text(encoding="utf-8").replace(STAND_IN_DEMO, f"touch {ran}"), encoding="utf-8")
+
+    result = run_build(config, "--no-demos", "--lang", "en")
+
+    assert result.returncode == 0, result.stderr
+    assert not ran.exists()
+    assert "0 demo run(s), 0 from cache" in result.stderr
+    posts = config.parent / "_posts" / "en"
+    handwritten = (posts / "2023-08-17-running-llama-en.md").read_text(encoding="utf-8")
+    assert [code for _, code in fences(handwritten)] == [code for _, code in fences(source.read_text(encoding="utf-8"))]
+    assert ("sh", f"touch {ran}\n") in fences(handwritten)  # the demo marker dropped, no output below
+    generated = (posts / "2024-05-01-llama-generate-en.md").read_text(encoding="utf-8")
+    assert GENERATED_DEMO not in generated
+    assert not (config.parent / ".explainer-cache" / "demos").exists()
+
+    both = CliRunner().invoke(main, ["build", "--config", str(config), "--no-demos", "--rerun-demos"])
+    assert both.exit_code == 1 and both.stderr.startswith("Error: --no-demos runs no demo")
+
+
 def edit_config(config, edit) -> None:
     from site_support import tomllib
 
