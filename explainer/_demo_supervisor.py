@@ -7,8 +7,8 @@ Then it kills every process the demo started, those that left its group or sessi
 included, and reaps them, so the pipe closes and no demo process outlives its run.
 
 On Linux it is a child subreaper: a descendant whose parent exits is re-parented to it, not to
-init, so it stays in reach. Where that is unavailable it kills the demo's process group, which a
-process that called setsid escapes.
+init, so it stays in reach. Elsewhere (macOS) it kills the demo's process group, which a process
+that called setsid escapes.
 
 The last line on its stderr says how the demo ended: `exit N` (N negative for a signal, as in
 subprocess) or `timeout`. Standard library only, run with -I: nothing in the demo's project or
@@ -17,29 +17,37 @@ environment changes how it runs.
 
 import ctypes
 import os
+import select
 import signal
 import sys
 import time
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
-# Blocked from the start and taken by sigtimedwait, so none is lost and no handler races the cleanup.
-_WAKE_ON = {signal.SIGCHLD, signal.SIGTERM}
 
 
 def main(deadline_s: float, command: list[str]) -> str:
-    signal.pthread_sigmask(signal.SIG_BLOCK, _WAKE_ON)
     deadline = time.monotonic() + deadline_s
+    wake_up = _wake_up_on(signal.SIGCHLD, signal.SIGTERM)
     subreaper = _become_subreaper()
-    # The demo starts as a normal program: no blocked signals, and SIGPIPE (which Python ignores)
-    # back to its default, so `yes | head` ends.
-    demo = os.posix_spawn(command[0], command, os.environ, setpgroup=0, setsigmask=(),
+    # SIGPIPE and SIGXFSZ, which Python ignores, back to their defaults, so that `yes | head` ends.
+    demo = os.posix_spawn(command[0], command, os.environ, setpgroup=0,
                           setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
                           file_actions=[(os.POSIX_SPAWN_DUP2, 1, 2)])
     try:
-        return _wait(demo, deadline)
+        return _wait(demo, deadline, wake_up)
     finally:
         _kill_all(demo, subreaper)
+
+
+def _wake_up_on(*signals: int) -> int:
+    """A pipe to select() on that gets a byte, the signal's number, when one of `signals` comes."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    signal.set_wakeup_fd(write_end)
+    for number in signals:
+        signal.signal(number, lambda *_: None)  # the byte is the message; nothing raised mid-cleanup
+    return read_end
 
 
 def _become_subreaper() -> bool:
@@ -55,16 +63,14 @@ def _become_subreaper() -> bool:
     return os.path.exists(f"/proc/self/task/{os.getpid()}/children")
 
 
-def _wait(demo: int, deadline: float) -> str:
-    while True:
+def _wait(demo: int, deadline: float, wake_up: int) -> str:
+    while (code := _reap_exited(demo)) is None:
         remaining = deadline - time.monotonic()
-        received = signal.sigtimedwait(_WAKE_ON, remaining) if remaining > 0 else None
-        if received is None:
+        if remaining <= 0 or not select.select([wake_up], [], [], remaining)[0]:
             return "timeout"
-        if received.si_signo == signal.SIGTERM:
+        if signal.SIGTERM in os.read(wake_up, 512):
             return f"exit {-signal.SIGTERM}"
-        if (code := _reap_exited(demo)) is not None:
-            return f"exit {code}"
+    return f"exit {code}"
 
 
 def _reap_exited(demo: int) -> int | None:
@@ -84,7 +90,7 @@ def _reap_exited(demo: int) -> int | None:
 def _kill_all(demo: int, subreaper: bool):
     try:
         os.killpg(demo, signal.SIGKILL)  # most of the demo at once
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):  # an empty group (macOS: one of zombies)
         pass
     if not subreaper:
         try:
