@@ -261,7 +261,7 @@ class DemoRunner:
             return DemoResult(output.text(), -signal.SIGKILL, timed_out=True)
         if not ending.startswith("exit "):
             raise UserError(f"demo at {demo.where}: its supervisor failed ({ending or supervisor.returncode}); "
-                            f"run the build with --debug and report it")
+                            f"that is a bug in explainer: please report it with this line")
         return DemoResult(output.text(), int(ending.removeprefix("exit ")))
 
 
