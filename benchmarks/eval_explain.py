@@ -189,7 +189,8 @@ def evaluate_piece(piece: Piece, backend: Backend, cache: Cache | None, max_line
     except UserError as exc:
         record.update(error=str(exc), recall_pct=0.0, points={what: None for what in piece.points}, invented=[])
     else:
-        record.update(language=chunked.language, lines=sum(c.end_line - c.start_line + 1 for c in chunked.chunks),
+        record.update(code_language=chunked.code_language,
+                      lines=sum(c.end_line - c.start_line + 1 for c in chunked.chunks),
                       chunks=len(chunked.chunks), answers_sha256=answers_digest(post), **score(piece, post, chunked))
     record.update(wall_s=round(time.perf_counter() - started, 2), tokens_in=usage.tokens_in,
                   tokens_out=usage.tokens_out, requests=usage.requests, cache_hits=usage.cache_hits,

@@ -60,7 +60,7 @@ class Symbol:
 @dataclass(frozen=True)
 class Chunk:
     path: str
-    language: str        # "python" | "c" | "cpp" | "cuda"
+    code_language: str   # "python" | "c" | "cpp" | "cuda"
     symbol: str          # qualified name of the enclosing symbol, "" for module-level code
     kind: str            # one of CHUNK_KINDS
     start_line: int      # 1-based, inclusive, original line numbers
@@ -72,7 +72,7 @@ class Chunk:
 @dataclass
 class ChunkedFile:
     path: str
-    language: str
+    code_language: str
     source: str
     symbols: list[Symbol]   # every definition, methods included, in source order
     chunks: list[Chunk]
@@ -151,7 +151,7 @@ def _supported_extensions() -> str:
     return ", ".join(sorted(EXTENSIONS))
 
 
-def detect_language(path) -> str:
+def detect_code_language(path) -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in EXTENSIONS:
         raise UserError(f"{path}: unsupported file type {suffix or '(no extension)'}; "
@@ -160,8 +160,8 @@ def detect_language(path) -> str:
 
 
 @cache
-def _parser(language: str) -> tree_sitter.Parser:
-    grammar = importlib.import_module(_GRAMMARS[language].package)
+def _parser(code_language: str) -> tree_sitter.Parser:
+    grammar = importlib.import_module(_GRAMMARS[code_language].package)
     return tree_sitter.Parser(tree_sitter.Language(grammar.language()))
 
 
@@ -170,7 +170,7 @@ def _parser(language: str) -> tree_sitter.Parser:
 def chunk_file(path, symbol: str | None = None, max_lines: int = 30, display_path: str | None = None) -> ChunkedFile:
     """Read a source file and split it; see chunk_source. Chunks and messages name the file as
     display_path (default: path as given), so a caller can keep where the checkout lives out of them."""
-    language = detect_language(path)
+    code_language = detect_code_language(path)
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -187,14 +187,14 @@ def chunk_file(path, symbol: str | None = None, max_lines: int = 30, display_pat
         line = data.count(b"\n", 0, exc.start) + 1
         raise UserError(f"{path}: not valid UTF-8 (byte 0x{data[exc.start]:02x} on line {line}); "
                         "save the file as UTF-8 and try again") from None
-    return chunk_source(source, display_path or str(path), language, symbol=symbol, max_lines=max_lines)
+    return chunk_source(source, display_path or str(path), code_language, symbol=symbol, max_lines=max_lines)
 
 
-def chunk_source(source: str, path: str, language: str, symbol: str | None = None,
+def chunk_source(source: str, path: str, code_language: str, symbol: str | None = None,
                  max_lines: int = 30) -> ChunkedFile:
     """Split source code into chunks: all of it in order, or only the definition named `symbol`."""
-    if language not in _GRAMMARS:
-        raise UserError(f"{path}: unsupported language {language!r}; "
+    if code_language not in _GRAMMARS:
+        raise UserError(f"{path}: unsupported programming language {code_language!r}; "
                         f"supported: {', '.join(_GRAMMARS)}")
     if "\x00" in source:
         raise UserError(_binary_message(path))
@@ -202,7 +202,7 @@ def chunk_source(source: str, path: str, language: str, symbol: str | None = Non
         raise UserError(f"{path}: the file is empty or only whitespace; pass a file with code in it")
     if max_lines < 1:
         raise UserError(f"max_lines must be at least 1, not {max_lines}")
-    return _FileChunker(source, path, language, max_lines).run(symbol)
+    return _FileChunker(source, path, code_language, max_lines).run(symbol)
 
 
 def enclosing_view(chunked: ChunkedFile, chunk: Chunk) -> str:
@@ -293,9 +293,9 @@ def _declarator_name(node: tree_sitter.Node) -> str:
 
 
 class _FileChunker:
-    def __init__(self, source: str, path: str, language: str, max_lines: int):
-        self.source, self.path, self.language, self.max_lines = source, path, language, max_lines
-        self.grammar = _GRAMMARS[language]
+    def __init__(self, source: str, path: str, code_language: str, max_lines: int):
+        self.source, self.path, self.code_language, self.max_lines = source, path, code_language, max_lines
+        self.grammar = _GRAMMARS[code_language]
         parts = source.split("\n")  # tree-sitter counts rows by "\n" only; so must we
         self.lines = [part + "\n" for part in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
         self.blank = [not line.strip() for line in self.lines]
@@ -307,7 +307,7 @@ class _FileChunker:
         while newline != -1:
             self.row_starts.append(newline + 1)
             newline = self.code.find(b"\n", newline + 1)
-        self.tree = _parser(language).parse(self.code)
+        self.tree = _parser(code_language).parse(self.code)
         self.nesting = 0  # how many splits deep the chunker is
 
     # ---- the whole job
@@ -334,7 +334,7 @@ class _FileChunker:
         chunks = self._assemble(cuts, first, last)
         chunks = self._with_calls(chunks, symbols)
         syntax = self._syntax_warning(first, last)
-        return ChunkedFile(self.path, self.language, self.source, symbols, chunks,
+        return ChunkedFile(self.path, self.code_language, self.source, symbols, chunks,
                            ([syntax] if syntax else []) + warnings)
 
     def _unknown_symbol_message(self, symbol: str, symbols: list[Symbol]) -> str:
@@ -348,7 +348,7 @@ class _FileChunker:
 
     def _definition(self, node: tree_sitter.Node, owner: str) -> _Definition | None:
         """The function or class `node` defines, named inside class `owner` ("" at top level)."""
-        if self.language == "python":
+        if self.code_language == "python":
             return self._python_definition(node, owner)
         return self._c_definition(node, owner)
 
@@ -437,7 +437,7 @@ class _FileChunker:
                       "".join(self.lines[first:last + 1]))
 
     def _comment_above(self, node) -> str:
-        if self.language == "python":
+        if self.code_language == "python":
             return ""
         comments = []
         above = node.prev_sibling
@@ -652,7 +652,7 @@ class _FileChunker:
         chunks = []
         for cut, after in zip(kept, kept[1:] + [None]):
             end = after.row - 1 if after is not None else last
-            chunks.append(Chunk(self.path, self.language, cut.symbol, cut.kind, cut.row + 1,
+            chunks.append(Chunk(self.path, self.code_language, cut.symbol, cut.kind, cut.row + 1,
                                 end + 1, "".join(self.lines[cut.row:end + 1]), ()))
         return chunks
 

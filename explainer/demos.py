@@ -71,7 +71,7 @@ _RUNNERS = {
 @dataclass(frozen=True)
 class Demo:
     code: str
-    language: str  # a key of _RUNNERS
+    code_language: str  # a key of _RUNNERS
     where: str  # "posts/x.md:12", for messages
     allow_errors: bool = False
     timeout_s: float | None = None  # None: the runner's default
@@ -87,7 +87,7 @@ class DemoResult:
 
 @dataclass(frozen=True)
 class FenceInfo:
-    language: str
+    code_language: str  # the info string's first word, lower case
     is_demo: bool
     allow_errors: bool
     timeout_s: float | None
@@ -95,9 +95,9 @@ class FenceInfo:
 
 
 def parse_fence_info(info: str, where: str) -> FenceInfo:
-    """Read `python demo allow-errors timeout=60` (only the first word is the language)."""
+    """Read `python demo allow-errors timeout=60` (only the first word is the programming language)."""
     words = info.split()
-    language, flags = (words[0].lower(), words[1:]) if words else ("", [])
+    code_language, flags = (words[0].lower(), words[1:]) if words else ("", [])
     is_demo = "demo" in flags
     allow_errors, timeout_s, rest = False, None, []
     for word in flags:
@@ -114,10 +114,10 @@ def parse_fence_info(info: str, where: str) -> FenceInfo:
                 raise UserError(f"{where}: demo fence has {word!r}; write a number of seconds, e.g. timeout=300")
         else:
             rest.append(word)
-    if is_demo and language not in _RUNNERS:
-        raise UserError(f"{where}: can't run a ```{language or '(no language)'} demo; "
+    if is_demo and code_language not in _RUNNERS:
+        raise UserError(f"{where}: can't run a ```{code_language or '(no language)'} demo; "
                         f"mark a {', '.join(sorted(set(_RUNNERS)))} block as demo instead")
-    return FenceInfo(language, is_demo, allow_errors, timeout_s, rest)
+    return FenceInfo(code_language, is_demo, allow_errors, timeout_s, rest)
 
 
 class DemoRunner:
@@ -177,7 +177,7 @@ class DemoRunner:
 
     def cache_key(self, demo: Demo) -> str:
         digest = hashlib.sha256()
-        for part in (_CACHE_VERSION, str(self.output_limit), demo.language, demo.code):
+        for part in (_CACHE_VERSION, str(self.output_limit), demo.code_language, demo.code):
             digest.update(part.encode() + b"\0")
         for path in sorted(self.named_files(demo)):
             digest.update(path.relative_to(self.project_root).as_posix().encode() + b"\0")
@@ -188,7 +188,7 @@ class DemoRunner:
         """Project files the demo's code names, directly or as a module (`-m llama_ref`), so that
         editing them reruns the demo. Folders count as every file inside them."""
         files = set()
-        for word in _words(demo.code, demo.language):
+        for word in _words(demo.code, demo.code_language):
             for candidate in _path_candidates(word):
                 path = (self.project_root / candidate).resolve()
                 if path == self.project_root or not path.is_relative_to(self.project_root):
@@ -216,7 +216,7 @@ class DemoRunner:
     def _execute(self, demo: Demo) -> DemoResult:
         timeout_s = demo.timeout_s or self.timeout_s
         env = demo_environment()
-        interpreter, *arguments = _RUNNERS[demo.language]
+        interpreter, *arguments = _RUNNERS[demo.code_language]
         program = shutil.which(interpreter, path=env["PATH"])
         if program is None:
             raise UserError(f"demo at {demo.where}: can't find {interpreter} on PATH; install it or change "
@@ -328,9 +328,9 @@ def _size(count: int) -> str:
     return f"{count} bytes"
 
 
-def _words(code: str, language: str) -> list[str]:
+def _words(code: str, code_language: str) -> list[str]:
     """The words of a program that could name a file: shell words, or Python names and strings."""
-    if language in ("python", "py"):
+    if code_language in ("python", "py"):
         words = []
         try:
             for token in tokenize.generate_tokens(io.StringIO(code).readline):
@@ -382,7 +382,7 @@ def output_block(output: str, prefix: str = "") -> str:
 def demo_markdown(demo: Demo, result: DemoResult) -> str:
     """A demo that isn't in a Markdown source (an explain target's config): its code block,
     then its output block."""
-    return f"{fenced(demo.code, demo.language)}\n\n{output_block(result.output)}"
+    return f"{fenced(demo.code, demo.code_language)}\n\n{output_block(result.output)}"
 
 
 def expand_demos(text: str, runner: DemoRunner | None, source_name: str) -> str:
@@ -404,10 +404,10 @@ def expand_demos(text: str, runner: DemoRunner | None, source_name: str) -> str:
         prefix = opening[:opening.index(token.markup)]
         if end - 1 == first or token.markup not in lines[end - 1]:
             raise UserError(f"{where}: demo block has no closing {token.markup}; close it")
-        lines[first] = f"{prefix}{token.markup}{' '.join([info.language, *info.rest])}\n"
+        lines[first] = f"{prefix}{token.markup}{' '.join([info.code_language, *info.rest])}\n"
         if runner is None:
             continue
-        demo = Demo(token.content, info.language, where, info.allow_errors, info.timeout_s)
+        demo = Demo(token.content, info.code_language, where, info.allow_errors, info.timeout_s)
         result = runner.run(demo)
         if not lines[end - 1].endswith("\n"):
             lines[end - 1] += "\n"

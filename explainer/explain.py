@@ -121,13 +121,14 @@ def explain_file(path: str | os.PathLike, symbol: str | None = None, *, backend:
 
     sections = [_section(chunked, chunk, answer.text, warn) for chunk, answer in zip(chunked.chunks, answers)]
     title, intro = split_title(answers[-1].text, default=symbol or Path(chunked.path).name)
-    whole = "\n".join([c.code for c in chunked.chunks] + [_signature_text(chunked.language, s) for s in chunked.symbols])
+    whole = "\n".join([c.code for c in chunked.chunks]
+                      + [_signature_text(chunked.code_language, s) for s in chunked.symbols])
     invented = ungrounded_names(intro, whole, known_names(chunked))
     if invented:
         warn(f"{chunked.path}: the introduction mentions {_quoted(invented)}, which the code does not contain; "
              "check these names in the post")
     post = Post(title=title, lang=answer_language.code, date=date or Date.today().isoformat(),
-                source_path=chunked.path, language=chunked.language, intro=intro,
+                source_path=chunked.path, code_language=chunked.code_language, intro=intro,
                 sections=sections, backend=backend.name, model=backend.model)
     return post, usage
 
@@ -138,8 +139,9 @@ def _section(chunked: ChunkedFile, chunk: Chunk, answer: str, warn: WarningCallb
     if invented:
         warn(f"{chunked.path}, {_lines(chunk.start_line, chunk.end_line)}: the explanation mentions "
              f"{_quoted(invented)}, which the code it was shown does not contain; check these names in the post")
-    return Section(code=chunk.code, language=chunk.language, start_line=chunk.start_line, end_line=chunk.end_line,
-                   symbol=chunk.symbol, kind=chunk.kind, explanation=explanation, ungrounded=invented)
+    return Section(code=chunk.code, code_language=chunk.code_language, start_line=chunk.start_line,
+                   end_line=chunk.end_line, symbol=chunk.symbol, kind=chunk.kind, explanation=explanation,
+                   ungrounded=invented)
 
 
 def _quoted(names: list[str]) -> str:
@@ -167,7 +169,7 @@ def system_prompt(chunked: ChunkedFile, answer_language: Language) -> str:
     glossary = ""
     if answer_language.code != "en":  # English explanations use the terms as they are
         glossary = "; ".join(f"{term} → {written}" for term, written in sorted(answer_language.glossary.items()))
-    return _render("system.j2", language_label=LANGUAGE_LABELS.get(chunked.language, chunked.language),
+    return _render("system.j2", code_language_label=LANGUAGE_LABELS.get(chunked.code_language, chunked.code_language),
                    answer_language=_language_label(answer_language), glossary=glossary)
 
 
@@ -184,10 +186,10 @@ def chunk_request(chunked: ChunkedFile, index: int, answer_language: Language, m
         context, marked_view = symbol_context(chunked, owner), ""
     else:
         context = {"symbol": "", "definition": "",
-                   "callees": [_signature_text(chunked.language, s) for s in callees(chunked, chunk)]}
+                   "callees": [_signature_text(chunked.code_language, s) for s in callees(chunked, chunk)]}
         marked_view = chunk_view(chunked, chunk, owner) if is_part else ""
     earlier = [summary_line(c) for c in chunked.chunks[max(0, index - MAX_EARLIER):index]]
-    user = _render("chunk.j2", path=chunked.path, language=chunked.language, chunk=chunk, **context,
+    user = _render("chunk.j2", path=chunked.path, code_language=chunked.code_language, chunk=chunk, **context,
                    marked_view=marked_view, lines=_lines(chunk.start_line, chunk.end_line),
                    definition_kind=owner.kind if owner is not None else "",
                    earlier=earlier, answer_language=_language_label(answer_language))
@@ -203,8 +205,8 @@ def overview_request(chunked: ChunkedFile, symbol: str | None, answer_language: 
         context, definitions = symbol_context(chunked, owner), []
     else:
         context = {"symbol": "", "definition": "", "callees": []}
-        definitions = [_signature_text(chunked.language, s) for s in _covered_symbols(chunked)]
-    user = _render("overview.j2", path=chunked.path, language=chunked.language, **context,
+        definitions = [_signature_text(chunked.code_language, s) for s in _covered_symbols(chunked)]
+    user = _render("overview.j2", path=chunked.path, code_language=chunked.code_language, **context,
                    post_symbol=symbol or "", definitions=definitions,
                    pieces=[summary_line(c) for c in chunked.chunks],
                    answer_language=_language_label(answer_language))
@@ -223,7 +225,7 @@ def symbol_context(chunked: ChunkedFile, owner: Symbol) -> dict:
             for symbol in callees(chunked, chunk):
                 called.setdefault(symbol.name, symbol)
     return {"symbol": owner.name, "definition": numbered_lines(chunked, owner.start_line, owner.end_line),
-            "callees": [_signature_text(chunked.language, s) for s in called.values()]}
+            "callees": [_signature_text(chunked.code_language, s) for s in called.values()]}
 
 
 def firmer(request: Request) -> Request:
@@ -298,11 +300,11 @@ def callees(chunked: ChunkedFile, chunk: Chunk) -> list[Symbol]:
     return [by_name[name] for name in chunk.calls if name in by_name and name != chunk.symbol]
 
 
-def _signature_text(language_name: str, symbol: Symbol) -> str:
+def _signature_text(code_language: str, symbol: Symbol) -> str:
     """A definition's signature with its docstring (Python: below it; C family: the comment above)."""
     if not symbol.docstring:
         return symbol.signature
-    if language_name == "python":
+    if code_language == "python":
         indent = symbol.signature[: len(symbol.signature) - len(symbol.signature.lstrip())]
         return f"{symbol.signature}\n{indent}    {symbol.docstring}"
     return f"{symbol.docstring}\n{symbol.signature}"
@@ -361,15 +363,15 @@ def grounding_text(chunked: ChunkedFile, chunk: Chunk) -> str:
     and the signatures and docstrings of what it calls."""
     owner = owner_symbol(chunked, chunk)
     parts = [chunk.code, owner.text if owner is not None else ""]
-    parts += [_signature_text(chunked.language, s) for s in callees(chunked, chunk)]
+    parts += [_signature_text(chunked.code_language, s) for s in callees(chunked, chunk)]
     return "\n".join(parts)
 
 
 def known_names(chunked: ChunkedFile) -> frozenset[str]:
     """Names that are real even where they do not occur as written: qualified definition names
-    (`Llama.generate`), the file's name, and the language's keywords and builtins."""
+    (`Llama.generate`), the file's name, and its programming language's keywords and builtins."""
     names = {s.name for s in chunked.symbols} | {Path(chunked.path).name, Path(chunked.path).stem}
-    words = PYTHON_WORDS if chunked.language == "python" else C_FAMILY_WORDS
+    words = PYTHON_WORDS if chunked.code_language == "python" else C_FAMILY_WORDS
     return frozenset(names | words)
 
 

@@ -10,7 +10,7 @@ class Section:
     """One chunk of code and the prose that explains it."""
 
     code: str  # the chunk, byte for byte as in the source
-    language: str  # fence language: python, c, cpp, cuda
+    code_language: str  # programming language, also the fence's info string: python, c, cpp, cuda
     start_line: int
     end_line: int
     symbol: str  # enclosing symbol, e.g. "Llama.generate"; "" at module level
@@ -22,10 +22,10 @@ class Section:
 @dataclass
 class Post:
     title: str  # translatable
-    lang: str
+    lang: str  # human language the prose is written in: en, zh, zh-Hant, ...
     date: str  # YYYY-MM-DD
     source_path: str  # as given by the user, relative where possible
-    language: str  # programming language of the source
+    code_language: str  # programming language of the source: python, c, cpp, cuda
     intro: str = ""  # translatable
     sections: list[Section] = field(default_factory=list)
     backend: str = ""

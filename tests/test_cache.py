@@ -13,7 +13,7 @@ from explainer.cache import Cache, complete_cached, key_for, request_key
 from explainer.errors import UserError
 from scripted_server import Reply, user_text
 
-TEMPLATE = "Explain this {{ language }} code:\n{{ code }}"
+TEMPLATE = "Explain this {{ code_language }} code:\n{{ code }}"
 
 
 def chunk_requests(count: int) -> list[Request]:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from explainer.chunking import (CHUNK_KINDS, chunk_file, chunk_source, detect_language,
+from explainer.chunking import (CHUNK_KINDS, chunk_file, chunk_source, detect_code_language,
                                 enclosing_view)
 from explainer.errors import UserError
 
@@ -367,15 +367,15 @@ def test_empty_file_is_refused(tmp_path, content):
 
 def test_unknown_extension_lists_the_supported_ones():
     with pytest.raises(UserError) as error:
-        detect_language("notes.txt")
+        detect_code_language("notes.txt")
     message = str(error.value)
     assert "notes.txt" in message
     for extension in (".py", ".c", ".cpp", ".cu"):
         assert extension in message
 
 
-def test_detect_language_by_extension():
-    assert [detect_language(p) for p in ("a.py", "b.C", "c.h", "d.hpp", "e.cu")] == [
+def test_detect_code_language_by_extension():
+    assert [detect_code_language(p) for p in ("a.py", "b.C", "c.h", "d.hpp", "e.cu")] == [
         "python", "c", "c", "cpp", "cuda"]
 
 
@@ -415,15 +415,15 @@ CISH = st.text(alphabet="intfor while if else do switch case:(){}[];=+-*/#<>\"'\
                max_size=400)
 
 
-def check_any_source(source, path, language, max_lines):
+def check_any_source(source, path, code_language, max_lines):
     if "\x00" in source or not source.strip():
         with pytest.raises(UserError):
-            chunk_source(source, path, language, max_lines=max_lines)
+            chunk_source(source, path, code_language, max_lines=max_lines)
         return
-    chunked = chunk_source(source, path, language, max_lines=max_lines)
+    chunked = chunk_source(source, path, code_language, max_lines=max_lines)
     assert_exact(chunked, source)
     for symbol in chunked.symbols:
-        selected = chunk_source(source, path, language, symbol=symbol.name, max_lines=max_lines)
+        selected = chunk_source(source, path, code_language, symbol=symbol.name, max_lines=max_lines)
         first = next(s for s in chunked.symbols if s.name == symbol.name)
         assert_exact(selected, first.text, first.start_line)
 
@@ -436,9 +436,9 @@ def test_any_python_text_chunks_exactly(source, max_lines):
 
 @PROPERTY
 @given(source=st.one_of(st.text(max_size=300), CISH), max_lines=st.integers(1, 40),
-       language=st.sampled_from(["c", "cpp", "cuda"]))
-def test_any_c_text_chunks_exactly(source, max_lines, language):
-    check_any_source(source, "gen.c", language, max_lines)
+       code_language=st.sampled_from(["c", "cpp", "cuda"]))
+def test_any_c_text_chunks_exactly(source, max_lines, code_language):
+    check_any_source(source, "gen.c", code_language, max_lines)
 
 
 # --- properties: structured programs ---------------------------------------------------------------
@@ -561,11 +561,11 @@ C_KIND_OPENERS = {"for": ("for",), "while": ("while",), "do": ("do",),
 
 @PROPERTY
 @given(source=c_program().filter(str.strip), max_lines=st.integers(1, 15),
-       language=st.sampled_from(["c", "cpp"]))
-def test_c_programs_chunk_exactly_at_statement_boundaries(source, max_lines, language):
-    chunked = chunk_source(source, "gen.c", language, max_lines=max_lines)
+       code_language=st.sampled_from(["c", "cpp"]))
+def test_c_programs_chunk_exactly_at_statement_boundaries(source, max_lines, code_language):
+    chunked = chunk_source(source, "gen.c", code_language, max_lines=max_lines)
     assert chunked.warnings == []
-    check_any_source(source, "gen.c", language, max_lines)
+    check_any_source(source, "gen.c", code_language, max_lines)
     for chunk in chunked.chunks[1:]:
         if chunk.kind in C_KIND_OPENERS:
             assert first_code_line(chunk.code, C_COMMENTS).startswith(C_KIND_OPENERS[chunk.kind]), chunk

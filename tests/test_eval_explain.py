@@ -171,13 +171,13 @@ def test_the_runner_writes_json_and_tables_and_a_rerun_comes_from_the_cache(proj
 def test_the_eval_set_is_well_formed_and_every_symbol_exists():
     pieces = ev.load_pieces(ev.EVAL_SET)
     assert len(pieces) >= 20
-    languages = set()
+    code_languages = set()
     for piece in pieces:
         chunked = chunk_file(ROOT / piece.file, piece.symbol, display_path=piece.file)  # raises if the symbol went
-        languages.add(chunked.language)
+        code_languages.add(chunked.code_language)
         lines = sum(c.end_line - c.start_line + 1 for c in chunked.chunks)
         assert 8 <= lines <= 40, f"{piece.id}: {lines} lines"
-    assert languages == {"python", "c"}
+    assert code_languages == {"python", "c"}
 
 
 def test_a_malformed_eval_set_is_one_clear_error(tmp_path):

@@ -243,9 +243,9 @@ def test_the_title_is_the_heading_the_answer_opens_with():
 
 
 def post_with(code: str, explanation: str = "It works.", title: str = "A post") -> Post:
-    return Post(title=title, lang="en", date="2024-05-01", source_path="src/x.py", language="python",
+    return Post(title=title, lang="en", date="2024-05-01", source_path="src/x.py", code_language="python",
                 intro="An intro.", model="m",
-                sections=[Section(code=code, language="python", start_line=3, end_line=5, symbol="f",
+                sections=[Section(code=code, code_language="python", start_line=3, end_line=5, symbol="f",
                                   kind="block", explanation=explanation)])
 
 
@@ -282,6 +282,8 @@ def test_json_holds_every_field_of_the_post():
     data = json.load(io.StringIO(post_json(post)))
     assert data["title"] == "A post" and data["sections"][0]["code"] == "x = 1\n"
     assert data["sections"][0]["ungrounded"] == ["torch.empty"]
+    # The human language and the programming language under names that cannot be mixed up
+    assert (data["lang"], data["code_language"], data["sections"][0]["code_language"]) == ("en", "python", "python")
 
 
 def test_a_cut_off_answer_is_asked_again_once_firmly(scripted_server, openai_env, sample, tmp_path):

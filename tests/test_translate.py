@@ -336,9 +336,10 @@ def test_editing_one_paragraph_sends_exactly_that_segment(scripted_server, opena
 def test_a_generated_post_is_translated_as_data_and_its_code_never_sent(scripted_server, openai_env):
     server = scripted_server(well_behaved)
     code = "def scale(x):\n    # 把输入乘以二\n    return x * 2\n"
-    post = Post(title="理解 `scale` 函数", lang="zh", date="2024-01-02", source_path="demo.py", language="python",
+    post = Post(title="理解 `scale` 函数", lang="zh", date="2024-01-02", source_path="demo.py",
+                code_language="python",
                 intro="这篇文章逐段解释一个很小的函数，看看它是如何工作的。",
-                sections=[Section(code=code, language="python", start_line=1, end_line=3, symbol="scale",
+                sections=[Section(code=code, code_language="python", start_line=1, end_line=3, symbol="scale",
                                   kind="function", explanation="函数 `scale` 把参数 `x` 乘以二，然后返回结果。")])
 
     translated = translate_post(post, "en", backend_for(server))
