@@ -78,14 +78,14 @@ def explain_file(path: str | os.PathLike, symbol: str | None = None, *, backend:
     to the current folder where it lies inside it), so where a checkout lives never reaches a model.
     """
     warn = on_warning or log.warning
-    answer_language = language(lang)
+    answer_lang = language(lang)
     # The path as shown (relative where possible) is what prompts, cache keys and the post carry.
     chunked = chunk_file(path, symbol=symbol, max_lines=max_lines, display_path=display_path or _display_path(path))
     for warning in chunked.warnings:
         warn(warning)
-    requests = [chunk_request(chunked, index, answer_language, max_tokens)
+    requests = [chunk_request(chunked, index, answer_lang, max_tokens)
                 for index in range(len(chunked.chunks))]
-    requests.append(overview_request(chunked, symbol, answer_language, max_tokens))
+    requests.append(overview_request(chunked, symbol, answer_lang, max_tokens))
 
     usage = usage if usage is not None else Usage()
     answered = 0
@@ -127,7 +127,7 @@ def explain_file(path: str | os.PathLike, symbol: str | None = None, *, backend:
     if invented:
         warn(f"{chunked.path}: the introduction mentions {_quoted(invented)}, which the code does not contain; "
              "check these names in the post")
-    post = Post(title=title, lang=answer_language.code, date=date or Date.today().isoformat(),
+    post = Post(title=title, lang=answer_lang.code, date=date or Date.today().isoformat(),
                 source_path=chunked.path, code_language=chunked.code_language, intro=intro,
                 sections=sections, backend=backend.name, model=backend.model)
     return post, usage
@@ -165,15 +165,15 @@ def _render(template: str, **values) -> str:
     return _prompt_templates().get_template(template).render(**values).strip() + "\n"
 
 
-def system_prompt(chunked: ChunkedFile, answer_language: Language) -> str:
+def system_prompt(chunked: ChunkedFile, answer_lang: Language) -> str:
     glossary = ""
-    if answer_language.code != "en":  # English explanations use the terms as they are
-        glossary = "; ".join(f"{term} → {written}" for term, written in sorted(answer_language.glossary.items()))
+    if answer_lang.code != "en":  # English explanations use the terms as they are
+        glossary = "; ".join(f"{term} → {written}" for term, written in sorted(answer_lang.glossary.items()))
     return _render("system.j2", code_language_label=LANGUAGE_LABELS.get(chunked.code_language, chunked.code_language),
-                   answer_language=_language_label(answer_language), glossary=glossary)
+                   answer_lang_label=_lang_label(answer_lang), glossary=glossary)
 
 
-def chunk_request(chunked: ChunkedFile, index: int, answer_language: Language, max_tokens: int) -> Request:
+def chunk_request(chunked: ChunkedFile, index: int, answer_lang: Language, max_tokens: int) -> Request:
     """The request that explains chunk number `index` of `chunked`.
 
     Requests about pieces of one definition start with the same bytes (system prompt, file, the
@@ -192,11 +192,11 @@ def chunk_request(chunked: ChunkedFile, index: int, answer_language: Language, m
     user = _render("chunk.j2", path=chunked.path, code_language=chunked.code_language, chunk=chunk, **context,
                    marked_view=marked_view, lines=_lines(chunk.start_line, chunk.end_line),
                    definition_kind=owner.kind if owner is not None else "",
-                   earlier=earlier, answer_language=_language_label(answer_language))
-    return _request(chunked, answer_language, user, max_tokens)
+                   earlier=earlier, answer_lang_label=_lang_label(answer_lang))
+    return _request(chunked, answer_lang, user, max_tokens)
 
 
-def overview_request(chunked: ChunkedFile, symbol: str | None, answer_language: Language,
+def overview_request(chunked: ChunkedFile, symbol: str | None, answer_lang: Language,
                      max_tokens: int) -> Request:
     """The request for the post's title and introduction: for one symbol, it starts like the
     requests about its pieces."""
@@ -209,8 +209,8 @@ def overview_request(chunked: ChunkedFile, symbol: str | None, answer_language: 
     user = _render("overview.j2", path=chunked.path, code_language=chunked.code_language, **context,
                    post_symbol=symbol or "", definitions=definitions,
                    pieces=[summary_line(c) for c in chunked.chunks],
-                   answer_language=_language_label(answer_language))
-    return _request(chunked, answer_language, user, max_tokens)
+                   answer_lang_label=_lang_label(answer_lang))
+    return _request(chunked, answer_lang, user, max_tokens)
 
 
 def _shown_whole(owner: Symbol) -> bool:
@@ -237,16 +237,16 @@ def firmer(request: Request) -> Request:
     return replace(request, messages=(*earlier, {**last, "content": last["content"] + note}))
 
 
-def _request(chunked: ChunkedFile, answer_language: Language, user: str, max_tokens: int) -> Request:
-    messages = ({"role": "system", "content": system_prompt(chunked, answer_language)},
+def _request(chunked: ChunkedFile, answer_lang: Language, user: str, max_tokens: int) -> Request:
+    messages = ({"role": "system", "content": system_prompt(chunked, answer_lang)},
                 {"role": "user", "content": user})
     return Request(messages=messages, max_tokens=max_tokens)
 
 
-def _language_label(answer_language: Language) -> str:
-    if answer_language.english_name == answer_language.name:
-        return answer_language.name
-    return f"{answer_language.english_name} ({answer_language.name})"
+def _lang_label(lang: Language) -> str:
+    if lang.english_name == lang.name:
+        return lang.name
+    return f"{lang.english_name} ({lang.name})"
 
 
 def chunk_view(chunked: ChunkedFile, chunk: Chunk, owner: Symbol) -> str:

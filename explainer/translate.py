@@ -85,7 +85,7 @@ def _system_prompt(lang: Language) -> str:
 
 
 @functools.cache
-def _language_identifier():
+def _lang_identifier():
     from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
     identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
@@ -93,26 +93,26 @@ def _language_identifier():
     return identifier
 
 
-def detect_language(text: str) -> str:
-    """The detect code (en, zh, ar, ...) of the language `text` is most likely written in."""
-    return _language_identifier().classify(text)[0]
+def detect_lang(text: str) -> str:
+    """The detect code (en, zh, ar, ...) of the human language `text` is most likely written in."""
+    return _lang_identifier().classify(text)[0]
 
 
 def _letters(text: str) -> int:
     return sum(ch.isalpha() for ch in text)
 
 
-def _language_problem(segment: Segment, translation: str, lang: Language, source_lang: str) -> str | None:
+def _lang_problem(segment: Segment, translation: str, lang: Language, source_lang: str) -> str | None:
     text = strip_placeholders(translation)
     if _letters(text) < MIN_LETTERS_TO_DETECT:
         return None
-    ranking = dict(_language_identifier().rank(text))
+    ranking = dict(_lang_identifier().rank(text))
     if ranking.get(lang.detect_code, 0.0) >= MIN_TARGET_PROBABILITY:
         return None
     found = max(ranking, key=ranking.get)
     # A quote that was already in another language (an English error message in a Chinese
     # post) may stay in that language.
-    if found != language(source_lang).detect_code and found == detect_language(strip_placeholders(segment.text)):
+    if found != language(source_lang).detect_code and found == detect_lang(strip_placeholders(segment.text)):
         return None
     return f"reads as {found}, not {lang.code}"
 
@@ -133,9 +133,9 @@ def segment_problems(segment: Segment, translation: str, lang: Language, source_
     problems = structure(segment.content).differences(structure(segment.restore(translation, as_content=True)))
     if segment.in_table_cell and "|" in strip_placeholders(translation) and "|" not in segment.text:
         problems.append("a '|' in a table cell would split the cell")
-    language_problem = _language_problem(segment, translation, lang, source_lang)
-    if language_problem:
-        problems.append(language_problem)
+    lang_problem = _lang_problem(segment, translation, lang, source_lang)
+    if lang_problem:
+        problems.append(lang_problem)
     return problems
 
 
@@ -340,14 +340,14 @@ def translate_post(post: Post, target: str, backend: Backend, cache: Cache | Non
                                intro=done.get("intro", post.intro), sections=sections)
 
 
-def source_language(text: str, name: str = "post") -> str:
-    """The language a Markdown post is written in: its front matter's `lang`, else detected."""
+def markdown_lang(text: str, name: str = "post") -> str:
+    """The code of the language a Markdown post is written in: its front matter's `lang`, else detected."""
     document = split_document(text)
     data = frontmatter.read(document, name)
     if data is not None and isinstance(data.get("lang"), str):
         return language(data["lang"]).code
     prose = " ".join(strip_placeholders(segment.text) for segment in document.segments)
-    detected = detect_language(prose)
+    detected = detect_lang(prose)
     return next((code for code in known_languages() if code == detected), "en")
 
 
@@ -357,7 +357,7 @@ def translate_markdown(text: str, target: str, backend: Backend, cache: Cache | 
     the source; the front matter keeps every key and its order, gets its title, description and
     excerpt translated, and records lang, dir, translated: true and the source's hash."""
     lang = language(target)
-    source_lang = language(source_lang).code if source_lang else source_language(text, name)
+    source_lang = language(source_lang).code if source_lang else markdown_lang(text, name)
     if source_lang == lang.code:
         raise UserError(f"{name} is already in {lang.code}; pick another language with --to")
     document = split_document(text)
@@ -408,7 +408,7 @@ def translate_file(source: Path, targets: list[str], backend: Backend, cache: Ca
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read {source}: {exc}; check the path") from None
     langs = [language(target) for target in targets]  # every code checked before any request
-    source_lang = language(source_lang).code if source_lang else source_language(text, source.name)
+    source_lang = language(source_lang).code if source_lang else markdown_lang(text, source.name)
     outputs = {}
     for lang in langs:
         if lang.code == source_lang:

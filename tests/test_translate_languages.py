@@ -8,6 +8,7 @@ import pytest
 
 from explainer.errors import UserError
 from explainer.languages import known_languages, language
+from explainer.translate import detect_lang
 
 SEED = (Path(__file__).parent / "data" / "seed_zh.md").read_text(encoding="utf-8")
 
@@ -45,3 +46,10 @@ def test_an_unknown_code_names_the_known_ones():
         language("klingon")
     message = str(error.value)
     assert "unknown language 'klingon'" in message and "zh-Hant" in message and "\n" not in message
+
+
+def test_detect_lang_answers_with_a_human_language_a_post_can_be_written_in():
+    assert detect_lang("Each piece of the function is explained in a few sentences below it.") == "en"
+    assert detect_lang("下面用几句话解释这个函数的每一部分。") == "zh"
+    # Even code is given the human language it reads most like, never a programming language.
+    assert detect_lang("def scale(x):\n    return x * 2\n") in {language(code).detect_code for code in known_languages()}
