@@ -31,7 +31,9 @@ Chunk kinds, `Chunk.kind`:
 from __future__ import annotations
 
 import bisect
+import builtins
 import importlib
+import keyword
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import cache
@@ -79,19 +81,11 @@ class ChunkedFile:
     warnings: list[str]
 
 
-# --- languages -----------------------------------------------------------------------------
-
-EXTENSIONS = {
-    ".py": "python", ".pyi": "python",
-    ".c": "c", ".h": "c",
-    ".cc": "cpp", ".cpp": "cpp", ".cxx": "cpp", ".c++": "cpp",
-    ".hh": "cpp", ".hpp": "cpp", ".hxx": "cpp", ".h++": "cpp",
-    ".cu": "cuda", ".cuh": "cuda",
-}
-
+# --- programming languages ------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class _Grammar:
+    """How the chunker reads one tree-sitter grammar's syntax trees."""
     package: str                 # the tree-sitter grammar package
     separator: str               # between a class and its members in qualified names
     compound: dict[str, str]     # compound statement node type -> chunk kind
@@ -139,8 +133,36 @@ _CPP = replace(
     containers=_C.containers | {"namespace_definition", "linkage_specification"},
     members_callable_by_name=True,
 )
-_GRAMMARS = {"python": _PYTHON, "c": _C, "cpp": _CPP,
-             "cuda": replace(_CPP, package="tree_sitter_cuda")}
+
+# Words an explanation may put in backticks that are not names from the file, so not names a
+# model could have invented. Python's come from the keyword and builtins modules.
+_PYTHON_KEYWORDS = frozenset(keyword.kwlist) | frozenset(keyword.softkwlist) | frozenset(dir(builtins))
+_C_FAMILY_KEYWORDS = frozenset(
+    "auto break case char const constexpr continue default do double else enum extern false float for "
+    "goto if inline int long nullptr NULL register return short signed sizeof static struct switch "
+    "template this true typedef union unsigned void volatile while class public private protected "
+    "virtual namespace new delete bool __global__ __device__ __host__ __shared__".split())
+
+
+@dataclass(frozen=True)
+class CodeLanguage:
+    """A programming language the chunker reads: its files, its name in prompts, its keywords, its grammar."""
+    name: str                  # Chunk.code_language, Post.code_language and the info string of its code fences
+    label: str                 # how prompts name it: "C++"
+    suffixes: tuple[str, ...]  # file name endings, lower case
+    keywords: frozenset[str]   # keywords and builtins: backticked words that no file needs to define
+    grammar: _Grammar
+
+
+CODE_LANGUAGES = {entry.name: entry for entry in (
+    CodeLanguage("python", "Python", (".py", ".pyi"), _PYTHON_KEYWORDS, _PYTHON),
+    CodeLanguage("c", "C", (".c", ".h"), _C_FAMILY_KEYWORDS, _C),
+    CodeLanguage("cpp", "C++", (".cc", ".cpp", ".cxx", ".c++", ".hh", ".hpp", ".hxx", ".h++"),
+                 _C_FAMILY_KEYWORDS, _CPP),
+    CodeLanguage("cuda", "CUDA", (".cu", ".cuh"), _C_FAMILY_KEYWORDS, replace(_CPP, package="tree_sitter_cuda")),
+)}
+_BY_SUFFIX = {suffix: entry.name for entry in CODE_LANGUAGES.values() for suffix in entry.suffixes}
+
 _CLASS_SPECIFIERS = ("struct_specifier", "class_specifier", "union_specifier")
 # Deeper nesting is kept whole rather than split further: real code stays far below this
 # (Python allows 100 indentation levels), and recursing deeper would hit Python's stack limit.
@@ -148,20 +170,21 @@ _MAX_NESTING = 100
 
 
 def _supported_extensions() -> str:
-    return ", ".join(sorted(EXTENSIONS))
+    return ", ".join(sorted(_BY_SUFFIX))
 
 
 def detect_code_language(path) -> str:
+    """The programming language of a source file, by its name: a key of CODE_LANGUAGES."""
     suffix = Path(path).suffix.lower()
-    if suffix not in EXTENSIONS:
+    if suffix not in _BY_SUFFIX:
         raise UserError(f"{path}: unsupported file type {suffix or '(no extension)'}; "
                         f"pass a source file ending in one of {_supported_extensions()}")
-    return EXTENSIONS[suffix]
+    return _BY_SUFFIX[suffix]
 
 
 @cache
 def _parser(code_language: str) -> tree_sitter.Parser:
-    grammar = importlib.import_module(_GRAMMARS[code_language].package)
+    grammar = importlib.import_module(CODE_LANGUAGES[code_language].grammar.package)
     return tree_sitter.Parser(tree_sitter.Language(grammar.language()))
 
 
@@ -193,9 +216,9 @@ def chunk_file(path, symbol: str | None = None, max_lines: int = 30, display_pat
 def chunk_source(source: str, path: str, code_language: str, symbol: str | None = None,
                  max_lines: int = 30) -> ChunkedFile:
     """Split source code into chunks: all of it in order, or only the definition named `symbol`."""
-    if code_language not in _GRAMMARS:
+    if code_language not in CODE_LANGUAGES:
         raise UserError(f"{path}: unsupported programming language {code_language!r}; "
-                        f"supported: {', '.join(_GRAMMARS)}")
+                        f"supported: {', '.join(CODE_LANGUAGES)}")
     if "\x00" in source:
         raise UserError(_binary_message(path))
     if not source.strip():
@@ -295,7 +318,7 @@ def _declarator_name(node: tree_sitter.Node) -> str:
 class _FileChunker:
     def __init__(self, source: str, path: str, code_language: str, max_lines: int):
         self.source, self.path, self.code_language, self.max_lines = source, path, code_language, max_lines
-        self.grammar = _GRAMMARS[code_language]
+        self.grammar = CODE_LANGUAGES[code_language].grammar
         parts = source.split("\n")  # tree-sitter counts rows by "\n" only; so must we
         self.lines = [part + "\n" for part in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
         self.blank = [not line.strip() for line in self.lines]

@@ -13,8 +13,6 @@ in what the model was shown is reported, because small models invent plausible A
 
 from __future__ import annotations
 
-import builtins
-import keyword
 import logging
 import os
 from dataclasses import replace
@@ -28,7 +26,8 @@ from markdown_it import MarkdownIt
 
 from explainer.backends import Backend, Request, UnusableAnswer, Usage
 from explainer.cache import Cache, complete_cached, key_for
-from explainer.chunking import Chunk, ChunkedFile, Symbol, chunk_file, enclosing_view, numbered_lines
+from explainer.chunking import (CODE_LANGUAGES, Chunk, ChunkedFile, Symbol, chunk_file, enclosing_view,
+                                numbered_lines)
 from explainer.languages import Language, language
 from explainer.post import Post, Section
 from explainer.render import fenced
@@ -47,15 +46,6 @@ MAX_DEFINITION_LINES = 160
 VIEW_CONTEXT_LINES = 4
 ELISION = "   ⋮"
 
-LANGUAGE_LABELS = {"python": "Python", "c": "C", "cpp": "C++", "cuda": "CUDA"}
-
-# Backticked words that are not names a model could invent. Python's come from the keyword module.
-C_FAMILY_WORDS = frozenset(
-    "auto break case char const constexpr continue default do double else enum extern false float for "
-    "goto if inline int long nullptr NULL register return short signed sizeof static struct switch "
-    "template this true typedef union unsigned void volatile while class public private protected "
-    "virtual namespace new delete bool __global__ __device__ __host__ __shared__".split())
-PYTHON_WORDS = frozenset(keyword.kwlist) | frozenset(keyword.softkwlist) | frozenset(dir(builtins))
 NAME_SEPARATORS = ("::", "->")  # turned into "." before a backticked name is split into parts
 
 
@@ -169,7 +159,7 @@ def system_prompt(chunked: ChunkedFile, answer_lang: Language) -> str:
     glossary = ""
     if answer_lang.code != "en":  # English explanations use the terms as they are
         glossary = "; ".join(f"{term} → {written}" for term, written in sorted(answer_lang.glossary.items()))
-    return _render("system.j2", code_language_label=LANGUAGE_LABELS.get(chunked.code_language, chunked.code_language),
+    return _render("system.j2", code_language_label=CODE_LANGUAGES[chunked.code_language].label,
                    answer_lang_label=_lang_label(answer_lang), glossary=glossary)
 
 
@@ -371,8 +361,7 @@ def known_names(chunked: ChunkedFile) -> frozenset[str]:
     """Names that are real even where they do not occur as written: qualified definition names
     (`Llama.generate`), the file's name, and its programming language's keywords and builtins."""
     names = {s.name for s in chunked.symbols} | {Path(chunked.path).name, Path(chunked.path).stem}
-    words = PYTHON_WORDS if chunked.code_language == "python" else C_FAMILY_WORDS
-    return frozenset(names | words)
+    return frozenset(names | CODE_LANGUAGES[chunked.code_language].keywords)
 
 
 def backticked(markdown: str) -> list[str]:

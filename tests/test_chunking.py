@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from explainer.chunking import (CHUNK_KINDS, chunk_file, chunk_source, detect_code_language,
+from explainer.chunking import (CHUNK_KINDS, CODE_LANGUAGES, chunk_file, chunk_source, detect_code_language,
                                 enclosing_view)
 from explainer.errors import UserError
 
@@ -377,6 +377,20 @@ def test_unknown_extension_lists_the_supported_ones():
 def test_detect_code_language_by_extension():
     assert [detect_code_language(p) for p in ("a.py", "b.C", "c.h", "d.hpp", "e.cu")] == [
         "python", "c", "c", "cpp", "cuda"]
+
+
+@pytest.mark.parametrize("name", CODE_LANGUAGES)
+def test_each_code_language_is_one_whole_entry(name):
+    entry = CODE_LANGUAGES[name]
+    assert entry.name == name and entry.label and "return" in entry.keywords
+    assert [detect_code_language(f"x{suffix.upper()}") for suffix in entry.suffixes] == [name] * len(entry.suffixes)
+    chunked = chunk_source("x;\n", f"x{entry.suffixes[0]}", name)  # its grammar loads and parses
+    assert chunked.code_language == name and chunked.chunks[0].code_language == name
+
+
+def test_a_post_in_a_human_language_is_no_source_file():
+    with pytest.raises(UserError, match="unsupported file type .md"):
+        detect_code_language("posts/2024-01-02-llama-zh.md")
 
 
 def test_unknown_symbol_lists_the_available_ones():
