@@ -14,7 +14,7 @@ import torch
 from llama_ref.checkpoints import Checkpoint, CheckpointError, open_checkpoint
 from llama_ref.device import check_fits, pick_device, pick_dtype
 from llama_ref.model import ModelArgs, Transformer
-from llama_ref.quantize import Int8Linear, pack_linears, quantize_linears
+from llama_ref.quantize import Int8Linear, block_linears, pack_linears, quantize_linears
 
 
 def load_model(model_path: str | Path, max_seq_len: int, max_batch_size: int, device: str | None = None,
@@ -42,8 +42,10 @@ def load_model(model_path: str | Path, max_seq_len: int, max_batch_size: int, de
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     _load_weights(model, checkpoint)
-    if packed and not int8 and checkpoint.read_int4 is not None and device.type == "cpu" and dtype == torch.bfloat16:
-        pack_linears(model, checkpoint.int4_groups)
+    if packed and not int8 and device.type == "cpu" and dtype == torch.bfloat16:
+        if checkpoint.read_int4 is not None:
+            pack_linears(model, checkpoint.int4_groups)
+        block_linears(model)
     model.setup_caches(max_batch_size, max_seq_len, dtype=dtype, device=device)
     model.eval()
     # Only the tokenizer and template outlive the load: the checkpoint holds the file's mapping, and

@@ -75,3 +75,34 @@ def test_packed_linear_uses_the_4_bit_copy_for_few_rows_only():
     x = torch.randn(1, PACKED_MAX_ROWS + 1, 96, generator=generator).to(torch.bfloat16)
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight))
     assert not torch.allclose(layer(x[:, :1]).float(), (x[:, :1] @ layer.weight.T).float(), atol=1e-1)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_blocked_layer_multiplies_as_the_plain_one_for_any_number_of_rows(bias):
+    from llama_ref.quantize import BlockedLinear
+
+    generator = torch.Generator().manual_seed(1)
+    plain = torch.nn.Linear(96, 64, bias=bias, dtype=torch.bfloat16)
+    with torch.no_grad():
+        plain.weight.copy_(torch.randn(64, 96, generator=generator))
+    blocked = BlockedLinear(plain)
+    for rows in (1, 3, 300):
+        x = torch.randn(2, rows, 96, generator=generator).to(torch.bfloat16)
+        torch.testing.assert_close(blocked(x), plain(x), rtol=1e-2, atol=1e-2)
+
+
+def test_a_tied_output_matrix_is_blocked_as_a_copy_and_the_embedding_stays(tmp_path):
+    from llama_ref.quantize import BlockedLinear
+
+    gguf_path = write_gguf(make_tiny_model(tmp_path, tie_embeddings=True), tmp_path / "tied.gguf", Q.Q4_0)
+    plain = Llama.build(gguf_path, max_seq_len=64, max_batch_size=PACKED_MAX_ROWS + 1, device="cpu", dtype="bf16",
+                        packed=False)
+    fast = Llama.build(gguf_path, max_seq_len=64, max_batch_size=PACKED_MAX_ROWS + 1, device="cpu", dtype="bf16")
+    blocked = [name for name, m in fast.model.named_modules()
+               if isinstance(m, BlockedLinear) or getattr(m, "blocked", None) is not None]
+    assert len(blocked) == 15  # every matrix: 7 in each of 2 layers, and the output
+    assert torch.equal(fast.model.tok_embeddings.weight, plain.model.tok_embeddings.weight)
+    # more rows than the 4-bit copies serve: every matrix, the output's copy too, is the bf16 one reordered
+    prompt, rows = [1, 37, 99, 200, 5], PACKED_MAX_ROWS + 1
+    torch.testing.assert_close(decode_logits(fast, prompt, rows), decode_logits(plain, prompt, rows),
+                               rtol=0.02, atol=0.02)
