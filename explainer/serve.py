@@ -19,10 +19,11 @@ closed, and past max_connections open connections or max_queue waiting requests 
 with Retry-After. Every failure is a JSON error body; nothing a client sends reaches a traceback.
 
 Access: with an API key (--api-key or EXPLAINER_API_KEY), every request needs `Authorization: Bearer
-KEY` (compared in constant time). POSTs must be `Content-Type: application/json`, so a web page
-cannot send one without a CORS preflight, which this server never grants. While bound to loopback,
-the Host header must name loopback and an Origin header, if any, must be a loopback origin: a page
-on another site (or a DNS-rebinding name that points at 127.0.0.1) is refused with 403.
+KEY` (compared in constant time); without one the server listens on loopback only. POSTs must be
+`Content-Type: application/json`, so a web page cannot send one without a CORS preflight, which this
+server never grants. While bound to loopback, the Host header must name loopback and an Origin
+header, if any, must be a loopback origin: a page on another site (or a DNS-rebinding name that
+points at 127.0.0.1) is refused with 403.
 
 torch is imported only when a model is loaded (open_server), never by importing this module.
 """
@@ -193,6 +194,7 @@ class ModelServer(ThreadingHTTPServer):
                  max_queue: int = DEFAULT_MAX_QUEUE, timeout: float = DEFAULT_TIMEOUT_S):
         from llama_ref.engine import Engine
 
+        check_exposure(address[0], api_key)
         super().__init__(address, _Handler)
         self.llama = llama
         self.engine = Engine(llama.model, llama.tokenizer)  # the model's KV cache is this engine's alone
@@ -256,17 +258,29 @@ def open_server(model: str | Path | None = None, host: str = "127.0.0.1", port: 
                 dtype: str | None = None, api_key: str | None = None, **limits) -> ModelServer:
     """Load the model (a catalog name or a checkpoint path; default: the catalog's default) and listen
     on host:port. Port 0 picks a free port; the server's base_url tells which. Call serve_forever() next.
-    api_key: required of every client (default: EXPLAINER_API_KEY, else none); `limits`: ModelServer's."""
+    api_key: required of every client (default: EXPLAINER_API_KEY, else none; an address other than
+    loopback refuses to start without one); `limits`: ModelServer's."""
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    check_exposure(host, api_key)  # before the model is loaded: a refusal costs nothing
     backend = LocalBackend(model, dtype=dtype, max_seq_len=max_seq_len or DEFAULT_MAX_SEQ_LEN,
                            max_batch_size=max_batch_size or DEFAULT_MAX_BATCH_SIZE)
     llama = backend.llama  # loads the model now, with the local backend's one-line errors
     llama.model.setup_caches(backend.max_batch_size, min(backend.max_seq_len, llama.model.params.context_length))
     try:
         return ModelServer((host, port), llama, _served_name(backend),
-                           api_key=api_key or os.environ.get(API_KEY_ENV) or None, **limits)
+                           api_key=api_key, **limits)
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
                         f"pick another --port, or stop what is using it") from None
+
+
+def check_exposure(host: str, api_key: str | None) -> None:
+    """Refuse to listen beyond this machine without an API key: anyone who can reach the address could
+    use the model, and the Host and Origin checks that keep web pages out hold only on loopback."""
+    if api_key is None and not (host == "localhost" or _is_loopback(host)):
+        where = f"--host {host}" if host else "an empty --host (every address)"
+        raise UserError(f"{where} is not a loopback address, so anyone who can reach it could use the model; "
+                        f"set --api-key or {API_KEY_ENV} to require a key, or bind to 127.0.0.1")
 
 
 def _served_name(backend: LocalBackend) -> str:

@@ -8,8 +8,11 @@ import threading
 
 import openai
 import pytest
+from click.testing import CliRunner
 
-from explainer.serve import open_server
+from explainer.cli import main
+from explainer.errors import UserError
+from explainer.serve import ModelServer, open_server
 
 pytestmark = pytest.mark.slow
 
@@ -141,3 +144,39 @@ def test_past_the_connection_limit_a_client_gets_503_and_stalled_sockets_time_ou
             sock.close()
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10", ""])
+def test_beyond_loopback_without_a_key_the_cli_refuses_before_loading(tmp_path, monkeypatch, host):
+    monkeypatch.delenv("EXPLAINER_API_KEY", raising=False)
+    # the model file is missing too: an error about the key, not the file, shows the check comes first
+    result = CliRunner().invoke(main, ["serve", "--host", host, "--port", "0",
+                                       "--model", str(tmp_path / "missing.gguf")])
+    assert result.exit_code == 1
+    assert len(result.output.strip().splitlines()) == 1 and result.output.startswith("Error: ")
+    assert "not a loopback address" in result.output and "missing.gguf" not in result.output
+    assert "--api-key" in result.output and "EXPLAINER_API_KEY" in result.output and "127.0.0.1" in result.output
+
+
+@pytest.mark.parametrize("host, key_env, flags", [
+    ("0.0.0.0", KEY, []),  # a key from the environment
+    ("0.0.0.0", None, ["--api-key", KEY]),
+    ("localhost", None, []),
+    ("127.0.0.2", None, []),
+])
+def test_with_a_key_or_on_loopback_the_cli_goes_on_to_load_the_model(tmp_path, monkeypatch, host, key_env, flags):
+    if key_env is None:
+        monkeypatch.delenv("EXPLAINER_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("EXPLAINER_API_KEY", key_env)
+    result = CliRunner().invoke(main, ["serve", "--host", host, "--port", "0", *flags,
+                                       "--model", str(tmp_path / "missing.gguf")])
+    assert result.exit_code == 1 and "missing.gguf" in result.output
+
+
+def test_beyond_loopback_without_a_key_open_server_and_model_server_refuse(server, monkeypatch):
+    monkeypatch.delenv("EXPLAINER_API_KEY", raising=False)
+    with pytest.raises(UserError, match="not a loopback address"):
+        open_server("no-such-model", "0.0.0.0", 0)
+    with pytest.raises(UserError, match="not a loopback address"):
+        ModelServer(("0.0.0.0", 0), server.llama, server.model_name)
