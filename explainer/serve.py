@@ -10,8 +10,9 @@ Concurrency: every connection gets a thread that validates and tokenizes its req
 it to llama_ref's Engine, whose one worker thread owns the model. The engine batches continuously:
 a request joins the running batch as soon as a row is free, each row stops at its own max_tokens or
 stop token, and prompts sharing a start with an earlier one reuse its keys and values. Each
-request's tokens reach its connection as they are produced; a streaming client that goes away
-frees its row at the next step.
+request's tokens reach its connection as they are produced. A client that goes away, streamed or
+not, frees its row (or its place in the queue) at the engine's next step: before every step the
+engine asks each job's socket whether its client closed or reset it.
 
 Limits, as llama.cpp's server and vLLM keep them: a body over max_body_bytes gets 413 before it is
 read, a POST without a valid Content-Length 411 or 400, a socket idle for `timeout` seconds is
@@ -35,6 +36,8 @@ import ipaddress
 import json
 import logging
 import os
+import select
+import socket
 import threading
 import time
 import uuid
@@ -304,7 +307,7 @@ class _Handler(BaseHTTPRequestHandler):
     def handle(self):
         try:
             super().handle()
-        except (ConnectionError, TimeoutError):  # the client went away or stalled; a streamed job is cancelled
+        except (ConnectionError, TimeoutError):  # the client went away or stalled; its job is cancelled
             pass
 
     def do_GET(self):
@@ -346,6 +349,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._stream(kind, job, include_usage=isinstance(options, dict)
                                 and options.get("include_usage") is True)
         text = "".join(_pieces(job))
+        if job.finish_reason == "cancelled":  # the client went away: nobody to answer
+            self.close_connection = True
+            return
         choice = {"index": 0, "finish_reason": job.finish_reason, "logprobs": None}
         if kind == "chat":
             choice["message"] = {"role": "assistant", "content": text}
@@ -400,7 +406,7 @@ class _Handler(BaseHTTPRequestHandler):
                            code="server_busy", headers={"Retry-After": "2"})
         try:
             return self.server.engine.submit(Job(prompt, max_tokens, temperature=temperature, top_p=top_p,
-                                                 seed=seed))
+                                                 seed=seed, abandoned=lambda: _client_gone(self.connection)))
         except EngineStopped:
             raise ApiError("the server is stopping", status=503) from None
 
@@ -441,6 +447,8 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:  # the client went away: free its row instead of generating for nobody
             job.cancel()
             raise
+        if job.finish_reason == "cancelled":  # the engine found the client gone before a write did
+            return
         send(chunk(None, job.finish_reason))
         if include_usage:
             send({**envelope, "choices": [], "usage": _usage(job)})
@@ -497,6 +505,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
+
+
+def _client_gone(connection: socket.socket) -> bool:
+    """Whether the client closed or reset its connection, answered at once. A readable socket with
+    nothing to read has reached its end; one with data holds a pipelined next request, so its client is
+    still there."""
+    try:
+        poller = select.poll()
+        poller.register(connection, select.POLLIN)
+        return bool(poller.poll(0)) and not connection.recv(1, socket.MSG_PEEK)
+    except (OSError, ValueError):  # reset by the client, or already closed by its handler
+        return True
 
 
 def _is_loopback(host: str) -> bool:

@@ -4,7 +4,9 @@ answer for everything, over raw sockets so that every header and byte is the tes
 import http.client
 import json
 import socket
+import struct
 import threading
+import time
 
 import openai
 import pytest
@@ -53,6 +55,24 @@ def post(server, body: bytes, *, content_type="application/json", extra="", leng
 def chat(server, content) -> bytes:
     return json.dumps({"model": server.model_name, "messages": [{"role": "user", "content": content}],
                        "max_tokens": 4, "temperature": 0}).encode()
+
+
+def drop(sock: socket.socket) -> None:
+    """Close abruptly, as a killed client does: a reset, not an orderly end of the stream."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def one_row():
+    """A server that generates one answer at a time: a job left running would hold up every other."""
+    server = open_server("smollm2-135m", "127.0.0.1", 0, max_seq_len=1100, max_batch_size=1, dtype="fp32",
+                         api_key=KEY)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
 
 
 def test_a_valid_request_with_the_key_is_answered(server):
@@ -180,3 +200,43 @@ def test_beyond_loopback_without_a_key_open_server_and_model_server_refuse(serve
         open_server("no-such-model", "0.0.0.0", 0)
     with pytest.raises(UserError, match="not a loopback address"):
         ModelServer(("0.0.0.0", 0), server.llama, server.model_name)
+
+
+LONG_STORY = "Write a long story about a dragon."  # greedy SmolLM2 is still writing after 1000 tokens
+
+
+def long_story(server, stream: bool) -> bytes:
+    port = server.server_address[1]
+    body = json.dumps({"model": server.model_name, "messages": [{"role": "user", "content": LONG_STORY}],
+                       "max_tokens": 1000, "temperature": 0, "stream": stream}).encode()
+    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def assert_next_request_is_answered_at_once(server, dropped_at: float, cancelled_before: int) -> None:
+    status, _, answer = post(server, chat(server, "Hi"))
+    elapsed = time.monotonic() - dropped_at
+    assert status == 200 and answer["choices"][0]["message"]["content"]
+    assert elapsed < 2, f"the next request waited {elapsed:.1f} s behind a client that was gone"
+    assert server.engine.stats["cancelled"] == cancelled_before + 1  # cut short, not finished
+
+
+def test_a_dropped_stream_frees_the_only_row_for_the_next_request(one_row):
+    cancelled = one_row.engine.stats["cancelled"]
+    sock = socket.create_connection(one_row.server_address[:2], timeout=30)
+    sock.sendall(long_story(one_row, stream=True))
+    with sock.makefile("rb") as stream:
+        assert stream.readline().startswith(b"HTTP/1.1 200")
+        events = 0
+        while events < 3:  # the role, then two pieces of the story: it is being generated
+            events += stream.readline().startswith(b"data: ")
+    drop(sock)
+    assert_next_request_is_answered_at_once(one_row, time.monotonic(), cancelled)
+
+
+def test_a_dropped_unstreamed_request_frees_the_only_row_for_the_next_request(one_row):
+    cancelled = one_row.engine.stats["cancelled"]
+    sock = socket.create_connection(one_row.server_address[:2], timeout=30)
+    sock.sendall(long_story(one_row, stream=False))  # nothing comes back until the whole answer would
+    drop(sock)
+    assert_next_request_is_answered_at_once(one_row, time.monotonic(), cancelled)
