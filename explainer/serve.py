@@ -16,8 +16,9 @@ engine asks each job's socket whether its client closed or reset it.
 
 Limits, as llama.cpp's server and vLLM keep them: a body over max_body_bytes gets 413 before it is
 read, a POST without a valid Content-Length 411 or 400, a socket idle for `timeout` seconds is
-closed, and past max_connections open connections or max_queue waiting requests a client gets 503
-with Retry-After. Every failure is a JSON error body; nothing a client sends reaches a traceback.
+closed (with 408 if it stalled halfway through a body), and past max_connections open connections or
+max_queue waiting requests a client gets 503 with Retry-After. Every failure is a JSON error body;
+nothing a client sends reaches a traceback.
 
 Access: with an API key (--api-key or EXPLAINER_API_KEY), every request needs `Authorization: Bearer
 KEY` (compared in constant time); without one the server listens on loopback only. POSTs must be
@@ -486,7 +487,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise ApiError(f"the body is {length} bytes; this server takes at most {self.server.max_body_bytes} "
                            f"(explainer serve --max-body-bytes)", status=413, code="request_too_large")
-        return self.rfile.read(length)
+        try:
+            return self.rfile.read(length)
+        except TimeoutError:
+            self.close_connection = True
+            raise ApiError(f"the body stopped arriving: nothing came for {self.server.socket_timeout:g} s; send all "
+                           f"{length} bytes the Content-Length promises", status=408, code="request_timeout") from None
 
     def _send_error(self, error: ApiError) -> None:
         try:

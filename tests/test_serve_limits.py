@@ -105,6 +105,13 @@ def test_a_missing_or_invalid_content_length_is_refused(server, length, status):
     assert code == status and body["error"]["message"]
 
 
+def test_a_body_that_stops_halfway_gets_408_after_the_timeout(server):
+    body = chat(server, "Hi")
+    status, headers, answer = post(server, body[:len(body) // 2], length=str(len(body)))
+    assert status == 408 and headers["Connection"] == "close"
+    assert answer["error"]["code"] == "request_timeout" and f"all {len(body)} bytes" in answer["error"]["message"]
+
+
 def test_a_body_sent_as_text_plain_gets_415(server):
     # a web page can POST text/plain without a CORS preflight; JSON needs one, which is never granted
     status, _, body = post(server, chat(server, "Hi"), content_type="text/plain")
