@@ -193,6 +193,11 @@ class ModelServer(ThreadingHTTPServer):
 
     Use it as a context manager or call server_close() to stop the worker."""
 
+    # socketserver's backlog is 5: a burst of clients overflowed it, and each connection the kernel dropped
+    # waited a second for its retry. Waiting in the kernel's queue costs nothing; past max_connections the
+    # accept loop answers 503 at once.
+    request_queue_size = socket.SOMAXCONN
+
     def __init__(self, address: tuple[str, int], llama, model_name: str, *, api_key: str | None = None,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  max_queue: int = DEFAULT_MAX_QUEUE, timeout: float = DEFAULT_TIMEOUT_S):
