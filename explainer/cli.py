@@ -254,7 +254,8 @@ def build(config_path: Path, only: tuple[str, ...], langs: tuple[str, ...], dry_
               help="A catalog name (python -m llama_ref --list-models) or a model file or folder: GGUF, "
                    "Hugging Face, Meta or llama2.c [default: qwen2.5-coder-1.5b].")
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on; 0.0.0.0 would expose the model to your whole network.")
+              help="Address to listen on; one other than loopback (0.0.0.0: your whole network) "
+                   "needs --api-key or EXPLAINER_API_KEY.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0 picks a free port.")
 @click.option("--max-seq-len", type=click.IntRange(min=2), metavar="N",
               help="Longest prompt + answer, in tokens; the KV cache is allocated for it [default: 4096].")

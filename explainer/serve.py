@@ -10,19 +10,22 @@ Concurrency: every connection gets a thread that validates and tokenizes its req
 it to llama_ref's Engine, whose one worker thread owns the model. The engine batches continuously:
 a request joins the running batch as soon as a row is free, each row stops at its own max_tokens or
 stop token, and prompts sharing a start with an earlier one reuse its keys and values. Each
-request's tokens reach its connection as they are produced; a streaming client that goes away
-frees its row at the next step.
+request's tokens reach its connection as they are produced. A client that goes away, streamed or
+not, frees its row (or its place in the queue) at the engine's next step: before every step the
+engine asks each job's socket whether its client closed or reset it.
 
 Limits, as llama.cpp's server and vLLM keep them: a body over max_body_bytes gets 413 before it is
 read, a POST without a valid Content-Length 411 or 400, a socket idle for `timeout` seconds is
-closed, and past max_connections open connections or max_queue waiting requests a client gets 503
-with Retry-After. Every failure is a JSON error body; nothing a client sends reaches a traceback.
+closed (with 408 if it stalled halfway through a body), and past max_connections open connections or
+max_queue waiting requests a client gets 503 with Retry-After. Every failure is a JSON error body;
+nothing a client sends reaches a traceback.
 
 Access: with an API key (--api-key or EXPLAINER_API_KEY), every request needs `Authorization: Bearer
-KEY` (compared in constant time). POSTs must be `Content-Type: application/json`, so a web page
-cannot send one without a CORS preflight, which this server never grants. While bound to loopback,
-the Host header must name loopback and an Origin header, if any, must be a loopback origin: a page
-on another site (or a DNS-rebinding name that points at 127.0.0.1) is refused with 403.
+KEY` (compared in constant time); without one the server listens on loopback only. POSTs must be
+`Content-Type: application/json`, so a web page cannot send one without a CORS preflight, which this
+server never grants. While bound to loopback, the Host header must name loopback and an Origin
+header, if any, must be a loopback origin: a page on another site (or a DNS-rebinding name that
+points at 127.0.0.1) is refused with 403.
 
 torch is imported only when a model is loaded (open_server), never by importing this module.
 """
@@ -34,6 +37,8 @@ import ipaddress
 import json
 import logging
 import os
+import select
+import socket
 import threading
 import time
 import uuid
@@ -188,11 +193,17 @@ class ModelServer(ThreadingHTTPServer):
 
     Use it as a context manager or call server_close() to stop the worker."""
 
+    # socketserver's backlog is 5: a burst of clients overflowed it, and each connection the kernel dropped
+    # waited a second for its retry. Waiting in the kernel's queue costs nothing; past max_connections the
+    # accept loop answers 503 at once.
+    request_queue_size = socket.SOMAXCONN
+
     def __init__(self, address: tuple[str, int], llama, model_name: str, *, api_key: str | None = None,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  max_queue: int = DEFAULT_MAX_QUEUE, timeout: float = DEFAULT_TIMEOUT_S):
         from llama_ref.engine import Engine
 
+        check_exposure(address[0], api_key)
         super().__init__(address, _Handler)
         self.llama = llama
         self.engine = Engine(llama.model, llama.tokenizer)  # the model's KV cache is this engine's alone
@@ -256,17 +267,29 @@ def open_server(model: str | Path | None = None, host: str = "127.0.0.1", port: 
                 dtype: str | None = None, api_key: str | None = None, **limits) -> ModelServer:
     """Load the model (a catalog name or a checkpoint path; default: the catalog's default) and listen
     on host:port. Port 0 picks a free port; the server's base_url tells which. Call serve_forever() next.
-    api_key: required of every client (default: EXPLAINER_API_KEY, else none); `limits`: ModelServer's."""
+    api_key: required of every client (default: EXPLAINER_API_KEY, else none; an address other than
+    loopback refuses to start without one); `limits`: ModelServer's."""
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    check_exposure(host, api_key)  # before the model is loaded: a refusal costs nothing
     backend = LocalBackend(model, dtype=dtype, max_seq_len=max_seq_len or DEFAULT_MAX_SEQ_LEN,
                            max_batch_size=max_batch_size or DEFAULT_MAX_BATCH_SIZE)
     llama = backend.llama  # loads the model now, with the local backend's one-line errors
     llama.model.setup_caches(backend.max_batch_size, min(backend.max_seq_len, llama.model.params.context_length))
     try:
         return ModelServer((host, port), llama, _served_name(backend),
-                           api_key=api_key or os.environ.get(API_KEY_ENV) or None, **limits)
+                           api_key=api_key, **limits)
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
                         f"pick another --port, or stop what is using it") from None
+
+
+def check_exposure(host: str, api_key: str | None) -> None:
+    """Refuse to listen beyond this machine without an API key: anyone who can reach the address could
+    use the model, and the Host and Origin checks that keep web pages out hold only on loopback."""
+    if api_key is None and not (host == "localhost" or _is_loopback(host)):
+        where = f"--host {host}" if host else "an empty --host (every address)"
+        raise UserError(f"{where} is not a loopback address, so anyone who can reach it could use the model; "
+                        f"set --api-key or {API_KEY_ENV} to require a key, or bind to 127.0.0.1")
 
 
 def _served_name(backend: LocalBackend) -> str:
@@ -290,7 +313,7 @@ class _Handler(BaseHTTPRequestHandler):
     def handle(self):
         try:
             super().handle()
-        except (ConnectionError, TimeoutError):  # the client went away or stalled; a streamed job is cancelled
+        except (ConnectionError, TimeoutError):  # the client went away or stalled; its job is cancelled
             pass
 
     def do_GET(self):
@@ -332,6 +355,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._stream(kind, job, include_usage=isinstance(options, dict)
                                 and options.get("include_usage") is True)
         text = "".join(_pieces(job))
+        if job.finish_reason == "cancelled":  # the client went away: nobody to answer
+            self.close_connection = True
+            return
         choice = {"index": 0, "finish_reason": job.finish_reason, "logprobs": None}
         if kind == "chat":
             choice["message"] = {"role": "assistant", "content": text}
@@ -386,7 +412,7 @@ class _Handler(BaseHTTPRequestHandler):
                            code="server_busy", headers={"Retry-After": "2"})
         try:
             return self.server.engine.submit(Job(prompt, max_tokens, temperature=temperature, top_p=top_p,
-                                                 seed=seed))
+                                                 seed=seed, abandoned=lambda: _client_gone(self.connection)))
         except EngineStopped:
             raise ApiError("the server is stopping", status=503) from None
 
@@ -427,6 +453,8 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:  # the client went away: free its row instead of generating for nobody
             job.cancel()
             raise
+        if job.finish_reason == "cancelled":  # the engine found the client gone before a write did
+            return
         send(chunk(None, job.finish_reason))
         if include_usage:
             send({**envelope, "choices": [], "usage": _usage(job)})
@@ -464,7 +492,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise ApiError(f"the body is {length} bytes; this server takes at most {self.server.max_body_bytes} "
                            f"(explainer serve --max-body-bytes)", status=413, code="request_too_large")
-        return self.rfile.read(length)
+        try:
+            return self.rfile.read(length)
+        except TimeoutError:
+            self.close_connection = True
+            raise ApiError(f"the body stopped arriving: nothing came for {self.server.socket_timeout:g} s; send all "
+                           f"{length} bytes the Content-Length promises", status=408, code="request_timeout") from None
 
     def _send_error(self, error: ApiError) -> None:
         try:
@@ -483,6 +516,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
+
+
+def _client_gone(connection: socket.socket) -> bool:
+    """Whether the client closed or reset its connection, answered at once. A readable socket with
+    nothing to read has reached its end; one with data holds a pipelined next request, so its client is
+    still there."""
+    try:
+        poller = select.poll()
+        poller.register(connection, select.POLLIN)
+        return bool(poller.poll(0)) and not connection.recv(1, socket.MSG_PEEK)
+    except (OSError, ValueError):  # reset by the client, or already closed by its handler
+        return True
 
 
 def _is_loopback(host: str) -> bool:

@@ -17,7 +17,9 @@ wants more, as vLLM and llama.cpp's server do it:
 
 One thread steps the engine: `run(jobs)` in the caller's thread, or `serve_forever()` in a worker
 thread while other threads `submit()`. Jobs report through their own queues, so readers never touch
-tensors (a handler thread must not free them).
+tensors (a handler thread must not free them). A job nobody waits for any more (`cancel()`, or its
+`abandoned` callback, which the engine asks before every step) leaves the queue or frees its row at
+the next step.
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ class Job:
     tokens: list[int] = field(default_factory=list)  # generated, without the stop token
     finish_reason: str | None = None  # "stop", "length" or "cancelled"
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    # Asked before every step while the job is queued or running (a server asks its client's socket);
+    # True cancels the job. It runs in the engine's thread, so it must answer at once.
+    abandoned: Callable[[], bool] | None = field(default=None, repr=False)
     _events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
     _error: Exception | None = field(default=None, repr=False)
@@ -70,6 +75,13 @@ class Job:
     def cancel(self) -> None:
         """Free this job's row at the engine's next step (a client went away)."""
         self._cancelled = True
+
+    @property
+    def cancelled(self) -> bool:
+        """cancel() was called, or `abandoned` says nobody waits for the answer any more."""
+        if not self._cancelled and self.abandoned is not None and self.abandoned():
+            self._cancelled = True
+        return self._cancelled
 
     @property
     def done(self) -> bool:
@@ -188,7 +200,8 @@ class Engine:
         self._prefilling: _Row | None = None
         self._changed = threading.Condition()
         self._closed = False
-        self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "decode_steps": 0}
+        self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "decode_steps": 0,
+                      "cancelled": 0}
 
     # ------------------------------------------------------------------ submitting and running
 
@@ -399,7 +412,10 @@ class Engine:
 
     def _drop_cancelled(self) -> None:
         with self._changed:
-            cancelled = [job for job in self._waiting if job._cancelled]
+            waiting = list(self._waiting)
+        # asked outside the lock: `abandoned` may make a system call, and submit() must not wait on it
+        cancelled = [job for job in waiting if job.cancelled]
+        with self._changed:  # only this thread takes jobs out of the queue, so they are all still there
             for job in cancelled:
                 self._waiting.remove(job)
         for job in cancelled:
@@ -407,8 +423,10 @@ class Engine:
             job._events.put(_END)
             job._done.set()
         for row in list(self._slots):  # finishing a row moves another into its slot
-            if row is not None and row.job._cancelled:
+            if row is not None and row.job.cancelled:
                 self._finish(row, "cancelled")
+                cancelled.append(row.job)
+        self.stats["cancelled"] += len(cancelled)
 
     def _fail_all(self, error: EngineError) -> None:
         with self._changed:

@@ -92,6 +92,25 @@ def test_a_cancelled_job_frees_its_row_and_the_rest_finish(tiny):
     assert jobs[3].tokens == reference(tiny, prompts[3], 40)
 
 
+def test_an_abandoned_job_leaves_its_row_or_the_queue_at_the_next_step(tiny):
+    prompts = prompts_sharing_a_start(tiny.model.params.vocab_size)
+    engine = Engine(tiny.model, tiny.tokenizer)  # 3 rows: the fourth job waits
+    readers_gone = [False] * 4
+    jobs = [engine.submit(Job(p, 40, stop_ids=frozenset(), abandoned=lambda i=i: readers_gone[i]))
+            for i, p in enumerate(prompts[:4])]
+    for _ in range(5):
+        engine.step()
+    readers_gone[1] = readers_gone[3] = True  # one running, one still queued
+    engine.step()
+    assert jobs[1].done and jobs[3].done and not jobs[0].done
+    assert jobs[1].finish_reason == jobs[3].finish_reason == "cancelled" and jobs[3].tokens == []
+    assert engine.stats["cancelled"] == 2
+    while not all(job.done for job in jobs):
+        engine.step()
+    assert [len(job.tokens) for job in (jobs[0], jobs[2])] == [40, 40]
+    assert jobs[2].tokens == reference(tiny, prompts[2], 40)
+
+
 def test_too_long_a_job_is_refused_before_it_runs(tiny):
     engine = Engine(tiny.model, tiny.tokenizer)
     with pytest.raises(ValueError, match="max_seq_len=128"):

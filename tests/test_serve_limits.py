@@ -4,12 +4,17 @@ answer for everything, over raw sockets so that every header and byte is the tes
 import http.client
 import json
 import socket
+import struct
 import threading
+import time
 
 import openai
 import pytest
+from click.testing import CliRunner
 
-from explainer.serve import open_server
+from explainer.cli import main
+from explainer.errors import UserError
+from explainer.serve import ModelServer, open_server
 
 pytestmark = pytest.mark.slow
 
@@ -52,6 +57,24 @@ def chat(server, content) -> bytes:
                        "max_tokens": 4, "temperature": 0}).encode()
 
 
+def drop(sock: socket.socket) -> None:
+    """Close abruptly, as a killed client does: a reset, not an orderly end of the stream."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def one_row():
+    """A server that generates one answer at a time: a job left running would hold up every other."""
+    server = open_server("smollm2-135m", "127.0.0.1", 0, max_seq_len=1100, max_batch_size=1, dtype="fp32",
+                         api_key=KEY)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
 def test_a_valid_request_with_the_key_is_answered(server):
     with openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0) as client:  # closes its connection
         answer = client.chat.completions.create(model=server.model_name, max_tokens=4, temperature=0,
@@ -80,6 +103,13 @@ def test_a_body_over_the_limit_gets_413_before_it_is_read(server):
 def test_a_missing_or_invalid_content_length_is_refused(server, length, status):
     code, _, body = post(server, b"", length=length)
     assert code == status and body["error"]["message"]
+
+
+def test_a_body_that_stops_halfway_gets_408_after_the_timeout(server):
+    body = chat(server, "Hi")
+    status, headers, answer = post(server, body[:len(body) // 2], length=str(len(body)))
+    assert status == 408 and headers["Connection"] == "close"
+    assert answer["error"]["code"] == "request_timeout" and f"all {len(body)} bytes" in answer["error"]["message"]
 
 
 def test_a_body_sent_as_text_plain_gets_415(server):
@@ -141,3 +171,79 @@ def test_past_the_connection_limit_a_client_gets_503_and_stalled_sockets_time_ou
             sock.close()
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10", ""])
+def test_beyond_loopback_without_a_key_the_cli_refuses_before_loading(tmp_path, monkeypatch, host):
+    monkeypatch.delenv("EXPLAINER_API_KEY", raising=False)
+    # the model file is missing too: an error about the key, not the file, shows the check comes first
+    result = CliRunner().invoke(main, ["serve", "--host", host, "--port", "0",
+                                       "--model", str(tmp_path / "missing.gguf")])
+    assert result.exit_code == 1
+    assert len(result.output.strip().splitlines()) == 1 and result.output.startswith("Error: ")
+    assert "not a loopback address" in result.output and "missing.gguf" not in result.output
+    assert "--api-key" in result.output and "EXPLAINER_API_KEY" in result.output and "127.0.0.1" in result.output
+
+
+@pytest.mark.parametrize("host, key_env, flags", [
+    ("0.0.0.0", KEY, []),  # a key from the environment
+    ("0.0.0.0", None, ["--api-key", KEY]),
+    ("localhost", None, []),
+    ("127.0.0.2", None, []),
+])
+def test_with_a_key_or_on_loopback_the_cli_goes_on_to_load_the_model(tmp_path, monkeypatch, host, key_env, flags):
+    if key_env is None:
+        monkeypatch.delenv("EXPLAINER_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("EXPLAINER_API_KEY", key_env)
+    result = CliRunner().invoke(main, ["serve", "--host", host, "--port", "0", *flags,
+                                       "--model", str(tmp_path / "missing.gguf")])
+    assert result.exit_code == 1 and "missing.gguf" in result.output
+
+
+def test_beyond_loopback_without_a_key_open_server_and_model_server_refuse(server, monkeypatch):
+    monkeypatch.delenv("EXPLAINER_API_KEY", raising=False)
+    with pytest.raises(UserError, match="not a loopback address"):
+        open_server("no-such-model", "0.0.0.0", 0)
+    with pytest.raises(UserError, match="not a loopback address"):
+        ModelServer(("0.0.0.0", 0), server.llama, server.model_name)
+
+
+LONG_STORY = "Write a long story about a dragon."  # greedy SmolLM2 is still writing after 1000 tokens
+
+
+def long_story(server, stream: bool) -> bytes:
+    port = server.server_address[1]
+    body = json.dumps({"model": server.model_name, "messages": [{"role": "user", "content": LONG_STORY}],
+                       "max_tokens": 1000, "temperature": 0, "stream": stream}).encode()
+    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def assert_next_request_is_answered_at_once(server, dropped_at: float, cancelled_before: int) -> None:
+    status, _, answer = post(server, chat(server, "Hi"))
+    elapsed = time.monotonic() - dropped_at
+    assert status == 200 and answer["choices"][0]["message"]["content"]
+    assert elapsed < 2, f"the next request waited {elapsed:.1f} s behind a client that was gone"
+    assert server.engine.stats["cancelled"] == cancelled_before + 1  # cut short, not finished
+
+
+def test_a_dropped_stream_frees_the_only_row_for_the_next_request(one_row):
+    cancelled = one_row.engine.stats["cancelled"]
+    sock = socket.create_connection(one_row.server_address[:2], timeout=30)
+    sock.sendall(long_story(one_row, stream=True))
+    with sock.makefile("rb") as stream:
+        assert stream.readline().startswith(b"HTTP/1.1 200")
+        events = 0
+        while events < 3:  # the role, then two pieces of the story: it is being generated
+            events += stream.readline().startswith(b"data: ")
+    drop(sock)
+    assert_next_request_is_answered_at_once(one_row, time.monotonic(), cancelled)
+
+
+def test_a_dropped_unstreamed_request_frees_the_only_row_for_the_next_request(one_row):
+    cancelled = one_row.engine.stats["cancelled"]
+    sock = socket.create_connection(one_row.server_address[:2], timeout=30)
+    sock.sendall(long_story(one_row, stream=False))  # nothing comes back until the whole answer would
+    drop(sock)
+    assert_next_request_is_answered_at_once(one_row, time.monotonic(), cancelled)
