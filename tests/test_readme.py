@@ -1,6 +1,11 @@
-"""Counts the README states are checked against what they count, so the README cannot drift from the code."""
+"""Counts the README states are checked against what they count, so the README cannot drift from the code;
+and the install command it names does what it says."""
 
+import shutil
+import subprocess
 from pathlib import Path
+
+import pytest
 
 try:
     import tomllib
@@ -28,3 +33,21 @@ def test_the_make_run_post_has_as_many_pieces_as_the_readme_says():
 def test_the_eval_set_has_as_many_pieces_as_the_readme_says():
     pieces = tomllib.loads((ROOT / "benchmarks/eval_set/pieces.toml").read_text(encoding="utf-8"))["piece"]
     assert number_before("pieces of\n`benchmarks/eval_set/pieces.toml`") == len(pieces)
+
+
+@pytest.mark.parametrize("options, index", [
+    ([], None),
+    (["TORCH=cpu"], "https://download.pytorch.org/whl/cpu"),
+    (["TORCH_INDEX=https://example.invalid/simple"], "https://example.invalid/simple"),
+])
+def test_make_install_takes_torch_from_the_index_the_user_chose(tmp_path, options, index):
+    """`make -n` prints the install commands without running them: torch comes pinned, first, and from
+    PyTorch's CPU index only when asked."""
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    plan = subprocess.run([make, "-n", "-B", "install", f"VENV={tmp_path / 'venv'}", *options], cwd=ROOT,
+                          capture_output=True, text=True, check=True).stdout
+    torch_line = next(line for line in plan.splitlines() if "install torch==" in line)
+    assert plan.index(torch_line) < plan.index("install -e")
+    assert torch_line.rstrip().endswith(f"--index-url {index}") if index else "--index-url" not in torch_line
