@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from explainer.backends import Request
+from explainer.backends import Request, UnusableAnswer
 from explainer.backends.openai import DEFAULT_MODEL, OpenAIBackend, retry_delay
 from explainer.errors import UserError
 from scripted_server import Reply, user_text
@@ -170,6 +170,21 @@ def test_an_answer_cut_off_at_max_tokens_is_an_error(scripted_server, openai_env
 
     message = assert_one_line(error)
     assert "request 1 of 2" in message and "max_tokens=512" in message
+
+
+def test_one_unusable_answer_does_not_stop_the_other_requests(scripted_server, openai_env):
+    """As with the local backend: a cut-off answer is raised only once every other request is answered,
+    so the caller asks again for that one only."""
+    server = scripted_server(lambda body: Reply("The loop starts by", finish_reason="length")
+                             if user_text(body) == "chunk 0" else f"answer to {user_text(body)}")
+    arrived = {}
+
+    with pytest.raises(UnusableAnswer, match="request 1 of 6"):
+        backend_for(server, concurrency=2).complete(chunk_requests(6),
+                                                    on_done=lambda i, c: arrived.__setitem__(i, c.text))
+
+    assert arrived == {i: f"answer to chunk {i}" for i in range(1, 6)}
+    assert len(server.requests) == 6
 
 
 def test_an_empty_answer_is_an_error(scripted_server, openai_env):

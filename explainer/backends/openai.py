@@ -15,7 +15,7 @@ import os
 import random
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, Mapping
 
 import openai
@@ -103,8 +103,10 @@ class OpenAIBackend:
     def complete(self, requests: list[Request],
                  on_done: Callable[[int, Completion], None] | None = None) -> list[Completion]:
         """Answer every request, in order. on_done(index, completion) runs on a worker thread as
-        each answer arrives. On the first failure no new request starts; those already running
-        finish (and reach on_done, so their answers are kept) before the UserError is raised."""
+        each answer arrives. An unusable answer (cut off, empty) does not stop the others: every
+        request is answered before UnusableAnswer is raised, as with the local backend. On any other
+        failure no new request starts; those already running finish (and reach on_done, so their
+        answers are kept) before the error is raised."""
         if not requests:
             return []
         results: list[Completion | None] = [None] * len(requests)
@@ -117,6 +119,8 @@ class OpenAIBackend:
                 results[index] = self._complete_one(index, len(requests), requests[index])
                 if on_done is not None:
                     on_done(index, results[index])
+            except UnusableAnswer:
+                raise  # the model's answer to this one request: the others go on
             except BaseException:
                 failed.set()
                 raise
@@ -125,14 +129,15 @@ class OpenAIBackend:
                                   thread_name_prefix="openai-request")
         try:
             futures = [pool.submit(run, index) for index in range(len(requests))]
-            wait(futures, return_when=FIRST_EXCEPTION)
-            pool.shutdown(wait=True, cancel_futures=True)
+            wait(futures)  # after a failure that stops the run, queued requests return at once
+            pool.shutdown(wait=True)
         except BaseException:  # Ctrl-C: drop queued requests, do not wait for running ones
             pool.shutdown(wait=False, cancel_futures=True)
             raise
-        for future in futures:  # in request order, so the error names the earliest failure
-            if future.done() and not future.cancelled() and future.exception() is not None:
-                raise future.exception()
+        errors = [future.exception() for future in futures if future.exception() is not None]
+        # in request order, so the error names the earliest failure; one that stopped the run first
+        for error in sorted(errors, key=lambda error: isinstance(error, UnusableAnswer)):
+            raise error
         return results
 
     def _complete_one(self, index: int, total: int, request: Request) -> Completion:
