@@ -82,8 +82,8 @@ def job_requests():
 
     english = language("en")
     chunked = chunk_file(ROOT / JOB_FILE, symbol=JOB_SYMBOL, display_path=JOB_FILE)
-    requests = [chunk_request(chunked, index, english, JOB_MAX_TOKENS) for index in range(len(chunked.chunks))]
-    requests.append(overview_request(chunked, JOB_SYMBOL, english, JOB_MAX_TOKENS))
+    requests = [overview_request(chunked, JOB_SYMBOL, english, JOB_MAX_TOKENS)]  # first, as explain sends it
+    requests += [chunk_request(chunked, index, english, JOB_MAX_TOKENS) for index in range(len(chunked.chunks))]
     # greedy, so that both engines have one right answer to produce
     return [replace(request, temperature=0.0) for request in requests]
 

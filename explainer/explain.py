@@ -73,9 +73,10 @@ def explain_file(path: str | os.PathLike, symbol: str | None = None, *, backend:
     chunked = chunk_file(path, symbol=symbol, max_lines=max_lines, display_path=display_path or _display_path(path))
     for warning in chunked.warnings:
         warn(warning)
-    requests = [chunk_request(chunked, index, answer_lang, max_tokens)
-                for index in range(len(chunked.chunks))]
-    requests.append(overview_request(chunked, symbol, answer_lang, max_tokens))
+    # The overview first: it is the longest answer, and a local model that batches requests would
+    # otherwise start it last and spend its final steps on it alone.
+    requests = [overview_request(chunked, symbol, answer_lang, max_tokens)]
+    requests += [chunk_request(chunked, index, answer_lang, max_tokens) for index in range(len(chunked.chunks))]
 
     usage = usage if usage is not None else Usage()
     answered = 0
@@ -109,8 +110,8 @@ def explain_file(path: str | os.PathLike, symbol: str | None = None, *, backend:
 
         complete_cached(backend, retries, cache, usage, on_done=retried)
 
-    sections = [_section(chunked, chunk, answer.text, warn) for chunk, answer in zip(chunked.chunks, answers)]
-    title, intro = split_title(answers[-1].text, default=symbol or Path(chunked.path).name)
+    sections = [_section(chunked, chunk, answer.text, warn) for chunk, answer in zip(chunked.chunks, answers[1:])]
+    title, intro = split_title(answers[0].text, default=symbol or Path(chunked.path).name)
     whole = "\n".join([c.code for c in chunked.chunks]
                       + [_signature_text(chunked.code_language, s) for s in chunked.symbols])
     invented = ungrounded_names(intro, whole, known_names(chunked))
