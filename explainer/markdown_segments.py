@@ -10,6 +10,7 @@ numbered placeholders (⟦1⟧, ⟦2⟧, ...) and restored from the source, neve
 Positions: markdown-it-py maps block tokens to source lines but gives inline tokens no offsets.
 We wrap the inline rules that produce protected tokens so each successful call records the
 character range it consumed, then map those ranges from the inline content back to the source.
+`locate` hands those ranges out for other uses (render.escape_model_html).
 """
 
 from __future__ import annotations
@@ -179,12 +180,17 @@ def _looks_like_url(text: str) -> bool:
     return not any(ch.isspace() for ch in text) and text.startswith(("http://", "https://", "www."))
 
 
-def _spans(content: str, env: dict) -> list[_Span]:
-    """Protected ranges and soft breaks of one inline content, outermost only, in order."""
+def _consumed(content: str, env: dict) -> list[_Consumed]:
+    """What each inline rule made of one inline content, with the range it consumed."""
     record: list[_Consumed] = []
     parser().inline.parse(content, parser(), {**env, _RECORD: record}, [])
+    return record
+
+
+def _spans(content: str, env: dict) -> list[_Span]:
+    """Protected ranges and soft breaks of one inline content, outermost only, in order."""
     spans = []
-    for consumed in record:
+    for consumed in _consumed(content, env):
         types = {token.type for token in consumed.tokens}
         if consumed.rule == "link":
             label = content[consumed.start + 1:consumed.label_end]
@@ -374,9 +380,8 @@ def _atx_text_start(line: str) -> int:
     return pos
 
 
-def _make_segment(source: str, block: Token, inline: Token, line_starts: list[tuple[int, int]],
-                  env: dict) -> Segment:
-    content = inline.content
+def _source_offsets(content: str, line_starts: list[tuple[int, int]]):
+    """A function from offsets in an inline content to offsets in the source (see _content_line_starts)."""
     content_line_starts = []
     pos = 0
     for text in content.split("\n"):
@@ -388,6 +393,13 @@ def _make_segment(source: str, block: Token, inline: Token, line_starts: list[tu
         lead, source_start = line_starts[k]
         return source_start + max(0, offset - content_line_starts[k] - lead)
 
+    return to_source
+
+
+def _make_segment(source: str, block: Token, inline: Token, line_starts: list[tuple[int, int]],
+                  env: dict) -> Segment:
+    content = inline.content
+    to_source = _source_offsets(content, line_starts)
     text, protected, protected_content, pairs = [], [], [], []
     pos, link_open = 0, 0
     for span in _spans(content, env):
@@ -410,6 +422,20 @@ def _make_segment(source: str, block: Token, inline: Token, line_starts: list[tu
                    line=inline.map[0] + 1, in_table_cell=block.type in ("th_open", "td_open"))
 
 
+def _inline_contents(source: str, tokens: list[Token], line_offsets: list[int]):
+    """Each inline token that holds text, with the block token it belongs to and where its lines start
+    in the source (None where they cannot be found: see _content_line_starts)."""
+    cursor: dict[int, int] = {}  # per source line: how far table cells or headings were found
+    for index, token in enumerate(tokens):
+        if token.type != "inline" or not token.content.strip():
+            continue
+        block = tokens[index - 1]
+        if block.type == "heading_open" and block.markup.startswith("#"):
+            line = source[line_offsets[token.map[0]]:]
+            cursor[token.map[0]] = _atx_text_start(line.split("\n", 1)[0])
+        yield block, token, _content_line_starts(source, line_offsets, block, token, cursor)
+
+
 def split_document(text: str) -> Document:
     """Parse a Markdown document into its front matter and its prose segments, in order."""
     source = normalize(text)
@@ -417,24 +443,50 @@ def split_document(text: str) -> Document:
     tokens = parser().parse(source, env)
     line_offsets = _line_offsets(source)
     front_matter, segments, unmapped = None, [], []
-    cursor: dict[int, int] = {}  # per source line: how far table cells or headings were found
-    for index, token in enumerate(tokens):
+    for token in tokens:
         if token.type == "front_matter":
             end_line = token.map[1]
             end = line_offsets[end_line] if end_line < len(line_offsets) else len(source)
             front_matter = FrontMatter(token.content, 0, end)
-        if token.type != "inline" or not token.content.strip():
-            continue
-        block = tokens[index - 1]
-        if block.type == "heading_open" and block.markup.startswith("#"):
-            line = source[line_offsets[token.map[0]]:]
-            cursor[token.map[0]] = _atx_text_start(line.split("\n", 1)[0])
-        line_starts = _content_line_starts(source, line_offsets, block, token, cursor)
+    for block, inline, line_starts in _inline_contents(source, tokens, line_offsets):
         if line_starts is None:
-            unmapped.append(token.map[0] + 1)
+            unmapped.append(inline.map[0] + 1)
             continue
-        segments.append(_make_segment(source, block, token, line_starts, env))
+        segments.append(_make_segment(source, block, inline, line_starts, env))
     return Document(source=source, front_matter=front_matter, segments=segments, unmapped_lines=unmapped)
+
+
+@dataclass(frozen=True)
+class Located:
+    """A piece of a parsed document and the source range it was made from."""
+
+    kind: str  # a block token's type, or the inline rule that made the piece: "backticks", "autolink", ...
+    tokens: tuple[Token, ...]  # the block token, or the tokens the inline rule made
+    start: int  # offsets into the normalized source
+    end: int
+
+
+def locate(text: str) -> tuple[str, list[Located]]:
+    """The normalized text and where each of its pieces came from: every token that has a line range
+    (block tokens, and inline tokens by the lines they span), then what each inline rule made (nested
+    pieces, such as a code span in a link's text, come before what holds them). Inline content that
+    cannot be located (see Document.unmapped_lines) gives no pieces of its own."""
+    source = normalize(text)
+    env: dict = {}
+    tokens = parser().parse(source, env)
+    line_offsets = _line_offsets(source)
+
+    def offset(line: int) -> int:
+        return line_offsets[line] if line < len(line_offsets) else len(source)
+
+    pieces = [Located(token.type, (token,), offset(token.map[0]), offset(token.map[1]))
+              for token in tokens if token.map is not None]
+    for _, inline, line_starts in _inline_contents(source, tokens, line_offsets):
+        if line_starts is not None:
+            to_source = _source_offsets(inline.content, line_starts)
+            pieces += [Located(consumed.rule, tuple(consumed.tokens), to_source(consumed.start),
+                               to_source(consumed.end)) for consumed in _consumed(inline.content, env)]
+    return source, pieces
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,11 @@ followed by its explanation.
 
 The page is rendered with jinja2 from templates/post.md.j2 (shipped inside the package). Jekyll runs
 Liquid over a post before Markdown, code blocks included, so every `{{` and `{%` in code or prose is
-escaped here; nothing the model or the source says can run as a Liquid tag on the site.
+escaped here; nothing the model or the source says can run as a Liquid tag on the site. And kramdown
+passes raw HTML through, so what the model wrote (the introduction and each explanation) is
+published with its HTML escaped by explainer.safe_markdown: a prompt injection in the explained file
+cannot put a script on the site. The title goes into the front matter, as data: layouts print it
+with Liquid's `escape`, as examples/site's do.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import jinja2
 from explainer import frontmatter
 from explainer.languages import language
 from explainer.post import Post
+from explainer.safe_markdown import escape_model_html
 
 # Jekyll runs Liquid over a post before Markdown; a raw block passes text through untouched.
 RAW_OPEN, RAW_CLOSE = "{% raw %}", "{% endraw %}"
@@ -78,7 +83,8 @@ def _templates() -> jinja2.Environment:
     environment = jinja2.Environment(loader=jinja2.PackageLoader("explainer", "templates"),
                                      undefined=jinja2.StrictUndefined, autoescape=False,
                                      keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
-    environment.filters.update(liquid_safe=liquid_safe, display_code=display_code, fenced=fenced)
+    environment.filters.update(liquid_safe=liquid_safe, display_code=display_code, fenced=fenced,
+                               escape_model_html=escape_model_html)
     return environment
 
 

@@ -6,9 +6,11 @@ Markdown posts are split by markdown_segments: only prose segments are sent, wit
 for everything protected, and the document is rebuilt from the source around the answers.
 
 Nothing is written until every answer has passed every check: placeholders intact, no chatter,
-one line per segment, the same Markdown structure, a complete answer (finish_reason=stop), the
-target language, and for the whole document byte-identical code blocks and the same headings,
-lists, links, images and tables. A request that fails is split and retried in smaller pieces,
+one line per segment, no stray backtick, the same Markdown structure (so no raw HTML the source
+does not have), a complete answer (finish_reason=stop), the target language, and for the whole
+document byte-identical code blocks and the same headings, lists, links, images and tables. The
+prose of a translated Markdown post then goes through safe_markdown.escape_model_html, like
+everything else a model writes for the site. A request that fails is split and retried in smaller pieces,
 down to single segments; a segment that still fails makes the whole translation fail, with a
 report, and nothing is written. Answers that passed are cached per segment, so a rerun pays only
 for what failed, and editing one paragraph re-translates only that paragraph.
@@ -21,6 +23,7 @@ import functools
 import hashlib
 import json
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from explainer.languages import Language, known_languages, language
 from explainer.markdown_segments import (PLACEHOLDER_END, PLACEHOLDER_START, Segment, repair_placeholders,
                                          split_document, strip_placeholders, structure)
 from explainer.post import Post
+from explainer.safe_markdown import escape_model_html
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +135,9 @@ def segment_problems(segment: Segment, translation: str, lang: Language, source_
     if problems:
         return problems
     problems = structure(segment.content).differences(structure(segment.restore(translation, as_content=True)))
+    if not problems and translation.count("`") != segment.text.count("`"):
+        # kramdown may pair a stray backtick with one of a restored code span's and show that code as text
+        problems.append(f"{translation.count('`')} stray backtick(s), {segment.text.count('`')} in the source")
     if segment.in_table_cell and "|" in strip_placeholders(translation) and "|" not in segment.text:
         problems.append("a '|' in a table cell would split the cell")
     lang_problem = _lang_problem(segment, translation, lang, source_lang)
@@ -290,11 +297,16 @@ def _batches(jobs: list[_Job]) -> list[list[_Job]]:
 
 
 def translate_texts(texts: dict[str, str], target: str, backend: Backend, cache: Cache | None = None,
-                    usage: Usage | None = None, source_lang: str = "en") -> dict[str, str]:
+                    usage: Usage | None = None, source_lang: str = "en",
+                    published_as_markdown: Collection[str] = ()) -> dict[str, str]:
     """Translate several Markdown texts, named for reports, into `target` in one go.
 
     Each comes back with its code, links and structure as in the source; raises TranslationFailed
-    (a UserError) if any answer fails its checks even when retried alone.
+    (a UserError) if any answer fails its checks even when retried alone. A translation cannot add
+    raw HTML (the structure checks refuse it); in the texts named in published_as_markdown, what
+    the model wrote also goes through safe_markdown.escape_model_html, for what only kramdown
+    would make live (a javascript: link), while the source's own pieces, its HTML included, are
+    restored as they are.
     """
     lang = language(target)
     translator = SegmentTranslator(lang, backend, cache, usage or Usage(), source_lang)
@@ -312,7 +324,8 @@ def translate_texts(texts: dict[str, str], target: str, backend: Backend, cache:
                 owners.append((name, index))
     translated: dict[str, dict[int, str]] = {name: {} for name in documents}
     for (name, index), job, text in zip(owners, jobs, translator.translate(jobs)):
-        translated[name][index] = job.segment.restore(text)
+        translated[name][index] = job.segment.restore(escape_model_html(text) if name in published_as_markdown
+                                                      else text)
     results, failures = {}, []
     for name, document in documents.items():
         results[name] = document.rebuild(translated[name])
@@ -365,7 +378,7 @@ def translate_markdown(text: str, target: str, backend: Backend, cache: Cache | 
     prose_keys = [key for key in TRANSLATED_FRONT_MATTER_KEYS
                   if data is not None and isinstance(data.get(key), str) and data[key].strip()]
     texts = {name: text, **{f"front matter {key}": data[key] for key in prose_keys}}
-    done = translate_texts(texts, lang.code, backend, cache, usage, source_lang)
+    done = translate_texts(texts, lang.code, backend, cache, usage, source_lang, published_as_markdown={name})
     if data is None:
         data = CommentedMap()
     for key in prose_keys:

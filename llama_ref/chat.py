@@ -11,6 +11,7 @@ templates shipped with models are written and tested against it.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from contextvars import ContextVar
@@ -42,8 +43,8 @@ CHATML_TEMPLATE = (
 
 # A prompt this long is already far past any context window llama_ref runs, so nothing legitimate is cut.
 MAX_PROMPT_CHARS = 4 * 1024 * 1024
-# Real templates render in milliseconds; this only ends runaway ones.
-MAX_RENDER_SECONDS = 5.0
+# Real templates render in well under a millisecond; this only ends runaway ones.
+MAX_RENDER_SECONDS = 2.0
 
 Dialog = List[dict]
 
@@ -73,7 +74,7 @@ def render_chat(template: str, tokenizer, dialog: Dialog, add_generation_prompt:
     produces more than max_chars characters or runs longer than max_seconds.
     """
     compiled = _compile(template)
-    budget = _LIMITS.set(_Limits(time.monotonic() + max_seconds, max_chars))
+    budget = _LIMITS.set(_Limits(time.monotonic() + max_seconds, max_seconds, max_chars))
     try:
         chunks = compiled.generate(messages=dialog, tools=tools, add_generation_prompt=add_generation_prompt,
                                    bos_token=_token_text(tokenizer, tokenizer.bos_id),
@@ -105,7 +106,8 @@ def _within_size(chunks: Iterable[str], max_chars: int) -> Iterator[str]:
         if size > max_chars:
             raise ChatTemplateError(f"chat template: the prompt grew past {max_chars} characters; "
                                     "the template or the dialog is too large")
-        yield chunk
+        if chunk:  # a loop writing '' must not fill memory with empty pieces until the deadline
+            yield chunk
 
 
 # ---------------------------------------------------------------------------- the bounded sandbox
@@ -113,29 +115,47 @@ def _within_size(chunks: Iterable[str], max_chars: int) -> Iterator[str]:
 # Why these hooks: jinja2 compiles a template to a Python generator, which nothing can interrupt from
 # outside short of a separate process (a thread cannot be stopped). So the checks run inside the
 # template's own steps, at the points every long-running template must pass through:
-# - every call (functions, methods, macros, range(), recursive loop()) goes through Environment.call;
+# - every call (functions, methods, macros, range(), recursive loop()) goes through Environment.call,
+#   and every filter and test, which compiled templates call directly, through a wrapper that does
+#   the same checks;
 # - every for-loop step, because a nested loop with an empty body makes no call and no output; a
 #   code generator wraps each loop's iterable in `checked_steps`;
 # - every chunk of output, counted against max_chars;
 # - values that can grow from one step to the next (call arguments and results, namespace attributes,
 #   the results of `*` and `**`), so that doubling a string in a loop stops at the limit, and
-#   `'x' * 10**10` is refused before it is allocated.
+#   `'x' * 10**10` is refused before it is allocated; so is a call with a number past the limit
+#   (`'x'.ljust(10**10)`, `center(10**10)`, `tojson(indent=10**10)`: widths and counts).
+# Attribute and item access need no check of their own: nothing repeats them but loops and calls.
 # The deadline and limit of the render in progress live in a ContextVar, so one compiled template is
 # shared by every render, including concurrent ones.
 
 @dataclass(frozen=True)
 class _Limits:
     deadline: float
+    seconds: float
     max_chars: int
 
     def check_time(self):
         if time.monotonic() > self.deadline:
-            raise ChatTemplateError("chat template: rendering ran past its time limit; the template loops too long")
+            raise ChatTemplateError(f"chat template: rendering ran past its time limit of {self.seconds:g} s; "
+                                    "the template loops too long")
 
     def check_size(self, size: int):
         if size > self.max_chars:
             raise ChatTemplateError(f"chat template: built a value of size {size}, over the limit "
                                     f"of {self.max_chars}; the template or the dialog is too large")
+
+    def checked_call(self, function, /, *args, **kwargs):  # positional-only: a template may pass function=
+        """function(*args, **kwargs), within the deadline, its arguments and its result within the size limit."""
+        self.check_time()
+        for value in (*args, *kwargs.values()):
+            self.check_size(_size(value))
+            if isinstance(value, int) and abs(value) > self.max_chars:  # a width or a count: ljust(10**10)
+                raise ChatTemplateError(f"chat template: a call with the number {value}, over the size limit "
+                                        f"of {self.max_chars}; the template asks for too much")
+        result = function(*args, **kwargs)
+        self.check_size(_size(result))
+        return result
 
 
 _LIMITS: ContextVar[_Limits] = ContextVar("chat_template_limits")
@@ -158,13 +178,7 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**"})
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's signature)
-        limits = _LIMITS.get()
-        limits.check_time()
-        for value in (*args, *kwargs.values()):
-            limits.check_size(_size(value))
-        result = super().call(__context, __obj, *args, **kwargs)
-        limits.check_size(_size(result))
-        return result
+        return _LIMITS.get().checked_call(super().call, __context, __obj, *args, **kwargs)
 
     def call_binop(self, context, operator, left, right):
         limits = _LIMITS.get()
@@ -212,10 +226,20 @@ def _strftime_now(format):
     return datetime.now().strftime(format)
 
 
+def _bounded(function):
+    """`function` called through _Limits.checked_call; functools.wraps keeps jinja2's pass_context marks."""
+    @functools.wraps(function)
+    def bounded(*args, **kwargs):
+        return _LIMITS.get().checked_call(function, *args, **kwargs)
+    return bounded
+
+
 @lru_cache(maxsize=1)
 def _environment() -> _BoundedEnvironment:
     env = _BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = _tojson
+    env.filters.update({name: _bounded(function) for name, function in env.filters.items()})
+    env.tests.update({name: _bounded(function) for name, function in env.tests.items()})
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, namespace=_BoundedNamespace)
     return env
 

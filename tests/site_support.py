@@ -1,5 +1,5 @@
-"""Shared by the site tests: a scripted model that explains and translates, and a copy of
-examples/site that builds in seconds.
+"""Shared by the site tests: a scripted model that explains and translates, a copy of
+examples/site that builds in seconds, and what in a built page could run.
 
 The copy keeps everything of the example (layouts, CSS, _config.yml, the hand-written post, the
 explain target) and changes only what needs the real model: the demos run a cheap stand-in that
@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 from explainer.languages import language
@@ -114,3 +115,25 @@ def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
     """Every file under `folder`: its bytes and its mtime in nanoseconds."""
     return {path.relative_to(folder).as_posix(): (path.read_bytes(), path.stat().st_mtime_ns)
             for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+class LiveParts(HTMLParser):
+    """What in a page could run: the elements it has, attributes that run script or style, and
+    href or src URLs with a script scheme, read as a browser reads a URL (spaces and controls
+    around it, tabs and line breaks inside it, dropped)."""
+
+    def __init__(self, html: str):
+        super().__init__(convert_charrefs=True)
+        self.elements: set[str] = set()
+        self.live_attributes: list[str] = []
+        self.script_urls: list[str] = []
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        self.elements.add(tag)
+        for name, value in attrs:
+            if name.startswith("on") or name in ("style", "srcdoc"):
+                self.live_attributes.append(f"<{tag} {name}>")
+            url = "".join(char for char in value or "" if char not in "\t\n\r").strip("".join(map(chr, range(33))))
+            if name in ("href", "src") and url.lower().startswith(("javascript:", "vbscript:", "data:")):
+                self.script_urls.append(f"<{tag} {name}={value!r}>")

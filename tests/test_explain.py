@@ -276,6 +276,29 @@ def test_liquid_leaves_code_and_prose_exactly_as_written():
     assert blocks == [(code, ["{{ name }}", "{% if x %}"])]
 
 
+INJECTED = "<script>alert(1)</script> and <img src=x onerror=alert(1)>"
+
+
+def test_html_in_an_answer_is_escaped_and_its_markdown_kept(scripted_server, openai_env, sample):
+    """An explained file can tell the model what to write: its HTML reaches the post as text."""
+
+    def script(body):
+        if "title" in user_text(body):
+            return f"# {TITLE}\n\nA **bold** start. {INJECTED}"
+        return f"Compares `a < b` **first**. {INJECTED}\n\n```python\nif a < b: pass\n```"
+
+    server = scripted_server(script)
+    post, _ = explain_file(sample, "pick", backend=backend_for(server), max_lines=MAX_LINES)
+    rendered = render_post(post)
+
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt; and &lt;img src=x onerror=alert(1)&gt;"
+    assert rendered.count(escaped) == len(post.sections) + 1 and "<script>" not in rendered
+    assert "A **bold** start." in rendered
+    assert rendered.count("Compares `a < b` **first**.") == len(post.sections)
+    assert rendered.count("```python\nif a < b: pass\n```") == len(post.sections)
+    assert INJECTED in post.intro  # the post's data keeps the answer as it came
+
+
 def test_json_holds_every_field_of_the_post():
     post = post_with("x = 1\n")
     post.sections[0].ungrounded = ["torch.empty"]

@@ -97,6 +97,18 @@ def test_a_missing_model_file_is_one_clear_error(tmp_path):
     assert "\n" not in str(caught.value) and "qwen2.5-coder-1.5b" in str(caught.value)  # names the catalog
 
 
+def test_a_hostile_chat_template_in_the_checkpoint_is_one_clear_error_in_bounded_time(tmp_path):
+    from tiny_checkpoints import make_tiny_model, write_hf
+
+    checkpoint = write_hf(make_tiny_model(tmp_path), tmp_path / "hf")
+    (checkpoint / "chat_template.jinja").write_text(
+        "{% for i in range(100000) %}{% for j in range(100000) %}{{ '' }}{% endfor %}{% endfor %}")
+    with pytest.raises(UserError) as caught:
+        LocalBackend(checkpoint, device="cpu").complete([Request(messages=({"role": "user", "content": "hi"},))])
+    assert str(caught.value) == (f"{checkpoint.name}: chat template: rendering ran past its time limit of 2 s; the "
+                                 "template loops too long; use another checkpoint or fix its chat template")
+
+
 def test_an_unknown_model_name_lists_the_catalog():
     with pytest.raises(UserError, match="no such model") as caught:
         LocalBackend("qwen-9000").complete([Request(messages=({"role": "user", "content": "hi"},))])

@@ -168,6 +168,36 @@ def test_a_loop_without_calls_or_output_is_stopped_by_the_deadline(tiny_tokenize
         render_chat(template, tiny_tokenizer, USER, max_seconds=0.2)
 
 
+def test_a_hostile_template_fails_within_the_default_bound_with_one_line(tiny_tokenizer):
+    # 10**10 steps that each write nothing: without the deadline this runs for hours
+    template = "{% for i in range(100000) %}{% for j in range(100000) %}{{ '' }}{% endfor %}{% endfor %}"
+    with pytest.raises(ChatTemplateError) as info:
+        render_chat(template, tiny_tokenizer, USER)
+    assert str(info.value) == "chat template: rendering ran past its time limit of 2 s; the template loops too long"
+
+
+@pytest.mark.parametrize("template", ["{{ 'x' | center(10**10) }}", "{{ messages | tojson(indent=10**10) }}",
+                                      "{{ 'x'.ljust(10**10) }}", "{% if 'x' is divisibleby(10**10) %}{% endif %}"])
+def test_filters_tests_and_methods_are_refused_widths_past_the_limit_before_they_build_anything(template,
+                                                                                                tiny_tokenizer):
+    with pytest.raises(ChatTemplateError, match="the number 10000000000, over the size limit"):
+        render_chat(template, tiny_tokenizer, USER)
+
+
+def test_checked_calls_pass_every_argument_through(tiny_tokenizer):
+    # tool templates name macro parameters `function`; filters take keywords
+    template = ("{% macro show(function) %}{{ function }}{% endmacro %}{{ show(function='f') }}"
+                "{{ 'ab' | replace('a', 'c', count=1) }}")
+    assert render_chat(template, tiny_tokenizer, USER) == "fcb"
+
+
+def test_a_filter_result_past_the_limit_is_refused_before_the_next_step(tiny_tokenizer):
+    # each replace multiplies the size by 3000: the second would build 27 billion characters
+    template = "{% set x = 'a' * 3000 %}{{ x | replace('a', x) | replace('a', x) | length }}"
+    with pytest.raises(ChatTemplateError, match="built a value of size 9000000"):
+        render_chat(template, tiny_tokenizer, USER)
+
+
 def test_raise_exception_gives_its_message_on_one_line(tiny_tokenizer):
     template = "{{ raise_exception('Conversation roles must alternate\\nuser/assistant/user') }}"
     with pytest.raises(ChatTemplateError) as info:

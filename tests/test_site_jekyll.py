@@ -4,6 +4,7 @@ Debian `jekyll` package, installed by .ci/run): what readers get is checked in t
 from __future__ import annotations
 
 import ast
+import json
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -11,7 +12,8 @@ from html.parser import HTMLParser
 import pytest
 from markdown_it import MarkdownIt
 
-from site_support import GENERATED_DEMO_OUTPUT, REPO, STAND_IN_OUTPUT, make_site, run_build, site_script
+from site_support import (GENERATED_DEMO_OUTPUT, REPO, STAND_IN_OUTPUT, LiveParts, is_translation, make_site,
+                          run_build, site_script)
 
 LANGUAGES = ["en", "zh", "ar"]
 PAGES = {"running-llama": "2023/08/17", "llama-generate": "2024/05/01"}
@@ -47,15 +49,14 @@ class Page(HTMLParser):
             self.code_blocks[-1] += data
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory):
+def built_site(folder, script, languages):
+    """examples/site built by `explainer build` against `script`, then by Jekyll."""
     if shutil.which("jekyll") is None:
         pytest.skip("needs Jekyll: apt-get install jekyll (.ci/run installs it)")
     from scripted_server import ScriptedServer
 
-    folder = tmp_path_factory.mktemp("jekyll")
-    with ScriptedServer(site_script) as server:
-        config = make_site(folder, server.base_url, LANGUAGES)
+    with ScriptedServer(script) as server:
+        config = make_site(folder, server.base_url, languages)
         built = run_build(config)
     assert built.returncode == 0, built.stderr
     site = config.parent
@@ -63,6 +64,11 @@ def site(tmp_path_factory):
                             capture_output=True, text=True, timeout=300)
     assert jekyll.returncode == 0, jekyll.stdout + jekyll.stderr
     return site
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    return built_site(tmp_path_factory.mktemp("jekyll"), site_script, LANGUAGES)
 
 
 def page(site, slug: str, lang: str) -> Page:
@@ -118,3 +124,33 @@ def test_each_page_links_its_other_languages(site):
     for slug, day in PAGES.items():
         links = page(site, slug, "ar").links
         assert f"/{day}/{slug}-en.html" in links and f"/{day}/{slug}-zh.html" in links
+
+
+# What an explained file with a prompt injection gets a model to write (the attributes quoted, as
+# kramdown needs them to pass a tag through), and what a translator might add.
+INJECTED = ('<script>alert(1)</script> <img src="x" onerror="alert(1)"> <img src=x onerror=alert(1)> '
+            "[click](javascript:alert(1))")
+
+
+def injected_script(body: dict) -> str:
+    if is_translation(body):
+        answer = json.loads(site_script(body))
+        return json.dumps({key: f"{value} [x](javascript:alert(1))" for key, value in answer.items()},
+                          ensure_ascii=False)
+    if "Write the opening" in body["messages"][-1]["content"]:
+        return f"# How generate() writes text\n\nA **bold** start. {INJECTED}"
+    return f"It compares `a < b` **first**. {INJECTED}"
+
+
+def test_html_a_model_writes_is_not_live_on_the_site_and_its_markdown_is(tmp_path_factory):
+    site = built_site(tmp_path_factory.mktemp("jekyll-injected"), injected_script, ["en", "zh"])
+    for slug, day in PAGES.items():
+        for lang in ("en", "zh"):
+            html = (site / "_site" / day / f"{slug}-{lang}.html").read_text(encoding="utf-8")
+            parts = LiveParts(html)
+            assert "script" not in parts.elements
+            assert parts.live_attributes == [] and parts.script_urls == []  # no onerror=, no javascript: link
+    english = (site / "_site" / PAGES["llama-generate"] / "llama-generate-en.html").read_text(encoding="utf-8")
+    assert "<strong>bold</strong>" in english and "<strong>first</strong>" in english
+    assert ">a &lt; b</code>" in english  # a code span (kramdown adds its highlighter class)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in english  # shown to the reader as text

@@ -222,6 +222,11 @@ FAILURES = {
     "front matter pasted into the title": (break_front_matter, "front matter title"),
     "the source left untranslated": (
         mangle_each(lambda value, target: value), "reads as zh, not ar"),
+    "raw HTML added to the prose": (
+        mangle_each(lambda value, target: fake_translation(value, target) + ' <img src="x" onerror="alert(1)">'),
+        "HTML or Liquid differs from the source"),
+    "a stray backtick, which kramdown may pair with a code span's": (
+        mangle_each(lambda value, target: fake_translation(value, target) + " `"), "stray backtick"),
 }
 
 
@@ -241,6 +246,24 @@ def test_each_failure_mode_is_caught_and_nothing_is_written(failure, scripted_se
     assert "nothing was written" in message and expected in message, message
     assert not out.exists()  # not even the language that passed (en) is written
     assert sorted(p.name for p in seed_post.parent.iterdir()) == [seed_post.name]
+
+
+def test_what_a_translation_adds_is_made_inert_and_the_authors_html_is_kept(scripted_server, openai_env):
+    source = ('Press <kbd>Ctrl</kbd> and read `a<b>` in the note below, which explains the whole thing.\n\n'
+              '<div class="note">The author wrote this <b>HTML</b> on purpose.</div>\n')
+
+    def adds_a_script_link(body):
+        answer = json.loads(well_behaved(body))
+        return json.dumps({key: value + " [x](javascript:alert(1))" for key, value in answer.items()},
+                          ensure_ascii=False)
+
+    server = scripted_server(adds_a_script_link)
+    translated = translate_markdown(source, "ar", backend_for(server), source_lang="en")
+
+    # markdown-it sees no link (so the checks pass), kramdown would make one: its scheme is broken
+    assert "[x](javascript\\:alert(1))" in translated and "(javascript:" not in translated
+    assert "<kbd>" in translated and "</kbd>" in translated and "`a<b>`" in translated
+    assert '<div class="note">The author wrote this <b>HTML</b> on purpose.</div>' in translated
 
 
 def test_a_failing_batch_is_retried_segment_by_segment(scripted_server, openai_env, seed_post, tmp_path):

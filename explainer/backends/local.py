@@ -70,8 +70,14 @@ class LocalBackend:
         return self._model_path
 
     def prompt_tokens(self, request: Request) -> list[int]:
+        from llama_ref.chat import ChatTemplateError
+
         llama = self.llama
-        return llama.tokenizer.encode(llama.render_chat(list(request.messages)), bos=False, eos=False)
+        try:
+            text = llama.render_chat(list(request.messages))
+        except ChatTemplateError as exc:  # the checkpoint's own template: a broken or hostile model file
+            raise UserError(f"{self.model}: {exc}; use another checkpoint or fix its chat template") from None
+        return llama.tokenizer.encode(text, bos=False, eos=False)
 
     def complete(self, requests: list[Request],
                  on_done: Callable[[int, Completion], None] | None = None) -> list[Completion]:
