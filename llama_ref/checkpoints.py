@@ -170,6 +170,11 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
 
 
 def _check_shapes(path: Path, found: dict[str, tuple[int, ...]], args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    # before listing what the configuration implies: a crafted layer count would list millions of names
+    layers = {name.split(".")[1] for name in found if name.startswith("layers.")}
+    if args.n_layers != len(layers):
+        raise CheckpointError(f"{path}: the configuration says {args.n_layers} layers but the weights hold "
+                              f"{len(layers)}; the checkpoint is incomplete or its configuration is wrong")
     expected = expected_shapes(args)
     for name, shape in expected.items():
         if name not in found:

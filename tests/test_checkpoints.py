@@ -324,3 +324,54 @@ def test_a_llama2c_header_claiming_terabytes_is_refused_before_building_anything
     path.write_bytes(struct.pack("<7i", 4096, 11008, 2**31 - 1, 32, 32, 32000, 2048))
     with pytest.raises(CheckpointError, match="28 bytes, but its header .* implies at least"):
         open_checkpoint(path)
+
+
+def crafted_files(tmp_path) -> dict:
+    """Every crafted header of issue 10's review, one file or folder each."""
+    import dataclasses
+    import struct
+
+    model = make_tiny_model(tmp_path)
+    files = {}
+    files["gguf-huge-array"] = tmp_path / "huge.gguf"
+    files["gguf-huge-array"].write_bytes(gguf_bytes_claiming_a_huge_array())
+    crafted = TinyModel(dataclasses.replace(model.args, n_layers=1_000_000), model.weights, model.tokenizer_model)
+    files["gguf-million-layers"] = write_gguf(crafted, tmp_path / "layers.gguf")
+    files["llama2c-terabytes"] = tmp_path / "huge.bin"
+    files["llama2c-terabytes"].write_bytes(struct.pack("<7i", 4096, 11008, 2**31 - 1, 32, 32, 32000, 2048))
+    files["hf-million-layers"] = write_hf(crafted, tmp_path / "hf-layers")
+    huge_header = write_hf(model, tmp_path / "hf-header")
+    for shard in huge_header.glob("*.safetensors"):  # a header length of 2^60 bytes, then nothing
+        shard.write_bytes(struct.pack("<Q", 1 << 60) + b"{}")
+    files["safetensors-huge-header"] = huge_header
+    return files
+
+
+PROBE = """
+import sys, time
+from llama_ref.checkpoints import CheckpointError, open_checkpoint
+
+def high_water():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) * 1024
+
+before, started = high_water(), time.perf_counter()
+try:
+    checkpoint = open_checkpoint(sys.argv[1])
+    dict(checkpoint.tensors())
+except CheckpointError as exc:
+    print(f"{time.perf_counter() - started} {high_water() - before} {exc}")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_every_crafted_checkpoint_fails_fast_and_small(tmp_path):
+    """Issue 10's bound: each crafted header is refused in under 0.5 s and 300 MiB, measured in a fresh
+    interpreter after its imports (a crafted file used to take minutes and gigabytes before failing)."""
+    for name, path in crafted_files(tmp_path).items():
+        probe = subprocess.run([sys.executable, "-c", PROBE, str(path)], capture_output=True, text=True, timeout=120)
+        assert probe.returncode == 0 and probe.stdout, f"{name}: {probe.stderr[-2000:]}"
+        seconds, grown, message = probe.stdout.split(" ", 2)
+        assert float(seconds) < 0.5, f"{name} took {float(seconds):.2f} s: {message}"
+        assert int(grown) < 300 << 20, f"{name} grew {int(grown) >> 20} MiB: {message}"
+        assert "\n" not in message.strip(), f"{name}: {message}"
