@@ -99,6 +99,34 @@ def test_a_body_over_the_limit_gets_413_before_it_is_read(server):
     assert status == 413 and "at most 1048576" in body["error"]["message"]
 
 
+def resident_bytes() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) * 1024
+
+
+def test_a_50_mib_body_gets_413_at_once_and_the_server_does_not_grow(server):
+    """The review's attack: a 50 MiB body took 66 s and grew the server by 6 GiB before it was refused.
+    The server runs in this process, so this process's memory is the server's (the body exists first)."""
+    body = b"[" * (50 << 20)
+    _, port = server.server_address[:2]
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    before, started = resident_bytes(), time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head)
+        try:
+            sock.sendall(body)  # the server answers and closes without reading it
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        status = response.status
+    elapsed, grown = time.monotonic() - started, resident_bytes() - before
+    assert status == 413
+    assert elapsed < 1.0, f"the refusal took {elapsed:.2f} s"
+    assert grown < 50 << 20, f"the server grew {grown >> 20} MiB"
+
+
 @pytest.mark.parametrize("length, status", [("", 411), ("-1", 400), ("ten", 400)])
 def test_a_missing_or_invalid_content_length_is_refused(server, length, status):
     code, _, body = post(server, b"", length=length)
