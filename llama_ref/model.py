@@ -78,10 +78,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fp32 so that bf16 activations don't lose the small variance terms
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).type_as(x)
+        # x * rsqrt(mean(x^2) + eps) * weight in one op; for bf16 torch computes it in fp32, so that
+        # bf16 activations don't lose the small variance terms
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class KVCache(nn.Module):
@@ -96,13 +95,17 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, rows: slice, input_pos: torch.Tensor, kv_len: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (bsz, seqlen, heads, head_dim) at input_pos (bsz, seqlen) of `rows`; return
-        those rows' keys and values for positions 0..kv_len-1."""
+    def update(self, rows: slice, input_pos: torch.Tensor | int, kv_len: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (bsz, seqlen, heads, head_dim) at input_pos of `rows`: positions (bsz, seqlen), or
+        one int, the first position of every row; return those rows' keys and values for positions 0..kv_len-1."""
         cache_k, cache_v = self.k[rows], self.v[rows]
-        row_index = torch.arange(k.shape[0], device=k.device)[:, None]
-        cache_k[row_index, :, input_pos] = k
-        cache_v[row_index, :, input_pos] = v
+        if isinstance(input_pos, int):  # one copy into a slice, not a scatter
+            cache_k[:, :, input_pos:input_pos + k.shape[1]] = k.transpose(1, 2)
+            cache_v[:, :, input_pos:input_pos + v.shape[1]] = v.transpose(1, 2)
+        else:
+            row_index = torch.arange(k.shape[0], device=k.device)[:, None]
+            cache_k[row_index, :, input_pos] = k
+            cache_v[row_index, :, input_pos] = v
         return cache_k[:, :, :kv_len], cache_v[:, :, :kv_len]
 
 
@@ -114,13 +117,19 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.wqkv: nn.Module | None = None  # wq, wk and wv as one layer, where the loader fused them
         self.cache: KVCache | None = None
 
     def forward(self, x, rows: slice, input_pos, kv_len: int, freqs_cis, mask):
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        if self.wqkv is not None:
+            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
+                                          self.n_kv_heads * self.head_dim], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(bsz, seqlen, self.n_heads, self.head_dim)
+        k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
         keys, values = self.cache.update(rows, input_pos, kv_len, k, v)
         if seqlen == 1:
@@ -154,8 +163,12 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w13: nn.Module | None = None  # w1 and w3 as one layer, where the loader fused them
 
     def forward(self, x):
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
 
 
@@ -229,8 +242,10 @@ class Transformer(nn.Module):
             mask = torch.arange(kv_len, device=tokens.device) <= input_pos[:, None, :, None]
         h = self.tok_embeddings(tokens)
         freqs_cis = self.freqs_cis[input_pos]
+        # the caches take every row's first position as one int where there is one: a slice, not a scatter
+        cache_pos = start_pos if isinstance(start_pos, int) else input_pos
         for layer in self.layers:
-            h = layer(h, rows, input_pos, kv_len, freqs_cis, mask)
+            h = layer(h, rows, cache_pos, kv_len, freqs_cis, mask)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()

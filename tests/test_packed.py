@@ -85,7 +85,7 @@ def test_a_blocked_layer_multiplies_as_the_plain_one_for_any_number_of_rows(bias
     plain = torch.nn.Linear(96, 64, bias=bias, dtype=torch.bfloat16)
     with torch.no_grad():
         plain.weight.copy_(torch.randn(64, 96, generator=generator))
-    blocked = BlockedLinear(plain)
+    blocked = BlockedLinear(plain.weight, plain.bias)
     for rows in (1, 3, 300):
         x = torch.randn(2, rows, 96, generator=generator).to(torch.bfloat16)
         torch.testing.assert_close(blocked(x), plain(x), rtol=1e-2, atol=1e-2)
@@ -106,3 +106,20 @@ def test_a_tied_output_matrix_is_blocked_as_a_copy_and_the_embedding_stays(tmp_p
     prompt, rows = [1, 37, 99, 200, 5], PACKED_MAX_ROWS + 1
     torch.testing.assert_close(decode_logits(fast, prompt, rows), decode_logits(plain, prompt, rows),
                                rtol=0.02, atol=0.02)
+
+
+def test_plain_bf16_layers_reading_the_same_input_are_fused_into_one_call(tmp_path):
+    """A GGUF without 4-bit weights: wq, wk, wv become one blocked layer, and w1, w3 another; every step
+    gives the logits the separate layers give."""
+    path = write_gguf(make_tiny_model(tmp_path), tmp_path / "f32.gguf")
+    rows = 3
+    plain = Llama.build(path, max_seq_len=64, max_batch_size=rows, device="cpu", dtype="bf16", packed=False)
+    fused = Llama.build(path, max_seq_len=64, max_batch_size=rows, device="cpu", dtype="bf16")
+    for layer in fused.model.layers:
+        assert layer.attention.wqkv is not None and layer.attention.wq is None
+        assert layer.feed_forward.w13 is not None and layer.feed_forward.w1 is None
+    prompt = [1, 37, 99, 200, 5, 17]
+    torch.testing.assert_close(decode_logits(fused, prompt, rows), decode_logits(plain, prompt, rows),
+                               rtol=0.02, atol=0.02)
+    # and through generate(): the same greedy tokens
+    assert (fused.generate([prompt], 12, temperature=0)[0] == plain.generate([prompt], 12, temperature=0)[0])
