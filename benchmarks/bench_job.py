@@ -271,7 +271,9 @@ def child_serve(args) -> dict:
     from llama_ref.engine import PrefixCache
 
     torch.set_num_threads(args.threads)
-    server = open_server(args.model, "127.0.0.1", 0, dtype=args.dtype)
+    # as many rows as clients (`explainer serve --max-batch-size 16`): the default 8 would make the
+    # concurrent phase two waves
+    server = open_server(args.model, "127.0.0.1", 0, dtype=args.dtype, max_batch_size=len(SERVE_TOPICS))
 
     class QuietHandler(server.RequestHandlerClass):
         def log_message(self, *_args) -> None:  # 33 access-log lines would bury the benchmark's progress
@@ -357,7 +359,7 @@ def write_stories15m_shape(folder: Path) -> Path:
 
 
 def child_llama2c(args) -> dict:
-    """Decode tok/s on the stories15M shape, fp32 on the CPU, as `python -m llama_ref` runs it."""
+    """Decode tok/s on the stories15M shape on the CPU, as `python -m llama_ref --dtype D` runs it."""
     import torch
 
     from llama_ref import Llama
@@ -365,7 +367,7 @@ def child_llama2c(args) -> dict:
 
     torch.set_num_threads(args.threads)
     seq_len = STORIES15M["seq_len"]
-    llama = Llama.build(args.model, max_seq_len=seq_len, max_batch_size=1, device="cpu", dtype="fp32")
+    llama = Llama.build(args.model, max_seq_len=seq_len, max_batch_size=1, device="cpu", dtype=args.dtype)
     bos = [llama.tokenizer.bos_id]  # run.c's empty prompt: BOS only
     no_stop = [-1]  # random weights could emit </s> at any step; run.c's loop runs the full count too
     timed_generation(llama, bos, 16, temperature=0, stop_tokens=no_stop)  # warm-up
@@ -373,17 +375,19 @@ def child_llama2c(args) -> dict:
     for _ in range(2):
         _, _, decode_s, steps = timed_generation(llama, bos, seq_len - 1, temperature=0, stop_tokens=no_stop)
         best = max(best, steps / decode_s)
-    return {"decode_tok_s": best, "threads": args.threads, "tokens": seq_len - 1}
+    return {"decode_tok_s": best, "threads": args.threads, "tokens": seq_len - 1,
+            "dtype": str(llama.model.tok_embeddings.weight.dtype).replace("torch.", "")}
 
 
 CHILDREN = {"llama_ref": child_llama_ref, "llama.cpp": child_llama_cpp, "transformers": child_transformers,
             "serve": child_serve, "llama2c": child_llama2c}
 
 
-def run_child(kind: str, model: str, args, prompts: Path | None = None, threads: int | None = None) -> dict:
+def run_child(kind: str, model: str, args, prompts: Path | None = None, threads: int | None = None,
+              dtype: str | None = None) -> dict:
     """One measurement in a fresh interpreter: its JSON is the last line of its stdout; stderr passes through."""
     command = [sys.executable, __file__, "--child", kind, "--model", str(model), "--device", args.device,
-               "--dtype", args.dtype, "--threads", str(threads or args.threads)]
+               "--dtype", dtype or args.dtype, "--threads", str(threads or args.threads)]
     if prompts is not None:
         command += ["--prompts", str(prompts)]
     print(f"bench: {kind} on {Path(model).name} ...", file=sys.stderr, flush=True)
@@ -494,7 +498,8 @@ def model_table(name: str, rows: dict) -> tuple[str, dict]:
 
 
 def serve_table(serve: dict) -> tuple[str, dict]:
-    lines = [f"### explainer serve: {len(SERVE_TOPICS)} chat requests (max_tokens {SERVE_MAX_TOKENS}, temperature 0)", "",
+    lines = [f"### explainer serve: {len(SERVE_TOPICS)} chat requests (max_tokens {SERVE_MAX_TOKENS}, temperature 0; "
+             f"the server started with --max-batch-size {len(SERVE_TOPICS)})", "",
              "| model | one at a time: req/s | tok/s | all at once: req/s | tok/s | concurrent / sequential |",
              "|---|---:|---:|---:|---:|---|"]
     ratios = {}
@@ -512,15 +517,18 @@ def serve_table(serve: dict) -> tuple[str, dict]:
 def llama2c_table(runs: dict) -> tuple[str, dict]:
     s = STORIES15M
     title = (f"### llama2.c format, stories15M shape (dim {s['dim']}, {s['n_layers']} layers, {s['n_heads']} heads, "
-             f"vocab {s['vocab_size']}, seq_len {s['seq_len']}; random weights, fp32, CPU)")
-    head = "| threads | llama_ref decode tok/s | run.c tok/s (quoted from the issue, not measured here) | llama_ref / run.c |"
-    lines = [title, "", head, "|---:|---:|---:|---|"]
+             f"vocab {s['vocab_size']}, seq_len {s['seq_len']}; random weights, CPU; run.c computes in fp32, "
+             f"llama_ref in its default dtype for this CPU and, for reference, in fp32)")
+    head = ("| threads | llama_ref dtype | llama_ref decode tok/s | run.c tok/s (quoted from the issue, not measured "
+            "here) | llama_ref / run.c |")
+    lines = [title, "", head, "|---:|---|---:|---:|---|"]
     ratios = {}
-    for threads, result in runs.items():
+    for run, result in runs.items():
+        threads, dtype = run.split("/")
         ours = result.get("decode_tok_s")
-        ratios[threads] = ratio(ours, RUN_C_TOK_S[threads])
-        lines.append(f"| {threads} | {cell(result, 'decode_tok_s')} | {RUN_C_TOK_S[threads]:.0f} | "
-                     f"{verdict('llama2c', ratios[threads])} |")
+        ratios[run] = ratio(ours, RUN_C_TOK_S[int(threads)])
+        lines.append(f"| {threads} | {result.get('dtype', dtype)} | {cell(result, 'decode_tok_s')} | "
+                     f"{RUN_C_TOK_S[int(threads)]:.0f} | {verdict('llama2c', ratios[run])} |")
     return "\n".join(lines), ratios
 
 
@@ -558,7 +566,9 @@ def main() -> int:
         checkpoint = write_stories15m_shape(Path(scratch))
         # no more threads than the run was given: on a shared machine, more would measure the contention
         for threads in sorted((t for t in RUN_C_TOK_S if t <= args.threads), reverse=True):
-            results["llama2c"][threads] = run_child("llama2c", checkpoint, args, threads=threads)
+            for dtype in dict.fromkeys((args.dtype, "fp32")):
+                results["llama2c"][f"{threads}/{dtype}"] = run_child("llama2c", checkpoint, args, threads=threads,
+                                                                     dtype=dtype)
 
     dtype = next((r["llama_ref"].get("dtype") for r in results["models"].values() if "dtype" in r["llama_ref"]), "?")
     results["machine"] = machine(args, dtype, load_before)
