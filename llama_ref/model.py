@@ -150,7 +150,10 @@ def attend_one_token(q, keys, values, mask):
     """
     bsz, n_heads, _, head_dim = q.shape
     grouped = q.reshape(bsz, keys.shape[1], -1, head_dim)
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * head_dim ** -0.5
+    # keys @ q^T, then transposed, rather than q @ keys^T: the cache's slice of kv_len positions is a strided
+    # batch of contiguous matrices, which the CPU kernel reads as it is, but its transpose it copied first
+    # (8 rows x 2,560 positions, bf16: 3.9 ms a layer against 0.8)
+    scores = torch.matmul(keys, grouped.transpose(-1, -2)).transpose(-1, -2).float() * head_dim ** -0.5
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).type_as(values)
