@@ -113,3 +113,35 @@ def test_an_unknown_model_name_lists_the_catalog():
     with pytest.raises(UserError, match="no such model") as caught:
         LocalBackend("qwen-9000").complete([Request(messages=({"role": "user", "content": "hi"},))])
     assert "smollm2-135m" in str(caught.value) and "--list-models" in str(caught.value)
+
+
+def test_the_context_bounds_each_answer_and_a_prompt_that_fills_it_fails_alone(tmp_path):
+    """The error contract of every backend: what the context cannot hold is an UnusableAnswer (which the
+    translator answers by splitting its batch), raised after the other requests are answered; max_tokens
+    is cut to the room the prompt leaves instead of refusing the request."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_checkpoints import make_tiny_model, write_gguf
+
+    from explainer.backends import UnusableAnswer
+
+    path = write_gguf(make_tiny_model(tmp_path), tmp_path / "tiny.gguf")
+    backend = LocalBackend(path, max_seq_len=96)
+    short = Request(messages=({"role": "user", "content": "Hi"},), max_tokens=4096, temperature=0)
+    long = Request(messages=({"role": "user", "content": "word " * 200},), max_tokens=8, temperature=0)
+    room = backend.max_seq_len - len(backend.prompt_tokens(short))
+    arrived = {}
+    try:
+        backend.complete([long, short], on_done=lambda i, c: arrived.__setitem__(i, c))
+    except UnusableAnswer as error:
+        message = str(error)
+    else:
+        pytest.fail("a prompt longer than max_seq_len was answered")
+    assert "request 1 of 2" in message and "max_seq_len=96" in message and "\n" not in message
+    # the short request ran: answered within the room its prompt left, or cut off there (a random model)
+    if 1 in arrived:
+        assert arrived[1].tokens_out <= room
+    else:
+        with pytest.raises(UnusableAnswer, match=f"cut off at {room} tokens, all that max_seq_len=96 left"):
+            backend.complete([short])

@@ -187,6 +187,22 @@ def test_one_unusable_answer_does_not_stop_the_other_requests(scripted_server, o
     assert len(server.requests) == 6
 
 
+def test_a_request_too_long_for_the_servers_context_is_an_unusable_answer(scripted_server, openai_env):
+    """vLLM, llama.cpp's server and OpenAI word it differently; each says "context length" (OpenAI and our
+    serve also send code context_length_exceeded). It is the request's size, not the server: the caller
+    may split it."""
+    server = scripted_server(lambda body: Reply(
+        "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens.", status=400)
+        if user_text(body) == "chunk 1" else f"answer to {user_text(body)}")
+
+    with pytest.raises(UnusableAnswer) as error:
+        backend_for(server).complete(chunk_requests(3))
+
+    message = assert_one_line(error)
+    assert "request 2 of 3" in message and "too long" in message
+    assert len(server.requests) == 3  # the others were answered; a 400 is not retried
+
+
 def test_an_empty_answer_is_an_error(scripted_server, openai_env):
     server = scripted_server(lambda body: Reply("  \n"))
 

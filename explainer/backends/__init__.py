@@ -50,7 +50,8 @@ class Usage:
 
 
 class UnusableAnswer(UserError):
-    """The model answered, but the answer can't be used: cut off at max_tokens, or empty.
+    """The model answered, but the answer can't be used: cut off (at max_tokens or where the model's
+    context ends), empty, or a request too long for the model's context to leave room for one.
 
     Callers that can recover (the translator retries smaller pieces) catch this one; an
     unreachable server or a bad key stays a plain UserError."""
@@ -63,7 +64,14 @@ class Backend(Protocol):
     def complete(self, requests: list[Request],
                  on_done: Callable[[int, Completion], None] | None = None) -> list[Completion]:
         """Answer every request, in order. Call on_done(index, completion) as each one finishes
-        so the caller can cache it at once. Raise explainer.errors.UserError on failure."""
+        so the caller can cache it at once.
+
+        The error contract, the same for every backend: an answer the model got wrong (cut off, empty,
+        or no room in the context for one) raises UnusableAnswer, and only after every other request
+        has been answered and has reached on_done, so the caller can retry that one smaller or
+        firmer. max_tokens is a ceiling: a backend that knows its context may answer in fewer. Any
+        other failure (unreachable, bad key, broken model file) is a plain UserError and may stop
+        the requests not yet started."""
         ...
 
 

@@ -82,29 +82,25 @@ class LocalBackend:
     def complete(self, requests: list[Request],
                  on_done: Callable[[int, Completion], None] | None = None) -> list[Completion]:
         """Answer every request, in order. Each answer reaches on_done as soon as it is finished. An
-        answer cut off at max_tokens, or a request too long for max_seq_len, raises UnusableAnswer
-        after every other answer has reached on_done."""
+        answer cut off (at max_tokens, or where max_seq_len ends), or a prompt that fills max_seq_len,
+        raises UnusableAnswer after every other answer has reached on_done."""
         if not requests:
             return []
         from llama_ref.engine import Job
 
         prompts = [self.prompt_tokens(r) for r in requests]
-        too_long = [i for i, (r, p) in enumerate(zip(requests, prompts)) if len(p) + r.max_tokens > self.max_seq_len]
-        if too_long:
-            i = too_long[0]
-            raise UnusableAnswer(f"request {i + 1} of {len(requests)} needs {len(prompts[i])} prompt tokens + "
-                                 f"{requests[i].max_tokens} for the answer, more than the local model's "
-                                 f"max_seq_len={self.max_seq_len}; send less text per request")
-        jobs = [Job(p, r.max_tokens, temperature=r.temperature, top_p=r.top_p, seed=r.seed)
-                for r, p in zip(requests, prompts)]
-        # the KV cache holds what these requests need, not the largest thing they could
-        longest = max(len(p) + r.max_tokens for r, p in zip(requests, prompts))
-        self.engine.reserve(min(self.max_batch_size, len(requests)),
-                            min(self.max_seq_len, -(-longest // CACHE_STEP) * CACHE_STEP))
+        # A prompt that fills the context gets no answer; the others still run. max_tokens fits what the
+        # context leaves after the prompt: an answer that needs more is cut off there.
+        too_long = [i for i, p in enumerate(prompts) if len(p) >= self.max_seq_len]
+        runs = [i for i in range(len(requests)) if i not in too_long]
+        budgets = {i: min(requests[i].max_tokens, self.max_seq_len - len(prompts[i])) for i in runs}
+        jobs = [Job(prompts[i], budgets[i], temperature=requests[i].temperature, top_p=requests[i].top_p,
+                    seed=requests[i].seed) for i in runs]
         results: list[Completion | None] = [None] * len(requests)
         cut_off, loops = [], []
 
-        def finished(index: int, job) -> None:
+        def finished(k: int, job) -> None:
+            index = runs[k]
             text = self.llama.tokenizer.decode(job.tokens)
             if job.finish_reason == "length":
                 text = before_loop(text)
@@ -117,15 +113,27 @@ class LocalBackend:
             if on_done is not None:
                 on_done(index, results[index])
 
-        self.engine.run(jobs, on_finished=finished)
+        if jobs:
+            # the KV cache holds what these requests need, not the largest thing they could
+            longest = max(len(prompts[i]) + budgets[i] for i in runs)
+            self.engine.reserve(min(self.max_batch_size, len(jobs)),
+                                min(self.max_seq_len, -(-longest // CACHE_STEP) * CACHE_STEP))
+            self.engine.run(jobs, on_finished=finished)
         if loops:
             log.warning("the model kept repeating itself in %d of %d answers; each was kept up to the first "
                         "repeat", len(loops), len(requests))
+        if too_long:
+            i = too_long[0]
+            raise UnusableAnswer(f"{self.model}: request {i + 1} of {len(requests)} has {len(prompts[i])} prompt "
+                                 f"tokens, which leaves no room for an answer in max_seq_len={self.max_seq_len}; "
+                                 "send less text per request")
         if cut_off:
             which = ", ".join(str(i + 1) for i in sorted(cut_off))
+            first = min(cut_off)
+            limit = (f"max_tokens={requests[first].max_tokens}" if budgets[first] == requests[first].max_tokens
+                     else f"{budgets[first]} tokens, all that max_seq_len={self.max_seq_len} left after the prompt")
             raise UnusableAnswer(f"{self.model}: the answer to request {which} of {len(requests)} was cut off at "
-                                 f"max_tokens={requests[cut_off[0]].max_tokens} (finish_reason=length); "
-                                 "allow more tokens or send less per request")
+                                 f"{limit} (finish_reason=length); allow more tokens or send less per request")
         return results
 
     @property

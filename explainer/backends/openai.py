@@ -206,6 +206,9 @@ class OpenAIBackend:
         if status >= 500:
             return UserError(f"{self.base_url} failed on {which}{tries} ({said}); "
                              f"rerun later (finished answers are cached)")
+        if status == 400 and _context_exceeded(exc):  # OpenAI's, vLLM's, llama.cpp's and our serve's code
+            return UnusableAnswer(f"{which} is too long for {self.model}'s context at {self.base_url} ({said}); "
+                                  "send less text per request")
         return UserError(f"{self.base_url} refused {which} ({said}); check --model and the request settings")
 
     def _status(self, exc: openai.APIStatusError) -> str:
@@ -219,3 +222,11 @@ class OpenAIBackend:
     def _scrub(self, text: object) -> str:
         """A single line of `text` with the API key masked, for servers that echo it back."""
         return _one_line(str(text).replace(self._api_key, "***"))
+
+
+def _context_exceeded(exc: openai.APIStatusError) -> bool:
+    """Whether a 400 says the prompt plus max_tokens is more than the model's context."""
+    body = exc.body if isinstance(exc.body, dict) else {}
+    error = body.get("error", body)
+    code = error.get("code") if isinstance(error, dict) else None
+    return code == "context_length_exceeded" or "context length" in str(exc).lower()
