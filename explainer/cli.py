@@ -174,12 +174,18 @@ def explain(file: Path, symbol: str | None, backend: str | None, model: str | No
 @click.option("--base-url", help="OpenAI-compatible server [default: OPENAI_BASE_URL, else api.openai.com].")
 @click.option("--cache-dir", help="Answer cache folder [default: EXPLAINER_CACHE_DIR, else ~/.cache/llama-explainer].")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the answer cache.")
+@click.option("--keep-source-on-failure", is_flag=True,
+              help="A segment whose translation fails every check and retry keeps its source text, instead of "
+                   "the language writing nothing; the copy lists it in its front matter (untranslated:).")
 def translate(post: Path, targets: str, output_dir: Path | None, source_lang: str | None, backend: str,
-              model: str | None, base_url: str | None, cache_dir: str | None, no_cache: bool):
+              model: str | None, base_url: str | None, cache_dir: str | None, no_cache: bool,
+              keep_source_on_failure: bool):
     """Translate a Markdown post: only prose is sent; code, links and front matter keys stay as they are.
 
     Every answer is checked first (code byte-identical, same structure, no chatter, right
-    language). If any check fails, nothing is written.
+    language); a segment that fails is asked again alone, up to 3 times, varied. If one still
+    fails, nothing is written for that language (or, with --keep-source-on-failure, it keeps its
+    source text and is listed).
     """
     from explainer.backends import Usage
     from explainer.languages import language
@@ -191,10 +197,14 @@ def translate(post: Path, targets: str, output_dir: Path | None, source_lang: st
     for code in codes:
         language(code)  # an unknown code fails here, before a backend is set up
     usage = Usage()
+    kept: dict[str, list[str]] | None = {} if keep_source_on_failure else None
     written = translate_file(post, codes, make_backend(backend, model, base_url), open_cache(cache_dir, no_cache),
-                             usage, out_dir=output_dir, source_lang=source_lang)
+                             usage, out_dir=output_dir, source_lang=source_lang, untranslated=kept)
     for path in written:
         click.echo(str(path))
+    for code, segments in (kept or {}).items():
+        click.echo(f"Warning: {code}: {len(segments)} segment(s) left untranslated (listed in the copy's front "
+                   f"matter): " + " | ".join(segments), err=True)
     click.echo(usage.summary(), err=True)
 
 
@@ -208,13 +218,16 @@ def translate(post: Path, targets: str, output_dir: Path | None, source_lang: st
 @click.option("--rerun-demos", is_flag=True, help="Run every demo again instead of using its cached output.")
 @click.option("--no-demos", is_flag=True, help="Run no demo: publish demo blocks as plain code without output, "
                                                 "and leave out the demos of explained posts.")
+@click.option("--keep-source-on-failure", is_flag=True,
+              help="A segment whose translation fails every check and retry keeps its source text, instead of "
+                   "the language writing nothing; the page lists it in its front matter (untranslated:).")
 @backend_option(prefix="Override [backend] name. ")
 @click.option("--model", help="Override [backend] model: a model name (openai), or a catalog name or checkpoint path (local).")
 @click.option("--base-url", help="Override the OpenAI-compatible server [default: OPENAI_BASE_URL, else the config's].")
 @click.option("--cache-dir", help="Cache folder for answers and demo results "
                                   "[default: EXPLAINER_CACHE_DIR, else the config's, else .explainer-cache].")
 def build(config_path: Path, only: tuple[str, ...], langs: tuple[str, ...], dry_run: bool, rerun_demos: bool,
-          no_demos: bool, backend: str | None, model: str | None, base_url: str | None, cache_dir: str | None):
+          no_demos: bool, keep_source_on_failure: bool, backend: str | None, model: str | None, base_url: str | None, cache_dir: str | None):
     """Explain, translate and render every post of a site in every language, running its demos.
 
     Demos are the site's code running on this machine: build only sites you trust, or pass
@@ -235,7 +248,8 @@ def build(config_path: Path, only: tuple[str, ...], langs: tuple[str, ...], dry_
                             cache_dir=cache_dir)
     options = BuildOptions(only=only, languages=tuple(code.strip() for value in langs for code in value.split(",")
                                                       if code.strip()),
-                           dry_run=dry_run, rerun_demos=rerun_demos, run_demos=not no_demos)
+                           dry_run=dry_run, rerun_demos=rerun_demos, run_demos=not no_demos,
+                           keep_source_on_failure=keep_source_on_failure)
     try:
         report = build_site(config, options, progress=progress_for(sys.stderr))
     except KeyboardInterrupt:

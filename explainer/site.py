@@ -38,6 +38,7 @@ class BuildOptions:
     dry_run: bool = False  # plan only: no model, no demo, no file
     rerun_demos: bool = False
     run_demos: bool = True  # False: demo blocks published as plain code, the config's demos left out
+    keep_source_on_failure: bool = False  # a segment that fails every retry keeps its source text (listed)
 
 
 @dataclass
@@ -51,12 +52,17 @@ class BuildReport:
     demo_runs: int = 0
     demo_cache_hits: int = 0
     seconds: float = 0.0
+    untranslated: dict[Path, list[str]] = field(default_factory=dict)  # file -> segments left in the source
 
     def summary(self) -> str:
-        return (f"{self.posts} post(s) × {self.languages} language(s): {len(self.written)} file(s) written, "
+        text = (f"{self.posts} post(s) × {self.languages} language(s): {len(self.written)} file(s) written, "
                 f"{len(self.unchanged)} unchanged; {self.usage.requests} request(s), "
                 f"{self.usage.cache_hits} cache hit(s); {self.demo_runs} demo run(s), "
                 f"{self.demo_cache_hits} from cache; {self.seconds:.1f} s")
+        for path, segments in self.untranslated.items():
+            text += (f"\n{path}: {len(segments)} segment(s) left untranslated (listed in its front matter): "
+                     + " | ".join(segments))
+        return text
 
 
 def build_site(config: SiteConfig, options: BuildOptions = BuildOptions(), backend: Backend | None = None,
@@ -195,8 +201,9 @@ class _Build:
         try:
             if lang != self.config.source_lang:
                 self.progress.status(post.slug, f"translating to {lang}")
-            text = (self.render_markdown(post, source.markdown, lang, usage) if source.markdown is not None
-                    else self.render_generated(post, source, lang, usage))
+            kept: list[str] | None = [] if self.options.keep_source_on_failure else None
+            text = (self.render_markdown(post, source.markdown, lang, usage, kept) if source.markdown is not None
+                    else self.render_generated(post, source, lang, usage, kept))
         except UserError as error:
             self.progress.status(post.slug, f"{lang} failed")
             raise UserError(f"post {post.slug!r} in {lang}: {error}") from None
@@ -206,31 +213,37 @@ class _Build:
         written = write_atomic(path, text)
         with self._lock:
             (self.report.written if written else self.report.unchanged).append(path)
+            if kept:
+                self.report.untranslated[path] = kept
         self.progress.status(post.slug, f"{lang} {'written' if written else 'unchanged'}", advance=1)
 
-    def render_generated(self, post: PostSpec, source: _Source, lang: str, usage: Usage) -> str:
+    def render_generated(self, post: PostSpec, source: _Source, lang: str, usage: Usage,
+                         untranslated: list[str] | None = None) -> str:
         from explainer.render import render_post
         from explainer.translate import translate_post
 
         generated, notice = source.post, ""
         ui = {**language("en").ui, **language(lang).ui}
         if lang != generated.lang:
-            generated = translate_post(generated, lang, self.backend, self.cache, usage)
+            generated = translate_post(generated, lang, self.backend, self.cache, usage, untranslated)
             notice = ui["translation_notice"].format(model=generated.model)
-        page = render_post(generated, translation_notice=notice,
-                           extra_front_matter={"layout": self.config.layout, "dir": language(lang).dir,
-                                               "ref": post.slug})
+        extra = {"layout": self.config.layout, "dir": language(lang).dir, "ref": post.slug}
+        if untranslated:  # a reader can tell a page that mixes languages, and where
+            extra["untranslated"] = [entry.split(": ", 1)[0] for entry in untranslated]
+        page = render_post(generated, translation_notice=notice, extra_front_matter=extra)
         if source.demos_markdown:
             page = (f"{page.rstrip()}\n\n## {liquid_safe(ui['demo_output'], inline=True)}\n\n"
                     f"{liquid_safe(source.demos_markdown)}")
         return page
 
-    def render_markdown(self, post: PostSpec, text: str, lang: str, usage: Usage) -> str:
+    def render_markdown(self, post: PostSpec, text: str, lang: str, usage: Usage,
+                        untranslated: list[str] | None = None) -> str:
         from explainer.translate import translate_markdown
 
         if lang != self.config.source_lang:
             text = translate_markdown(text, lang, self.backend, self.cache, usage,
-                                      source_lang=self.config.source_lang, name=post.markdown.name)
+                                      source_lang=self.config.source_lang, name=post.markdown.name,
+                                      untranslated=untranslated)
         # Jekyll runs Liquid over the body only; the front matter is YAML.
         rest = frontmatter.body(split_document(text))
         return text[:len(text) - len(rest)] + liquid_safe(rest)

@@ -46,6 +46,13 @@ log = logging.getLogger(__name__)
 TRANSLATED_FRONT_MATTER_KEYS = ("title", "description", "excerpt")
 MAX_SEGMENTS_PER_REQUEST = 20
 MAX_CHARS_PER_REQUEST = 2000
+# A segment that fails even alone is asked again this many times, each time with another seed, some
+# sampling and a firmer prompt, before its language fails: small models drop a marker now and then.
+SEGMENT_RETRIES = 3
+RETRY_TEMPERATURE = 0.4
+FIRMER = ("\nYour earlier answer for this segment was rejected. Check before you answer: every marker of the "
+          "segment (⟦1⟧, ⟦2⟧, ...) appears exactly once in your translation, written exactly as in the "
+          "segment, and you answer with the JSON object only.")
 # Too little text to tell languages apart reliably: such segments are not judged.
 MIN_LETTERS_TO_DETECT = 20
 # A translation fails the language check only when the detector all but rules the target out.
@@ -183,10 +190,15 @@ def _quote(text: str, limit: int = 60) -> str:
 class SegmentTranslator:
     """Translates prose segments into one language through a backend, checked and cached per segment."""
 
-    def __init__(self, lang: Language, backend: Backend, cache: Cache | None, usage: Usage, source_lang: str):
+    def __init__(self, lang: Language, backend: Backend, cache: Cache | None, usage: Usage, source_lang: str,
+                 retries: int = SEGMENT_RETRIES, keep_source: bool = False):
         self.lang, self.backend, self.cache, self.usage = lang, backend, cache, usage
         self.source_lang = source_lang
         self.system_prompt = _system_prompt(lang)
+        self.retries = retries
+        self.keep_source = keep_source
+        self.untranslated: list[str] = []  # with keep_source: the failed segments (where, what failed)
+        self._attempts: dict[str, int] = {}  # by key: how often a segment was asked again alone
 
     def key(self, segment: Segment) -> str:
         """One cache entry per segment, whatever batch it travelled in."""
@@ -195,7 +207,8 @@ class SegmentTranslator:
 
     def translate(self, jobs: list[_Job]) -> list[str]:
         """Checked translations (placeholders still in) for `jobs`, in order. Raises
-        TranslationFailed naming every segment that failed even alone."""
+        TranslationFailed naming every segment that failed even alone; with keep_source, such a
+        segment keeps its source text instead and is listed in self.untranslated."""
         done: dict[str, str] = {}  # by key: identical segments are translated once
         for job in jobs:
             hit = self.cache.get(job.key) if self.cache is not None and job.key not in done else None
@@ -204,13 +217,19 @@ class SegmentTranslator:
                 done[job.key] = hit.text
         todo = list({job.key: job for job in jobs if job.key not in done}.values())
         failures: dict[str, str] = {}
+        self._attempts = {}
         batches = _batches(todo)
         while batches:
             retry = []
             for batch, (answer, error) in zip(batches, self._send(batches)):
                 retry += self._take(batch, answer, error, done, failures)
             batches = retry
-        if failures:
+        if failures and self.keep_source:
+            for job in todo:
+                if job.key in failures:
+                    done[job.key] = job.segment.text
+                    self.untranslated.append(failures[job.key])
+        elif failures:
             report = [failures[job.key] for job in todo if job.key in failures]  # top to bottom
             more = f" | and {len(report) - 5} more" if len(report) > 5 else ""
             raise TranslationFailed(f"{len(report)} segment(s) failed even when sent alone: "
@@ -223,8 +242,7 @@ class SegmentTranslator:
         translations, error = _parse_answer(answer.text, len(batch)) if error is None else ({}, error)
         if error is not None:
             if len(batch) == 1:
-                failures[batch[0].key] = f"{batch[0].where}: {error}"
-                return []
+                return self._again_or_fail(batch[0], error, failures)
             return [batch[:len(batch) // 2], batch[len(batch) // 2:]]
         retry = []
         for number, job in enumerate(batch, 1):
@@ -238,16 +256,29 @@ class SegmentTranslator:
             elif len(batch) > 1:
                 retry.append([job])  # the smaller unit: this segment alone
             else:
-                failures[job.key] = f"{job.where}: {'; '.join(problems)} (got {_quote(translation)})"
+                retry += self._again_or_fail(job, f"{'; '.join(problems)} (got {_quote(translation)})", failures)
         return retry
+
+    def _again_or_fail(self, job: _Job, problem: str, failures: dict[str, str]) -> list[list[_Job]]:
+        """A segment that failed alone: ask again, varied, while retries are left; then record why."""
+        attempt = self._attempts.get(job.key, 0)
+        if attempt < self.retries:
+            self._attempts[job.key] = attempt + 1
+            return [[job]]
+        tries = f" (asked {attempt + 1} times)" if attempt else ""
+        failures[job.key] = f"{job.where}: {problem}{tries}"
+        return []
 
     def _request(self, batch: list[_Job]) -> Request:
         payload = json.dumps({str(number): job.segment.text for number, job in enumerate(batch, 1)},
                              ensure_ascii=False, indent=0)
-        # Scripts differ a lot in tokens per character; leave room for the longest of them.
-        return Request(messages=({"role": "system", "content": self.system_prompt},
+        attempt = self._attempts.get(batch[0].key, 0) if len(batch) == 1 else 0
+        # Scripts differ a lot in tokens per character; leave room for the longest of them. A retry
+        # varies: another seed, some sampling, and a firmer prompt.
+        return Request(messages=({"role": "system", "content": self.system_prompt + (FIRMER if attempt else "")},
                                  {"role": "user", "content": payload}),
-                       max_tokens=min(4096, 256 + 3 * len(payload)), temperature=0.0)
+                       max_tokens=min(4096, 256 + 3 * len(payload)),
+                       temperature=RETRY_TEMPERATURE if attempt else 0.0, seed=attempt)
 
     def _send(self, batches: list[list[_Job]]) -> list[tuple[Completion | None, str | None]]:
         """One (completion, None) or (None, what went wrong) per batch. Answers the model got wrong
@@ -298,7 +329,8 @@ def _batches(jobs: list[_Job]) -> list[list[_Job]]:
 
 def translate_texts(texts: dict[str, str], target: str, backend: Backend, cache: Cache | None = None,
                     usage: Usage | None = None, source_lang: str = "en",
-                    published_as_markdown: Collection[str] = ()) -> dict[str, str]:
+                    published_as_markdown: Collection[str] = (),
+                    untranslated: list[str] | None = None) -> dict[str, str]:
     """Translate several Markdown texts, named for reports, into `target` in one go.
 
     Each comes back with its code, links and structure as in the source; raises TranslationFailed
@@ -307,9 +339,13 @@ def translate_texts(texts: dict[str, str], target: str, backend: Backend, cache:
     the model wrote also goes through safe_markdown.escape_model_html, for what only kramdown
     would make live (a javascript: link), while the source's own pieces, its HTML included, are
     restored as they are.
+
+    With an `untranslated` list, a segment that fails every retry keeps its source text instead of
+    failing the language, and the list gets one entry per such segment: where it is and what failed.
     """
     lang = language(target)
-    translator = SegmentTranslator(lang, backend, cache, usage or Usage(), source_lang)
+    translator = SegmentTranslator(lang, backend, cache, usage or Usage(), source_lang,
+                                   keep_source=untranslated is not None)
     documents = {name: split_document(text) for name, text in texts.items()}
     jobs, owners = [], []
     for name, document in documents.items():
@@ -335,17 +371,20 @@ def translate_texts(texts: dict[str, str], target: str, backend: Backend, cache:
         failures += [f"{name}: {problem}" for problem in problems]
     if failures:
         raise TranslationFailed("the translated document does not match the source: " + " | ".join(failures))
+    if untranslated is not None:
+        untranslated += translator.untranslated
     return results
 
 
 def translate_post(post: Post, target: str, backend: Backend, cache: Cache | None = None,
-                   usage: Usage | None = None) -> Post:
-    """The post in `target`: title, intro and explanations translated, code untouched (never sent)."""
+                   usage: Usage | None = None, untranslated: list[str] | None = None) -> Post:
+    """The post in `target`: title, intro and explanations translated, code untouched (never sent).
+    untranslated: as for translate_texts."""
     texts = {"title": post.title, "intro": post.intro}
     texts.update({f"section {number} explanation": section.explanation
                   for number, section in enumerate(post.sections, 1)})
     done = translate_texts({name: text for name, text in texts.items() if text.strip()}, target, backend,
-                           cache, usage, source_lang=post.lang)
+                           cache, usage, source_lang=post.lang, untranslated=untranslated)
     sections = [dataclasses.replace(section, explanation=done.get(f"section {number} explanation",
                                                                    section.explanation))
                 for number, section in enumerate(post.sections, 1)]
@@ -365,10 +404,12 @@ def markdown_lang(text: str, name: str = "post") -> str:
 
 
 def translate_markdown(text: str, target: str, backend: Backend, cache: Cache | None = None,
-                       usage: Usage | None = None, source_lang: str | None = None, name: str = "post") -> str:
+                       usage: Usage | None = None, source_lang: str | None = None, name: str = "post",
+                       untranslated: list[str] | None = None) -> str:
     """A hand-written Markdown post in `target`. Code, URLs, HTML, math and Liquid are copied from
     the source; the front matter keeps every key and its order, gets its title, description and
-    excerpt translated, and records lang, dir, translated: true and the source's hash."""
+    excerpt translated, and records lang, dir, translated: true and the source's hash.
+    untranslated: as for translate_texts; the front matter then lists those segments (untranslated:)."""
     lang = language(target)
     source_lang = language(source_lang).code if source_lang else markdown_lang(text, name)
     if source_lang == lang.code:
@@ -378,7 +419,9 @@ def translate_markdown(text: str, target: str, backend: Backend, cache: Cache | 
     prose_keys = [key for key in TRANSLATED_FRONT_MATTER_KEYS
                   if data is not None and isinstance(data.get(key), str) and data[key].strip()]
     texts = {name: text, **{f"front matter {key}": data[key] for key in prose_keys}}
-    done = translate_texts(texts, lang.code, backend, cache, usage, source_lang, published_as_markdown={name})
+    kept: list[str] | None = [] if untranslated is not None else None
+    done = translate_texts(texts, lang.code, backend, cache, usage, source_lang, published_as_markdown={name},
+                           untranslated=kept)
     if data is None:
         data = CommentedMap()
     for key in prose_keys:
@@ -389,6 +432,9 @@ def translate_markdown(text: str, target: str, backend: Backend, cache: Cache | 
     data["dir"] = lang.dir
     data["translated"] = True
     data["source_hash"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    if kept:  # a reader can tell a page that mixes languages, and where
+        data["untranslated"] = [entry.split(": ", 1)[0] for entry in kept]
+        untranslated += kept
     # The body's front matter range was copied unchanged, so it ends where the source's does.
     return frontmatter.join(data, frontmatter.body(document, done[name]))
 
@@ -412,10 +458,11 @@ def output_path(source: Path, target: str, out_dir: Path | None = None) -> Path:
 
 def translate_file(source: Path, targets: list[str], backend: Backend, cache: Cache | None = None,
                    usage: Usage | None = None, out_dir: Path | None = None,
-                   source_lang: str | None = None) -> list[Path]:
+                   source_lang: str | None = None, untranslated: dict[str, list[str]] | None = None) -> list[Path]:
     """Translate a Markdown post into each target language and write the copies, all or none:
     if any language fails its checks, nothing is written. Targets in the post's own language
-    are skipped. Returns the paths written."""
+    are skipped. Returns the paths written. With an `untranslated` dict, segments that fail every
+    retry keep their source text instead (translate_markdown), listed there by language code."""
     try:
         text = source.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -427,12 +474,15 @@ def translate_file(source: Path, targets: list[str], backend: Backend, cache: Ca
         if lang.code == source_lang:
             log.warning("%s is already in %s; skipped", source, lang.code)
             continue
+        kept: list[str] | None = [] if untranslated is not None else None
         try:
             outputs[output_path(source, lang.code, out_dir)] = translate_markdown(
-                text, lang.code, backend, cache, usage, source_lang, name=source.name)
+                text, lang.code, backend, cache, usage, source_lang, name=source.name, untranslated=kept)
         except TranslationFailed as exc:
             raise TranslationFailed(f"translating {source} to {lang.code} failed, nothing was written: {exc}; "
                                     f"rerun (answers that passed are cached) or try another --model") from None
+        if kept:
+            untranslated[lang.code] = kept
     for path, content in outputs.items():
         write_atomic(path, content)
     return list(outputs)
