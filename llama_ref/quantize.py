@@ -164,14 +164,11 @@ def pack_linears(model: nn.Module, read_int4) -> int:
 FUSED = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}
 
 
-def block_linears(model: nn.Module, shared: bool = True) -> int:
+def block_linears(model: nn.Module) -> int:
     """Hold every bf16 CPU linear layer's weight in oneDNN's layout (BlockedLinear, PackedLinear.block),
     fusing the layers of FUSED where a module has a slot for them. A weight shared with another module (tied
-    embeddings) is copied, not moved, and only with `shared`: the copy costs its size in memory. Returns how
-    many layers changed."""
-    counts: dict[int, int] = {}
-    for _name, tensor in model.named_parameters(remove_duplicate=False):
-        counts[id(tensor)] = counts.get(id(tensor), 0) + 1
+    embeddings) is copied, not moved: the embedding keeps reading rows of the plain one. Returns how many
+    layers changed."""
     changed = 0
     for module in list(model.modules()):
         for fused, names in FUSED.items():
@@ -179,19 +176,17 @@ def block_linears(model: nn.Module, shared: bool = True) -> int:
             if not hasattr(module, fused) or not all(type(part) is nn.Linear and can_block(part) for part in parts):
                 continue
             biases = [part.bias for part in parts]
-            bias = torch.cat(biases) if all(b is not None for b in biases) else None
-            if bias is None and any(b is not None for b in biases):
-                continue
+            if any(b is None for b in biases) != all(b is None for b in biases):
+                continue  # some with a bias, some without: they stay separate
+            bias = None if biases[0] is None else torch.cat(biases)
             setattr(module, fused, BlockedLinear(torch.cat([part.weight for part in parts]), bias))
             for name in names:
                 setattr(module, name, None)
             changed += len(parts)
     for parent, attribute, _full_name, child in list(_children(model)):
-        if not can_block(child) or (counts[id(child.weight)] > 1 and not shared):
-            continue
-        if isinstance(child, PackedLinear):
+        if isinstance(child, PackedLinear) and can_block(child):
             child.block()
-        elif type(child) is nn.Linear:
+        elif type(child) is nn.Linear and can_block(child):
             setattr(parent, attribute, BlockedLinear(child.weight, child.bias))
         else:
             continue
