@@ -220,7 +220,7 @@ class _Build:
     def render_generated(self, post: PostSpec, source: _Source, lang: str, usage: Usage,
                          untranslated: list[str] | None = None) -> str:
         from explainer.render import render_post
-        from explainer.translate import translate_post
+        from explainer.translate import translate_post, untranslated_places
 
         generated, notice = source.post, ""
         ui = {**language("en").ui, **language(lang).ui}
@@ -229,7 +229,7 @@ class _Build:
             notice = ui["translation_notice"].format(model=generated.model)
         extra = {"layout": self.config.layout, "dir": language(lang).dir, "ref": post.slug}
         if untranslated:  # a reader can tell a page that mixes languages, and where
-            extra["untranslated"] = [entry.split(": ", 1)[0] for entry in untranslated]
+            extra["untranslated"] = untranslated_places(untranslated)
         page = render_post(generated, translation_notice=notice, extra_front_matter=extra)
         if source.demos_markdown:
             page = (f"{page.rstrip()}\n\n## {liquid_safe(ui['demo_output'], inline=True)}\n\n"

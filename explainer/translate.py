@@ -191,11 +191,10 @@ class SegmentTranslator:
     """Translates prose segments into one language through a backend, checked and cached per segment."""
 
     def __init__(self, lang: Language, backend: Backend, cache: Cache | None, usage: Usage, source_lang: str,
-                 retries: int = SEGMENT_RETRIES, keep_source: bool = False):
+                 keep_source: bool = False):
         self.lang, self.backend, self.cache, self.usage = lang, backend, cache, usage
         self.source_lang = source_lang
         self.system_prompt = _system_prompt(lang)
-        self.retries = retries
         self.keep_source = keep_source
         self.untranslated: list[str] = []  # with keep_source: the failed segments (where, what failed)
         self._attempts: dict[str, int] = {}  # by key: how often a segment was asked again alone
@@ -262,7 +261,7 @@ class SegmentTranslator:
     def _again_or_fail(self, job: _Job, problem: str, failures: dict[str, str]) -> list[list[_Job]]:
         """A segment that failed alone: ask again, varied, while retries are left; then record why."""
         attempt = self._attempts.get(job.key, 0)
-        if attempt < self.retries:
+        if attempt < SEGMENT_RETRIES:
             self._attempts[job.key] = attempt + 1
             return [[job]]
         tries = f" (asked {attempt + 1} times)" if attempt else ""
@@ -376,6 +375,12 @@ def translate_texts(texts: dict[str, str], target: str, backend: Backend, cache:
     return results
 
 
+def untranslated_places(entries: list[str]) -> list[str]:
+    """Where each segment that kept its source text is ("post.md line 12"), for a page's front matter;
+    `entries` as translate_texts lists them ("where: what failed")."""
+    return [entry.split(": ", 1)[0] for entry in entries]
+
+
 def translate_post(post: Post, target: str, backend: Backend, cache: Cache | None = None,
                    usage: Usage | None = None, untranslated: list[str] | None = None) -> Post:
     """The post in `target`: title, intro and explanations translated, code untouched (never sent).
@@ -433,7 +438,7 @@ def translate_markdown(text: str, target: str, backend: Backend, cache: Cache | 
     data["translated"] = True
     data["source_hash"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
     if kept:  # a reader can tell a page that mixes languages, and where
-        data["untranslated"] = [entry.split(": ", 1)[0] for entry in kept]
+        data["untranslated"] = untranslated_places(kept)
         untranslated += kept
     # The body's front matter range was copied unchanged, so it ends where the source's does.
     return frontmatter.join(data, frontmatter.body(document, done[name]))

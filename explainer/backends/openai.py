@@ -135,9 +135,8 @@ class OpenAIBackend:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         errors = [future.exception() for future in futures if future.exception() is not None]
-        # in request order, so the error names the earliest failure; one that stopped the run first
-        for error in sorted(errors, key=lambda error: isinstance(error, UnusableAnswer)):
-            raise error
+        if errors:  # one that stopped the run before an unusable answer; else the earliest in request order
+            raise min(errors, key=lambda error: isinstance(error, UnusableAnswer))
         return results
 
     def _complete_one(self, index: int, total: int, request: Request) -> Completion:
