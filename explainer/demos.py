@@ -55,8 +55,9 @@ DEMO_ENVIRONMENT = (
     "CUDA_VISIBLE_DEVICES",  # which GPU a model demo may use
 )
 DEMO_SETTINGS = {"TERM": "dumb", "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"}  # plain text, as it comes
-# Never passed, whatever the allowlist says.
-SECRET_SUFFIXES, SECRET_PREFIXES = ("_KEY", "_TOKEN", "_SECRET"), ("OPENAI_",)
+# Never passed, whatever the allowlist's patterns match (LC_DEPLOY_KEY). No allowlisted name starts with
+# OPENAI_, so the OpenAI settings never reach a demo either.
+SECRET_SUFFIXES = ("_KEY", "_TOKEN", "_SECRET")
 
 # Fence language -> the interpreter that runs the block's text as one program.
 _RUNNERS = {
@@ -278,7 +279,7 @@ def demo_environment() -> dict[str, str]:
 
 
 def _secret(name: str) -> bool:
-    return name.upper().endswith(SECRET_SUFFIXES) or name.upper().startswith(SECRET_PREFIXES)
+    return name.upper().endswith(SECRET_SUFFIXES)
 
 
 def _end(supervisor: subprocess.Popen):

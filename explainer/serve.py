@@ -37,6 +37,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import select
 import socket
 import threading
@@ -205,6 +206,7 @@ class ModelServer(ThreadingHTTPServer):
 
         check_exposure(address[0], api_key)
         super().__init__(address, _Handler)
+        self.on_loopback = _is_loopback(self.server_address[0])  # where the Host and Origin checks apply
         self.llama = llama
         self.engine = Engine(llama.model, llama.tokenizer)  # the model's KV cache is this engine's alone
         self.model_name = model_name
@@ -214,10 +216,6 @@ class ModelServer(ThreadingHTTPServer):
         self._connections = threading.BoundedSemaphore(max_connections)
         self._worker = threading.Thread(target=self.engine.serve_forever, name="explainer-serve-generate")
         self._worker.start()
-
-    @property
-    def on_loopback(self) -> bool:
-        return _is_loopback(self.server_address[0])
 
     def process_request(self, request, client_address):
         """A thread per connection, up to max_connections; past that a 503 at once, and the socket closed."""
@@ -286,7 +284,7 @@ def open_server(model: str | Path | None = None, host: str = "127.0.0.1", port: 
 def check_exposure(host: str, api_key: str | None) -> None:
     """Refuse to listen beyond this machine without an API key: anyone who can reach the address could
     use the model, and the Host and Origin checks that keep web pages out hold only on loopback."""
-    if api_key is None and not (host == "localhost" or _is_loopback(host)):
+    if api_key is None and not _is_loopback(host):
         where = f"--host {host}" if host else "an empty --host (every address)"
         raise UserError(f"{where} is not a loopback address, so anyone who can reach it could use the model; "
                         f"set --api-key or {API_KEY_ENV} to require a key, or bind to 127.0.0.1")
@@ -370,7 +368,7 @@ class _Handler(BaseHTTPRequestHandler):
         server = self.server
         if server.on_loopback:
             host = urlsplit(f"//{self.headers.get('Host', '')}").hostname
-            if host is None or not (host == "localhost" or _is_loopback(host)):
+            if host is None or not _is_loopback(host):
                 self.close_connection = True
                 raise ApiError(f"Host {self.headers.get('Host')!r} is not this machine; this server answers "
                                f"requests for 127.0.0.1, ::1 or localhost only", status=403, code="forbidden")
@@ -531,6 +529,9 @@ def _client_gone(connection: socket.socket) -> bool:
 
 
 def _is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address, IPv6 in brackets or not) is this machine's loopback."""
+    if host == "localhost":
+        return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
@@ -539,8 +540,7 @@ def _is_loopback(host: str) -> bool:
 
 def _is_loopback_origin(origin: str) -> bool:
     parts = urlsplit(origin)
-    return parts.scheme in ("http", "https") and (parts.hostname == "localhost"
-                                                   or _is_loopback(parts.hostname or ""))
+    return parts.scheme in ("http", "https") and _is_loopback(parts.hostname or "")
 
 
 def _check_size(body: dict, kind: str, max_seq_len: int) -> None:
@@ -558,6 +558,9 @@ def _check_size(body: dict, kind: str, max_seq_len: int) -> None:
                        f"tokens can take; shorten them", field, code="context_length_exceeded")
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def _parse_json(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
@@ -567,7 +570,11 @@ def _parse_json(raw: bytes) -> dict:
         raise ApiError("the request body nests too deeply; send a flat JSON object") from None
     if not isinstance(body, dict):
         raise ApiError(f"the request body must be a JSON object, not {type(body).__name__}")
-    try:  # "\ud800" is valid JSON but not text: no tokenizer can encode it
+    # "\ud800" is valid JSON but not text: no tokenizer can encode it. The raw bytes are UTF-8 already, so a
+    # lone surrogate can only come as a \uD8xx..\uDFxx escape: only then is the body checked whole.
+    if not _SURROGATE_ESCAPE.search(raw):
+        return body
+    try:
         json.dumps(body, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         raise ApiError("the request body holds an unpaired surrogate (like \"\\ud800\"); send valid Unicode text") \
