@@ -73,12 +73,13 @@ def request_key(backend_name: str, model: str, request: Request, template_text: 
                 endpoint: str | None = None) -> str:
     """sha256 of a canonical JSON of everything that changes the answer to `request`.
 
-    Every field of Request takes part, so a sampling setting added later cannot be forgotten here.
+    Every field of Request takes part, so a sampling setting added later cannot be forgotten here; a
+    field left at None is left out, so adding an optional field keeps the keys of answers cached before.
     `endpoint` is the server a remote backend asks (its base URL): two servers may serve different
     models under one name. The local backend has none, and its keys leave it out.
     """
     recipe = {"version": KEY_VERSION, "backend": backend_name, "model": model, "template": template_text,
-              "request": dataclasses.asdict(request)}
+              "request": {name: value for name, value in dataclasses.asdict(request).items() if value is not None}}
     if endpoint is not None:
         recipe["endpoint"] = endpoint
     canonical = json.dumps(recipe, sort_keys=True, ensure_ascii=False, separators=(",", ":"))

@@ -30,7 +30,7 @@ from pathlib import Path
 from ruamel.yaml.comments import CommentedMap
 
 from explainer import frontmatter
-from explainer.backends import Backend, Completion, Request, UnusableAnswer, Usage
+from explainer.backends import Backend, Completion, JsonAnswer, Request, UnusableAnswer, Usage
 from explainer.cache import Cache, complete_cached, key_for
 from explainer.errors import UserError
 from explainer.fileio import write_atomic
@@ -274,10 +274,17 @@ class SegmentTranslator:
         attempt = self._attempts.get(batch[0].key, 0) if len(batch) == 1 else 0
         # Scripts differ a lot in tokens per character; leave room for the longest of them. A retry
         # varies: another seed, some sampling, and a firmer prompt.
+        # The answer's shape: the same keys, each value holding its segment's markers exactly once. The
+        # local model is held to it token by token; an API server, to the keys where it takes a schema.
+        shape = JsonAnswer(keys=tuple(str(number) for number in range(1, len(batch) + 1)),
+                           markers=tuple(tuple(str(n) for n in range(1, len(job.segment.protected) + 1))
+                                         for job in batch),
+                           opener=PLACEHOLDER_START, closer=PLACEHOLDER_END,
+                           pairs=tuple(tuple((str(a), str(b)) for a, b in job.segment.pairs) for job in batch))
         return Request(messages=({"role": "system", "content": self.system_prompt + (FIRMER if attempt else "")},
                                  {"role": "user", "content": payload}),
                        max_tokens=min(4096, 256 + 3 * len(payload)),
-                       temperature=RETRY_TEMPERATURE if attempt else 0.0, seed=attempt)
+                       temperature=RETRY_TEMPERATURE if attempt else 0.0, seed=attempt, json_answer=shape)
 
     def _send(self, batches: list[list[_Job]]) -> list[tuple[Completion | None, str | None]]:
         """One (completion, None) or (None, what went wrong) per batch. Answers the model got wrong

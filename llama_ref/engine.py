@@ -61,6 +61,8 @@ class Job:
     top_k: int | None = None
     seed: int | None = None
     stop_ids: frozenset[int] | None = None  # default: the tokenizer's end-of-turn tokens
+    # Keeps the answer on a shape (constrain.JsonFieldsConstraint): allows(token), allowed_ids(), advance(token).
+    constraint: object | None = field(default=None, repr=False)
     tokens: list[int] = field(default_factory=list)  # generated, without the stop token
     finish_reason: str | None = None  # "stop", "length" or "cancelled"
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
@@ -362,17 +364,31 @@ class Engine:
         greedy = torch.argmax(logits, dim=-1).tolist()
         chosen = []
         for i, row in enumerate(rows):
-            job = row.job
-            if job.temperature <= 0:
-                chosen.append(greedy[i])
-                continue
-            probs = torch.softmax(logits[i:i + 1] / job.temperature, dim=-1)
-            chosen.append(sample_nucleus(probs, job.top_p, job.top_k, row.generator))
+            pick = greedy[i] if row.job.temperature <= 0 else self._draw(row, logits[i:i + 1])
+            constraint = row.job.constraint
+            # Lazy: the pick is checked first, and only a pick off the answer's shape pays for the allowed set.
+            if constraint is not None and not constraint.allows(pick):
+                ids = constraint.allowed_ids()
+                if not ids:  # a vocabulary that cannot spell the shape: the caller's checks judge the answer
+                    row.job.constraint = None
+                    chosen.append(pick)
+                    continue
+                allowed = torch.tensor(ids, dtype=torch.long, device=logits.device)
+                masked = torch.full_like(logits[i:i + 1], float("-inf"))
+                masked[0, allowed] = logits[i, allowed]
+                pick = int(masked.argmax()) if row.job.temperature <= 0 else self._draw(row, masked)
+            chosen.append(pick)
         return chosen
+
+    def _draw(self, row: _Row, logits: torch.Tensor) -> int:
+        probs = torch.softmax(logits / row.job.temperature, dim=-1)
+        return sample_nucleus(probs, row.job.top_p, row.job.top_k, row.generator)
 
     def _accept(self, row: _Row, token: int) -> None:
         """Record a sampled token: end the row on a stop token or its limit, else feed it next step."""
         job = row.job
+        if job.constraint is not None:
+            job.constraint.advance(token)
         stop_ids = job.stop_ids if job.stop_ids is not None else self.tokenizer.stop_ids
         if token in stop_ids:
             return self._finish(row, "stop")

@@ -20,12 +20,30 @@ from explainer.errors import UserError
 
 
 @dataclass(frozen=True)
+class JsonAnswer:
+    """An answer that is one JSON object with exactly these keys, in this order, each value a one-line
+    string, and nothing around the object. markers[i] lists the labels ("1" for ⟦1⟧) of the markers the
+    value of keys[i] holds exactly once each; no other marker may appear. pairs[i] lists (a, b) where
+    marker a comes before marker b in that value (a link's opening and closing markers).
+
+    A backend enforces what it can: the local one all of it (constrained decoding), the openai one the
+    object and its keys (a JSON schema, where the server takes one). Callers check the answer anyway."""
+
+    keys: tuple[str, ...]
+    markers: tuple[tuple[str, ...], ...]
+    opener: str = "⟦"
+    closer: str = "⟧"
+    pairs: tuple[tuple[tuple[str, str], ...], ...] = ()
+
+
+@dataclass(frozen=True)
 class Request:
     messages: tuple  # ({"role": ..., "content": ...}, ...), hashable so it can key the cache
     max_tokens: int = 512
     temperature: float = 0.2
     top_p: float = 0.9
     seed: int = 0
+    json_answer: JsonAnswer | None = None  # the answer's shape, where the caller parses one
 
 
 @dataclass

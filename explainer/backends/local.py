@@ -6,6 +6,9 @@ chunk requests all start with the same system prompt and definition, so the engi
 once and every later request reuses its keys and values. torch is imported only when the model is
 built.
 
+A request that names its answer's shape (Request.json_answer, as the translator's do) is decoded under
+that constraint: the model cannot drop a marker, add one, or leave the JSON object.
+
 Small models sometimes fall into a loop, repeating one sentence until max_tokens. Such an answer has
 said all it will say: it is kept up to the end of the first copy of the repeated text. Any other
 answer cut off at max_tokens is an UnusableAnswer, as with the openai backend.
@@ -95,15 +98,19 @@ class LocalBackend:
         runs = [i for i in range(len(requests)) if i not in too_long]
         budgets = {i: min(requests[i].max_tokens, self.max_seq_len - len(prompts[i])) for i in runs}
         jobs = [Job(prompts[i], budgets[i], temperature=requests[i].temperature, top_p=requests[i].top_p,
-                    seed=requests[i].seed) for i in runs]
+                    seed=requests[i].seed, constraint=self._constraint(requests[i], budgets[i])) for i in runs]
         results: list[Completion | None] = [None] * len(requests)
         cut_off, loops = [], []
 
         def finished(k: int, job) -> None:
             index = runs[k]
             text = self.llama.tokenizer.decode(job.tokens)
+            if job.constraint is not None and job.constraint.forced:
+                cut_off.append(index)  # closed only because the budget ran out: cut off, however well-formed
+                return
             if job.finish_reason == "length":
-                text = before_loop(text)
+                # a shaped answer cut short is broken, whatever it repeated
+                text = before_loop(text) if requests[index].json_answer is None else None
                 if text is None:
                     cut_off.append(index)
                     return
@@ -135,6 +142,17 @@ class LocalBackend:
             raise UnusableAnswer(f"{self.model}: the answer to request {which} of {len(requests)} was cut off at "
                                  f"{limit} (finish_reason=length); allow more tokens or send less per request")
         return results
+
+    def _constraint(self, request: Request, max_tokens: int):
+        """Constrained decoding for an answer of a known shape: every token the model picks keeps it on
+        the shape (llama_ref.constrain), so a JSON answer cannot lose a marker or its closing brace."""
+        if request.json_answer is None:
+            return None
+        from llama_ref.constrain import JsonFields, JsonFieldsConstraint
+
+        shape = request.json_answer
+        return JsonFieldsConstraint(JsonFields(shape.keys, shape.markers, shape.opener, shape.closer, shape.pairs),
+                                    self.llama.tokenizer, self.llama.model.params.vocab_size, max_tokens)
 
     @property
     def llama(self):
