@@ -21,6 +21,7 @@ class Reply:
     headers: dict = field(default_factory=dict)  # e.g. {"Retry-After": "0"}
     prompt_tokens: int = 10
     completion_tokens: int | None = None  # default: number of words in content
+    code: str | None = None  # the error body's code, e.g. "context_length_exceeded"; default: the status
 
 
 Script = Callable[[dict], "Reply | str"]
@@ -66,7 +67,7 @@ class ScriptedServer:
                     reply = Reply(reply)
                 if reply.status != 200:
                     return self._send(reply.status, {"error": {"message": reply.content or "scripted error",
-                                                               "type": "scripted", "code": reply.status}},
+                                                               "type": "scripted", "code": reply.code or reply.status}},
                                       reply.headers)
                 completion_tokens = reply.completion_tokens
                 if completion_tokens is None:

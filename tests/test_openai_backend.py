@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from explainer.backends import Request, UnusableAnswer
+from explainer.backends import JsonAnswer, Request, UnusableAnswer
 from explainer.backends.openai import DEFAULT_MODEL, OpenAIBackend, retry_delay
 from explainer.errors import UserError
 from scripted_server import Reply, user_text
@@ -278,6 +278,117 @@ def test_a_server_given_by_url_needs_no_key(scripted_server, monkeypatch):
 
     assert backend.model == DEFAULT_MODEL
     assert [c.text for c in backend.complete(chunk_requests(1))] == ["fine"]
+
+
+def shaped_requests(count: int, keys: tuple[str, ...] = ("1", "2")) -> list[Request]:
+    """Requests whose answer is one JSON object with `keys`, as the translator asks."""
+    shape = JsonAnswer(keys=keys, markers=tuple(() for _ in keys))
+    return [Request(messages=request.messages, json_answer=shape) for request in chunk_requests(count)]
+
+
+PLAIN_FIELDS = {"model", "messages", "max_tokens", "temperature", "top_p", "seed"}  # what every request sends
+
+
+def schema_refused(body):
+    """A server without structured outputs that says so, as vLLM-likes and older OpenAI models do."""
+    if "response_format" in body:
+        return Reply("response_format is not supported", status=400)
+    return f'{{"1": "answer to {user_text(body)}", "2": "more"}}'
+
+
+def test_a_shaped_answer_asks_for_its_json_schema_and_a_plain_one_asks_for_nothing_new(scripted_server,
+                                                                                        openai_env):
+    server = scripted_server(lambda body: f"answer to {user_text(body)}")
+    requests = chunk_requests(2) + shaped_requests(1, keys=("2", "1", "title"))
+
+    completions = backend_for(server).complete(requests)
+
+    assert [c.text for c in completions] == ["answer to chunk 0", "answer to chunk 1", "answer to chunk 0"]
+    plain = [body for body in server.requests if "response_format" not in body]
+    shaped = [body for body in server.requests if "response_format" in body]
+    assert len(plain) == 2 and all(set(body) == PLAIN_FIELDS for body in plain)
+    assert len(shaped) == 1 and set(shaped[0]) == PLAIN_FIELDS | {"response_format"}
+    assert shaped[0]["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "answer", "strict": True,
+                        "schema": {"type": "object",
+                                   "properties": {"2": {"type": "string"}, "1": {"type": "string"},
+                                                  "title": {"type": "string"}},
+                                   "required": ["2", "1", "title"],
+                                   "additionalProperties": False}}}
+    assert list(shaped[0]["response_format"]["json_schema"]["schema"]["properties"]) == ["2", "1", "title"]
+
+
+def test_a_server_that_refuses_the_schema_is_asked_again_without_it_once_and_for_all(scripted_server,
+                                                                                      openai_env, caplog):
+    server = scripted_server(schema_refused)
+    backend = backend_for(server)
+
+    first = backend.complete(shaped_requests(1))
+    second = backend.complete(shaped_requests(2))
+
+    assert [c.text for c in first + second] == [f'{{"1": "answer to chunk {i}", "2": "more"}}' for i in (0, 0, 1)]
+    assert ["response_format" in body for body in server.requests] == [True, False, False, False]
+    assert server.requests[1] == {name: value for name, value in server.requests[0].items()
+                                  if name != "response_format"}
+    warnings = [r.message for r in caplog.records if "JSON schema" in r.message]
+    assert len(warnings) == 1 and "response_format is not supported" in warnings[0]
+
+
+def test_requests_in_flight_when_the_schema_is_refused_all_get_answers_and_one_warning(scripted_server,
+                                                                                       openai_env, caplog):
+    count = 4
+    barrier = threading.Barrier(count, timeout=10)  # all four are sent with the schema before any refusal
+
+    def script(body):
+        if "response_format" in body:
+            try:
+                barrier.wait()
+            except threading.BrokenBarrierError:
+                return Reply("fewer requests in flight than expected", status=500)
+        return schema_refused(body)
+
+    server = scripted_server(script)
+    backend = backend_for(server, concurrency=count, max_retries=0)
+
+    completions = backend.complete(shaped_requests(count))
+    backend.complete(shaped_requests(1))
+
+    assert [c.text for c in completions] == [f'{{"1": "answer to chunk {i}", "2": "more"}}' for i in range(count)]
+    assert sum("response_format" in body for body in server.requests) == count
+    assert len(server.requests) == 2 * count + 1
+    assert len([r for r in caplog.records if "JSON schema" in r.message]) == 1
+
+
+def test_a_422_for_the_schema_falls_back_too(scripted_server, openai_env):
+    server = scripted_server(lambda body: Reply("Unprocessable Entity", status=422) if "response_format" in body
+                             else "fine")
+
+    assert [c.text for c in backend_for(server).complete(shaped_requests(1))] == ["fine"]
+    assert ["response_format" in body for body in server.requests] == [True, False]
+
+
+@pytest.mark.parametrize("reply, error", [
+    (Reply("This model's maximum context length is 4096 tokens. However, you requested 5000 tokens.",
+           status=400, code="context_length_exceeded"), UnusableAnswer),
+    (Reply("Invalid value for 'temperature': must be at most 2", status=400), UserError),
+])
+def test_another_400_for_a_shaped_answer_keeps_its_meaning_and_is_not_sent_again(scripted_server, openai_env,
+                                                                                 caplog, reply, error):
+    server = scripted_server(lambda body: reply)
+    backend = backend_for(server)
+
+    with pytest.raises(error) as raised:
+        backend.complete(shaped_requests(1))
+    with pytest.raises(error):  # and the next request still asks for the schema
+        backend.complete(shaped_requests(1))
+
+    if error is UnusableAnswer:
+        assert "too long" in assert_one_line(raised)
+    else:
+        assert type(raised.value) is UserError and "refused request 1 of 1" in assert_one_line(raised)
+    assert ["response_format" in body for body in server.requests] == [True, True]
+    assert not [r for r in caplog.records if "JSON schema" in r.message]
 
 
 def test_retry_delay_follows_the_server_then_backs_off_exponentially():

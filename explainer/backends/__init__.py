@@ -116,7 +116,6 @@ class BackendKind:
     factory: str  # "module:function", function(BackendSettings) -> Backend; imported only when chosen
     settings: frozenset[str] = frozenset({"model"})  # the BackendSettings fields it takes, besides name
     batches_locally: bool = False  # runs the model in this process: one call at a time, batched inside
-    supports_json_schema: bool = False  # can be asked for answers that follow a JSON schema
     model_files: bool = False  # its model may be a file here: explainer.toml's model path is relative to the file
 
 

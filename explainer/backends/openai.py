@@ -5,6 +5,10 @@ thread-safe and shares one connection pool. Retries are ours, not the SDK's (the
 max_retries=0): the SDK ignores `Retry-After: 0` and falls back to its own backoff, and gives up
 silently on long waits, whereas a batch job wants to do what the server says and to tell the
 user on stderr why it is waiting.
+
+A request that names its answer's shape (Request.json_answer, as the translator's do) asks for
+structured outputs: a strict JSON schema with exactly those string keys. A server that refuses the
+schema gets the request again without it, and no later request sends one (one warning says so).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Callable, Mapping
 
 import openai
 
-from explainer.backends import Completion, Request, UnusableAnswer
+from explainer.backends import Completion, JsonAnswer, Request, UnusableAnswer
 from explainer.errors import UserError
 
 DEFAULT_MODEL = "gpt-4o-mini"  # cheap and good at explaining code; override with --model
@@ -99,6 +103,8 @@ class OpenAIBackend:
             raise UserError(f"cannot set up the OpenAI client: {self._scrub(exc)}") from None
         self.base_url = str(self._client.base_url).rstrip("/")
         self.timeout = timeout
+        self._schemas = True  # False once the server refused a response_format: never sent again
+        self._schemas_lock = threading.Lock()
 
     def complete(self, requests: list[Request],
                  on_done: Callable[[int, Completion], None] | None = None) -> list[Completion]:
@@ -143,10 +149,7 @@ class OpenAIBackend:
         which = f"request {index + 1} of {total}"
         for retry in range(self.max_retries + 1):
             try:
-                response = self._client.chat.completions.create(
-                    model=self.model, messages=list(request.messages), max_tokens=request.max_tokens,
-                    temperature=request.temperature, top_p=request.top_p, seed=request.seed)
-                return self._completion(which, request, response)
+                return self._completion(which, request, self._create(request))
             except (openai.APIConnectionError, openai.APIStatusError) as exc:
                 status = getattr(exc, "status_code", None)
                 transient = status is None or status in (408, 409, 429) or status >= 500
@@ -163,6 +166,31 @@ class OpenAIBackend:
                 log.warning("%s: %s, retry %d of %d in %.3g s", which, reason, retry + 1, self.max_retries, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _create(self, request: Request):
+        """One chat completion, held to the answer's JSON schema while the server takes one. A refusal
+        of the schema is not an attempt: the same request goes again at once, without it."""
+        settings = {"model": self.model, "messages": list(request.messages), "max_tokens": request.max_tokens,
+                    "temperature": request.temperature, "top_p": request.top_p, "seed": request.seed}
+        if request.json_answer is None or not self._schemas:
+            return self._client.chat.completions.create(**settings)
+        try:
+            return self._client.chat.completions.create(**settings,
+                                                        response_format=response_format(request.json_answer))
+        except openai.APIStatusError as exc:
+            if not _refuses_schema(exc):
+                raise
+            self._stop_sending_schemas(exc)
+        return self._client.chat.completions.create(**settings)
+
+    def _stop_sending_schemas(self, exc: openai.APIStatusError) -> None:
+        # Requests already in flight may each be refused once; the warning is said once.
+        with self._schemas_lock:
+            if not self._schemas:
+                return
+            self._schemas = False
+        log.warning("%s refused a JSON schema for the answer (%s); requests go without one "
+                    "from now on, and answers are still checked", self.base_url, self._status(exc))
 
     def _completion(self, which: str, request: Request, response) -> Completion:
         # A server that is not an OpenAI-compatible API may answer 200 with HTML or other JSON;
@@ -221,6 +249,29 @@ class OpenAIBackend:
     def _scrub(self, text: object) -> str:
         """A single line of `text` with the API key masked, for servers that echo it back."""
         return _one_line(str(text).replace(self._api_key, "***"))
+
+
+def response_format(shape: JsonAnswer) -> dict:
+    """Structured outputs for `shape`: one object with exactly its keys, in order, each a string. Strict
+    mode (OpenAI's) takes only schemas whose every property is required and that forbid others."""
+    return {"type": "json_schema",
+            "json_schema": {"name": "answer", "strict": True,
+                            "schema": {"type": "object",
+                                       "properties": {key: {"type": "string"} for key in shape.keys},
+                                       "required": list(shape.keys),
+                                       "additionalProperties": False}}}
+
+
+def _refuses_schema(exc: openai.APIStatusError) -> bool:
+    """Whether the server refused a request because of its response_format: a 422 (servers that validate
+    the body against a model without the field), or a 400 that says so. A context overflow is never one."""
+    if exc.status_code == 422:
+        return True
+    if exc.status_code != 400 or _context_exceeded(exc):
+        return False
+    said = str(exc).lower()
+    return any(words in said for words in ("response_format", "response format", "json_schema", "json schema",
+                                           "structured output", "not supported"))
 
 
 def _context_exceeded(exc: openai.APIStatusError) -> bool:
