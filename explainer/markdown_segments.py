@@ -285,6 +285,15 @@ def repair_placeholders(translation: str, count: int) -> str:
     return translation
 
 
+def lookalike_problems(translation: str, source: str, count: int) -> list[str]:
+    """Look-alikes of placeholders 1..count left in a translation (after repair_placeholders) that the
+    source does not have: 【1】 or [1] beside a ⟦1⟧ would be published as text, and the marker is
+    probably in the wrong place."""
+    forms = _LOOKALIKES + ("[{n}]",)
+    return [f"{form.format(n=n)!r} looks like placeholder {placeholder(n)}" for n in range(1, count + 1)
+            for form in forms if form.format(n=n) in translation and form.format(n=n) not in source]
+
+
 def _placeholder_numbers(text: str) -> list[int] | None:
     numbers, pos = [], 0
     while (start := text.find(PLACEHOLDER_START, pos)) >= 0:

@@ -5,15 +5,21 @@ The code of a section is never sent; the template puts it back from the source. 
 Markdown posts are split by markdown_segments: only prose segments are sent, with placeholders
 for everything protected, and the document is rebuilt from the source around the answers.
 
-Nothing is written until every answer has passed every check: placeholders intact, no chatter,
-one line per segment, no stray backtick, the same Markdown structure (so no raw HTML the source
-does not have), a complete answer (finish_reason=stop), the target language, and for the whole
-document byte-identical code blocks and the same headings, lists, links, images and tables. The
-prose of a translated Markdown post then goes through safe_markdown.escape_model_html, like
-everything else a model writes for the site. A request that fails is split and retried in smaller pieces,
-down to single segments; a segment that still fails makes the whole translation fail, with a
-report, and nothing is written. Answers that passed are cached per segment, so a rerun pays only
-for what failed, and editing one paragraph re-translates only that paragraph.
+Segments go out as JSON objects, many to a request for an API and one to a request for the local
+model (which runs requests side by side). Each request names its answer's shape (Request.json_answer):
+the local model is held to it token by token, markers included; an API server gets a JSON schema.
+
+Nothing is written until every answer has passed every check: placeholders intact and no look-alike
+of one left in the text, no chatter, one line per segment, no stray backtick, the same Markdown
+structure (so no raw HTML the source does not have), a complete answer (finish_reason=stop), the
+target language, and for the whole document byte-identical code blocks and the same headings, lists,
+links, images and tables. The prose of a translated Markdown post then goes through
+safe_markdown.escape_model_html, like everything else a model writes for the site. A request that
+fails is split and retried in smaller pieces, down to single segments, and a single segment is asked
+again, varied, up to SEGMENT_RETRIES times; a segment that still fails makes the whole translation
+fail, with a report, and nothing is written (or, when asked, keeps its source text and is listed).
+Answers that passed are cached per segment, so a rerun pays only for what failed, and editing one
+paragraph re-translates only that paragraph.
 """
 
 from __future__ import annotations
@@ -30,13 +36,13 @@ from pathlib import Path
 from ruamel.yaml.comments import CommentedMap
 
 from explainer import frontmatter
-from explainer.backends import Backend, Completion, JsonAnswer, Request, UnusableAnswer, Usage
+from explainer.backends import Backend, Completion, JsonAnswer, Request, UnusableAnswer, Usage, capabilities
 from explainer.cache import Cache, complete_cached, key_for
 from explainer.errors import UserError
 from explainer.fileio import write_atomic
 from explainer.languages import Language, known_languages, language
-from explainer.markdown_segments import (PLACEHOLDER_END, PLACEHOLDER_START, Segment, repair_placeholders,
-                                         split_document, strip_placeholders, structure)
+from explainer.markdown_segments import (PLACEHOLDER_END, PLACEHOLDER_START, Segment, lookalike_problems,
+                                         repair_placeholders, split_document, strip_placeholders, structure)
 from explainer.post import Post
 from explainer.safe_markdown import escape_model_html
 
@@ -46,6 +52,11 @@ log = logging.getLogger(__name__)
 TRANSLATED_FRONT_MATTER_KEYS = ("title", "description", "excerpt")
 MAX_SEGMENTS_PER_REQUEST = 20
 MAX_CHARS_PER_REQUEST = 2000
+# A model that runs here answers a call's requests side by side, one row each, at about the cost of one,
+# and its prefix cache makes the shared system prompt free after the first. So each segment is a request
+# of its own: every row is busy, a failure costs one segment, and a small model cannot slide one answer
+# into the next segment's place, as it does in a batch (Qwen2.5-Coder-1.5B skipped a short heading).
+LOCAL_SEGMENTS_PER_REQUEST = 1
 # A segment that fails even alone is asked again this many times, each time with another seed, some
 # sampling and a firmer prompt, before its language fails: small models drop a marker now and then.
 SEGMENT_RETRIES = 3
@@ -138,7 +149,8 @@ def segment_problems(segment: Segment, translation: str, lang: Language, source_
     chatter = [phrase for phrase in CHATTER if phrase in lowered and phrase not in source]
     if chatter:
         return [f"chatter in the translation: {chatter[0]!r}"]
-    problems = segment.placeholder_problems(translation)
+    problems = segment.placeholder_problems(translation) or lookalike_problems(translation, segment.text,
+                                                                               len(segment.protected))
     if problems:
         return problems
     problems = structure(segment.content).differences(structure(segment.restore(translation, as_content=True)))
@@ -196,6 +208,9 @@ class SegmentTranslator:
         self.source_lang = source_lang
         self.system_prompt = _system_prompt(lang)
         self.keep_source = keep_source
+        kind = capabilities(backend)
+        self.segments_per_request = (LOCAL_SEGMENTS_PER_REQUEST if kind is not None and kind.batches_locally
+                                     else MAX_SEGMENTS_PER_REQUEST)
         self.untranslated: list[str] = []  # with keep_source: the failed segments (where, what failed)
         self._attempts: dict[str, int] = {}  # by key: how often a segment was asked again alone
 
@@ -217,7 +232,7 @@ class SegmentTranslator:
         todo = list({job.key: job for job in jobs if job.key not in done}.values())
         failures: dict[str, str] = {}
         self._attempts = {}
-        batches = _batches(todo)
+        batches = _batches(todo, self.segments_per_request)
         while batches:
             retry = []
             for batch, (answer, error) in zip(batches, self._send(batches)):
@@ -316,10 +331,10 @@ def _checked(completion: Completion) -> tuple[Completion | None, str | None]:
     return completion, None
 
 
-def _batches(jobs: list[_Job]) -> list[list[_Job]]:
+def _batches(jobs: list[_Job], max_segments: int) -> list[list[_Job]]:
     batches, size = [], 0
     for job in jobs:
-        if not batches or len(batches[-1]) >= MAX_SEGMENTS_PER_REQUEST or \
+        if not batches or len(batches[-1]) >= max_segments or \
                 size + len(job.segment.text) > MAX_CHARS_PER_REQUEST:
             batches.append([])
             size = 0

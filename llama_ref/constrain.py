@@ -149,12 +149,14 @@ class JsonFieldsConstraint:
         self._strip_space = False
         self._generated += 1
 
-    def allowed_ids(self) -> list[int]:
-        """Every token that keeps the answer on its shape from here (memoised per state); near the end of
-        the budget, the tokens on the shortest way to the closed object."""
+    def allowed_ids(self, rejected: int | None = None) -> list[int]:
+        """Every token that keeps the answer on its shape from here (memoised per state). Two cases get
+        the tokens on the shortest way to the closed object instead: near the end of the budget, and
+        when the `rejected` pick tried to end a value that still owes a marker. A model that wants to
+        end a sentence it wrote without its marker then writes the marker, instead of wandering on."""
         if self.finished:
             return self.table.stop_ids
-        if self._tight():
+        if self._tight() or (rejected is not None and self._ends_owing(rejected)):
             end = self._shortest_end(self._state)
             return [t for t in self.table.by_first_byte.get(end[0], ())
                     if end.startswith(self.table.token_bytes[t]) and self.allows(t)]
@@ -228,6 +230,16 @@ class JsonFieldsConstraint:
         if self._strip_space:
             data = data.removeprefix(b" ")
         return data or None
+
+    def _ends_owing(self, token: int) -> bool:
+        """Whether `token` would close the value at hand while it still owes a marker."""
+        data, state = self._bytes(token), self._state
+        for byte in data or b"":
+            following = self._step(state, byte)
+            if following is None:
+                return byte == ord('"') and len(state) == 5 and state[2] == _TEXT and state[4] is None
+            state = following
+        return False
 
     def _compute_allowed(self) -> list[int]:
         table, state = self.table, self._state

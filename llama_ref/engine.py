@@ -368,7 +368,7 @@ class Engine:
             constraint = row.job.constraint
             # Lazy: the pick is checked first, and only a pick off the answer's shape pays for the allowed set.
             if constraint is not None and not constraint.allows(pick):
-                ids = constraint.allowed_ids()
+                ids = constraint.allowed_ids(rejected=pick)
                 if not ids:  # a vocabulary that cannot spell the shape: the caller's checks judge the answer
                     row.job.constraint = None
                     chosen.append(pick)

@@ -113,3 +113,17 @@ def test_look_alikes_foreign_markers_and_early_ends_are_refused(tiny):
     assert not spells('{\n"1": "Voir\n')  # a second line
     assert not spells('{\n"1": "Voir \\n')  # an escaped one
     assert not spells('{\n"1": "Voir ⟦1⟧⟦2⟧"\n}x')  # anything after the object
+
+
+def test_a_model_that_ends_a_value_owing_a_marker_writes_the_marker(tiny):
+    """The pick `"` with ⟦1⟧ still owed is replaced by the way to the marker, not by whatever else ranks next."""
+    shape = JsonFields(keys=("1",), markers=(("1",),))
+    constraint = JsonFieldsConstraint(shape, tiny.tokenizer, tiny.model.params.vocab_size, max_tokens=100)
+    constraint._strip_space = False
+    for byte in '{\n"1": "Voir'.encode():
+        constraint.advance(tiny.tokenizer.token_bytes.index(bytes([byte])))
+    quote = tiny.tokenizer.token_bytes.index(b'"')
+    assert not constraint.allows(quote)
+    steered = constraint.allowed_ids(rejected=quote)
+    assert steered and all("⟦1⟧".encode().startswith(tiny.tokenizer.token_bytes[t]) for t in steered)
+    assert len(constraint.allowed_ids()) > 100  # any other rejected pick: the whole shape-keeping vocabulary

@@ -9,7 +9,7 @@ import pytest
 from markdown_it import MarkdownIt
 
 from explainer.backends import Request
-from explainer.backends.local import LocalBackend, before_loop
+from explainer.backends.local import LocalBackend, before_loop, repeats_itself
 from explainer.cache import Cache
 from explainer.chunking import chunk_file
 from explainer.errors import UserError
@@ -89,6 +89,18 @@ def test_a_looping_answer_is_kept_up_to_the_first_repeat():
     assert before_loop("# T\n\n" + two + two.replace("\n\n", " ") + "It reads") == "# T\n\n" + two.strip()
     assert before_loop("A normal answer that was cut off in the middle of a sente") is None
     assert before_loop("It is fast, it is fast, and it is cut") is None  # too short to be a loop
+
+
+def test_an_answer_is_stopped_once_its_tail_repeats_itself_exactly():
+    """The check the engine asks while generating: a loop stops at once, prose that quotes itself goes on."""
+    intro = "LLaMA 是 Meta AI 发布的一系列大型语言模型。"
+    assert repeats_itself(intro + "然后它检查批量大小。" * 30)
+    assert repeats_itself("Intro. " + "The generator is used to make tokens.\n" * 8)
+    assert not repeats_itself("Intro. " + "The generator is used to make tokens. " * 3)  # not yet: too short
+    said_twice = ("Run `torch.distributed.init_process_group` first. It needs NCCL on a GPU. Without NCCL, "
+                  "use gloo instead. ")
+    assert not repeats_itself(said_twice + "Then, as said: " + said_twice + "That is all there is to it, "
+                              "and the rest of this answer goes on to other things entirely.")
 
 
 def test_a_missing_model_file_is_one_clear_error(tmp_path):

@@ -228,6 +228,10 @@ FAILURES = {
         "HTML or Liquid differs from the source"),
     "a stray backtick, which kramdown may pair with a code span's": (
         mangle_each(lambda value, target: fake_translation(value, target) + " `"), "stray backtick"),
+    "a look-alike left beside its marker (the marker forced in at the end)": (
+        mangle_each(lambda value, target: fake_translation(value, target).replace("⟦1⟧", "[1]") + " ⟦1⟧"
+                    if "⟦1⟧" in value else fake_translation(value, target)),
+        "'[1]' looks like placeholder ⟦1⟧"),
 }
 
 

@@ -10,8 +10,9 @@ A request that names its answer's shape (Request.json_answer, as the translator'
 that constraint: the model cannot drop a marker, add one, or leave the JSON object.
 
 Small models sometimes fall into a loop, repeating one sentence until max_tokens. Such an answer has
-said all it will say: it is kept up to the end of the first copy of the repeated text. Any other
-answer cut off at max_tokens is an UnusableAnswer, as with the openai backend.
+said all it will say: it is stopped as soon as its tail repeats itself exactly, or at max_tokens, and
+kept up to the end of the first copy of the repeated text (a shaped answer that loops is unusable).
+Any other answer cut off at max_tokens is an UnusableAnswer, as with the openai backend.
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ DEFAULT_MAX_BATCH_SIZE = 8
 CACHE_STEP = 256  # the KV cache's length is rounded up to this, so similar runs reuse one allocation
 # A stretch this long said twice is a loop (about eight English words); shorter ones may be meant.
 LOOP_CHARS = 40
+# While generating, an answer whose last LOOP_TAIL_CHARS characters are one unit of at most LOOP_PERIOD
+# characters said over and over is stopped at once (checked every LOOP_CHECK_TOKENS tokens): it has said
+# all it will, and running on to max_tokens would cost minutes. Prose never repeats itself so exactly.
+LOOP_TAIL_CHARS = 240
+LOOP_PERIOD = 120
+LOOP_CHECK_TOKENS = 16
+LOOP_TAIL_TOKENS = 400  # enough tokens for the tail and one period, in any script
 SENTENCE_ENDS = (".", "!", "?", "\n", "。", "！", "？")
 
 log = logging.getLogger(__name__)
@@ -99,6 +107,9 @@ class LocalBackend:
         budgets = {i: min(requests[i].max_tokens, self.max_seq_len - len(prompts[i])) for i in runs}
         jobs = [Job(prompts[i], budgets[i], temperature=requests[i].temperature, top_p=requests[i].top_p,
                     seed=requests[i].seed, constraint=self._constraint(requests[i], budgets[i])) for i in runs]
+        looping: set[int] = set()
+        for job in jobs:
+            job.abandoned = self._loop_watch(job, looping)
         results: list[Completion | None] = [None] * len(requests)
         cut_off, loops = [], []
 
@@ -108,7 +119,7 @@ class LocalBackend:
             if job.constraint is not None and job.constraint.forced:
                 cut_off.append(index)  # closed only because the budget ran out: cut off, however well-formed
                 return
-            if job.finish_reason == "length":
+            if job.finish_reason == "length" or id(job) in looping:
                 # a shaped answer cut short is broken, whatever it repeated
                 text = before_loop(text) if requests[index].json_answer is None else None
                 if text is None:
@@ -142,6 +153,19 @@ class LocalBackend:
             raise UnusableAnswer(f"{self.model}: the answer to request {which} of {len(requests)} was cut off at "
                                  f"{limit} (finish_reason=length); allow more tokens or send less per request")
         return results
+
+    def _loop_watch(self, job, looping: set[int]) -> Callable[[], bool]:
+        """The job's `abandoned` check: True (and its id in `looping`) once its answer has become a loop."""
+        decode = self.llama.tokenizer.decode
+
+        def looping_now() -> bool:
+            count = len(job.tokens)
+            if count == 0 or count % LOOP_CHECK_TOKENS or not repeats_itself(decode(job.tokens[-LOOP_TAIL_TOKENS:])):
+                return False
+            looping.add(id(job))
+            return True
+
+        return looping_now
 
     def _constraint(self, request: Request, max_tokens: int):
         """Constrained decoding for an answer of a known shape: every token the model picks keeps it on
@@ -184,6 +208,17 @@ class LocalBackend:
 def from_settings(settings) -> LocalBackend:
     """The registry's factory (explainer.backends.BACKENDS)."""
     return LocalBackend(settings.model, max_batch_size=settings.batch_size or DEFAULT_MAX_BATCH_SIZE)
+
+
+def repeats_itself(text: str) -> bool:
+    """Whether `text` ends in a loop: its last LOOP_TAIL_CHARS characters (whitespace runs as one space)
+    are one unit of at most LOOP_PERIOD characters, repeated."""
+    flat = " ".join(text.split())
+    if len(flat) <= LOOP_TAIL_CHARS:
+        return False
+    tail = flat[-LOOP_TAIL_CHARS:]
+    return any(flat[-LOOP_TAIL_CHARS - period:-period] == tail
+               for period in range(1, min(LOOP_PERIOD, len(flat) - LOOP_TAIL_CHARS) + 1))
 
 
 def before_loop(text: str) -> str | None:
