@@ -27,6 +27,9 @@ server never grants. While bound to loopback, the Host header must name loopback
 header, if any, must be a loopback origin: a page on another site (or a DNS-rebinding name that
 points at 127.0.0.1) is refused with 403.
 
+Structured outputs: a response_format json_schema that is a flat object of string properties is held
+token by token (llama_ref.constrain), as the translator's requests need; any other is refused with 400.
+
 torch is imported only when a model is loaded (open_server), never by importing this module.
 """
 
@@ -126,6 +129,33 @@ def check_supported(body: dict) -> None:
             raise ApiError(f"'{name}' is not supported by explainer serve; leave it out", name)
     if body.get("n") not in (None, 1):
         raise ApiError(f"only n=1 is supported (got n={body['n']!r}); send one request per answer", "n")
+
+
+def answer_shape(body: dict):
+    """The JSON answer a request's response_format asks for, as llama_ref.constrain.JsonFields, or None.
+
+    What the engine can hold a model to is a flat object of string properties, every one required and no
+    others (what our openai backend sends for a translation): such a json_schema is decoded under that
+    constraint. Any other format is refused with 400, so a client can send the request again without it
+    rather than get an answer that was never held to its schema."""
+    fmt = body.get("response_format")
+    if fmt is None or fmt == {"type": "text"}:
+        return None
+    unsupported = ApiError("'response_format' is not supported here except as a json_schema whose schema is an "
+                           "object of string properties, all required and no others; leave it out",
+                           "response_format")
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("json_schema"), dict):
+        raise unsupported
+    schema = fmt["json_schema"].get("schema")
+    properties = schema.get("properties") if isinstance(schema, dict) else None
+    if (not isinstance(properties, dict) or not properties or schema.get("type") != "object"
+            or schema.get("additionalProperties") is not False
+            or sorted(schema.get("required") or ()) != sorted(properties)
+            or any(value != {"type": "string"} for value in properties.values())):
+        raise unsupported
+    from llama_ref.constrain import JsonFields
+
+    return JsonFields(keys=tuple(properties), markers=((),) * len(properties))
 
 
 def chat_prompt(llama, body: dict) -> list[int]:
@@ -395,6 +425,7 @@ class _Handler(BaseHTTPRequestHandler):
                            f"(GET /v1/models)", "model", status=404, code="model_not_found")
         check_supported(body)
         sampling = sampling_of(body)
+        shape = answer_shape(body)
         llama = self.server.llama
         _check_size(body, kind, self.server.max_seq_len)
         if kind == "chat":
@@ -402,15 +433,19 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             prompt, prompt_field, default = text_prompt(llama, body), "prompt", TEXT_COMPLETION_DEFAULT_MAX_TOKENS
         max_tokens = fit_max_tokens(body, len(prompt), self.server.max_seq_len, prompt_field, default)
+        from llama_ref.constrain import JsonFieldsConstraint
         from llama_ref.engine import EngineStopped, Job
 
+        constraint = (JsonFieldsConstraint(shape, llama.tokenizer, llama.model.params.vocab_size, max_tokens)
+                      if shape is not None else None)
         temperature, top_p, seed = sampling
         if self.server.engine.queued >= self.server.max_queue:
             raise ApiError(f"{self.server.max_queue} requests are already waiting; retry in a moment", status=503,
                            code="server_busy", headers={"Retry-After": "2"})
         try:
             return self.server.engine.submit(Job(prompt, max_tokens, temperature=temperature, top_p=top_p,
-                                                 seed=seed, abandoned=lambda: _client_gone(self.connection)))
+                                                 seed=seed, abandoned=lambda: _client_gone(self.connection),
+                                                 constraint=constraint))
         except EngineStopped:
             raise ApiError("the server is stopping", status=503) from None
 

@@ -29,7 +29,7 @@ import functools
 import hashlib
 import json
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,9 +234,13 @@ class SegmentTranslator:
         self._attempts = {}
         batches = _batches(todo, self.segments_per_request)
         while batches:
-            retry = []
-            for batch, (answer, error) in zip(batches, self._send(batches)):
-                retry += self._take(batch, answer, error, done, failures)
+            retry: list[list[_Job]] = []
+
+            def take(index: int, answer: Completion | None, error: str | None, batches=batches) -> None:
+                # as each answer arrives: what passed is cached at once, so an interrupted run keeps it
+                retry.extend(self._take(batches[index], answer, error, done, failures))
+
+            self._send(batches, take)
             batches = retry
         if failures and self.keep_source:
             for job in todo:
@@ -301,28 +305,26 @@ class SegmentTranslator:
                        max_tokens=min(4096, 256 + 3 * len(payload)),
                        temperature=RETRY_TEMPERATURE if attempt else 0.0, seed=attempt, json_answer=shape)
 
-    def _send(self, batches: list[list[_Job]]) -> list[tuple[Completion | None, str | None]]:
-        """One (completion, None) or (None, what went wrong) per batch. Answers the model got wrong
-        (cut off, empty) are per batch; a backend that cannot be reached fails the whole run."""
+    def _send(self, batches: list[list[_Job]],
+              take: Callable[[int, Completion | None, str | None], None]) -> None:
+        """Send one request per batch and call take(index, completion, None), or take(index, None, what
+        went wrong), for each, as its answer arrives. By the backends' error contract an unusable answer
+        (cut off, empty, no room in the context) is raised only after every other one has arrived, so
+        the requests left unanswered then are exactly the unusable ones. A backend that cannot be reached
+        fails the whole run."""
         requests = [self._request(batch) for batch in batches]
-        results: list[tuple[Completion | None, str | None]] = [(None, None)] * len(requests)
+        answered: set[int] = set()
 
         def arrived(index: int, completion: Completion) -> None:
-            results[index] = _checked(completion)
+            answered.add(index)
+            take(index, *_checked(completion))
 
         try:
             complete_cached(self.backend, requests, None, self.usage, on_done=arrived)
-            return results
-        except UnusableAnswer:
-            pass
-        # Some answer was unusable; find out which by sending each unanswered request alone.
-        for index, request in enumerate(requests):
-            if results[index] == (None, None):
-                try:
-                    results[index] = _checked(complete_cached(self.backend, [request], None, self.usage)[0])
-                except UnusableAnswer as error:
-                    results[index] = (None, str(error))
-        return results
+        except UnusableAnswer as error:
+            for index in range(len(requests)):
+                if index not in answered:
+                    take(index, None, str(error))
 
 
 def _checked(completion: Completion) -> tuple[Completion | None, str | None]:

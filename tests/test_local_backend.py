@@ -157,3 +157,22 @@ def test_the_context_bounds_each_answer_and_a_prompt_that_fills_it_fails_alone(t
     else:
         with pytest.raises(UnusableAnswer, match=f"cut off at {room} tokens, all that max_seq_len=96 left"):
             backend.complete([short])
+
+
+def test_a_segment_too_long_for_the_context_fails_alone_and_the_others_are_translated(tmp_path):
+    """The error contract through the translator: what the local model's context cannot hold is an
+    UnusableAnswer for that segment only, reported in the context's terms (never as --max-lines, which
+    is explain's), while every other segment is sent and answered."""
+    from explainer.backends import Usage
+    from explainer.translate import translate_texts
+
+    backend = LocalBackend("smollm2-135m", max_seq_len=512)
+    long = "The engine runs every request side by side on this machine. " * 40  # over 512 tokens alone
+    texts = {"short": "A fast engine.", "note": "It runs offline.", "long": long}
+    usage, kept = Usage(), []
+    done = translate_texts(texts, "fr", backend, usage=usage, untranslated=kept)
+    failed = [entry for entry in kept if entry.startswith("long")]
+    assert failed and "max_seq_len=512" in failed[0] and "send less text" in failed[0]
+    assert not any("max-lines" in entry for entry in kept)
+    assert done["long"] == long  # kept in the source language, and listed
+    assert usage.requests >= 2  # the short texts went out and were answered

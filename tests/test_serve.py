@@ -108,6 +108,8 @@ def test_text_completion_endpoint(client, server):
     ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n=1"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "role"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+     "response_format"),
 ])
 def test_bad_request_is_a_400_the_sdk_surfaces(client, server, options, named):
     with pytest.raises(openai.BadRequestError) as caught:
@@ -138,6 +140,20 @@ def test_invalid_json_gets_an_openai_style_400(server):
     assert caught.value.code == 400
     error = json.loads(caught.value.read())["error"]
     assert "not valid JSON" in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_a_json_schema_of_string_fields_is_held_token_by_token(client, server):
+    """Structured outputs: whatever SmolLM2 would write, the answer is that object, keys in order."""
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+              "required": ["city", "country"], "additionalProperties": False}
+    response = ask(client, server, "Name a large city.", max_tokens=64,
+                   response_format={"type": "json_schema", "json_schema": {"name": "place", "strict": True,
+                                                                           "schema": schema}})
+    answer = json.loads(response.choices[0].message.content)
+    assert list(answer) == ["city", "country"] and all(isinstance(v, str) for v in answer.values())
+    plain = ask(client, server, "Name a large city.", max_tokens=64)
+    with pytest.raises(json.JSONDecodeError):  # SmolLM2 alone answers in prose
+        json.loads(plain.choices[0].message.content)
 
 
 def test_openai_backend_completes_concurrent_requests_through_the_server(server, expected_answer):
