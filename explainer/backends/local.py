@@ -111,7 +111,7 @@ class LocalBackend:
         for job in jobs:
             job.abandoned = self._loop_watch(job, looping)
         results: list[Completion | None] = [None] * len(requests)
-        cut_off, loops = [], []
+        cut_off, loops, repeating = [], [], []  # repeating: shaped answers stopped in a loop (unusable)
 
         def finished(k: int, job) -> None:
             index = runs[k]
@@ -123,7 +123,7 @@ class LocalBackend:
                 # a shaped answer cut short is broken, whatever it repeated
                 text = before_loop(text) if requests[index].json_answer is None else None
                 if text is None:
-                    cut_off.append(index)
+                    (repeating if id(job) in looping else cut_off).append(index)
                     return
                 loops.append(index)
             results[index] = Completion(text=text, finish_reason="stop", tokens_in=len(job.prompt_tokens),
@@ -152,6 +152,10 @@ class LocalBackend:
                      else f"{budgets[first]} tokens, all that max_seq_len={self.max_seq_len} left after the prompt")
             raise UnusableAnswer(f"{self.model}: the answer to request {which} of {len(requests)} was cut off at "
                                  f"{limit} (finish_reason=length); allow more tokens or send less per request")
+        if repeating:
+            which = ", ".join(str(i + 1) for i in sorted(repeating))
+            raise UnusableAnswer(f"{self.model}: the answer to request {which} of {len(requests)} kept repeating "
+                                 "itself and was stopped; try another model or ask again")
         return results
 
     def _loop_watch(self, job, looping: set[int]) -> Callable[[], bool]:
