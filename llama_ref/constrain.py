@@ -103,7 +103,6 @@ class JsonFieldsConstraint:
     allowed_ids() never change the state; advance(token) does, once the engine has chosen."""
 
     def __init__(self, shape: JsonFields, tokenizer, vocab_size: int, max_tokens: int | None = None):
-        self.shape = shape
         self.max_tokens = max_tokens  # the job's: the object is closed within it, however the model wanders
         self.forced = False  # the budget ran low and the shortest way to the end was taken, not the model's
         self.table = _table(tokenizer, vocab_size, shape.opener, shape.closer)

@@ -17,23 +17,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from explainer.errors import UserError
+from llama_ref.constrain import JsonFields
 
 
-@dataclass(frozen=True)
-class JsonAnswer:
-    """An answer that is one JSON object with exactly these keys, in this order, each value a one-line
-    string, and nothing around the object. markers[i] lists the labels ("1" for ⟦1⟧) of the markers the
-    value of keys[i] holds exactly once each; no other marker may appear. pairs[i] lists (a, b) where
-    marker a comes before marker b in that value (a link's opening and closing markers).
-
-    A backend enforces what it can: the local one all of it (constrained decoding), the openai one the
-    object and its keys (a JSON schema, where the server takes one). Callers check the answer anyway."""
-
-    keys: tuple[str, ...]
-    markers: tuple[tuple[str, ...], ...]
-    opener: str = "⟦"
-    closer: str = "⟧"
-    pairs: tuple[tuple[tuple[str, str], ...], ...] = ()
+# An answer that is one JSON object of one-line strings with these keys, each holding its markers exactly
+# once: llama_ref.constrain's shape (it imports no torch). A backend enforces what it can: the local one
+# all of it (constrained decoding), the openai one the object and its keys (a JSON schema, where the
+# server takes one). Callers check the answer anyway.
+JsonAnswer = JsonFields
 
 
 @dataclass(frozen=True)

@@ -176,11 +176,10 @@ class LocalBackend:
         the shape (llama_ref.constrain), so a JSON answer cannot lose a marker or its closing brace."""
         if request.json_answer is None:
             return None
-        from llama_ref.constrain import JsonFields, JsonFieldsConstraint
+        from llama_ref.constrain import JsonFieldsConstraint
 
-        shape = request.json_answer
-        return JsonFieldsConstraint(JsonFields(shape.keys, shape.markers, shape.opener, shape.closer, shape.pairs),
-                                    self.llama.tokenizer, self.llama.model.params.vocab_size, max_tokens)
+        return JsonFieldsConstraint(request.json_answer, self.llama.tokenizer, self.llama.model.params.vocab_size,
+                                    max_tokens)
 
     @property
     def llama(self):
