@@ -27,6 +27,13 @@ class _OneLineErrors:
             if (ctx.find_root().params or {}).get("debug"):
                 raise
             raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            # Every file is written atomically and every answer is cached as it arrives, so stopping
+            # now loses nothing finished. Exit at once: a normal exit would first wait for the
+            # requests still in flight on worker threads, which can take minutes.
+            click.echo("Interrupted: the files written are whole; the next run resumes from the cache.", err=True)
+            sys.stderr.flush()
+            os._exit(130)
 
 
 class Command(_OneLineErrors, click.Command):
@@ -250,14 +257,7 @@ def build(config_path: Path, only: tuple[str, ...], langs: tuple[str, ...], dry_
                                                       if code.strip()),
                            dry_run=dry_run, rerun_demos=rerun_demos, run_demos=not no_demos,
                            keep_source_on_failure=keep_source_on_failure)
-    try:
-        report = build_site(config, options, progress=progress_for(sys.stderr))
-    except KeyboardInterrupt:
-        # Every file is written atomically and every answer is committed as it arrives, so stopping
-        # now is safe; waiting for requests in flight could take minutes.
-        click.echo("Interrupted: the files written are whole; the next build resumes from the cache.", err=True)
-        sys.stderr.flush()
-        os._exit(130)
+    report = build_site(config, options, progress=progress_for(sys.stderr))  # Ctrl-C: see _OneLineErrors
     for path in report.planned if dry_run else report.written:
         click.echo(str(path))
     click.echo(("Dry run: " if dry_run else "") + report.summary(), err=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from explainer.progress import BuildProgress
 from explainer import frontmatter
 from explainer.render import liquid_safe
 from explainer.site_config import PostSpec, SiteConfig
+from explainer.waiting import wait_interruptibly
 
 DEFAULT_API_JOBS = 4  # posts × languages in flight at once on an API backend
 
@@ -126,7 +127,7 @@ class _Build:
             sources: dict[Future, PostSpec] = {pool.submit(self.make_source, post): post for post in self.posts}
             pending = set(sources)
             while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                done, pending = wait_interruptibly(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     result = future.result()  # a job's error stops the build
                     if future in sources:

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 from markdown_it import MarkdownIt
 
+from scripted_server import user_text
 from test_explain import MAX_LINES, SAMPLE, echo_script, fences_and_following_code, first_code_line
 
 from explainer.chunking import chunk_file
@@ -136,3 +139,42 @@ def test_bad_input_is_one_error_line_and_exit_code_1(server, sample, tmp_path, c
     assert len(errors) == 1 and expected in errors[0], result.stderr
     assert result.stdout == ""
     assert server.requests == []
+
+
+def test_ctrl_c_while_requests_are_in_flight_exits_at_once_and_the_rerun_finishes(scripted_server, sample, tmp_path):
+    """A Ctrl-C must not wait for requests the server is still holding (a normal exit would join
+    the request threads first), and must not print a traceback."""
+    answer, held, release = echo_script(sample), threading.Event(), threading.Event()
+
+    def script(body):
+        if "title" not in user_text(body):  # the chunk requests hang until the test ends
+            held.set()
+            release.wait()
+        return answer(body)
+
+    server = scripted_server(script)
+    environment = {key: value for key, value in os.environ.items() if key not in ("OPENAI_BASE_URL",)}
+    environment.update(OPENAI_API_KEY="sk-test-not-a-real-key", EXPLAINER_CACHE_DIR=str(tmp_path / "cache"))
+    output = tmp_path / "post.md"
+    command = [sys.executable, "-m", "explainer", "explain", str(sample), "--base-url", server.base_url,
+               "--max-lines", str(MAX_LINES), "--output", str(output)]
+    with open(tmp_path / "stderr.txt", "w+", encoding="utf-8") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=environment)
+        try:
+            while not held.wait(timeout=0.05):
+                assert process.poll() is None, (tmp_path / "stderr.txt").read_text()
+            process.send_signal(signal.SIGINT)
+            returncode = process.wait(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+            release.set()
+        stderr.seek(0)
+        messages = stderr.read()
+
+    assert returncode == 130, messages
+    assert "Interrupted: the files written are whole" in messages and "Traceback" not in messages
+    assert not output.exists()
+    rerun = run(*command[4:], env=environment)
+    assert rerun.returncode == 0, rerun.stderr
+    assert output.read_text(encoding="utf-8").startswith("---")

@@ -19,13 +19,14 @@ import os
 import random
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Mapping
 
 import openai
 
 from explainer.backends import Completion, JsonAnswer, Request, UnusableAnswer
 from explainer.errors import UserError
+from explainer.waiting import wait_interruptibly
 
 DEFAULT_MODEL = "gpt-4o-mini"  # cheap and good at explaining code; override with --model
 MAX_BACKOFF = 30.0  # seconds; exponential backoff stops growing here
@@ -135,7 +136,7 @@ class OpenAIBackend:
                                   thread_name_prefix="openai-request")
         try:
             futures = [pool.submit(run, index) for index in range(len(requests))]
-            wait(futures)  # after a failure that stops the run, queued requests return at once
+            wait_interruptibly(futures)  # after a failure that stops the run, queued requests return at once
             pool.shutdown(wait=True)
         except BaseException:  # Ctrl-C: drop queued requests, do not wait for running ones
             pool.shutdown(wait=False, cancel_futures=True)
