@@ -261,6 +261,10 @@ def build(config_path: Path, only: tuple[str, ...], langs: tuple[str, ...], dry_
     for path in report.planned if dry_run else report.written:
         click.echo(str(path))
     click.echo(("Dry run: " if dry_run else "") + report.summary(), err=True)
+    if report.failed:
+        raise UserError(f"{len(report.failed)} file(s) not written because a translation failed (listed above); "
+                        "rerun to ask again (answers that passed are cached), pass --keep-source-on-failure "
+                        "to publish them with the failed segments in the source language, or try another --model")
 
 
 @main.command()

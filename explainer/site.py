@@ -54,6 +54,7 @@ class BuildReport:
     demo_cache_hits: int = 0
     seconds: float = 0.0
     untranslated: dict[Path, list[str]] = field(default_factory=dict)  # file -> segments left in the source
+    failed: dict[Path, str] = field(default_factory=dict)  # file not written -> why its translation failed
 
     def summary(self) -> str:
         text = (f"{self.posts} post(s) × {self.languages} language(s): {len(self.written)} file(s) written, "
@@ -63,6 +64,8 @@ class BuildReport:
         for path, segments in self.untranslated.items():
             text += (f"\n{path}: {len(segments)} segment(s) left untranslated (listed in its front matter): "
                      + " | ".join(segments))
+        for path, why in self.failed.items():
+            text += f"\n{path}: not written, its translation failed: {why}"
         return text
 
 
@@ -143,6 +146,7 @@ class _Build:
         order = {path: index for index, path in enumerate(self.report.planned)}
         self.report.written.sort(key=order.get)
         self.report.unchanged.sort(key=order.get)
+        self.report.failed = dict(sorted(self.report.failed.items(), key=lambda item: order[item[0]]))
         if self.demos is not None:
             self.report.demo_runs, self.report.demo_cache_hits = self.demos.runs, self.demos.cache_hits
         self.report.seconds = time.monotonic() - started
@@ -198,19 +202,28 @@ class _Build:
         return generated
 
     def write_variant(self, post: PostSpec, source: _Source, lang: str) -> None:
+        """Write one post in one language. A translation that fails its checks writes nothing for that
+        language and is reported (BuildReport.failed); the other languages go on. Other errors stop the build."""
+        from explainer.translate import TranslationFailed
+
         usage = Usage()
+        path = self.config.post_path(post, lang)
         try:
             if lang != self.config.source_lang:
                 self.progress.status(post.slug, f"translating to {lang}")
             kept: list[str] | None = [] if self.options.keep_source_on_failure else None
             text = (self.render_markdown(post, source.markdown, lang, usage, kept) if source.markdown is not None
                     else self.render_generated(post, source, lang, usage, kept))
+        except TranslationFailed as error:
+            self.progress.status(post.slug, f"{lang} failed", advance=1)
+            with self._lock:
+                self.report.failed[path] = str(error)
+            return
         except UserError as error:
             self.progress.status(post.slug, f"{lang} failed")
             raise UserError(f"post {post.slug!r} in {lang}: {error}") from None
         finally:
             self.add_usage(usage)
-        path = self.config.post_path(post, lang)
         written = write_atomic(path, text)
         with self._lock:
             (self.report.written if written else self.report.unchanged).append(path)

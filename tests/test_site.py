@@ -150,6 +150,31 @@ def test_a_failing_demo_fails_the_build_and_shows_the_end_of_its_output(config):
     assert not (config.parent / "_posts").exists()
 
 
+def test_a_language_whose_translation_fails_is_not_written_and_the_others_are(config, scripted_server):
+    def fails_arabic(body):  # a model that answers every Arabic translation with empty text
+        answer = site_script(body)
+        if is_translation(body) and "into Arabic " in body["messages"][0]["content"]:
+            return json.dumps({key: "" for key in json.loads(answer)})
+        return answer
+
+    failing = scripted_server(fails_arabic)
+    result = run_build(config, "--base-url", failing.base_url)
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    posts = config.parent / "_posts"
+    assert sorted(path.parent.name for path in posts.glob("*/*.md")) == ["en", "en", "zh", "zh"]
+    not_written = [line for line in result.stderr.splitlines() if "not written, its translation failed" in line]
+    assert len(not_written) == 2 and all("/ar/" in line and "failed even when sent alone" in line
+                                         for line in not_written)
+    assert result.stderr.splitlines()[-1].startswith("Error: 2 file(s) not written because a translation failed")
+
+    again = run_build(config)  # the faithful server: only Arabic is left to do
+    assert again.returncode == 0, again.stderr
+    assert "2 file(s) written, 4 unchanged" in again.stderr
+    assert sorted(path.parent.name for path in posts.glob("*/*.md")) == ["ar", "ar", "en", "en", "zh", "zh"]
+
+
 def test_no_demos_runs_nothing_and_publishes_the_demo_code_alone(config, tmp_path):
     source = config.parent / "_sources" / "running-llama.md"
     ran = tmp_path / "the-demo-ran"
