@@ -324,7 +324,7 @@ class SegmentTranslator:
         except UnusableAnswer as error:
             for index in range(len(requests)):
                 if index not in answered:
-                    take(index, None, str(error))
+                    take(index, None, error.reasons.get(index, str(error)))
 
 
 def _checked(completion: Completion) -> tuple[Completion | None, str | None]:

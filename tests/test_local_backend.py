@@ -147,14 +147,16 @@ def test_the_context_bounds_each_answer_and_a_prompt_that_fills_it_fails_alone(t
     try:
         backend.complete([long, short], on_done=lambda i, c: arrived.__setitem__(i, c))
     except UnusableAnswer as error:
-        message = str(error)
+        message, reasons = str(error), error.reasons
     else:
         pytest.fail("a prompt longer than max_seq_len was answered")
     assert "request 1 of 2" in message and "max_seq_len=96" in message and "\n" not in message
+    assert "no room for an answer" in reasons[0]  # each unusable request has its own reason
     # the short request ran: answered within the room its prompt left, or cut off there (a random model)
     if 1 in arrived:
-        assert arrived[1].tokens_out <= room
+        assert arrived[1].tokens_out <= room and set(reasons) == {0}
     else:
+        assert set(reasons) == {0, 1} and f"cut off at {room} tokens, all that max_seq_len=96 left" in reasons[1]
         with pytest.raises(UnusableAnswer, match=f"cut off at {room} tokens, all that max_seq_len=96 left"):
             backend.complete([short])
 

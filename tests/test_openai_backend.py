@@ -165,11 +165,13 @@ def test_a_wait_longer_than_two_minutes_is_reported_not_slept(scripted_server, o
 def test_an_answer_cut_off_at_max_tokens_is_an_error(scripted_server, openai_env):
     server = scripted_server(lambda body: Reply("The loop starts by", finish_reason="length"))
 
-    with pytest.raises(UserError) as error:
+    with pytest.raises(UnusableAnswer) as error:
         backend_for(server).complete(chunk_requests(2))
 
     message = assert_one_line(error)
-    assert "request 1 of 2" in message and "max_tokens=512" in message
+    assert "request 1 of 2" in message and "max_tokens=512" in message and "1 other request" in message
+    assert sorted(error.value.reasons) == [0, 1]  # each request's own reason, for a caller that retries it
+    assert "request 2 of 2" in error.value.reasons[1] and "max_tokens=512" in error.value.reasons[1]
 
 
 def test_one_unusable_answer_does_not_stop_the_other_requests(scripted_server, openai_env):

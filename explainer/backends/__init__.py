@@ -63,7 +63,12 @@ class UnusableAnswer(UserError):
     context ends), empty, or a request too long for the model's context to leave room for one.
 
     Callers that can recover (the translator retries smaller pieces) catch this one; an
-    unreachable server or a bad key stays a plain UserError."""
+    unreachable server or a bad key stays a plain UserError. `reasons` maps the index of each
+    unusable request of the call to what was wrong with its answer (the message names the first)."""
+
+    def __init__(self, message: str, reasons: dict[int, str] | None = None):
+        super().__init__(message)
+        self.reasons = dict(reasons or {})
 
 
 class Backend(Protocol):

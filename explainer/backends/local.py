@@ -140,22 +140,23 @@ class LocalBackend:
         if loops:
             log.warning("the model kept repeating itself in %d of %d answers; each was kept up to the first "
                         "repeat", len(loops), len(requests))
-        if too_long:
-            i = too_long[0]
-            raise UnusableAnswer(f"{self.model}: request {i + 1} of {len(requests)} has {len(prompts[i])} prompt "
-                                 f"tokens, which leaves no room for an answer in max_seq_len={self.max_seq_len}; "
-                                 "send less text per request")
-        if cut_off:
-            which = ", ".join(str(i + 1) for i in sorted(cut_off))
-            first = min(cut_off)
-            limit = (f"max_tokens={requests[first].max_tokens}" if budgets[first] == requests[first].max_tokens
-                     else f"{budgets[first]} tokens, all that max_seq_len={self.max_seq_len} left after the prompt")
-            raise UnusableAnswer(f"{self.model}: the answer to request {which} of {len(requests)} was cut off at "
-                                 f"{limit} (finish_reason=length); allow more tokens or send less per request")
-        if repeating:
-            which = ", ".join(str(i + 1) for i in sorted(repeating))
-            raise UnusableAnswer(f"{self.model}: the answer to request {which} of {len(requests)} kept repeating "
-                                 "itself and was stopped; try another model or ask again")
+        reasons: dict[int, str] = {}
+        for i in too_long:
+            reasons[i] = (f"{self.model}: request {i + 1} of {len(requests)} has {len(prompts[i])} prompt tokens, "
+                          f"which leaves no room for an answer in max_seq_len={self.max_seq_len}; "
+                          "send less text per request")
+        for i in cut_off:
+            limit = (f"max_tokens={requests[i].max_tokens}" if budgets[i] == requests[i].max_tokens
+                     else f"{budgets[i]} tokens, all that max_seq_len={self.max_seq_len} left after the prompt")
+            reasons[i] = (f"{self.model}: the answer to request {i + 1} of {len(requests)} was cut off at {limit} "
+                          "(finish_reason=length); allow more tokens or send less per request")
+        for i in repeating:
+            reasons[i] = (f"{self.model}: the answer to request {i + 1} of {len(requests)} kept repeating itself "
+                          "and was stopped; try another model or ask again")
+        if reasons:
+            first = min(too_long) if too_long else min(cut_off) if cut_off else min(repeating)
+            others = f" (and {len(reasons) - 1} other request(s) of this call)" if len(reasons) > 1 else ""
+            raise UnusableAnswer(reasons[first] + others, reasons)
         return results
 
     def _loop_watch(self, job, looping: set[int]) -> Callable[[], bool]:

@@ -143,7 +143,13 @@ class OpenAIBackend:
             raise
         errors = [future.exception() for future in futures if future.exception() is not None]
         if errors:  # one that stopped the run before an unusable answer; else the earliest in request order
-            raise min(errors, key=lambda error: isinstance(error, UnusableAnswer))
+            first = min(errors, key=lambda error: isinstance(error, UnusableAnswer))
+            if isinstance(first, UnusableAnswer):
+                unusable = {index: str(future.exception()) for index, future in enumerate(futures)
+                            if isinstance(future.exception(), UnusableAnswer)}
+                others = f" (and {len(unusable) - 1} other request(s) of this call)" if len(unusable) > 1 else ""
+                raise UnusableAnswer(str(first) + others, unusable) from None
+            raise first
         return results
 
     def _complete_one(self, index: int, total: int, request: Request) -> Completion:
