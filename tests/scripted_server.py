@@ -7,6 +7,7 @@ llama.cpp server, so tests exercise the real client: retries, timeouts, headers,
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -109,3 +110,24 @@ class ScriptedServer:
     def __exit__(self, *exc):
         self._httpd.shutdown()
         self._httpd.server_close()
+
+
+def interrupt_when(command: list[str], environment: dict, ready: threading.Event, release: threading.Event,
+                   how: int, log) -> tuple[int, str]:
+    """Run `command`, send it signal `how` once `ready` is set (by a script holding a request), and
+    return its exit code and stderr. `release` lets the held requests go once it has exited (or
+    after 60 s, when it is killed). `log` is an open text file for its stderr."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=environment)
+    try:
+        while not ready.wait(timeout=0.05):
+            if process.poll() is not None:
+                log.seek(0)
+                raise AssertionError(f"exited before it was interrupted: {log.read()}")
+        process.send_signal(how)
+        returncode = process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        release.set()
+    log.seek(0)
+    return returncode, log.read()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from markdown_it import MarkdownIt
 
-from scripted_server import user_text
+from scripted_server import interrupt_when, user_text
 from test_explain import MAX_LINES, SAMPLE, echo_script, fences_and_following_code, first_code_line
 
 from explainer.chunking import chunk_file
@@ -158,19 +158,8 @@ def test_ctrl_c_while_requests_are_in_flight_exits_at_once_and_the_rerun_finishe
     output = tmp_path / "post.md"
     command = [sys.executable, "-m", "explainer", "explain", str(sample), "--base-url", server.base_url,
                "--max-lines", str(MAX_LINES), "--output", str(output)]
-    with open(tmp_path / "stderr.txt", "w+", encoding="utf-8") as stderr:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=environment)
-        try:
-            while not held.wait(timeout=0.05):
-                assert process.poll() is None, (tmp_path / "stderr.txt").read_text()
-            process.send_signal(signal.SIGINT)
-            returncode = process.wait(timeout=60)
-        finally:
-            if process.poll() is None:
-                process.kill()
-            release.set()
-        stderr.seek(0)
-        messages = stderr.read()
+    with open(tmp_path / "stderr.txt", "w+", encoding="utf-8") as log:
+        returncode, messages = interrupt_when(command, environment, held, release, signal.SIGINT, log)
 
     assert returncode == 130, messages
     assert "Interrupted: the files written are whole" in messages and "Traceback" not in messages

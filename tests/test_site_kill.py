@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import threading
 
 import pytest
 
 from explainer.fileio import TEMP_PREFIX
-from scripted_server import user_text
+from scripted_server import interrupt_when, user_text
 from site_support import EXPLANATION, is_translation, make_site, run_build, site_script
 
 LANGUAGES = ["en", "zh", "ar"]
@@ -55,20 +54,9 @@ def test_an_interrupted_build_leaves_whole_files_and_the_next_build_finishes_it(
     environment = dict(os.environ, OPENAI_API_KEY="sk-test-not-a-real-key")
     environment.pop("OPENAI_BASE_URL", None)
     environment.pop("EXPLAINER_CACHE_DIR", None)
-    with open(tmp_path / "stderr.txt", "w+", encoding="utf-8") as stderr:
-        build = subprocess.Popen([sys.executable, "-m", "explainer", "build", "--config", str(config)],
-                                 stdout=subprocess.DEVNULL, stderr=stderr, env=environment)
-        try:
-            while not explained_post_translating.wait(timeout=0.05):
-                assert build.poll() is None, (tmp_path / "stderr.txt").read_text()
-            build.send_signal(how)
-            returncode = build.wait(timeout=60)
-        finally:
-            if build.poll() is None:
-                build.kill()
-            release.set()
-        stderr.seek(0)
-        messages = stderr.read()
+    command = [sys.executable, "-m", "explainer", "build", "--config", str(config)]
+    with open(tmp_path / "stderr.txt", "w+", encoding="utf-8") as log:
+        returncode, messages = interrupt_when(command, environment, explained_post_translating, release, how, log)
 
     if how == signal.SIGINT:
         assert returncode == 130 and "Interrupted: the files written are whole" in messages
