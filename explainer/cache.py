@@ -74,16 +74,26 @@ def request_key(backend_name: str, model: str, request: Request, template_text: 
     """sha256 of a canonical JSON of everything that changes the answer to `request`.
 
     Every field of Request takes part, so a sampling setting added later cannot be forgotten here; a
-    field left at None is left out, so adding an optional field keeps the keys of answers cached before.
+    field left at None (at any depth) is left out, so adding an optional field keeps the keys of answers
+    cached before.
     `endpoint` is the server a remote backend asks (its base URL): two servers may serve different
     models under one name. The local backend has none, and its keys leave it out.
     """
     recipe = {"version": KEY_VERSION, "backend": backend_name, "model": model, "template": template_text,
-              "request": {name: value for name, value in dataclasses.asdict(request).items() if value is not None}}
+              "request": _without_none(dataclasses.asdict(request))}
     if endpoint is not None:
         recipe["endpoint"] = endpoint
     canonical = json.dumps(recipe, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _without_none(value):
+    """`value` with every dict entry that is None left out, at any depth (Request.json_answer is a dict too)."""
+    if isinstance(value, dict):
+        return {name: _without_none(item) for name, item in value.items() if item is not None}
+    if isinstance(value, (list, tuple)):
+        return [_without_none(item) for item in value]
+    return value
 
 
 def key_for(backend: Backend, request: Request, template_text: str = "") -> str:

@@ -270,6 +270,8 @@ class Segment:
 
 # What models write instead of ⟦n⟧: CJK lenticular brackets, doubled square brackets, spaces inside.
 _LOOKALIKES = ("\u3010{n}\u3011", "[[{n}]]", "\u27e6 {n} \u27e7", "\u27e6{n} \u27e7", "\u27e6 {n}\u27e7")
+# The brackets of those look-alikes (and of [n]): a translation of text without them has no use for them.
+LOOKALIKE_BRACKETS = "[]\u3010\u3011"
 
 
 def repair_placeholders(translation: str, count: int) -> str:

@@ -41,8 +41,9 @@ from explainer.cache import Cache, complete_cached, key_for
 from explainer.errors import UserError
 from explainer.fileio import write_atomic
 from explainer.languages import Language, known_languages, language
-from explainer.markdown_segments import (PLACEHOLDER_END, PLACEHOLDER_START, Segment, lookalike_problems,
-                                         repair_placeholders, split_document, strip_placeholders, structure)
+from explainer.markdown_segments import (LOOKALIKE_BRACKETS, PLACEHOLDER_END, PLACEHOLDER_START, Segment,
+                                         lookalike_problems, repair_placeholders, split_document,
+                                         strip_placeholders, structure)
 from explainer.post import Post
 from explainer.safe_markdown import escape_model_html
 
@@ -299,7 +300,9 @@ class SegmentTranslator:
                            markers=tuple(tuple(str(n) for n in range(1, len(job.segment.protected) + 1))
                                          for job in batch),
                            opener=PLACEHOLDER_START, closer=PLACEHOLDER_END,
-                           pairs=tuple(tuple((str(a), str(b)) for a, b in job.segment.pairs) for job in batch))
+                           pairs=tuple(tuple((str(a), str(b)) for a, b in job.segment.pairs) for job in batch),
+                           forbidden="".join(char for char in LOOKALIKE_BRACKETS
+                                             if not any(char in job.segment.text for job in batch)) or None)
         return Request(messages=({"role": "system", "content": self.system_prompt + (FIRMER if attempt else "")},
                                  {"role": "user", "content": payload}),
                        max_tokens=min(4096, 256 + 3 * len(payload)),

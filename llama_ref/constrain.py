@@ -38,7 +38,7 @@ MAX_GROWTH = 8
 class JsonFields:
     """{"key1": "value1", ...} with exactly these keys in this order and nothing around the object;
     markers[i] lists the labels (the "1" of ⟦1⟧) that value i must hold exactly once each. No other
-    marker, no newline, and no control character can appear in a value. pairs[i] lists (a, b): in
+    marker, no newline, no control character and none of `forbidden` can appear in a value. pairs[i] lists (a, b): in
     value i marker a comes before marker b (a link's opening and closing markers)."""
 
     keys: tuple[str, ...]
@@ -46,6 +46,9 @@ class JsonFields:
     opener: str = "⟦"
     closer: str = "⟧"
     pairs: tuple[tuple[tuple[str, str], ...], ...] = ()  # empty: no order anywhere
+    # Characters no value may hold: the brackets of marker look-alikes (【1】, [[1]]) the source has none of,
+    # so that a model reaching for one writes the real marker in its place.
+    forbidden: str | None = None
 
     def __post_init__(self):
         if len(self.keys) != len(self.markers) or not self.keys or len(self.pairs) not in (0, len(self.keys)):
@@ -67,13 +70,14 @@ class JsonFields:
 class TokenTable:
     """What the automaton needs to know about a vocabulary, computed once per tokenizer and marker pair."""
 
-    def __init__(self, token_bytes, special_ids, stop_ids, vocab_size: int, opener: str, closer: str):
+    def __init__(self, token_bytes, special_ids, stop_ids, vocab_size: int, opener: str, closer: str,
+                 forbidden: str = ""):
         specials = set(special_ids)
         self.token_bytes = token_bytes
         self.vocab_size = vocab_size  # the model's logits may have padding rows past the tokenizer
         self.stop_ids = sorted(i for i in stop_ids if 0 <= i < vocab_size)
         self.stops = frozenset(self.stop_ids)
-        special_chars = {'"', "\\", opener, closer}
+        special_chars = {'"', "\\", opener, closer, *forbidden}
         self.plain: list[int] = []  # whole characters, none special: any value's plain text may hold them
         self.others: list[int] = []  # everything else with bytes: checked one by one when needed
         self.by_first_byte: dict[int, list[int]] = {}
@@ -92,10 +96,10 @@ class TokenTable:
                 self.plain.append(token)
 
 
-@functools.lru_cache(maxsize=4)
-def _table(tokenizer, vocab_size: int, opener: str, closer: str) -> TokenTable:
+@functools.lru_cache(maxsize=8)
+def _table(tokenizer, vocab_size: int, opener: str, closer: str, forbidden: str) -> TokenTable:
     return TokenTable(tokenizer.token_bytes, tokenizer.special_ids.values(), tokenizer.stop_ids, vocab_size,
-                      opener, closer)
+                      opener, closer, forbidden)
 
 
 class JsonFieldsConstraint:
@@ -105,7 +109,8 @@ class JsonFieldsConstraint:
     def __init__(self, shape: JsonFields, tokenizer, vocab_size: int, max_tokens: int | None = None):
         self.max_tokens = max_tokens  # the job's: the object is closed within it, however the model wanders
         self.forced = False  # the budget ran low and the shortest way to the end was taken, not the model's
-        self.table = _table(tokenizer, vocab_size, shape.opener, shape.closer)
+        self._forbidden = frozenset(shape.forbidden or "")
+        self.table = _table(tokenizer, vocab_size, shape.opener, shape.closer, "".join(sorted(self._forbidden)))
         self._parts = shape.parts()
         # per value part: its markers in their given order, and for each the markers that must come first
         self._order, self._first = {}, {}
@@ -317,7 +322,7 @@ class JsonFieldsConstraint:
             return (part, owed, _ESCAPE, None, None)
         if char == self._opener:
             return (part, owed, _TEXT, None, "") if owed else None
-        if char == self._closer or char < " " or char == "\x7f":
+        if char == self._closer or char < " " or char == "\x7f" or char in self._forbidden:
             return None
         return state if state[2] == _TEXT else (part, owed, _TEXT, None, None)
 

@@ -115,6 +115,33 @@ def test_look_alikes_foreign_markers_and_early_ends_are_refused(tiny):
     assert not spells('{\n"1": "Voir ⟦1⟧⟦2⟧"\n}x')  # anything after the object
 
 
+def test_forbidden_brackets_are_refused_in_values_and_left_out_of_the_allowed_set(tiny):
+    """A model that writes [[1]] or 【1】 in the marker's place (Qwen2.5-Coder-1.5B did in Chinese, then put
+    the real markers at the end) cannot when the source has no such brackets: it must write ⟦1⟧ there."""
+    tokens = tiny.tokenizer.token_bytes
+    byte_token = {data[0]: token for token, data in enumerate(tokens) if len(data) == 1}
+
+    def constraint_after(text, forbidden):
+        shape = JsonFields(keys=("1",), markers=(("1",),), forbidden=forbidden)
+        constraint = JsonFieldsConstraint(shape, tiny.tokenizer, tiny.model.params.vocab_size)
+        constraint._strip_space = False
+        for byte in text.encode():
+            constraint.advance(byte_token[byte])
+        return constraint
+
+    free, strict = constraint_after('{\n"1": "Voir ', None), constraint_after('{\n"1": "Voir ', "[]【】")
+    assert free.allows(byte_token[ord("[")]) and not strict.allows(byte_token[ord("[")])
+    assert not strict.allows(byte_token[ord("]")])
+    for byte in "【".encode()[:2]:  # the lead bytes are shared with allowed characters such as 。
+        strict.advance(byte_token[byte])
+    assert not strict.allows(byte_token["【".encode()[2]]) and strict.allows(byte_token["。".encode()[2]])
+    strict = constraint_after('{\n"1": "Voir ', "[]【】")
+    assert strict.allows(byte_token["⟦".encode()[0]]) and strict.allows(byte_token[ord("a")])
+    allowed = strict.allowed_ids()
+    assert allowed and not any(b"[" in tokens[t] or b"]" in tokens[t] or "【".encode() in tokens[t] for t in allowed)
+    assert any(b"[" in tokens[t] for t in free.allowed_ids())
+
+
 def test_a_model_that_ends_a_value_owing_a_marker_writes_the_marker(tiny):
     """The pick `"` with ⟦1⟧ still owed is replaced by the way to the marker, not by whatever else ranks next."""
     shape = JsonFields(keys=("1",), markers=(("1",),))
