@@ -207,7 +207,7 @@ class JsonFieldsConstraint:
         elif mode == _ESCAPE:
             out = b'"'
         elif mode == _HEX:
-            out = b"a" * (4 - extra)
+            out = b"a" * (4 - len(extra))
         return out + tail
 
     def _markers(self, part: int, owed) -> bytes:
@@ -294,12 +294,21 @@ class JsonFieldsConstraint:
         if mode == _ESCAPE:
             char = chr(byte)
             if char == "u":
-                return (part, owed, _HEX, 0, None)
+                return (part, owed, _HEX, "", None)
             return (part, owed, _TEXT, None, None) if char in _ESCAPABLE else None
-        # _HEX: the four digits of \uXXXX
+        # _HEX: the four digits of \uXXXX; the character they spell obeys the rules of a written one
         if chr(byte) not in _HEX_DIGITS:
             return None
-        return (part, owed, _TEXT, None, None) if extra == 3 else (part, owed, _HEX, extra + 1, None)
+        digits = extra + chr(byte)
+        if len(digits) < 4:
+            return (part, owed, _HEX, digits, None)
+        code = int(digits, 16)
+        if 0xD800 <= code <= 0xDFFF:  # half of a surrogate pair (a character past U+FFFF): never a marker
+            return (part, owed, _TEXT, None, None)
+        char = chr(code)
+        if char in (self._opener, self._closer) or char < " " or char == "\x7f" or char in self._forbidden:
+            return None
+        return (part, owed, _TEXT, None, None)
 
     def _marker_next(self, state) -> set[str]:
         """The characters that may come next in the marker being read."""

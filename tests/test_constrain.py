@@ -112,6 +112,9 @@ def test_look_alikes_foreign_markers_and_early_ends_are_refused(tiny):
     assert not spells('{\n"1": "Voir ⟧')  # a stray closer
     assert not spells('{\n"1": "Voir\n')  # a second line
     assert not spells('{\n"1": "Voir \\n')  # an escaped one
+    assert not spells('{\n"1": "Voir \\u000a')  # nor one spelled as \u000a
+    assert not spells('{\n"1": "Voir \\u27e6')  # the marker's opener, spelled as an escape
+    assert spells('{\n"1": "Voir \\ud83d\\ude00 ⟦1⟧⟦2⟧"\n}')  # a surrogate pair (an emoji) is text
     assert not spells('{\n"1": "Voir ⟦1⟧⟦2⟧"\n}x')  # anything after the object
 
 
