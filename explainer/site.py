@@ -30,6 +30,7 @@ from explainer.site_config import PostSpec, SiteConfig
 from explainer.waiting import wait_interruptibly
 
 DEFAULT_API_JOBS = 4  # posts × languages in flight at once on an API backend
+FAILURE_PREVIEW = 160  # characters of a failed language's first reason shown in the log as it fails
 
 
 @dataclass(frozen=True)
@@ -215,7 +216,10 @@ class _Build:
             text = (self.render_markdown(post, source.markdown, lang, usage, kept) if source.markdown is not None
                     else self.render_generated(post, source, lang, usage, kept))
         except TranslationFailed as error:
-            self.progress.status(post.slug, f"{lang} failed", advance=1)
+            # the first reason at once (a build runs for long), every segment in the summary at the end
+            first = str(error).split(" | ")[0]
+            first = first if len(first) <= FAILURE_PREVIEW else first[:FAILURE_PREVIEW - 1] + "…"
+            self.progress.status(post.slug, f"{lang} failed: {first}", advance=1)
             with self._lock:
                 self.report.failed[path] = str(error)
             return

@@ -168,6 +168,8 @@ def test_a_language_whose_translation_fails_is_not_written_and_the_others_are(co
     assert len(not_written) == 2 and all("/ar/" in line and "failed even when sent alone" in line
                                          for line in not_written)
     assert result.stderr.splitlines()[-1].startswith("Error: 2 file(s) not written because a translation failed")
+    # the log says why as soon as a language fails, not only at the end of a long build
+    assert any(": ar failed: " in line and "failed even when sent alone" in line for line in result.stderr.splitlines())
 
     again = run_build(config)  # the faithful server: only Arabic is left to do
     assert again.returncode == 0, again.stderr
