@@ -126,6 +126,10 @@ class JsonFieldsConstraint:
         self._strip_space = tokenizer.strips_leading_space  # the first token's leading space is not text
         self._memo: dict[tuple, list[int]] = {}
         self._generated = 0
+        # Steered onto an owed marker (a pick tried to end the value without it): until that marker is
+        # whole, only the way to it is allowed. Otherwise the model takes the opener's first byte and
+        # then wanders off into another character that shares it (⟦ and ⩾ both start with E2).
+        self._steering = False
 
     @property
     def finished(self) -> bool:
@@ -139,6 +143,8 @@ class JsonFieldsConstraint:
         state = self._feed(self._state, data) if data is not None else None
         if state is None:
             return False
+        if self._steering and not self._shortest_end(self._state).startswith(data):
+            return False
         # near the end of the budget, a token must leave room for the shortest way to the closed object
         return not self._tight() or len(self._shortest_end(state)) <= self._left() - 1
 
@@ -150,6 +156,8 @@ class JsonFieldsConstraint:
                 raise ValueError(f"token {token} breaks the answer's shape")
             self.forced = self.forced or self._tight()
             self._state = state
+            # the marker is whole once the value is back to plain text (or the object has moved on)
+            self._steering = self._steering and len(state) == 5 and (state[2] != _TEXT or state[4] is not None)
         self._strip_space = False
         self._generated += 1
 
@@ -160,7 +168,9 @@ class JsonFieldsConstraint:
         end a sentence it wrote without its marker then writes the marker, instead of wandering on."""
         if self.finished:
             return self.table.stop_ids
-        if self._tight() or (rejected is not None and self._ends_owing(rejected)):
+        if rejected is not None and not self._steering and self._ends_owing(rejected):
+            self._steering = True
+        if self._tight() or self._steering:
             end = self._shortest_end(self._state)
             return [t for t in self.table.by_first_byte.get(end[0], ())
                     if end.startswith(self.table.token_bytes[t]) and self.allows(t)]
@@ -207,7 +217,8 @@ class JsonFieldsConstraint:
         elif mode == _ESCAPE:
             out = b'"'
         elif mode == _HEX:
-            out = b"a" * (4 - len(extra))
+            low, high = _hex_range(extra)
+            out = f"{next(c for c in range(low, high) if self._escape_allowed(c)):04x}"[len(extra):].encode()
         return out + tail
 
     def _markers(self, part: int, owed) -> bytes:
@@ -301,14 +312,17 @@ class JsonFieldsConstraint:
             return None
         digits = extra + chr(byte)
         if len(digits) < 4:
-            return (part, owed, _HEX, digits, None)
-        code = int(digits, 16)
+            # no dead ends: \u000 and \u001 can only become control characters
+            low, high = _hex_range(digits)
+            return (part, owed, _HEX, digits, None) if high > 0x20 else None
+        return (part, owed, _TEXT, None, None) if self._escape_allowed(int(digits, 16)) else None
+
+    def _escape_allowed(self, code: int) -> bool:
+        """Whether \\uXXXX with this code may stand in a value: what a written character may be."""
         if 0xD800 <= code <= 0xDFFF:  # half of a surrogate pair (a character past U+FFFF): never a marker
-            return (part, owed, _TEXT, None, None)
+            return True
         char = chr(code)
-        if char in (self._opener, self._closer) or char < " " or char == "\x7f" or char in self._forbidden:
-            return None
-        return (part, owed, _TEXT, None, None)
+        return not (char in (self._opener, self._closer) or char < " " or char == "\x7f" or char in self._forbidden)
 
     def _marker_next(self, state) -> set[str]:
         """The characters that may come next in the marker being read."""
@@ -334,6 +348,13 @@ class JsonFieldsConstraint:
         if char == self._closer or char < " " or char == "\x7f" or char in self._forbidden:
             return None
         return state if state[2] == _TEXT else (part, owed, _TEXT, None, None)
+
+
+def _hex_range(digits: str) -> tuple[int, int]:
+    """The codes \\uXXXX can still spell once these first digits are written: [low, high)."""
+    shift = 4 * (4 - len(digits))
+    low = int(digits, 16) << shift if digits else 0
+    return low, low + (1 << shift)
 
 
 def _utf8_prefix(data: bytes) -> bool:

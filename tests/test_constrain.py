@@ -113,6 +113,20 @@ def test_look_alikes_foreign_markers_and_early_ends_are_refused(tiny):
     assert not spells('{\n"1": "Voir\n')  # a second line
     assert not spells('{\n"1": "Voir \\n')  # an escaped one
     assert not spells('{\n"1": "Voir \\u000a')  # nor one spelled as \u000a
+    assert not spells('{\n"1": "Voir \\u000')  # a prefix that can only become a control character
+    assert spells('{\n"1": "Voir \\u00')  # one that can still become a letter
+    for start in ('\\u', '\\u00', '\\u27e', '\\u007', '\\ud83d\\ude0'):
+        # the way out that a pick owing markers is steered onto is itself on the shape, to the end
+        assert spells('{\n"1": "Voir ' + start), start
+        constraint = JsonFieldsConstraint(shape, tiny.tokenizer, tiny.model.params.vocab_size)
+        constraint._strip_space = False
+        for byte in ('{\n"1": "Voir ' + start).encode():
+            constraint.advance(byte_token[byte])
+        way_out = constraint._shortest_end(constraint._state)
+        for byte in way_out:
+            assert constraint.allows(byte_token[byte]), (start, way_out)
+            constraint.advance(byte_token[byte])
+        assert constraint.finished
     assert not spells('{\n"1": "Voir \\u27e6')  # the marker's opener, spelled as an escape
     assert spells('{\n"1": "Voir \\ud83d\\ude00 ⟦1⟧⟦2⟧"\n}')  # a surrogate pair (an emoji) is text
     assert not spells('{\n"1": "Voir ⟦1⟧⟦2⟧"\n}x')  # anything after the object
@@ -154,6 +168,14 @@ def test_a_model_that_ends_a_value_owing_a_marker_writes_the_marker(tiny):
         constraint.advance(tiny.tokenizer.token_bytes.index(bytes([byte])))
     quote = tiny.tokenizer.token_bytes.index(b'"')
     assert not constraint.allows(quote)
+    assert len(constraint.allowed_ids()) > 100  # any other rejected pick: the whole shape-keeping vocabulary
     steered = constraint.allowed_ids(rejected=quote)
     assert steered and all("⟦1⟧".encode().startswith(tiny.tokenizer.token_bytes[t]) for t in steered)
-    assert len(constraint.allowed_ids()) > 100  # any other rejected pick: the whole shape-keeping vocabulary
+    # Once steered, the model cannot leave the way half-way: ⟦ and ⩾ share their first byte, and
+    # Qwen2.5-Coder-1.5B took it, then ⩾, over and over, until the budget cut its answer off.
+    token = {bytes([b]): tiny.tokenizer.token_bytes.index(bytes([b])) for b in "⟦1⟧a⩾".encode()}
+    constraint.advance(token[b"\xe2"])
+    assert not constraint.allows(token["⩾".encode()[1:2]]) and constraint.allows(token["⟦".encode()[1:2]])
+    for byte in "⟦1⟧".encode()[1:]:
+        constraint.advance(token[bytes([byte])])
+    assert constraint.allows(token[b"a"]) and constraint.allows(quote)  # the marker is whole: free again
