@@ -154,6 +154,12 @@ def segment_problems(segment: Segment, translation: str, lang: Language, source_
                                                                                len(segment.protected))
     if problems:
         return problems
+    side_by_side = PLACEHOLDER_END + PLACEHOLDER_START
+    if translation.count(side_by_side) > segment.text.count(side_by_side):
+        # what a small model writes when it dropped the markers from its sentence and was made to add
+        # them at the end: every code span of the sentence in one heap, away from its words
+        return [f"markers written side by side ({_quote(translation[translation.index(side_by_side) - 3:], 24)}), "
+                "away from the words they belong to"]
     problems = structure(segment.content).differences(structure(segment.restore(translation, as_content=True)))
     if not problems and translation.count("`") != segment.text.count("`"):
         # kramdown may pair a stray backtick with one of a restored code span's and show that code as text

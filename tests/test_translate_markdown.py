@@ -156,6 +156,8 @@ LINKED = split_document("Read [the guide](https://x.org) and run `make` before t
     ("# Lisez ⟦1⟧le guide⟦2⟧ et lancez ⟦3⟧ avant que la compilation commence.", "headings"),
     ("Lisez ⟦1⟧le guide⟦2⟧ et lancez ⟦3⟧ et `rm -rf` avant que la compilation commence.", "inline code"),
     ("Read ⟦1⟧the guide⟦2⟧ and run ⟦3⟧ before the whole build starts today.", "reads as en, not fr"),
+    # the markers dropped from the sentence and heaped at its end (Qwen2.5-Coder-1.5B, steered to them)
+    ("Lisez le guide et lancez la commande avant que la compilation commence ⟦1⟧⟦2⟧⟦3⟧.", "side by side"),
 ])
 def test_segment_problems(translation, problem):
     problems = segment_problems(LINKED, translation, language("fr"), source_lang="en")
