@@ -11,6 +11,7 @@ The config is read by explainer.site_config; progress is shown by explainer.prog
 
 from __future__ import annotations
 
+import textwrap
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
@@ -217,8 +218,7 @@ class _Build:
                     else self.render_generated(post, source, lang, usage, kept))
         except TranslationFailed as error:
             # the first reason at once (a build runs for long), every segment in the summary at the end
-            first = str(error).split(" | ")[0]
-            first = first if len(first) <= FAILURE_PREVIEW else first[:FAILURE_PREVIEW - 1] + "…"
+            first = textwrap.shorten(str(error).split(" | ")[0], FAILURE_PREVIEW, placeholder=" …")
             self.progress.status(post.slug, f"{lang} failed: {first}", advance=1)
             with self._lock:
                 self.report.failed[path] = str(error)

@@ -158,7 +158,7 @@ def segment_problems(segment: Segment, translation: str, lang: Language, source_
     if translation.count(side_by_side) > segment.text.count(side_by_side):
         # what a small model writes when it dropped the markers from its sentence and was made to add
         # them at the end: every code span of the sentence in one heap, away from its words
-        return [f"markers written side by side ({_quote(translation[translation.index(side_by_side) - 3:], 24)}), "
+        return [f"markers written side by side ({_quote(translation[max(0, translation.index(side_by_side) - 3):], 24)}), "
                 "away from the words they belong to"]
     problems = structure(segment.content).differences(structure(segment.restore(translation, as_content=True)))
     if not problems and translation.count("`") != segment.text.count("`"):

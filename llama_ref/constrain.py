@@ -313,7 +313,7 @@ class JsonFieldsConstraint:
         digits = extra + chr(byte)
         if len(digits) < 4:
             # no dead ends: \u000 and \u001 can only become control characters
-            low, high = _hex_range(digits)
+            _, high = _hex_range(digits)
             return (part, owed, _HEX, digits, None) if high > 0x20 else None
         return (part, owed, _TEXT, None, None) if self._escape_allowed(int(digits, 16)) else None
 
@@ -322,7 +322,11 @@ class JsonFieldsConstraint:
         if 0xD800 <= code <= 0xDFFF:  # half of a surrogate pair (a character past U+FFFF): never a marker
             return True
         char = chr(code)
-        return not (char in (self._opener, self._closer) or char < " " or char == "\x7f" or char in self._forbidden)
+        return char != self._opener and self._plain_allowed(char)
+
+    def _plain_allowed(self, char: str) -> bool:
+        """Whether a character other than a quote, a backslash or the marker opener may stand in a value."""
+        return not (char == self._closer or char < " " or char == "\x7f" or char in self._forbidden)
 
     def _marker_next(self, state) -> set[str]:
         """The characters that may come next in the marker being read."""
@@ -345,7 +349,7 @@ class JsonFieldsConstraint:
             return (part, owed, _ESCAPE, None, None)
         if char == self._opener:
             return (part, owed, _TEXT, None, "") if owed else None
-        if char == self._closer or char < " " or char == "\x7f" or char in self._forbidden:
+        if not self._plain_allowed(char):
             return None
         return state if state[2] == _TEXT else (part, owed, _TEXT, None, None)
 

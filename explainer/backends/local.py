@@ -154,7 +154,7 @@ class LocalBackend:
             reasons[i] = (f"{self.model}: the answer to request {i + 1} of {len(requests)} kept repeating itself "
                           "and was stopped; try another model or ask again")
         if reasons:
-            first = min(too_long) if too_long else min(cut_off) if cut_off else min(repeating)
+            first = min(too_long or cut_off or repeating)
             others = f" (and {len(reasons) - 1} other request(s) of this call)" if len(reasons) > 1 else ""
             raise UnusableAnswer(reasons[first] + others, reasons)
         return results
