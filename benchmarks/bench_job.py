@@ -123,9 +123,9 @@ def child_llama_ref(args) -> dict:
     Path(args.prompts).write_text(json.dumps({"job": prompts, "prefill": prefill_ids, "decode": decode_ids,
                                               "stop_ids": sorted(llama.tokenizer.stop_ids)}))
 
-    # Single-stream runs use an engine of their own without a prefix cache (each prompt is prefilled whole),
-    # over the same model, so the job's engine starts with an empty cache.
-    bare = Engine(llama.model, llama.tokenizer, prefix_cache_bytes=0)
+    # Single-stream runs use an engine of their own without a prefix cache or anchor (each prompt is prefilled
+    # whole), over the same model, so the job's engine starts with an empty cache.
+    bare = Engine(llama.model, llama.tokenizer, prefix_cache_bytes=0, anchor=False)
     bare.reserve(1, max(len(prefill_ids) + 1, len(decode_ids) + DECODE_TOKENS + 1))
 
     def timed(jobs) -> float:

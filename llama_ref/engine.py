@@ -14,6 +14,11 @@ wants more, as vLLM and llama.cpp's server do it:
   ids, in a memory-bounded LRU store. A later prompt that starts with the same tokens copies that
   stretch into its row and prefills only the rest. The explainer's requests about one symbol all
   start with the same system prompt and definition, so only the first of them pays for it.
+- **A shared start (the anchor).** The first job admitted while no row reads the anchor prefills its
+  prompt into it, a one-row cache beside the rows. Every job admitted while it is in use reads the
+  start its prompt has in common with it from there, and keeps only the rest in its own row. A decode
+  step then reads that start once for all rows (cascade attention), where each row's copy cost a read
+  per row, and rows can be shorter than a prompt: more of them fit in the same memory.
 
 One thread steps the engine: `run(jobs)` in the caller's thread, or `serve_forever()` in a worker
 thread while other threads `submit()`. Jobs report through their own queues, so readers never touch
@@ -65,7 +70,7 @@ class Job:
     constraint: object | None = field(default=None, repr=False)
     tokens: list[int] = field(default_factory=list)  # generated, without the stop token
     finish_reason: str | None = None  # "stop", "length" or "cancelled"
-    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    cached_tokens: int = 0  # prompt tokens not prefilled: their keys and values came from the prefix cache or anchor
     # Asked before every step while the job is queued or running (a server asks its client's socket);
     # True cancels the job. It runs in the engine's thread, so it must answer at once.
     abandoned: Callable[[], bool] | None = field(default=None, repr=False)
@@ -109,7 +114,9 @@ class Job:
 class _Row:
     job: Job
     slot: int
-    filled: int = 0  # positions of the slot's cache that hold this job's keys and values
+    filled: int = 0  # positions of this job's prompt and answer that have keys and values
+    shared: int = 0  # of those, how many it reads from the anchor; its own row holds the rest, from index 0
+    anchoring: bool = False  # its prompt is being prefilled into the anchor
     decoder: StreamDecoder | None = None
     generator: torch.Generator | None = None
     next_token: int | None = None  # sampled, not yet fed back
@@ -192,8 +199,12 @@ class Engine:
     """Continuous batching over `model` (a Transformer whose caches are set up) and `tokenizer`."""
 
     def __init__(self, model, tokenizer, *, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, anchor: bool = True):
         self.model, self.tokenizer = model, tokenizer
+        self._anchored = anchor
+        if anchor and getattr(model, "anchor_len", 0) < model.max_seq_len:
+            model.setup_anchor(model.max_seq_len)
+        self._anchor_tokens: list[int] = []  # the tokens whose keys and values the anchor holds
         self.device = model.tok_embeddings.weight.device
         self.prefill_chunk = prefill_chunk
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
@@ -217,6 +228,9 @@ class Engine:
         if needed > self.model.max_seq_len:
             raise ValueError(f"the prompt's {len(job.prompt_tokens)} tokens + max_tokens={job.max_tokens} "
                              f"exceed max_seq_len={self.model.max_seq_len}")
+        if job.max_tokens > self.model.row_len:  # its prompt can go into the anchor, its answer cannot
+            raise ValueError(f"max_tokens={job.max_tokens} exceeds the {self.model.row_len} positions of a row "
+                             "(Engine.reserve's row_len)")
         with self._changed:
             if self._closed:
                 raise EngineStopped("the engine is stopping")
@@ -263,16 +277,26 @@ class Engine:
             self._closed = True
             self._changed.notify_all()
 
-    def reserve(self, max_batch_size: int, max_seq_len: int) -> None:
+    def reserve(self, max_batch_size: int, max_seq_len: int, row_len: int | None = None) -> None:
         """Size the KV cache for this many rows of this many positions, reallocating it only when that
         changes; only while no job is queued or running. Callers that know their requests size the
-        cache to them: memory is spent on what runs, not on the largest thing that could."""
-        model = self.model
-        if (model.max_batch_size, model.max_seq_len) == (max_batch_size, max_seq_len):
+        cache to them: memory is spent on what runs, not on the largest thing that could.
+
+        row_len (default max_seq_len): positions of a row's own cache, past what it reads from the
+        anchor. A job whose own part does not fit beside the anchor in use waits until the anchor is
+        free, and then puts its own prompt there; so any job of at most max_seq_len positions whose
+        max_tokens fits a row still runs."""
+        model, row_len = self.model, row_len or max_seq_len
+        if row_len < max_seq_len and not self._anchored:
+            raise ValueError("rows shorter than max_seq_len need the anchor (Engine(anchor=True))")
+        anchor_len = max_seq_len if self._anchored else 0
+        if (model.max_batch_size, model.max_seq_len, model.row_len, model.anchor_len) == \
+                (max_batch_size, max_seq_len, row_len, anchor_len):
             return
         if self._has_work():
             raise EngineError("the KV cache can be resized only while the engine is idle")
-        model.setup_caches(max_batch_size, max_seq_len)
+        model.setup_caches(max_batch_size, max_seq_len, row_len=row_len, anchor_len=anchor_len)
+        self._anchor_tokens = []
         self._slots = [None] * max_batch_size
 
     @property
@@ -303,21 +327,39 @@ class Engine:
         with self._changed:
             if not self._waiting or None not in self._slots:
                 return
-            job = self._waiting.popleft()
+            job = self._waiting[0]
+            # at least the last prompt token is fed: its logits give the first new token
+            head = job.prompt_tokens[:-1]
+            anchor_in_use = any(r is not None and (r.shared or r.anchoring) for r in self._slots)
+            anchoring = self._anchored and not anchor_in_use
+            shared = _common_prefix(self._anchor_tokens, head) if anchor_in_use else 0
+            if not anchoring and len(job.prompt_tokens) - shared + job.max_tokens > self.model.row_len:
+                return  # its own part does not fit a row beside this anchor: it waits until the anchor is free
+            self._waiting.popleft()
         slot = self._slots.index(None)
-        row = _Row(job, slot, decoder=StreamDecoder(self.tokenizer))
+        row = _Row(job, slot, decoder=StreamDecoder(self.tokenizer), shared=shared, anchoring=anchoring)
         if job.temperature > 0 and job.seed is not None:
             row.generator = torch.Generator(device=self.device).manual_seed(job.seed)
-        # at least the last prompt token is fed: its logits give the first new token
-        reused, stored = self.prefix_cache.longest_match(job.prompt_tokens[:-1])
-        if stored is not None:
+        if anchoring:  # keep what the anchor already holds of this prompt; the rest is written over
+            shared = _common_prefix(self._anchor_tokens, head)
+            del self._anchor_tokens[shared:]
+        # positions past what the anchor gives come from the prefix cache where they can, into the anchor
+        # or the row's own cache
+        reused, stored = self.prefix_cache.longest_match(head)
+        if stored is not None and reused > shared:
             k, v = stored
+            own = 0 if anchoring else shared
             for layer, layer_k, layer_v in zip(self.model.layers, k, v):
-                layer.attention.cache.k[slot, :, :reused] = layer_k[:, :reused]
-                layer.attention.cache.v[slot, :, :reused] = layer_v[:, :reused]
-        row.filled = job.cached_tokens = reused
+                cache = layer.attention.anchor if anchoring else layer.attention.cache
+                index = 0 if anchoring else slot
+                cache.k[index, :, shared - own:reused - own] = layer_k[:, shared:reused]
+                cache.v[index, :, shared - own:reused - own] = layer_v[:, shared:reused]
+        start = max(reused, shared)
+        if anchoring:
+            self._anchor_tokens = job.prompt_tokens[:start]
+        row.filled = job.cached_tokens = start
         self.stats["prompt_tokens"] += len(job.prompt_tokens)
-        self.stats["cached_tokens"] += reused
+        self.stats["cached_tokens"] += start
         self._slots[slot] = row
         self._prefilling = row
 
@@ -326,33 +368,49 @@ class Engine:
         end = min(row.filled + self.prefill_chunk, len(prompt))
         tokens = torch.tensor([prompt[row.filled:end]], dtype=torch.long, device=self.device)
         last = end == len(prompt)
-        logits = self.model.forward(tokens, row.filled, last_only=True, rows=slice(row.slot, row.slot + 1))
+        if row.anchoring:
+            logits = self.model.forward(tokens, row.filled, last_only=True, rows=slice(0, 1), into_anchor=True)
+            self._anchor_tokens = prompt[:end]
+        else:
+            logits = self.model.forward(tokens, row.filled, last_only=True, rows=slice(row.slot, row.slot + 1),
+                                        shared=row.shared)
         row.filled = end
         if not last:
             return
         self._prefilling = None
+        if row.anchoring:  # its whole prompt is the anchor now; its own row starts with the answer
+            row.anchoring, row.shared = False, end
         self._remember_prompt(row)
         self._accept(row, self._sample([row], logits[:, -1])[0])
 
     def _remember_prompt(self, row: _Row) -> None:
-        n = len(row.job.prompt_tokens)
+        own = len(row.job.prompt_tokens) - row.shared
+
+        def prompt_kv(layer, name: str) -> torch.Tensor:
+            kv = getattr(layer.attention.cache, name)[row.slot, :, :own]
+            if row.shared:
+                kv = torch.cat([getattr(layer.attention.anchor, name)[0, :, :row.shared], kv], dim=1)
+            return kv
+
         layers = self.model.layers
-        k = torch.stack([layer.attention.cache.k[row.slot, :, :n] for layer in layers])
-        v = torch.stack([layer.attention.cache.v[row.slot, :, :n] for layer in layers])
-        self.prefix_cache.add(row.job.prompt_tokens, k, v)
+        self.prefix_cache.add(row.job.prompt_tokens, torch.stack([prompt_kv(layer, "k") for layer in layers]),
+                              torch.stack([prompt_kv(layer, "v") for layer in layers]))
 
     def _decode(self, rows: list[_Row]) -> None:
         # One forward pass over slots 0..highest running; free or still-prefilling slots in between
         # ride along at a harmless position (their own next write position, rewritten before it is read).
         width = max(row.slot for row in rows) + 1
+        # (A row prefilling into the anchor has nothing in its own row yet: it rides at index 0.)
         tokens = torch.zeros((width, 1), dtype=torch.long, device=self.device)
-        positions = torch.zeros(width, dtype=torch.long, device=self.device)
+        positions, shared = [0] * width, [0] * width
         for slot in range(width):
             other = self._slots[slot]
-            positions[slot] = other.filled if other is not None else 0
+            if other is not None and not other.anchoring:
+                positions[slot], shared[slot] = other.filled, other.shared
         for row in rows:
             tokens[row.slot, 0] = row.next_token
-        logits = self.model.forward(tokens, positions, rows=slice(0, width))[:, -1]
+        logits = self.model.forward(tokens, torch.tensor(positions, device=self.device), rows=slice(0, width),
+                                    shared=torch.tensor(shared, device=self.device) if self._anchored else None)[:, -1]
         self.stats["decode_steps"] += 1
         for row in rows:
             row.filled += 1
@@ -419,10 +477,11 @@ class Engine:
         highest = max((r.slot for r in self._slots if r is not None), default=-1)
         if highest > freed:
             moved = self._slots[highest]
+            own = 0 if moved.anchoring else moved.filled - moved.shared
             for layer in self.model.layers:
                 cache = layer.attention.cache
-                cache.k[freed, :, :moved.filled] = cache.k[highest, :, :moved.filled]
-                cache.v[freed, :, :moved.filled] = cache.v[highest, :, :moved.filled]
+                cache.k[freed, :, :own] = cache.k[highest, :, :own]
+                cache.v[freed, :, :own] = cache.v[highest, :, :own]
             moved.slot = freed
             self._slots[freed], self._slots[highest] = moved, None
 

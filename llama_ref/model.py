@@ -119,8 +119,9 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.wqkv: nn.Module | None = None  # wq, wk and wv as one layer, where the loader fused them
         self.cache: KVCache | None = None
+        self.anchor: KVCache | None = None  # one row: a prompt start that several rows read (Transformer.forward)
 
-    def forward(self, x, rows: slice, input_pos, kv_len: int, freqs_cis, mask):
+    def forward(self, x, rows: slice, input_pos, kv_len: int, freqs_cis, mask, shared: int = 0, into_anchor=False):
         bsz, seqlen, _ = x.shape
         if self.wqkv is not None:
             q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
@@ -131,9 +132,17 @@ class Attention(nn.Module):
         k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
-        keys, values = self.cache.update(rows, input_pos, kv_len, k, v)
+        keys, values = (self.anchor if into_anchor else self.cache).update(rows, input_pos, kv_len, k, v)
+        shared_kv = None
+        if shared:  # the rows read the anchor's first `shared` positions, then their own
+            shared_kv = self.anchor.k[0, :, :shared], self.anchor.v[0, :, :shared]
         if seqlen == 1:
-            out = attend_one_token(q.transpose(1, 2), keys, values, mask)
+            out = attend_one_token(q.transpose(1, 2), keys, values, mask, shared_kv)
+        elif shared_kv is not None:
+            keys = torch.cat([shared_kv[0].expand(bsz, -1, -1, -1), keys], dim=2)
+            values = torch.cat([shared_kv[1].expand(bsz, -1, -1, -1), values], dim=2)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                                 enable_gqa=self.n_kv_heads != self.n_heads)
         else:
             # grouped-query attention: each key/value head serves n_heads / n_kv_heads query heads
             out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
@@ -141,23 +150,42 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
-def attend_one_token(q, keys, values, mask):
+def attend_one_token(q, keys, values, bias, shared=None):
     """Attention for one new token per row, q (bsz, heads, 1, head_dim), as two matmuls.
 
     On CPU, SDPA's kernels are built for many queries: for one query per row over a long cache they
     ran 20x slower than this (8 rows x 2,300 positions, bf16, torch 2.13). The query heads that share
     a key/value head are stacked as rows of one matrix, so grouped-query attention needs no copies.
+    bias: (bsz, 1, 1, positions), 0 where a row may look and -inf where it may not, or None.
+
+    shared: (keys, values) of the anchor, (kv_heads, span, head_dim), that every row reads before its
+    own (bias then covers the anchor's positions first). Every row's queries meet them in one matmul,
+    so a prompt start that all rows share is read once per step, not once per row (cascade attention).
     """
     bsz, n_heads, _, head_dim = q.shape
-    grouped = q.reshape(bsz, keys.shape[1], -1, head_dim)
+    kv_heads = keys.shape[1]
+    grouped = q.reshape(bsz, kv_heads, -1, head_dim)
     # keys @ q^T, then transposed, rather than q @ keys^T: the cache's slice of kv_len positions is a strided
     # batch of contiguous matrices, which the CPU kernel reads as it is, but its transpose it copied first
     # (8 rows x 2,560 positions, bf16: 3.9 ms a layer against 0.8)
-    scores = torch.matmul(keys, grouped.transpose(-1, -2)).transpose(-1, -2).float() * head_dim ** -0.5
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+    scores = torch.matmul(keys, grouped.transpose(-1, -2)).transpose(-1, -2)
+    span = 0
+    if shared is not None:
+        shared_k, shared_v = shared
+        span, group = shared_k.shape[1], grouped.shape[2]
+        # every row's query heads of one key/value head, stacked: (kv_heads, bsz * group, head_dim)
+        stacked = grouped.transpose(0, 1).reshape(kv_heads, bsz * group, head_dim)
+        shared_scores = torch.matmul(shared_k, stacked.transpose(-1, -2)).transpose(-1, -2)
+        scores = torch.cat([shared_scores.reshape(kv_heads, bsz, group, span).transpose(0, 1), scores], dim=-1)
+    # scaled, masked and widened to fp32 in one pass: bias + scale * scores
+    scores = scores.float() * head_dim ** -0.5 if bias is None else torch.add(bias, scores, alpha=head_dim ** -0.5)
     probs = torch.softmax(scores, dim=-1).type_as(values)
-    return torch.matmul(probs, values).reshape(bsz, n_heads, 1, head_dim)
+    out = torch.matmul(probs[..., span:], values)
+    if shared is not None:  # the two parts of each sum added in fp32, as one matmul would
+        shared_probs = probs[..., :span].transpose(0, 1).reshape(kv_heads, bsz * group, span)
+        shared_out = torch.matmul(shared_probs, shared_v).reshape(kv_heads, bsz, group, head_dim).transpose(0, 1)
+        out = (out.float() + shared_out.float()).type_as(values)
+    return out.reshape(bsz, n_heads, 1, head_dim)
 
 
 class FeedForward(nn.Module):
@@ -183,8 +211,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, rows, input_pos, kv_len, freqs_cis, mask):
-        h = x + self.attention(self.attention_norm(x), rows, input_pos, kv_len, freqs_cis, mask)
+    def forward(self, x, rows, input_pos, kv_len, freqs_cis, mask, shared=0, into_anchor=False):
+        h = x + self.attention(self.attention_norm(x), rows, input_pos, kv_len, freqs_cis, mask, shared, into_anchor)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -202,53 +230,94 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
-    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype=None, device=None):
+    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype=None, device=None, row_len: int | None = None,
+                     anchor_len: int = 0):
         """Allocate the KV caches and rotary table for max_batch_size rows of max_seq_len positions;
-        call after the weights are on their device."""
+        call after the weights are on their device.
+
+        row_len (default max_seq_len): what each row's own cache holds, for rows that read the start of
+        their prompt from the anchor, a one-row cache of anchor_len positions (forward's `shared`)."""
         args = self.params
         ref = self.tok_embeddings.weight
         dtype, device = dtype or ref.dtype, device or ref.device
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.row_len, self.anchor_len = row_len or max_seq_len, anchor_len
         for layer in self.layers:
-            layer.attention.cache = KVCache(max_batch_size, max_seq_len, args.n_kv_heads, args.head_dim, dtype, device)
+            layer.attention.cache = None  # freed before the new one is allocated
+            layer.attention.cache = KVCache(max_batch_size, self.row_len, args.n_kv_heads, args.head_dim, dtype, device)
+            layer.attention.anchor = None
+            if anchor_len:
+                layer.attention.anchor = KVCache(1, anchor_len, args.n_kv_heads, args.head_dim, dtype, device)
         self.freqs_cis = precompute_freqs_cis(args.head_dim, max_seq_len, args.rope_theta, args.rope_scaling,
                                               device=device)
 
+    def setup_anchor(self, anchor_len: int) -> None:
+        """Allocate (or resize) only the anchor, keeping the rows' caches."""
+        args, ref = self.params, self.layers[0].attention.cache.k
+        self.anchor_len = anchor_len
+        for layer in self.layers:
+            layer.attention.anchor = None
+            layer.attention.anchor = KVCache(1, anchor_len, args.n_kv_heads, args.head_dim, ref.dtype, ref.device)
+
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor, last_only: bool = False,
-                rows: slice | None = None) -> torch.Tensor:
+                rows: slice | None = None, shared: int | torch.Tensor | None = None,
+                into_anchor: bool = False) -> torch.Tensor:
         """Logits for `tokens` (bsz, seqlen) placed at positions start_pos... of cache rows `rows`
         (default: the first bsz). start_pos is one int for every row, or one per row (a tensor of
         bsz), so that rows at different lengths can step together. With last_only, logits for the
-        last position only: during prefill the others would be thrown away."""
+        last position only: during prefill the others would be thrown away.
+
+        shared (one int, or one per row): each row reads that many positions from the anchor, then its
+        own cache, which holds its positions from there on (position p at p - shared). Rows whose prompts
+        start alike then keep that start once, and a decode step reads it once. into_anchor: write into
+        the anchor (one row) instead of the rows' caches."""
         bsz, seqlen = tokens.shape
         rows = rows or slice(0, bsz)
         steps = torch.arange(seqlen, device=tokens.device)
+        length = self.anchor_len if into_anchor else self.row_len
         if isinstance(start_pos, int):
             input_pos = (start_pos + steps).expand(bsz, seqlen)
-            kv_len = start_pos + seqlen
+            # the caches take every row's first position as one int: a slice, not a scatter
+            cache_pos = start_pos - (shared or 0)
+            kv_len = cache_pos + seqlen
             # from position 0, SDPA's own causal mask is exact and cheaper than a mask tensor;
             # a single new token sees the whole cache
-            needs_mask = start_pos > 0 and seqlen > 1
+            needs_mask = (cache_pos > 0 and seqlen > 1) or bool(shared)
+            own_pos = (cache_pos + steps).expand(bsz, seqlen)
         else:
             input_pos = start_pos[:, None] + steps
+            own_pos = cache_pos = input_pos if shared is None else input_pos - torch.as_tensor(shared)[:, None]
             # Rounded up (the mask hides the extra positions), so that the steps of a decode allocate the
             # same sizes over and over. Sizes that grew by one position every step defeated glibc's reuse
             # of freed blocks: the heap grew ~16 MB a step (SmolLM2, 8 rows; 9.8 GB peak over the explain
             # job, 1.9 GB with this). Fixing glibc's mmap threshold instead stopped the growth too, but
             # mapping every large block afresh made decode steps 2.3x slower.
-            kv_len = min(-(-(int(input_pos.max()) + 1) // KV_LEN_STEP) * KV_LEN_STEP, self.max_seq_len)
+            kv_len = min(-(-(int(cache_pos.max()) + 1) // KV_LEN_STEP) * KV_LEN_STEP, length)
+            # Near the row's end, the whole row: a slice of every row is a strided batch, which the CPU
+            # matmul copies first, so reading the whole contiguous rows is faster there (8 rows, 2,560 of
+            # 2,816 positions, bf16: a decode step's attention 2.4 ms a layer, against 2.1 for all 2,816),
+            # but not at half a row (17 rows, 640 of 1,280: 2.2 ms, against 3.3)
+            if kv_len * 4 > length * 3:
+                kv_len = length
             needs_mask = True
         mask = None
         if needs_mask:
             # each new token sees the cache up to its own position, and nothing a shorter row left behind
-            mask = torch.arange(kv_len, device=tokens.device) <= input_pos[:, None, :, None]
+            mask = torch.arange(kv_len, device=tokens.device) <= own_pos[:, None, :, None]
+        span = 0
+        if shared is not None and not into_anchor:
+            lengths = torch.as_tensor(shared, device=tokens.device).expand(bsz)
+            span = int(lengths.max())
+            if span:  # the anchor's positions come first: each row sees the first `shared` of them
+                seen = torch.arange(span, device=tokens.device) < lengths[:, None, None, None]
+                mask = torch.cat([seen.expand(-1, -1, seqlen, -1), mask.expand(bsz, -1, -1, -1)], dim=-1)
+        if mask is not None and seqlen == 1:  # decode steps add it: 0 where a row looks, -inf elsewhere
+            mask = torch.zeros(mask.shape, device=tokens.device).masked_fill_(~mask, float("-inf"))
         h = self.tok_embeddings(tokens)
         freqs_cis = self.freqs_cis[input_pos]
-        # the caches take every row's first position as one int where there is one: a slice, not a scatter
-        cache_pos = start_pos if isinstance(start_pos, int) else input_pos
         for layer in self.layers:
-            h = layer(h, rows, cache_pos, kv_len, freqs_cis, mask)
+            h = layer(h, rows, cache_pos, kv_len, freqs_cis, mask, span, into_anchor)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()

@@ -14,10 +14,21 @@ from tiny_checkpoints import make_tiny_model, write_gguf  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny_path(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny")
-    path = write_gguf(make_tiny_model(directory), directory / "tiny.gguf")
-    return Llama.build(path, max_seq_len=128, max_batch_size=3, device="cpu", dtype="fp32")
+    return write_gguf(make_tiny_model(directory), directory / "tiny.gguf")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_path):
+    return Llama.build(tiny_path, max_seq_len=128, max_batch_size=3, device="cpu", dtype="fp32")
+
+
+@pytest.fixture
+def short_rows(tiny_path):
+    """The tiny model again, for an engine whose rows are shorter than the prompts (tiny keeps full rows
+    for Llama.generate, the reference)."""
+    return Llama.build(tiny_path, max_seq_len=128, max_batch_size=3, device="cpu", dtype="fp32")
 
 
 def prompts_sharing_a_start(vocab: int) -> list[list[int]]:
@@ -47,10 +58,10 @@ def test_greedy_tokens_equal_generate_with_rows_joining_and_leaving(tiny):
     assert jobs[0].cached_tokens == 0
 
 
-def test_prefix_cache_off_gives_the_same_tokens(tiny):
+def test_prefix_cache_and_anchor_off_give_the_same_tokens(tiny):
     prompts = prompts_sharing_a_start(tiny.model.params.vocab_size)
     cached = Engine(tiny.model, tiny.tokenizer).run([Job(p, 12, stop_ids=frozenset()) for p in prompts])
-    uncached = Engine(tiny.model, tiny.tokenizer, prefix_cache_bytes=0).run(
+    uncached = Engine(tiny.model, tiny.tokenizer, prefix_cache_bytes=0, anchor=False).run(
         [Job(p, 12, stop_ids=frozenset()) for p in prompts])
     assert [j.tokens for j in cached] == [j.tokens for j in uncached]
     assert all(j.cached_tokens == 0 for j in uncached)
@@ -109,6 +120,32 @@ def test_an_abandoned_job_leaves_its_row_or_the_queue_at_the_next_step(tiny):
         engine.step()
     assert [len(job.tokens) for job in (jobs[0], jobs[2])] == [40, 40]
     assert jobs[2].tokens == reference(tiny, prompts[2], 40)
+
+
+def test_rows_shorter_than_the_prompts_read_the_shared_start_from_the_anchor(tiny, short_rows):
+    prompts = prompts_sharing_a_start(tiny.model.params.vocab_size)  # 23 shared tokens, tails of 1..30
+    limits = [5, 20, 11, 3, 16, 8, 25]
+    # no prefix cache: every prompt token a job does not prefill came from the anchor
+    engine = Engine(short_rows.model, short_rows.tokenizer, prefill_chunk=8, prefix_cache_bytes=0)
+    engine.reserve(3, 128, row_len=40)  # a row holds 40 positions; the prompt plus answer need up to 48
+    jobs = engine.run([Job(p, n, stop_ids=frozenset()) for p, n in zip(prompts, limits)])
+
+    for job, prompt, limit in zip(jobs, prompts, limits):
+        assert job.tokens == reference(tiny, prompt, limit)
+    # The first prompt went into the anchor; the next ones read the 23 tokens they share with it from there.
+    # The fifth (23 + 30 tokens and 16 more) does not fit a row beside them: it waited until no row read the
+    # anchor, and then put its own prompt there, over all but the 23 tokens it shares with what was there.
+    # The last two prompts are 11 and 23 tokens of the shared start: all but their last token came from it.
+    assert [job.cached_tokens for job in jobs] == [0, 23, 23, 23, 23, 10, 22]
+    assert short_rows.model.layers[0].attention.cache.k.shape[2] == 40
+
+
+def test_an_answer_longer_than_a_row_is_refused_before_it_runs(short_rows):
+    engine = Engine(short_rows.model, short_rows.tokenizer)
+    engine.reserve(2, 128, row_len=32)
+    with pytest.raises(ValueError, match="max_tokens=40 exceeds the 32 positions of a row"):
+        engine.submit(Job([5] * 60, 40))
+    assert engine.run([Job([5] * 60, 32, stop_ids=frozenset())])[0].finish_reason == "length"
 
 
 def test_too_long_a_job_is_refused_before_it_runs(tiny):

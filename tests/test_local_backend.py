@@ -43,6 +43,10 @@ def test_explains_llama_generate_with_the_real_model_and_reruns_from_the_cache(b
     assert all(section.explanation.strip() for section in post.sections)
     assert post.title.strip()
     assert usage.tokens_out <= (len(chunks) + 1) * MAX_TOKENS
+    # every request starts with the definition: each row holds only what its prompt does not share with the
+    # anchor, plus its answer, so a row is shorter than a prompt
+    model = backend.llama.model
+    assert model.row_len < usage.tokens_in / usage.requests < model.anchor_len
     rendered = render_post(post)
     fences = [t for t in MarkdownIt("commonmark").parse(rendered) if t.type == "fence"]
     assert len(fences) >= len(chunks)  # the model may add code blocks of its own, never fewer

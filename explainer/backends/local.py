@@ -132,10 +132,8 @@ class LocalBackend:
                 on_done(index, results[index])
 
         if jobs:
-            # the KV cache holds what these requests need, not the largest thing they could
-            longest = max(len(prompts[i]) + budgets[i] for i in runs)
-            self.engine.reserve(min(self.max_batch_size, len(jobs)),
-                                min(self.max_seq_len, -(-longest // CACHE_STEP) * CACHE_STEP))
+            self.engine.reserve(*cache_shape([prompts[i] for i in runs], [budgets[i] for i in runs],
+                                             self.max_batch_size, self.max_seq_len))
             self.engine.run(jobs, on_finished=finished)
         if loops:
             log.warning("the model kept repeating itself in %d of %d answers; each was kept up to the first "
@@ -207,6 +205,22 @@ class LocalBackend:
 
             self._engine = Engine(self.llama.model, self.llama.tokenizer)
         return self._engine
+
+
+def cache_shape(prompts: list[list[int]], budgets: list[int], max_batch_size: int,
+                max_seq_len: int) -> tuple[int, int, int]:
+    """(rows, max_seq_len, row_len) of a KV cache that holds what these requests need, not the largest
+    thing they could. The engine puts the first prompt into its anchor (Engine: a shared start), and each
+    later one reads what it shares with it from there, so a row holds the rest of a prompt and its answer."""
+    def step(n: int) -> int:
+        return min(max_seq_len, -(-n // CACHE_STEP) * CACHE_STEP)
+
+    first = prompts[0]
+    # os.path.commonprefix compares any sequences, token ids too
+    own = [budgets[0]] + [len(p) - len(os.path.commonprefix([first, p[:-1]])) + b
+                          for p, b in zip(prompts[1:], budgets[1:])]
+    return (min(max_batch_size, len(prompts)), step(max(len(p) + b for p, b in zip(prompts, budgets))),
+            step(max(own)))
 
 
 def from_settings(settings) -> LocalBackend:
