@@ -138,15 +138,15 @@ class Attention(nn.Module):
             shared_kv = self.anchor.k[0, :, :shared], self.anchor.v[0, :, :shared]
         if seqlen == 1:
             out = attend_one_token(q.transpose(1, 2), keys, values, mask, shared_kv)
-        elif shared_kv is not None:
-            keys = torch.cat([shared_kv[0].expand(bsz, -1, -1, -1), keys], dim=2)
-            values = torch.cat([shared_kv[1].expand(bsz, -1, -1, -1), values], dim=2)
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
-                                                 enable_gqa=self.n_kv_heads != self.n_heads)
-        else:
+        elif mask is not None:  # a chunk past the start of the cache: it sees every earlier position
+            if shared_kv is not None:
+                keys = torch.cat([shared_kv[0].expand(bsz, -1, -1, -1), keys], dim=2)
+                values = torch.cat([shared_kv[1].expand(bsz, -1, -1, -1), values], dim=2)
+            out = attend_chunk(q.transpose(1, 2), keys, values, mask)
+        else:  # a chunk from position 0: SDPA's own causal mask is exact
             # grouped-query attention: each key/value head serves n_heads / n_kv_heads query heads
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
-                                                 is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, is_causal=True,
+                                                 enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -186,6 +186,36 @@ def attend_one_token(q, keys, values, bias, shared=None):
         shared_out = torch.matmul(shared_probs, shared_v).reshape(kv_heads, bsz, group, head_dim).transpose(0, 1)
         out = (out.float() + shared_out.float()).type_as(values)
     return out.reshape(bsz, n_heads, 1, head_dim)
+
+
+ATTEND_BLOCK = 64
+
+
+def attend_chunk(q, keys, values, mask):
+    """Attention for a chunk of new tokens, q (bsz, heads, seqlen, head_dim), over keys and values
+    (bsz, kv_heads, positions, head_dim), where mask (bsz, 1, seqlen, positions) says what each sees.
+
+    The query heads that share a key/value head are stacked into one tall matrix, so each key/value
+    head is one large matmul. On CPU, SDPA with a mask ran at a fraction of that speed: a 300-token chunk
+    over 2,176 positions of Qwen2.5-Coder-1.5B, bf16, 2 threads, took 1.2 s, against 1.0 s from position 0
+    and about 1.7 s with SDPA.
+    """
+    bsz, n_heads, seqlen, head_dim = q.shape
+    kv_heads, positions = keys.shape[1], keys.shape[2]
+    group = n_heads // kv_heads
+    keys_t = keys.transpose(-1, -2).contiguous()
+    bias = torch.zeros(mask.shape, device=q.device).masked_fill_(~mask, float("-inf"))
+    out = torch.empty_like(q)
+    # a block of queries at a time: each block's scores stay a few MB; the whole chunk's at once (31 MB for
+    # 300 tokens over 2,176 positions) made the chunk 1.8 s, as did blocks of 128
+    for start in range(0, seqlen, ATTEND_BLOCK):
+        end = min(start + ATTEND_BLOCK, seqlen)
+        block = q[:, :, start:end].reshape(bsz, kv_heads, group * (end - start), head_dim)
+        scores = torch.matmul(block, keys_t).view(bsz, kv_heads, group, end - start, positions)
+        probs = torch.softmax(torch.add(bias[:, :, None, start:end], scores, alpha=head_dim ** -0.5), dim=-1)
+        block_out = torch.matmul(probs.type_as(values).view(bsz, kv_heads, group * (end - start), positions), values)
+        out[:, :, start:end] = block_out.view(bsz, n_heads, end - start, head_dim)
+    return out
 
 
 class FeedForward(nn.Module):
