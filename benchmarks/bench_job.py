@@ -418,18 +418,57 @@ def child_main(args) -> int:
 
 # ------------------------------------------------------------------------------------------------- report
 
-def machine(args, dtype: str, load_before: float) -> dict:
-    import torch
-
-    cpu = platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name, with its family and model numbers where /proc/cpuinfo has them: the cloud hosts
+    behind one model name differ (AMD EPYC family 25 is Zen 3 or 4, family 26 Zen 5), and so does their speed."""
     try:
         with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+            fields = dict(line.split(":", 1) for line in info.read().split("\n\n")[0].splitlines() if ":" in line)
+    except OSError:
+        return platform.machine()
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    name = fields.get("model name", platform.machine())
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
+
+
+def calibrate(threads: int) -> dict:
+    """What this machine does right now, on the two operations an engine's speed hangs on: bf16 matmul
+    GFLOPS (512 rows, compute-bound, as prefill) and the rate at which one row's multiplication reads bf16
+    weights (memory-bound, as a decode step). Two runs on different days compare through these."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    dim, hidden, layers = 1536, 8960, 16  # Qwen2.5-1.5B's feed-forward shape; 16 layers are more than caches hold
+    weights = [torch.randn(hidden, dim, dtype=torch.bfloat16) for _ in range(layers)]
+
+    def best_of(fn, runs: int) -> float:
+        fn()
+        times = []
+        for _ in range(runs):
+            began = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - began)
+        return min(times)
+
+    rows = torch.randn(512, dim, dtype=torch.bfloat16)
+    matmul_s = best_of(lambda: F.linear(rows, weights[0]), 10)
+    one_row = torch.randn(1, dim, dtype=torch.bfloat16)
+    read_s = best_of(lambda: [F.linear(one_row, w) for w in weights], 5)
+    return {"bf16_gflops": round(2 * 512 * dim * hidden / matmul_s / 1e9),
+            "bf16_read_gb_s": round(layers * hidden * dim * 2 / read_s / 1e9, 1)}
+
+
+def machine(args, dtype: str, load_before: float, calibration: dict) -> dict:
+    import torch
+
+    cpu = cpu_name()
     described = {"cpu": cpu, "cores": os.cpu_count(), "threads": args.threads, "python": platform.python_version(),
                  "torch": torch.__version__, "device": args.device, "dtype": dtype,
-                 "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2)}
+                 "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2),
+                 **calibration}
     if args.device.startswith("cuda"):
         described["gpu"] = torch.cuda.get_device_name(0)
     described["code"] = code_version()
@@ -551,6 +590,7 @@ def main() -> int:
 
     names = args.models.split(",") if args.models else list(QUICK_MODELS if args.quick else MODELS)
     load_before = os.getloadavg()[0]
+    calibration = calibrate(args.threads) if args.device == "cpu" else {}
     results = {"models": {}, "serve": {}, "llama2c": {}}
     with tempfile.TemporaryDirectory(prefix="bench-job-") as scratch:
         for name in names:
@@ -571,7 +611,7 @@ def main() -> int:
                                                                      dtype=dtype)
 
     dtype = next((r["llama_ref"].get("dtype") for r in results["models"].values() if "dtype" in r["llama_ref"]), "?")
-    results["machine"] = machine(args, dtype, load_before)
+    results["machine"] = machine(args, dtype, load_before, calibration)
     sections, results["ratios"] = [], {"models": {}}
     for name, rows in results["models"].items():
         table, results["ratios"]["models"][name] = model_table(name, rows)
@@ -589,7 +629,10 @@ def main() -> int:
               f"thread(s) for every engine; Python {m['python']}, torch {m['torch']}"
               + "".join(f", {engine} {version}" for engine, version in versions.items()) +
               f"; llama_ref on {m['device']} in {dtype}, code {m['code']}. "
-              f"Load average (1 min) {m['load_average_before']} before, {m['load_average_after']} after.\n\n"
+              f"Load average (1 min) {m['load_average_before']} before, {m['load_average_after']} after."
+              + (f" Calibration before the run, {m['threads']} thread(s): bf16 matmul {m['bf16_gflops']} GFLOPS "
+                 f"(512 rows), bf16 weights read at {m['bf16_read_gb_s']} GB/s (one row)." if "bf16_gflops" in m else "")
+              + "\n\n"
               f"The job: the requests of `explainer explain {JOB_FILE} --symbol {JOB_SYMBOL}`, greedy, max_tokens "
               f"{JOB_MAX_TOKENS}. llama_ref runs them together through its Engine (continuous batching, prefix "
               f"cache); llama.cpp (llama-cpp-python, the same GGUF and token ids) one after another, reusing the "
