@@ -27,6 +27,9 @@ class Language:
     dir: str  # "ltr" or "rtl"
     ui: dict[str, str] = field(default_factory=dict)  # strings the templates show
     glossary: dict[str, str] = field(default_factory=dict)  # English term -> how to write it here
+    # False where a word never joins this language's letters with Latin ones (Hindi writes "GPU का"): a
+    # translation with such a word (मODEल) is refused. True where it can (Korean's "GPU를", Japanese).
+    latin_in_words: bool = True
 
     @property
     def detect_code(self) -> str:
@@ -63,5 +66,8 @@ def language(code: str) -> Language:
     direction = data.get("dir", "ltr")
     if direction not in ("ltr", "rtl"):
         raise UserError(f"explainer/translations/{canonical}.toml: dir must be ltr or rtl, not {direction!r}")
+    latin_in_words = data.get("latin_in_words", True)
+    if not isinstance(latin_in_words, bool):
+        raise UserError(f"explainer/translations/{canonical}.toml: latin_in_words must be true or false")
     return Language(code=canonical, name=data["name"], english_name=data["english_name"],
-                    dir=direction, ui=dict(data.get("ui", {})), glossary=glossary)
+                    dir=direction, ui=dict(data.get("ui", {})), glossary=glossary, latin_in_words=latin_in_words)

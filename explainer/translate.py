@@ -29,6 +29,7 @@ import functools
 import hashlib
 import json
 import logging
+import unicodedata
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,23 @@ def _lang_problem(segment: Segment, translation: str, lang: Language, source_lan
     return f"reads as {found}, not {lang.code}"
 
 
+def _mixed_script_words(text: str) -> list[str]:
+    """The words of `text` whose letters come from Latin and from another script. A word is a run of
+    letters and combining marks (Devanagari's vowel signs are marks, not letters)."""
+    words, word = [], []
+    for ch in text + " ":
+        if unicodedata.category(ch)[0] in "LM":
+            word.append(ch)
+            continue
+        if word:
+            scripts = {unicodedata.name(letter, "?").split(" ")[0] for letter in word
+                       if unicodedata.category(letter)[0] == "L"}
+            if "LATIN" in scripts and len(scripts) > 1:
+                words.append("".join(word))
+            word = []
+    return words
+
+
 def segment_problems(segment: Segment, translation: str, lang: Language, source_lang: str) -> list[str]:
     """Why `translation` cannot replace `segment` in a post in `lang`; empty when it can."""
     if not translation.strip():
@@ -166,6 +184,11 @@ def segment_problems(segment: Segment, translation: str, lang: Language, source_
         problems.append(f"{translation.count('`')} stray backtick(s), {segment.text.count('`')} in the source")
     if segment.in_table_cell and "|" in strip_placeholders(translation) and "|" not in segment.text:
         problems.append("a '|' in a table cell would split the cell")
+    if not lang.latin_in_words:
+        glued = [word for word in _mixed_script_words(strip_placeholders(translation)) if word not in segment.text]
+        if glued:
+            problems.append(f"a word joins Latin letters with another script's ({_quote(glued[0], 24)}): "
+                            "a broken spelling")
     lang_problem = _lang_problem(segment, translation, lang, source_lang)
     if lang_problem:
         problems.append(lang_problem)

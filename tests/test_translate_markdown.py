@@ -169,6 +169,20 @@ def test_a_good_segment_translation_passes():
                             language("fr"), source_lang="en") == []
 
 
+def test_a_hindi_word_glued_to_latin_letters_is_refused_and_a_latin_word_of_its_own_is_not():
+    # what Qwen2.5-Coder-1.5B wrote for the example site ("प्रोमPTS", "मODEल"): Hindi writes "GPU का"
+    broken = "आज बिल्ड शुरू होने से पहले ⟦1⟧मODEल गाइड⟦2⟧ पढ़ें और ⟦3⟧ चलाएँ।"
+    good = "आज बिल्ड शुरू होने से पहले GPU का ⟦1⟧गाइड⟦2⟧ पढ़ें और ⟦3⟧ चलाएँ।"
+    hindi = language("hi")
+    assert any("a word joins Latin letters with another script's ('मODEल')" in problem
+               for problem in segment_problems(LINKED, broken, hindi, source_lang="en"))
+    assert segment_problems(LINKED, good, hindi, source_lang="en") == []
+    # Korean attaches particles to Latin words ("GPU를"): its language file allows such words
+    assert not any("joins" in problem for problem in
+                   segment_problems(LINKED, "오늘 빌드가 시작되기 전에 ⟦1⟧가이드⟦2⟧를 읽고 GPU를 쓰는 ⟦3⟧을 실행하세요.",
+                                    language("ko"), source_lang="en"))
+
+
 def test_a_pipe_in_a_table_cell_is_rejected():
     cell = split_document("| Column |\n|---|\n| the value of the setting |\n").segments[1]
     assert "a '|' in a table cell would split the cell" in \
