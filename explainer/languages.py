@@ -27,9 +27,9 @@ class Language:
     dir: str  # "ltr" or "rtl"
     ui: dict[str, str] = field(default_factory=dict)  # strings the templates show
     glossary: dict[str, str] = field(default_factory=dict)  # English term -> how to write it here
-    # False where a word never joins this language's letters with Latin ones (Hindi writes "GPU का"): a
-    # translation with such a word (मODEल) is refused. True where it can (Korean's "GPU를", Japanese).
-    latin_in_words: bool = True
+    # False where a word never mixes scripts (Hindi writes "GPU का"): a translation with such a word (मODEल,
+    # सेट업) is refused. True where one may (Korean's "GPU를", Japanese's "GPUメモリ").
+    words_mix_scripts: bool = True
 
     @property
     def detect_code(self) -> str:
@@ -66,8 +66,9 @@ def language(code: str) -> Language:
     direction = data.get("dir", "ltr")
     if direction not in ("ltr", "rtl"):
         raise UserError(f"explainer/translations/{canonical}.toml: dir must be ltr or rtl, not {direction!r}")
-    latin_in_words = data.get("latin_in_words", True)
-    if not isinstance(latin_in_words, bool):
-        raise UserError(f"explainer/translations/{canonical}.toml: latin_in_words must be true or false")
+    words_mix_scripts = data.get("words_mix_scripts", True)
+    if not isinstance(words_mix_scripts, bool):
+        raise UserError(f"explainer/translations/{canonical}.toml: words_mix_scripts must be true or false")
     return Language(code=canonical, name=data["name"], english_name=data["english_name"],
-                    dir=direction, ui=dict(data.get("ui", {})), glossary=glossary, latin_in_words=latin_in_words)
+                    dir=direction, ui=dict(data.get("ui", {})), glossary=glossary,
+                    words_mix_scripts=words_mix_scripts)

@@ -142,8 +142,9 @@ def _lang_problem(segment: Segment, translation: str, lang: Language, source_lan
 
 
 def _mixed_script_words(text: str) -> list[str]:
-    """The words of `text` whose letters come from Latin and from another script. A word is a run of
-    letters and combining marks (Devanagari's vowel signs are marks, not letters)."""
+    """The words of `text` whose letters come from more than one script (by their Unicode names: LATIN,
+    DEVANAGARI, HANGUL, ...). A word is a run of letters and combining marks (Devanagari's vowel signs are
+    marks, not letters)."""
     words, word = [], []
     for ch in text + " ":
         if unicodedata.category(ch)[0] in "LM":
@@ -152,7 +153,7 @@ def _mixed_script_words(text: str) -> list[str]:
         if word:
             scripts = {unicodedata.name(letter, "?").split(" ")[0] for letter in word
                        if unicodedata.category(letter)[0] == "L"}
-            if "LATIN" in scripts and len(scripts) > 1:
+            if len(scripts) > 1:
                 words.append("".join(word))
             word = []
     return words
@@ -184,11 +185,10 @@ def segment_problems(segment: Segment, translation: str, lang: Language, source_
         problems.append(f"{translation.count('`')} stray backtick(s), {segment.text.count('`')} in the source")
     if segment.in_table_cell and "|" in strip_placeholders(translation) and "|" not in segment.text:
         problems.append("a '|' in a table cell would split the cell")
-    if not lang.latin_in_words:
-        glued = [word for word in _mixed_script_words(strip_placeholders(translation)) if word not in segment.text]
-        if glued:
-            problems.append(f"a word joins Latin letters with another script's ({_quote(glued[0], 24)}): "
-                            "a broken spelling")
+    if not lang.words_mix_scripts:
+        mixed = [word for word in _mixed_script_words(strip_placeholders(translation)) if word not in segment.text]
+        if mixed:
+            problems.append(f"a word mixes scripts ({_quote(mixed[0], 24)}): a broken spelling")
     lang_problem = _lang_problem(segment, translation, lang, source_lang)
     if lang_problem:
         problems.append(lang_problem)

@@ -169,16 +169,18 @@ def test_a_good_segment_translation_passes():
                             language("fr"), source_lang="en") == []
 
 
-def test_a_hindi_word_glued_to_latin_letters_is_refused_and_a_latin_word_of_its_own_is_not():
-    # what Qwen2.5-Coder-1.5B wrote for the example site ("प्रोमPTS", "मODEल"): Hindi writes "GPU का"
-    broken = "आज बिल्ड शुरू होने से पहले ⟦1⟧मODEल गाइड⟦2⟧ पढ़ें और ⟦3⟧ चलाएँ।"
+@pytest.mark.parametrize("word", ["मODEल", "सेट업", "लог"])
+def test_a_hindi_word_that_mixes_scripts_is_refused_and_a_latin_word_of_its_own_is_not(word):
+    # what Qwen2.5-Coder-1.5B wrote for the example site (Latin, Hangul and Cyrillic letters inside Devanagari
+    # words); Hindi writes "GPU का"
+    broken = f"आज बिल्ड शुरू होने से पहले ⟦1⟧{word} गाइड⟦2⟧ पढ़ें और ⟦3⟧ चलाएँ।"
     good = "आज बिल्ड शुरू होने से पहले GPU का ⟦1⟧गाइड⟦2⟧ पढ़ें और ⟦3⟧ चलाएँ।"
     hindi = language("hi")
-    assert any("a word joins Latin letters with another script's ('मODEल')" in problem
+    assert any(f"a word mixes scripts ('{word}')" in problem
                for problem in segment_problems(LINKED, broken, hindi, source_lang="en"))
     assert segment_problems(LINKED, good, hindi, source_lang="en") == []
     # Korean attaches particles to Latin words ("GPU를"): its language file allows such words
-    assert not any("joins" in problem for problem in
+    assert not any("mixes scripts" in problem for problem in
                    segment_problems(LINKED, "오늘 빌드가 시작되기 전에 ⟦1⟧가이드⟦2⟧를 읽고 GPU를 쓰는 ⟦3⟧을 실행하세요.",
                                     language("ko"), source_lang="en"))
 
