@@ -1,7 +1,7 @@
 """The whole job, side by side: llama_ref against llama.cpp (and transformers), in one run.
 
     python benchmarks/bench_job.py [--models qwen2.5-coder-1.5b,smollm2-135m] [--device cpu|cuda]
-                                   [--dtype auto|fp32|bf16] [--threads N] [--quick]
+                                   [--dtype auto|fp32|bf16] [--threads N] [--run-c BINARY] [--quick]
 
 What is measured, each engine in a subprocess of its own so that each peak RSS is that engine's alone:
 
@@ -12,7 +12,8 @@ What is measured, each engine in a subprocess of its own so that each peak RSS i
    one before, as llama.cpp's server does. Beside the job: single-stream prefill (one ~1,000-token
    prompt, no cache) and decode (128 tokens), the same prompts for every engine.
 2. `explainer serve`: 16 concurrent openai-SDK clients against the same 16 requests one at a time.
-3. llama2.c's stories15M shape (random weights, fp32) against run.c's speed on the development machine.
+3. llama2.c's stories15M shape (random weights) against run.c: quoted figures from the issue's host, or, with
+   --run-c BINARY (llama2.c's run.c, built by you; it is not part of this project), run.c measured in the run.
 
 Results: a Markdown table on stdout and in benchmarks/results/bench_job.md, everything in bench_job.json.
 --quick measures smollm2-135m only (what benchmarks/gpu.sh runs where there is no CUDA).
@@ -553,21 +554,43 @@ def serve_table(serve: dict) -> tuple[str, dict]:
     return "\n".join(lines), ratios
 
 
-def llama2c_table(runs: dict) -> tuple[str, dict]:
+def measure_run_c(binary: str, checkpoint: Path, threads: int) -> dict:
+    """run.c's "achieved tok/s" on the same checkpoint, greedy, with OMP_NUM_THREADS=threads: the best of 3.
+    run.c is llama2.c's (MIT) and not part of this project; pass a binary you built (--run-c)."""
+    best = None
+    for _ in range(3):
+        try:
+            done = subprocess.run([binary, str(checkpoint), "-z", str(checkpoint.parent / "tokenizer.bin"),
+                                   "-n", str(STORIES15M["seq_len"]), "-t", "0"], capture_output=True, text=True,
+                                  env={**os.environ, "OMP_NUM_THREADS": str(threads)}, timeout=600, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return {"skipped": f"run.c could not run: {exc}"}
+        found = [line for line in done.stderr.splitlines() if line.startswith("achieved tok/s:")]
+        if done.returncode or not found:
+            return {"skipped": f"run.c failed (exit {done.returncode}): {(done.stderr.strip() or '?')[-200:]}"}
+        tok_s = float(found[-1].split(":", 1)[1])
+        best = tok_s if best is None else max(best, tok_s)
+    return {"tok_s": best}
+
+
+def llama2c_table(runs: dict, run_c: dict) -> tuple[str, dict]:
     s = STORIES15M
     title = (f"### llama2.c format, stories15M shape (dim {s['dim']}, {s['n_layers']} layers, {s['n_heads']} heads, "
              f"vocab {s['vocab_size']}, seq_len {s['seq_len']}; random weights, CPU; run.c computes in fp32, "
              f"llama_ref in its default dtype for this CPU and, for reference, in fp32)")
-    head = ("| threads | llama_ref dtype | llama_ref decode tok/s | run.c tok/s (quoted from the issue, not measured "
-            "here) | llama_ref / run.c |")
+    measured = {threads: r["tok_s"] for threads, r in run_c.items() if "tok_s" in r}
+    source = ("measured in this run, --run-c" if run_c else
+              "quoted from the issue, measured on another host; pass --run-c to measure it here")
+    head = f"| threads | llama_ref dtype | llama_ref decode tok/s | run.c tok/s ({source}) | llama_ref / run.c |"
     lines = [title, "", head, "|---:|---|---:|---:|---|"]
     ratios = {}
     for run, result in runs.items():
         threads, dtype = run.split("/")
-        ours = result.get("decode_tok_s")
-        ratios[run] = ratio(ours, RUN_C_TOK_S[int(threads)])
+        reference = measured.get(threads) if run_c else RUN_C_TOK_S[int(threads)]
+        ratios[run] = ratio(result.get("decode_tok_s"), reference)
         lines.append(f"| {threads} | {result.get('dtype', dtype)} | {cell(result, 'decode_tok_s')} | "
-                     f"{RUN_C_TOK_S[int(threads)]:.0f} | {verdict('llama2c', ratios[run])} |")
+                     f"{'failed' if reference is None else f'{reference:.0f}'} | {verdict('llama2c', ratios[run])} |")
+    lines += [f"\nrun.c on {threads} thread(s): {r['skipped']}." for threads, r in run_c.items() if "skipped" in r]
     return "\n".join(lines), ratios
 
 
@@ -578,6 +601,9 @@ def main() -> int:
     parser.add_argument("--dtype", default="auto", help="llama_ref's and transformers' dtype: auto (bf16 on a GPU "
                                                          "and on CPUs with native bf16, else fp32), fp32, bf16")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for every engine")
+    parser.add_argument("--run-c", metavar="BINARY",
+                        help="llama2.c's run.c, built by you (gcc -Ofast -fopenmp -march=native run.c -lm -o run): "
+                             "measured on the stories15M-shape checkpoint in this run, instead of the quoted figures")
     parser.add_argument("--quick", action="store_true", help=f"measure {','.join(QUICK_MODELS)} only")
     parser.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)  # internal: one measurement
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -591,7 +617,7 @@ def main() -> int:
     names = args.models.split(",") if args.models else list(QUICK_MODELS if args.quick else MODELS)
     load_before = os.getloadavg()[0]
     calibration = calibrate(args.threads) if args.device == "cpu" else {}
-    results = {"models": {}, "serve": {}, "llama2c": {}}
+    results = {"models": {}, "serve": {}, "llama2c": {}, "run_c": {}}
     with tempfile.TemporaryDirectory(prefix="bench-job-") as scratch:
         for name in names:
             path = resolve_model(name)
@@ -609,6 +635,8 @@ def main() -> int:
             for dtype in dict.fromkeys((args.dtype, "fp32")):
                 results["llama2c"][f"{threads}/{dtype}"] = run_child("llama2c", checkpoint, args, threads=threads,
                                                                      dtype=dtype)
+            if args.run_c:
+                results["run_c"][str(threads)] = measure_run_c(args.run_c, checkpoint, threads)
 
     dtype = next((r["llama_ref"].get("dtype") for r in results["models"].values() if "dtype" in r["llama_ref"]), "?")
     results["machine"] = machine(args, dtype, load_before, calibration)
@@ -618,7 +646,7 @@ def main() -> int:
         sections.append(table)
     table, results["ratios"]["serve"] = serve_table(results["serve"])
     sections.append(table)
-    table, results["ratios"]["llama2c"] = llama2c_table(results["llama2c"])
+    table, results["ratios"]["llama2c"] = llama2c_table(results["llama2c"], results["run_c"])
     sections.append(table)
 
     m = results["machine"]
