@@ -256,7 +256,9 @@ class SegmentTranslator:
         done: dict[str, str] = {}  # by key: identical segments are translated once
         for job in jobs:
             hit = self.cache.get(job.key) if self.cache is not None and job.key not in done else None
-            if hit is not None:
+            # checked again: a check added since the answer was cached (a Hindi word that mixes scripts) applies
+            # to it too, and a cached answer that fails one is asked again like a new one
+            if hit is not None and not segment_problems(job.segment, hit.text, self.lang, self.source_lang):
                 self.usage.cache_hits += 1
                 done[job.key] = hit.text
         todo = list({job.key: job for job in jobs if job.key not in done}.values())

@@ -20,13 +20,15 @@ from markdown_it import MarkdownIt
 from mdit_py_plugins.front_matter import front_matter_plugin
 from ruamel.yaml import YAML
 
-from explainer.backends import Usage
+from explainer.backends import Completion, Usage
 from explainer.backends.openai import OpenAIBackend
 from explainer.cache import Cache
 from explainer.cli import main
 from explainer.errors import UserError
 from explainer.post import Post, Section
-from explainer.translate import translate_file, translate_markdown, translate_post
+from explainer.languages import language
+from explainer.markdown_segments import split_document
+from explainer.translate import SegmentTranslator, translate_file, translate_markdown, translate_post
 from scripted_server import Reply, ScriptedServer, user_text
 
 DATA = Path(__file__).parent / "data"
@@ -412,6 +414,23 @@ def test_editing_one_paragraph_sends_exactly_that_segment(scripted_server, opena
     assert len(segments) == 1 and edited in next(iter(segments.values()))
     assert usage.requests == 1 and usage.cache_hits > 40
     assert fences(written.read_text(encoding="utf-8")) == fences(SEED)
+
+
+def test_a_cached_translation_that_a_newer_check_refuses_is_asked_again(scripted_server, openai_env, tmp_path):
+    source = "The program runs on the computer today and uses the graphics card for all of its work.\n"
+    good = "यह प्रोग्राम आज कंप्यूटर पर चलता है और अपने सारे काम के लिए GPU का उपयोग करता है।"
+    server = scripted_server(lambda body: json.dumps({key: good for key in sent_segments(body)}, ensure_ascii=False))
+    backend, cache = backend_for(server), Cache(tmp_path / "cache")
+    # an answer cached before the check for words that mix scripts existed
+    [segment] = split_document(source).segments
+    key = SegmentTranslator(language("hi"), backend, cache, Usage(), source_lang="en").key(segment)
+    cache.put(key, Completion(good.replace("प्रोग्राम", "प्रोग्रAM"), "stop"))
+
+    assert good in translate_markdown(source, "hi", backend, cache, source_lang="en")
+    assert len(server.requests) == 1
+    usage = Usage()  # the new answer replaced the refused one in the cache
+    assert good in translate_markdown(source, "hi", backend, cache, usage, source_lang="en")
+    assert usage.cache_hits == 1 and len(server.requests) == 1
 
 
 # ---------------------------------------------------------------------------------------------
