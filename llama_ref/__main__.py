@@ -30,7 +30,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16")
     parser.add_argument("--int8", action="store_true", help="int8 weight-only linear layers (less memory)")
     parser.add_argument("--no-packed", action="store_true",
-                        help="decode with the bf16 weights, not with 4-bit copies of a GGUF's 4-bit ones")
+                        help="on a CPU in bf16, plain bf16 linear layers: no int8 products, no 4-bit copies")
+    parser.add_argument("--no-int8-dot", action="store_true",
+                        help="on a CPU in bf16, bf16 weights (with 4-bit copies of a GGUF's 4-bit ones for decoding) "
+                             "instead of int8 weights times int8 activations")
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="context length to allocate the KV cache for (default: 2048)")
     args = parser.parse_args(argv)
@@ -59,7 +62,8 @@ def main(argv=None) -> int:
     try:
         max_seq_len = args.max_seq_len or 2048
         llama = Llama.build(resolve_model(args.model), max_seq_len=max_seq_len, max_batch_size=1,
-                            device=args.device, dtype=args.dtype, int8=args.int8, packed=not args.no_packed)
+                            device=args.device, dtype=args.dtype, int8=args.int8, packed=not args.no_packed,
+                            int8_dot=not args.no_int8_dot)
         if args.chat:
             prompt_tokens = llama.tokenizer.encode(llama.render_chat([{"role": "user", "content": args.prompt}]),
                                                    bos=False, eos=False)

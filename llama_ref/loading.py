@@ -14,16 +14,20 @@ import torch
 from llama_ref.checkpoints import Checkpoint, CheckpointError, open_checkpoint
 from llama_ref.device import check_fits, pick_device, pick_dtype
 from llama_ref.model import ModelArgs, Transformer
-from llama_ref.quantize import Int8Linear, block_linears, pack_linears, quantize_linears
+from llama_ref.quantize import Int8Linear, block_linears, int8_dot_available, int8_linears, pack_linears, quantize_linears
 
 
 def load_model(model_path: str | Path, max_seq_len: int, max_batch_size: int, device: str | None = None,
-               dtype: str | torch.dtype | None = None, int8: bool = False, packed: bool = True):
+               dtype: str | torch.dtype | None = None, int8: bool = False, packed: bool = True,
+               int8_dot: bool = True):
     """(model, tokenizer, chat template or None) for the checkpoint at `model_path`, on one device,
     with its KV cache set up. Raises CheckpointError, DeviceError or TokenizerError.
 
-    With `packed`, bf16 linear layers on a CPU whose weights were 4-bit in a GGUF also keep them packed
-    in 4 bits, which decode steps read instead of the bf16 weight (quantize.PackedLinear)."""
+    With `packed`, bf16 linear layers on a CPU are laid out for speed. With `int8_dot` too, on a CPU whose
+    int8 kernels are exact (quantize.int8_dot_available), every linear layer but the output multiplies int8
+    weights by int8 activations (quantize.W8A8Linear: about twice as fast, results within what the 4-bit
+    copies change). Otherwise each weight is held in oneDNN's layout, and those that were 4-bit in a GGUF are
+    also kept packed in 4 bits, which decode steps read instead (quantize.PackedLinear)."""
     device = pick_device(device)  # a mistyped device or dtype is reported before a slow load
     dtype = pick_dtype(dtype, device)
     checkpoint = open_checkpoint(model_path)
@@ -43,7 +47,9 @@ def load_model(model_path: str | Path, max_seq_len: int, max_batch_size: int, de
         model.output.weight = model.tok_embeddings.weight
     _load_weights(model, checkpoint)
     if packed and not int8 and device.type == "cpu" and dtype == torch.bfloat16:
-        if checkpoint.read_int4 is not None:
+        if int8_dot and int8_dot_available():
+            int8_linears(model, skip=("output",))
+        elif checkpoint.read_int4 is not None:
             pack_linears(model, checkpoint.int4_groups)
         block_linears(model)
     model.setup_caches(max_batch_size, max_seq_len, dtype=dtype, device=device)

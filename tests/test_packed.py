@@ -1,5 +1,6 @@
 """4-bit copies of 4-bit GGUF weights for decode steps (quantize.PackedLinear): the same values as the
-bf16 weights they sit beside, used for few rows only."""
+bf16 weights they sit beside, used for few rows only. The bf16 path of a CPU without exact int8 products, so
+these tests turn int8_dot off (tests/test_int8_dot.py has the int8 path)."""
 
 import pytest
 
@@ -32,7 +33,7 @@ def decode_logits(llama, prompt, rows):
 
 
 def test_every_four_bit_matrix_gets_a_packed_copy_in_bf16_on_cpu(gguf_path):
-    llama = Llama.build(gguf_path, max_seq_len=64, max_batch_size=2, device="cpu", dtype="bf16")
+    llama = Llama.build(gguf_path, max_seq_len=64, max_batch_size=2, device="cpu", dtype="bf16", int8_dot=False)
     # 7 matrices in each of 2 layers, and the output matrix
     assert len(packed_layers(llama.model)) == 15
     for dtype in ("fp32", "bf16"):
@@ -50,7 +51,7 @@ def test_decode_steps_read_the_files_values(gguf_path, rows):
     bf16 = decode_logits(Llama.build(gguf_path, max_seq_len=64, max_batch_size=rows, device="cpu",
                                      dtype="bf16", packed=False), prompt, rows)
     packed = decode_logits(Llama.build(gguf_path, max_seq_len=64, max_batch_size=rows, device="cpu",
-                                       dtype="bf16"), prompt, rows)
+                                       dtype="bf16", int8_dot=False), prompt, rows)
     bf16_error = (bf16 - exact).abs().max().item()
     packed_error = (packed - exact).abs().max().item()
     assert packed_error <= 2 * bf16_error + 1e-3, (packed_error, bf16_error)
@@ -97,7 +98,8 @@ def test_a_tied_output_matrix_is_blocked_as_a_copy_and_the_embedding_stays(tmp_p
     gguf_path = write_gguf(make_tiny_model(tmp_path, tie_embeddings=True), tmp_path / "tied.gguf", Q.Q4_0)
     plain = Llama.build(gguf_path, max_seq_len=64, max_batch_size=PACKED_MAX_ROWS + 1, device="cpu", dtype="bf16",
                         packed=False)
-    fast = Llama.build(gguf_path, max_seq_len=64, max_batch_size=PACKED_MAX_ROWS + 1, device="cpu", dtype="bf16")
+    fast = Llama.build(gguf_path, max_seq_len=64, max_batch_size=PACKED_MAX_ROWS + 1, device="cpu", dtype="bf16",
+                       int8_dot=False)
     blocked = [name for name, m in fast.model.named_modules()
                if isinstance(m, BlockedLinear) or getattr(m, "blocked", None) is not None]
     assert len(blocked) == 15  # every matrix: 7 in each of 2 layers, and the output
@@ -114,7 +116,7 @@ def test_plain_bf16_layers_reading_the_same_input_are_fused_into_one_call(tmp_pa
     path = write_gguf(make_tiny_model(tmp_path), tmp_path / "f32.gguf")
     rows = 3
     plain = Llama.build(path, max_seq_len=64, max_batch_size=rows, device="cpu", dtype="bf16", packed=False)
-    fused = Llama.build(path, max_seq_len=64, max_batch_size=rows, device="cpu", dtype="bf16")
+    fused = Llama.build(path, max_seq_len=64, max_batch_size=rows, device="cpu", dtype="bf16", int8_dot=False)
     for layer in fused.model.layers:
         assert layer.attention.wqkv is not None and layer.attention.wq is None
         assert layer.feed_forward.w13 is not None and layer.feed_forward.w1 is None
