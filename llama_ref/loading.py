@@ -24,8 +24,8 @@ def load_model(model_path: str | Path, max_seq_len: int, max_batch_size: int, de
     with its KV cache set up. Raises CheckpointError, DeviceError or TokenizerError.
 
     With `packed`, bf16 linear layers on a CPU are laid out for speed. With `int8_dot` too, on a CPU whose
-    int8 kernels are exact (quantize.int8_dot_available), every linear layer but the output multiplies int8
-    weights by int8 activations (quantize.W8A8Linear: about twice as fast, results within what the 4-bit
+    int8 kernels are exact (quantize.int8_dot_available), every linear layer but the output and those too
+    small to gain multiplies int8 weights by int8 activations (quantize.W8A8Linear: about twice as fast, results within what the 4-bit
     copies change). Otherwise each weight is held in oneDNN's layout, and those that were 4-bit in a GGUF are
     also kept packed in 4 bits, which decode steps read instead (quantize.PackedLinear)."""
     device = pick_device(device)  # a mistyped device or dtype is reported before a slow load
@@ -48,8 +48,8 @@ def load_model(model_path: str | Path, max_seq_len: int, max_batch_size: int, de
     _load_weights(model, checkpoint)
     if packed and not int8 and device.type == "cpu" and dtype == torch.bfloat16:
         if int8_dot and int8_dot_available():
-            int8_linears(model, skip=("output",))
-        elif checkpoint.read_int4 is not None:
+            int8_linears(model, skip=("output",))  # the layers big enough to gain; the others as below
+        if checkpoint.read_int4 is not None:
             pack_linears(model, checkpoint.int4_groups)
         block_linears(model)
     model.setup_caches(max_batch_size, max_seq_len, dtype=dtype, device=device)

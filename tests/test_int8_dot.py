@@ -8,6 +8,7 @@ torch = pytest.importorskip("torch")
 from llama_ref import Llama  # noqa: E402
 from llama_ref.catalog import resolve_model  # noqa: E402
 from llama_ref.engine import Engine, Job  # noqa: E402
+from llama_ref import quantize  # noqa: E402
 from llama_ref.quantize import INT8_FEW_ROWS, W8A8Linear, int8_dot_available  # noqa: E402
 
 needs_int8_dot = pytest.mark.skipif(not int8_dot_available(), reason="this CPU has no exact int8 products")
@@ -67,19 +68,27 @@ def test_a_batch_of_several_tokens_per_row_keeps_its_shape():
 
 @pytest.fixture(scope="module")
 def smollm2_bf16():
-    return Llama.build(resolve_model("smollm2-135m"), max_seq_len=256, max_batch_size=4, device="cpu",
-                       dtype="bf16")
+    """SmolLM2 with int8 products in every layer but the output: its layers are below INT8_MIN_WEIGHTS, so
+    by default they stay bf16 (test below); the default model's are all above it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quantize, "INT8_MIN_WEIGHTS", 0)
+        return Llama.build(resolve_model("smollm2-135m"), max_seq_len=256, max_batch_size=4, device="cpu",
+                           dtype="bf16")
+
+
+def int8_layers(model):
+    return [name for name, m in model.named_modules() if isinstance(m, W8A8Linear)]
 
 
 @needs_int8_dot
-def test_bf16_on_a_cpu_uses_int8_products_for_every_layer_but_the_output(smollm2_bf16):
+def test_bf16_on_a_cpu_uses_int8_products_for_every_big_layer_but_the_output(smollm2_bf16):
     model = smollm2_bf16.model
-    int8 = [name for name, m in model.named_modules() if isinstance(m, W8A8Linear)]
-    assert len(int8) == 2 * model.params.n_layers + 2 * model.params.n_layers  # wqkv, wo, w13, w2
+    assert len(int8_layers(model)) == 4 * model.params.n_layers  # wqkv, wo, w13, w2 (fused where they can be)
     assert not isinstance(model.output, W8A8Linear)
-    plain = Llama.build(resolve_model("smollm2-135m"), max_seq_len=64, max_batch_size=1, device="cpu",
-                        dtype="bf16", int8_dot=False)
-    assert not any(isinstance(m, W8A8Linear) for m in plain.model.modules())
+    for kwargs in ({}, {"int8_dot": False}):  # too small to gain; or turned off
+        plain = Llama.build(resolve_model("smollm2-135m"), max_seq_len=64, max_batch_size=1, device="cpu",
+                            dtype="bf16", **kwargs)
+        assert int8_layers(plain.model) == []
 
 
 @needs_int8_dot
