@@ -175,9 +175,9 @@ def block_linears(model: nn.Module) -> int:
     embeddings) is copied, not moved: the embedding keeps reading rows of the plain one. Returns how many
     layers changed."""
     changed = 0
-    for parent, attribute, _full_name, child in list(_children(model)):
-        if isinstance(child, PackedLinear) and can_block(child):
-            child.block()
+    for module in model.modules():
+        if isinstance(module, PackedLinear) and can_block(module):
+            module.block()  # in place: the module stays where it is
             changed += 1
     return changed + _convert(model, BlockedLinear, lambda layer: type(layer) is nn.Linear and can_block(layer))
 
