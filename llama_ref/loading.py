@@ -14,7 +14,8 @@ import torch
 from llama_ref.checkpoints import Checkpoint, CheckpointError, open_checkpoint
 from llama_ref.device import check_fits, pick_device, pick_dtype
 from llama_ref.model import ModelArgs, Transformer
-from llama_ref.quantize import Int8Linear, block_linears, int8_dot_available, int8_linears, pack_linears, quantize_linears
+from llama_ref.quantize import (Int8Linear, block_linears, int8_dot_available, int8_linears, pack_linears,
+                                quantize_linears)
 
 
 def load_model(model_path: str | Path, max_seq_len: int, max_batch_size: int, device: str | None = None,
@@ -25,9 +26,10 @@ def load_model(model_path: str | Path, max_seq_len: int, max_batch_size: int, de
 
     With `packed`, bf16 linear layers on a CPU are laid out for speed. With `int8_dot` too, on a CPU whose
     int8 kernels are exact (quantize.int8_dot_available), every linear layer but the output and those too
-    small to gain multiplies int8 weights by int8 activations (quantize.W8A8Linear: about twice as fast, results within what the 4-bit
-    copies change). Otherwise each weight is held in oneDNN's layout, and those that were 4-bit in a GGUF are
-    also kept packed in 4 bits, which decode steps read instead (quantize.PackedLinear)."""
+    small to gain multiplies int8 weights by int8 activations (quantize.W8A8Linear: about twice as fast,
+    results within what the 4-bit copies change). Otherwise each weight is held in oneDNN's layout, and those
+    that were 4-bit in a GGUF are also kept packed in 4 bits, which decode steps read instead
+    (quantize.PackedLinear)."""
     device = pick_device(device)  # a mistyped device or dtype is reported before a slow load
     dtype = pick_dtype(dtype, device)
     checkpoint = open_checkpoint(model_path)

@@ -20,6 +20,18 @@ from torch import nn
 from llama_ref.quants import GROUP  # values per (scale, min) group of GGUF's Q4_0, Q4_1 and Q4_K blocks
 
 
+def int8_rows(weight: torch.Tensor, slice_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scales): each row of a float weight (out, in) as int8 in -127..127 times one fp32 scale (its max |w| /
+    127). Rounded slice_rows rows at a time: never an fp32 copy of the whole weight."""
+    weight = weight.detach()
+    scales = weight.abs().amax(dim=1).float().clamp(min=1e-8) / 127.0
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    for start in range(0, weight.shape[0], slice_rows):
+        part = weight[start:start + slice_rows].float() / scales[start:start + slice_rows, None]
+        q[start:start + slice_rows] = torch.round(part).clamp(-127, 127)
+    return q, scales
+
+
 class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=None, device=None):
         super().__init__()
@@ -30,9 +42,8 @@ class Int8Linear(nn.Module):
 
     @torch.no_grad()
     def load_float_weight(self, weight: torch.Tensor) -> None:
-        weight = weight.to(self.weight.device, torch.float32)
-        scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        self.weight.copy_(torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        q, scales = int8_rows(weight.to(self.weight.device))
+        self.weight.copy_(q)
         self.scales.copy_(scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -247,11 +258,8 @@ def int8_dot_available() -> bool:
             and hasattr(torch, "_make_per_channel_quantized_tensor")):
         return False
     try:
-        weight = torch.full((32, 64), 127, dtype=torch.int8)
-        layer = W8A8Linear.__new__(W8A8Linear)
-        nn.Module.__init__(layer)
-        layer._set_int8(weight, torch.ones(32), None)
-        x = torch.full((24, 64), 127.0)  # 127 everywhere, with a scale of 1: u8 255 in fbgemm
+        layer = W8A8Linear(torch.full((32, 64), 127.0))  # int8 127 with a scale of 1
+        x = torch.full((24, 64), 127.0)  # likewise: u8 255 in fbgemm
         exact = torch.full((24, 32), 64.0 * 127 * 127)
         return all(torch.equal(layer(x[:rows]), exact[:rows]) for rows in (1, INT8_FEW_ROWS + 1))
     except (RuntimeError, NotImplementedError, AttributeError):
@@ -264,23 +272,15 @@ class W8A8Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
-        weight = weight.detach()
-        scales = weight.abs().amax(dim=1).float().clamp(min=1e-12) / 127.0
-        rows = []
-        for start in range(0, weight.shape[0], 4096):  # in slices: never a float copy of the whole weight
-            part = weight[start:start + 4096].float()
-            rows.append(torch.round(part / scales[start:start + 4096, None]).clamp(-127, 127).to(torch.int8))
-        self._set_int8(torch.cat(rows), scales, bias)
-
-    def _set_int8(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+        q, scales = int8_rows(weight)
         self.out_features, self.in_features = q.shape
         self.register_buffer("q", q, persistent=False)  # (out, in): torch._int_mm reads its transpose
-        self.register_buffer("scales", scales.float(), persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
         self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
         padded = torch.cat([q, q.new_zeros(q.shape[0], 2)], dim=1)
         with warnings.catch_warnings():  # torch 2.13 warns that quantized tensors will go; int8_dot_available
             warnings.simplefilter("ignore")  # checks for them, so a torch without them takes the bf16 path
-            qweight = torch._make_per_channel_quantized_tensor(padded, self.scales.double(),
+            qweight = torch._make_per_channel_quantized_tensor(padded, scales.double(),
                                                                torch.zeros(q.shape[0], dtype=torch.long), 0)
             self.fbgemm = torch.ops.quantized.linear_prepack(qweight, None)  # its own packed copy
 
