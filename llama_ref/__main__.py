@@ -27,13 +27,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens only")
     parser.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU and on a CPU with native bf16, else fp32), fp32, bf16, fp16")
     parser.add_argument("--int8", action="store_true", help="int8 weight-only linear layers (less memory)")
     parser.add_argument("--no-packed", action="store_true",
                         help="on a CPU in bf16, plain bf16 linear layers: no int8 products, no 4-bit copies")
     parser.add_argument("--no-int8-dot", action="store_true",
                         help="on a CPU in bf16, bf16 weights (with 4-bit copies of a GGUF's 4-bit ones for decoding) "
-                             "instead of int8 weights times int8 activations")
+                             "instead of int8 weights times int8 activations, and no int8 copies of small layers")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode steps through torch.compile: faster for small models, but the first run "
+                             "compiles for about half a minute (needs a C++ compiler; without one, a warning)")
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="context length to allocate the KV cache for (default: 2048)")
     args = parser.parse_args(argv)
@@ -63,7 +66,7 @@ def main(argv=None) -> int:
         max_seq_len = args.max_seq_len or 2048
         llama = Llama.build(resolve_model(args.model), max_seq_len=max_seq_len, max_batch_size=1,
                             device=args.device, dtype=args.dtype, int8=args.int8, packed=not args.no_packed,
-                            int8_dot=not args.no_int8_dot)
+                            int8_dot=not args.no_int8_dot, compile=args.compile)
         if args.chat:
             prompt_tokens = llama.tokenizer.encode(llama.render_chat([{"role": "user", "content": args.prompt}]),
                                                    bos=False, eos=False)

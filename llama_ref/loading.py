@@ -35,7 +35,8 @@ def load_model(model_path: str | Path, max_seq_len: int, max_batch_size: int, de
     checkpoint = open_checkpoint(model_path)
     args = checkpoint.args
     max_seq_len = min(max_seq_len, args.context_length)  # positions past the trained context are noise
-    check_fits(weight_bytes(checkpoint, dtype, int8), cache_bytes(args, max_batch_size, max_seq_len, dtype),
+    cache_dtype = kv_cache_dtype(args, max_batch_size, max_seq_len, dtype, device)
+    check_fits(weight_bytes(checkpoint, dtype, int8), cache_bytes(args, max_batch_size, max_seq_len, cache_dtype),
                device, quantized=int8)
 
     # Build on the meta device (no memory), then allocate once on the target device and stream
@@ -53,8 +54,8 @@ def load_model(model_path: str | Path, max_seq_len: int, max_batch_size: int, de
             int8_linears(model, skip=("output",))  # the layers big enough to gain; the others as below
         if checkpoint.read_int4 is not None:
             pack_linears(model, checkpoint.int4_groups)
-        block_linears(model)
-    model.setup_caches(max_batch_size, max_seq_len, dtype=dtype, device=device)
+        block_linears(model, int8_copies=int8_dot)
+    model.setup_caches(max_batch_size, max_seq_len, dtype=cache_dtype, device=device)
     model.eval()
     # Only the tokenizer and template outlive the load: the checkpoint holds the file's mapping, and
     # its pages would stay resident beside the weights they were copied into.
@@ -94,6 +95,19 @@ def weight_bytes(checkpoint: Checkpoint, dtype: torch.dtype, int8: bool) -> int:
         is_linear = len(shape) == 2 and "tok_embeddings" not in name
         total += count * (1 if int8 and is_linear else element)
     return total
+
+
+# A KV cache that holds at most this much in fp32 is kept in fp32 on a CPU, whatever the weights' dtype: the
+# attention of a one-token step over it is then one SDPA call. In bf16 the same step took two matmuls, each of
+# which cost oneDNN a new setup for every new length (stories15M's shape, 2 threads, torch 2.13: 30-60 us each
+# in bf16, against 14 us for SDPA in fp32 over the whole step), and SDPA itself is slower in bf16.
+SMALL_CACHE_BYTES = 64 << 20
+
+
+def kv_cache_dtype(args: ModelArgs, batch: int, seq_len: int, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV cache's dtype: fp32 for a small cache on a CPU (SMALL_CACHE_BYTES), else the model's dtype."""
+    small = cache_bytes(args, batch, seq_len, torch.float32) <= SMALL_CACHE_BYTES
+    return torch.float32 if device.type == "cpu" and small else dtype
 
 
 def cache_bytes(args: ModelArgs, batch: int, seq_len: int, dtype: torch.dtype) -> int:

@@ -7,6 +7,7 @@ complex pairs); checkpoints.py converts every other format into that.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +100,7 @@ class KVCache(nn.Module):
         """Write k, v (bsz, seqlen, heads, head_dim) at input_pos of `rows`: positions (bsz, seqlen), or
         one int, the first position of every row; return those rows' keys and values for positions 0..kv_len-1."""
         cache_k, cache_v = self.k[rows], self.v[rows]
+        k, v = k.to(cache_k.dtype), v.to(cache_v.dtype)  # a small cache is fp32 (loading.kv_cache_dtype)
         if isinstance(input_pos, int):  # one copy into a slice, not a scatter
             cache_k[:, :, input_pos:input_pos + k.shape[1]] = k.transpose(1, 2)
             cache_v[:, :, input_pos:input_pos + v.shape[1]] = v.transpose(1, 2)
@@ -133,10 +135,15 @@ class Attention(nn.Module):
         v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
         keys, values = (self.anchor if into_anchor else self.cache).update(rows, input_pos, kv_len, k, v)
+        q = q.to(keys.dtype)  # a small cache is fp32 on a CPU whatever the weights are (loading.kv_cache_dtype)
         shared_kv = None
         if shared:  # the rows read the anchor's first `shared` positions, then their own
             shared_kv = self.anchor.k[0, :, :shared], self.anchor.v[0, :, :shared]
-        if seqlen == 1:
+        if seqlen == 1 and mask is None and keys.dtype == torch.float32:
+            # one new token that sees the whole cache: in fp32, SDPA is one call and the fastest way
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values,
+                                                 enable_gqa=self.n_kv_heads != self.n_heads)
+        elif seqlen == 1:
             out = attend_one_token(q.transpose(1, 2), keys, values, mask, shared_kv)
         elif mask is not None:  # a chunk past the start of the cache: it sees every earlier position
             if shared_kv is not None:
@@ -147,7 +154,7 @@ class Attention(nn.Module):
             # grouped-query attention: each key/value head serves n_heads / n_kv_heads query heads
             out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, is_causal=True,
                                                  enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1).type_as(x))
 
 
 def attend_one_token(q, keys, values, bias, shared=None):
@@ -289,6 +296,19 @@ class Transformer(nn.Module):
             layer.attention.anchor = None
             layer.attention.anchor = KVCache(1, anchor_len, args.n_kv_heads, args.head_dim, ref.dtype, ref.device)
 
+    def compile_steps(self) -> None:
+        """Run one-token steps at one position for every row (Llama.generate's decode steps) through
+        torch.compile, which fuses the small operations between the matmuls into generated C++: for a small
+        model those, not the arithmetic, are most of a step. The first steps compile (about half a minute
+        on 2 cores, seconds once torch's cache under the system's temporary folder has it), so this pays off
+        for long generations only. Where compiling fails (no C++ compiler, say), a warning says so and
+        steps run as before."""
+        # the rotary embedding's complex numbers stay as they are (eager kernels inside the compiled step)
+        warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
+        self.compiled_step = torch.compile(self.step, dynamic=True, options={"cpp_wrapper": True})
+
+    compiled_step = None
+
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor, last_only: bool = False,
                 rows: slice | None = None, shared: int | torch.Tensor | None = None,
@@ -302,6 +322,20 @@ class Transformer(nn.Module):
         own cache, which holds its positions from there on (position p at p - shared). Rows whose prompts
         start alike then keep that start once, and a decode step reads it once. into_anchor: write into
         the anchor (one row) instead of the rows' caches."""
+        if (self.compiled_step is not None and tokens.shape[1] == 1 and isinstance(start_pos, int)
+                and shared is None and not into_anchor):
+            try:
+                return self.compiled_step(tokens, start_pos, last_only, rows)
+            except Exception as exc:  # noqa: BLE001 - whatever stopped the compiler, the step itself can run
+                warnings.warn(f"torch.compile failed, so decoding runs without it: {type(exc).__name__}: "
+                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}", stacklevel=2)
+                self.compiled_step = None
+        return self.step(tokens, start_pos, last_only, rows, shared, into_anchor)
+
+    def step(self, tokens: torch.Tensor, start_pos: int | torch.Tensor, last_only: bool = False,
+             rows: slice | None = None, shared: int | torch.Tensor | None = None,
+             into_anchor: bool = False) -> torch.Tensor:
+        """forward() without the choice of a compiled step (and without inference mode of its own)."""
         bsz, seqlen = tokens.shape
         rows = rows or slice(0, bsz)
         steps = torch.arange(seqlen, device=tokens.device)

@@ -1,0 +1,154 @@
+"""What makes a small model's one-token steps fast on a CPU: int8 copies of small bf16 layers, a KV cache in
+fp32 when it is small, and torch.compile on request (`python -m llama_ref --compile`), which must fall back
+to the plain steps, with one warning, where it cannot compile."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from llama_ref import Llama, quantize  # noqa: E402
+from llama_ref.catalog import resolve_model  # noqa: E402
+from llama_ref.loading import SMALL_CACHE_BYTES, cache_bytes, kv_cache_dtype  # noqa: E402
+from llama_ref.model import ModelArgs  # noqa: E402
+from llama_ref.quantize import INT8_COPY_MAX_ROWS, BlockedLinear, can_block, int8_rows  # noqa: E402
+from tiny_checkpoints import make_tiny_model, write_gguf  # noqa: E402
+
+needs_blocking = pytest.mark.skipif(not can_block(torch.nn.Linear(8, 8).bfloat16()),
+                                    reason="this torch has no oneDNN linear for bf16")
+
+
+def layer_and_input(rows, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(96, 160, generator=g) * 0.05).bfloat16()
+    bias = torch.randn(96, generator=g).bfloat16()
+    return weight, bias, torch.randn(rows, 160, generator=g).bfloat16()
+
+
+@needs_blocking
+def test_one_or_two_rows_are_multiplied_by_the_int8_copy_and_more_by_the_bf16_weight():
+    weight, bias, x = layer_and_input(6)
+    layer = BlockedLinear(weight, bias, int8_copy=True)
+    q, scales = int8_rows(weight)
+    # the kernel takes the scales in the activations' dtype
+    by_int8 = x.double() @ (q.double() * scales.bfloat16().double()[:, None]).T + bias.double()
+    by_bf16 = x.double() @ weight.double().T + bias.double()
+    assert not torch.allclose(by_int8, by_bf16, rtol=0, atol=1e-3)  # the two can be told apart
+    for rows in range(1, INT8_COPY_MAX_ROWS + 1):
+        torch.testing.assert_close(layer(x[:rows]).double(), by_int8[:rows], rtol=8e-3, atol=2e-3)
+    torch.testing.assert_close(layer(x).double(), by_bf16, rtol=8e-3, atol=2e-3)
+    # a decode step's shape, (rows, 1, features), is kept
+    assert layer(x[:1].view(1, 1, 160)).shape == (1, 1, 96)
+    # without a copy every call reads the bf16 weight
+    torch.testing.assert_close(BlockedLinear(weight, bias)(x[:1]).double(), by_bf16[:1], rtol=8e-3, atol=2e-3)
+
+
+@needs_blocking
+def test_int8_copies_of_a_real_models_weights_predict_the_tokens_bf16_predicts(monkeypatch):
+    """SmolLM2's output layer (49152 x 576) is above INT8_COPY_MAX_WEIGHTS, so it gets a copy only here: its
+    other layers have 4-bit copies from the GGUF. One-row calls (the copy) against the whole text at once."""
+    monkeypatch.setattr(quantize, "INT8_COPY_MAX_WEIGHTS", 2 ** 26)
+    llama = Llama.build(resolve_model("smollm2-135m"), max_seq_len=256, max_batch_size=1, device="cpu",
+                        dtype="bf16")
+    output = llama.model.output
+    assert isinstance(output, BlockedLinear) and output.q is not None
+    text = ("def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n"
+            "The function above returns the n-th Fibonacci number by keeping the last two values. Each "
+            "step of the loop moves the pair one place along the sequence, so after n steps a holds F(n).")
+    tokens = torch.tensor([llama.tokenizer.encode(text, bos=False, eos=False)])
+    seen = {}
+    hook = output.register_forward_hook(lambda module, args, out: seen.update(hidden=args[0][0]))
+    with torch.no_grad():
+        whole = llama.model.forward(tokens, 0)[0].float()
+        hook.remove()
+        one_by_one = torch.cat([output(row[None]) for row in seen["hidden"]]).float()
+    agree = (one_by_one.argmax(-1) == whole.argmax(-1)).float().mean().item()
+    assert agree >= 0.95, agree
+
+
+def test_a_small_kv_cache_is_fp32_on_a_cpu_and_a_big_one_keeps_the_models_dtype():
+    tiny = ModelArgs(dim=288, n_layers=6, n_heads=6, vocab_size=32000, hidden_dim=768)  # stories15M
+    qwen = ModelArgs(dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, vocab_size=151936, hidden_dim=8960)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert kv_cache_dtype(tiny, 1, 256, torch.bfloat16, cpu) == torch.float32
+    assert kv_cache_dtype(tiny, 1, 256, torch.bfloat16, cuda) == torch.bfloat16
+    assert cache_bytes(qwen, 8, 2048, torch.float32) > SMALL_CACHE_BYTES
+    assert kv_cache_dtype(qwen, 8, 2048, torch.bfloat16, cpu) == torch.bfloat16
+
+
+def test_one_token_steps_over_a_fp32_cache_give_the_logits_of_one_whole_pass(tmp_path):
+    path = write_gguf(make_tiny_model(tmp_path), tmp_path / "tiny.gguf")
+    # plain bf16 layers: steps and the whole pass then differ only in how attention reads the cache
+    llama = Llama.build(path, max_seq_len=64, max_batch_size=1, device="cpu", dtype="bf16", packed=False)
+    assert llama.model.layers[0].attention.cache.k.dtype == torch.float32
+    tokens = torch.tensor([llama.tokenizer.encode("Once upon a time there was a little", bos=True, eos=False)])
+    with torch.no_grad():
+        whole = llama.model.forward(tokens, 0)[0].float()
+        steps = torch.cat([llama.model.forward(tokens[:, i:i + 1], i)[0] for i in range(tokens.shape[1])]).float()
+    torch.testing.assert_close(steps, whole, rtol=0.02, atol=0.05 * whole.abs().max().item())
+    assert (steps.argmax(-1) == whole.argmax(-1)).float().mean() >= 0.9
+
+
+def run_cli(*args, **env):
+    return subprocess.run([sys.executable, "-m", "llama_ref", *args], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **env})
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    return str(write_gguf(make_tiny_model(folder), folder / "tiny.gguf"))
+
+
+def greedy(tiny_gguf, *extra, **env):
+    return run_cli("--model", tiny_gguf, "--device", "cpu", "--temperature", "0", "--max-tokens", "40",
+                   "--prompt", "Once upon a time", *extra, **env)
+
+
+@needs_blocking
+def test_compiled_steps_compute_what_plain_steps_compute(tiny_gguf, tmp_path, monkeypatch):
+    """In bf16, with the int8 copies a step of this model reads. The compiled kernels round differently (they
+    keep fused intermediates in fp32), so the logits are close, not equal."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # compiled here, not read back
+    llama = Llama.build(tiny_gguf, max_seq_len=64, max_batch_size=1, device="cpu", dtype="bf16")
+    tokens = torch.tensor([llama.tokenizer.encode("Once upon a time there was a little", bos=True, eos=False)])
+
+    def steps():
+        with torch.no_grad():
+            return torch.cat([llama.model.forward(tokens[:, i:i + 1], i)[0]
+                              for i in range(tokens.shape[1])]).float()
+
+    plain = steps()
+    llama.model.compile_steps()
+    compiled = steps()
+    if shutil.which(os.environ.get("CXX", "g++")):  # a compiler to compile with: no fallback happened
+        assert llama.model.compiled_step is not None
+    torch.testing.assert_close(compiled, plain, rtol=0.02, atol=0.05 * plain.abs().max().item())
+    assert (compiled.argmax(-1) == plain.argmax(-1)).float().mean() >= 0.9
+
+
+def test_compiled_steps_write_what_plain_steps_write(tiny_gguf, tmp_path):
+    """In fp32, where compiled and plain kernels agree to the last bits that matter for greedy tokens."""
+    plain = greedy(tiny_gguf, "--dtype", "fp32")
+    # a cache of its own: the steps are compiled here, not read back from an earlier run's cache
+    compiled = greedy(tiny_gguf, "--dtype", "fp32", "--compile", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    assert plain.returncode == 0 and compiled.returncode == 0, compiled.stderr
+    assert compiled.stdout == plain.stdout and len(plain.stdout) > len("Once upon a time")
+    if shutil.which(os.environ.get("CXX", "g++")):  # a compiler to compile with
+        assert "torch.compile failed" not in compiled.stderr, compiled.stderr
+    assert compiled.stderr.strip().splitlines()[-1].startswith("achieved tok/s: ")
+
+
+def test_without_a_compiler_compile_warns_once_and_writes_the_same(tiny_gguf, tmp_path):
+    plain = greedy(tiny_gguf, "--dtype", "bf16")
+    compiled = greedy(tiny_gguf, "--dtype", "bf16", "--compile", CXX=str(tmp_path / "no-such-compiler"),
+                      TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    assert compiled.returncode == 0, compiled.stderr
+    assert compiled.stdout == plain.stdout
+    assert compiled.stderr.count("torch.compile failed, so decoding runs without it") == 1, compiled.stderr
+    assert "Traceback" not in compiled.stderr
+
