@@ -360,7 +360,7 @@ def write_stories15m_shape(folder: Path) -> Path:
 
 
 def child_llama2c(args) -> dict:
-    """Decode tok/s on the stories15M shape on the CPU, as `python -m llama_ref --dtype D` runs it."""
+    """Decode tok/s on the stories15M shape on the CPU, as `python -m llama_ref --dtype D [--compile]` runs it."""
     import torch
 
     from llama_ref import Llama
@@ -368,16 +368,20 @@ def child_llama2c(args) -> dict:
 
     torch.set_num_threads(args.threads)
     seq_len = STORIES15M["seq_len"]
-    llama = Llama.build(args.model, max_seq_len=seq_len, max_batch_size=1, device="cpu", dtype=args.dtype)
+    llama = Llama.build(args.model, max_seq_len=seq_len, max_batch_size=1, device="cpu", dtype=args.dtype,
+                        compile=args.compile)
     bos = [llama.tokenizer.bos_id]  # run.c's empty prompt: BOS only
     no_stop = [-1]  # random weights could emit </s> at any step; run.c's loop runs the full count too
-    timed_generation(llama, bos, 16, temperature=0, stop_tokens=no_stop)  # warm-up
+    started = time.perf_counter()
+    timed_generation(llama, bos, 16, temperature=0, stop_tokens=no_stop)  # warm-up (and compiling, with --compile)
+    warmup_s = time.perf_counter() - started
     best = 0.0
     for _ in range(2):
         _, _, decode_s, steps = timed_generation(llama, bos, seq_len - 1, temperature=0, stop_tokens=no_stop)
         best = max(best, steps / decode_s)
-    return {"decode_tok_s": best, "threads": args.threads, "tokens": seq_len - 1,
-            "dtype": str(llama.model.tok_embeddings.weight.dtype).replace("torch.", "")}
+    return {"decode_tok_s": best, "threads": args.threads, "tokens": seq_len - 1, "warmup_s": warmup_s,
+            "dtype": str(llama.model.tok_embeddings.weight.dtype).replace("torch.", ""),
+            "compiled": llama.model.compiled_step is not None}  # False where compiling failed
 
 
 CHILDREN = {"llama_ref": child_llama_ref, "llama.cpp": child_llama_cpp, "transformers": child_transformers,
@@ -385,10 +389,12 @@ CHILDREN = {"llama_ref": child_llama_ref, "llama.cpp": child_llama_cpp, "transfo
 
 
 def run_child(kind: str, model: str, args, prompts: Path | None = None, threads: int | None = None,
-              dtype: str | None = None) -> dict:
+              dtype: str | None = None, compile: bool = False) -> dict:
     """One measurement in a fresh interpreter: its JSON is the last line of its stdout; stderr passes through."""
     command = [sys.executable, __file__, "--child", kind, "--model", str(model), "--device", args.device,
                "--dtype", dtype or args.dtype, "--threads", str(threads or args.threads)]
+    if compile:
+        command.append("--compile")
     if prompts is not None:
         command += ["--prompts", str(prompts)]
     print(f"bench: {kind} on {Path(model).name} ...", file=sys.stderr, flush=True)
@@ -581,14 +587,19 @@ def llama2c_table(runs: dict, run_c: dict) -> tuple[str, dict]:
     measured = {threads: r["tok_s"] for threads, r in run_c.items() if "tok_s" in r}
     source = ("measured in this run, --run-c" if run_c else
               "quoted from the issue, measured on another host; pass --run-c to measure it here")
-    head = f"| threads | llama_ref dtype | llama_ref decode tok/s | run.c tok/s ({source}) | llama_ref / run.c |"
-    lines = [title, "", head, "|---:|---|---:|---:|---|"]
+    head = (f"| threads | llama_ref dtype | steps | llama_ref decode tok/s | run.c tok/s ({source}) | "
+            f"llama_ref / run.c |")
+    lines = [title, "", head, "|---:|---|---|---:|---:|---|"]
     ratios = {}
     for run, result in runs.items():
-        threads, dtype = run.split("/")
+        threads, dtype, *compiled = run.split("/")
+        steps = "plain"
+        if compiled:  # what the first steps cost: compiling, or reading torch's cache of an earlier compile
+            steps = (f"--compile (warm-up {result['warmup_s']:.0f} s)" if result.get("compiled")
+                     else "--compile failed: plain" if "compiled" in result else "--compile")
         reference = measured.get(threads) if run_c else RUN_C_TOK_S[int(threads)]
         ratios[run] = ratio(result.get("decode_tok_s"), reference)
-        lines.append(f"| {threads} | {result.get('dtype', dtype)} | {cell(result, 'decode_tok_s')} | "
+        lines.append(f"| {threads} | {result.get('dtype', dtype)} | {steps} | {cell(result, 'decode_tok_s')} | "
                      f"{'failed' if reference is None else f'{reference:.0f}'} | {verdict('llama2c', ratios[run])} |")
     lines += [f"\nrun.c on {threads} thread(s): {r['skipped']}." for threads, r in run_c.items() if "skipped" in r]
     return "\n".join(lines), ratios
@@ -608,6 +619,7 @@ def main() -> int:
     parser.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)  # internal: one measurement
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--prompts", help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)  # the llama2c child's steps
     args = parser.parse_args()
     if args.child:
         return child_main(args)
@@ -632,9 +644,11 @@ def main() -> int:
         checkpoint = write_stories15m_shape(Path(scratch))
         # no more threads than the run was given: on a shared machine, more would measure the contention
         for threads in sorted((t for t in RUN_C_TOK_S if t <= args.threads), reverse=True):
-            for dtype in dict.fromkeys((args.dtype, "fp32")):
-                results["llama2c"][f"{threads}/{dtype}"] = run_child("llama2c", checkpoint, args, threads=threads,
-                                                                     dtype=dtype)
+            # plain steps in the default dtype and in fp32 (run.c's), and compiled steps in the default dtype
+            for dtype, compile in dict.fromkeys(((args.dtype, False), (args.dtype, True), ("fp32", False))):
+                run = f"{threads}/{dtype}" + ("/compiled" if compile else "")
+                results["llama2c"][run] = run_child("llama2c", checkpoint, args, threads=threads, dtype=dtype,
+                                                    compile=compile)
             if args.run_c:
                 results["run_c"][str(threads)] = measure_run_c(args.run_c, checkpoint, threads)
 
