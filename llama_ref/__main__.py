@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # a warning (--compile that could not compile, say) is one line for the user, not a source location
+    warnings.formatwarning = lambda message, category, *_rest, **_kw: f"warning: {message}\n"
     from llama_ref.catalog import CatalogError, format_listing, list_models, resolve_model
 
     if args.list_models:

@@ -266,6 +266,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        self.compiled_step = None  # compile_steps()
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype=None, device=None, row_len: int | None = None,
                      anchor_len: int = 0):
@@ -306,8 +307,6 @@ class Transformer(nn.Module):
         # the rotary embedding's complex numbers stay as they are (eager kernels inside the compiled step)
         warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
         self.compiled_step = torch.compile(self.step, dynamic=True, options={"cpp_wrapper": True})
-
-    compiled_step = None
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor, last_only: bool = False,

@@ -149,6 +149,8 @@ def test_without_a_compiler_compile_warns_once_and_writes_the_same(tiny_gguf, tm
                       TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
     assert compiled.returncode == 0, compiled.stderr
     assert compiled.stdout == plain.stdout
-    assert compiled.stderr.count("torch.compile failed, so decoding runs without it") == 1, compiled.stderr
-    assert "Traceback" not in compiled.stderr
+    lines = compiled.stderr.strip().splitlines()
+    assert sum("torch.compile failed, so decoding runs without it" in line for line in lines) == 1, lines
+    # one line for the warning, not a source location and a line of torch's code
+    assert all(line.startswith(("warning: ", "achieved tok/s: ")) for line in lines), lines
 
