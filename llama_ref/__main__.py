@@ -28,7 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens only")
     parser.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU and on a CPU with native bf16, else fp32), fp32, bf16, fp16")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (bf16 on a GPU and on a CPU with native bf16, else fp32), fp32, bf16, fp16")
     parser.add_argument("--int8", action="store_true", help="int8 weight-only linear layers (less memory)")
     parser.add_argument("--no-packed", action="store_true",
                         help="on a CPU in bf16, plain bf16 linear layers: no int8 products, no 4-bit copies")
