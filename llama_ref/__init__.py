@@ -17,3 +17,9 @@ def __getattr__(name: str):
 
         return default_model_path
     raise AttributeError(f"module 'llama_ref' has no attribute {name!r}")
+
+
+# LLAMA_REF_CPU=avx2 (say) must reach torch's, oneDNN's and fbgemm's dispatchers before torch runs anything
+from llama_ref.kernels import force_cpu_class as _force_cpu_class  # noqa: E402 - after the docstring's promise
+
+_force_cpu_class()

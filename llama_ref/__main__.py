@@ -6,9 +6,12 @@ Runs on one device with no torchrun and no GPU required, and ends with "achieved
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
+
+from llama_ref.kernels import CHOICES, CPU_CLASSES, check_forced_name, force_cpu_class
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,18 +33,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     parser.add_argument("--dtype", default="auto",
                         help="auto (bf16 on a GPU and on a CPU with native bf16, else fp32), fp32, bf16, fp16")
-    parser.add_argument("--int8", action="store_true", help="int8 weight-only linear layers (less memory)")
-    parser.add_argument("--no-packed", action="store_true",
-                        help="on a CPU in bf16, plain bf16 linear layers: no int8 products, no 4-bit copies")
-    parser.add_argument("--no-int8-dot", action="store_true",
-                        help="on a CPU in bf16, bf16 weights (with 4-bit copies of a GGUF's 4-bit ones for decoding) "
-                             "instead of int8 weights times int8 activations, and no int8 copies of small layers")
+    parser.add_argument("--kernels", default="auto", choices=CHOICES, metavar="K",
+                        help="how layers multiply: auto (picked for this CPU class; see --explain-kernels), float "
+                             "(every weight in --dtype: the reference), int8-weights (int8 weights, any device), "
+                             "or, for the large projections: w7a8 (int8 products, any x86 with AVX2), w8a8 (exact "
+                             "int8 products: VNNI), bf16-blocked (bf16 in oneDNN's layout: AVX-512) "
+                             "(default: %(default)s)")
+    parser.add_argument("--explain-kernels", action="store_true",
+                        help="print which kernel each kind of layer gets on this machine, and why, and exit")
+    parser.add_argument("--cpu", choices=CPU_CLASSES[:4], metavar="CLASS",
+                        help="run as a lesser CPU class (generic, avx2, vnni), down to torch's own kernels, to "
+                             "measure what such a CPU runs; the same as LLAMA_REF_CPU=CLASS")
     parser.add_argument("--compile", action="store_true",
                         help="decode steps through torch.compile: faster for small models, but the first run "
                              "compiles for about half a minute (needs a C++ compiler; without one, a warning)")
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="context length to allocate the KV cache for (default: 2048)")
     args = parser.parse_args(argv)
+    problem = None if args.cpu else check_forced_name(os.environ.get("LLAMA_REF_CPU"))
+    if problem:
+        parser.error(problem)
     if args.max_tokens < 1:
         parser.error("--max-tokens must be at least 1")
     if args.temperature < 0:
@@ -60,6 +71,7 @@ def main(argv=None) -> int:
     if args.list_models:
         print(format_listing(list_models()))
         return 0
+    force_cpu_class(args.cpu)  # before torch runs anything: its dispatchers read the variables once
     # torch is imported here, after --help has had its chance to answer quickly
     from llama_ref.checkpoints import CheckpointError
     from llama_ref.device import DeviceError
@@ -67,10 +79,12 @@ def main(argv=None) -> int:
     from llama_ref.tokenizer import StreamDecoder
 
     try:
+        if args.explain_kernels:
+            print(explain_kernels(resolve_model(args.model), args.device, args.dtype, args.kernels))
+            return 0
         max_seq_len = args.max_seq_len or 2048
         llama = Llama.build(resolve_model(args.model), max_seq_len=max_seq_len, max_batch_size=1,
-                            device=args.device, dtype=args.dtype, int8=args.int8, packed=not args.no_packed,
-                            int8_dot=not args.no_int8_dot, compile=args.compile)
+                            device=args.device, dtype=args.dtype, kernels=args.kernels, compile=args.compile)
         if args.chat:
             prompt_tokens = llama.tokenizer.encode(llama.render_chat([{"role": "user", "content": args.prompt}]),
                                                    bos=False, eos=False)
@@ -101,6 +115,24 @@ def main(argv=None) -> int:
     rate = steps / decode_s if decode_s > 0 else 0.0
     print(f"achieved tok/s: {rate:f}", file=sys.stderr)
     return 0
+
+
+def explain_kernels(model_path, device: str, dtype: str, kernels: str) -> str:
+    """The kernel table for this machine and the model's shapes, read from its header (no weights loaded)."""
+    from llama_ref.checkpoints import open_checkpoint
+    from llama_ref.device import DeviceError, pick_device, pick_dtype
+    from llama_ref.kernels import KernelError, plan
+    from llama_ref.loading import layer_counts
+
+    device_ = pick_device(device)
+    dtype_ = pick_dtype(dtype, device_)
+    try:
+        layer_plan = plan(device_.type, dtype_, kernels)
+    except KernelError as exc:
+        raise DeviceError(str(exc)) from None
+    checkpoint = open_checkpoint(model_path)
+    head = f"{checkpoint.path.name} on {device_.type} in {str(dtype_).removeprefix('torch.')}"
+    return head + "\n" + layer_plan.explain(layer_counts(checkpoint.args))
 
 
 def timed_generation(llama, prompt_tokens: list[int], max_gen_len: int, on_token=None, **sampling):

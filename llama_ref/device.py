@@ -37,29 +37,14 @@ def pick_device(requested: str | None = None) -> torch.device:
     return device
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (x86 AVX512-BF16 or AMX, Arm's BF16 extension).
-
-    Elsewhere torch emulates bf16 through fp32 and it is slower than fp32 itself; where it is native,
-    a bf16 matmul ran about 4.5x faster than fp32 here (2 cores, AVX512-BF16), and weights read half the bytes.
-    """
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = {word for line in cpuinfo if line.startswith(("flags", "Features")) for word in line.split()}
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-
-
 def pick_dtype(requested: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """auto: bf16 on a GPU (fp16 on mps, whose bf16 support is partial) and on a CPU with native bf16,
-    fp32 on other CPUs."""
+    """auto: kernels.default_dtype (bf16 where the device computes it natively, else fp32; fp16 on mps)."""
     if isinstance(requested, torch.dtype):
         return requested
     if requested in (None, "auto"):
-        if device.type == "cpu":
-            return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-        return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
+        from llama_ref.kernels import default_dtype
+
+        return default_dtype(device.type)
     if requested not in DTYPES:
         raise DeviceError(f"unknown dtype '{requested}'; use auto, fp32, bf16 or fp16")
     return DTYPES[requested]
@@ -91,7 +76,7 @@ def check_fits(weight_bytes: int, cache_bytes: int, device: torch.device, *, qua
     ways_out = ["a smaller --max-seq-len or batch size (the KV cache needs "
                 f"{cache_bytes / 2**30:.2f} GiB)"]
     if not quantized:
-        ways_out.append("--int8 weights")
+        ways_out.append("--kernels int8-weights")
     if device.type != "cpu":
         ways_out.append("--device cpu")
     raise DeviceError(

@@ -205,7 +205,7 @@ class Engine:
         if anchor and getattr(model, "anchor_len", 0) < model.max_seq_len:
             model.setup_anchor(model.max_seq_len)
         self._anchor_tokens: list[int] = []  # the tokens whose keys and values the anchor holds
-        self.device = model.tok_embeddings.weight.device
+        self.device = model.device
         self.prefill_chunk = prefill_chunk
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self._slots: list[_Row | None] = [None] * model.max_batch_size

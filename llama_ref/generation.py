@@ -25,26 +25,25 @@ from llama_ref.model import Transformer
 class Llama:
     @staticmethod
     def build(model_path: str | Path | None = None, max_seq_len: int = 2048, max_batch_size: int = 4,
-              device: str | None = None, dtype: str | torch.dtype | None = None, int8: bool = False,
-              packed: bool = True, int8_dot: bool = True, compile: bool = False) -> "Llama":
+              device: str | None = None, dtype: str | torch.dtype | None = None, kernels: str = "auto",
+              compile: bool = False) -> "Llama":
         """Load any supported checkpoint (format detected from the path; default: the catalog's default
         model) onto one device, with a KV cache for max_batch_size rows of max_seq_len positions.
-        int8: int8 weights (less memory). packed: in bf16 on a CPU, linear layers laid out for speed: int8
-        weights times int8 activations where the CPU's int8 kernels are exact and int8_dot is on, else bf16
-        in oneDNN's layout with 4-bit copies of the weights a GGUF stores in 4 bits (loading.load_model).
+        kernels: how layers multiply (llama_ref.kernels): "auto" picks by this machine's capabilities,
+        "float" keeps every weight in the dtype, "int8-weights" halves or quarters their memory anywhere.
         compile: decode steps through torch.compile (Transformer.compile_steps), for long generations."""
-        model, tokenizer, chat_template = load_model(model_path or default_model_path(), max_seq_len,
-                                                     max_batch_size, device, dtype, int8, packed,
-                                                     int8_dot)
+        model, tokenizer, chat_template, layer_plan = load_model(model_path or default_model_path(), max_seq_len,
+                                                                 max_batch_size, device, dtype, kernels)
         if compile:
             model.compile_steps()
-        return Llama(model, tokenizer, chat_template)
+        return Llama(model, tokenizer, chat_template, layer_plan)
 
-    def __init__(self, model: Transformer, tokenizer, chat_template: str | None = None):
+    def __init__(self, model: Transformer, tokenizer, chat_template: str | None = None, plan=None):
         self.model = model
         self.tokenizer = tokenizer
-        self.device = model.tok_embeddings.weight.device
+        self.device = model.device
         self.chat_template = chat_template or chat.fallback_template(tokenizer)
+        self.plan = plan  # which kernel each kind of layer got (kernels.Plan), where build() chose
 
     @torch.inference_mode()
     def generate(

@@ -276,8 +276,7 @@ class Transformer(nn.Module):
         row_len (default max_seq_len): what each row's own cache holds, for rows that read the start of
         their prompt from the anchor, a one-row cache of anchor_len positions (forward's `shared`)."""
         args = self.params
-        ref = self.tok_embeddings.weight
-        dtype, device = dtype or ref.dtype, device or ref.device
+        dtype, device = dtype or self.dtype, device or self.device
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.row_len, self.anchor_len = row_len or max_seq_len, anchor_len
         for layer in self.layers:
@@ -288,6 +287,15 @@ class Transformer(nn.Module):
                 layer.attention.anchor = KVCache(1, anchor_len, args.n_kv_heads, args.head_dim, dtype, device)
         self.freqs_cis = precompute_freqs_cis(args.head_dim, max_seq_len, args.rope_theta, args.rope_scaling,
                                               device=device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (a quantized layer's weights have their own)."""
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
 
     def setup_anchor(self, anchor_len: int) -> None:
         """Allocate (or resize) only the anchor, keeping the rows' caches."""

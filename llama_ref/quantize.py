@@ -1,17 +1,18 @@
-"""Weight-only quantisation of linear layers.
+"""How layers hold their weights: the modules behind each kernel of kernels.py's table.
 
-Int8Linear: each output row stored as int8 with one fp scale. Halves bf16 weight memory (a quarter
-of fp32) at a small accuracy cost; activations stay in the model dtype, so no int8 kernels are needed.
-PackedLinear: a bf16 layer that also keeps a GGUF's 4-bit weights packed, for decode steps.
-BlockedLinear: a bf16 layer on a CPU whose weight oneDNN reordered once, at load, instead of at every call;
-small ones also keep an int8 copy for one-row calls.
-W8A8Linear: int8 weights times int8 activations (rounded per token at each call) on a CPU: exact integer
-dot products at twice bf16's rate, from half its bytes.
+Int8Linear (int8-weights): each output row stored as int8 with one fp scale, times float activations.
+Int8Embedding: the same rows for a token table, widened to the model's dtype as they are looked up.
+Int8DotLinear (w8a8, w7a8): int8 weights times activations rounded per token at each call: integer dot
+products at several times fp32's rate, from a quarter of its bytes.
+BlockedLinear, PackedLinear (bf16-blocked): bf16 weights in oneDNN's layout, small ones with int8 copies for
+one-row calls, and 4-bit copies of a GGUF's 4-bit weights for decode steps.
+
+The int8 modules are built empty (on the meta device, at load) and filled by load_float_weight(weight), one
+tensor at a time, so no float copy of the model exists at any point of a load.
 """
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
@@ -21,35 +22,69 @@ from torch import nn
 from llama_ref.quants import GROUP  # values per (scale, min) group of GGUF's Q4_0, Q4_1 and Q4_K blocks
 
 
-def int8_rows(weight: torch.Tensor, slice_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, scales): each row of a float weight (out, in) as int8 in -127..127 times one fp32 scale (its max |w| /
-    127). Rounded slice_rows rows at a time: never an fp32 copy of the whole weight."""
-    weight = weight.detach()
-    scales = weight.abs().amax(dim=1).float().clamp(min=1e-8) / 127.0
-    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-    for start in range(0, weight.shape[0], slice_rows):
-        part = weight[start:start + slice_rows].float() / scales[start:start + slice_rows, None]
-        q[start:start + slice_rows] = torch.round(part).clamp(-127, 127)
-    return q, scales
+def int8_rows(weight, slice_rows: int = 256, limit: int = 127,
+              out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scales): each row of a float weight (out, in) as int8 in -limit..limit times one fp32 scale (its max
+    |w| / limit). Rounded slice_rows rows at a time, in place in a copy of each slice: never an fp32 copy of the
+    whole weight. `weight` is a tensor or a checkpoint's Rows, read a slice at a time; `out` (int8, at least as
+    wide as the weight, on its device) receives q in its first columns."""
+    rows, columns = weight.shape
+    device = out.device if out is not None else getattr(weight, "device", torch.device("cpu"))
+    scales = torch.empty(rows, dtype=torch.float32, device=device)
+    q = torch.empty(weight.shape, dtype=torch.int8, device=device) if out is None else out
+    for start in range(0, rows, slice_rows):
+        part = weight[start:start + slice_rows].detach().to(device, torch.float32, copy=True)
+        scale = scales[start:start + slice_rows]
+        torch.amax(part.abs(), dim=1, out=scale)
+        scale.clamp_(min=1e-8).div_(limit)
+        part.div_(scale[:, None]).round_().clamp_(-limit, limit)
+        q[start:start + slice_rows, :columns] = part
+    return q[:, :columns], scales
 
 
 class Int8Linear(nn.Module):
+    """int8 weights (one scale per output row) times activations in the model's dtype."""
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=None, device=None):
         super().__init__()
+        self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
         # Qwen2's q/k/v biases stay in the model dtype: they are a few thousand numbers
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
 
     @torch.no_grad()
-    def load_float_weight(self, weight: torch.Tensor) -> None:
-        q, scales = int8_rows(weight.to(self.weight.device))
-        self.weight.copy_(q)
+    def load_float_weight(self, weight) -> None:
+        _q, scales = int8_rows(weight, out=self.weight)
         self.scales.copy_(scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        if x.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+            # reads the int8 weight as it is; widening it first would write a float copy at every call
+            flat = x.reshape(-1, self.in_features).contiguous()
+            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales.to(x.dtype))
+            out = out.view(*x.shape[:-1], self.out_features)
+        else:
+            out = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         return out if self.bias is None else out + self.bias
+
+
+class Int8Embedding(nn.Module):
+    """A token table held as int8 rows with one scale each; looked-up rows come back in `dtype`."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype=None, device=None):
+        super().__init__()
+        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(num_embeddings, 1, dtype=torch.float32, device=device))
+        self.dtype = dtype or torch.get_default_dtype()
+
+    @torch.no_grad()
+    def load_float_weight(self, weight) -> None:
+        _q, scales = int8_rows(weight, out=self.weight)
+        self.scales.copy_(scales[:, None])
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return (F.embedding(tokens, self.weight).float() * F.embedding(tokens, self.scales)).to(self.dtype)
 
 
 def _children(model: nn.Module):
@@ -57,14 +92,6 @@ def _children(model: nn.Module):
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             yield module, child_name, f"{name}.{child_name}" if name else child_name, child
-
-
-def quantize_linears(model: nn.Module, skip: tuple[str, ...] = ()) -> None:
-    """Swap every nn.Linear (except those named in skip) for an empty Int8Linear, in place."""
-    for parent, attribute, full_name, child in list(_children(model)):
-        if isinstance(child, nn.Linear) and full_name not in skip:
-            setattr(parent, attribute, Int8Linear(child.in_features, child.out_features, child.bias is not None,
-                                                  dtype=child.weight.dtype, device=child.weight.device))
 
 
 # ---------------------------------------------------------------------------- bf16 weights in oneDNN's layout
@@ -77,9 +104,11 @@ def quantize_linears(model: nn.Module, skip: tuple[str, ...] = ()) -> None:
 
 
 def can_block(linear: nn.Module) -> bool:
-    """Whether this layer's weight can live in oneDNN's layout: bf16 on a CPU, with oneDNN in this torch."""
+    """Whether this layer's weight can live in oneDNN's layout: bf16 on a CPU whose oneDNN does bf16."""
+    from llama_ref.kernels import onednn_bf16
+
     return (isinstance(linear, nn.Linear) and linear.weight is not None and linear.weight.device.type == "cpu"
-            and linear.weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and linear.weight.dtype == torch.bfloat16 and onednn_bf16()
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
@@ -231,10 +260,9 @@ def block_linears(model: nn.Module, int8_copies: bool = True) -> int:
     return changed + _convert(model, make, lambda layer: type(layer) is nn.Linear and can_block(layer))
 
 
-def _convert(model: nn.Module, make, convertible, skip: tuple[str, ...] = (), big_enough=lambda k, n: True) -> int:
-    """Swap each linear layer for which convertible(layer) and big_enough(in, out) hold (but those named in
-    skip) for make(weight, bias), first fusing the layers of FUSED where a module has a slot for them, all
-    are convertible and the fused shape is big enough. Returns how many layers changed. Modules are looked
+def _convert(model: nn.Module, make, convertible) -> int:
+    """Swap each linear layer for which convertible(layer) holds for make(weight, bias), first fusing the layers
+    of FUSED where a module has a slot for them and all are convertible. Returns how many layers changed. Modules are looked
     up by name as it goes: a list of them would keep every replaced weight alive until the end (at load,
     a second copy of the model's weights at the peak)."""
     changed = 0
@@ -242,9 +270,7 @@ def _convert(model: nn.Module, make, convertible, skip: tuple[str, ...] = (), bi
         module = model.get_submodule(prefix)
         for fused, names in FUSED.items():
             parts = [getattr(module, name, None) for name in names]
-            if (not hasattr(module, fused) or not all(part is not None and convertible(part) for part in parts)
-                    or any(f"{prefix}.{name}".lstrip(".") in skip for name in names)
-                    or not big_enough(parts[0].in_features, sum(part.out_features for part in parts))):
+            if not hasattr(module, fused) or not all(part is not None and convertible(part) for part in parts):
                 continue
             biases = [part.bias for part in parts]
             if any(b is None for b in biases) != all(b is None for b in biases):
@@ -260,7 +286,7 @@ def _convert(model: nn.Module, make, convertible, skip: tuple[str, ...] = (), bi
     for full_name in [name for name, _ in model.named_modules()]:
         parent_name, _, attribute = full_name.rpartition(".")
         child = model.get_submodule(full_name)
-        if convertible(child) and full_name not in skip and big_enough(child.in_features, child.out_features):
+        if convertible(child):
             setattr(model.get_submodule(parent_name), attribute, make(child.weight, child.bias))
             changed += 1
         del child
@@ -269,86 +295,69 @@ def _convert(model: nn.Module, make, convertible, skip: tuple[str, ...] = (), bi
 
 # ---------------------------------------------------------------------------- int8 weights and activations
 
-# A CPU with AVX512-VNNI multiplies int8 by int8 at twice the rate of bf16, and int8 weights are half the bytes.
-# W8A8Linear holds each weight as int8 with one scale per output row and, at every call, rounds each input row
-# to int8 with a scale of its own (max |x| / 127). The integer dot products are exact, so a row's result depends
-# on that row alone, whatever else is in the batch and whichever of the two kernels runs:
-# - fbgemm's dynamic linear (torch.ops.quantized.linear_dynamic) for calls of a few rows. It picks its own input
-#   scale from the input's range, so each call hands it the rows already rounded (integers in -127..127) plus
-#   two columns holding -128 and 127 whose weights are zero: the range is then exactly -128..127, the scale 1
-#   and the zero point 128, and it multiplies the same integers.
-# - torch._int_mm (oneDNN) for larger calls, where fbgemm's is slower.
-# Measured on 2 threads (Zen 4, torch 2.13; Qwen2.5-Coder-1.5B's layer shapes, weights cycled through more than
-# the caches hold; ms per layer, against the same layers in bf16 in oneDNN's layout): 1 row 1.7 against 4.7,
-# 8 rows 2.0 against 4.3, 16 rows 2.8 against 5.6; 256 rows 33 against 59 (torch._int_mm).
-# On the default model's answers (teacher-forced, 580 tokens of 5 of the generate post's answers) the next
-# token agreed with plain bf16's at 94.9-100% and the mean KL divergence was 0.003-0.007 nats: about what the
-# 4-bit decode copies above already changed (96-98.5%).
-INT8_FEW_ROWS = 48  # calls of at most this many rows go to fbgemm (measured crossover: 48-64 rows)
+# Int8DotLinear holds each weight as int8 with one scale per output row and, at every call, rounds each input
+# row to int8 with a scale of its own (max |x| / 127). A row's result then depends on that row alone, whatever
+# else is in the batch and whichever kernel runs:
+# - fbgemm, for calls of a few rows, through the op that takes activations already rounded with a given
+#   scale and zero point (torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32): scale 1 and zero
+#   point 128, so it multiplies exactly our integers, and returns fp32 products times the weights' scales.
+# - torch._int_mm (oneDNN) for larger calls, where it is faster than fbgemm (int_mm: on exact int8 CPUs).
+# Weights take 8 bits (-127..127) where the CPU adds int8 products exactly (VNNI, kernels.int8_exact). On AVX2,
+# fbgemm multiplies u8 activations by s8 weights with vpmaddubsw, which adds each pair of products in 16 bits
+# and saturates above 32767: 255 * 127 * 2 does. With 7-bit weights (-63..63) a pair is at most 255 * 63 * 2 =
+# 32130, so the sums are exact again. 7-bit activations would do the same, but lost more: on the default model,
+# teacher-forced against fp32, 93.0% of next tokens agreed with 7-bit activations and 96.3% with 7-bit weights
+# (benchmarks/results/kernels.md).
+INT8_FEW_ROWS = 48  # calls of at most this many rows go to fbgemm where torch._int_mm serves the rest
+FBGEMM_LINEAR = getattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32", None)
 
 
-@functools.cache
-def int8_dot_available() -> bool:
-    """Whether this CPU and torch build compute W8A8Linear's products exactly: fbgemm's dynamic linear (x86)
-    and torch._int_mm, checked once on numbers that would overflow a kernel that adds pairs of u8 * s8
-    products in 16 bits (AVX2 without VNNI), where the result would be wrong."""
-    if not ("fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch, "_int_mm")
-            and hasattr(torch, "_make_per_channel_quantized_tensor")):
-        return False
-    try:
-        layer = W8A8Linear(torch.full((32, 64), 127.0))  # int8 127 with a scale of 1
-        x = torch.full((24, 64), 127.0)  # likewise: u8 255 in fbgemm
-        exact = torch.full((24, 32), 64.0 * 127 * 127)
-        return all(torch.equal(layer(x[:rows]), exact[:rows]) for rows in (1, INT8_FEW_ROWS + 1))
-    except (RuntimeError, NotImplementedError, AttributeError):
-        return False
+class Int8DotLinear(nn.Module):
+    """A linear layer on a CPU with weights of `weight_bits` bits (one scale per output row) in int8, times int8
+    activations rounded per token at each call; returns the input's dtype. Build it empty and
+    load_float_weight(), or from_float(weight)."""
 
-
-class W8A8Linear(nn.Module):
-    """A linear layer on a CPU with int8 weights (one scale per output row) and int8 activations (one scale per
-    token, at each call); returns the input's dtype. Build it from a float weight (out, in)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, weight_bits: int = 8,
+                 int_mm: bool = False, dtype=None, device=None):
         super().__init__()
-        q, scales = int8_rows(weight)
-        self.out_features, self.in_features = q.shape
-        self.register_buffer("q", q, persistent=False)  # (out, in): torch._int_mm reads its transpose
-        self.register_buffer("scales", scales, persistent=False)
-        self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
-        padded = torch.cat([q, q.new_zeros(q.shape[0], 2)], dim=1)
-        with warnings.catch_warnings():  # torch 2.13 warns that quantized tensors will go; int8_dot_available
-            warnings.simplefilter("ignore")  # checks for them, so a torch without them takes the bf16 path
-            qweight = torch._make_per_channel_quantized_tensor(padded, scales.double(),
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_bits, self.int_mm = weight_bits, int_mm
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
+            if bias else None
+        self.fbgemm = None  # fbgemm's own packed copy of the weight
+        self.register_buffer("q", None, persistent=False)  # (out, in), for torch._int_mm (int_mm only)
+        self.register_buffer("scales", None, persistent=False)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, **kwargs) -> "Int8DotLinear":
+        layer = cls(weight.shape[1], weight.shape[0], bias is not None, dtype=weight.dtype, **kwargs)
+        layer.load_float_weight(weight)
+        if bias is not None:
+            layer.bias.data = bias.detach().clone()
+        return layer
+
+    @torch.no_grad()
+    def load_float_weight(self, weight) -> None:
+        q, scales = int8_rows(weight, limit=2 ** (self.weight_bits - 1) - 1)
+        with warnings.catch_warnings():  # torch 2.13 warns that quantized tensors will go; kernels.py checks
+            warnings.simplefilter("ignore")  # for them, so a torch without them takes another kernel
+            qweight = torch._make_per_channel_quantized_tensor(q, scales.double(),
                                                                torch.zeros(q.shape[0], dtype=torch.long), 0)
-            self.fbgemm = torch.ops.quantized.linear_prepack(qweight, None)  # its own packed copy
+            self.fbgemm = torch.ops.quantized.linear_prepack(qweight, None)
+        self.scales = scales
+        self.q = q if self.int_mm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.in_features
         flat = x.reshape(-1, k).float()
         rows = flat.shape[0]
         step = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-30) / 127.0
-        if rows <= INT8_FEW_ROWS:
-            rounded = flat.new_empty(rows, k + 2)
-            torch.round(flat / step, out=rounded[:, :k])
-            rounded[:, k] = -128.0
-            rounded[:, k + 1] = 127.0
-            out = torch.ops.quantized.linear_dynamic(rounded, self.fbgemm, False)  # = products * scales
+        rounded = (flat / step).round_()  # within ±127: step is max |x| / 127
+        if self.q is None or rows <= INT8_FEW_ROWS:
+            out = FBGEMM_LINEAR(rounded, 1.0, 128, self.fbgemm)  # = products * weight scales
         else:
-            out = torch._int_mm(torch.round(flat / step).to(torch.int8), self.q.t()).float()
+            out = torch._int_mm(rounded.to(torch.int8), self.q.t()).float()
             out.mul_(self.scales)
         # in place: a new output-sized tensor per operation costs more than the operation (page faults)
         out = out.mul_(step).to(x.dtype).view(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
-
-
-# Below this many weights a layer stays bf16: W8A8Linear's dozen small operations a call cost more than the
-# bytes it saves (SmolLM2-135M's one-row decode fell from 42 to 26 tok/s with every layer int8, stories15M's
-# from 196 to 112, on the Zen 4 host; Qwen2.5-Coder-1.5B's smallest layer, wo, has 2.4M).
-INT8_MIN_WEIGHTS = 2 ** 21
-
-
-def int8_linears(model: nn.Module, skip: tuple[str, ...] = ("output",)) -> int:
-    """Swap every linear layer of at least INT8_MIN_WEIGHTS weights (but those named in skip) for a
-    W8A8Linear, fusing the layers of FUSED like block_linears. Returns how many layers changed."""
-    return _convert(model, W8A8Linear, lambda layer: type(layer) is nn.Linear, skip,
-                    big_enough=lambda k, n: k * n >= INT8_MIN_WEIGHTS)

@@ -15,7 +15,9 @@ PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):\n 
 
 @pytest.fixture(scope="module")
 def llama():
-    return Llama.build(resolve_model("smollm2-135m"), max_seq_len=256, max_batch_size=4, device="cpu", dtype="fp32")
+    # float layers: the reference, token for token what transformers computes
+    return Llama.build(resolve_model("smollm2-135m"), max_seq_len=256, max_batch_size=4, device="cpu", dtype="fp32",
+                       kernels="float")
 
 
 def encode(llama, text):
@@ -96,8 +98,10 @@ def test_prompt_longer_than_context_is_a_clear_error(llama):
 
 
 def test_int8_weights_stay_close_to_full_precision():
-    full = Llama.build(resolve_model("smollm2-135m"), max_seq_len=64, max_batch_size=1, device="cpu", dtype="fp32")
-    int8 = Llama.build(resolve_model("smollm2-135m"), max_seq_len=64, max_batch_size=1, device="cpu", dtype="fp32", int8=True)
+    full = Llama.build(resolve_model("smollm2-135m"), max_seq_len=64, max_batch_size=1, device="cpu", dtype="fp32",
+                       kernels="float")
+    int8 = Llama.build(resolve_model("smollm2-135m"), max_seq_len=64, max_batch_size=1, device="cpu", dtype="fp32",
+                       kernels="int8-weights")
     tokens = torch.tensor([encode(full, "The quick brown fox jumps over the lazy dog")])
     ref = torch.log_softmax(full.model.forward(tokens, 0), -1)
     approx = torch.log_softmax(int8.model.forward(tokens, 0), -1)

@@ -93,5 +93,5 @@ def test_help_explains_every_option():
     result = run_cli("--help")
     assert result.returncode == 0
     for option in ("--model", "--prompt", "--chat", "--max-tokens", "--temperature", "--top-p", "--seed",
-                   "--device", "--dtype", "--int8", "--no-packed", "--no-int8-dot", "--compile"):
+                   "--device", "--dtype", "--kernels", "--explain-kernels", "--cpu", "--compile"):
         assert option in result.stdout

@@ -1,6 +1,7 @@
-"""4-bit copies of 4-bit GGUF weights for decode steps (quantize.PackedLinear): the same values as the
-bf16 weights they sit beside, used for few rows only. The bf16 path of a CPU without exact int8 products, so
-these tests turn int8_dot off (tests/test_int8_dot.py has the int8 path)."""
+"""The bf16-blocked kernel: bf16 weights in oneDNN's layout (quantize.BlockedLinear), with 4-bit copies of
+4-bit GGUF weights for decode steps (quantize.PackedLinear): the same values as the bf16 weights they sit
+beside, used for few rows only. It needs a CPU whose oneDNN does bf16; tests/test_kernels.py covers what other
+CPUs run instead."""
 
 import pytest
 
@@ -11,7 +12,11 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 from tiny_checkpoints import make_tiny_model, write_gguf  # noqa: E402
 
 from llama_ref import Llama  # noqa: E402
+from llama_ref.kernels import onednn_bf16  # noqa: E402
 from llama_ref.quantize import PACKED_MAX_ROWS, PackedLinear  # noqa: E402
+
+needs_onednn_bf16 = pytest.mark.skipif(not onednn_bf16(), reason="bf16-blocked needs oneDNN's bf16 (AVX512BW/VL/DQ "
+                                       "or AVX-NE-CONVERT), which this CPU lacks")
 
 
 def packed_layers(model):
@@ -32,26 +37,27 @@ def decode_logits(llama, prompt, rows):
     return model.forward(tokens[:, -1:], len(prompt) - 1)[:, -1]
 
 
+@needs_onednn_bf16
 def test_every_four_bit_matrix_gets_a_packed_copy_in_bf16_on_cpu(gguf_path):
-    llama = Llama.build(gguf_path, max_seq_len=64, max_batch_size=2, device="cpu", dtype="bf16", int8_dot=False)
+    llama = Llama.build(gguf_path, max_seq_len=64, max_batch_size=2, device="cpu", dtype="bf16",
+                        kernels="bf16-blocked")
     # 7 matrices in each of 2 layers, and the output matrix
     assert len(packed_layers(llama.model)) == 15
-    for dtype in ("fp32", "bf16"):
-        plain = Llama.build(gguf_path, max_seq_len=64, max_batch_size=2, device="cpu", dtype=dtype,
-                            packed=dtype == "fp32")
-        assert packed_layers(plain.model) == []
+    plain = Llama.build(gguf_path, max_seq_len=64, max_batch_size=2, device="cpu", dtype="bf16", kernels="float")
+    assert packed_layers(plain.model) == []
 
 
+@needs_onednn_bf16
 @pytest.mark.parametrize("rows", [1, PACKED_MAX_ROWS, PACKED_MAX_ROWS + 1])
 def test_decode_steps_read_the_files_values(gguf_path, rows):
     """The packed path is as close to the file's exact (fp32) values as the bf16 weights are."""
     prompt = [1, 37, 99, 200, 5, 17, 301, 44]
     exact = decode_logits(Llama.build(gguf_path, max_seq_len=64, max_batch_size=rows, device="cpu",
-                                      dtype="fp32"), prompt, rows)
+                                      dtype="fp32", kernels="float"), prompt, rows)
     bf16 = decode_logits(Llama.build(gguf_path, max_seq_len=64, max_batch_size=rows, device="cpu",
-                                     dtype="bf16", packed=False), prompt, rows)
+                                     dtype="bf16", kernels="float"), prompt, rows)
     packed = decode_logits(Llama.build(gguf_path, max_seq_len=64, max_batch_size=rows, device="cpu",
-                                       dtype="bf16", int8_dot=False), prompt, rows)
+                                       dtype="bf16", kernels="bf16-blocked"), prompt, rows)
     bf16_error = (bf16 - exact).abs().max().item()
     packed_error = (packed - exact).abs().max().item()
     assert packed_error <= 2 * bf16_error + 1e-3, (packed_error, bf16_error)
@@ -78,6 +84,7 @@ def test_packed_linear_uses_the_4_bit_copy_for_few_rows_only():
     assert not torch.allclose(layer(x[:, :1]).float(), (x[:, :1] @ layer.weight.T).float(), atol=1e-1)
 
 
+@needs_onednn_bf16
 @pytest.mark.parametrize("bias", [False, True])
 def test_a_blocked_layer_multiplies_as_the_plain_one_for_any_number_of_rows(bias):
     from llama_ref.quantize import BlockedLinear
@@ -92,31 +99,36 @@ def test_a_blocked_layer_multiplies_as_the_plain_one_for_any_number_of_rows(bias
         torch.testing.assert_close(blocked(x), plain(x), rtol=1e-2, atol=1e-2)
 
 
-def test_a_tied_output_matrix_is_blocked_as_a_copy_and_the_embedding_stays(tmp_path):
+@needs_onednn_bf16
+def test_a_tied_output_matrix_is_blocked_as_a_copy_and_the_embedding_keeps_its_rows(tmp_path):
     from llama_ref.quantize import BlockedLinear
 
     gguf_path = write_gguf(make_tiny_model(tmp_path, tie_embeddings=True), tmp_path / "tied.gguf", Q.Q4_0)
     plain = Llama.build(gguf_path, max_seq_len=64, max_batch_size=PACKED_MAX_ROWS + 1, device="cpu", dtype="bf16",
-                        packed=False)
+                        kernels="float")
     fast = Llama.build(gguf_path, max_seq_len=64, max_batch_size=PACKED_MAX_ROWS + 1, device="cpu", dtype="bf16",
-                       int8_dot=False)
+                       kernels="bf16-blocked")
     blocked = [name for name, m in fast.model.named_modules()
                if isinstance(m, BlockedLinear) or getattr(m, "blocked", None) is not None]
     assert len(blocked) == 15  # every matrix: 7 in each of 2 layers, and the output
-    assert torch.equal(fast.model.tok_embeddings.weight, plain.model.tok_embeddings.weight)
+    tokens = torch.arange(plain.model.params.vocab_size)[None]
+    torch.testing.assert_close(fast.model.tok_embeddings(tokens), plain.model.tok_embeddings(tokens),
+                               rtol=0.01, atol=0.01 * plain.model.tok_embeddings.weight.abs().max().item())
     # more rows than the 4-bit copies serve: every matrix, the output's copy too, is the bf16 one reordered
     prompt, rows = [1, 37, 99, 200, 5], PACKED_MAX_ROWS + 1
     torch.testing.assert_close(decode_logits(fast, prompt, rows), decode_logits(plain, prompt, rows),
                                rtol=0.02, atol=0.02)
 
 
+@needs_onednn_bf16
 def test_plain_bf16_layers_reading_the_same_input_are_fused_into_one_call(tmp_path):
     """A GGUF without 4-bit weights: wq, wk, wv become one blocked layer, and w1, w3 another; every step
     gives the logits the separate layers give."""
     path = write_gguf(make_tiny_model(tmp_path), tmp_path / "f32.gguf")
     rows = 3
-    plain = Llama.build(path, max_seq_len=64, max_batch_size=rows, device="cpu", dtype="bf16", packed=False)
-    fused = Llama.build(path, max_seq_len=64, max_batch_size=rows, device="cpu", dtype="bf16", int8_dot=False)
+    plain = Llama.build(path, max_seq_len=64, max_batch_size=rows, device="cpu", dtype="bf16", kernels="float")
+    fused = Llama.build(path, max_seq_len=64, max_batch_size=rows, device="cpu", dtype="bf16",
+                        kernels="bf16-blocked")
     for layer in fused.model.layers:
         assert layer.attention.wqkv is not None and layer.attention.wq is None
         assert layer.feed_forward.w13 is not None and layer.feed_forward.w1 is None

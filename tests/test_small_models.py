@@ -19,7 +19,8 @@ from llama_ref.quantize import INT8_COPY_MAX_ROWS, BlockedLinear, can_block, int
 from tiny_checkpoints import make_tiny_model, write_gguf  # noqa: E402
 
 needs_blocking = pytest.mark.skipif(not can_block(torch.nn.Linear(8, 8).bfloat16()),
-                                    reason="this torch has no oneDNN linear for bf16")
+                                    reason="bf16-blocked needs oneDNN's bf16 (AVX512BW/VL/DQ or AVX-NE-CONVERT), "
+                                           "which this CPU lacks")
 
 
 def layer_and_input(rows, seed=0):
@@ -53,7 +54,7 @@ def test_int8_copies_of_a_real_models_weights_predict_the_tokens_bf16_predicts(m
     other layers have 4-bit copies from the GGUF. One-row calls (the copy) against the whole text at once."""
     monkeypatch.setattr(quantize, "INT8_COPY_MAX_WEIGHTS", 2 ** 26)
     llama = Llama.build(resolve_model("smollm2-135m"), max_seq_len=256, max_batch_size=1, device="cpu",
-                        dtype="bf16")
+                        dtype="bf16", kernels="bf16-blocked")
     output = llama.model.output
     assert isinstance(output, BlockedLinear) and output.q is not None
     text = ("def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n"
@@ -83,7 +84,7 @@ def test_a_small_kv_cache_is_fp32_on_a_cpu_and_a_big_one_keeps_the_models_dtype(
 def test_one_token_steps_over_a_fp32_cache_give_the_logits_of_one_whole_pass(tmp_path):
     path = write_gguf(make_tiny_model(tmp_path), tmp_path / "tiny.gguf")
     # plain bf16 layers: steps and the whole pass then differ only in how attention reads the cache
-    llama = Llama.build(path, max_seq_len=64, max_batch_size=1, device="cpu", dtype="bf16", packed=False)
+    llama = Llama.build(path, max_seq_len=64, max_batch_size=1, device="cpu", dtype="bf16", kernels="float")
     assert llama.model.layers[0].attention.cache.k.dtype == torch.float32
     tokens = torch.tensor([llama.tokenizer.encode("Once upon a time there was a little", bos=True, eos=False)])
     with torch.no_grad():
@@ -114,7 +115,8 @@ def test_compiled_steps_compute_what_plain_steps_compute(tiny_gguf, tmp_path, mo
     """In bf16, with the int8 copies a step of this model reads. The compiled kernels round differently (they
     keep fused intermediates in fp32), so the logits are close, not equal."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # compiled here, not read back
-    llama = Llama.build(tiny_gguf, max_seq_len=64, max_batch_size=1, device="cpu", dtype="bf16")
+    llama = Llama.build(tiny_gguf, max_seq_len=64, max_batch_size=1, device="cpu", dtype="bf16",
+                        kernels="bf16-blocked")
     tokens = torch.tensor([llama.tokenizer.encode("Once upon a time there was a little", bos=True, eos=False)])
 
     def steps():

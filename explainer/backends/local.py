@@ -53,7 +53,7 @@ class LocalBackend:
 
     def __init__(self, model: str | os.PathLike | None = None, device: str | None = None,
                  dtype: str | None = None, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                 max_seq_len: int = DEFAULT_MAX_SEQ_LEN):
+                 max_seq_len: int = DEFAULT_MAX_SEQ_LEN, kernels: str = "auto"):
         if max_batch_size < 1:
             raise UserError(f"max_batch_size must be at least 1, got {max_batch_size}")
         from llama_ref.catalog import CATALOG, DEFAULT_MODEL
@@ -62,7 +62,7 @@ class LocalBackend:
         # a catalog name keys the cache by name (its bytes are pinned); a file by its name
         self.model = self._spec if self._spec in CATALOG else Path(self._spec).name
         self._model_path: Path | None = None
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.kernels = device, dtype, kernels
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self._llama = None
         self._engine = None
@@ -192,7 +192,7 @@ class LocalBackend:
             try:
                 # a token cache for now: complete() sizes it to its requests (Engine.reserve)
                 self._llama = Llama.build(self.model_path, max_seq_len=CACHE_STEP, max_batch_size=1,
-                                          device=self.device, dtype=self.dtype)
+                                          device=self.device, dtype=self.dtype, kernels=self.kernels)
             except (CheckpointError, DeviceError, TokenizerError) as exc:
                 raise UserError(str(exc)) from None
         return self._llama
