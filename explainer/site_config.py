@@ -13,7 +13,7 @@ from datetime import date as Date
 from pathlib import Path
 
 from explainer.backends import BackendSettings, backend_kind, default_backend_name
-from explainer.demos import DEFAULT_OUTPUT_LIMIT, DEFAULT_TIMEOUT_S
+from explainer.demos import DEFAULT_OUTPUT_LIMIT, DEFAULT_TIMEOUT_S, checked_timeout
 from explainer.errors import UserError
 from explainer.languages import language
 
@@ -98,9 +98,10 @@ def load_config(path: str | Path) -> SiteConfig:
     _check_pattern(pattern, where)
     jobs = _get(site, "jobs", int, None, where)
     demo_timeout = _get(site, "demo_timeout", (int, float), DEFAULT_TIMEOUT_S, where)
+    demo_timeout = checked_timeout(demo_timeout, f"{where}: [site] demo_timeout = {demo_timeout!r}")
     demo_output_limit = _get(site, "demo_output_limit", int, DEFAULT_OUTPUT_LIMIT, where)
-    if (jobs is not None and jobs < 1) or demo_timeout <= 0 or demo_output_limit <= 0:
-        raise UserError(f"{where}: [site] jobs, demo_timeout and demo_output_limit must be positive")
+    if (jobs is not None and jobs < 1) or demo_output_limit <= 0:
+        raise UserError(f"{where}: [site] jobs and demo_output_limit must be positive")
 
     settings = BackendSettings(
         name=_get(backend, "name", str, None, where),
@@ -128,7 +129,7 @@ def load_config(path: str | Path) -> SiteConfig:
         pattern=pattern, source_lang=source_lang, languages=languages,
         layout=_get(site, "layout", str, "post", where),
         cache_dir=(folder / _get(site, "cache_dir", str, DEFAULT_CACHE_DIR, where)).resolve(),
-        demo_timeout=float(demo_timeout), demo_output_limit=demo_output_limit, jobs=jobs, backend=settings, posts=posts)
+        demo_timeout=demo_timeout, demo_output_limit=demo_output_limit, jobs=jobs, backend=settings, posts=posts)
 
 
 def _catalog_names() -> set[str]:

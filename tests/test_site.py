@@ -234,6 +234,8 @@ def test_demo_output_limit_caps_what_a_demo_publishes(config):
     (lambda c: c["site"].update(pattern="../{lang}/{slug}.md"), "would write outside the site's output folder"),
     (lambda c: c["site"].update(pattern="/tmp/{lang}/{slug}.md"), "would write outside the site's output folder"),
     (lambda c: c["site"].update(demo_output_limit=0), "demo_output_limit must be positive"),
+    (lambda c: c["site"].update(demo_timeout=0), "[site] demo_timeout = 0; write a number of seconds above 0"),
+    (lambda c: c["site"].update(demo_timeout=1e308), "[site] demo_timeout = 1e+308; write a number of seconds"),
     (lambda c: c["site"].update(demo_output_limit="1M"), "demo_output_limit = '1M' should be a int"),
 ])
 def test_config_mistakes_are_one_clear_line(config, edit, message):
