@@ -23,7 +23,7 @@ import jinja2
 from explainer import frontmatter
 from explainer.languages import language
 from explainer.post import Post
-from explainer.safe_markdown import escape_model_html
+from explainer.safe_markdown import escape_model_html, plain_text
 
 # Jekyll runs Liquid over a post before Markdown; a raw block passes text through untouched.
 RAW_OPEN, RAW_CLOSE = "{% raw %}", "{% endraw %}"
@@ -88,14 +88,18 @@ def _templates() -> jinja2.Environment:
     return environment
 
 
-def render_post(post: Post, *, ui: Mapping[str, str] | None = None, translation_notice: str = "",
+def render_post(post: Post, *, ui: Mapping[str, str] | None = None, translated_by: str | None = None,
                 direction: str | None = None, extra_front_matter: Mapping[str, object] | None = None) -> str:
     """The post as Jekyll Markdown.
 
     ui: the strings the page shows (default: explainer/translations/<post.lang>.toml, English
-    for any it lacks). translation_notice: a line shown first, like "ChatGPT helped translate
-    this post." direction: "rtl" or "ltr" (default: the language's); an rtl post says so in its
-    front matter for the layout. extra_front_matter: keys added after the standard ones.
+    for any it lacks). translated_by: the model that translated the post, named in a line shown
+    first (the ui's translation_notice: "ChatGPT helped translate this post."). direction: "rtl" or
+    "ltr" (default: the language's); an rtl post says so in its front matter for the layout.
+    extra_front_matter: keys added after the standard ones.
+
+    The names the ui strings are filled with (model, file) are the user's or a model's words, not
+    Markdown: they are escaped to show as written (safe_markdown.plain_text).
     """
     lang = language(post.lang)
     strings = {**language("en").ui, **lang.ui, **(ui or {})}
@@ -105,8 +109,8 @@ def render_post(post: Post, *, ui: Mapping[str, str] | None = None, translation_
     fields.update(extra_front_matter or {})
     first = min((s.start_line for s in post.sections), default=0)
     last = max((s.end_line for s in post.sections), default=0)
-    fill = {"model": post.model, "path": post.source_path, "start": first, "end": last}
-    notices = [translation_notice] if translation_notice else []
+    fill = {"model": plain_text(post.model), "path": plain_text(post.source_path), "start": first, "end": last}
+    notices = [strings["translation_notice"].format(model=plain_text(translated_by))] if translated_by else []
     if post.model:
         notices.append(strings["explanation_notice"].format(**fill))
     return _templates().get_template("post.md.j2").render(

@@ -240,15 +240,15 @@ class _Build:
         from explainer.render import render_post
         from explainer.translate import translate_post, untranslated_places
 
-        generated, notice = source.post, ""
+        generated, translated_by = source.post, None
         ui = {**language("en").ui, **language(lang).ui}
         if lang != generated.lang:
             generated = translate_post(generated, lang, self.backend, self.cache, usage, untranslated)
-            notice = ui["translation_notice"].format(model=generated.model)
+            translated_by = generated.model
         extra = {"layout": self.config.layout, "dir": language(lang).dir, "ref": post.slug}
         if untranslated:  # a reader can tell a page that mixes languages, and where
             extra["untranslated"] = untranslated_places(untranslated)
-        page = render_post(generated, translation_notice=notice, extra_front_matter=extra)
+        page = render_post(generated, translated_by=translated_by, extra_front_matter=extra)
         if source.demos_markdown:
             page = (f"{page.rstrip()}\n\n## {liquid_safe(ui['demo_output'], inline=True)}\n\n"
                     f"{liquid_safe(source.demos_markdown)}")

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,36 @@ def test_ctrl_c_while_requests_are_in_flight_exits_at_once_and_the_rerun_finishe
     rerun = run(*command[4:], env=environment)
     assert rerun.returncode == 0, rerun.stderr
     assert output.read_text(encoding="utf-8").startswith("---")
+
+
+class PageText(HTMLParser):
+    """The text a reader sees of rendered HTML, and the elements it has."""
+
+    def __init__(self, html: str):
+        super().__init__(convert_charrefs=True)
+        self.text, self.elements = "", set()
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        self.elements.add(tag)
+
+    def handle_data(self, data):
+        self.text += data
+
+
+def test_a_file_name_and_a_model_name_reach_the_page_as_text_not_html(scripted_server, tmp_path):
+    """The review's attack: the caption and the "... explained this code" line carried these names as raw
+    HTML, outside any code block."""
+    sample = tmp_path / "x<img src=x onerror=alert(7)>.py"
+    sample.write_text(SAMPLE, encoding="utf-8")
+    server = scripted_server(echo_script(sample))
+    model = "gpt<svg onload=alert(8)>"
+
+    result = run(sample.name, "--model", model, "--base-url", server.base_url, "--max-lines", str(MAX_LINES),
+                 "--no-cache", env={"OPENAI_API_KEY": "sk-test-not-a-real-key"}, cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    page = PageText(MarkdownIt("commonmark", {"html": True}).render(result.stdout.split("---\n", 2)[2]))
+    assert not page.elements & {"img", "svg"}
+    assert f"{model} explained this code" in page.text
+    assert f"{sample.name}, lines 1–" in page.text
