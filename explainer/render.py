@@ -6,8 +6,8 @@ Liquid over a post before Markdown, code blocks included, so every `{{` and `{%`
 escaped here; nothing the model or the source says can run as a Liquid tag on the site. And kramdown
 passes raw HTML through, so what the model wrote (the introduction and each explanation) is
 published with its HTML escaped by explainer.safe_markdown: a prompt injection in the explained file
-cannot put a script on the site. The title goes into the front matter, as data: layouts print it
-with Liquid's `escape`, as examples/site's do.
+cannot put a script on the site. The title goes into the front matter, as data, escaped the same way
+(layouts print it with Liquid's `escape`, as examples/site's do, but a theme may print it as HTML).
 """
 
 from __future__ import annotations
@@ -103,7 +103,9 @@ def render_post(post: Post, *, ui: Mapping[str, str] | None = None, translated_b
     """
     lang = language(post.lang)
     strings = {**language("en").ui, **lang.ui, **(ui or {})}
-    fields: dict[str, object] = {"layout": "post", "title": post.title, "lang": post.lang, "date": post.date}
+    # the title is the model's words, like the intro: escaped the same way, whatever prints it
+    fields: dict[str, object] = {"layout": "post", "title": escape_model_html(post.title), "lang": post.lang,
+                                 "date": post.date}
     if (direction or lang.dir) == "rtl":
         fields["dir"] = "rtl"
     fields.update(extra_front_matter or {})

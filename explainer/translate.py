@@ -483,7 +483,9 @@ def translate_markdown(text: str, target: str, backend: Backend, cache: Cache | 
                   if data is not None and isinstance(data.get(key), str) and data[key].strip()]
     texts = {name: text, **{f"front matter {key}": data[key] for key in prose_keys}}
     kept: list[str] | None = [] if untranslated is not None else None
-    done = translate_texts(texts, lang.code, backend, cache, usage, source_lang, published_as_markdown={name},
+    # The front matter's prose is published too (layouts print a title or an excerpt, some as HTML): what
+    # the model wrote there is escaped like the body's.
+    done = translate_texts(texts, lang.code, backend, cache, usage, source_lang, published_as_markdown=set(texts),
                            untranslated=kept)
     if data is None:
         data = CommentedMap()
