@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from explainer.backends import Backend, Completion, Request, Usage
+from explainer.backends import Backend, Completion, Request, UnusableAnswer, Usage
 from explainer.errors import UserError
 
 KEY_VERSION = 1  # bump when the key's recipe changes, so old answers are not mistaken for new ones
@@ -103,13 +103,18 @@ def key_for(backend: Backend, request: Request, template_text: str = "") -> str:
 
 def complete_cached(backend: Backend, requests: list[Request], cache: Cache | None, usage: Usage,
                     template_texts: list[str] | None = None,
-                    on_done: Callable[[int, Completion], None] | None = None) -> list[Completion]:
+                    on_done: Callable[[int, Completion], None] | None = None,
+                    unusable: Callable[[Completion], str | None] | None = None) -> list[Completion]:
     """Answer `requests` in order, asking `backend` only for answers not in `cache`.
 
     All misses go to the backend in one call, so it can batch or parallelise them; identical
     requests are sent once. Each answer is stored as it arrives. `cache=None` (--no-cache) reads
     and writes nothing. `usage` counts requests sent, cache hits and tokens spent in this run.
     on_done(index, completion) is called once per request, hits included, never two at a time.
+
+    unusable(completion): why the caller cannot use an answer (None: it can). Such an answer is
+    neither cached nor delivered; a cached one is asked again. Once every other answer has arrived,
+    UnusableAnswer names them, as the backends' error contract does for a cut-off answer.
     """
     if template_texts is None:
         template_texts = [""] * len(requests)
@@ -128,7 +133,7 @@ def complete_cached(backend: Backend, requests: list[Request], cache: Cache | No
     misses: dict[str, list[int]] = {}  # key -> indices of the requests that share it
     for index, key in enumerate(keys):
         hit = cache.get(key) if cache is not None and key not in misses else None
-        if hit is not None:
+        if hit is not None and (unusable is None or unusable(hit) is None):
             usage.cache_hits += 1
             deliver(index, hit)
         else:
@@ -136,20 +141,37 @@ def complete_cached(backend: Backend, requests: list[Request], cache: Cache | No
     if not misses:
         return results
     miss_keys = list(misses)
+    refused: dict[int, str] = {}  # request index -> why its answer is unusable
 
     def arrived(miss_index: int, completion: Completion) -> None:
         key = miss_keys[miss_index]
-        if cache is not None:
+        why = unusable(completion) if unusable is not None else None
+        if why is None and cache is not None:
             cache.put(key, completion)
         with lock:
             usage.requests += 1
             usage.tokens_in += completion.tokens_in
             usage.tokens_out += completion.tokens_out
             for index in misses[key]:
-                deliver(index, completion)
+                if why is None:
+                    deliver(index, completion)
+                else:
+                    refused[index] = why
 
-    answers = backend.complete([requests[misses[key][0]] for key in miss_keys], on_done=arrived)
-    for key, answer in zip(miss_keys, answers):  # the returned list is authoritative
-        for index in misses[key]:
-            results[index] = answer
+    try:
+        answers = backend.complete([requests[misses[key][0]] for key in miss_keys], on_done=arrived)
+    except UnusableAnswer as error:
+        # the backend's reasons are by its own request list, the misses
+        by_request = {index: why for miss_index, why in error.reasons.items()
+                      for index in misses[miss_keys[miss_index]]}
+        refused.update(by_request or {index: str(error) for index, result in enumerate(results) if result is None})
+    else:
+        for key, answer in zip(miss_keys, answers):  # the returned list is authoritative
+            for index in misses[key]:
+                if index not in refused:
+                    results[index] = answer
+    if refused:
+        first = min(refused)
+        others = f" (and {len(refused) - 1} other request(s) of this call)" if len(refused) > 1 else ""
+        raise UnusableAnswer(refused[first] + others, refused)
     return results

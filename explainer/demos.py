@@ -35,6 +35,7 @@ from mdit_py_plugins.front_matter import front_matter_plugin
 
 from explainer.errors import UserError
 from explainer.fileio import write_atomic
+from explainer.markdown_segments import UnreadableMarkdown, read_markdown
 from explainer.render import fence_for, fenced
 
 DEFAULT_TIMEOUT_S = 120.0
@@ -394,7 +395,11 @@ def expand_demos(text: str, runner: DemoRunner | None, source_name: str) -> str:
     lines = text.splitlines(keepends=True)
     parser = MarkdownIt("commonmark").use(front_matter_plugin)
     insertions: dict[int, str] = {}  # line index -> output block to insert before it
-    for token in parser.parse(text):
+    try:
+        tokens = read_markdown(parser, text)
+    except UnreadableMarkdown as exc:
+        raise UserError(f"{source_name}: {exc}") from None
+    for token in tokens:
         if token.type != "fence" or token.map is None:
             continue
         first, end = token.map

@@ -201,3 +201,37 @@ def test_a_file_name_and_a_model_name_reach_the_page_as_text_not_html(scripted_s
     assert not page.elements & {"img", "svg"}
     assert f"{model} explained this code" in page.text
     assert f"{sample.name}, lines 1–" in page.text
+
+
+UNREADABLE = ">1. <!--\n>"  # 9 bytes on which markdown-it-py 4.3.0 raises IndexError
+
+
+def test_an_answer_markdown_it_cannot_read_is_asked_again_and_never_cached(scripted_server, sample, tmp_path):
+    """The review's finding: this answer made explain crash with a traceback, and a rerun crashed again from
+    the cache with 0 requests."""
+    answer = echo_script(sample)
+    server = scripted_server(lambda body: answer(body) if "Your answer must be short" in user_text(body) else UNREADABLE)
+    cache = str(tmp_path / "cache")
+
+    first = explain(server, str(sample), "--cache-dir", cache)
+
+    assert first.returncode == 0, first.stderr
+    assert "Traceback" not in first.stderr and "unreadable as Markdown" in first.stderr
+    chunks = len(chunk_file(sample, max_lines=MAX_LINES).chunks)
+    assert len(server.requests) == 2 * (chunks + 1)  # every answer once, unreadable; then once more, firmer
+    again = explain(server, str(sample), "--cache-dir", cache)
+    assert again.returncode == 0 and again.stdout == first.stdout
+    assert "0 requests," in again.stderr  # the readable answers were cached under the first requests' keys
+
+
+def test_an_answer_that_stays_unreadable_is_one_error_line_and_is_not_cached(scripted_server, sample, tmp_path):
+    server = scripted_server(lambda body: UNREADABLE)
+    cache = str(tmp_path / "cache")
+
+    for run_number in (1, 2):
+        result = explain(server, str(sample), "--cache-dir", cache)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and "markdown-it-py" in errors[0] and "cannot read" in errors[0], result.stderr
+        chunks = len(chunk_file(sample, max_lines=MAX_LINES).chunks)
+        assert len(server.requests) == run_number * 2 * (chunks + 1)  # nothing came from the cache

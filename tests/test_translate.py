@@ -405,6 +405,17 @@ def test_broken_front_matter_in_the_source_is_one_clear_error(scripted_server, o
     assert server.requests == [] and sorted(p.name for p in tmp_path.iterdir()) == ["post.md"]
 
 
+def test_a_source_markdown_it_cannot_read_is_one_clear_error(scripted_server, openai_env, tmp_path):
+    server = scripted_server(well_behaved)
+    post = tmp_path / "post.md"
+    post.write_text("Some text here.\n\n>1. <!--\n>", encoding="utf-8")  # markdown-it-py 4.3.0 raises on it
+    result = CliRunner().invoke(main, ["translate", str(post), "--to", "ar", "--base-url", server.base_url,
+                                       "--no-cache"])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("Error: post.md: markdown-it-py") and "cannot read" in result.stderr
+    assert server.requests == []
+
+
 def test_an_unknown_language_lists_the_known_ones(openai_env, seed_post):
     result = CliRunner().invoke(main, ["translate", str(seed_post), "--to", "ar,xx", "--no-cache"])
     assert result.exit_code == 1
