@@ -438,6 +438,13 @@ class _Handler(BaseHTTPRequestHandler):
 
         constraint = (JsonFieldsConstraint(shape, llama.tokenizer, llama.model.params.vocab_size, max_tokens)
                       if shape is not None else None)
+        if constraint is not None and max_tokens < constraint.closing_bytes:
+            # The constraint closes the object within the budget taking a byte per token at worst; under that,
+            # no token would be allowed, the engine would drop the constraint and the answer would be prose.
+            name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+            raise ApiError(f"the response_format's shortest JSON object takes up to {constraint.closing_bytes} "
+                           f"tokens, more than {name}={max_tokens} allows; raise {name} or leave response_format "
+                           "out", name)
         temperature, top_p, seed = sampling
         if self.server.engine.queued >= self.server.max_queue:
             raise ApiError(f"{self.server.max_queue} requests are already waiting; retry in a moment", status=503,
