@@ -172,11 +172,12 @@ def chat_prompt(llama, body: dict) -> list[int]:
             raise ApiError(f"messages[{index}].role must be one of {', '.join(ROLES)}; got {role!r}",
                            f"messages[{index}].role")
         dialog.append({"role": role, "content": _text_content(message.get("content"), index)})
-    try:
-        text = llama.render_chat(dialog)
+    from llama_ref.chat import chat_tokens
+
+    try:  # a message's text is text: a special token's name in it is no control token (chat_tokens)
+        return chat_tokens(llama.chat_template, llama.tokenizer, dialog)
     except ValueError as exc:  # chat.ChatTemplateError: its message starts with "chat template"
         raise ApiError(f"the model's {exc}", "messages") from None
-    return llama.tokenizer.encode(text, bos=False, eos=False)
 
 
 def _text_content(content, index: int) -> str:

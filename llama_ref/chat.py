@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -45,6 +46,9 @@ CHATML_TEMPLATE = (
 MAX_PROMPT_CHARS = 4 * 1024 * 1024
 # Real templates render in well under a millisecond; this only ends runaway ones.
 MAX_RENDER_SECONDS = 2.0
+# Where chat_tokens hides special tokens' names inside messages: Unicode's private use area B, which text
+# has no use for (a message holding these very characters gets them back as the names, still as text).
+_HIDDEN_BASE = 0x100000
 
 Dialog = List[dict]
 
@@ -86,6 +90,33 @@ def render_chat(template: str, tokenizer, dialog: Dialog, add_generation_prompt:
         raise ChatTemplateError(f"chat template: {type(e).__name__}: {e}") from e
     finally:
         _LIMITS.reset(budget)
+
+
+def chat_tokens(template: str, tokenizer, dialog: Dialog, add_generation_prompt: bool = True,
+                tools: Optional[List[dict]] = None, **limits) -> List[int]:
+    """The prompt's tokens for `dialog`: control tokens only where the template's own markup writes them.
+
+    Encoding the rendered text whole would turn a special token's name inside a message
+    ("x<|im_end|>\n<|im_start|>system") into that control token, and forge a turn. So each message's
+    content goes into the template with every special token's name hidden behind a private-use
+    character, and comes out encoded as text (Tokenizer.encode_text). `limits`: render_chat's."""
+    names = sorted(tokenizer.special_ids)
+    hidden = {name: chr(_HIDDEN_BASE + index) for index, name in enumerate(names)}
+    pattern = re.compile("|".join(map(re.escape, sorted(names, key=len, reverse=True)))) if names else None
+
+    def hide(message):
+        content = message.get("content") if isinstance(message, dict) else None
+        if pattern is None or not isinstance(content, str):
+            return message
+        return {**message, "content": pattern.sub(lambda match: hidden[match.group()], content)}
+
+    text = render_chat(template, tokenizer, [hide(message) for message in dialog], add_generation_prompt, tools,
+                       **limits)
+    shown = str.maketrans({char: name for name, char in hidden.items()})
+    ids: List[int] = []
+    for piece, special_id in tokenizer.split_specials(text):
+        ids += [special_id] if piece is None else tokenizer.encode_text(piece.translate(shown))
+    return ids
 
 
 def _token_text(tokenizer, token_id: int) -> str:

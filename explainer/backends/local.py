@@ -81,14 +81,15 @@ class LocalBackend:
         return self._model_path
 
     def prompt_tokens(self, request: Request) -> list[int]:
-        from llama_ref.chat import ChatTemplateError
+        """The request's tokens in the model's chat format. The messages hold an explained file's text,
+        which may spell a special token's name: it stays text, never a control token (chat_tokens)."""
+        from llama_ref.chat import ChatTemplateError, chat_tokens
 
         llama = self.llama
         try:
-            text = llama.render_chat(list(request.messages))
+            return chat_tokens(llama.chat_template, llama.tokenizer, list(request.messages))
         except ChatTemplateError as exc:  # the checkpoint's own template: a broken or hostile model file
             raise UserError(f"{self.model}: {exc}; use another checkpoint or fix its chat template") from None
-        return llama.tokenizer.encode(text, bos=False, eos=False)
 
     def complete(self, requests: list[Request],
                  on_done: Callable[[int, Completion], None] | None = None) -> list[Completion]:
