@@ -1,8 +1,9 @@
 """Content-addressed answers in SQLite, so a rerun pays only for what changed.
 
-The key is a hash of everything that changes an answer (backend, model, prompt template,
-messages, sampling settings) and of nothing else: never the API key. Each answer is committed
-the moment it arrives, so an interrupted or failed run keeps every answer it paid for.
+The key is a hash of everything that changes an answer (backend, model and, for a local one, its
+content, dtype and kernels; prompt template, messages, sampling settings) and of nothing else: never
+the API key. Each answer is committed the moment it arrives, so an interrupted or failed run keeps
+every answer it paid for.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class Cache:
 
 
 def request_key(backend_name: str, model: str, request: Request, template_text: str = "",
-                endpoint: str | None = None) -> str:
+                endpoint: str | None = None, identity: str | None = None) -> str:
     """sha256 of a canonical JSON of everything that changes the answer to `request`.
 
     Every field of Request takes part, so a sampling setting added later cannot be forgotten here; a
@@ -78,11 +79,15 @@ def request_key(backend_name: str, model: str, request: Request, template_text: 
     cached before.
     `endpoint` is the server a remote backend asks (its base URL): two servers may serve different
     models under one name. The local backend has none, and its keys leave it out.
+    `identity` is what a backend that runs the model here knows of it beyond its name: its content, and
+    the settings that change its numbers (LocalBackend.cache_identity).
     """
     recipe = {"version": KEY_VERSION, "backend": backend_name, "model": model, "template": template_text,
               "request": _without_none(dataclasses.asdict(request))}
     if endpoint is not None:
         recipe["endpoint"] = endpoint
+    if identity is not None:
+        recipe["identity"] = identity
     canonical = json.dumps(recipe, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
@@ -97,8 +102,10 @@ def _without_none(value):
 
 
 def key_for(backend: Backend, request: Request, template_text: str = "") -> str:
-    """The cache key of `request` sent to `backend` (its name, model and, if remote, its base URL)."""
-    return request_key(backend.name, backend.model, request, template_text, getattr(backend, "base_url", None))
+    """The cache key of `request` sent to `backend` (its name, model and, if remote, its base URL; if local,
+    its model's content identity)."""
+    return request_key(backend.name, backend.model, request, template_text, getattr(backend, "base_url", None),
+                       getattr(backend, "cache_identity", None))
 
 
 def complete_cached(backend: Backend, requests: list[Request], cache: Cache | None, usage: Usage,

@@ -17,6 +17,7 @@ Any other answer cut off at max_tokens is an UnusableAnswer, as with the openai 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -53,19 +54,33 @@ class LocalBackend:
 
     def __init__(self, model: str | os.PathLike | None = None, device: str | None = None,
                  dtype: str | None = None, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                 max_seq_len: int = DEFAULT_MAX_SEQ_LEN):
+                 max_seq_len: int = DEFAULT_MAX_SEQ_LEN, kernels: str = "auto"):
         if max_batch_size < 1:
             raise UserError(f"max_batch_size must be at least 1, got {max_batch_size}")
         from llama_ref.catalog import CATALOG, DEFAULT_MODEL
 
         self._spec = DEFAULT_MODEL if model is None else model
-        # a catalog name keys the cache by name (its bytes are pinned); a file by its name
+        # what posts and messages call it: a catalog name, or a checkpoint's file name
         self.model = self._spec if self._spec in CATALOG else Path(self._spec).name
         self._model_path: Path | None = None
         self.device, self.dtype = device, dtype
+        self.kernels = kernels  # which kernels run the layers: they change the numbers, so the answers too
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self._llama = None
         self._engine = None
+
+    @functools.cached_property
+    def cache_identity(self) -> str:
+        """What the answers depend on besides the request (explainer.cache keys by it): the model's content
+        (llama_ref.identity: the catalog's sha256, or a file's size, header and tensor index; never its
+        name, so another file called model.gguf is another model), the dtype and the kernels."""
+        from llama_ref.identity import model_identity
+
+        try:
+            content = model_identity(self._spec)
+        except OSError as exc:
+            raise UserError(f"cannot read the model {self._spec}: {exc.strerror or exc}; check the path") from None
+        return f"{content} dtype={self.dtype or 'auto'} kernels={self.kernels}"
 
     @property
     def model_path(self) -> Path:
