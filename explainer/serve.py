@@ -12,7 +12,10 @@ a request joins the running batch as soon as a row is free, each row stops at it
 stop token, and prompts sharing a start with an earlier one reuse its keys and values. Each
 request's tokens reach its connection as they are produced. A client that goes away, streamed or
 not, frees its row (or its place in the queue) at the engine's next step: before every step the
-engine asks each job's socket whether its client closed or reset it.
+engine asks each job's socket whether its client closed or reset it. Rows are shared fairly between
+clients, a client being the address it connects from (every local process on 127.0.0.1 is one): while
+another address waits, none keeps more than half the rows (llama_ref.engine pauses one and resumes it
+later), so a client with many long requests cannot hold every row.
 
 Limits, as llama.cpp's server and vLLM keep them: a body over max_body_bytes gets 413 before it is
 read, a POST without a valid Content-Length 411 or 400, a socket idle for `timeout` seconds is
@@ -453,7 +456,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             return self.server.engine.submit(Job(prompt, max_tokens, temperature=temperature, top_p=top_p,
                                                  seed=seed, abandoned=lambda: _client_gone(self.connection),
-                                                 constraint=constraint))
+                                                 constraint=constraint, client=self.client_address[0]))
         except EngineStopped:
             raise ApiError("the server is stopping", status=503) from None
 

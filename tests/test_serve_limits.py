@@ -275,3 +275,41 @@ def test_a_dropped_unstreamed_request_frees_the_only_row_for_the_next_request(on
     sock.sendall(long_story(one_row, stream=False))  # nothing comes back until the whole answer would
     drop(sock)
     assert_next_request_is_answered_at_once(one_row, time.monotonic(), cancelled)
+
+
+def test_a_client_holding_every_row_cannot_keep_another_clients_short_request_waiting():
+    """The review's finding: eight requests with max_tokens 4000 made another client's 2-token request time out
+    at 120 s. Here one client (127.0.0.1) holds both rows with long stories; another (127.0.0.2: Linux answers
+    on all of 127/8) asks for 2 tokens and is answered within a few steps, not after ~1000."""
+    import httpx2  # the HTTP client this openai SDK is built on
+
+    from llama_ref.engine import PREEMPT_AFTER_STEPS
+
+    server = open_server("smollm2-135m", "127.0.0.1", 0, max_seq_len=1100, max_batch_size=2, dtype="fp32",
+                         api_key=KEY)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    hogs = []
+    try:
+        for _ in range(2):
+            sock = socket.create_connection(server.server_address[:2], timeout=60)
+            sock.sendall(long_story(server, stream=True))
+            hogs.append((sock, sock.makefile("rb")))
+        for _, stream in hogs:  # both rows are generating, each past the steps that protect it from a pause
+            events = 0
+            while events < PREEMPT_AFTER_STEPS + 2:
+                events += stream.readline().startswith(b"data: ")
+        steps = server.engine.stats["decode_steps"]
+        other_address = openai.DefaultHttpxClient(transport=httpx2.HTTPTransport(local_address="127.0.0.2"))
+        with openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0, http_client=other_address) as client:
+            answer = client.chat.completions.create(model=server.model_name, max_tokens=2, temperature=0,
+                                                    messages=[{"role": "user", "content": "Hi"}])
+        assert answer.usage.completion_tokens == 2
+        assert server.engine.stats["decode_steps"] - steps <= 8  # its prefill and 2 tokens, beside the stories
+        assert server.engine.stats["paused"] == 1
+    finally:
+        for sock, stream in hogs:
+            stream.close()
+            drop(sock)
+        server.shutdown()
+        server.server_close()
