@@ -562,14 +562,24 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
+# Linux reports a peer that closed its end (sent FIN) with POLLRDHUP even while bytes it sent are unread
+_PEER_CLOSED = getattr(select, "POLLRDHUP", 0)
+
+
 def _client_gone(connection: socket.socket) -> bool:
-    """Whether the client closed or reset its connection, answered at once. A readable socket with
-    nothing to read has reached its end; one with data holds a pipelined next request, so its client is
-    still there."""
+    """Whether the client closed or reset its connection, answered at once. A client that sent a byte more
+    after its body and then closed is gone too, though the byte waits unread (POLLRDHUP). Where poll has no
+    POLLRDHUP, a readable socket with nothing to read has reached its end, and one with data holds a
+    pipelined next request."""
     try:
         poller = select.poll()
-        poller.register(connection, select.POLLIN)
-        return bool(poller.poll(0)) and not connection.recv(1, socket.MSG_PEEK)
+        poller.register(connection, select.POLLIN | _PEER_CLOSED)
+        events = poller.poll(0)
+        if not events:
+            return False
+        if events[0][1] & (_PEER_CLOSED | select.POLLHUP | select.POLLERR):
+            return True
+        return not connection.recv(1, socket.MSG_PEEK)
     except (OSError, ValueError):  # reset by the client, or already closed by its handler
         return True
 

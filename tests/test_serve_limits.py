@@ -277,6 +277,25 @@ def test_a_dropped_unstreamed_request_frees_the_only_row_for_the_next_request(on
     assert_next_request_is_answered_at_once(one_row, time.monotonic(), cancelled)
 
 
+def test_a_client_that_closes_with_a_byte_still_unread_frees_its_row_within_a_step(one_row):
+    """The review's bypass: a byte sent after the body, then a close, left the server generating for nobody
+    (at 166 s), because a peek saw the byte and took it for a pipelined request."""
+    cancelled = one_row.engine.stats["cancelled"]
+    sock = socket.create_connection(one_row.server_address[:2], timeout=30)
+    sock.sendall(long_story(one_row, stream=True))
+    with sock.makefile("rb") as stream:
+        assert stream.readline().startswith(b"HTTP/1.1 200")
+        while not stream.readline().startswith(b"data: "):  # the body was read: the story is being written
+            pass
+        sock.sendall(b"x")
+        sock.shutdown(socket.SHUT_WR)  # closes its end, the byte unread on the server's
+        steps = one_row.engine.stats["decode_steps"]
+        status, _, answer = post(one_row, chat(one_row, "Hi"))  # the only row: it must be freed first
+    sock.close()
+    assert status == 200 and one_row.engine.stats["cancelled"] == cancelled + 1
+    assert one_row.engine.stats["decode_steps"] - steps <= 8  # a step to notice, a few for the answer
+
+
 def test_a_client_holding_every_row_cannot_keep_another_clients_short_request_waiting():
     """The review's finding: eight requests with max_tokens 4000 made another client's 2-token request time out
     at 120 s. Here one client (127.0.0.1) holds both rows with long stories; another (127.0.0.2: Linux answers
