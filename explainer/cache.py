@@ -20,8 +20,10 @@ from typing import Callable
 
 from explainer.backends import Backend, Completion, Request, UnusableAnswer, Usage
 from explainer.errors import UserError
+from explainer.fileio import check_inside
 
 KEY_VERSION = 1  # bump when the key's recipe changes, so old answers are not mistaken for new ones
+SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")  # files SQLite writes beside a database
 
 
 def default_cache_dir() -> Path:
@@ -36,11 +38,16 @@ def default_cache_dir() -> Path:
 
 class Cache:
     """answers.sqlite in `directory` (default_cache_dir() when None). Safe to share between
-    threads (one connection behind a lock) and between processes (WAL mode, busy timeout)."""
+    threads (one connection behind a lock) and between processes (WAL mode, busy timeout).
+    `inside`: a folder the database and SQLite's files beside it must not lead out of through a
+    symlink (fileio.check_inside), for a cache in a folder someone else made."""
 
-    def __init__(self, directory: Path | str | None = None):
+    def __init__(self, directory: Path | str | None = None, *, inside: Path | None = None):
         self.path = Path(directory or default_cache_dir()).expanduser() / "answers.sqlite"
         self._lock = threading.Lock()
+        if inside is not None:
+            for path in (self.path, *(self.path.with_name(self.path.name + end) for end in SQLITE_COMPANIONS)):
+                check_inside(path, inside)
         with self._database_errors():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # Autocommit (isolation_level=None): every put is its own committed transaction.

@@ -142,9 +142,11 @@ class DemoRunner:
     """
 
     def __init__(self, project_root: Path, cache_dir: Path | None, *, rerun: bool = False,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, output_limit: int = DEFAULT_OUTPUT_LIMIT):
+                 timeout_s: float = DEFAULT_TIMEOUT_S, output_limit: int = DEFAULT_OUTPUT_LIMIT,
+                 inside: Path | None = None):
         self.project_root = Path(project_root).resolve()
         self.store = Path(cache_dir) / "demos" if cache_dir is not None else None
+        self.inside = inside  # a folder results are never written out of, through a symlink (fileio.check_inside)
         self.rerun = rerun
         self.timeout_s = timeout_s
         self.output_limit = output_limit
@@ -221,7 +223,8 @@ class DemoRunner:
     def _save(self, key: str, result: DemoResult):
         if self.store is not None:
             record = {"output": result.output, "exit_code": result.exit_code, "timed_out": result.timed_out}
-            write_atomic(self.store / f"{key}.json", json.dumps(record, ensure_ascii=False, indent=1))
+            write_atomic(self.store / f"{key}.json", json.dumps(record, ensure_ascii=False, indent=1),
+                         inside=self.inside)
 
     def _execute(self, demo: Demo) -> DemoResult:
         timeout_s = demo.timeout_s or self.timeout_s
