@@ -7,15 +7,15 @@ server-sent events. Bodies, chunks and error objects follow the OpenAI API refer
 enough for one local model, so the server adds no dependency.
 
 Concurrency: every request, once read whole (see "Slow clients"), gets a thread that validates and
-tokenizes it and submits it to llama_ref's Engine, whose one worker thread owns the model. The engine batches continuously:
-a request joins the running batch as soon as a row is free, each row stops at its own max_tokens or
-stop token, and prompts sharing a start with an earlier one reuse its keys and values. Each
-request's tokens reach its connection as they are produced. A client that goes away, streamed or
-not, frees its row (or its place in the queue) at the engine's next step: before every step the
-engine asks each job's socket whether its client closed or reset it. Rows are shared fairly between
-clients, a client being the address it connects from (every local process on 127.0.0.1 is one): while
-another address waits, none keeps more than half the rows (llama_ref.engine pauses one and resumes it
-later), so a client with many long requests cannot hold every row.
+tokenizes it and submits it to llama_ref's Engine, whose one worker thread owns the model. The engine
+batches continuously: a request joins the running batch as soon as a row is free, each row stops at
+its own max_tokens or stop token, and prompts sharing a start with an earlier one reuse its keys and
+values. Each request's tokens reach its connection as they are produced. A client that goes away,
+streamed or not, frees its row (or its place in the queue) at the engine's next step: before every
+step the engine asks each job's socket whether its client closed or reset it. Rows are shared fairly
+between clients, a client being the address it connects from (every local process on 127.0.0.1 is
+one): while another address waits, none keeps more than half the rows (llama_ref.engine pauses one and
+resumes it later), so a client with many long requests cannot hold every row.
 
 Slow clients: one thread (_Intake) reads every connection's request whole, all of them at once, before
 a thread answers it; a connection still sending costs a file descriptor and its bytes, never a thread.

@@ -210,7 +210,8 @@ def test_an_answer_markdown_it_cannot_read_is_asked_again_and_never_cached(scrip
     """The review's finding: this answer made explain crash with a traceback, and a rerun crashed again from
     the cache with 0 requests."""
     answer = echo_script(sample)
-    server = scripted_server(lambda body: answer(body) if "Your answer must be short" in user_text(body) else UNREADABLE)
+    firmer = "Your answer must be short"  # what explain adds when it asks again
+    server = scripted_server(lambda body: answer(body) if firmer in user_text(body) else UNREADABLE)
     cache = str(tmp_path / "cache")
 
     first = explain(server, str(sample), "--cache-dir", cache)
