@@ -455,12 +455,12 @@ class _Intake:
                         except BlockingIOError:
                             break
                 elif key.fileobj in self._reading:  # not closed meanwhile to make room
-                    self._read(key.data)
+                    self._guarded(self._read, key.data)
             for connection, new in arriving:
-                self._take(connection, new)
+                self._guarded(self._take, connection, new)
             now = time.monotonic()
             for connection in [c for c in self._reading.values() if c.deadline <= now]:
-                self._expire(connection)
+                self._guarded(self._expire, connection)
         for connection in self._reading.values():
             self._shut(connection)
         for connection, new in arriving:
@@ -469,6 +469,14 @@ class _Intake:
         self._selector.close()
         self._wake_up.close()
         self._waker.close()
+
+    def _guarded(self, step, connection: _Connection, *args) -> None:
+        """step(connection, *args); a bug of ours closes that connection, not the thread every request needs."""
+        try:
+            step(connection, *args)
+        except Exception as exc:
+            log.error("reading a request from %s failed: %s: %s", connection.peer, type(exc).__name__, exc)
+            self._close(connection)
 
     def _take(self, connection: _Connection, new: bool) -> None:
         if new:  # counted from here until it is closed, whichever thread closes it
