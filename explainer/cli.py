@@ -233,13 +233,18 @@ def translate(post: Path, targets: str, output_dir: Path | None, source_lang: st
 @click.option("--base-url", help="Override the OpenAI-compatible server [default: OPENAI_BASE_URL, else the config's].")
 @click.option("--cache-dir", help="Cache folder for answers and demo results "
                                   "[default: EXPLAINER_CACHE_DIR, else the config's, else .explainer-cache].")
+@click.option("--trust-config", is_flag=True,
+              help="The config is yours: its root, output and cache_dir may lie outside its folder, and its "
+                   "[backend] base_url may get your OPENAI_API_KEY.")
 def build(config_path: Path, only: tuple[str, ...], langs: tuple[str, ...], dry_run: bool, rerun_demos: bool,
-          no_demos: bool, keep_source_on_failure: bool, backend: str | None, model: str | None, base_url: str | None, cache_dir: str | None):
+          no_demos: bool, keep_source_on_failure: bool, backend: str | None, model: str | None, base_url: str | None,
+          cache_dir: str | None, trust_config: bool):
     """Explain, translate and render every post of a site in every language, running its demos.
 
-    Demos are the site's code running on this machine: build only sites you trust, or pass
-    --no-demos. They run from the project root with a clean environment (no keys or tokens),
-    a deadline, and a cap on the output published.
+    A site's config reads and writes only inside its own folder and never sends your API key to a
+    server it names, unless you pass --trust-config. Demos are the site's code running on this
+    machine: run them only for sites you trust, or pass --no-demos. They run from the project root
+    with a clean environment (no keys or tokens), a deadline, and a cap on the output published.
 
     Only what changed is redone: answers and demo results are cached, and files whose bytes
     would not change are not rewritten. Files are written atomically, so an interrupted build
@@ -251,8 +256,8 @@ def build(config_path: Path, only: tuple[str, ...], langs: tuple[str, ...], dry_
 
     if no_demos and rerun_demos:
         raise UserError("--no-demos runs no demo, so --rerun-demos can't rerun them; pass one of the two")
-    config = with_overrides(load_config(config_path), backend=backend, model=model, base_url=base_url,
-                            cache_dir=cache_dir)
+    config = with_overrides(load_config(config_path, trust=trust_config), backend=backend, model=model,
+                            base_url=base_url, cache_dir=cache_dir)
     options = BuildOptions(only=only, languages=tuple(code.strip() for value in langs for code in value.split(",")
                                                       if code.strip()),
                            dry_run=dry_run, rerun_demos=rerun_demos, run_demos=not no_demos,

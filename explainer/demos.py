@@ -18,6 +18,7 @@ import codecs
 import hashlib
 import io
 import json
+import math
 import os
 import shlex
 import shutil
@@ -34,30 +35,31 @@ from mdit_py_plugins.front_matter import front_matter_plugin
 
 from explainer.errors import UserError
 from explainer.fileio import write_atomic
+from explainer.markdown_segments import UnreadableMarkdown, read_markdown
 from explainer.render import fence_for, fenced
 
 DEFAULT_TIMEOUT_S = 120.0
+MAX_TIMEOUT_S = 24 * 3600.0  # a deadline past a day is a typo or an attack (timeout=inf, 1e308), not a demo
 DEFAULT_OUTPUT_LIMIT = 1 << 20  # bytes of a demo's output published; the rest is counted, not kept
 TAIL_LINES = 20  # how much of a failing demo's output the error shows
 _CACHE_VERSION = "demo-v2"  # bump when the stored result's meaning changes (v2: the sandboxed environment)
 _GRACE_S = 5.0  # how long the supervisor may take to clean up after the deadline or SIGTERM
 _SUPERVISOR = Path(__file__).with_name("_demo_supervisor.py")
 
-# The environment a demo sees: only these names of the build's environment, so that a demo can't
-# publish a key or token it was never meant to see. PATH is the build's, the build's interpreter
-# folder first.
+# The environment a demo sees: only these names of the build's environment, each spelled out, so that a
+# demo can't publish a key or token it was never meant to see (a pattern like LC_* let LC_GITHUB_PAT
+# through). PATH is the build's, the build's interpreter folder first.
 DEMO_ENVIRONMENT = (
     "HOME", "USER", "LOGNAME", "SHELL",  # who runs it, and where their files are
-    "LANG", "LANGUAGE", "TZ", "LC_*",  # how text, dates and times read
+    # how text, dates and times read: POSIX's locale categories, and GNU's LANGUAGE
+    "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "LC_COLLATE", "LC_MESSAGES", "LC_MONETARY", "LC_NUMERIC",
+    "LC_TIME", "TZ",
     "TMPDIR",
     "VIRTUAL_ENV", "PYTHONPATH",  # `python` imports what the build imports
     "XDG_CACHE_HOME", "EXPLAINER_CACHE_DIR",  # where llama_ref finds the catalog's models
     "CUDA_VISIBLE_DEVICES",  # which GPU a model demo may use
 )
 DEMO_SETTINGS = {"TERM": "dumb", "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"}  # plain text, as it comes
-# Never passed, whatever the allowlist's patterns match (LC_DEPLOY_KEY). No allowlisted name starts with
-# OPENAI_, so the OpenAI settings never reach a demo either.
-SECRET_SUFFIXES = ("_KEY", "_TOKEN", "_SECRET")
 
 # Fence language -> the interpreter that runs the block's text as one program.
 _RUNNERS = {
@@ -107,18 +109,25 @@ def parse_fence_info(info: str, where: str) -> FenceInfo:
         if is_demo and word == "allow-errors":
             allow_errors = True
         elif is_demo and word.startswith("timeout="):
-            try:
-                timeout_s = float(word.removeprefix("timeout="))
-            except ValueError:
-                timeout_s = -1.0
-            if not timeout_s > 0:
-                raise UserError(f"{where}: demo fence has {word!r}; write a number of seconds, e.g. timeout=300")
+            timeout_s = checked_timeout(word.removeprefix("timeout="), f"{where}: demo fence has {word!r}")
         else:
             rest.append(word)
     if is_demo and code_language not in _RUNNERS:
         raise UserError(f"{where}: can't run a ```{code_language or '(no language)'} demo; "
                         f"mark a {', '.join(sorted(set(_RUNNERS)))} block as demo instead")
     return FenceInfo(code_language, is_demo, allow_errors, timeout_s, rest)
+
+
+def checked_timeout(value, where: str) -> float:
+    """A demo deadline in seconds: a number above 0 and at most MAX_TIMEOUT_S (inf and nan are not)."""
+    try:
+        seconds = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not 0 < seconds <= MAX_TIMEOUT_S:  # false for nan too
+        raise UserError(f"{where}; write a number of seconds above 0 and at most {MAX_TIMEOUT_S:g}, "
+                        f"e.g. timeout=300")
+    return seconds
 
 
 class DemoRunner:
@@ -133,9 +142,11 @@ class DemoRunner:
     """
 
     def __init__(self, project_root: Path, cache_dir: Path | None, *, rerun: bool = False,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, output_limit: int = DEFAULT_OUTPUT_LIMIT):
+                 timeout_s: float = DEFAULT_TIMEOUT_S, output_limit: int = DEFAULT_OUTPUT_LIMIT,
+                 inside: Path | None = None):
         self.project_root = Path(project_root).resolve()
         self.store = Path(cache_dir) / "demos" if cache_dir is not None else None
+        self.inside = inside  # a folder results are never written out of, through a symlink (fileio.check_inside)
         self.rerun = rerun
         self.timeout_s = timeout_s
         self.output_limit = output_limit
@@ -212,7 +223,8 @@ class DemoRunner:
     def _save(self, key: str, result: DemoResult):
         if self.store is not None:
             record = {"output": result.output, "exit_code": result.exit_code, "timed_out": result.timed_out}
-            write_atomic(self.store / f"{key}.json", json.dumps(record, ensure_ascii=False, indent=1))
+            write_atomic(self.store / f"{key}.json", json.dumps(record, ensure_ascii=False, indent=1),
+                         inside=self.inside)
 
     def _execute(self, demo: Demo) -> DemoResult:
         timeout_s = demo.timeout_s or self.timeout_s
@@ -268,18 +280,11 @@ class DemoRunner:
 
 def demo_environment() -> dict[str, str]:
     """The build's environment, cut down to DEMO_ENVIRONMENT, plus DEMO_SETTINGS and PATH."""
-    names = [name for name in DEMO_ENVIRONMENT if not name.endswith("*")]
-    prefixes = tuple(name.removesuffix("*") for name in DEMO_ENVIRONMENT if name.endswith("*"))
-    env = {name: value for name, value in os.environ.items()
-           if (name in names or name.startswith(prefixes)) and not _secret(name)}
+    env = {name: os.environ[name] for name in DEMO_ENVIRONMENT if name in os.environ}
     env.update(DEMO_SETTINGS)
     # `python` in a shell demo means the interpreter running the build (the project's venv).
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])
     return env
-
-
-def _secret(name: str) -> bool:
-    return name.upper().endswith(SECRET_SUFFIXES)
 
 
 def _end(supervisor: subprocess.Popen):
@@ -393,7 +398,11 @@ def expand_demos(text: str, runner: DemoRunner | None, source_name: str) -> str:
     lines = text.splitlines(keepends=True)
     parser = MarkdownIt("commonmark").use(front_matter_plugin)
     insertions: dict[int, str] = {}  # line index -> output block to insert before it
-    for token in parser.parse(text):
+    try:
+        tokens = read_markdown(parser, text)
+    except UnreadableMarkdown as exc:
+        raise UserError(f"{source_name}: {exc}") from None
+    for token in tokens:
         if token.type != "fence" or token.map is None:
             continue
         first, end = token.map

@@ -24,13 +24,15 @@ from typing import Callable
 import jinja2
 from markdown_it import MarkdownIt
 
-from explainer.backends import Backend, Request, UnusableAnswer, Usage
+from explainer.backends import Backend, Completion, Request, UnusableAnswer, Usage
 from explainer.cache import Cache, complete_cached, key_for
 from explainer.chunking import (CODE_LANGUAGES, Chunk, ChunkedFile, Symbol, chunk_file, enclosing_view,
                                 numbered_lines)
 from explainer.languages import Language, language
+from explainer.markdown_segments import UnreadableMarkdown, read_markdown
 from explainer.post import Post, Section
 from explainer.render import fenced
+from explainer.safe_markdown import escape_model_html
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +95,13 @@ def explain_file(path: str | os.PathLike, symbol: str | None = None, *, backend:
     if on_progress is not None:
         on_progress(0, len(requests))
     try:
-        complete_cached(backend, requests, cache, usage, on_done=arrived)
+        complete_cached(backend, requests, cache, usage, on_done=arrived, unusable=unreadable)
     except UnusableAnswer:
         # One more try for what is missing, asking firmly for less: a small model that ran past
         # max_tokens usually restated the code; a second failure fails the post.
         missing = [index for index, answer in enumerate(answers) if answer is None]
-        warn(f"{chunked.path}: {len(missing)} of {len(requests)} answers were unusable (cut off or empty); "
-             "asking again for shorter ones")
+        warn(f"{chunked.path}: {len(missing)} of {len(requests)} answers were unusable (cut off, empty or "
+             "unreadable as Markdown); asking again for shorter ones")
         retries = [firmer(requests[index]) for index in missing]
 
         def retried(k, completion):
@@ -108,7 +110,7 @@ def explain_file(path: str | os.PathLike, symbol: str | None = None, *, backend:
                 cache.put(key_for(backend, requests[missing[k]]), completion)
             arrived(missing[k], completion)
 
-        complete_cached(backend, retries, cache, usage, on_done=retried)
+        complete_cached(backend, retries, cache, usage, on_done=retried, unusable=unreadable)
 
     sections = [_section(chunked, chunk, answer.text, warn) for chunk, answer in zip(chunked.chunks, answers[1:])]
     title, intro = split_title(answers[0].text, default=symbol or Path(chunked.path).name)
@@ -333,11 +335,25 @@ def _markdown() -> MarkdownIt:
     return MarkdownIt("commonmark")
 
 
+def unreadable(answer: Completion) -> str | None:
+    """Why an answer cannot go into a post (None if it can): markdown-it-py fails on it, where the
+    post reads it (its title, its backticked names, its escaping for the site)."""
+    text = answer.text.strip()
+    try:
+        _, intro = split_title(text, default="")
+        for part in {text, intro}:
+            backticked(part)
+            escape_model_html(part)
+    except UnreadableMarkdown as exc:
+        return f"the answer is text that {exc}"
+    return None
+
+
 def split_title(answer: str, default: str) -> tuple[str, str]:
     """(title, introduction) from an answer that should open with a heading; without one, the
     whole answer is the introduction and `default` the title."""
     text = answer.strip()
-    tokens = _markdown().parse(text)
+    tokens = read_markdown(_markdown(), text)
     if len(tokens) < 2 or tokens[0].type != "heading_open" or tokens[0].map is None:
         return default, text
     title = tokens[1].content.strip() or default
@@ -368,7 +384,7 @@ def known_names(chunked: ChunkedFile) -> frozenset[str]:
 def backticked(markdown: str) -> list[str]:
     """The inline code spans of a Markdown text, in order."""
     spans = []
-    for token in _markdown().parse(markdown):
+    for token in read_markdown(_markdown(), markdown):
         spans += [child.content for child in token.children or () if child.type == "code_inline"]
     return spans
 

@@ -10,18 +10,33 @@ import os
 import secrets
 from pathlib import Path
 
+from explainer.errors import UserError
+
 # Temp files start with this prefix, so a crash leftover is easy to recognise; Jekyll also
 # skips names that start with a dot.
 TEMP_PREFIX = ".explainer-tmp-"
 
 
-def write_atomic(path: str | os.PathLike, content: str | bytes) -> bool:
+def check_inside(path: str | os.PathLike, folder: Path) -> None:
+    """Refuse `path` if, with every symlink along it resolved, it is not inside `folder`: a folder that
+    someone else made (a site to build) may hold a link out of it, and nothing may be written through one."""
+    resolved, folder = Path(path).resolve(), folder.resolve()
+    if resolved != folder and folder not in resolved.parents:
+        raise UserError(f"{path} leads to {resolved}, outside {folder}, through a symlink; nothing is written "
+                        f"through it: remove the link, or pass --trust-config if you trust this site")
+
+
+def write_atomic(path: str | os.PathLike, content: str | bytes, *, inside: Path | None = None) -> bool:
     """Write `content` (str is encoded as UTF-8) to `path` atomically; create parent folders.
+    With `inside`, refuse (check_inside) a path whose folder leads out of that folder through a symlink;
+    a symlink at `path` itself is replaced, not followed.
 
     Returns True if the file was written, False if it already held exactly these bytes (then
     it is not touched, so its mtime stays the same).
     """
     path = Path(path)
+    if inside is not None:
+        check_inside(path.parent, inside)
     data = content.encode("utf-8") if isinstance(content, str) else bytes(content)
     try:
         if path.read_bytes() == data:

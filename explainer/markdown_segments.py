@@ -11,14 +11,20 @@ Positions: markdown-it-py maps block tokens to source lines but gives inline tok
 We wrap the inline rules that produce protected tokens so each successful call records the
 character range it consumed, then map those ranges from the inline content back to the source.
 `locate` hands those ranges out for other uses (render.escape_model_html).
+
+markdown-it-py has inputs it cannot read: 4.3.0 raises IndexError on the 9 bytes ">1. <!--\n>". Every
+parse goes through read_markdown, which turns that into UnreadableMarkdown, so a model's answer it
+cannot read is an unusable answer (asked again) and an author's post one error line, never a traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections import Counter
 from dataclasses import dataclass, field
 
+import markdown_it
 from markdown_it import MarkdownIt
 from markdown_it.rules_block import StateBlock
 from markdown_it.rules_inline import StateInline
@@ -26,6 +32,8 @@ from markdown_it.token import Token
 from mdit_py_plugins.dollarmath import dollarmath_plugin
 from mdit_py_plugins.front_matter import front_matter_plugin
 from mdit_py_plugins.gfm_autolink import gfm_autolink_plugin
+
+from explainer.errors import UserError
 
 PLACEHOLDER_START, PLACEHOLDER_END = "⟦", "⟧"
 
@@ -143,6 +151,29 @@ def _recording(rule_name: str, rule):
     return wrapped
 
 
+class UnreadableMarkdown(UserError):
+    """Text markdown-it-py fails on (a bug of the parser, not a mistake of the text's writer)."""
+
+
+def read_markdown(md: MarkdownIt, text: str, env: dict | None = None) -> list[Token]:
+    """md.parse(text, env), with the parser's own failures raised as UnreadableMarkdown."""
+    with _parser_failures():
+        return md.parse(text, env)
+
+
+@contextlib.contextmanager
+def _parser_failures():
+    try:
+        yield
+    except RecursionError:
+        raise UnreadableMarkdown("markdown-it-py cannot read this Markdown (it nests too deeply); "
+                                 "flatten its lists or quotes") from None
+    except Exception as exc:  # IndexError and the like, from inside markdown-it-py
+        raise UnreadableMarkdown(f"markdown-it-py {markdown_it.__version__} cannot read this Markdown "
+                                 f"({type(exc).__name__}: {exc}); reword the text around its HTML, lists "
+                                 "and quotes") from None
+
+
 @functools.cache
 def parser() -> MarkdownIt:
     """The one Markdown parser used to split documents and to check translations."""
@@ -183,7 +214,8 @@ def _looks_like_url(text: str) -> bool:
 def _consumed(content: str, env: dict) -> list[_Consumed]:
     """What each inline rule made of one inline content, with the range it consumed."""
     record: list[_Consumed] = []
-    parser().inline.parse(content, parser(), {**env, _RECORD: record}, [])
+    with _parser_failures():
+        parser().inline.parse(content, parser(), {**env, _RECORD: record}, [])
     return record
 
 
@@ -451,7 +483,7 @@ def split_document(text: str) -> Document:
     """Parse a Markdown document into its front matter and its prose segments, in order."""
     source = normalize(text)
     env: dict = {}
-    tokens = parser().parse(source, env)
+    tokens = read_markdown(parser(), source, env)
     line_offsets = _line_offsets(source)
     front_matter, segments, unmapped = None, [], []
     for token in tokens:
@@ -484,7 +516,7 @@ def locate(text: str) -> tuple[str, list[Located]]:
     cannot be located (see Document.unmapped_lines) gives no pieces of its own."""
     source = normalize(text)
     env: dict = {}
-    tokens = parser().parse(source, env)
+    tokens = read_markdown(parser(), source, env)
     line_offsets = _line_offsets(source)
 
     def offset(line: int) -> int:
@@ -546,7 +578,7 @@ class Structure:
 
 def structure(text: str) -> Structure:
     """The parts of a document a translation must not change."""
-    tokens = parser().parse(normalize(text), {})
+    tokens = read_markdown(parser(), normalize(text), {})
     blocks, inline, headings, links, images = [], [], [], [], []
     counts = Counter()
     for token in tokens:

@@ -6,8 +6,8 @@ Liquid over a post before Markdown, code blocks included, so every `{{` and `{%`
 escaped here; nothing the model or the source says can run as a Liquid tag on the site. And kramdown
 passes raw HTML through, so what the model wrote (the introduction and each explanation) is
 published with its HTML escaped by explainer.safe_markdown: a prompt injection in the explained file
-cannot put a script on the site. The title goes into the front matter, as data: layouts print it
-with Liquid's `escape`, as examples/site's do.
+cannot put a script on the site. The title goes into the front matter, as data, escaped the same way
+(layouts print it with Liquid's `escape`, as examples/site's do, but a theme may print it as HTML).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import jinja2
 from explainer import frontmatter
 from explainer.languages import language
 from explainer.post import Post
-from explainer.safe_markdown import escape_model_html
+from explainer.safe_markdown import escape_model_html, plain_text
 
 # Jekyll runs Liquid over a post before Markdown; a raw block passes text through untouched.
 RAW_OPEN, RAW_CLOSE = "{% raw %}", "{% endraw %}"
@@ -88,25 +88,31 @@ def _templates() -> jinja2.Environment:
     return environment
 
 
-def render_post(post: Post, *, ui: Mapping[str, str] | None = None, translation_notice: str = "",
+def render_post(post: Post, *, ui: Mapping[str, str] | None = None, translated_by: str | None = None,
                 direction: str | None = None, extra_front_matter: Mapping[str, object] | None = None) -> str:
     """The post as Jekyll Markdown.
 
     ui: the strings the page shows (default: explainer/translations/<post.lang>.toml, English
-    for any it lacks). translation_notice: a line shown first, like "ChatGPT helped translate
-    this post." direction: "rtl" or "ltr" (default: the language's); an rtl post says so in its
-    front matter for the layout. extra_front_matter: keys added after the standard ones.
+    for any it lacks). translated_by: the model that translated the post, named in a line shown
+    first (the ui's translation_notice: "ChatGPT helped translate this post."). direction: "rtl" or
+    "ltr" (default: the language's); an rtl post says so in its front matter for the layout.
+    extra_front_matter: keys added after the standard ones.
+
+    The names the ui strings are filled with (model, file) are the user's or a model's words, not
+    Markdown: they are escaped to show as written (safe_markdown.plain_text).
     """
     lang = language(post.lang)
     strings = {**language("en").ui, **lang.ui, **(ui or {})}
-    fields: dict[str, object] = {"layout": "post", "title": post.title, "lang": post.lang, "date": post.date}
+    # the title is the model's words, like the intro: escaped the same way, whatever prints it
+    fields: dict[str, object] = {"layout": "post", "title": escape_model_html(post.title), "lang": post.lang,
+                                 "date": post.date}
     if (direction or lang.dir) == "rtl":
         fields["dir"] = "rtl"
     fields.update(extra_front_matter or {})
     first = min((s.start_line for s in post.sections), default=0)
     last = max((s.end_line for s in post.sections), default=0)
-    fill = {"model": post.model, "path": post.source_path, "start": first, "end": last}
-    notices = [translation_notice] if translation_notice else []
+    fill = {"model": plain_text(post.model), "path": plain_text(post.source_path), "start": first, "end": last}
+    notices = [strings["translation_notice"].format(model=plain_text(translated_by))] if translated_by else []
     if post.model:
         notices.append(strings["explanation_notice"].format(**fill))
     return _templates().get_template("post.md.j2").render(

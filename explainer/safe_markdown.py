@@ -6,11 +6,15 @@ Markdown formatting alone. markdown-it-py (markdown_segments.locate) says where 
 kramdown reads the text by rules of its own, and only what kramdown reads matters on the site: so
 whatever kramdown could read otherwise than markdown-it does is made inert too. Each such rule
 below answers a case found by running kramdown itself over generated text.
+
+Names are not Markdown at all: a file name or a model name that reaches a caption or a notice is
+shown as written by plain_text, whatever it holds (`x<img src=x onerror=...>.py`).
 """
 
 from __future__ import annotations
 
 import html
+import unicodedata
 
 from explainer.markdown_segments import Located, locate
 
@@ -23,6 +27,41 @@ SAFE_AUTOLINKS = ("http://", "https://", "mailto:")
 SCHEME_GAPS = frozenset(" \t\r\n>")
 _LONGEST_SCHEME = max(map(len, SCRIPT_SCHEMES))
 _TEXT, _LITERAL, _HTML, _REWRITTEN = 0, 1, 2, 3  # how each character of the source is escaped
+
+
+# Punctuation that starts Markdown anywhere in a line (emphasis, code, links, images, kramdown's {: and $$
+# math, GFM tables), escaped with a backslash: kramdown and CommonMark both take these escapes.
+_INLINE_SYNTAX = frozenset("\\`*[]{}!|$")
+# Punctuation that starts a block only at the start of a line (headings, lists, quotes, setext underlines).
+_BLOCK_STARTS = frozenset("#+-=")
+# kramdown does not take \~ or \& (the backslash would show), so these are character references.
+_REFERENCES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", "~": "&#126;"}
+
+
+def plain_text(text: str) -> str:
+    """`text` (a file name, a model name: anything that is not Markdown) as Markdown, on one line, that
+    kramdown and CommonMark both show as written, with no HTML, link or formatting of its own.
+
+    A line break or other control character shows as a space: a name must not start a block. An
+    underscore inside a word stays as it is (neither reads it as emphasis), so `llama_ref/model.py`
+    reads the same in the page's source."""
+    text = "".join(" " if unicodedata.category(char) == "Cc" else char for char in text).strip()
+    out = []
+    for index, char in enumerate(text):
+        if char in _REFERENCES:
+            out.append(_REFERENCES[char])
+        elif (char in _INLINE_SYNTAX or (index == 0 and char in _BLOCK_STARTS)
+              or (char == "_" and not _inside_word(text, index))):
+            out.append("\\" + char)
+        elif char in ".)" and text[:index].isdigit():  # "1. " or "1) " would start an ordered list
+            out.append("\\" + char)
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def _inside_word(text: str, index: int) -> bool:
+    return 0 < index < len(text) - 1 and text[index - 1].isalnum() and text[index + 1].isalnum()
 
 
 def escape_model_html(markdown: str) -> str:

@@ -3,22 +3,33 @@
 Any OpenAI client (our openai backend, the official SDK, curl) can then use the local model:
 GET /v1/models, POST /v1/chat/completions and POST /v1/completions, whole or streamed as
 server-sent events. Bodies, chunks and error objects follow the OpenAI API reference
-(https://platform.openai.com/docs/api-reference/chat). The standard library's
-ThreadingHTTPServer is enough for one local model, so the server adds no dependency.
+(https://platform.openai.com/docs/api-reference/chat). The standard library's http.server is
+enough for one local model, so the server adds no dependency.
 
-Concurrency: every connection gets a thread that validates and tokenizes its request and submits
-it to llama_ref's Engine, whose one worker thread owns the model. The engine batches continuously:
-a request joins the running batch as soon as a row is free, each row stops at its own max_tokens or
-stop token, and prompts sharing a start with an earlier one reuse its keys and values. Each
-request's tokens reach its connection as they are produced. A client that goes away, streamed or
-not, frees its row (or its place in the queue) at the engine's next step: before every step the
-engine asks each job's socket whether its client closed or reset it.
+Concurrency: every request, once read whole (see "Slow clients"), gets a thread that validates and
+tokenizes it and submits it to llama_ref's Engine, whose one worker thread owns the model. The engine
+batches continuously: a request joins the running batch as soon as a row is free, each row stops at
+its own max_tokens or stop token, and prompts sharing a start with an earlier one reuse its keys and
+values. Each request's tokens reach its connection as they are produced. A client that goes away,
+streamed or not, frees its row (or its place in the queue) at the engine's next step: before every
+step the engine asks each job's socket whether its client closed or reset it. Rows are shared fairly
+between clients, a client being the address it connects from (every local process on 127.0.0.1 is
+one): while another address waits, none keeps more than half the rows (llama_ref.engine pauses one and
+resumes it later), so a client with many long requests cannot hold every row.
+
+Slow clients: one thread (_Intake) reads every connection's request whole, all of them at once, before
+a thread answers it; a connection still sending costs a file descriptor and its bytes, never a thread.
+A request's line and headers must arrive within header_timeout seconds and its body within
+body_timeout (else 408), however slowly they trickle in; a kept-alive connection that sends nothing
+for `timeout` seconds is closed. Each header line is checked as it arrives (Host, Origin, the API key),
+so a wrong key is refused at once. Past max_connections_per_peer open connections of one address, or
+max_open_connections of all, the oldest that is still being read is closed, those without the key
+first. So 64 sockets that never finish their headers hold up nobody.
 
 Limits, as llama.cpp's server and vLLM keep them: a body over max_body_bytes gets 413 before it is
-read, a POST without a valid Content-Length 411 or 400, a socket idle for `timeout` seconds is
-closed (with 408 if it stalled halfway through a body), and past max_connections open connections or
-max_queue waiting requests a client gets 503 with Retry-After. Every failure is a JSON error body;
-nothing a client sends reaches a traceback.
+read, a POST without a valid Content-Length 411 or 400, headers over MAX_HEADER_BYTES 431, and past
+max_connections requests being answered or max_queue waiting ones a client gets 503 with Retry-After.
+Every failure is a JSON error body; nothing a client sends reaches a traceback.
 
 Access: with an API key (--api-key or EXPLAINER_API_KEY), every request needs `Authorization: Bearer
 KEY` (compared in constant time); without one the server listens on loopback only. POSTs must be
@@ -36,17 +47,21 @@ torch is imported only when a model is loaded (open_server), never by importing 
 from __future__ import annotations
 
 import hmac
+import io
 import ipaddress
 import json
 import logging
 import os
 import re
 import select
+import selectors
 import socket
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from urllib.parse import urlsplit
 from pathlib import Path
 from typing import Iterator
@@ -60,9 +75,16 @@ UNSUPPORTED_FIELDS = ("stop", "logprobs", "tools", "echo", "suffix")
 TEXT_COMPLETION_DEFAULT_MAX_TOKENS = 16  # the legacy completions API's documented default
 GREEDY = (0.0, 1.0, None)  # (temperature, top_p, seed) of every temperature-0 request: top_p and seed don't matter
 DEFAULT_MAX_BODY_BYTES = 8 << 20
-DEFAULT_MAX_CONNECTIONS = 64
+DEFAULT_MAX_CONNECTIONS = 64  # requests being answered at once (a thread each); more get 503
 DEFAULT_MAX_QUEUE = 64  # requests waiting for a row; more get 503 at once rather than wait for minutes
-DEFAULT_TIMEOUT_S = 60.0  # a socket that sends nothing for this long is closed
+DEFAULT_TIMEOUT_S = 60.0  # a kept-alive connection that sends nothing for this long is closed
+DEFAULT_HEADER_TIMEOUT_S = 10.0  # a request's line and headers must all arrive within this
+DEFAULT_BODY_TIMEOUT_S = 60.0  # and its body within this, from the end of its headers
+# Open connections, being read or answered: of one address, and of all (each costs a file descriptor).
+# Past either, the oldest connection of that address (or of any) that is still being read is closed.
+DEFAULT_MAX_CONNECTIONS_PER_PEER = 128
+DEFAULT_MAX_OPEN_CONNECTIONS = 512
+MAX_HEADER_BYTES = 64 << 10  # a request line and headers longer than this get 431
 # A token of these vocabularies is at most a few dozen bytes, so a prompt this many times longer in bytes
 # than the context cannot fit: it is refused before tokenising it costs anything.
 MAX_BYTES_PER_TOKEN = 64
@@ -172,11 +194,12 @@ def chat_prompt(llama, body: dict) -> list[int]:
             raise ApiError(f"messages[{index}].role must be one of {', '.join(ROLES)}; got {role!r}",
                            f"messages[{index}].role")
         dialog.append({"role": role, "content": _text_content(message.get("content"), index)})
-    try:
-        text = llama.render_chat(dialog)
+    from llama_ref.chat import chat_tokens
+
+    try:  # a message's text is text: a special token's name in it is no control token (chat_tokens)
+        return chat_tokens(llama.chat_template, llama.tokenizer, dialog)
     except ValueError as exc:  # chat.ChatTemplateError: its message starts with "chat template"
         raise ApiError(f"the model's {exc}", "messages") from None
-    return llama.tokenizer.encode(text, bos=False, eos=False)
 
 
 def _text_content(content, index: int) -> str:
@@ -219,19 +242,22 @@ def fit_max_tokens(body: dict, prompt_length: int, max_seq_len: int, prompt_fiel
 
 # ------------------------------------------------------------------------------------ the server
 
-class ModelServer(ThreadingHTTPServer):
-    """The HTTP server: one model, one worker thread stepping the engine, a thread per connection.
+class ModelServer(HTTPServer):
+    """The HTTP server: one model, one worker thread stepping the engine, one thread reading requests
+    (_Intake), and a thread per request being answered.
 
-    Use it as a context manager or call server_close() to stop the worker."""
+    Use it as a context manager or call server_close() to stop the threads."""
 
     # socketserver's backlog is 5: a burst of clients overflowed it, and each connection the kernel dropped
-    # waited a second for its retry. Waiting in the kernel's queue costs nothing; past max_connections the
-    # accept loop answers 503 at once.
+    # waited a second for its retry. Waiting in the kernel's queue costs nothing.
     request_queue_size = socket.SOMAXCONN
 
     def __init__(self, address: tuple[str, int], llama, model_name: str, *, api_key: str | None = None,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                 max_queue: int = DEFAULT_MAX_QUEUE, timeout: float = DEFAULT_TIMEOUT_S):
+                 max_queue: int = DEFAULT_MAX_QUEUE, timeout: float = DEFAULT_TIMEOUT_S,
+                 header_timeout: float = DEFAULT_HEADER_TIMEOUT_S, body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
+                 max_connections_per_peer: int = DEFAULT_MAX_CONNECTIONS_PER_PEER,
+                 max_open_connections: int = DEFAULT_MAX_OPEN_CONNECTIONS):
         from llama_ref.engine import Engine
 
         check_exposure(address[0], api_key)
@@ -243,34 +269,45 @@ class ModelServer(ThreadingHTTPServer):
         self.created = int(time.time())
         self.api_key = api_key
         self.max_body_bytes, self.max_queue, self.socket_timeout = max_body_bytes, max_queue, timeout
-        self._connections = threading.BoundedSemaphore(max_connections)
+        self.header_timeout, self.body_timeout = header_timeout, body_timeout
+        self.max_connections_per_peer, self.max_open_connections = max_connections_per_peer, max_open_connections
+        self.answering = threading.BoundedSemaphore(max_connections)
+        self._intake = _Intake(self)
         self._worker = threading.Thread(target=self.engine.serve_forever, name="explainer-serve-generate")
         self._worker.start()
 
     def process_request(self, request, client_address):
-        """A thread per connection, up to max_connections; past that a 503 at once, and the socket closed."""
-        if not self._connections.acquire(blocking=False):
-            error = ApiError("too many connections; retry in a moment", status=503, code="server_busy")
-            data = json.dumps(error.body()).encode()
-            try:
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n"
-                                b"Content-Type: application/json\r\nConnection: close\r\n"
-                                + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._connections.release()
-            raise
+        """A new connection: its request is read by the intake thread, whole, before a thread answers it."""
+        self._intake.accept(request, client_address)
 
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._connections.release()
+    def header_error(self, name: str, value: str) -> ApiError | None:
+        """What makes one header line (its name in lower case) a refusal, known as soon as it arrives: a Host
+        or an Origin other than this machine's while on loopback, or a wrong API key."""
+        if name == "host" and self.on_loopback:
+            host = urlsplit(f"//{value}").hostname
+            if host is None or not _is_loopback(host):
+                return ApiError(f"Host {value!r} is not this machine; this server answers requests for 127.0.0.1, "
+                                f"::1 or localhost only", status=403, code="forbidden")
+        if name == "origin" and self.on_loopback and not _is_loopback_origin(value):
+            return ApiError(f"requests from web pages of {value} are not allowed", status=403, code="forbidden")
+        if name == "authorization" and self.api_key is not None:
+            if not hmac.compare_digest(value.encode("utf-8", "replace"), f"Bearer {self.api_key}".encode()):
+                return self._key_required()
+        return None
+
+    def missing_header_error(self, names: set[str]) -> ApiError | None:
+        """What a request whose headers are complete lacks: a Host on loopback, the API key."""
+        if self.on_loopback and "host" not in names:
+            return ApiError("no Host header; this server answers requests for 127.0.0.1, ::1 or localhost only",
+                            status=403, code="forbidden")
+        if self.api_key is not None and "authorization" not in names:
+            return self._key_required()
+        return None
+
+    @staticmethod
+    def _key_required() -> ApiError:
+        return ApiError("a valid API key is required: send Authorization: Bearer KEY", status=401,
+                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     @property
     def base_url(self) -> str:
@@ -285,6 +322,7 @@ class ModelServer(ThreadingHTTPServer):
         """Stop listening and stop the worker, within one generation step. The worker is joined, not
         left as a daemon, because torch aborts the process if the interpreter exits while a daemon
         thread is still inside its C++ code."""
+        self._intake.close()
         super().server_close()
         self.engine.close()
         self._worker.join()
@@ -330,23 +368,308 @@ def _served_name(backend: LocalBackend) -> str:
     return path.stem if path.is_file() else path.name
 
 
+@dataclass(eq=False)
+class _Connection:
+    """A connection the intake is reading a request from."""
+
+    sock: socket.socket
+    address: tuple
+    deadline: float  # closed then (idle, headers), or answered 408 (body)
+    since: float  # when it came (or came back): the oldest is closed first past a limit
+    data: bytearray = field(default_factory=bytearray)
+    reading: str = "headers"  # "idle" (kept alive, nothing of the next request yet), "headers", "body"
+    checked: int = 0  # bytes of data whose lines have been checked
+    method: bytes | None = None  # from the request line, once it is there
+    names: set = field(default_factory=set)  # header names seen, in lower case
+    content_length: str | None = None
+    expect_continue: bool = False
+    head: int = 0  # bytes of the request line and headers, once complete
+    length: int = 0  # bytes of body to read
+    has_key: bool = False  # sent the right API key
+
+    @property
+    def peer(self) -> str:
+        return self.address[0]
+
+
+class _Intake:
+    """One thread that reads every connection's request, whole, with a selector, and hands each complete
+    request to a thread that answers it (ModelServer.answering bounds how many); a kept-alive connection
+    comes back here for its next request. See the module docstring's "Slow clients"."""
+
+    def __init__(self, server: ModelServer):
+        self.server = server
+        self._selector = selectors.DefaultSelector()
+        self._wake_up, self._waker = socket.socketpair()
+        for end in (self._wake_up, self._waker):
+            end.setblocking(False)
+        self._selector.register(self._wake_up, selectors.EVENT_READ)
+        self._lock = threading.Lock()
+        self._arriving: list[tuple[_Connection, bool]] = []  # (connection, new): from other threads
+        self._reading: dict[socket.socket, _Connection] = {}  # this thread's alone
+        self._open: dict[str, int] = {}  # address -> connections open, read here or being answered
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="explainer-serve-read", daemon=True)
+        self._thread.start()
+
+    def accept(self, sock: socket.socket, address: tuple) -> None:
+        """A new connection (from the accepting thread)."""
+        now = time.monotonic()
+        self._arrive(_Connection(sock, address, deadline=now + self.server.header_timeout, since=now), new=True)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+        self._wake()
+        self._thread.join()
+
+    def _arrive(self, connection: _Connection, new: bool) -> None:
+        with self._lock:
+            closing = self._closing
+            if not closing:
+                self._arriving.append((connection, new))
+        if closing:
+            self._shut(connection, counted=not new)
+        else:
+            self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._waker.send(b"\0")
+        except BlockingIOError:  # its buffer is full of wake-ups already
+            pass
+
+    def _run(self) -> None:
+        while True:
+            deadline = min((c.deadline for c in self._reading.values()), default=None)
+            events = self._selector.select(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            with self._lock:
+                closing, arriving, self._arriving = self._closing, self._arriving, []
+            if closing:
+                break
+            for key, _ in events:
+                if key.fileobj is self._wake_up:
+                    while True:
+                        try:
+                            self._wake_up.recv(4096)
+                        except BlockingIOError:
+                            break
+                elif key.fileobj in self._reading:  # not closed meanwhile to make room
+                    self._guarded(self._read, key.data)
+            for connection, new in arriving:
+                self._guarded(self._take, connection, new)
+            now = time.monotonic()
+            for connection in [c for c in self._reading.values() if c.deadline <= now]:
+                self._guarded(self._expire, connection)
+        for connection in self._reading.values():
+            self._shut(connection)
+        for connection, new in arriving:
+            self._shut(connection, counted=not new)
+        self._reading.clear()
+        self._selector.close()
+        self._wake_up.close()
+        self._waker.close()
+
+    def _guarded(self, step, connection: _Connection, *args) -> None:
+        """step(connection, *args); a bug of ours closes that connection, not the thread every request needs."""
+        try:
+            step(connection, *args)
+        except Exception as exc:
+            log.error("reading a request from %s failed: %s: %s", connection.peer, type(exc).__name__, exc)
+            self._close(connection)
+
+    def _take(self, connection: _Connection, new: bool) -> None:
+        if new:  # counted from here until it is closed, whichever thread closes it
+            with self._lock:
+                self._open[connection.peer] = self._open.get(connection.peer, 0) + 1
+        if new and not self._make_room(connection.peer):
+            return self._refuse(connection, ApiError("too many connections; retry in a moment", status=503,
+                                                     code="server_busy", headers={"Retry-After": "1"}))
+        connection.sock.setblocking(False)
+        self._selector.register(connection.sock, selectors.EVENT_READ, connection)
+        self._reading[connection.sock] = connection
+        if connection.data:  # a pipelined next request came with the last one
+            self._advance(connection)
+
+    def _make_room(self, peer: str) -> bool:
+        """Within the limits on open connections, by closing the oldest being read of this address (past its
+        limit) or of all, those without the key first; False if none can be closed."""
+        with self._lock:
+            over_peer = self._open[peer] > self.server.max_connections_per_peer
+            over_all = sum(self._open.values()) > self.server.max_open_connections
+        if not (over_peer or over_all):
+            return True
+        candidates = [c for c in self._reading.values() if c.peer == peer or not over_peer]
+        if not candidates:
+            return False
+        self._close(min(candidates, key=lambda c: (c.has_key, c.since)))
+        return True
+
+    def _read(self, connection: _Connection) -> None:
+        try:
+            chunk = connection.sock.recv(1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:  # the client closed (or reset) its connection
+            return self._close(connection)
+        connection.data += chunk
+        self._advance(connection)
+
+    def _advance(self, connection: _Connection) -> None:
+        server = self.server
+        if connection.reading == "idle":
+            connection.reading, connection.deadline = "headers", time.monotonic() + server.header_timeout
+        if connection.reading == "headers":
+            while (newline := connection.data.find(b"\n", connection.checked)) != -1:
+                line = bytes(connection.data[connection.checked:newline]).rstrip(b"\r")
+                connection.checked = newline + 1
+                if connection.method is None:  # the request line; blank lines before it are skipped
+                    if line:
+                        connection.method = line.split(b" ", 1)[0]
+                    else:
+                        del connection.data[:connection.checked]
+                        connection.checked = 0
+                    continue
+                if not line:  # the end of the headers
+                    return self._headers_done(connection)
+                name, _, value = line.decode("latin-1").partition(":")
+                name, value = name.strip().lower(), value.strip()
+                connection.names.add(name)
+                if name == "content-length" and connection.content_length is None:
+                    connection.content_length = value
+                connection.expect_continue |= name == "expect" and value.lower() == "100-continue"
+                if (error := server.header_error(name, value)) is not None:
+                    return self._refuse(connection, error)
+                connection.has_key |= name == "authorization" and server.api_key is not None
+            if len(connection.data) > MAX_HEADER_BYTES:
+                self._refuse(connection, ApiError(f"the request line and headers exceed {MAX_HEADER_BYTES} bytes; "
+                                                  f"send fewer or shorter headers", status=431,
+                                                  code="request_header_fields_too_large"))
+        elif len(connection.data) >= connection.head + connection.length:
+            self._hand_off(connection)
+
+    def _headers_done(self, connection: _Connection) -> None:
+        server = self.server
+        if (error := server.missing_header_error(connection.names)) is not None:
+            return self._refuse(connection, error)
+        connection.head = connection.checked
+        try:
+            length = int(connection.content_length or "")
+        except ValueError:
+            length = -1
+        if connection.method != b"POST" or not 0 <= length <= server.max_body_bytes:
+            return self._hand_off(connection)  # no body to read: the handler refuses what it must
+        connection.reading, connection.length = "body", length
+        connection.deadline = time.monotonic() + server.body_timeout
+        if connection.expect_continue and len(connection.data) == connection.head:
+            self._send(connection, b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._advance(connection)
+
+    def _hand_off(self, connection: _Connection) -> None:
+        end = connection.head + connection.length
+        request, rest = bytes(connection.data[:end]), connection.data[end:]
+        if not self.server.answering.acquire(blocking=False):
+            return self._refuse(connection, ApiError("too many requests are being answered; retry in a moment",
+                                                     status=503, code="server_busy", headers={"Retry-After": "1"}))
+        self._forget(connection)
+        connection.sock.setblocking(True)
+        connection.sock.settimeout(self.server.socket_timeout)  # for the answer's writes
+        threading.Thread(target=self._answer, args=(connection, request, rest), daemon=True,
+                         name="explainer-serve-answer").start()
+
+    def _answer(self, connection: _Connection, request: bytes, rest: bytearray) -> None:
+        """In a thread of its own: answer the request, then give the connection back, or close it."""
+        keep = False
+        try:
+            keep = not _Handler((connection.sock, request), connection.address, self.server).close_connection
+        except OSError:  # the client went away while the answer was written
+            pass
+        except Exception as exc:  # a bug of ours: the connection is closed, the log says one line
+            log.error("answering %s failed: %s: %s", connection.peer, type(exc).__name__, exc)
+        finally:
+            self.server.answering.release()
+        if not keep:
+            return self._shut(connection)
+        now = time.monotonic()
+        self._arrive(_Connection(connection.sock, connection.address, deadline=now + self.server.socket_timeout,
+                                 since=now, data=rest, reading="idle"), new=False)
+
+    def _expire(self, connection: _Connection) -> None:
+        if connection.reading == "body":
+            self._refuse(connection, ApiError(f"the body did not arrive within {self.server.body_timeout:g} s; send "
+                                              f"all {connection.length} bytes the Content-Length promises at once",
+                                              status=408, code="request_timeout"))
+        else:  # a request line and headers that never came whole, or a kept-alive connection left idle
+            self._close(connection)
+
+    def _refuse(self, connection: _Connection, error: ApiError) -> None:
+        self._send(connection, _error_response(error))
+        self._close(connection)
+
+    @staticmethod
+    def _send(connection: _Connection, data: bytes) -> None:
+        try:  # a short answer into an empty send buffer: it does not block
+            connection.sock.send(data)
+        except OSError:
+            pass
+
+    def _forget(self, connection: _Connection) -> None:
+        if self._reading.pop(connection.sock, None) is not None:
+            self._selector.unregister(connection.sock)
+
+    def _close(self, connection: _Connection) -> None:
+        self._forget(connection)
+        self._shut(connection)
+
+    def _shut(self, connection: _Connection, counted: bool = True) -> None:
+        """Close a connection this thread is not reading (any thread may)."""
+        try:
+            connection.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        connection.sock.close()
+        if counted:
+            with self._lock:
+                self._open[connection.peer] -= 1
+                if not self._open[connection.peer]:
+                    del self._open[connection.peer]
+
+
+def _error_response(error: ApiError) -> bytes:
+    """A whole HTTP response for `error`, after which the connection closes."""
+    data = json.dumps(error.body()).encode()
+    lines = [f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}", "Content-Type: application/json",
+             f"Content-Length: {len(data)}", "Connection: close", *(f"{k}: {v}" for k, v in error.headers.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + data
+
+
 class _Handler(BaseHTTPRequestHandler):
+    """Answers one request, read whole by the intake: `request` is (socket, the request's bytes). Afterwards
+    close_connection says whether the connection goes back to the intake for the next one."""
+
     protocol_version = "HTTP/1.1"  # keep-alive: the SDK reuses its connections
     server: ModelServer
 
     def setup(self):
-        self.timeout = self.server.socket_timeout  # StreamRequestHandler sets it on the socket
-        super().setup()
+        self.connection, data = self.request
+        self.request = self.connection
+        self.rfile = io.BytesIO(data)
+        self.wfile = self.connection.makefile("wb")
 
     def handle(self):
+        self.close_connection = True  # unless the request asks to keep it alive (parse_request)
         try:
-            super().handle()
+            self.handle_one_request()
         except (ConnectionError, TimeoutError):  # the client went away or stalled; its job is cancelled
-            pass
+            self.close_connection = True
+
+    def handle_expect_100(self):
+        return True  # the intake said 100 Continue before it read the body
 
     def do_GET(self):
         try:
-            self._check_access()
             if self._route() != "/v1/models":
                 return self._send_json(*self._no_route())
             card = {"id": self.server.model_name, "object": "model", "created": self.server.created,
@@ -368,7 +691,6 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(ApiError(f"internal error ({type(exc).__name__}); see the server's log", status=500))
 
     def _answer_post(self):
-        self._check_access()
         raw = self._read_body()
         kind = {"/v1/chat/completions": "chat", "/v1/completions": "text"}.get(self._route())
         if kind is None:
@@ -393,28 +715,6 @@ class _Handler(BaseHTTPRequestHandler):
             choice["text"] = text
         self._send_json(200, {**self._envelope(kind, streaming=False), "choices": [choice], "usage": _usage(job)})
 
-    def _check_access(self):
-        """The API key, then (on loopback) Host and Origin, before anything else is read."""
-        server = self.server
-        if server.on_loopback:
-            host = urlsplit(f"//{self.headers.get('Host', '')}").hostname
-            if host is None or not _is_loopback(host):
-                self.close_connection = True
-                raise ApiError(f"Host {self.headers.get('Host')!r} is not this machine; this server answers "
-                               f"requests for 127.0.0.1, ::1 or localhost only", status=403, code="forbidden")
-            origin = self.headers.get("Origin")
-            if origin is not None and not _is_loopback_origin(origin):
-                self.close_connection = True
-                raise ApiError(f"requests from web pages of {origin} are not allowed", status=403,
-                               code="forbidden")
-        if server.api_key is not None:
-            given = self.headers.get("Authorization", "")
-            expected = f"Bearer {server.api_key}"
-            if not hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8")):
-                self.close_connection = True
-                raise ApiError("a valid API key is required: send Authorization: Bearer KEY", status=401,
-                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-
     def _job(self, kind: str, body: dict):
         """Validate the request, tokenize its prompt and queue it."""
         model = body.get("model")
@@ -438,6 +738,13 @@ class _Handler(BaseHTTPRequestHandler):
 
         constraint = (JsonFieldsConstraint(shape, llama.tokenizer, llama.model.params.vocab_size, max_tokens)
                       if shape is not None else None)
+        if constraint is not None and max_tokens < constraint.closing_bytes:
+            # The constraint closes the object within the budget taking a byte per token at worst; under that,
+            # no token would be allowed, the engine would drop the constraint and the answer would be prose.
+            name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+            raise ApiError(f"the response_format's shortest JSON object takes up to {constraint.closing_bytes} "
+                           f"tokens, more than {name}={max_tokens} allows; raise {name} or leave response_format "
+                           "out", name)
         temperature, top_p, seed = sampling
         if self.server.engine.queued >= self.server.max_queue:
             raise ApiError(f"{self.server.max_queue} requests are already waiting; retry in a moment", status=503,
@@ -445,7 +752,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             return self.server.engine.submit(Job(prompt, max_tokens, temperature=temperature, top_p=top_p,
                                                  seed=seed, abandoned=lambda: _client_gone(self.connection),
-                                                 constraint=constraint))
+                                                 constraint=constraint, client=self.client_address[0]))
         except EngineStopped:
             raise ApiError("the server is stopping", status=503) from None
 
@@ -525,12 +832,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise ApiError(f"the body is {length} bytes; this server takes at most {self.server.max_body_bytes} "
                            f"(explainer serve --max-body-bytes)", status=413, code="request_too_large")
-        try:
-            return self.rfile.read(length)
-        except TimeoutError:
-            self.close_connection = True
-            raise ApiError(f"the body stopped arriving: nothing came for {self.server.socket_timeout:g} s; send all "
-                           f"{length} bytes the Content-Length promises", status=408, code="request_timeout") from None
+        return self.rfile.read(length)  # all there: the intake read it
 
     def _send_error(self, error: ApiError) -> None:
         try:
@@ -551,14 +853,24 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
+# Linux reports a peer that closed its end (sent FIN) with POLLRDHUP even while bytes it sent are unread
+_PEER_CLOSED = getattr(select, "POLLRDHUP", 0)
+
+
 def _client_gone(connection: socket.socket) -> bool:
-    """Whether the client closed or reset its connection, answered at once. A readable socket with
-    nothing to read has reached its end; one with data holds a pipelined next request, so its client is
-    still there."""
+    """Whether the client closed or reset its connection, answered at once. A client that sent a byte more
+    after its body and then closed is gone too, though the byte waits unread (POLLRDHUP). Where poll has no
+    POLLRDHUP, a readable socket with nothing to read has reached its end, and one with data holds a
+    pipelined next request."""
     try:
         poller = select.poll()
-        poller.register(connection, select.POLLIN)
-        return bool(poller.poll(0)) and not connection.recv(1, socket.MSG_PEEK)
+        poller.register(connection, select.POLLIN | _PEER_CLOSED)
+        events = poller.poll(0)
+        if not events:
+            return False
+        if events[0][1] & (_PEER_CLOSED | select.POLLHUP | select.POLLERR):
+            return True
+        return not connection.recv(1, socket.MSG_PEEK)
     except (OSError, ValueError):  # reset by the client, or already closed by its handler
         return True
 

@@ -21,13 +21,13 @@ from pathlib import Path
 from explainer.backends import Backend, Usage, capabilities, make_backend
 from explainer.demos import Demo, DemoRunner, demo_markdown, expand_demos
 from explainer.errors import UserError
-from explainer.fileio import write_atomic
+from explainer.fileio import check_inside, write_atomic
 from explainer.languages import language
 from explainer.markdown_segments import split_document
 from explainer.progress import BuildProgress
 from explainer import frontmatter
 from explainer.render import liquid_safe
-from explainer.site_config import PostSpec, SiteConfig
+from explainer.site_config import PostSpec, SiteConfig, check_key_destination
 from explainer.waiting import wait_interruptibly
 
 DEFAULT_API_JOBS = 4  # posts × languages in flight at once on an API backend
@@ -78,6 +78,8 @@ def build_site(config: SiteConfig, options: BuildOptions = BuildOptions(), backe
     build = _Build(config, options, progress or BuildProgress())
     if options.dry_run:
         return build.report
+    if backend is None:
+        check_key_destination(config)
     try:
         return build.run(backend or make_backend(config.backend))
     finally:
@@ -115,11 +117,18 @@ class _Build:
         from explainer.cache import Cache
 
         started = time.monotonic()
-        self.backend, self.cache = backend, Cache(self.config.cache_dir)
+        # A site that is not trusted writes only inside its folder: posts, and a cache the file placed there.
+        self.inside = None if self.config.trusted else self.config.path.parent.resolve()
+        cache_inside = self.inside if "cache_dir" in self.config.from_file else None
+        if self.inside is not None:  # refused before any model is asked, not at the first post written
+            for path in self.report.planned:
+                check_inside(path.parent, self.inside)
+        self.backend, self.cache = backend, Cache(self.config.cache_dir, inside=cache_inside)
         self.demos: DemoRunner | None = None  # --no-demos
         if self.options.run_demos:
             self.demos = DemoRunner(self.config.root, self.config.cache_dir, rerun=self.options.rerun_demos,
-                                    timeout_s=self.config.demo_timeout, output_limit=self.config.demo_output_limit)
+                                    timeout_s=self.config.demo_timeout, output_limit=self.config.demo_output_limit,
+                                    inside=cache_inside)
         for post in self.posts:
             self.progress.start(post.slug, 1 + len(self.languages))
         # The local model answers one batch at a time (it batches each call's requests itself);
@@ -228,7 +237,7 @@ class _Build:
             raise UserError(f"post {post.slug!r} in {lang}: {error}") from None
         finally:
             self.add_usage(usage)
-        written = write_atomic(path, text)
+        written = write_atomic(path, text, inside=self.inside)
         with self._lock:
             (self.report.written if written else self.report.unchanged).append(path)
             if kept:
@@ -240,15 +249,15 @@ class _Build:
         from explainer.render import render_post
         from explainer.translate import translate_post, untranslated_places
 
-        generated, notice = source.post, ""
+        generated, translated_by = source.post, None
         ui = {**language("en").ui, **language(lang).ui}
         if lang != generated.lang:
             generated = translate_post(generated, lang, self.backend, self.cache, usage, untranslated)
-            notice = ui["translation_notice"].format(model=generated.model)
+            translated_by = generated.model
         extra = {"layout": self.config.layout, "dir": language(lang).dir, "ref": post.slug}
         if untranslated:  # a reader can tell a page that mixes languages, and where
             extra["untranslated"] = untranslated_places(untranslated)
-        page = render_post(generated, translation_notice=notice, extra_front_matter=extra)
+        page = render_post(generated, translated_by=translated_by, extra_front_matter=extra)
         if source.demos_markdown:
             page = (f"{page.rstrip()}\n\n## {liquid_safe(ui['demo_output'], inline=True)}\n\n"
                     f"{liquid_safe(source.demos_markdown)}")

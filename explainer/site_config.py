@@ -1,6 +1,14 @@
 """explainer.toml: the site's schema, read and checked into a SiteConfig, and the overrides flags and the
 environment apply over it. Every mistake in the file is one UserError naming the file, the table and
-the key."""
+the key.
+
+A site may be someone else's: a repository you cloned to build. Unless you pass --trust-config, its
+explainer.toml reads and writes only inside its own folder (root, output, cache_dir and a model file,
+with symlinks resolved, and nothing written through a symlink that leads out: explainer.site), and
+the OPENAI_API_KEY of your environment goes only to a server that you named (--base-url or
+OPENAI_BASE_URL), never to one that only the file names. Its demos are another matter: they run its
+code (--no-demos runs none).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +21,7 @@ from datetime import date as Date
 from pathlib import Path
 
 from explainer.backends import BackendSettings, backend_kind, default_backend_name
-from explainer.demos import DEFAULT_OUTPUT_LIMIT, DEFAULT_TIMEOUT_S
+from explainer.demos import DEFAULT_OUTPUT_LIMIT, DEFAULT_TIMEOUT_S, checked_timeout
 from explainer.errors import UserError
 from explainer.languages import language
 
@@ -53,6 +61,9 @@ class SiteConfig:
     jobs: int | None  # None: DEFAULT_API_JOBS on an API backend, 1 on the local model
     backend: BackendSettings
     posts: tuple[PostSpec, ...]
+    trusted: bool = False  # --trust-config: its paths may leave its folder, its base_url may get the key
+    # the settings whose values only the file gave (no flag or environment variable): "base_url", "cache_dir"
+    from_file: frozenset[str] = frozenset()
 
     def post_path(self, post: PostSpec, lang: str) -> Path:
         year, month, day = post.date.split("-")
@@ -68,9 +79,10 @@ _SECTIONS = {
 }
 
 
-def load_config(path: str | Path) -> SiteConfig:
+def load_config(path: str | Path, *, trust: bool = False) -> SiteConfig:
     """Read and check explainer.toml. Paths in it are relative to its folder, except a post's
-    `file`, which is relative to the project `root` (the code lives in the project)."""
+    `file`, which is relative to the project `root` (the code lives in the project). Unless `trust`,
+    root, output, cache_dir and a local model file must be inside that folder, symlinks resolved."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -98,9 +110,10 @@ def load_config(path: str | Path) -> SiteConfig:
     _check_pattern(pattern, where)
     jobs = _get(site, "jobs", int, None, where)
     demo_timeout = _get(site, "demo_timeout", (int, float), DEFAULT_TIMEOUT_S, where)
+    demo_timeout = checked_timeout(demo_timeout, f"{where}: [site] demo_timeout = {demo_timeout!r}")
     demo_output_limit = _get(site, "demo_output_limit", int, DEFAULT_OUTPUT_LIMIT, where)
-    if (jobs is not None and jobs < 1) or demo_timeout <= 0 or demo_output_limit <= 0:
-        raise UserError(f"{where}: [site] jobs, demo_timeout and demo_output_limit must be positive")
+    if (jobs is not None and jobs < 1) or demo_output_limit <= 0:
+        raise UserError(f"{where}: [site] jobs and demo_output_limit must be positive")
 
     settings = BackendSettings(
         name=_get(backend, "name", str, None, where),
@@ -112,23 +125,36 @@ def load_config(path: str | Path) -> SiteConfig:
         kind = backend_kind(settings.name, f"{where}: [backend] name")
         if kind.model_files and settings.model and settings.model not in _catalog_names():
             # a model file, relative to the config like other paths
-            settings = dataclasses.replace(settings, model=str((folder / settings.model).resolve()))
+            model = _contained(settings.model, folder, f"{where}: [backend] model", trust)
+            settings = dataclasses.replace(settings, model=str(model))
 
     posts_data = data.get("posts", [])
     if not isinstance(posts_data, list) or not posts_data:
         raise UserError(f"{where}: no posts; add a [[posts]] table with `file` (and `symbol`) or `markdown`")
-    root = (folder / _get(site, "root", str, ".", where)).resolve()
+    root = _contained(_get(site, "root", str, ".", where), folder, f"{where}: [site] root", trust)
     posts = tuple(_post_spec(entry, index, root, folder, where) for index, entry in enumerate(posts_data, 1))
     slugs = [post.slug for post in posts]
     if duplicates := sorted({slug for slug in slugs if slugs.count(slug) > 1}):
         raise UserError(f"{where}: two posts have the slug {duplicates[0]!r}; give one of them another `slug`")
 
     return SiteConfig(
-        path=path, root=root, output=(folder / _get(site, "output", str, ".", where)).resolve(),
+        path=path, root=root,
+        output=_contained(_get(site, "output", str, ".", where), folder, f"{where}: [site] output", trust),
         pattern=pattern, source_lang=source_lang, languages=languages,
         layout=_get(site, "layout", str, "post", where),
-        cache_dir=(folder / _get(site, "cache_dir", str, DEFAULT_CACHE_DIR, where)).resolve(),
-        demo_timeout=float(demo_timeout), demo_output_limit=demo_output_limit, jobs=jobs, backend=settings, posts=posts)
+        cache_dir=_contained(_get(site, "cache_dir", str, DEFAULT_CACHE_DIR, where), folder,
+                             f"{where}: [site] cache_dir", trust),
+        demo_timeout=demo_timeout, demo_output_limit=demo_output_limit, jobs=jobs, backend=settings, posts=posts,
+        trusted=trust, from_file=frozenset({"cache_dir"} | ({"base_url"} if settings.base_url else set())))
+
+
+def _contained(value: str, folder: Path, where: str, trust: bool) -> Path:
+    """`value`, a path relative to the config's folder, resolved; outside that folder only with trust."""
+    path = (folder / value).resolve()
+    if not trust and not _inside(path, folder):
+        raise UserError(f"{where} = {value!r} is {path}, outside {folder}; a site's config reads and writes only "
+                        f"inside its own folder: pass --trust-config if this explainer.toml is yours")
+    return path
 
 
 def _catalog_names() -> set[str]:
@@ -141,16 +167,33 @@ def with_overrides(config: SiteConfig, *, backend: str | None = None, model: str
                    base_url: str | None = None, cache_dir: str | None = None) -> SiteConfig:
     """Apply command-line flags and the environment over the file: flag, then environment
     (OPENAI_BASE_URL, EXPLAINER_CACHE_DIR), then explainer.toml, then the default."""
-    settings = config.backend
+    settings, from_file = config.backend, set(config.from_file)
     if backend and backend != settings.name:
-        settings = BackendSettings(name=backend)  # another backend: the file's model is not for it
-    settings = dataclasses.replace(settings, model=model or settings.model, base_url=base_url or settings.base_url)
-    name = settings.name or default_backend_name(settings.base_url)
-    if "base_url" in backend_kind(name).settings and not settings.base_url:
-        settings = dataclasses.replace(settings, base_url=os.environ.get("OPENAI_BASE_URL"))
+        settings = BackendSettings(name=backend)  # another backend: the file's model and server are not for it
+        from_file.discard("base_url")
+    name = settings.name or default_backend_name(base_url or settings.base_url)
+    chosen_url = base_url or os.environ.get("OPENAI_BASE_URL")
+    if "base_url" in backend_kind(name).settings and chosen_url:
+        settings = dataclasses.replace(settings, base_url=chosen_url)
+        from_file.discard("base_url")
+    settings = dataclasses.replace(settings, model=model or settings.model)
     cache = cache_dir or os.environ.get("EXPLAINER_CACHE_DIR")
-    return dataclasses.replace(config, backend=settings,
+    if cache:
+        from_file.discard("cache_dir")
+    return dataclasses.replace(config, backend=settings, from_file=frozenset(from_file),
                                cache_dir=Path(cache).expanduser().resolve() if cache else config.cache_dir)
+
+
+def check_key_destination(config: SiteConfig) -> None:
+    """Refuse to send the environment's OPENAI_API_KEY to a server that only the (untrusted) file names."""
+    if config.trusted or "base_url" not in config.from_file or not os.environ.get("OPENAI_API_KEY"):
+        return
+    if "base_url" not in backend_kind(config.backend.name or default_backend_name(config.backend.base_url)).settings:
+        return
+    raise UserError(f"{config.path.name}: [backend] base_url = {config.backend.base_url!r} would get your "
+                    f"OPENAI_API_KEY, and a site's config must not choose where your key goes: name the server "
+                    f"yourself with --base-url (or OPENAI_BASE_URL), or pass --trust-config if this "
+                    f"explainer.toml is yours")
 
 
 def _language(code, where: str) -> str:

@@ -43,8 +43,8 @@ from explainer.errors import UserError
 from explainer.fileio import write_atomic
 from explainer.languages import Language, known_languages, language
 from explainer.markdown_segments import (LOOKALIKE_BRACKETS, PLACEHOLDER_END, PLACEHOLDER_START, Segment,
-                                         lookalike_problems, repair_placeholders, split_document,
-                                         strip_placeholders, structure)
+                                         UnreadableMarkdown, lookalike_problems, repair_placeholders,
+                                         split_document, strip_placeholders, structure)
 from explainer.post import Post
 from explainer.safe_markdown import escape_model_html
 
@@ -179,7 +179,11 @@ def segment_problems(segment: Segment, translation: str, lang: Language, source_
         # them at the end: every code span of the sentence in one heap, away from its words
         return [f"markers written side by side ({_quote(translation[max(0, translation.index(side_by_side) - 3):], 24)}), "
                 "away from the words they belong to"]
-    problems = structure(segment.content).differences(structure(segment.restore(translation, as_content=True)))
+    try:
+        escape_model_html(translation)  # what a published translation goes through: it must be readable there too
+        problems = structure(segment.content).differences(structure(segment.restore(translation, as_content=True)))
+    except UnreadableMarkdown as exc:
+        return [f"the translation is text that {exc}"]
     if not problems and translation.count("`") != segment.text.count("`"):
         # kramdown may pair a stray backtick with one of a restored code span's and show that code as text
         problems.append(f"{translation.count('`')} stray backtick(s), {segment.text.count('`')} in the source")
@@ -403,7 +407,7 @@ def translate_texts(texts: dict[str, str], target: str, backend: Backend, cache:
     lang = language(target)
     translator = SegmentTranslator(lang, backend, cache, usage or Usage(), source_lang,
                                    keep_source=untranslated is not None)
-    documents = {name: split_document(text) for name, text in texts.items()}
+    documents = {name: _split(text, name) for name, text in texts.items()}
     jobs, owners = [], []
     for name, document in documents.items():
         if document.unmapped_lines:
@@ -422,7 +426,10 @@ def translate_texts(texts: dict[str, str], target: str, backend: Backend, cache:
     results, failures = {}, []
     for name, document in documents.items():
         results[name] = document.rebuild(translated[name])
-        problems = structure(document.source).differences(structure(results[name]))
+        try:
+            problems = structure(document.source).differences(structure(results[name]))
+        except UnreadableMarkdown as exc:
+            problems = [f"the translated document is text that {exc}"]
         if results[name].count(PLACEHOLDER_START) != document.source.count(PLACEHOLDER_START):
             problems.append(f"a placeholder {PLACEHOLDER_START}…{PLACEHOLDER_END} was left in the text")
         failures += [f"{name}: {problem}" for problem in problems]
@@ -431,6 +438,13 @@ def translate_texts(texts: dict[str, str], target: str, backend: Backend, cache:
     if untranslated is not None:
         untranslated += translator.untranslated
     return results
+
+
+def _split(text: str, name: str):
+    try:
+        return split_document(text)
+    except UnreadableMarkdown as exc:
+        raise UserError(f"{name}: {exc}") from None
 
 
 def untranslated_places(entries: list[str]) -> list[str]:
@@ -457,7 +471,7 @@ def translate_post(post: Post, target: str, backend: Backend, cache: Cache | Non
 
 def markdown_lang(text: str, name: str = "post") -> str:
     """The code of the language a Markdown post is written in: its front matter's `lang`, else detected."""
-    document = split_document(text)
+    document = _split(text, name)
     data = frontmatter.read(document, name)
     if data is not None and isinstance(data.get("lang"), str):
         return language(data["lang"]).code
@@ -477,13 +491,15 @@ def translate_markdown(text: str, target: str, backend: Backend, cache: Cache | 
     source_lang = language(source_lang).code if source_lang else markdown_lang(text, name)
     if source_lang == lang.code:
         raise UserError(f"{name} is already in {lang.code}; pick another language with --to")
-    document = split_document(text)
+    document = _split(text, name)
     data = frontmatter.read(document, name)
     prose_keys = [key for key in TRANSLATED_FRONT_MATTER_KEYS
                   if data is not None and isinstance(data.get(key), str) and data[key].strip()]
     texts = {name: text, **{f"front matter {key}": data[key] for key in prose_keys}}
     kept: list[str] | None = [] if untranslated is not None else None
-    done = translate_texts(texts, lang.code, backend, cache, usage, source_lang, published_as_markdown={name},
+    # The front matter's prose is published too (layouts print a title or an excerpt, some as HTML): what
+    # the model wrote there is escaped like the body's.
+    done = translate_texts(texts, lang.code, backend, cache, usage, source_lang, published_as_markdown=set(texts),
                            untranslated=kept)
     if data is None:
         data = CommentedMap()

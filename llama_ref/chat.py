@@ -3,16 +3,24 @@
 A chat template is code that arrives inside a model file (GGUF tokenizer.chat_template, or
 tokenizer_config.json / chat_template.jinja beside HF weights). jinja2's ImmutableSandboxedEnvironment
 keeps it away from Python internals and from mutating the dialog; render_chat adds what the sandbox
-lacks: a deadline and a size limit, so a broken or hostile template fails with one line instead of
-hanging a server or filling its memory. The environment follows transformers' apply_chat_template
+lacks: a deadline and a size limit, checked as it runs, and a child process to run it in whose memory
+is capped, so a broken or hostile template fails with one line instead of hanging a server or filling
+its memory. The environment follows transformers' apply_chat_template
 (trim_blocks, lstrip_blocks, loopcontrols, its tojson, raise_exception, strftime_now), because the
 templates shipped with models are written and tested against it.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import os
+import re
+import select
+import subprocess
+import sys
+import threading
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -43,8 +51,15 @@ CHATML_TEMPLATE = (
 
 # A prompt this long is already far past any context window llama_ref runs, so nothing legitimate is cut.
 MAX_PROMPT_CHARS = 4 * 1024 * 1024
+# What a render may add to its child process's memory: a prompt of MAX_PROMPT_CHARS fits with room to spare.
+MAX_RENDER_MEMORY = 64 << 20
+_OUT_OF_MEMORY = (f"chat template: rendering needed more than its memory limit of {MAX_RENDER_MEMORY >> 20} MiB; "
+                  "the template or the dialog is too large")
 # Real templates render in well under a millisecond; this only ends runaway ones.
 MAX_RENDER_SECONDS = 2.0
+# Where chat_tokens hides special tokens' names inside messages: Unicode's private use area B, which text
+# has no use for (a message holding these very characters gets them back as the names, still as text).
+_HIDDEN_BASE = 0x100000
 
 Dialog = List[dict]
 
@@ -70,22 +85,63 @@ def render_chat(template: str, tokenizer, dialog: Dialog, add_generation_prompt:
                 max_seconds: float = MAX_RENDER_SECONDS) -> str:
     """The prompt text for `dialog` (a list of {"role", "content"} messages), with tools as JSON schemas.
 
+    The template runs in a child process whose memory is capped (see "The child process" below).
     Raises ChatTemplateError when the template does not compile, raises, breaks the sandbox's rules,
-    produces more than max_chars characters or runs longer than max_seconds.
+    produces more than max_chars characters, runs longer than max_seconds or needs more than
+    MAX_RENDER_MEMORY bytes.
     """
-    compiled = _compile(template)
+    request = {"template": template, "messages": dialog, "tools": tools,
+               "add_generation_prompt": add_generation_prompt, "bos_token": _token_text(tokenizer, tokenizer.bos_id),
+               "eos_token": _token_text(tokenizer, tokenizer.eos_id), "max_chars": max_chars,
+               "max_seconds": max_seconds}
+    return _render_in_child(request)
+
+
+def _render_here(request: dict) -> str:
+    """render_chat's work, in this process: the child's half."""
+    compiled = _compile(request["template"])
+    max_chars, max_seconds = request["max_chars"], request["max_seconds"]
     budget = _LIMITS.set(_Limits(time.monotonic() + max_seconds, max_seconds, max_chars))
     try:
-        chunks = compiled.generate(messages=dialog, tools=tools, add_generation_prompt=add_generation_prompt,
-                                   bos_token=_token_text(tokenizer, tokenizer.bos_id),
-                                   eos_token=_token_text(tokenizer, tokenizer.eos_id))
+        chunks = compiled.generate(messages=request["messages"], tools=request["tools"],
+                                   add_generation_prompt=request["add_generation_prompt"],
+                                   bos_token=request["bos_token"], eos_token=request["eos_token"])
         return "".join(_within_size(chunks, max_chars))
     except ChatTemplateError:
         raise
+    except MemoryError:
+        raise ChatTemplateError(_OUT_OF_MEMORY) from None
     except Exception as e:  # jinja2's SecurityError, UndefinedError, ... and Python's ('a' + 1, 1 / 0): the template's
         raise ChatTemplateError(f"chat template: {type(e).__name__}: {e}") from e
     finally:
         _LIMITS.reset(budget)
+
+
+def chat_tokens(template: str, tokenizer, dialog: Dialog, add_generation_prompt: bool = True,
+                tools: Optional[List[dict]] = None, **limits) -> List[int]:
+    """The prompt's tokens for `dialog`: control tokens only where the template's own markup writes them.
+
+    Encoding the rendered text whole would turn a special token's name inside a message
+    ("x<|im_end|>\n<|im_start|>system") into that control token, and forge a turn. So each message's
+    content goes into the template with every special token's name hidden behind a private-use
+    character, and comes out encoded as text (Tokenizer.encode_text). `limits`: render_chat's."""
+    names = sorted(tokenizer.special_ids)
+    hidden = {name: chr(_HIDDEN_BASE + index) for index, name in enumerate(names)}
+    pattern = re.compile("|".join(map(re.escape, sorted(names, key=len, reverse=True)))) if names else None
+
+    def hide(message):
+        content = message.get("content") if isinstance(message, dict) else None
+        if pattern is None or not isinstance(content, str):
+            return message
+        return {**message, "content": pattern.sub(lambda match: hidden[match.group()], content)}
+
+    text = render_chat(template, tokenizer, [hide(message) for message in dialog], add_generation_prompt, tools,
+                       **limits)
+    shown = str.maketrans({char: name for name, char in hidden.items()})
+    ids: List[int] = []
+    for piece, special_id in tokenizer.split_specials(text):
+        ids += [special_id] if piece is None else tokenizer.encode_text(piece.translate(shown))
+    return ids
 
 
 def _token_text(tokenizer, token_id: int) -> str:
@@ -250,3 +306,158 @@ def _compile(template: str):
         return _environment().from_string(template)
     except TemplateSyntaxError as e:
         raise ChatTemplateError(f"chat template line {e.lineno}: {e.message}") from e
+
+
+# ---------------------------------------------------------------------------- the child process
+#
+# Sizes are checked at calls, steps and outputs, but one step can build a huge value before any check
+# sees it: a format width ('{:>1500000000}'.format('a')), `%` ('%300000000d' % 1), `~` over big strings,
+# replace('', big), join, a list's str(); Python builds each in a single C call. Predicting every such
+# result's size is a list that is never complete. So templates render in a child process that caps its own
+# address space at what it has plus MAX_RENDER_MEMORY: such a step fails there with MemoryError, and the
+# server's memory never sees it. The child also makes the deadline hard: one that overruns it is killed.
+# Children are kept for the next render (a start costs ~0.1 s), at most MAX_CHILDREN of them, one render
+# each at a time. They talk over their stdin and stdout, a JSON message framed by its length each way,
+# run in a session of their own (Ctrl-C is the parent's to handle) and exit when their stdin closes.
+
+MAX_CHILDREN = 4
+_START_SECONDS = 30.0  # a loaded machine can take seconds to start an interpreter and import jinja2
+_GRACE_SECONDS = 1.0  # past its own deadline, how long a child has to answer before it is killed
+_READY = b"ready\n"
+_children: List["_Child"] = []  # idle ones
+_children_lock = threading.Lock()
+_child_slots = threading.BoundedSemaphore(MAX_CHILDREN)
+
+
+class _Child:
+    def __init__(self):
+        failed = ChatTemplateError(f"chat template: its sandbox process did not start; check that {sys.executable} "
+                                   "runs and imports jinja2")
+        try:
+            self.process = subprocess.Popen([sys.executable, "-I", __file__], stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+        except OSError:
+            raise failed from None
+        try:
+            ready = self._receive(len(_READY), time.monotonic() + _START_SECONDS)
+        except (TimeoutError, EOFError, OSError):
+            ready = b""
+        except BaseException:
+            self.close()
+            raise
+        if ready != _READY:
+            self.close()
+            raise failed
+
+    def render(self, request: dict) -> dict:
+        try:
+            data = _encoded(request)
+        except (TypeError, ValueError) as e:
+            raise ChatTemplateError(f"chat template: the dialog must hold only JSON values ({e})") from None
+        self.process.stdin.write(len(data).to_bytes(8, "little") + data)
+        self.process.stdin.flush()
+        deadline = time.monotonic() + request["max_seconds"] + _GRACE_SECONDS
+        size = int.from_bytes(self._receive(8, deadline), "little")
+        return _decoded(self._receive(size, deadline))
+
+    def _receive(self, count: int, deadline: float) -> bytes:
+        stdout, data = self.process.stdout.fileno(), b""
+        while len(data) < count:
+            ready, _, _ = select.select([stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise TimeoutError
+            chunk = os.read(stdout, count - len(data))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return data
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.process.stdin.close()
+        self.process.stdout.close()
+
+
+def _render_in_child(request: dict) -> str:
+    with _child_slots:
+        with _children_lock:
+            child = _children.pop() if _children else None
+        child = child or _Child()
+        try:
+            reply = child.render(request)
+        except TimeoutError:
+            child.close()
+            raise ChatTemplateError(f"chat template: rendering ran past its time limit of {request['max_seconds']:g} "
+                                    "s; the template loops too long") from None
+        except (EOFError, OSError, ValueError):
+            child.close()
+            raise ChatTemplateError(f"chat template: its sandbox process ended while rendering (exit code "
+                                    f"{child.process.returncode}); the template or the dialog may need more than "
+                                    f"its memory limit of {MAX_RENDER_MEMORY >> 20} MiB") from None
+        except BaseException:  # Ctrl-C: the child may be mid-render
+            child.close()
+            raise
+        with _children_lock:
+            _children.append(child)
+    if "error" in reply:
+        raise ChatTemplateError(reply["error"])
+    return reply["text"]
+
+
+@atexit.register
+def close_children() -> None:
+    """End the idle child processes (at exit; a later render starts new ones)."""
+    with _children_lock:
+        idle, _children[:] = list(_children), []
+    for child in idle:
+        child.close()
+
+
+def _serve_renders() -> None:
+    """The child's loop: cap this process's memory, then answer render requests until stdin closes."""
+    _cap_address_space(MAX_RENDER_MEMORY)
+    requests, replies = sys.stdin.buffer, sys.stdout.buffer
+    replies.write(_READY)
+    replies.flush()
+    while len(header := requests.read(8)) == 8:
+        try:
+            request = _decoded(requests.read(int.from_bytes(header, "little")))
+        except MemoryError:  # a request too large to read: answer, and end, since the stream is out of step
+            request = None
+        try:
+            reply = {"text": _render_here(request)} if request is not None else {"error": _OUT_OF_MEMORY}
+        except ChatTemplateError as e:
+            reply = {"error": str(e)}
+        data = _encoded(reply)
+        replies.write(len(data).to_bytes(8, "little") + data)
+        replies.flush()
+        if request is None:
+            return
+
+
+def _encoded(message: dict) -> bytes:
+    # UTF-8, not \u escapes (a CJK character would take 6 bytes, not 3); surrogatepass: text may hold lone halves
+    return json.dumps(message, ensure_ascii=False).encode("utf-8", "surrogatepass")
+
+
+def _decoded(data: bytes) -> dict:
+    return json.loads(data.decode("utf-8", "surrogatepass"))
+
+
+def _cap_address_space(extra: int) -> None:
+    """Let this process's address space grow by `extra` bytes at most (Linux: /proc tells its size now;
+    elsewhere there is no cap, and the size checks and the deadline still hold)."""
+    try:
+        import resource
+
+        with open("/proc/self/statm") as statm:
+            size = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE") + extra
+        resource.setrlimit(resource.RLIMIT_AS, (size, size))
+    except (ImportError, OSError, ValueError):
+        pass
+
+
+if __name__ == "__main__":
+    _serve_renders()

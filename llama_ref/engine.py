@@ -20,6 +20,13 @@ wants more, as vLLM and llama.cpp's server do it:
   step then reads that start once for all rows (cascade attention), where each row's copy cost a read
   per row, and rows can be shorter than a prompt: more of them fit in the same memory.
 
+- **Fair rows.** Jobs name their client (a server passes the peer's address). A free row goes to the
+  waiting job whose client runs the fewest rows, and while another client waits, no client keeps more
+  than half the rows: one of its rows that has run PREEMPT_AFTER_STEPS steps is paused. A paused job
+  keeps its tokens; its keys and values go to the prefix cache, and it resumes where it stopped, its
+  prompt and answer so far read back from there. Jobs of one client (LocalBackend's) run first come,
+  first served, and are never paused.
+
 One thread steps the engine: `run(jobs)` in the caller's thread, or `serve_forever()` in a worker
 thread while other threads `submit()`. Jobs report through their own queues, so readers never touch
 tensors (a handler thread must not free them). A job nobody waits for any more (`cancel()`, or its
@@ -43,6 +50,9 @@ from llama_ref.tokenizer import StreamDecoder
 DEFAULT_PREFILL_CHUNK = 512  # long enough to keep a matmul efficient, short enough to keep streams flowing
 # A 2,000-token prompt of Qwen2.5-Coder-1.5B holds 57 MB of keys and values in bf16: room for a few
 DEFAULT_PREFIX_CACHE_BYTES = 256 << 20
+# A row runs at least this many steps before it can be paused for another client's job: each pause costs a
+# copy of the row's keys and values, so rows must not trade places every step.
+PREEMPT_AFTER_STEPS = 16
 
 _END = object()
 
@@ -74,10 +84,13 @@ class Job:
     # Asked before every step while the job is queued or running (a server asks its client's socket);
     # True cancels the job. It runs in the engine's thread, so it must answer at once.
     abandoned: Callable[[], bool] | None = field(default=None, repr=False)
+    client: object = None  # who sent it (a server: the peer's address); rows are shared fairly between clients
     _events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
     _error: Exception | None = field(default=None, repr=False)
     _cancelled: bool = field(default=False, repr=False)
+    # a paused job's stream decoder and sampling generator, for the row it resumes in
+    _paused: tuple | None = field(default=None, repr=False)
 
     def cancel(self) -> None:
         """Free this job's row at the engine's next step (a client went away)."""
@@ -114,6 +127,8 @@ class Job:
 class _Row:
     job: Job
     slot: int
+    sequence: list[int] = field(default_factory=list)  # what it prefills: the prompt, and a resumed job's answer
+    steps: int = 0  # decode steps since it was admitted
     filled: int = 0  # positions of this job's prompt and answer that have keys and values
     shared: int = 0  # of those, how many it reads from the anchor; its own row holds the rest, from index 0
     anchoring: bool = False  # its prompt is being prefilled into the anchor
@@ -214,7 +229,7 @@ class Engine:
         self._changed = threading.Condition()
         self._closed = False
         self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "decode_steps": 0,
-                      "cancelled": 0}
+                      "cancelled": 0, "paused": 0}
 
     # ------------------------------------------------------------------ submitting and running
 
@@ -316,6 +331,7 @@ class Engine:
         every row that is generating."""
         self._drop_cancelled()
         if self._prefilling is None:
+            self._share_rows()
             self._admit()
         if self._prefilling is not None:
             self._prefill_chunk(self._prefilling)
@@ -323,22 +339,64 @@ class Engine:
         if decoding:
             self._decode(decoding)
 
+    def _rows_by_client(self) -> dict:
+        held: dict = {}
+        for row in self._slots:
+            if row is not None:
+                held[row.job.client] = held.get(row.job.client, 0) + 1
+        return held
+
+    def _next_waiting(self, held: dict) -> Job:
+        """The waiting job whose client runs the fewest rows; the first come among equals."""
+        return min(self._waiting, key=lambda job: held.get(job.client, 0))
+
+    def _share_rows(self) -> None:
+        """While another client's job waits and no row is free, pause a row of a client that holds more than
+        half the rows (one that has run PREEMPT_AFTER_STEPS steps), so that the job gets a row."""
+        with self._changed:
+            if not self._waiting or None in self._slots:
+                return
+            held = self._rows_by_client()
+            client = self._next_waiting(held).client
+        most = max(held, key=held.get)
+        if most == client or held[most] <= max(1, len(self._slots) // 2):
+            return
+        ready = [row for row in self._slots if row.job.client == most and row.steps >= PREEMPT_AFTER_STEPS
+                 and row.next_token is not None]
+        if ready:
+            self._pause(min(ready, key=lambda row: row.filled))  # the least to read back when it resumes
+
+    def _pause(self, row: _Row) -> None:
+        job = row.job
+        # what its row holds: the prompt and the answer but the token sampled last, which is not fed yet
+        self._remember(row, (job.prompt_tokens + job.tokens)[:row.filled])
+        job._paused = (row.decoder, row.generator)
+        self._release(row)
+        with self._changed:
+            self._waiting.appendleft(job)
+        self.stats["paused"] += 1
+
     def _admit(self) -> None:
         with self._changed:
             if not self._waiting or None not in self._slots:
                 return
-            job = self._waiting[0]
-            # at least the last prompt token is fed: its logits give the first new token
-            head = job.prompt_tokens[:-1]
+            job = self._next_waiting(self._rows_by_client())
+            # a resumed job prefills its answer so far too; at least the last token is fed: its logits give the next
+            sequence = job.prompt_tokens + job.tokens
+            head = sequence[:-1]
             anchor_in_use = any(r is not None and (r.shared or r.anchoring) for r in self._slots)
             anchoring = self._anchored and not anchor_in_use
             shared = _common_prefix(self._anchor_tokens, head) if anchor_in_use else 0
-            if not anchoring and len(job.prompt_tokens) - shared + job.max_tokens > self.model.row_len:
+            if not anchoring and len(sequence) - shared + job.max_tokens - len(job.tokens) > self.model.row_len:
                 return  # its own part does not fit a row beside this anchor: it waits until the anchor is free
-            self._waiting.popleft()
+            self._waiting.remove(job)
         slot = self._slots.index(None)
-        row = _Row(job, slot, decoder=StreamDecoder(self.tokenizer), shared=shared, anchoring=anchoring)
-        if job.temperature > 0 and job.seed is not None:
+        row = _Row(job, slot, sequence=sequence, decoder=StreamDecoder(self.tokenizer), shared=shared,
+                   anchoring=anchoring)
+        if job._paused is not None:
+            row.decoder, row.generator = job._paused
+            job._paused = None
+        elif job.temperature > 0 and job.seed is not None:
             row.generator = torch.Generator(device=self.device).manual_seed(job.seed)
         if anchoring:  # keep what the anchor already holds of this prompt; the rest is written over
             shared = _common_prefix(self._anchor_tokens, head)
@@ -356,15 +414,17 @@ class Engine:
                 cache.v[index, :, shared - own:reused - own] = layer_v[:, shared:reused]
         start = max(reused, shared)
         if anchoring:
-            self._anchor_tokens = job.prompt_tokens[:start]
-        row.filled = job.cached_tokens = start
-        self.stats["prompt_tokens"] += len(job.prompt_tokens)
-        self.stats["cached_tokens"] += start
+            self._anchor_tokens = sequence[:start]
+        row.filled = start
+        if not job.tokens:  # counted once, when it first runs, not when it resumes
+            job.cached_tokens = start
+            self.stats["prompt_tokens"] += len(job.prompt_tokens)
+            self.stats["cached_tokens"] += start
         self._slots[slot] = row
         self._prefilling = row
 
     def _prefill_chunk(self, row: _Row) -> None:
-        prompt = row.job.prompt_tokens
+        prompt = row.sequence
         end = min(row.filled + self.prefill_chunk, len(prompt))
         tokens = torch.tensor([prompt[row.filled:end]], dtype=torch.long, device=self.device)
         last = end == len(prompt)
@@ -380,21 +440,23 @@ class Engine:
         self._prefilling = None
         if row.anchoring:  # its whole prompt is the anchor now; its own row starts with the answer
             row.anchoring, row.shared = False, end
-        self._remember_prompt(row)
+        if len(row.sequence) == len(row.job.prompt_tokens):  # a resumed job's prompt was kept when it first ran
+            self._remember(row, row.job.prompt_tokens)
         self._accept(row, self._sample([row], logits[:, -1])[0])
 
-    def _remember_prompt(self, row: _Row) -> None:
-        own = len(row.job.prompt_tokens) - row.shared
+    def _remember(self, row: _Row, tokens: list[int]) -> None:
+        """Keep the keys and values of `tokens`, the start of what the row holds, in the prefix cache."""
+        shared = min(row.shared, len(tokens))  # what it reads from the anchor, then from its own row
 
-        def prompt_kv(layer, name: str) -> torch.Tensor:
-            kv = getattr(layer.attention.cache, name)[row.slot, :, :own]
-            if row.shared:
-                kv = torch.cat([getattr(layer.attention.anchor, name)[0, :, :row.shared], kv], dim=1)
+        def kv_of(layer, name: str) -> torch.Tensor:
+            kv = getattr(layer.attention.cache, name)[row.slot, :, :len(tokens) - shared]
+            if shared:
+                kv = torch.cat([getattr(layer.attention.anchor, name)[0, :, :shared], kv], dim=1)
             return kv
 
         layers = self.model.layers
-        self.prefix_cache.add(row.job.prompt_tokens, torch.stack([prompt_kv(layer, "k") for layer in layers]),
-                              torch.stack([prompt_kv(layer, "v") for layer in layers]))
+        self.prefix_cache.add(tokens, torch.stack([kv_of(layer, "k") for layer in layers]),
+                              torch.stack([kv_of(layer, "v") for layer in layers]))
 
     def _decode(self, rows: list[_Row]) -> None:
         # One forward pass over slots 0..highest running; free or still-prefilling slots in between
@@ -414,6 +476,7 @@ class Engine:
         self.stats["decode_steps"] += 1
         for row in rows:
             row.filled += 1
+            row.steps += 1
         chosen = self._sample(rows, logits[[row.slot for row in rows]])
         for row, token in zip(rows, chosen):
             self._accept(row, token)

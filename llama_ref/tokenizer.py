@@ -14,6 +14,7 @@ hand out text as soon as it forms whole characters, and decode(ids) is exactly w
 from __future__ import annotations
 
 import codecs
+import functools
 import heapq
 import json
 import re
@@ -64,15 +65,21 @@ class Tokenizer:
         stream = StreamDecoder(self)
         return "".join(stream.push(i) for i in ids) + stream.flush()
 
+    def encode_text(self, text: str) -> list[int]:
+        """`text` as text only: a special token's name in it ("<|im_end|>") is spelled out as characters,
+        never that token, so that text from a user or a file cannot forge a chat's control tokens."""
+        return self._encode_text(text)
+
     def _encode_with_specials(self, text: str) -> list[int]:
         # Each stretch of plain text is encoded on its own, as llama.cpp does: a sentencepiece vocabulary
         # gets its dummy space prefix again after every special token.
         ids: list[int] = []
-        for piece, special_id in self._split_specials(text):
+        for piece, special_id in self.split_specials(text):
             ids += [special_id] if piece is None else self._encode_text(piece)
         return ids
 
-    def _split_specials(self, text: str) -> Iterator[tuple[str | None, int | None]]:
+    def split_specials(self, text: str) -> Iterator[tuple[str | None, int | None]]:
+        """(text, None) for each stretch of plain text and (None, id) for each special token's name, in order."""
         pos = 0
         for match in self._special_pattern.finditer(text) if self._special_pattern else ():
             if match.start() > pos:
@@ -178,6 +185,17 @@ class BPETokenizer(Tokenizer):
 
     def _encode_with_specials(self, text: str) -> list[int]:
         return self._backend.encode(text, add_special_tokens=False).ids  # the library matches added tokens
+
+    def _encode_text(self, text: str) -> list[int]:
+        return self._text_backend.encode(text, add_special_tokens=False).ids
+
+    @functools.cached_property
+    def _text_backend(self):
+        """A copy of the backend that spells special tokens' names as text (encode_special_tokens): a
+        setting of the whole object, so a copy, not a toggle another thread's encode could see."""
+        copy = type(self._backend).from_str(self._backend.to_str())
+        copy.encode_special_tokens = True
+        return copy
 
 
 def _decoder_types(decoder: dict | None) -> set[str]:

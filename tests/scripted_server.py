@@ -37,12 +37,14 @@ class ScriptedServer:
     """Start with `with ScriptedServer(script) as server:`; point the SDK at server.base_url.
 
     `script(body)` gets each chat-completions request body (a dict) and returns a Reply or a
-    plain string (a normal answer). Every body is kept in `server.requests`, in arrival order.
+    plain string (a normal answer). Every body is kept in `server.requests`, in arrival order, and its
+    headers in `server.headers` (names in lower case).
     """
 
     def __init__(self, script: Script):
         self.script = script
         self.requests: list[dict] = []
+        self.headers: list[dict] = []
         self._lock = threading.Lock()
         server = self
 
@@ -63,6 +65,7 @@ class ScriptedServer:
                     return self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
                 with server._lock:
                     server.requests.append(body)
+                    server.headers.append({name.lower(): value for name, value in self.headers.items()})
                 reply = server.script(body)
                 if isinstance(reply, str):
                     reply = Reply(reply)

@@ -103,12 +103,13 @@ def to_toml(config: dict) -> str:
 
 
 def run_build(config: Path, *args: str) -> subprocess.CompletedProcess:
-    """`explainer build` as a user runs it, in a subprocess."""
+    """`explainer build` as a user runs it, in a subprocess: with --trust-config, as the README says to
+    build the example, whose root is this repository and whose server the test names in the file."""
     environment = {key: value for key, value in os.environ.items()
                    if key not in ("OPENAI_BASE_URL", "EXPLAINER_CACHE_DIR")}
     environment["OPENAI_API_KEY"] = "sk-test-not-a-real-key"
-    return subprocess.run([sys.executable, "-m", "explainer", "build", "--config", str(config), *args],
-                          capture_output=True, text=True, env=environment, timeout=300)
+    return subprocess.run([sys.executable, "-m", "explainer", "build", "--config", str(config), "--trust-config",
+                           *args], capture_output=True, text=True, env=environment, timeout=300)
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:

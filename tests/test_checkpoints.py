@@ -375,3 +375,27 @@ def test_every_crafted_checkpoint_fails_fast_and_small(tmp_path):
         assert float(seconds) < 0.5, f"{name} took {float(seconds):.2f} s: {message}"
         assert int(grown) < 300 << 20, f"{name} grew {int(grown) >> 20} MiB: {message}"
         assert "\n" not in message.strip(), f"{name}: {message}"
+
+
+def test_a_models_identity_is_its_content_not_its_path(tmp_path):
+    """What explainer's answer cache keys a local model by (llama_ref.identity)."""
+    import shutil
+
+    from llama_ref.identity import _gguf_index_end, model_identity
+
+    model = make_tiny_model(tmp_path)
+    paths = write_every_format(model, tmp_path / "a")
+    identities = {name: model_identity(path) for name, path in paths.items()}
+    assert len(set(identities.values())) == len(identities)  # each format's files differ
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for name, path in paths.items():  # a copy elsewhere is the same model
+        assert model_identity(tmp_path / "b" / path.relative_to(tmp_path / "a")) == identities[name]
+
+    reader = gguf.GGUFReader(paths["gguf"])  # the index ends where the tensor data starts, but for the padding
+    with open(paths["gguf"], "rb") as f:
+        end = _gguf_index_end(f.read())
+    assert reader.data_offset - 32 < end <= reader.data_offset
+    (paths["hf"] / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
+    assert model_identity(paths["hf"]) != identities["hf"]  # a file beside the weights changes the answers
+    (tmp_path / "b" / "tiny.gguf").write_text("not a model")
+    assert model_identity(tmp_path / "b" / "tiny.gguf") != identities["gguf"]

@@ -221,16 +221,20 @@ def test_stop_ends_a_running_demo_and_every_child_it_started(project):
 def test_a_demo_sees_no_key_or_token_of_the_build(project, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-build-secret")
     monkeypatch.setenv("MY_TOKEN", "build-secret-token")
-    monkeypatch.setenv("LC_DEPLOY_KEY", "build-secret-lc")  # allowlisted as LC_*, still a key
+    monkeypatch.setenv("LC_DEPLOY_KEY", "build-secret-lc")  # looks like a locale name, is a key
+    # the review's finding: a pattern LC_* let these through, and a demo printed them
+    monkeypatch.setenv("LC_GITHUB_PAT", "build-secret-pat")
+    monkeypatch.setenv("LC_DB_PASSWORD", "build-secret-password")
     monkeypatch.setenv("TZ", "UTC")
+    monkeypatch.setenv("LC_TIME", "C")  # a real locale category passes
     post = "```sh demo\necho key=$OPENAI_API_KEY\necho token=$MY_TOKEN\nenv\n```\n"
     published = expand_demos(post, runner_for(project), "p.md")
 
     output = fences(published)[1][1].splitlines()
     assert output[:2] == ["key=", "token="]
     assert "build-secret" not in published
-    assert {"TZ=UTC", "TERM=dumb", "NO_COLOR=1"} <= set(output)
-    assert not any(line.startswith("LC_DEPLOY_KEY=") for line in output)
+    assert {"TZ=UTC", "LC_TIME=C", "TERM=dumb", "NO_COLOR=1"} <= set(output)
+    assert not any(line.startswith(("LC_DEPLOY_KEY=", "LC_GITHUB_PAT=", "LC_DB_PASSWORD=")) for line in output)
     for stored in (project.parent / "cache").rglob("*"):
         assert stored.is_dir() or b"build-secret" not in stored.read_bytes()
 
@@ -269,6 +273,17 @@ def test_output_with_backticks_gets_a_longer_fence_and_containers_keep_it(projec
 def test_unknown_demo_language_is_one_clear_error(project):
     with pytest.raises(UserError, match=r"p.md:1: can't run a ```ruby demo"):
         expand_demos("```ruby demo\nputs 1\n```\n", runner_for(project), "p.md")
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e308", "0", "-5", "soon", "86401"])
+def test_a_demo_timeout_that_is_not_a_sane_number_of_seconds_is_one_clear_error(project, value):
+    # timeout=inf crashed the supervisor with an OverflowError; no demo may run with such a deadline
+    with pytest.raises(UserError) as error:
+        expand_demos(f"```sh demo timeout={value}\ntouch ran\n```\n", runner_for(project), "p.md")
+    message = str(error.value)
+    assert message.startswith(f"p.md:1: demo fence has 'timeout={value}'") and "\n" not in message
+    assert "at most 86400" in message
+    assert not (project / "ran").exists()
 
 
 def test_without_a_cache_folder_demos_always_run(project):

@@ -219,3 +219,35 @@ def test_nucleus_sampling_over_candidates_draws_like_the_full_vocabulary():
     # a flat distribution whose nucleus is wider than the candidates falls back to the full sort
     flat = torch.full((1, 5000), 1 / 5000)
     assert 0 <= sample_nucleus(flat, 0.9, None, generator) < 5000
+
+
+def test_another_clients_job_gets_a_row_within_a_few_steps_and_the_paused_job_resumes_exactly(tiny):
+    """Fair rows: a client holding every row while another's job waits has one paused after
+    PREEMPT_AFTER_STEPS steps; the paused job resumes where it stopped, with the tokens it would have had."""
+    from llama_ref.engine import PREEMPT_AFTER_STEPS
+
+    prompts = prompts_sharing_a_start(tiny.model.params.vocab_size)
+    engine = Engine(tiny.model, tiny.tokenizer, prefill_chunk=8)
+    hogs = [engine.submit(Job(prompt, 60, stop_ids=frozenset(), client="a")) for prompt in prompts[:3]]
+    while min(len(job.tokens) for job in hogs) < PREEMPT_AFTER_STEPS:
+        engine.step()
+    steps = engine.stats["decode_steps"]
+    short = engine.submit(Job(prompts[4], 2, stop_ids=frozenset(), client="b"))
+    while not short.done:
+        engine.step()
+
+    # its prefill's chunks (each beside a decode step) and one more token; the rows were busy for 44 more
+    assert engine.stats["decode_steps"] - steps <= -(-len(prompts[4]) // 8) + 1 and engine.stats["paused"] == 1
+    while not all(job.done for job in hogs):
+        engine.step()
+    for job, prompt in zip(hogs, prompts):
+        assert job.tokens == reference(tiny, prompt, 60)
+    assert short.tokens == reference(tiny, prompts[4], 2)
+
+
+def test_jobs_of_one_client_are_never_paused(tiny):
+    prompts = prompts_sharing_a_start(tiny.model.params.vocab_size)
+    engine = Engine(tiny.model, tiny.tokenizer)
+    jobs = engine.run([Job(p, 40, stop_ids=frozenset()) for p in prompts])  # 7 jobs, 3 rows, no client named
+    assert engine.stats["paused"] == 0
+    assert [job.tokens for job in jobs] == [reference(tiny, p, 40) for p in prompts]

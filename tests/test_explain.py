@@ -249,6 +249,14 @@ def post_with(code: str, explanation: str = "It works.", title: str = "A post") 
                                   kind="block", explanation=explanation)])
 
 
+def test_the_translation_notice_shows_a_model_name_as_text():
+    model = "gpt<svg onload=alert(8)> [z](javascript:alert(9))"
+    rendered = render_post(post_with("x = 1\n"), translated_by=model)
+    html = MarkdownIt("commonmark", {"html": True}).render(rendered.split("---\n", 2)[2])
+    assert "<svg" not in html and "<a " not in html
+    assert "gpt&lt;svg onload=alert(8)&gt; [z](javascript:alert(9)) helped translate this post." in html
+
+
 def test_front_matter_survives_titles_that_look_like_yaml():
     for title in ['Nvidia 驱动: LLaMA "and" ChatGPT', "yes", "1.0", "# not a comment", "- item", "a: b: c"]:
         rendered = render_post(post_with("x = 1\n", title=title))

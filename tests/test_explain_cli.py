@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,71 @@ def test_ctrl_c_while_requests_are_in_flight_exits_at_once_and_the_rerun_finishe
     rerun = run(*command[4:], env=environment)
     assert rerun.returncode == 0, rerun.stderr
     assert output.read_text(encoding="utf-8").startswith("---")
+
+
+class PageText(HTMLParser):
+    """The text a reader sees of rendered HTML, and the elements it has."""
+
+    def __init__(self, html: str):
+        super().__init__(convert_charrefs=True)
+        self.text, self.elements = "", set()
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        self.elements.add(tag)
+
+    def handle_data(self, data):
+        self.text += data
+
+
+def test_a_file_name_and_a_model_name_reach_the_page_as_text_not_html(scripted_server, tmp_path):
+    """The review's attack: the caption and the "... explained this code" line carried these names as raw
+    HTML, outside any code block."""
+    sample = tmp_path / "x<img src=x onerror=alert(7)>.py"
+    sample.write_text(SAMPLE, encoding="utf-8")
+    server = scripted_server(echo_script(sample))
+    model = "gpt<svg onload=alert(8)>"
+
+    result = run(sample.name, "--model", model, "--base-url", server.base_url, "--max-lines", str(MAX_LINES),
+                 "--no-cache", env={"OPENAI_API_KEY": "sk-test-not-a-real-key"}, cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    page = PageText(MarkdownIt("commonmark", {"html": True}).render(result.stdout.split("---\n", 2)[2]))
+    assert not page.elements & {"img", "svg"}
+    assert f"{model} explained this code" in page.text
+    assert f"{sample.name}, lines 1–" in page.text
+
+
+UNREADABLE = ">1. <!--\n>"  # 9 bytes on which markdown-it-py 4.3.0 raises IndexError
+
+
+def test_an_answer_markdown_it_cannot_read_is_asked_again_and_never_cached(scripted_server, sample, tmp_path):
+    """The review's finding: this answer made explain crash with a traceback, and a rerun crashed again from
+    the cache with 0 requests."""
+    answer = echo_script(sample)
+    firmer = "Your answer must be short"  # what explain adds when it asks again
+    server = scripted_server(lambda body: answer(body) if firmer in user_text(body) else UNREADABLE)
+    cache = str(tmp_path / "cache")
+
+    first = explain(server, str(sample), "--cache-dir", cache)
+
+    assert first.returncode == 0, first.stderr
+    assert "Traceback" not in first.stderr and "unreadable as Markdown" in first.stderr
+    chunks = len(chunk_file(sample, max_lines=MAX_LINES).chunks)
+    assert len(server.requests) == 2 * (chunks + 1)  # every answer once, unreadable; then once more, firmer
+    again = explain(server, str(sample), "--cache-dir", cache)
+    assert again.returncode == 0 and again.stdout == first.stdout
+    assert "0 requests," in again.stderr  # the readable answers were cached under the first requests' keys
+
+
+def test_an_answer_that_stays_unreadable_is_one_error_line_and_is_not_cached(scripted_server, sample, tmp_path):
+    server = scripted_server(lambda body: UNREADABLE)
+    cache = str(tmp_path / "cache")
+
+    for run_number in (1, 2):
+        result = explain(server, str(sample), "--cache-dir", cache)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and "markdown-it-py" in errors[0] and "cannot read" in errors[0], result.stderr
+        chunks = len(chunk_file(sample, max_lines=MAX_LINES).chunks)
+        assert len(server.requests) == run_number * 2 * (chunks + 1)  # nothing came from the cache

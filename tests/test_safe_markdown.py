@@ -7,10 +7,13 @@ import json
 import random
 import shutil
 import subprocess
+import unicodedata
+from html.parser import HTMLParser
 
 import pytest
+from markdown_it import MarkdownIt
 
-from explainer.safe_markdown import escape_model_html
+from explainer.safe_markdown import escape_model_html, plain_text
 from site_support import LiveParts
 
 # A model's explanation as models write them: every kind of formatting a post uses.
@@ -138,3 +141,46 @@ def test_kramdown_renders_benign_text_as_before():
     [formatted, before, after] = kramdown([FORMATTED, PLAIN_SIGNS, escape_model_html(PLAIN_SIGNS)])
     assert "<strong>Note:</strong>" in formatted and "<code>i &lt; n</code>" in formatted
     assert before == after
+
+
+def shown_as(html: str) -> tuple[set[str], str]:
+    """The elements of rendered HTML, and its text as a reader sees it."""
+    class Text(HTMLParser):
+        def __init__(self):
+            super().__init__(convert_charrefs=True)
+            self.elements, self.text = set(), ""
+
+        def handle_starttag(self, tag, attrs):
+            self.elements.add(tag)
+
+        def handle_data(self, data):
+            self.text += data
+
+    page = Text()
+    page.feed(html)
+    return page.elements, page.text.strip()
+
+
+NAMES = ["x<img src=x onerror=alert(7)>.py", "gpt<svg onload=alert(8)>", "[z](javascript:alert(9))", "a*b*c_.py",
+         "_private.py", "llama_ref/generation.py", "# heading", "1. first", "- item", "x\n# y", "`code`", "a~~b~~",
+         "{:.x onclick=y}", "$$x$$", "java&#115;cript:x", "a | b", "![i](x)", "<https://x>", "\\*"]
+
+
+def caption(name: str) -> str:
+    # where names land: a caption in emphasis, and at the start of a notice line
+    return f"*{plain_text(name)}, lines 1–4*\n\n{plain_text(name)} explained this code.\n"
+
+
+def test_a_name_shows_as_written_in_commonmark_with_no_element_of_its_own():
+    for name in NAMES + hostile_documents(300, seed=11):
+        shown = "".join(" " if unicodedata.category(char) == "Cc" else char for char in name).strip()
+        elements, text = shown_as(MarkdownIt("commonmark", {"html": True}).render(caption(name)))
+        assert elements <= {"p", "em"}, (name, elements)
+        assert text.split("\n") == [f"{shown}, lines 1–4", f"{shown} explained this code."], name
+
+
+def test_kramdown_shows_a_name_as_written_with_no_element_of_its_own():
+    names = NAMES + hostile_documents(300, seed=11)
+    for name, html in zip(names, kramdown([caption(name) for name in names])):
+        elements, text = shown_as(html)
+        assert elements <= {"p", "em"} and not live(html), (name, html)

@@ -21,12 +21,14 @@ pytestmark = pytest.mark.slow
 KEY = "s3cret-key"
 MAX_BODY = 1 << 20
 CONNECTIONS = 3
+DEADLINE_S = 2.0  # for a request's headers, and for its body: small, so that tests wait little
 
 
 @pytest.fixture(scope="module")
 def server():
     server = open_server("smollm2-135m", "127.0.0.1", 0, max_seq_len=256, max_batch_size=2, dtype="fp32",
-                         api_key=KEY, max_body_bytes=MAX_BODY, max_connections=CONNECTIONS, timeout=2.0)
+                         api_key=KEY, max_body_bytes=MAX_BODY, max_connections=CONNECTIONS, timeout=2.0,
+                         header_timeout=DEADLINE_S, body_timeout=DEADLINE_S)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     yield server
@@ -181,21 +183,107 @@ def test_a_full_queue_gets_503_with_retry_after(server):
     assert status == 503 and headers["Retry-After"] and body["error"]["code"] == "server_busy"
 
 
-def test_past_the_connection_limit_a_client_gets_503_and_stalled_sockets_time_out():
-    # a server of its own, so that no other test's connection holds a slot
-    server = open_server("smollm2-135m", "127.0.0.1", 0, max_seq_len=64, max_batch_size=1, dtype="fp32",
-                         max_connections=CONNECTIONS, timeout=2.0)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    host, port = server.server_address[:2]
-    stalled = [socket.create_connection((host, port), timeout=10) for _ in range(CONNECTIONS)]
+def slow_sockets(server, count: int, head: str = "") -> list[socket.socket]:
+    """`count` connections that send the start of a request (`head`, default: a request line and a Host
+    header, no key) and then nothing more: slow clients, whose next byte never comes."""
+    port = server.server_address[1]
+    head = head or f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+    sockets = []
+    for _ in range(count):
+        sock = socket.create_connection(server.server_address[:2], timeout=30)
+        sock.sendall(head.encode())
+        sockets.append(sock)
+    return sockets
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Waits (up to the socket's timeout) until the server closes the connection; True if it did."""
     try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_a_keyed_client_is_served_while_64_slow_unauthenticated_sockets_are_open(server):
+    """The review's attack: 64 sockets sending a header byte now and then held every connection; a normal request
+    got 503, and with --api-key a keyed client waited 25 s for a 503. A slow socket now costs no thread, and its
+    headers have a deadline for all of them, however they trickle."""
+    slow = slow_sockets(server, 64)
+    try:
+        test_a_valid_request_with_the_key_is_answered(server)
+        # a wrong key is refused as its header line arrives, before the headers end
+        port = server.server_address[1]
+        [wrong] = slow_sockets(server, 1, f"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                                          "Authorization: Bearer wrong\r\n")
+        response = http.client.HTTPResponse(wrong)
+        response.begin()
+        assert response.status == 401 and json.loads(response.read())["error"]["code"] == "invalid_api_key"
+        wrong.close()
+        assert all(closed_by_server(sock) for sock in slow)  # at the header deadline (DEADLINE_S)
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+def test_a_body_that_trickles_in_gets_408_at_its_deadline(server):
+    body = chat(server, "Hi")
+    port = server.server_address[1]
+    [sock] = slow_sockets(server, 1, f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                                     f"Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
+                                     f"Content-Length: {len(body)}\r\n\r\n")
+    with sock:
+        for byte in body[:10]:  # a byte at a time: each read is fast, the body as a whole is not
+            sock.sendall(bytes([byte]))
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        assert response.status == 408 and "within 2 s" in json.loads(response.read())["error"]["message"]
+
+
+def small_server(**limits) -> ModelServer:
+    server = open_server("smollm2-135m", "127.0.0.1", 0, max_seq_len=128, max_batch_size=1, dtype="fp32",
+                         header_timeout=DEADLINE_S, **limits)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    return server
+
+
+def test_past_the_answering_limit_a_client_gets_503():
+    server = small_server(max_connections=CONNECTIONS)  # of its own, so that no other test's request takes a slot
+    port = server.server_address[1]
+    story = json.dumps({"model": server.model_name, "messages": [{"role": "user", "content": LONG_STORY}],
+                        "max_tokens": 40, "temperature": 0, "stream": True}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(story)}\r\n\r\n")
+    busy = slow_sockets(server, CONNECTIONS, head)  # whole requests: each is being answered (one row, so queued)
+    try:
+        for sock in busy:
+            sock.sendall(story)
+        for sock in busy:  # each is answered, streamed: 200 and its headers come at once, its tokens later
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            assert response.status == 200
         status, headers, body = raw(server, f"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1:{port}")
         assert status == 503 and headers["Retry-After"] == "1" and body["error"]["code"] == "server_busy"
-        # a connection that never sends its request is closed after the server's timeout (2 s)
-        assert stalled[0].recv(1) == b""
     finally:
-        for sock in stalled:
+        for sock in busy:
+            drop(sock)
+        server.shutdown()
+        server.server_close()
+
+
+def test_one_address_past_its_connection_limit_has_its_oldest_slow_connection_closed():
+    server = small_server(max_connections_per_peer=4)
+    port = server.server_address[1]
+    slow = slow_sockets(server, 4)
+    try:
+        status, _, _ = raw(server, f"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1:{port}")  # the fifth
+        assert status == 200
+        assert closed_by_server(slow[0])  # the oldest made room, at once: not at the header deadline
+        for sock in slow[1:]:
+            sock.setblocking(False)
+            with pytest.raises(BlockingIOError):  # still open, still waiting for the rest of their headers
+                sock.recv(1)
+    finally:
+        for sock in slow:
             sock.close()
         server.shutdown()
         server.server_close()
@@ -275,3 +363,60 @@ def test_a_dropped_unstreamed_request_frees_the_only_row_for_the_next_request(on
     sock.sendall(long_story(one_row, stream=False))  # nothing comes back until the whole answer would
     drop(sock)
     assert_next_request_is_answered_at_once(one_row, time.monotonic(), cancelled)
+
+
+def test_a_client_that_closes_with_a_byte_still_unread_frees_its_row_within_a_step(one_row):
+    """The review's bypass: a byte sent after the body, then a close, left the server generating for nobody
+    (at 166 s), because a peek saw the byte and took it for a pipelined request."""
+    cancelled = one_row.engine.stats["cancelled"]
+    sock = socket.create_connection(one_row.server_address[:2], timeout=30)
+    sock.sendall(long_story(one_row, stream=True))
+    with sock.makefile("rb") as stream:
+        assert stream.readline().startswith(b"HTTP/1.1 200")
+        while not stream.readline().startswith(b"data: "):  # the body was read: the story is being written
+            pass
+        sock.sendall(b"x")
+        sock.shutdown(socket.SHUT_WR)  # closes its end, the byte unread on the server's
+        steps = one_row.engine.stats["decode_steps"]
+        status, _, answer = post(one_row, chat(one_row, "Hi"))  # the only row: it must be freed first
+    sock.close()
+    assert status == 200 and one_row.engine.stats["cancelled"] == cancelled + 1
+    assert one_row.engine.stats["decode_steps"] - steps <= 8  # a step to notice, a few for the answer
+
+
+def test_a_client_holding_every_row_cannot_keep_another_clients_short_request_waiting():
+    """The review's finding: eight requests with max_tokens 4000 made another client's 2-token request time out
+    at 120 s. Here one client (127.0.0.1) holds both rows with long stories; another (127.0.0.2: Linux answers
+    on all of 127/8) asks for 2 tokens and is answered within a few steps, not after ~1000."""
+    import httpx2  # the HTTP client this openai SDK is built on
+
+    from llama_ref.engine import PREEMPT_AFTER_STEPS
+
+    server = open_server("smollm2-135m", "127.0.0.1", 0, max_seq_len=1100, max_batch_size=2, dtype="fp32",
+                         api_key=KEY)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    hogs = []
+    try:
+        for _ in range(2):
+            sock = socket.create_connection(server.server_address[:2], timeout=60)
+            sock.sendall(long_story(server, stream=True))
+            hogs.append((sock, sock.makefile("rb")))
+        for _, stream in hogs:  # both rows are generating, each past the steps that protect it from a pause
+            events = 0
+            while events < PREEMPT_AFTER_STEPS + 2:
+                events += stream.readline().startswith(b"data: ")
+        steps = server.engine.stats["decode_steps"]
+        other_address = openai.DefaultHttpxClient(transport=httpx2.HTTPTransport(local_address="127.0.0.2"))
+        with openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0, http_client=other_address) as client:
+            answer = client.chat.completions.create(model=server.model_name, max_tokens=2, temperature=0,
+                                                    messages=[{"role": "user", "content": "Hi"}])
+        assert answer.usage.completion_tokens == 2
+        assert server.engine.stats["decode_steps"] - steps <= 8  # its prefill and 2 tokens, beside the stories
+        assert server.engine.stats["paused"] == 1
+    finally:
+        for sock, stream in hogs:
+            stream.close()
+            drop(sock)
+        server.shutdown()
+        server.server_close()

@@ -1,7 +1,7 @@
 """`explainer serve` under load: 32 clients for 30 s, valid requests (the official openai SDK, streamed and
 not) mixed with broken ones (raw sockets) and clients that go away mid-answer. Every valid request is
 answered, every broken one gets its 4xx, the server stays up and its memory stays bounded. The test prints
-the requests per second it saw.
+the requests per second it saw. Then 8 clients among 64 slow sockets: every request of theirs is answered.
 """
 
 import collections
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 DURATION_S = 30.0  # clients start requests until then; the ones under way finish
 CLIENTS = 32
-STALLERS = 4  # of the clients, those that also send half a body and wait out the server's timeout
+STALLERS = 4  # of the clients, those that also send half a body and wait out the server's body deadline
 # how long the server waits on a silent socket: longer than the keep-alive expiry of httpx (the SDK's HTTP
 # client, 5 s), so that the SDK never sends a request on a connection the server is closing at that moment
 SERVER_TIMEOUT_S = 6.0
@@ -35,7 +35,8 @@ QUESTIONS = ["What is 2+2?", "Name a colour.", "Say hello in French.", "What is 
 @pytest.fixture(scope="module")
 def server():
     server = open_server("smollm2-135m", "127.0.0.1", 0, max_seq_len=256, max_batch_size=8, dtype="fp32",
-                         api_key=KEY, timeout=SERVER_TIMEOUT_S)
+                         api_key=KEY, timeout=SERVER_TIMEOUT_S, header_timeout=SERVER_TIMEOUT_S,
+                         body_timeout=SERVER_TIMEOUT_S)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     yield server
@@ -121,7 +122,7 @@ def bad_content_length(server, sdk, rng):
     return refused(expected, post(server, body(server, rng), length=length))
 
 
-def stalled(server, sdk, rng):  # half the body, then nothing: 408 once the server's timeout has passed
+def stalled(server, sdk, rng):  # half the body, then nothing: 408 once the body's deadline has passed
     whole = body(server, rng)
     return refused(408, post(server, whole[:len(whole) // 2], length=str(len(whole))))
 
@@ -252,3 +253,40 @@ def test_32_clients_for_30_s_get_every_answer_and_every_refusal(server, capsys):
     assert server.engine.stats["cancelled"] - stats_before["cancelled"] == outcomes["dropped"]
     assert rss_growth < MAX_RSS_GROWTH
     assert threading.active_count() <= threads_before + DEFAULT_MAX_CONNECTIONS
+
+
+SLOW_SOCKETS = 64
+NORMAL_CLIENTS = 8
+
+
+def test_8_clients_among_64_slow_sockets_get_every_answer(server):
+    """Slowloris in the mix: 64 sockets that start a request and never finish its headers (no key either)
+    hold up none of 8 clients' requests; the server closes them at the header deadline."""
+    from test_serve_limits import closed_by_server, slow_sockets
+
+    slow = slow_sockets(server, SLOW_SOCKETS)
+    answers, failures, lock = [], [], threading.Lock()
+
+    def client(index: int) -> None:
+        rng = random.Random(index)
+        with openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0, timeout=120) as sdk:
+            for kind in ("chat", "chat_streamed"):
+                try:
+                    VALID[kind](server, sdk, rng)
+                    outcome = answers
+                except Exception as exc:
+                    outcome, exc = failures, f"{kind}: {type(exc).__name__}: {exc}"
+                with lock:
+                    outcome.append(kind if outcome is answers else exc)
+
+    try:
+        clients = [threading.Thread(target=client, args=(index,)) for index in range(NORMAL_CLIENTS)]
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join()
+        assert failures == [] and len(answers) == 2 * NORMAL_CLIENTS
+        assert all(closed_by_server(sock) for sock in slow)
+    finally:
+        for sock in slow:
+            sock.close()

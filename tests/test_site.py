@@ -75,7 +75,7 @@ def test_build_writes_every_post_in_every_language_in_the_seed_authors_layout(co
 
 
 def test_warm_rebuild_asks_no_model_runs_no_demo_and_rewrites_no_file(config, server):
-    first = build_site(load_config(config))
+    first = build_site(load_config(config, trust=True))
     assert len(first.written) == 6 and first.demo_runs == 2 and first.usage.requests == len(server.requests)
     before = snapshot(config.parent / "_posts")
     sent = len(server.requests)
@@ -90,7 +90,7 @@ def test_warm_rebuild_asks_no_model_runs_no_demo_and_rewrites_no_file(config, se
 
 
 def test_editing_one_paragraph_retranslates_that_paragraph_only(config, server):
-    build_site(load_config(config))
+    build_site(load_config(config, trust=True))
     generated_before = {path: data for path, data in snapshot(config.parent / "_posts").items()
                         if "llama-generate" in path}
     source = config.parent / "_sources" / "running-llama.md"
@@ -99,7 +99,7 @@ def test_editing_one_paragraph_retranslates_that_paragraph_only(config, server):
                       encoding="utf-8")
     sent = len(server.requests)
 
-    report = build_site(load_config(config))
+    report = build_site(load_config(config, trust=True))
 
     new_requests = server.requests[sent:]
     assert len(new_requests) == 2 and all(is_translation(body) for body in new_requests)  # zh and ar
@@ -113,8 +113,8 @@ def test_editing_one_paragraph_retranslates_that_paragraph_only(config, server):
 
 
 def test_rerun_demos_runs_them_again_and_rewrites_only_what_changed(config):
-    build_site(load_config(config))
-    report = build_site(load_config(config), BuildOptions(rerun_demos=True))
+    build_site(load_config(config, trust=True))
+    report = build_site(load_config(config, trust=True), BuildOptions(rerun_demos=True))
     assert report.demo_runs == 2 and report.demo_cache_hits == 0
     assert report.written == []  # same output, same bytes
 
@@ -195,7 +195,8 @@ def test_no_demos_runs_nothing_and_publishes_the_demo_code_alone(config, tmp_pat
     assert GENERATED_DEMO not in generated
     assert not (config.parent / ".explainer-cache" / "demos").exists()
 
-    both = CliRunner().invoke(main, ["build", "--config", str(config), "--no-demos", "--rerun-demos"])
+    both = CliRunner().invoke(main, ["build", "--config", str(config), "--trust-config", "--no-demos",
+                                     "--rerun-demos"])
     assert both.exit_code == 1 and both.stderr.startswith("Error: --no-demos runs no demo")
 
 
@@ -234,15 +235,17 @@ def test_demo_output_limit_caps_what_a_demo_publishes(config):
     (lambda c: c["site"].update(pattern="../{lang}/{slug}.md"), "would write outside the site's output folder"),
     (lambda c: c["site"].update(pattern="/tmp/{lang}/{slug}.md"), "would write outside the site's output folder"),
     (lambda c: c["site"].update(demo_output_limit=0), "demo_output_limit must be positive"),
+    (lambda c: c["site"].update(demo_timeout=0), "[site] demo_timeout = 0; write a number of seconds above 0"),
+    (lambda c: c["site"].update(demo_timeout=1e308), "[site] demo_timeout = 1e+308; write a number of seconds"),
     (lambda c: c["site"].update(demo_output_limit="1M"), "demo_output_limit = '1M' should be a int"),
 ])
 def test_config_mistakes_are_one_clear_line(config, edit, message):
     edit_config(config, edit)
     with pytest.raises(UserError) as error:
-        load_config(config)
+        load_config(config, trust=True)
     assert message in str(error.value)
 
-    result = CliRunner().invoke(main, ["build", "--config", str(config)])
+    result = CliRunner().invoke(main, ["build", "--config", str(config), "--trust-config"])
     assert result.exit_code == 1
     assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("Error: explainer.toml")
     assert message in result.stderr
@@ -251,6 +254,6 @@ def test_config_mistakes_are_one_clear_line(config, edit, message):
 def test_missing_config_and_unknown_post_say_what_to_do(config, tmp_path):
     missing = CliRunner().invoke(main, ["build", "--config", str(tmp_path / "nope.toml")])
     assert missing.exit_code == 1 and "no config file" in missing.stderr and "--config FILE" in missing.stderr
-    unknown = CliRunner().invoke(main, ["build", "--config", str(config), "--only", "nope"])
+    unknown = CliRunner().invoke(main, ["build", "--config", str(config), "--trust-config", "--only", "nope"])
     assert unknown.exit_code == 1
     assert "--only nope: no such post in explainer.toml; choose from llama-generate, running-llama" in unknown.stderr

@@ -54,7 +54,7 @@ def test_an_interrupted_build_leaves_whole_files_and_the_next_build_finishes_it(
     environment = dict(os.environ, OPENAI_API_KEY="sk-test-not-a-real-key")
     environment.pop("OPENAI_BASE_URL", None)
     environment.pop("EXPLAINER_CACHE_DIR", None)
-    command = [sys.executable, "-m", "explainer", "build", "--config", str(config)]
+    command = [sys.executable, "-m", "explainer", "build", "--config", str(config), "--trust-config"]
     with open(tmp_path / "stderr.txt", "w+", encoding="utf-8") as log:
         returncode, messages = interrupt_when(command, environment, explained_post_translating, release, how, log)
 

@@ -26,6 +26,7 @@ from explainer.cache import Cache
 from explainer.cli import main
 from explainer.errors import UserError
 from explainer.post import Post, Section
+from explainer.render import render_post
 from explainer.languages import language
 from explainer.markdown_segments import split_document
 from explainer.translate import SegmentTranslator, translate_file, translate_markdown, translate_post
@@ -273,6 +274,33 @@ def test_what_a_translation_adds_is_made_inert_and_the_authors_html_is_kept(scri
     assert '<div class="note">The author wrote this <b>HTML</b> on purpose.</div>' in translated
 
 
+def test_what_a_translation_adds_to_the_front_matter_is_escaped_like_the_body(scripted_server, openai_env):
+    """The review's finding: a model-added script link landed as written in title: and excerpt:, while the
+    same link in the body was made inert."""
+    source = ("---\ntitle: Running LLaMA on a small graphics card\nexcerpt: What people hit when they run "
+              "the model at home.\n---\n\nThe body of the post explains the whole thing in one sentence.\n")
+
+    def adds_a_script_link(body):
+        answer = json.loads(well_behaved(body))
+        return json.dumps({key: value + " [z](javascript:alert(9))" for key, value in answer.items()},
+                          ensure_ascii=False)
+
+    server = scripted_server(adds_a_script_link)
+    translated = translate_markdown(source, "ar", backend_for(server), source_lang="en")
+
+    front = YAML(typ="safe").load(translated.split("---\n")[1])
+    for key in ("title", "excerpt"):
+        assert front[key].endswith(" [z](javascript\\:alert(9))"), front[key]
+    assert translated.split("---\n", 2)[2].count("[z](javascript\\:alert(9))") == 1
+
+
+def test_a_generated_posts_title_is_escaped_like_its_intro():
+    post = Post(title="Sampling [z](javascript:alert(9)) <b onclick=x>", lang="en", date="2024-01-02",
+                source_path="demo.py", code_language="python", intro="An intro.", sections=[])
+    front = YAML(typ="safe").load(render_post(post).split("---\n")[1])
+    assert front["title"] == "Sampling [z](javascript\\:alert(9)) &lt;b onclick=x&gt;"
+
+
 def test_a_failing_batch_is_retried_segment_by_segment(scripted_server, openai_env, seed_post, tmp_path):
     """A model that only gets it wrong in big batches: smaller units succeed, the post is written."""
 
@@ -375,6 +403,17 @@ def test_broken_front_matter_in_the_source_is_one_clear_error(scripted_server, o
     assert result.exit_code == 1
     assert result.stderr.startswith("Error: post.md: the front matter is not valid YAML")
     assert server.requests == [] and sorted(p.name for p in tmp_path.iterdir()) == ["post.md"]
+
+
+def test_a_source_markdown_it_cannot_read_is_one_clear_error(scripted_server, openai_env, tmp_path):
+    server = scripted_server(well_behaved)
+    post = tmp_path / "post.md"
+    post.write_text("Some text here.\n\n>1. <!--\n>", encoding="utf-8")  # markdown-it-py 4.3.0 raises on it
+    result = CliRunner().invoke(main, ["translate", str(post), "--to", "ar", "--base-url", server.base_url,
+                                       "--no-cache"])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("Error: post.md: markdown-it-py") and "cannot read" in result.stderr
+    assert server.requests == []
 
 
 def test_an_unknown_language_lists_the_known_ones(openai_env, seed_post):

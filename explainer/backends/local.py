@@ -17,6 +17,7 @@ Any other answer cut off at max_tokens is an UnusableAnswer, as with the openai 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -59,13 +60,32 @@ class LocalBackend:
         from llama_ref.catalog import CATALOG, DEFAULT_MODEL
 
         self._spec = DEFAULT_MODEL if model is None else model
-        # a catalog name keys the cache by name (its bytes are pinned); a file by its name
+        # what posts and messages call it: a catalog name, or a checkpoint's file name
         self.model = self._spec if self._spec in CATALOG else Path(self._spec).name
         self._model_path: Path | None = None
-        self.device, self.dtype, self.kernels = device, dtype, kernels
+        self.device, self.dtype = device, dtype
+        self.kernels = kernels  # which kernels run the layers: they change the numbers, so the answers too
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self._llama = None
         self._engine = None
+
+    @functools.cached_property
+    def cache_identity(self) -> str:
+        """What the answers depend on besides the request (explainer.cache keys by it): the model's content
+        (llama_ref.identity: the catalog's sha256, or a file's size, header and tensor index; never its
+        name, so another file called model.gguf is another model), the dtype and the kernels."""
+        from llama_ref.identity import model_identity
+
+        try:
+            content = model_identity(self._spec)
+        except OSError as exc:
+            raise UserError(f"cannot read the model {self._spec}: {exc.strerror or exc}; check the path") from None
+        kernels = self.kernels
+        if kernels == "auto":  # the table's row for this CPU (llama_ref.kernels), named without importing torch
+            from llama_ref.kernels import cpu_class, read_cpu
+
+            kernels = f"auto:{cpu_class(read_cpu())}"
+        return f"{content} dtype={self.dtype or 'auto'} kernels={kernels}"
 
     @property
     def model_path(self) -> Path:
@@ -81,14 +101,15 @@ class LocalBackend:
         return self._model_path
 
     def prompt_tokens(self, request: Request) -> list[int]:
-        from llama_ref.chat import ChatTemplateError
+        """The request's tokens in the model's chat format. The messages hold an explained file's text,
+        which may spell a special token's name: it stays text, never a control token (chat_tokens)."""
+        from llama_ref.chat import ChatTemplateError, chat_tokens
 
         llama = self.llama
         try:
-            text = llama.render_chat(list(request.messages))
+            return chat_tokens(llama.chat_template, llama.tokenizer, list(request.messages))
         except ChatTemplateError as exc:  # the checkpoint's own template: a broken or hostile model file
             raise UserError(f"{self.model}: {exc}; use another checkpoint or fix its chat template") from None
-        return llama.tokenizer.encode(text, bos=False, eos=False)
 
     def complete(self, requests: list[Request],
                  on_done: Callable[[int, Completion], None] | None = None) -> list[Completion]:
