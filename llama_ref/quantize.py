@@ -59,9 +59,11 @@ class Int8Linear(nn.Module):
         self.scales.copy_(scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-            # reads the int8 weight as it is; widening it first would write a float copy at every call
-            flat = x.reshape(-1, self.in_features).contiguous()
+        rows = x.numel() // self.in_features
+        if x.device.type == "cpu" and rows <= INT8_COPY_MAX_ROWS and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+            # reads the int8 weight as it is, where widening it would write a float copy first; for more rows
+            # the kernel is many times slower than widening (benchmarks/results/kernels_avx2.md)
+            flat = x.reshape(rows, self.in_features).contiguous()
             out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales.to(x.dtype))
             out = out.view(*x.shape[:-1], self.out_features)
         else:
