@@ -15,6 +15,11 @@ What is measured, each engine in a subprocess of its own so that each peak RSS i
 3. llama2.c's stories15M shape (random weights) against run.c: quoted figures from the issue's host, or, with
    --run-c BINARY (llama2.c's run.c, built by you; it is not part of this project), run.c measured in the run.
 
+The job runs once per CPU class (--cpu-classes): this CPU's own, and AVX2, the class of most laptops, forced
+with LLAMA_REF_CPU=avx2 on a more capable CPU (llama_ref.kernels). The AVX2 run compares against llama.cpp
+built for AVX2 only (--llama-cpp-avx2 DIR: `make bench` builds it there); each row names the features it ran
+with. The serve and llama2.c sections run in this CPU's own class.
+
 Results: a Markdown table on stdout and in benchmarks/results/bench_job.md, everything in bench_job.json.
 --quick measures smollm2-135m only (what benchmarks/gpu.sh runs where there is no CUDA).
 
@@ -67,7 +72,7 @@ STORIES15M = {"dim": 288, "hidden_dim": 768, "n_layers": 6, "n_heads": 6, "n_kv_
 RUN_C_TOK_S = {2: 760.0, 1: 465.0}
 
 # ours / llama.cpp (serve: concurrent / sequential), and the side of the target that passes
-TARGETS = {"job_wall": ("<=", 0.5), "prefill": (">=", 1.0), "decode": (">=", 0.3), "rss": ("<=", 3.0),
+TARGETS = {"job_wall": ("<=", 0.5), "prefill": (">=", 1.0), "decode": (">=", 0.5), "rss": ("<=", 1.5),
            "serve": (">=", 4.0), "llama2c": (">=", 1.0)}
 
 
@@ -157,8 +162,9 @@ def child_llama_ref(args) -> dict:
             "tokens_in": stats["prompt_tokens"], "tokens_out": stats["generated_tokens"], "cut_off": ran_out,
             "cached_tokens": stats["cached_tokens"], "engine_stats": stats,
             "prefill_tok_s": len(prefill_ids) / prefill_s, "decode_tok_s": DECODE_TOKENS / decode_s,
-            "device": str(llama.device), "dtype": str(llama.model.tok_embeddings.weight.dtype).replace("torch.", ""),
-            "max_batch_size": llama.model.max_batch_size}
+            "device": str(llama.device), "dtype": str(llama.model.dtype).replace("torch.", ""),
+            "max_batch_size": llama.model.max_batch_size, "cpu_class": llama.plan.cpu, "features": llama.plan.features,
+            "kernels": {role: choice.kernel for role, choice in llama.plan.choices.items()}}
 
 
 def child_llama_cpp(args) -> dict:
@@ -218,7 +224,8 @@ def child_llama_cpp(args) -> dict:
     return {"load_s": load_s, "wall_s": wall_s, "requests": len(prompts["job"]),
             "tokens_in": sum(len(p) for p in prompts["job"]), "tokens_out": tokens_out, "cut_off": cut_off,
             "cached_tokens": cached, "prefill_tok_s": len(prompts["prefill"]) / prefill_s,
-            "decode_tok_s": DECODE_TOKENS / decode_s, "version": llama_cpp.__version__}
+            "decode_tok_s": DECODE_TOKENS / decode_s, "version": llama_cpp.__version__,
+            "build": os.environ.get("LLAMA_CPP_BUILD", "native")}
 
 
 def child_transformers(args) -> dict:
@@ -380,7 +387,7 @@ def child_llama2c(args) -> dict:
         _, _, decode_s, steps = timed_generation(llama, bos, seq_len - 1, temperature=0, stop_tokens=no_stop)
         best = max(best, steps / decode_s)
     return {"decode_tok_s": best, "threads": args.threads, "tokens": seq_len - 1, "warmup_s": warmup_s,
-            "dtype": str(llama.model.tok_embeddings.weight.dtype).replace("torch.", ""),
+            "dtype": str(llama.model.dtype).replace("torch.", ""),
             "compiled": llama.model.compiled_step is not None}  # False where compiling failed
 
 
@@ -389,17 +396,18 @@ CHILDREN = {"llama_ref": child_llama_ref, "llama.cpp": child_llama_cpp, "transfo
 
 
 def run_child(kind: str, model: str, args, prompts: Path | None = None, threads: int | None = None,
-              dtype: str | None = None, compile: bool = False) -> dict:
-    """One measurement in a fresh interpreter: its JSON is the last line of its stdout; stderr passes through."""
+              dtype: str | None = None, compile: bool = False, env: dict | None = None) -> dict:
+    """One measurement in a fresh interpreter: its JSON is the last line of its stdout; stderr passes through.
+    env: variables for it (a forced CPU class, the llama.cpp build to import)."""
     command = [sys.executable, __file__, "--child", kind, "--model", str(model), "--device", args.device,
                "--dtype", dtype or args.dtype, "--threads", str(threads or args.threads)]
     if compile:
         command.append("--compile")
     if prompts is not None:
         command += ["--prompts", str(prompts)]
-    print(f"bench: {kind} on {Path(model).name} ...", file=sys.stderr, flush=True)
+    print(f"bench: {kind} on {Path(model).name}{' ' + str(env) if env else ''} ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
-    proc = subprocess.run(command, check=False, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.run(command, check=False, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         if proc.returncode == 3:  # the child's "not installed" exit
@@ -521,7 +529,12 @@ def model_table(name: str, rows: dict) -> tuple[str, dict]:
               "rss": ratio(ours.get("peak_rss_mib"), cpp.get("peak_rss_mib")) if both else None}
     head = (f"| measure | llama_ref ({ours.get('dtype', '?')}) | llama.cpp | transformers ({hf.get('dtype', '-')}) "
             "| llama_ref / llama.cpp |")
-    lines = [f"### {name}", "", head, "|---|---:|---:|---:|---|"]
+    title = f"### {name}"
+    if "cpu_class" in ours:
+        title += (f", CPU class {ours['cpu_class']} ({ours['features']}); llama_ref's layers: "
+                  + ", ".join(f"{role} {kernel}" for role, kernel in ours["kernels"].items())
+                  + f"; llama.cpp build: {cpp.get('build', '?')}")
+    lines = [title, "", head, "|---|---:|---:|---:|---|"]
 
     def row(label, key, digits=1, target=None, hf_key=None):
         lines.append(f"| {label} | {cell(ours, key, digits)} | {cell(cpp, key, digits)} | "
@@ -541,6 +554,42 @@ def model_table(name: str, rows: dict) -> tuple[str, dict]:
         if "skipped" in result:
             lines.append(f"\n{label}: {result['skipped']}.")
     return "\n".join(lines), ratios
+
+
+def class_runs(args) -> list[tuple[str, dict, dict]]:
+    """(class, llama_ref's environment, llama.cpp's environment) for each class the job runs in."""
+    from llama_ref.kernels import FORCED_ISA, X86_CLASSES, cpu_class, read_cpu
+
+    native = cpu_class(read_cpu())
+    avx2_cpp = {"PYTHONPATH": args.llama_cpp_avx2, "LLAMA_CPP_BUILD": "AVX2 only (GGML_NATIVE=OFF, AVX2/FMA/F16C on, "
+                                                                       "AVX-512 off)"} if args.llama_cpp_avx2 else {}
+    runs = []
+    for wanted in args.cpu_classes.split(","):
+        name = native if wanted == "native" else wanted
+        if name in (run[0] for run in runs):
+            continue
+        order = list(X86_CLASSES)
+        if name != native and not (name in order and native in order and order.index(name) < order.index(native)):
+            print(f"bench: skipping class {name}: not below this CPU's own ({native})", file=sys.stderr)
+            continue
+        # the dispatchers' own variables too: a child may import torch before llama_ref could set them
+        env = {"LLAMA_REF_CPU": name, **FORCED_ISA[name]} if name != native else {}
+        runs.append((name, env, avx2_cpp if name == "avx2" else {}))
+    return runs
+
+
+def classes_table(classes: dict, ratios: dict) -> str:
+    """One row per CPU class and model: the ratios each target is judged on."""
+    lines = ["### Per CPU class (llama_ref / llama.cpp, in the same run)", "",
+             "| CPU class | features | model | llama.cpp build | whole job | prefill | decode | peak RSS |",
+             "|---|---|---|---|---|---|---|---|"]
+    for cpu_class, models in classes.items():
+        for name, rows in models.items():
+            ours, r = rows["llama_ref"], ratios[cpu_class][name]
+            lines.append(f"| {cpu_class} | {ours.get('features', '?')} | {name} | {rows['llama.cpp'].get('build', '-')} | "
+                         f"{verdict('job_wall', r['job_wall'])} | {verdict('prefill', r['prefill'])} | "
+                         f"{verdict('decode', r['decode'])} | {verdict('rss', r['rss'])} |")
+    return "\n".join(lines)
 
 
 def serve_table(serve: dict) -> tuple[str, dict]:
@@ -616,6 +665,12 @@ def main() -> int:
                         help="llama2.c's run.c, built by you (gcc -Ofast -fopenmp -march=native run.c -lm -o run): "
                              "measured on the stories15M-shape checkpoint in this run, instead of the quoted figures")
     parser.add_argument("--quick", action="store_true", help=f"measure {','.join(QUICK_MODELS)} only")
+    parser.add_argument("--cpu-classes", default="native,avx2",
+                        help="the CPU classes to run the job in: native (this CPU's own) and lesser ones forced with "
+                             "LLAMA_REF_CPU (default: %(default)s; a class at or above this CPU's own runs once)")
+    parser.add_argument("--llama-cpp-avx2", metavar="DIR",
+                        help="a llama-cpp-python built for AVX2 only, installed with pip --target DIR: the llama.cpp "
+                             "of the AVX2 run (without it, the AVX2 run compares with this environment's llama.cpp)")
     parser.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)  # internal: one measurement
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--prompts", help=argparse.SUPPRESS)
@@ -629,16 +684,20 @@ def main() -> int:
     names = args.models.split(",") if args.models else list(QUICK_MODELS if args.quick else MODELS)
     load_before = os.getloadavg()[0]
     calibration = calibrate(args.threads) if args.device == "cpu" else {}
-    results = {"models": {}, "serve": {}, "llama2c": {}, "run_c": {}}
+    results = {"classes": {}, "serve": {}, "llama2c": {}, "run_c": {}}
     with tempfile.TemporaryDirectory(prefix="bench-job-") as scratch:
-        for name in names:
-            path = resolve_model(name)
-            prompts = Path(scratch) / f"{path.stem}.prompts.json"
-            rows = {"llama_ref": run_child("llama_ref", path, args, prompts)}
-            for engine in ("llama.cpp", "transformers"):
-                rows[engine] = (run_child(engine, path, args, prompts) if prompts.exists()
-                                else {"skipped": "no prompts: llama_ref's run failed"})
-            results["models"][name] = rows
+        for cpu_class, env, cpp_env in class_runs(args):
+            results["classes"][cpu_class] = {}
+            for name in names:
+                path = resolve_model(name)
+                prompts = Path(scratch) / f"{path.stem}.{cpu_class}.prompts.json"
+                rows = {"llama_ref": run_child("llama_ref", path, args, prompts, env=env)}
+                engines = ("llama.cpp", "transformers") if not env else ("llama.cpp",)
+                for engine in engines:
+                    rows[engine] = (run_child(engine, path, args, prompts, env=cpp_env if engine == "llama.cpp" else env)
+                                    if prompts.exists() else {"skipped": "no prompts: llama_ref's run failed"})
+                rows.setdefault("transformers", {"skipped": "measured in this CPU's own class only"})
+                results["classes"][cpu_class][name] = rows
         for name in names:
             results["serve"][name] = run_child("serve", resolve_model(name), args)
         checkpoint = write_stories15m_shape(Path(scratch))
@@ -652,20 +711,23 @@ def main() -> int:
             if args.run_c:
                 results["run_c"][str(threads)] = measure_run_c(args.run_c, checkpoint, threads)
 
-    dtype = next((r["llama_ref"].get("dtype") for r in results["models"].values() if "dtype" in r["llama_ref"]), "?")
+    every_row = [r for models in results["classes"].values() for r in models.values()]
+    dtype = next((r["llama_ref"].get("dtype") for r in every_row if "dtype" in r["llama_ref"]), "?")
     results["machine"] = machine(args, dtype, load_before, calibration)
-    sections, results["ratios"] = [], {"models": {}}
-    for name, rows in results["models"].items():
-        table, results["ratios"]["models"][name] = model_table(name, rows)
-        sections.append(table)
+    sections, results["ratios"] = [], {"classes": {}}
+    for cpu_class, models in results["classes"].items():
+        results["ratios"]["classes"][cpu_class] = {}
+        for name, rows in models.items():
+            table, results["ratios"]["classes"][cpu_class][name] = model_table(name, rows)
+            sections.append(table)
+    sections.insert(0, classes_table(results["classes"], results["ratios"]["classes"]))
     table, results["ratios"]["serve"] = serve_table(results["serve"])
     sections.append(table)
     table, results["ratios"]["llama2c"] = llama2c_table(results["llama2c"], results["run_c"])
     sections.append(table)
 
     m = results["machine"]
-    versions = {engine: row["version"] for rows in results["models"].values()
-                for engine, row in rows.items() if "version" in row}
+    versions = {engine: row["version"] for rows in every_row for engine, row in rows.items() if "version" in row}
     header = (f"## Benchmark: the whole job, side by side\n\n"
               f"Machine: {m['cpu']}, {m['cores']} cores{', ' + m['gpu'] if 'gpu' in m else ''}; {m['threads']} CPU "
               f"thread(s) for every engine; Python {m['python']}, torch {m['torch']}"
