@@ -39,12 +39,18 @@ test: install
 
 # The whole job side by side with llama.cpp: llama-cpp-python is the reference, installed here once. It
 # builds llama.cpp from source for this CPU (about 5 minutes); pinned so that reruns compare like with like.
+# The AVX2 run (issue 23) compares with a second build of it for AVX2 only, kept in LLAMA_CPP_AVX2.
 # On a machine shared with other work: make bench BENCH_ARGS="--threads 1" (see benchmarks/bench_job.py).
 BENCH_ARGS ?=
+LLAMA_CPP_AVX2 ?= benchmarks/.llama-cpp-avx2
+AVX2_ONLY := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF \
+	-DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX_VNNI=OFF
 bench: install
 	$(PIP) install -e '.[bench]'
 	$(PY) -c 'import llama_cpp' 2>/dev/null || $(PIP) install llama-cpp-python==0.3.36
-	$(PY) benchmarks/bench_job.py $(BENCH_ARGS)
+	test -d $(LLAMA_CPP_AVX2)/llama_cpp || CMAKE_ARGS="$(AVX2_ONLY)" $(PIP) install --no-deps --no-cache-dir \
+		--target $(LLAMA_CPP_AVX2) llama-cpp-python==0.3.36
+	$(PY) benchmarks/bench_job.py --llama-cpp-avx2 $(LLAMA_CPP_AVX2) $(BENCH_ARGS)
 
 # Explanation quality: key-point recall and invented names over benchmarks/eval_set/ (README, "Quality").
 # Another model: make eval EVAL_ARGS="--backend openai --base-url http://127.0.0.1:8000/v1 --model M"
