@@ -32,8 +32,9 @@ _TEXT, _LITERAL, _HTML, _REWRITTEN = 0, 1, 2, 3  # how each character of the sou
 # Punctuation that starts Markdown anywhere in a line (emphasis, code, links, images, kramdown's {: and $$
 # math, GFM tables), escaped with a backslash: kramdown and CommonMark both take these escapes.
 _INLINE_SYNTAX = frozenset("\\`*[]{}!|$")
-# Punctuation that starts a block only at the start of a line (headings, lists, quotes, setext underlines).
-_BLOCK_STARTS = frozenset("#+-=")
+# Punctuation that starts a block only at the start of a line: headings, lists, setext underlines, and
+# kramdown's definitions (": text", even after a blank line) and end-of-block marker (a lone "^").
+_BLOCK_STARTS = frozenset("#+-=:^")
 # kramdown does not take \~ or \& (the backslash would show), so these are character references.
 _REFERENCES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", "~": "&#126;"}
 

@@ -163,7 +163,7 @@ def shown_as(html: str) -> tuple[set[str], str]:
 
 NAMES = ["x<img src=x onerror=alert(7)>.py", "gpt<svg onload=alert(8)>", "[z](javascript:alert(9))", "a*b*c_.py",
          "_private.py", "llama_ref/generation.py", "# heading", "1. first", "- item", "x\n# y", "`code`", "a~~b~~",
-         "{:.x onclick=y}", "$$x$$", "java&#115;cript:x", "a | b", "![i](x)", "<https://x>", "\\*"]
+         "{:.x onclick=y}", "$$x$$", "java&#115;cript:x", "a | b", "![i](x)", "<https://x>", "\\*", ": defined", "^"]
 
 
 def caption(name: str) -> str:
