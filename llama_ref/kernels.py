@@ -120,7 +120,7 @@ def force_cpu_class(name: str | None = None) -> None:
 
 ROLES = {
     "linear": "attention and feed-forward projections of at least 2M weights (fused q/k/v and gate/up count once)",
-    "small": "every matrix below that, the output and embedding of a small vocabulary too",
+    "small": "every matrix below that; the output too where no projection reaches it (a small model)",
     "output": "the output projection (one logit per vocabulary entry)",
     "embedding": "the token embedding table (rows looked up, never multiplied)",
 }
@@ -128,9 +128,11 @@ ROLES = {
 # the bytes they save (benchmarks/results: SmolLM2-135M's and stories15M's decode were slower with them).
 SMALL_WEIGHTS = 2 ** 21
 
-def role(name: str, weights: int) -> str:
-    """The role of the matrix `name` (a fused group: its module's name) of `weights` weights."""
-    if weights < SMALL_WEIGHTS:
+def role(name: str, weights: int, small_model: bool = False) -> str:
+    """The role of the matrix `name` (a fused group: its module's name) of `weights` weights. In a small model
+    (no projection reaches SMALL_WEIGHTS) the output is small too: its logits are a large share of the work
+    of little else, and 8-bit activations lose them (SmolLM2-135M with a w7a8 output answered nothing)."""
+    if weights < SMALL_WEIGHTS or (small_model and name == "output"):
         return "small"
     return name if name in ("output", "embedding") else "linear"
 
@@ -324,6 +326,8 @@ def plan(device_type: str, dtype, requested: str = "auto", cpu: Cpu | None = Non
         row = {role: reason for role in ROLES}
     elif requested != "auto":
         problem = check(requested, device_type, dtype)
+        if not problem and requested in ("w7a8", "w8a8") and name == "generic":
+            problem = "fbgemm's kernels need AVX2, and this CPU runs as the generic class"
         if problem:
             instead = " or w7a8" if requested == "w8a8" and not check("w7a8", device_type, dtype) else ""
             raise KernelError(f"--kernels {requested} cannot run here: {problem}; use --kernels auto{instead}")

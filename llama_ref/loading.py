@@ -15,6 +15,7 @@ from torch import nn
 
 from llama_ref.checkpoints import Checkpoint, CheckpointError, open_checkpoint
 from llama_ref.device import DeviceError, check_fits, pick_device, pick_dtype
+from llama_ref import kernels as kernel_table
 from llama_ref.kernels import KernelError, Plan, plan, role
 from llama_ref.model import ModelArgs, Transformer
 from llama_ref.quantize import (FUSED, Int8DotLinear, Int8Embedding, Int8Linear, block_linears, pack_linears)
@@ -78,6 +79,7 @@ def place_kernels(model: Transformer, layer_plan: Plan, dtype: torch.dtype) -> d
     """Replace (on the meta device) each layer whose kernel is streamed by its empty module, fusing the
     layers of FUSED, and return where each checkpoint tensor of a replaced layer goes."""
     targets: dict[str, list[Target]] = {}
+    small_model = is_small(model)
 
     def make(kernel: str, in_features: int, out_features: int, bias: bool) -> nn.Module:
         if kernel == "int8-weights":
@@ -85,26 +87,23 @@ def place_kernels(model: Transformer, layer_plan: Plan, dtype: torch.dtype) -> d
         return Int8DotLinear(in_features, out_features, bias, weight_bits=8 if kernel == "w8a8" else 7,
                              int_mm=kernel == "w8a8", dtype=dtype)
 
-    for prefix, module in list(model.named_modules()):
-        for fused, names in FUSED.items():
-            parts = [getattr(module, name, None) for name in names]
-            if not hasattr(module, fused) or any(type(part) is not nn.Linear for part in parts):
-                continue
-            rows = sum(part.out_features for part in parts)
-            kernel = layer_plan.kernel(role(prefix, rows * parts[0].in_features))
-            if kernel not in STREAMED:
-                continue
-            setattr(module, fused, make(kernel, parts[0].in_features, rows, parts[0].bias is not None))
-            offset = 0
-            for index, (name, part) in enumerate(zip(names, parts)):
-                for tensor in ("weight", "bias") if part.bias is not None else ("weight",):
-                    targets[f"{prefix}.{name}.{tensor}"] = [Target(f"{prefix}.{fused}", index, len(names), offset)]
-                offset += part.out_features
-                setattr(module, name, None)
+    for prefix, fused, names, parts in list(_fused_groups(model)):
+        module = model.get_submodule(prefix)
+        rows = sum(part.out_features for part in parts)
+        kernel = layer_plan.kernel(role(prefix, rows * parts[0].in_features))
+        if kernel not in STREAMED:
+            continue
+        setattr(module, fused, make(kernel, parts[0].in_features, rows, parts[0].bias is not None))
+        offset = 0
+        for index, (name, part) in enumerate(zip(names, parts)):
+            for tensor in ("weight", "bias") if part.bias is not None else ("weight",):
+                targets[f"{prefix}.{name}.{tensor}"] = [Target(f"{prefix}.{fused}", index, len(names), offset)]
+            offset += part.out_features
+            setattr(module, name, None)
     for name, layer in list(model.named_modules()):
         if type(layer) is not nn.Linear:
             continue
-        kernel = layer_plan.kernel(role(name, layer.in_features * layer.out_features))
+        kernel = layer_plan.kernel(role(name, layer.in_features * layer.out_features, small_model))
         if kernel in STREAMED:
             parent, _, attribute = name.rpartition(".")
             setattr(model.get_submodule(parent), attribute,
@@ -125,6 +124,23 @@ def place_kernels(model: Transformer, layer_plan: Plan, dtype: torch.dtype) -> d
     return targets
 
 
+def _fused_groups(model: nn.Module):
+    """(prefix, names, parts) of each group of FUSED layers in `model` that are all still nn.Linear."""
+    for prefix, module in model.named_modules():
+        for fused, names in FUSED.items():
+            parts = [getattr(module, name, None) for name in names]
+            if hasattr(module, fused) and all(type(part) is nn.Linear for part in parts):
+                yield prefix, fused, names, parts
+
+
+def is_small(model: nn.Module) -> bool:
+    """No projection of `model` (a fused group counted once) reaches kernels.SMALL_WEIGHTS."""
+    sizes = [sum(part.weight.numel() for part in parts) for _, _, _, parts in _fused_groups(model)]
+    sizes += [layer.weight.numel() for name, layer in model.named_modules()
+              if isinstance(layer, nn.Linear) and name != "output"]
+    return max(sizes, default=0) < kernel_table.SMALL_WEIGHTS
+
+
 def layer_counts(args: ModelArgs) -> dict[str, tuple[int, int]]:
     """(layers, weights) of each role (kernels.ROLES) in a model of this shape; a fused group's parts take the
     group's role, as place_kernels gives it."""
@@ -132,15 +148,13 @@ def layer_counts(args: ModelArgs) -> dict[str, tuple[int, int]]:
         model = Transformer(args)
     counts: dict[str, tuple[int, int]] = {role("embedding", args.vocab_size * args.dim): (1, args.vocab_size * args.dim)}
     grouped: dict[str, str] = {}
-    for prefix, module in model.named_modules():
-        for names in FUSED.values():
-            parts = [getattr(module, name, None) for name in names]
-            if all(isinstance(part, nn.Linear) for part in parts):
-                weights = sum(part.weight.numel() for part in parts)
-                grouped.update({f"{prefix}.{name}": role(prefix, weights) for name in names})
+    for prefix, _, names, parts in _fused_groups(model):
+        weights = sum(part.weight.numel() for part in parts)
+        grouped.update({f"{prefix}.{name}": role(prefix, weights) for name in names})
+    small_model = is_small(model)
     for name, layer in model.named_modules():
         if isinstance(layer, nn.Linear):
-            kind = grouped.get(name) or role(name, layer.weight.numel())
+            kind = grouped.get(name) or role(name, layer.weight.numel(), small_model)
             layers, weights = counts.get(kind, (0, 0))
             counts[kind] = (layers + 1, weights + layer.weight.numel())
     return counts

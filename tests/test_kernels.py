@@ -14,6 +14,8 @@ from llama_ref import Llama, kernels  # noqa: E402
 from llama_ref.__main__ import main  # noqa: E402
 from llama_ref.kernels import Cpu, KernelError, cpu_class, plan  # noqa: E402
 from llama_ref.quantize import Int8DotLinear, Int8Embedding, Int8Linear  # noqa: E402
+from llama_ref.loading import layer_counts  # noqa: E402
+from llama_ref.model import ModelArgs  # noqa: E402
 from tiny_checkpoints import make_tiny_model, write_gguf  # noqa: E402
 
 # /proc/cpuinfo flags of the CPU classes our hosts and users have (abridged to what decides)
@@ -97,6 +99,8 @@ def test_a_requested_kernel_replaces_the_large_projections_or_is_refused_in_one_
     assert str(refused.value) == "--kernels w8a8 cannot run here: not exact; use --kernels auto or w7a8"
     with pytest.raises(KernelError, match="unknown kernel"):
         plan("cpu", torch.float32, "int4", cpu=zen3)
+    with pytest.raises(KernelError, match="need AVX2"):
+        plan("cpu", torch.float32, "w7a8", cpu=Cpu.from_flags("x86_64", {"sse4_2"}), check=all_available)
 
 
 def test_a_gpu_runs_float_kernels_and_refuses_cpu_ones():
@@ -169,3 +173,27 @@ def test_explain_kernels_prints_the_table_for_this_machine(tiny_gguf, capsys):
     assert code == 0 and f"CPU class {chosen.cpu}" in out
     for role, choice in chosen.choices.items():
         assert any(line.split()[:2] == [role, choice.kernel] for line in out.splitlines()), out
+
+
+@pytest.mark.parametrize("kernel", ["auto", "w7a8"])
+def test_a_lesser_class_runs_or_refuses_in_one_line(tiny_gguf, kernel):
+    """python -m llama_ref --cpu generic: the class of an x86 CPU without AVX2, where fbgemm cannot run."""
+    done = subprocess.run([sys.executable, "-m", "llama_ref", "--cpu", "generic", "--model", str(tiny_gguf),
+                           "--device", "cpu", "--kernels", kernel, "--max-tokens", "4", "--temperature", "0"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    if kernel == "auto":
+        assert done.returncode == 0 and done.stderr.startswith("achieved tok/s"), done.stderr
+    else:
+        assert done.returncode == 1 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1
+        assert "need AVX2" in done.stderr, done.stderr
+
+
+def test_a_small_model_keeps_its_output_out_of_the_quantized_kernels():
+    """SmolLM2-135M with a w7a8 output answered nothing at all; its projections are all small, so its output
+    takes the small role (float) while a 1.5B model's output is quantized."""
+    smollm2 = ModelArgs(dim=576, n_layers=2, n_heads=9, n_kv_heads=3, vocab_size=49152, hidden_dim=1536,
+                        tie_embeddings=True)
+    qwen_1_5b = ModelArgs(dim=1536, n_layers=2, n_heads=12, n_kv_heads=2, vocab_size=151936, hidden_dim=8960,
+                          tie_embeddings=True)
+    assert "output" not in layer_counts(smollm2) and layer_counts(smollm2)["small"][0] == 2 * 7 + 1
+    assert layer_counts(qwen_1_5b)["output"] == (1, 151936 * 1536)
