@@ -18,6 +18,7 @@ from explainer.render import render_post
 
 REPO = Path(__file__).parent.parent
 GENERATION = REPO / "llama_ref" / "generation.py"
+FILE, SYMBOL = "llama_ref/model.py", "Attention.forward"
 MAX_TOKENS = 160  # a chunk's explanation fits; it keeps the test to minutes on two CPU cores
 
 
@@ -27,12 +28,14 @@ def backend():
 
 
 @pytest.mark.slow
-def test_explains_llama_generate_with_the_real_model_and_reruns_from_the_cache(backend, tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)  # the post names the file as the user typed it: llama_ref/generation.py
-    chunks = chunk_file("llama_ref/generation.py", "Llama.generate").chunks
+def test_explains_a_method_with_the_real_model_and_reruns_from_the_cache(backend, tmp_path, monkeypatch):
+    # Attention.forward: 7 pieces of 31 lines, where Llama.generate (make run's job, measured in benchmarks/)
+    # has 16 of 101 and took most of make test's time on two cores
+    monkeypatch.chdir(REPO)  # the post names the file as the user typed it: llama_ref/model.py
+    chunks = chunk_file(FILE, SYMBOL).chunks
     progress = []
 
-    post, usage = explain_file("llama_ref/generation.py", "Llama.generate", backend=backend,
+    post, usage = explain_file(FILE, SYMBOL, backend=backend,
                                cache=Cache(tmp_path / "cache"), max_tokens=MAX_TOKENS,
                                on_progress=lambda done, total: progress.append((done, total)))
 
@@ -51,7 +54,7 @@ def test_explains_llama_generate_with_the_real_model_and_reruns_from_the_cache(b
     fences = [t for t in MarkdownIt("commonmark").parse(rendered) if t.type == "fence"]
     assert len(fences) >= len(chunks)  # the model may add code blocks of its own, never fewer
 
-    again, rerun = explain_file("llama_ref/generation.py", "Llama.generate", backend=LocalBackend("smollm2-135m"),
+    again, rerun = explain_file(FILE, SYMBOL, backend=LocalBackend("smollm2-135m"),
                                 cache=Cache(tmp_path / "cache"), max_tokens=MAX_TOKENS, date=post.date)
 
     assert (rerun.requests, rerun.cache_hits) == (0, len(chunks) + 1)
