@@ -316,7 +316,7 @@ def _compile(template: str):
 # result's size is a list that is never complete. So templates render in a child process that caps its own
 # address space at what it has plus MAX_RENDER_MEMORY: such a step fails there with MemoryError, and the
 # server's memory never sees it. The child also makes the deadline hard: one that overruns it is killed.
-# Children are kept for the next render (a start costs ~0.1 s), at most MAX_CHILDREN of them, one render
+# Children are kept for the next render (starting one costs more than a render), at most MAX_CHILDREN, one render
 # each at a time. They talk over their stdin and stdout, a JSON message framed by its length each way,
 # run in a session of their own (Ctrl-C is the parent's to handle) and exit when their stdin closes.
 

@@ -180,7 +180,7 @@ TABLE: dict[str, dict[str, Choice]] = {
         _FEW_CALLS,
         Choice("w7a8", "fp32 would read 4 bytes a weight at every step"),
         _INT8_ROWS),
-    "arm64": _row(  # not measured by this project: no Arm host (README, "Speed")
+    "arm64": _row(  # not measured by this project: no Arm host (benchmarks/results)
         Choice("int8-weights", "a quarter of fp32's bytes with a kernel torch builds for Arm"),
         _FEW_CALLS,
         Choice("int8-weights", "a quarter of fp32's bytes"),

@@ -187,7 +187,7 @@ def _load_weights(model: Transformer, checkpoint: Checkpoint, targets: dict[str,
 
 
 # Matrices of at least this many weights are read by rows (Checkpoint.tensors' by_rows): the output and embedding
-# matrices of a large vocabulary, whose fp32 copy was most of a load's peak (0.9 GB of 2.8 for the default model)
+# matrices of a large vocabulary, whose fp32 copy was most of a load's peak memory
 ROWS_AT_A_TIME = 2 ** 25
 
 
@@ -237,9 +237,8 @@ def model_bytes(model: Transformer) -> int:
 
 
 # A KV cache that holds at most this much in fp32 is kept in fp32 on a CPU, whatever the weights' dtype: the
-# attention of a one-token step over it is then one SDPA call. In bf16 the same step took two matmuls, each of
-# which cost oneDNN a new setup for every new length (stories15M's shape, 2 threads, torch 2.13: 30-60 us each
-# in bf16, against 14 us for SDPA in fp32 over the whole step), and SDPA itself is slower in bf16.
+# attention of a one-token step over it is then one SDPA call. In bf16 the same step takes two matmuls, each of
+# which costs oneDNN a new setup for every new length, and SDPA itself is slower in bf16.
 SMALL_CACHE_BYTES = 64 << 20
 
 

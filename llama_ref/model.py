@@ -161,8 +161,8 @@ def attend_one_token(q, keys, values, bias, shared=None):
     """Attention for one new token per row, q (bsz, heads, 1, head_dim), as two matmuls.
 
     On CPU, SDPA's kernels are built for many queries: for one query per row over a long cache they
-    ran 20x slower than this (8 rows x 2,300 positions, bf16, torch 2.13). The query heads that share
-    a key/value head are stacked as rows of one matrix, so grouped-query attention needs no copies.
+    run many times slower than this. The query heads that share a key/value head are stacked as rows
+    of one matrix, so grouped-query attention needs no copies.
     bias: (bsz, 1, 1, positions), 0 where a row may look and -inf where it may not, or None.
 
     shared: (keys, values) of the anchor, (kv_heads, span, head_dim), that every row reads before its
@@ -173,8 +173,7 @@ def attend_one_token(q, keys, values, bias, shared=None):
     kv_heads = keys.shape[1]
     grouped = q.reshape(bsz, kv_heads, -1, head_dim)
     # keys @ q^T, then transposed, rather than q @ keys^T: the cache's slice of kv_len positions is a strided
-    # batch of contiguous matrices, which the CPU kernel reads as it is, but its transpose it copied first
-    # (8 rows x 2,560 positions, bf16: 3.9 ms a layer against 0.8)
+    # batch of contiguous matrices, which the CPU kernel reads as it is, but its transpose it copies first
     scores = torch.matmul(keys, grouped.transpose(-1, -2)).transpose(-1, -2)
     span = 0
     if shared is not None:
@@ -203,9 +202,7 @@ def attend_chunk(q, keys, values, mask):
     (bsz, kv_heads, positions, head_dim), where mask (bsz, 1, seqlen, positions) says what each sees.
 
     The query heads that share a key/value head are stacked into one tall matrix, so each key/value
-    head is one large matmul. On CPU, SDPA with a mask ran at a fraction of that speed: a 300-token chunk
-    over 2,176 positions of Qwen2.5-Coder-1.5B, bf16, 2 threads, took 1.2 s, against 1.0 s from position 0
-    and about 1.7 s with SDPA.
+    head is one large matmul. On CPU, SDPA with a mask runs at a fraction of that speed.
     """
     bsz, n_heads, seqlen, head_dim = q.shape
     kv_heads, positions = keys.shape[1], keys.shape[2]
@@ -213,8 +210,8 @@ def attend_chunk(q, keys, values, mask):
     keys_t = keys.transpose(-1, -2).contiguous()
     bias = torch.zeros(mask.shape, device=q.device).masked_fill_(~mask, float("-inf"))
     out = torch.empty_like(q)
-    # a block of queries at a time: each block's scores stay a few MB; the whole chunk's at once (31 MB for
-    # 300 tokens over 2,176 positions) made the chunk 1.8 s, as did blocks of 128
+    # a block of queries at a time keeps each block's scores a few MB: the whole chunk's at once, or blocks
+    # twice this size, were slower
     for start in range(0, seqlen, ATTEND_BLOCK):
         end = min(start + ATTEND_BLOCK, seqlen)
         block = q[:, :, start:end].reshape(bsz, kv_heads, group * (end - start), head_dim)
@@ -308,9 +305,9 @@ class Transformer(nn.Module):
     def compile_steps(self) -> None:
         """Run one-token steps at one position for every row (Llama.generate's decode steps) through
         torch.compile, which fuses the small operations between the matmuls into generated C++: for a small
-        model those, not the arithmetic, are most of a step. The first steps compile (about half a minute
-        on 2 cores, seconds once torch's cache under the system's temporary folder has it), so this pays off
-        for long generations only. Where compiling fails (no C++ compiler, say), a warning says so and
+        model those, not the arithmetic, are most of a step. The first steps compile (slowly, unless torch's
+        cache under the system's temporary folder has them already), so this pays off for long generations
+        only. Where compiling fails (no C++ compiler, say), a warning says so and
         steps run as before."""
         # the rotary embedding's complex numbers stay as they are (eager kernels inside the compiled step)
         warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
@@ -360,15 +357,11 @@ class Transformer(nn.Module):
             input_pos = start_pos[:, None] + steps
             own_pos = cache_pos = input_pos if shared is None else input_pos - torch.as_tensor(shared)[:, None]
             # Rounded up (the mask hides the extra positions), so that the steps of a decode allocate the
-            # same sizes over and over. Sizes that grew by one position every step defeated glibc's reuse
-            # of freed blocks: the heap grew ~16 MB a step (SmolLM2, 8 rows; 9.8 GB peak over the explain
-            # job, 1.9 GB with this). Fixing glibc's mmap threshold instead stopped the growth too, but
-            # mapping every large block afresh made decode steps 2.3x slower.
+            # same sizes over and over: sizes that grew by one position every step defeated glibc's reuse of
+            # freed blocks, and the heap grew every step (a lower mmap threshold slowed every step instead).
             kv_len = min(-(-(int(cache_pos.max()) + 1) // KV_LEN_STEP) * KV_LEN_STEP, length)
             # Near the row's end, the whole row: a slice of every row is a strided batch, which the CPU
-            # matmul copies first, so reading the whole contiguous rows is faster there (8 rows, 2,560 of
-            # 2,816 positions, bf16: a decode step's attention 2.4 ms a layer, against 2.1 for all 2,816),
-            # but not at half a row (17 rows, 640 of 1,280: 2.2 ms, against 3.3)
+            # matmul copies first, so reading the whole contiguous rows is faster there, but not at half a row
             if kv_len * 4 > length * 3:
                 kv_len = length
             needs_mask = True

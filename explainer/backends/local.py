@@ -28,7 +28,7 @@ from explainer.errors import UserError
 
 DEFAULT_MAX_SEQ_LEN = 4096  # prompt + answer per row; our prompts need far less than the models' trained context
 # Rows the engine runs at once. The KV cache grows with it: 8 x 4096 positions of Qwen2.5-Coder-1.5B in
-# bf16 is 0.9 GiB. More rows add little on 2 cores, where prefill, not decode, bounds a post.
+# bf16 is 0.9 GiB. More rows add little on a CPU of few cores, where prefill, not decode, bounds a post.
 DEFAULT_MAX_BATCH_SIZE = 8
 CACHE_STEP = 256  # the KV cache's length is rounded up to this, so similar runs reuse one allocation
 # A stretch this long said twice is a loop (about eight English words); shorter ones may be meant.
