@@ -11,6 +11,7 @@ import sys
 import time
 import warnings
 
+from llama_ref.errors import LlamaRefError
 from llama_ref.kernels import CHOICES, CPU_CLASSES, check_forced_name, force_cpu_class
 
 
@@ -66,15 +67,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # a warning (--compile that could not compile, say) is one line for the user, not a source location
     warnings.formatwarning = lambda message, category, *_rest, **_kw: f"warning: {message}\n"
-    from llama_ref.catalog import CatalogError, format_listing, list_models, resolve_model
+    from llama_ref.catalog import format_listing, list_models, resolve_model
 
     if args.list_models:
         print(format_listing(list_models()))
         return 0
     force_cpu_class(args.cpu)  # before torch runs anything: its dispatchers read the variables once
     # torch is imported here, after --help has had its chance to answer quickly
-    from llama_ref.checkpoints import CheckpointError
-    from llama_ref.device import DeviceError
     from llama_ref.generation import Llama
     from llama_ref.tokenizer import StreamDecoder
 
@@ -93,8 +92,8 @@ def main(argv=None) -> int:
             sys.stdout.write(args.prompt)
         max_gen_len = min(args.max_tokens, llama.model.max_seq_len - len(prompt_tokens))
         if max_gen_len < 1:
-            raise ValueError(f"the prompt has {len(prompt_tokens)} tokens, which leaves no room in "
-                             f"--max-seq-len {llama.model.max_seq_len}; raise --max-seq-len")
+            raise LlamaRefError(f"the prompt has {len(prompt_tokens)} tokens, which leaves no room in "
+                                f"--max-seq-len {llama.model.max_seq_len}; raise --max-seq-len")
         decoder = StreamDecoder(llama.tokenizer)
 
         def show(_row, token):
@@ -105,7 +104,7 @@ def main(argv=None) -> int:
             llama, prompt_tokens, max_gen_len, on_token=show, temperature=args.temperature,
             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
         sys.stdout.write(decoder.flush() + "\n")
-    except (CatalogError, CheckpointError, DeviceError, ValueError) as exc:
+    except LlamaRefError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -120,16 +119,13 @@ def main(argv=None) -> int:
 def explain_kernels(model_path, device: str, dtype: str, kernels: str) -> str:
     """The kernel table for this machine and the model's shapes, read from its header (no weights loaded)."""
     from llama_ref.checkpoints import open_checkpoint
-    from llama_ref.device import DeviceError, pick_device, pick_dtype
-    from llama_ref.kernels import KernelError, plan
+    from llama_ref.device import pick_device, pick_dtype
+    from llama_ref.kernels import plan
     from llama_ref.loading import layer_counts
 
     device_ = pick_device(device)
     dtype_ = pick_dtype(dtype, device_)
-    try:
-        layer_plan = plan(device_.type, dtype_, kernels)
-    except KernelError as exc:
-        raise DeviceError(str(exc)) from None
+    layer_plan = plan(device_.type, dtype_, kernels)
     checkpoint = open_checkpoint(model_path)
     head = f"{checkpoint.path.name} on {device_.type} in {str(dtype_).removeprefix('torch.')}"
     return head + "\n" + layer_plan.explain(layer_counts(checkpoint.args))

@@ -34,6 +34,12 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 
+if __name__ == "__main__":  # the sandbox's child process runs this file alone (-I): no package to import
+    class LlamaRefError(Exception):  # type: ignore[no-redef]
+        pass
+else:
+    from llama_ref.errors import LlamaRefError
+
 # Fallback chat templates, used when a checkpoint carries none; jinja2 like the HF/GGUF ones.
 LLAMA2_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{% set system = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}"
@@ -64,7 +70,7 @@ _HIDDEN_BASE = 0x100000
 Dialog = List[dict]
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(LlamaRefError, ValueError):
     """A chat template that cannot be compiled or rendered. str() is one line."""
 
     def __init__(self, message: str):

@@ -44,6 +44,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from llama_ref.errors import LlamaRefError
 from llama_ref.generation import sample_top_p
 from llama_ref.tokenizer import StreamDecoder
 
@@ -57,7 +58,7 @@ PREEMPT_AFTER_STEPS = 16
 _END = object()
 
 
-class EngineError(RuntimeError):
+class EngineError(LlamaRefError, RuntimeError):
     """Generation failed before the job finished."""
 
 

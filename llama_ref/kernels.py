@@ -18,6 +18,8 @@ import os
 import platform
 from dataclasses import dataclass
 
+from llama_ref.errors import LlamaRefError
+
 # ------------------------------------------------------------------------------------------ the CPU
 
 # x86 classes, least capable first; each needs all of its flags
@@ -195,7 +197,7 @@ TABLE: dict[str, dict[str, Choice]] = {
 CHOICES = ("auto", "float", "int8-weights", "bf16-blocked", "w8a8", "w7a8")
 
 
-class KernelError(Exception):
+class KernelError(LlamaRefError):
     """A kernel this machine or dtype cannot run; str() is one line with what to do instead."""
 
 

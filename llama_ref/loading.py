@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llama_ref.checkpoints import Checkpoint, CheckpointError, open_checkpoint
-from llama_ref.device import DeviceError, check_fits, pick_device, pick_dtype
 from llama_ref import kernels as kernel_table
-from llama_ref.kernels import KernelError, Plan, plan, role
+from llama_ref.checkpoints import Checkpoint, CheckpointError, open_checkpoint
+from llama_ref.device import check_fits, pick_device, pick_dtype
+from llama_ref.kernels import Plan, plan, role
 from llama_ref.model import ModelArgs, Transformer
 from llama_ref.quantize import (FUSED, Int8DotLinear, Int8Embedding, Int8Linear, block_linears, pack_linears)
 
@@ -28,14 +28,11 @@ def load_model(model_path: str | Path, max_seq_len: int, max_batch_size: int, de
                dtype: str | torch.dtype | None = None, kernels: str = "auto"):
     """(model, tokenizer, chat template or None, plan) for the checkpoint at `model_path`, on one device,
     with its KV cache set up. Each layer gets the kernel kernels.plan() picks for this machine and for
-    `kernels` (auto: the table's row for this CPU class). Raises CheckpointError, DeviceError or
-    TokenizerError."""
+    `kernels` (auto: the table's row for this CPU class). Raises a LlamaRefError: CheckpointError,
+    DeviceError, KernelError or TokenizerError."""
     device = pick_device(device)  # a mistyped device, dtype or kernel is reported before a slow load
     dtype = pick_dtype(dtype, device)
-    try:
-        layer_plan = plan(device.type, dtype, kernels)
-    except KernelError as exc:
-        raise DeviceError(str(exc)) from None
+    layer_plan = plan(device.type, dtype, kernels)
     checkpoint = open_checkpoint(model_path)
     args = checkpoint.args
     max_seq_len = min(max_seq_len, args.context_length)  # positions past the trained context are noise

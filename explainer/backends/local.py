@@ -103,12 +103,13 @@ class LocalBackend:
     def prompt_tokens(self, request: Request) -> list[int]:
         """The request's tokens in the model's chat format. The messages hold an explained file's text,
         which may spell a special token's name: it stays text, never a control token (chat_tokens)."""
-        from llama_ref.chat import ChatTemplateError, chat_tokens
+        from llama_ref.chat import chat_tokens
+        from llama_ref.errors import LlamaRefError
 
         llama = self.llama
         try:
             return chat_tokens(llama.chat_template, llama.tokenizer, list(request.messages))
-        except ChatTemplateError as exc:  # the checkpoint's own template: a broken or hostile model file
+        except LlamaRefError as exc:  # the checkpoint's own chat template: a broken or hostile model file
             raise UserError(f"{self.model}: {exc}; use another checkpoint or fix its chat template") from None
 
     def complete(self, requests: list[Request],
@@ -206,15 +207,13 @@ class LocalBackend:
         """The llama_ref.Llama, built on first use."""
         if self._llama is None:
             from llama_ref import Llama  # torch is imported here, not before
-            from llama_ref.device import DeviceError
-            from llama_ref.errors import CheckpointError
-            from llama_ref.tokenizer import TokenizerError
+            from llama_ref.errors import LlamaRefError
 
             try:
                 # a token cache for now: complete() sizes it to its requests (Engine.reserve)
                 self._llama = Llama.build(self.model_path, max_seq_len=CACHE_STEP, max_batch_size=1,
                                           device=self.device, dtype=self.dtype, kernels=self.kernels)
-            except (CheckpointError, DeviceError, TokenizerError) as exc:
+            except LlamaRefError as exc:
                 raise UserError(str(exc)) from None
         return self._llama
 
