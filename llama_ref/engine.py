@@ -46,6 +46,7 @@ import torch
 
 from llama_ref.errors import LlamaRefError
 from llama_ref.generation import sample_top_p
+from llama_ref.model import StepPlan
 from llama_ref.tokenizer import StreamDecoder
 
 DEFAULT_PREFILL_CHUNK = 512  # long enough to keep a matmul efficient, short enough to keep streams flowing
@@ -430,11 +431,12 @@ class Engine:
         tokens = torch.tensor([prompt[row.filled:end]], dtype=torch.long, device=self.device)
         last = end == len(prompt)
         if row.anchoring:
-            logits = self.model.forward(tokens, row.filled, last_only=True, rows=slice(0, 1), into_anchor=True)
+            logits = self.model.forward(tokens, row.filled, StepPlan(rows=slice(0, 1), into_anchor=True,
+                                                                     last_only=True))
             self._anchor_tokens = prompt[:end]
         else:
-            logits = self.model.forward(tokens, row.filled, last_only=True, rows=slice(row.slot, row.slot + 1),
-                                        shared=row.shared)
+            logits = self.model.forward(tokens, row.filled, StepPlan(rows=slice(row.slot, row.slot + 1),
+                                                                     shared=row.shared, last_only=True))
         row.filled = end
         if not last:
             return
@@ -472,8 +474,9 @@ class Engine:
                 positions[slot], shared[slot] = other.filled, other.shared
         for row in rows:
             tokens[row.slot, 0] = row.next_token
-        logits = self.model.forward(tokens, torch.tensor(positions, device=self.device), rows=slice(0, width),
-                                    shared=torch.tensor(shared, device=self.device) if self._anchored else None)[:, -1]
+        shared_tensor = torch.tensor(shared, device=self.device) if self._anchored else None
+        plan = StepPlan(rows=slice(0, width), shared=shared_tensor)
+        logits = self.model.forward(tokens, torch.tensor(positions, device=self.device), plan)[:, -1]
         self.stats["decode_steps"] += 1
         for row in rows:
             row.filled += 1

@@ -253,6 +253,25 @@ class TransformerBlock(nn.Module):
 KV_LEN_STEP = 128
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """What the engine adds to a forward pass; Meta's and gpt-fast's callers need none of it.
+
+    rows: the cache rows the batch uses (default: the first bsz). shared (one int, or one per row): each row
+    reads that many positions from the anchor, then its own cache, which holds its positions from there on
+    (position p at p - shared); rows whose prompts start alike keep that start once, and a decode step reads
+    it once. into_anchor: write into the anchor (one row) instead of the rows' caches. last_only: logits for
+    the last position only, since prefill throws the others away."""
+
+    rows: slice | None = None
+    shared: int | torch.Tensor | None = None
+    into_anchor: bool = False
+    last_only: bool = False
+
+
+LAST_ONLY = StepPlan(last_only=True)
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -314,32 +333,27 @@ class Transformer(nn.Module):
         self.compiled_step = torch.compile(self.step, dynamic=True, options={"cpp_wrapper": True})
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor, last_only: bool = False,
-                rows: slice | None = None, shared: int | torch.Tensor | None = None,
-                into_anchor: bool = False) -> torch.Tensor:
-        """Logits for `tokens` (bsz, seqlen) placed at positions start_pos... of cache rows `rows`
-        (default: the first bsz). start_pos is one int for every row, or one per row (a tensor of
-        bsz), so that rows at different lengths can step together. With last_only, logits for the
-        last position only: during prefill the others would be thrown away.
-
-        shared (one int, or one per row): each row reads that many positions from the anchor, then its
-        own cache, which holds its positions from there on (position p at p - shared). Rows whose prompts
-        start alike then keep that start once, and a decode step reads it once. into_anchor: write into
-        the anchor (one row) instead of the rows' caches."""
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor,
+                plan: StepPlan | None = None) -> torch.Tensor:
+        """Logits for `tokens` (bsz, seqlen) placed at positions start_pos... of the cache. start_pos is
+        one int for every row, or one per row (a tensor of bsz), so that rows at different lengths can
+        step together. `plan` carries the engine's extras (StepPlan): which rows, the anchor, last_only."""
+        plan = plan or StepPlan()
         if (self.compiled_step is not None and tokens.shape[1] == 1 and isinstance(start_pos, int)
-                and shared is None and not into_anchor):
+                and plan.shared is None and not plan.into_anchor):
             try:
-                return self.compiled_step(tokens, start_pos, last_only, rows)
+                return self.compiled_step(tokens, start_pos, plan.last_only, plan.rows)
             except Exception as exc:  # noqa: BLE001 - whatever stopped the compiler, the step itself can run
                 warnings.warn(f"torch.compile failed, so decoding runs without it: {type(exc).__name__}: "
                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}", stacklevel=2)
                 self.compiled_step = None
-        return self.step(tokens, start_pos, last_only, rows, shared, into_anchor)
+        return self.step(tokens, start_pos, plan.last_only, plan.rows, plan.shared, plan.into_anchor)
 
     def step(self, tokens: torch.Tensor, start_pos: int | torch.Tensor, last_only: bool = False,
              rows: slice | None = None, shared: int | torch.Tensor | None = None,
              into_anchor: bool = False) -> torch.Tensor:
-        """forward() without the choice of a compiled step (and without inference mode of its own)."""
+        """forward() with the plan's fields spelled out, as torch.compile traces it (compile_steps), without
+        the choice of a compiled step and without inference mode of its own."""
         bsz, seqlen = tokens.shape
         rows = rows or slice(0, bsz)
         steps = torch.arange(seqlen, device=tokens.device)
