@@ -40,7 +40,7 @@ import queue
 import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -55,8 +55,17 @@ DEFAULT_PREFIX_CACHE_BYTES = 256 << 20
 # A row runs at least this many steps before it can be paused for another client's job: each pause costs a
 # copy of the row's keys and values, so rows must not trade places every step.
 PREEMPT_AFTER_STEPS = 16
+CACHE_STEP = 256  # plan() rounds a cache's length up to this, so that similar runs reuse one allocation
 
 _END = object()
+
+
+class CacheShape(NamedTuple):
+    """What Engine.reserve allocates: rows, positions a job may reach, positions of a row's own cache."""
+
+    max_batch_size: int
+    max_seq_len: int
+    row_len: int
 
 
 class EngineError(LlamaRefError, RuntimeError):
@@ -213,11 +222,16 @@ def _common_prefix(a, b) -> int:
 
 
 class Engine:
-    """Continuous batching over `model` (a Transformer whose caches are set up) and `tokenizer`."""
+    """Continuous batching over `model` (a Transformer whose caches are set up) and `tokenizer`.
 
-    def __init__(self, model, tokenizer, *, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, anchor: bool = True):
+    max_batch_size and max_seq_len bound what plan() reserves (default: what the model's cache holds now)."""
+
+    def __init__(self, model, tokenizer, *, max_batch_size: int | None = None, max_seq_len: int | None = None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+                 anchor: bool = True):
         self.model, self.tokenizer = model, tokenizer
+        self.max_batch_size = max_batch_size or model.max_batch_size
+        self.max_seq_len = max_seq_len or model.max_seq_len
         self._anchored = anchor
         if anchor and getattr(model, "anchor_len", 0) < model.max_seq_len:
             model.setup_anchor(model.max_seq_len)
@@ -293,6 +307,27 @@ class Engine:
         with self._changed:
             self._closed = True
             self._changed.notify_all()
+
+    def plan(self, prompts: Sequence[Sequence[int]] = (), budgets: Sequence[int] = ()) -> CacheShape:
+        """Reserve a KV cache that holds what these prompts and their answers' budgets need, not the largest
+        thing they could, within the engine's limits; return its shape. Only while the engine is idle.
+
+        The first prompt goes into the anchor, and each later one reads what it shares with it from there,
+        so a row holds the rest of its prompt and its answer. A server, whose requests come later, plans
+        with none: every row and every position of the limits."""
+        if not prompts:
+            shape = CacheShape(self.max_batch_size, self.max_seq_len, self.max_seq_len)
+        else:
+            def step(n: int) -> int:
+                return min(self.max_seq_len, -(-n // CACHE_STEP) * CACHE_STEP)
+
+            first = prompts[0]
+            own = [budgets[0]] + [len(p) - _common_prefix(first, p[:-1]) + b
+                                  for p, b in zip(prompts[1:], budgets[1:])]
+            shape = CacheShape(min(self.max_batch_size, len(prompts)),
+                               step(max(len(p) + b for p, b in zip(prompts, budgets))), step(max(own)))
+        self.reserve(*shape)
+        return shape
 
     def reserve(self, max_batch_size: int, max_seq_len: int, row_len: int | None = None) -> None:
         """Size the KV cache for this many rows of this many positions, reallocating it only when that

@@ -30,7 +30,8 @@ DEFAULT_MAX_SEQ_LEN = 4096  # prompt + answer per row; our prompts need far less
 # Rows the engine runs at once. The KV cache grows with it: 8 x 4096 positions of Qwen2.5-Coder-1.5B in
 # bf16 is 0.9 GiB. More rows add little on a CPU of few cores, where prefill, not decode, bounds a post.
 DEFAULT_MAX_BATCH_SIZE = 8
-CACHE_STEP = 256  # the KV cache's length is rounded up to this, so similar runs reuse one allocation
+# The model is built with a cache this small; each complete() sizes it to its requests (Engine.plan).
+BUILD_SEQ_LEN = 256
 # A stretch this long said twice is a loop (about eight English words); shorter ones may be meant.
 LOOP_CHARS = 40
 # While generating, an answer whose last LOOP_TAIL_CHARS characters are one unit of at most LOOP_PERIOD
@@ -154,8 +155,7 @@ class LocalBackend:
                 on_done(index, results[index])
 
         if jobs:
-            self.engine.reserve(*cache_shape([prompts[i] for i in runs], [budgets[i] for i in runs],
-                                             self.max_batch_size, self.max_seq_len))
+            self.engine.plan([prompts[i] for i in runs], [budgets[i] for i in runs])
             self.engine.run(jobs, on_finished=finished)
         if loops:
             log.warning("the model kept repeating itself in %d of %d answers; each was kept up to the first "
@@ -210,8 +210,7 @@ class LocalBackend:
             from llama_ref.errors import LlamaRefError
 
             try:
-                # a token cache for now: complete() sizes it to its requests (Engine.reserve)
-                self._llama = Llama.build(self.model_path, max_seq_len=CACHE_STEP, max_batch_size=1,
+                self._llama = Llama.build(self.model_path, max_seq_len=BUILD_SEQ_LEN, max_batch_size=1,
                                           device=self.device, dtype=self.dtype, kernels=self.kernels)
             except LlamaRefError as exc:
                 raise UserError(str(exc)) from None
@@ -223,24 +222,9 @@ class LocalBackend:
         if self._engine is None:
             from llama_ref.engine import Engine
 
-            self._engine = Engine(self.llama.model, self.llama.tokenizer)
+            self._engine = Engine(self.llama.model, self.llama.tokenizer, max_batch_size=self.max_batch_size,
+                                  max_seq_len=self.max_seq_len)
         return self._engine
-
-
-def cache_shape(prompts: list[list[int]], budgets: list[int], max_batch_size: int,
-                max_seq_len: int) -> tuple[int, int, int]:
-    """(rows, max_seq_len, row_len) of a KV cache that holds what these requests need, not the largest
-    thing they could. The engine puts the first prompt into its anchor (Engine: a shared start), and each
-    later one reads what it shares with it from there, so a row holds the rest of a prompt and its answer."""
-    def step(n: int) -> int:
-        return min(max_seq_len, -(-n // CACHE_STEP) * CACHE_STEP)
-
-    first = prompts[0]
-    # os.path.commonprefix compares any sequences, token ids too
-    own = [budgets[0]] + [len(p) - len(os.path.commonprefix([first, p[:-1]])) + b
-                          for p, b in zip(prompts[1:], budgets[1:])]
-    return (min(max_batch_size, len(prompts)), step(max(len(p) + b for p, b in zip(prompts, budgets))),
-            step(max(own)))
 
 
 def from_settings(settings) -> LocalBackend:
