@@ -40,7 +40,7 @@ import queue
 import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Protocol, Sequence
 
 import torch
 
@@ -68,6 +68,20 @@ class CacheShape(NamedTuple):
     row_len: int
 
 
+class Constraint(Protocol):
+    """What holds a job's answer to a shape, token by token (constrain.JsonFieldsConstraint is one). The
+    engine asks allows() of each pick, allowed_ids() only when a pick is refused, and calls advance() with
+    the token it chose; allows() and allowed_ids() leave the state as it is."""
+
+    def allows(self, token: int) -> bool: ...
+
+    def allowed_ids(self, rejected: int | None = None) -> list[int]:
+        """Every token that keeps the answer on its shape; empty if the vocabulary cannot spell it."""
+        ...
+
+    def advance(self, token: int) -> None: ...
+
+
 class EngineError(LlamaRefError, RuntimeError):
     """Generation failed before the job finished."""
 
@@ -87,8 +101,7 @@ class Job:
     top_k: int | None = None
     seed: int | None = None
     stop_ids: frozenset[int] | None = None  # default: the tokenizer's end-of-turn tokens
-    # Keeps the answer on a shape (constrain.JsonFieldsConstraint): allows(token), allowed_ids(), advance(token).
-    constraint: object | None = field(default=None, repr=False)
+    constraint: Constraint | None = field(default=None, repr=False)  # keeps the answer on a shape
     tokens: list[int] = field(default_factory=list)  # generated, without the stop token
     finish_reason: str | None = None  # "stop", "length" or "cancelled"
     cached_tokens: int = 0  # prompt tokens not prefilled: their keys and values came from the prefix cache or anchor
