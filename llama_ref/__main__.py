@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         return 0
     force_cpu_class(args.cpu)  # before torch runs anything: its dispatchers read the variables once
     # torch is imported here, after --help has had its chance to answer quickly
-    from llama_ref.generation import Llama
+    from llama_ref.loading import load_llama
     from llama_ref.tokenizer import StreamDecoder
 
     try:
@@ -82,8 +82,8 @@ def main(argv=None) -> int:
             print(explain_kernels(resolve_model(args.model), args.device, args.dtype, args.kernels))
             return 0
         max_seq_len = args.max_seq_len or 2048
-        llama = Llama.build(resolve_model(args.model), max_seq_len=max_seq_len, max_batch_size=1,
-                            device=args.device, dtype=args.dtype, kernels=args.kernels, compile=args.compile)
+        llama = load_llama(args.model, max_seq_len=max_seq_len, max_batch_size=1, device=args.device,
+                           dtype=args.dtype, kernels=args.kernels, compile=args.compile)
         if args.chat:
             prompt_tokens = llama.tokenizer.encode(llama.render_chat([{"role": "user", "content": args.prompt}]),
                                                    bos=False, eos=False)

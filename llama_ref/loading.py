@@ -3,6 +3,7 @@ there before anything is allocated, then stream the weights in one tensor at a t
 
 The upstream reference loads every shard into memory at once on a hard-coded CUDA device and learns
 about memory by running out of it; here a model that can't fit is refused with the ways out named.
+load_llama() is the way in by name: a catalog name or a checkpoint path, every failure one LlamaRefError.
 """
 
 from __future__ import annotations
@@ -22,6 +23,18 @@ from llama_ref.quantize import (FUSED, Int8DotLinear, Int8Embedding, Int8Linear,
 
 # kernels whose modules are filled as the checkpoint's tensors stream in (load_float_weight)
 STREAMED = ("int8-weights", "w8a8", "w7a8")
+
+
+def load_llama(model: str | Path | None = None, *, max_seq_len: int, max_batch_size: int, device: str | None = None,
+               dtype: str | torch.dtype | None = None, kernels: str = "auto", compile: bool = False):
+    """A Llama for `model`: a catalog name (assembled into the cache on first use) or a checkpoint path;
+    default: the catalog's default model. Every way this can fail (an unknown name, a broken file, no room on
+    the device, a kernel this machine lacks) raises a LlamaRefError whose str() is one line for the user."""
+    from llama_ref.catalog import resolve_model
+    from llama_ref.generation import Llama
+
+    return Llama.build(resolve_model(model), max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=device,
+                       dtype=dtype, kernels=kernels, compile=compile)
 
 
 def load_model(model_path: str | Path, max_seq_len: int, max_batch_size: int, device: str | None = None,

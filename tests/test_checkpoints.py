@@ -399,3 +399,24 @@ def test_a_models_identity_is_its_content_not_its_path(tmp_path):
     assert model_identity(paths["hf"]) != identities["hf"]  # a file beside the weights changes the answers
     (tmp_path / "b" / "tiny.gguf").write_text("not a model")
     assert model_identity(tmp_path / "b" / "tiny.gguf") != identities["gguf"]
+
+
+def test_load_llama_takes_a_catalog_name_or_a_path_and_fails_with_one_line(tmp_path):
+    """loading.load_llama, the way in that the CLI, the server and the local backend share: every failure is
+    a LlamaRefError whose message is one line naming what was asked for."""
+    from llama_ref.errors import LlamaRefError
+    from llama_ref.loading import load_llama
+
+    path = write_gguf(make_tiny_model(tmp_path), tmp_path / "tiny.gguf")
+    llama = load_llama(path, max_seq_len=32, max_batch_size=2, device="cpu", dtype="fp32")
+    assert (llama.model.max_batch_size, llama.model.max_seq_len) == (2, 32)
+
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(path.read_bytes()[:4000])
+    for model, kernels, names in [("no-such-model", "auto", ["no-such-model", "--list-models"]),
+                                  (broken, "auto", ["broken.gguf"]),
+                                  (path, "no-such-kernel", ["no-such-kernel"])]:
+        with pytest.raises(LlamaRefError) as failed:
+            load_llama(model, max_seq_len=32, max_batch_size=1, device="cpu", kernels=kernels)
+        message = str(failed.value)
+        assert "\n" not in message and all(name in message for name in names), message

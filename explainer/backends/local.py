@@ -206,12 +206,12 @@ class LocalBackend:
     def llama(self):
         """The llama_ref.Llama, built on first use."""
         if self._llama is None:
-            from llama_ref import Llama  # torch is imported here, not before
             from llama_ref.errors import LlamaRefError
+            from llama_ref.loading import load_llama  # torch is imported here, not before
 
             try:
-                self._llama = Llama.build(self.model_path, max_seq_len=BUILD_SEQ_LEN, max_batch_size=1,
-                                          device=self.device, dtype=self.dtype, kernels=self.kernels)
+                self._llama = load_llama(self._spec, max_seq_len=BUILD_SEQ_LEN, max_batch_size=1, device=self.device,
+                                         dtype=self.dtype, kernels=self.kernels)
             except LlamaRefError as exc:
                 raise UserError(str(exc)) from None
         return self._llama
