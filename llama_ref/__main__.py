@@ -1,6 +1,7 @@
 """`python -m llama_ref`: stream a completion from a local model, like llama2.c's ./run.
 
 Runs on one device with no torchrun and no GPU required, and ends with "achieved tok/s".
+`python -m llama_ref serve` serves the model over an OpenAI-compatible API instead (llama_ref.serve).
 """
 
 from __future__ import annotations
@@ -14,14 +15,19 @@ import warnings
 from llama_ref.errors import LlamaRefError
 from llama_ref.kernels import CHOICES, CPU_CLASSES, check_forced_name, force_cpu_class
 
+MODEL_HELP = "a catalog name or a checkpoint path (default: the catalog's default, qwen2.5-coder-1.5b)"
+
 
 def parse_args(argv=None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        return parse_serve_args(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m llama_ref",
         description="Generate text with a LLaMA-family model from a GGUF file, a Hugging Face or Meta "
-                    "directory, or a llama2.c .bin, or a model named in the catalog (--list-models).")
-    parser.add_argument("--model", help="a catalog name or a checkpoint path (default: the catalog's default, "
-                                        "qwen2.5-coder-1.5b)")
+                    "directory, or a llama2.c .bin, or a model named in the catalog (--list-models).",
+        epilog="To serve the model over an OpenAI-compatible API instead: python -m llama_ref serve --help")
+    parser.add_argument("--model", help=MODEL_HELP)
     parser.add_argument("--list-models", action="store_true",
                         help="list the catalog's models, which are installed and which assembled, and exit")
     parser.add_argument("--prompt", default="Once upon a time", help="prompt text (default: %(default)r)")
@@ -60,6 +66,41 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--temperature must be 0 or more")
     if not 0 < args.top_p <= 1:
         parser.error("--top-p must be in (0, 1]")
+    args.command = "generate"
+    return args
+
+
+def parse_serve_args(argv: list[str]) -> argparse.Namespace:
+    from llama_ref import serve
+
+    parser = argparse.ArgumentParser(
+        prog="python -m llama_ref serve",
+        description="Serve the model over an OpenAI-compatible API (GET /v1/models, POST /v1/chat/completions, "
+                    "POST /v1/completions, streamed or not) until Ctrl-C. The model's name in requests is its "
+                    "catalog name, or its file name without the extension.")
+    parser.add_argument("--model", help=MODEL_HELP)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on; one other than loopback (0.0.0.0: your whole network) needs "
+                             f"--api-key or {serve.API_KEY_ENV} (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: %(default)s)")
+    parser.add_argument("--api-key", metavar="KEY", help="require `Authorization: Bearer KEY` of every client "
+                                                         f"(default: {serve.API_KEY_ENV}, else no key)")
+    parser.add_argument("--max-seq-len", type=int, metavar="N", default=serve.DEFAULT_MAX_SEQ_LEN,
+                        help="longest prompt + answer, in tokens; the KV cache is allocated for it "
+                             "(default: %(default)s)")
+    parser.add_argument("--max-batch-size", type=int, metavar="N", default=serve.DEFAULT_MAX_BATCH_SIZE,
+                        help="most requests generating at once; more wait for a free row (default: %(default)s)")
+    parser.add_argument("--max-body-bytes", type=int, metavar="N", default=serve.DEFAULT_MAX_BODY_BYTES,
+                        help="largest request body; a larger one gets 413 before it is read (default: %(default)s)")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (bf16 on a GPU and on a CPU with native bf16, else fp32), fp32, bf16, fp16")
+    args = parser.parse_args(argv)
+    for name, low in (("port", 0), ("max_seq_len", 2), ("max_batch_size", 1), ("max_body_bytes", 1)):
+        if getattr(args, name) < low:
+            parser.error(f"--{name.replace('_', '-')} must be at least {low}")
+    if args.port > 65535:
+        parser.error("--port must be at most 65535")
+    args.command = "serve"
     return args
 
 
@@ -67,6 +108,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # a warning (--compile that could not compile, say) is one line for the user, not a source location
     warnings.formatwarning = lambda message, category, *_rest, **_kw: f"warning: {message}\n"
+    if args.command == "serve":
+        from llama_ref.serve import serve
+
+        try:
+            serve(args.model, args.host, args.port, max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size,
+                  dtype=args.dtype, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+        except LlamaRefError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        return 0
     from llama_ref.catalog import format_listing, list_models, resolve_model
 
     if args.list_models:

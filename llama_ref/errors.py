@@ -2,7 +2,7 @@
 
 This module imports nothing heavy: the catalog raises these without torch. Each module defines the errors it
 raises beside its code (device.DeviceError, tokenizer.TokenizerError, chat.ChatTemplateError,
-kernels.KernelError, engine.EngineError, catalog.CatalogError), all derived from LlamaRefError;
+kernels.KernelError, engine.EngineError, catalog.CatalogError, serve.ServeError), all derived from LlamaRefError;
 the ones that were a ValueError or RuntimeError still are.
 """
 

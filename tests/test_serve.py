@@ -1,4 +1,4 @@
-"""`explainer serve` on SmolLM2-135M-Instruct (the small catalog model), reached by the official openai SDK.
+"""llama_ref's server on SmolLM2-135M-Instruct (the small catalog model), reached by the official openai SDK.
 
 The server runs in-process on a free port; the model is loaded once for the module. Expected
 answers come from llama_ref's own chat_completion / text_completion, a separate code path.
@@ -17,8 +17,8 @@ from click.testing import CliRunner
 from explainer.backends import Request
 from explainer.backends.openai import OpenAIBackend
 from explainer.cli import main
-from explainer.serve import ModelServer, open_server
 from llama_ref.engine import Engine, Job
+from llama_ref.serve import ModelServer, open_server
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""`explainer serve` under the requests a hostile or broken client sends: limits, access checks, and a JSON
+"""llama_ref's server under the requests a hostile or broken client sends: limits, access checks, and a JSON
 answer for everything, over raw sockets so that every header and byte is the test's own."""
 
 import http.client
@@ -13,8 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from explainer.cli import main
-from explainer.errors import UserError
-from explainer.serve import ModelServer, open_server
+from llama_ref.serve import ModelServer, ServeError, open_server
 
 pytestmark = pytest.mark.slow
 
@@ -319,9 +318,9 @@ def test_with_a_key_or_on_loopback_the_cli_goes_on_to_load_the_model(tmp_path, m
 
 def test_beyond_loopback_without_a_key_open_server_and_model_server_refuse(server, monkeypatch):
     monkeypatch.delenv("EXPLAINER_API_KEY", raising=False)
-    with pytest.raises(UserError, match="not a loopback address"):
+    with pytest.raises(ServeError, match="not a loopback address"):
         open_server("no-such-model", "0.0.0.0", 0)
-    with pytest.raises(UserError, match="not a loopback address"):
+    with pytest.raises(ServeError, match="not a loopback address"):
         ModelServer(("0.0.0.0", 0), server.llama, server.model_name)
 
 

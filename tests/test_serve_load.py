@@ -1,4 +1,4 @@
-"""`explainer serve` under load: 32 clients for 30 s, valid requests (the official openai SDK, streamed and
+"""llama_ref's server under load: 32 clients for 30 s, valid requests (the official openai SDK, streamed and
 not) mixed with broken ones (raw sockets) and clients that go away mid-answer. Every valid request is
 answered, every broken one gets its 4xx, the server stays up and its memory stays bounded. The test prints
 the requests per second it saw. Then 8 clients among 64 slow sockets: every request of theirs is answered.
@@ -16,7 +16,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from explainer.serve import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS, open_server
+from llama_ref.serve import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS, open_server
 from test_serve_limits import KEY, drop, post
 
 pytestmark = pytest.mark.slow

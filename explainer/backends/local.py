@@ -63,7 +63,6 @@ class LocalBackend:
         self._spec = DEFAULT_MODEL if model is None else model
         # what posts and messages call it: a catalog name, or a checkpoint's file name
         self.model = self._spec if self._spec in CATALOG else Path(self._spec).name
-        self._model_path: Path | None = None
         self.device, self.dtype = device, dtype
         self.kernels = kernels  # which kernels run the layers: they change the numbers, so the answers too
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
@@ -87,19 +86,6 @@ class LocalBackend:
 
             kernels = f"auto:{cpu_class(read_cpu())}"
         return f"{content} dtype={self.dtype or 'auto'} kernels={kernels}"
-
-    @property
-    def model_path(self) -> Path:
-        """The checkpoint's path; a catalog model is assembled (once) on first use."""
-        if self._model_path is None:
-            from llama_ref.catalog import resolve_model
-            from llama_ref.errors import CheckpointError
-
-            try:
-                self._model_path = resolve_model(self._spec)
-            except CheckpointError as exc:
-                raise UserError(str(exc)) from None
-        return self._model_path
 
     def prompt_tokens(self, request: Request) -> list[int]:
         """The request's tokens in the model's chat format. The messages hold an explained file's text,
@@ -218,7 +204,7 @@ class LocalBackend:
 
     @property
     def engine(self):
-        """The llama_ref Engine over the model, shared by every complete() (and by explainer serve)."""
+        """The llama_ref Engine over the model, shared by every complete()."""
         if self._engine is None:
             from llama_ref.engine import Engine
 
