@@ -11,7 +11,7 @@ gguf = pytest.importorskip("gguf")
 
 from tiny_checkpoints import (SEED_AR, SEED_ZH, TinyModel, build_transformer, make_tiny_model,  # noqa: E402
                               train_sentencepiece, write_gguf, write_hf, write_llama2c, write_llama2c_tokenizer,
-                              write_meta)
+                              write_meta, write_unsupported_gguf)
 
 from llama_ref.checkpoints import CheckpointError, meta_hidden_dim, open_checkpoint  # noqa: E402
 
@@ -201,18 +201,7 @@ def test_gguf_of_another_architecture(tmp_path):
 
 
 def test_gguf_with_an_unsupported_quantisation(tmp_path):
-    model = make_tiny_model(tmp_path)
-    path = tmp_path / "iq2.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(1)
-    block_bytes = gguf.GGML_QUANT_SIZES[Q.IQ2_XXS][1]
-    writer.add_tensor("blk.0.ffn_down.weight", torch.zeros(64, block_bytes, dtype=torch.uint8).numpy(),
-                      raw_dtype=Q.IQ2_XXS)
-    writer.add_tensor("output_norm.weight", model.weights["norm.weight"].numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = write_unsupported_gguf(tmp_path / "iq2.gguf")
     assert_one_line_error(path, "blk.0.ffn_down.weight", "IQ2_XXS", "Q4_K", "Q6_K", "Q8_0", "F16")
 
 

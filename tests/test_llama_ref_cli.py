@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from tiny_checkpoints import make_tiny_model, write_gguf, write_llama2c, write_llama2c_tokenizer, write_meta
+from tiny_checkpoints import (make_tiny_model, write_gguf, write_llama2c, write_llama2c_tokenizer, write_meta,
+                              write_unsupported_gguf)
 
 
 def run_cli(*args, python_options=()):
@@ -55,20 +56,7 @@ def other_architecture(tmp_path):
 
 
 def unsupported_quantisation(tmp_path):
-    import gguf
-    import numpy as np
-
-    path = tmp_path / "iq2.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(1)
-    block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.IQ2_XXS][1]
-    writer.add_tensor("blk.0.ffn_down.weight", np.zeros((64, block_bytes), dtype=np.uint8),
-                      raw_dtype=gguf.GGMLQuantizationType.IQ2_XXS)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path, "IQ2_XXS"
+    return write_unsupported_gguf(tmp_path / "iq2.gguf"), "IQ2_XXS"
 
 
 @pytest.mark.parametrize("make_bad_file", [truncated_gguf, wrong_magic, vocab_mismatch, missing_params_json,
