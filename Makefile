@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: install run test bench eval clean
+.PHONY: install run test test-fast bench eval clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,10 @@ run: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The inner loop: every test but those marked slow (models past SmolLM2, transformers parity, torch.compile, serving).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
 
 # The whole job side by side with llama.cpp: llama-cpp-python is the reference, installed here once. It
 # builds llama.cpp from source for this CPU (about 5 minutes); pinned so that reruns compare like with like.

@@ -275,8 +275,8 @@ def child_serve(args) -> dict:
     import openai
     import torch
 
-    from explainer.serve import open_server
     from llama_ref.engine import PrefixCache
+    from llama_ref.serve import open_server
 
     torch.set_num_threads(args.threads)
     # as many rows as clients (`explainer serve --max-batch-size 16`): the default 8 would make the

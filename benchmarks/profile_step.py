@@ -31,6 +31,7 @@ def main() -> None:
 
     from llama_ref import Llama
     from llama_ref.catalog import resolve_model
+    from llama_ref.model import StepPlan
 
     torch.set_num_threads(args.threads)
     llama = Llama.build(resolve_model(args.model) if args.model else None,
@@ -50,7 +51,7 @@ def main() -> None:
     shared = torch.full((args.rows,), args.shared) if args.shared else None
 
     def step():
-        model.forward(tokens, positions, rows=rows, shared=shared)
+        model.forward(tokens, positions, StepPlan(rows=rows, shared=shared))
 
     for _ in range(2):
         step()

@@ -302,12 +302,11 @@ def serve(model: str | None, host: str, port: int, max_seq_len: int | None, max_
       explainer serve --port 8000
       explainer explain run.c --base-url http://127.0.0.1:8000/v1 --model qwen2.5-coder-1.5b
     """
-    from explainer.serve import open_server
+    from llama_ref.errors import LlamaRefError
+    from llama_ref.serve import serve as serve_model
 
     try:
-        with open_server(model, host, port, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                         api_key=api_key, max_body_bytes=max_body_bytes) as server:
-            click.echo(f"serving {server.model_name} on {server.base_url}", err=True)
-            server.serve_forever()
-    except KeyboardInterrupt:
-        click.echo("stopped", err=True)
+        serve_model(model, host, port, max_seq_len=max_seq_len, max_batch_size=max_batch_size, api_key=api_key,
+                    max_body_bytes=max_body_bytes)
+    except LlamaRefError as exc:
+        raise UserError(str(exc)) from None

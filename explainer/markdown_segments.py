@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections import Counter
 from dataclasses import dataclass, field
 
 import markdown_it
@@ -270,7 +269,7 @@ class Segment:
 
     def restore(self, translation: str, *, as_content: bool = False) -> str:
         """The translation with every placeholder replaced by the source text it stands for.
-        The caller has checked the placeholders with `placeholder_problems`."""
+        The caller has checked the placeholders (translation_checks.placeholder_problems)."""
         pieces = self.protected_content if as_content else self.protected
         out, pos = [], 0
         while (start := translation.find(PLACEHOLDER_START, pos)) >= 0:
@@ -281,64 +280,6 @@ class Segment:
         out.append(translation[pos:])
         return "".join(out)
 
-    def placeholder_problems(self, translation: str) -> list[str]:
-        """Why the placeholders in a translation cannot be restored: each must appear exactly
-        once, no others may appear, and a link's opening one must come before its closing one."""
-        found = _placeholder_numbers(translation)
-        if found is None:
-            return ["a placeholder is broken (⟦ without a matching ⟧ and number)"]
-        counts = Counter(found)
-        problems = [f"placeholder {placeholder(n)} is missing" for n in range(1, len(self.protected) + 1)
-                    if counts[n] == 0]
-        problems += [f"placeholder {placeholder(n)} appears {counts[n]} times" for n in sorted(counts)
-                     if counts[n] > 1]
-        problems += [f"unknown placeholder {placeholder(n)}" for n in sorted(counts)
-                     if not 1 <= n <= len(self.protected)]
-        if not problems:
-            problems += [f"link placeholders {placeholder(a)}…{placeholder(b)} are out of order"
-                         for a, b in self.pairs if found.index(a) > found.index(b)]
-        return problems
-
-
-# What models write instead of ⟦n⟧: CJK lenticular brackets, doubled square brackets, spaces inside.
-_LOOKALIKES = ("\u3010{n}\u3011", "[[{n}]]", "\u27e6 {n} \u27e7", "\u27e6{n} \u27e7", "\u27e6 {n}\u27e7")
-# The brackets of those look-alikes (and of [n]): a translation of text without them has no use for them.
-LOOKALIKE_BRACKETS = "[]\u3010\u3011"
-
-
-def repair_placeholders(translation: str, count: int) -> str:
-    """`translation` with look-alikes of a missing placeholder (【1】, [[1]], ⟦ 1 ⟧) written back as ⟦1⟧,
-    for placeholders 1..count, where the repair is unambiguous: ⟦n⟧ does not appear and exactly one
-    look-alike of n does. Anything else is left for placeholder_problems to report."""
-    for n in range(1, count + 1):
-        if placeholder(n) in translation:
-            continue
-        found = [form.format(n=n) for form in _LOOKALIKES if form.format(n=n) in translation]
-        if len(found) == 1 and translation.count(found[0]) == 1:
-            translation = translation.replace(found[0], placeholder(n))
-    return translation
-
-
-def lookalike_problems(translation: str, source: str, count: int) -> list[str]:
-    """Look-alikes of placeholders 1..count left in a translation (after repair_placeholders) that the
-    source does not have: 【1】 or [1] beside a ⟦1⟧ would be published as text, and the marker is
-    probably in the wrong place."""
-    forms = _LOOKALIKES + ("[{n}]",)
-    return [f"{form.format(n=n)!r} looks like placeholder {placeholder(n)}" for n in range(1, count + 1)
-            for form in forms if form.format(n=n) in translation and form.format(n=n) not in source]
-
-
-def _placeholder_numbers(text: str) -> list[int] | None:
-    numbers, pos = [], 0
-    while (start := text.find(PLACEHOLDER_START, pos)) >= 0:
-        end = text.find(PLACEHOLDER_END, start)
-        if end < 0 or not text[start + 1:end].isdigit():
-            return None
-        numbers.append(int(text[start + 1:end]))
-        pos = end + 1
-    if PLACEHOLDER_END in text[pos:]:
-        return None
-    return numbers
 
 
 def strip_placeholders(text: str) -> str:
@@ -530,75 +471,3 @@ def locate(text: str) -> tuple[str, list[Located]]:
             pieces += [Located(consumed.rule, tuple(consumed.tokens), to_source(consumed.start),
                                to_source(consumed.end)) for consumed in _consumed(inline.content, env)]
     return source, pieces
-
-
-# ---------------------------------------------------------------------------------------------
-# Structure: what a translation must keep
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Structure:
-    verbatim_blocks: tuple[tuple[str, str, str, int], ...]  # (type, info, content, line), in order
-    verbatim_inline: tuple[tuple[str, str], ...]  # (type, content), sorted
-    headings: tuple[str, ...]  # "h2", ... in order
-    list_items: int
-    links: tuple[str, ...]  # targets, sorted
-    images: tuple[str, ...]
-    tables: int
-    table_cells: int
-    blockquotes: int
-    rules: int  # thematic breaks
-
-    def differences(self, translated: "Structure") -> list[str]:
-        """Why `translated` is not the same document structure as self, in words."""
-        problems = []
-        for number, (want, got) in enumerate(zip(self.verbatim_blocks, translated.verbatim_blocks), 1):
-            if want[:3] != got[:3]:
-                problems.append(f"{want[0]} {number} (source line {want[3]}) is not byte-identical")
-                break
-        if len(self.verbatim_blocks) != len(translated.verbatim_blocks):
-            problems.append(f"{len(self.verbatim_blocks)} code/verbatim blocks in the source, "
-                            f"{len(translated.verbatim_blocks)} in the translation")
-        if self.verbatim_inline != translated.verbatim_inline:
-            problems.append("inline code, math, HTML or Liquid differs from the source")
-        for name in ("headings", "list_items", "links", "images", "tables", "table_cells",
-                     "blockquotes", "rules"):
-            want, got = getattr(self, name), getattr(translated, name)
-            if want == got:
-                continue
-            label = name.replace("_", " ")
-            if isinstance(want, tuple) and len(want) == len(got):
-                problems.append(f"{label} differ from the source")
-            else:
-                count = len if isinstance(want, tuple) else int
-                problems.append(f"{label}: {count(want)} in the source, {count(got)} in the translation")
-        return problems
-
-
-def structure(text: str) -> Structure:
-    """The parts of a document a translation must not change."""
-    tokens = read_markdown(parser(), normalize(text), {})
-    blocks, inline, headings, links, images = [], [], [], [], []
-    counts = Counter()
-    for token in tokens:
-        if token.type in VERBATIM_BLOCKS:
-            blocks.append((token.type, token.info, token.content, token.map[0] + 1 if token.map else 0))
-        elif token.type == "heading_open":
-            headings.append(token.tag)
-        elif token.type in ("list_item_open", "table_open", "blockquote_open", "hr"):
-            counts[token.type] += 1
-        elif token.type in ("th_open", "td_open"):
-            counts["cells"] += 1
-        for child in token.children or ():
-            if child.type in VERBATIM_INLINE:
-                inline.append((child.type, child.content))
-            elif child.type == "link_open":
-                links.append(str(child.attrs.get("href", "")))
-            elif child.type == "image":
-                images.append(str(child.attrs.get("src", "")))
-    return Structure(verbatim_blocks=tuple(blocks), verbatim_inline=tuple(sorted(inline)),
-                     headings=tuple(headings), list_items=counts["list_item_open"],
-                     links=tuple(sorted(links)), images=tuple(sorted(images)),
-                     tables=counts["table_open"], table_cells=counts["cells"],
-                     blockquotes=counts["blockquote_open"], rules=counts["hr"])

@@ -9,11 +9,10 @@ Segments go out as JSON objects, many to a request for an API and one to a reque
 model (which runs requests side by side). Each request names its answer's shape (Request.json_answer):
 the local model is held to it token by token, markers included; an API server gets a JSON schema.
 
-Nothing is written until every answer has passed every check: placeholders intact and no look-alike
-of one left in the text, no chatter, one line per segment, no stray backtick, the same Markdown
-structure (so no raw HTML the source does not have), a complete answer (finish_reason=stop), the
-target language, and for the whole document byte-identical code blocks and the same headings, lists,
-links, images and tables. The prose of a translated Markdown post then goes through
+Nothing is written until every answer has passed every check (translation_checks: placeholders intact,
+no chatter, one line per segment, the same Markdown structure, a complete answer, the target language,
+and for the whole document byte-identical code blocks and the same headings, lists, links and tables).
+The prose of a translated Markdown post then goes through
 safe_markdown.escape_model_html, like everything else a model writes for the site. A request that
 fails is split and retried in smaller pieces, down to single segments, and a single segment is asked
 again, varied, up to SEGMENT_RETRIES times; a segment that still fails makes the whole translation
@@ -25,11 +24,9 @@ paragraph re-translates only that paragraph.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
-import unicodedata
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,11 +39,12 @@ from explainer.cache import Cache, complete_cached, key_for
 from explainer.errors import UserError
 from explainer.fileio import write_atomic
 from explainer.languages import Language, known_languages, language
-from explainer.markdown_segments import (LOOKALIKE_BRACKETS, PLACEHOLDER_END, PLACEHOLDER_START, Segment,
-                                         UnreadableMarkdown, lookalike_problems, repair_placeholders,
-                                         split_document, strip_placeholders, structure)
+from explainer.markdown_segments import (PLACEHOLDER_END, PLACEHOLDER_START, Segment, UnreadableMarkdown,
+                                         split_document, strip_placeholders)
 from explainer.post import Post
 from explainer.safe_markdown import escape_model_html
+from explainer.translation_checks import (LOOKALIKE_BRACKETS, checked_answer, detect_lang, document_problems, quote,
+                                          repair_placeholders, segment_problems)
 
 log = logging.getLogger(__name__)
 
@@ -66,20 +64,6 @@ RETRY_TEMPERATURE = 0.4
 FIRMER = ("\nYour earlier answer for this segment was rejected. Check before you answer: every marker of the "
           "segment (⟦1⟧, ⟦2⟧, ...) appears exactly once in your translation, written exactly as in the "
           "segment, and you answer with the JSON object only.")
-# Too little text to tell languages apart reliably: such segments are not judged.
-MIN_LETTERS_TO_DETECT = 20
-# A translation fails the language check only when the detector all but rules the target out.
-MIN_TARGET_PROBABILITY = 0.01
-
-# What models add around a translation. The Arabic seed shows the second group: code repeated
-# after "the code above was translated to:" and notes that the code was not translated.
-CHATTER = (
-    "here is the translation", "here's the translation", "here is the translated",
-    "here's the translated", "the code above was translated", "i have translated", "as an ai",
-    "تم ترجمة الكود أعلاه إلى", "تمت ترجمة الكود أعلاه إلى", "الكود لم يتم ترجمته", "إليك الترجمة",
-    "以下是翻译", "翻译如下", "以下为翻译", "以下是譯文",
-    "```", "~~~",  # a fence in prose: "```markdown" wrappers, code pasted back
-)
 
 
 class TranslationFailed(UserError):
@@ -87,7 +71,7 @@ class TranslationFailed(UserError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Prompt and checks for one segment
+# The prompt
 # ---------------------------------------------------------------------------------------------
 
 
@@ -106,97 +90,6 @@ def _system_prompt(lang: Language) -> str:
         "- Do not add code, do not repeat code, do not comment on the translation.\n"
         f"- Glossary, always write these terms this way: {terms}."
     )
-
-
-@functools.cache
-def _lang_identifier():
-    from py3langid.langid import MODEL_FILE, LanguageIdentifier
-
-    identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-    identifier.set_languages(sorted({language(code).detect_code for code in known_languages()}))
-    return identifier
-
-
-def detect_lang(text: str) -> str:
-    """The detect code (en, zh, ar, ...) of the human language `text` is most likely written in."""
-    return _lang_identifier().classify(text)[0]
-
-
-def _letters(text: str) -> int:
-    return sum(ch.isalpha() for ch in text)
-
-
-def _lang_problem(segment: Segment, translation: str, lang: Language, source_lang: str) -> str | None:
-    text = strip_placeholders(translation)
-    if _letters(text) < MIN_LETTERS_TO_DETECT:
-        return None
-    ranking = dict(_lang_identifier().rank(text))
-    if ranking.get(lang.detect_code, 0.0) >= MIN_TARGET_PROBABILITY:
-        return None
-    found = max(ranking, key=ranking.get)
-    # A quote that was already in another language (an English error message in a Chinese
-    # post) may stay in that language.
-    if found != language(source_lang).detect_code and found == detect_lang(strip_placeholders(segment.text)):
-        return None
-    return f"reads as {found}, not {lang.code}"
-
-
-def _mixed_script_words(text: str) -> list[str]:
-    """The words of `text` whose letters come from more than one script (by their Unicode names: LATIN,
-    DEVANAGARI, HANGUL, ...). A word is a run of letters and combining marks (Devanagari's vowel signs are
-    marks, not letters)."""
-    words, word = [], []
-    for ch in text + " ":
-        if unicodedata.category(ch)[0] in "LM":
-            word.append(ch)
-            continue
-        if word:
-            scripts = {unicodedata.name(letter, "?").split(" ")[0] for letter in word
-                       if unicodedata.category(letter)[0] == "L"}
-            if len(scripts) > 1:
-                words.append("".join(word))
-            word = []
-    return words
-
-
-def segment_problems(segment: Segment, translation: str, lang: Language, source_lang: str) -> list[str]:
-    """Why `translation` cannot replace `segment` in a post in `lang`; empty when it can."""
-    if not translation.strip():
-        return ["the translation is empty"]
-    if "\n" in translation.strip():
-        return ["the translation spans several lines (a segment is one line; chatter or pasted code?)"]
-    lowered, source = translation.lower(), segment.text.lower()
-    chatter = [phrase for phrase in CHATTER if phrase in lowered and phrase not in source]
-    if chatter:
-        return [f"chatter in the translation: {chatter[0]!r}"]
-    problems = segment.placeholder_problems(translation) or lookalike_problems(translation, segment.text,
-                                                                               len(segment.protected))
-    if problems:
-        return problems
-    side_by_side = PLACEHOLDER_END + PLACEHOLDER_START
-    if translation.count(side_by_side) > segment.text.count(side_by_side):
-        # what a small model writes when it dropped the markers from its sentence and was made to add
-        # them at the end: every code span of the sentence in one heap, away from its words
-        return [f"markers written side by side ({_quote(translation[max(0, translation.index(side_by_side) - 3):], 24)}), "
-                "away from the words they belong to"]
-    try:
-        escape_model_html(translation)  # what a published translation goes through: it must be readable there too
-        problems = structure(segment.content).differences(structure(segment.restore(translation, as_content=True)))
-    except UnreadableMarkdown as exc:
-        return [f"the translation is text that {exc}"]
-    if not problems and translation.count("`") != segment.text.count("`"):
-        # kramdown may pair a stray backtick with one of a restored code span's and show that code as text
-        problems.append(f"{translation.count('`')} stray backtick(s), {segment.text.count('`')} in the source")
-    if segment.in_table_cell and "|" in strip_placeholders(translation) and "|" not in segment.text:
-        problems.append("a '|' in a table cell would split the cell")
-    if not lang.words_mix_scripts:
-        mixed = [word for word in _mixed_script_words(strip_placeholders(translation)) if word not in segment.text]
-        if mixed:
-            problems.append(f"a word mixes scripts ({_quote(mixed[0], 24)}): a broken spelling")
-    lang_problem = _lang_problem(segment, translation, lang, source_lang)
-    if lang_problem:
-        problems.append(lang_problem)
-    return problems
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,17 +113,12 @@ def _parse_answer(text: str, count: int) -> tuple[dict[int, str], str | None]:
     try:
         data = json.loads(body)
     except json.JSONDecodeError:
-        return {}, f"the answer is not a JSON object (it starts {_quote(body)})"
+        return {}, f"the answer is not a JSON object (it starts {quote(body)})"
     if not isinstance(data, dict):
         return {}, "the answer is not a JSON object"
     found = {int(key): value for key, value in data.items()
              if isinstance(key, str) and key.isdigit() and 1 <= int(key) <= count and isinstance(value, str)}
     return found, None
-
-
-def _quote(text: str, limit: int = 60) -> str:
-    text = " ".join(text.split())
-    return repr(text if len(text) <= limit else text[:limit] + "…")
 
 
 class SegmentTranslator:
@@ -310,7 +198,7 @@ class SegmentTranslator:
             elif len(batch) > 1:
                 retry.append([job])  # the smaller unit: this segment alone
             else:
-                retry += self._again_or_fail(job, f"{'; '.join(problems)} (got {_quote(translation)})", failures)
+                retry += self._again_or_fail(job, f"{'; '.join(problems)} (got {quote(translation)})", failures)
         return retry
 
     def _again_or_fail(self, job: _Job, problem: str, failures: dict[str, str]) -> list[list[_Job]]:
@@ -355,7 +243,7 @@ class SegmentTranslator:
 
         def arrived(index: int, completion: Completion) -> None:
             answered.add(index)
-            take(index, *_checked(completion))
+            take(index, *checked_answer(completion))
 
         try:
             complete_cached(self.backend, requests, None, self.usage, on_done=arrived)
@@ -363,12 +251,6 @@ class SegmentTranslator:
             for index in range(len(requests)):
                 if index not in answered:
                     take(index, None, error.reasons.get(index, str(error)))
-
-
-def _checked(completion: Completion) -> tuple[Completion | None, str | None]:
-    if completion.finish_reason != "stop":
-        return None, f"the answer was cut off (finish_reason={completion.finish_reason})"
-    return completion, None
 
 
 def _batches(jobs: list[_Job], max_segments: int) -> list[list[_Job]]:
@@ -426,13 +308,7 @@ def translate_texts(texts: dict[str, str], target: str, backend: Backend, cache:
     results, failures = {}, []
     for name, document in documents.items():
         results[name] = document.rebuild(translated[name])
-        try:
-            problems = structure(document.source).differences(structure(results[name]))
-        except UnreadableMarkdown as exc:
-            problems = [f"the translated document is text that {exc}"]
-        if results[name].count(PLACEHOLDER_START) != document.source.count(PLACEHOLDER_START):
-            problems.append(f"a placeholder {PLACEHOLDER_START}…{PLACEHOLDER_END} was left in the text")
-        failures += [f"{name}: {problem}" for problem in problems]
+        failures += [f"{name}: {problem}" for problem in document_problems(document.source, results[name])]
     if failures:
         raise TranslationFailed("the translated document does not match the source: " + " | ".join(failures))
     if untranslated is not None:

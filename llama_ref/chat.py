@@ -34,6 +34,12 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 
+if __name__ == "__main__":  # the sandbox's child process runs this file alone (-I): no package to import
+    class LlamaRefError(Exception):  # type: ignore[no-redef]
+        pass
+else:
+    from llama_ref.errors import LlamaRefError
+
 # Fallback chat templates, used when a checkpoint carries none; jinja2 like the HF/GGUF ones.
 LLAMA2_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{% set system = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}"
@@ -64,7 +70,7 @@ _HIDDEN_BASE = 0x100000
 Dialog = List[dict]
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(LlamaRefError, ValueError):
     """A chat template that cannot be compiled or rendered. str() is one line."""
 
     def __init__(self, message: str):
@@ -316,7 +322,7 @@ def _compile(template: str):
 # result's size is a list that is never complete. So templates render in a child process that caps its own
 # address space at what it has plus MAX_RENDER_MEMORY: such a step fails there with MemoryError, and the
 # server's memory never sees it. The child also makes the deadline hard: one that overruns it is killed.
-# Children are kept for the next render (a start costs ~0.1 s), at most MAX_CHILDREN of them, one render
+# Children are kept for the next render (starting one costs more than a render), at most MAX_CHILDREN, one render
 # each at a time. They talk over their stdin and stdout, a JSON message framed by its length each way,
 # run in a session of their own (Ctrl-C is the parent's to handle) and exit when their stdin closes.
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import torch
 
+from llama_ref.errors import LlamaRefError
+
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
-class DeviceError(Exception):
+class DeviceError(LlamaRefError):
     """A device or memory problem the user can fix; str() is one line with what to do."""
 
 

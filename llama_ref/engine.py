@@ -40,11 +40,13 @@ import queue
 import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple, Protocol, Sequence
 
 import torch
 
+from llama_ref.errors import LlamaRefError
 from llama_ref.generation import sample_top_p
+from llama_ref.model import StepPlan
 from llama_ref.tokenizer import StreamDecoder
 
 DEFAULT_PREFILL_CHUNK = 512  # long enough to keep a matmul efficient, short enough to keep streams flowing
@@ -53,11 +55,34 @@ DEFAULT_PREFIX_CACHE_BYTES = 256 << 20
 # A row runs at least this many steps before it can be paused for another client's job: each pause costs a
 # copy of the row's keys and values, so rows must not trade places every step.
 PREEMPT_AFTER_STEPS = 16
+CACHE_STEP = 256  # plan() rounds a cache's length up to this, so that similar runs reuse one allocation
 
 _END = object()
 
 
-class EngineError(RuntimeError):
+class CacheShape(NamedTuple):
+    """What Engine.reserve allocates: rows, positions a job may reach, positions of a row's own cache."""
+
+    max_batch_size: int
+    max_seq_len: int
+    row_len: int
+
+
+class Constraint(Protocol):
+    """What holds a job's answer to a shape, token by token (constrain.JsonFieldsConstraint is one). The
+    engine asks allows() of each pick, allowed_ids() only when a pick is refused, and calls advance() with
+    the token it chose; allows() and allowed_ids() leave the state as it is."""
+
+    def allows(self, token: int) -> bool: ...
+
+    def allowed_ids(self, rejected: int | None = None) -> list[int]:
+        """Every token that keeps the answer on its shape; empty if the vocabulary cannot spell it."""
+        ...
+
+    def advance(self, token: int) -> None: ...
+
+
+class EngineError(LlamaRefError, RuntimeError):
     """Generation failed before the job finished."""
 
 
@@ -76,8 +101,7 @@ class Job:
     top_k: int | None = None
     seed: int | None = None
     stop_ids: frozenset[int] | None = None  # default: the tokenizer's end-of-turn tokens
-    # Keeps the answer on a shape (constrain.JsonFieldsConstraint): allows(token), allowed_ids(), advance(token).
-    constraint: object | None = field(default=None, repr=False)
+    constraint: Constraint | None = field(default=None, repr=False)  # keeps the answer on a shape
     tokens: list[int] = field(default_factory=list)  # generated, without the stop token
     finish_reason: str | None = None  # "stop", "length" or "cancelled"
     cached_tokens: int = 0  # prompt tokens not prefilled: their keys and values came from the prefix cache or anchor
@@ -211,11 +235,16 @@ def _common_prefix(a, b) -> int:
 
 
 class Engine:
-    """Continuous batching over `model` (a Transformer whose caches are set up) and `tokenizer`."""
+    """Continuous batching over `model` (a Transformer whose caches are set up) and `tokenizer`.
 
-    def __init__(self, model, tokenizer, *, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, anchor: bool = True):
+    max_batch_size and max_seq_len bound what plan() reserves (default: what the model's cache holds now)."""
+
+    def __init__(self, model, tokenizer, *, max_batch_size: int | None = None, max_seq_len: int | None = None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+                 anchor: bool = True):
         self.model, self.tokenizer = model, tokenizer
+        self.max_batch_size = max_batch_size or model.max_batch_size
+        self.max_seq_len = max_seq_len or model.max_seq_len
         self._anchored = anchor
         if anchor and getattr(model, "anchor_len", 0) < model.max_seq_len:
             model.setup_anchor(model.max_seq_len)
@@ -291,6 +320,27 @@ class Engine:
         with self._changed:
             self._closed = True
             self._changed.notify_all()
+
+    def plan(self, prompts: Sequence[Sequence[int]] = (), budgets: Sequence[int] = ()) -> CacheShape:
+        """Reserve a KV cache that holds what these prompts and their answers' budgets need, not the largest
+        thing they could, within the engine's limits; return its shape. Only while the engine is idle.
+
+        The first prompt goes into the anchor, and each later one reads what it shares with it from there,
+        so a row holds the rest of its prompt and its answer. A server, whose requests come later, plans
+        with none: every row and every position of the limits."""
+        if not prompts:
+            shape = CacheShape(self.max_batch_size, self.max_seq_len, self.max_seq_len)
+        else:
+            def step(n: int) -> int:
+                return min(self.max_seq_len, -(-n // CACHE_STEP) * CACHE_STEP)
+
+            first = prompts[0]
+            own = [budgets[0]] + [len(p) - _common_prefix(first, p[:-1]) + b
+                                  for p, b in zip(prompts[1:], budgets[1:])]
+            shape = CacheShape(min(self.max_batch_size, len(prompts)),
+                               step(max(len(p) + b for p, b in zip(prompts, budgets))), step(max(own)))
+        self.reserve(*shape)
+        return shape
 
     def reserve(self, max_batch_size: int, max_seq_len: int, row_len: int | None = None) -> None:
         """Size the KV cache for this many rows of this many positions, reallocating it only when that
@@ -429,11 +479,12 @@ class Engine:
         tokens = torch.tensor([prompt[row.filled:end]], dtype=torch.long, device=self.device)
         last = end == len(prompt)
         if row.anchoring:
-            logits = self.model.forward(tokens, row.filled, last_only=True, rows=slice(0, 1), into_anchor=True)
+            logits = self.model.forward(tokens, row.filled, StepPlan(rows=slice(0, 1), into_anchor=True,
+                                                                     last_only=True))
             self._anchor_tokens = prompt[:end]
         else:
-            logits = self.model.forward(tokens, row.filled, last_only=True, rows=slice(row.slot, row.slot + 1),
-                                        shared=row.shared)
+            logits = self.model.forward(tokens, row.filled, StepPlan(rows=slice(row.slot, row.slot + 1),
+                                                                     shared=row.shared, last_only=True))
         row.filled = end
         if not last:
             return
@@ -471,8 +522,9 @@ class Engine:
                 positions[slot], shared[slot] = other.filled, other.shared
         for row in rows:
             tokens[row.slot, 0] = row.next_token
-        logits = self.model.forward(tokens, torch.tensor(positions, device=self.device), rows=slice(0, width),
-                                    shared=torch.tensor(shared, device=self.device) if self._anchored else None)[:, -1]
+        shared_tensor = torch.tensor(shared, device=self.device) if self._anchored else None
+        plan = StepPlan(rows=slice(0, width), shared=shared_tensor)
+        logits = self.model.forward(tokens, torch.tensor(positions, device=self.device), plan)[:, -1]
         self.stats["decode_steps"] += 1
         for row in rows:
             row.filled += 1

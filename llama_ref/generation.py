@@ -19,7 +19,7 @@ from llama_ref import chat
 from llama_ref.catalog import default_model_path
 from llama_ref.chat import Dialog
 from llama_ref.loading import load_model
-from llama_ref.model import Transformer
+from llama_ref.model import LAST_ONLY, Transformer
 
 
 class Llama:
@@ -99,7 +99,7 @@ class Llama:
                                                      reduction="none", ignore_index=pad_id)
         for cur_pos in range(min_prompt_len, total_len):
             # Without logprobs only the last position's logits are needed: prefill skips the rest.
-            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
+            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos, None if logprobs else LAST_ONLY)
             if temperature > 0:
                 probs = torch.softmax(logits[:, -1] / temperature, dim=-1)
                 next_token = sample_top_p(probs, top_p, top_k=top_k, generator=generator)

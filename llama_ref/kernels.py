@@ -18,6 +18,8 @@ import os
 import platform
 from dataclasses import dataclass
 
+from llama_ref.errors import LlamaRefError
+
 # ------------------------------------------------------------------------------------------ the CPU
 
 # x86 classes, least capable first; each needs all of its flags
@@ -180,7 +182,7 @@ TABLE: dict[str, dict[str, Choice]] = {
         _FEW_CALLS,
         Choice("w7a8", "fp32 would read 4 bytes a weight at every step"),
         _INT8_ROWS),
-    "arm64": _row(  # not measured by this project: no Arm host (README, "Speed")
+    "arm64": _row(  # not measured by this project: no Arm host (benchmarks/results)
         Choice("int8-weights", "a quarter of fp32's bytes with a kernel torch builds for Arm"),
         _FEW_CALLS,
         Choice("int8-weights", "a quarter of fp32's bytes"),
@@ -195,7 +197,7 @@ TABLE: dict[str, dict[str, Choice]] = {
 CHOICES = ("auto", "float", "int8-weights", "bf16-blocked", "w8a8", "w7a8")
 
 
-class KernelError(Exception):
+class KernelError(LlamaRefError):
     """A kernel this machine or dtype cannot run; str() is one line with what to do instead."""
 
 

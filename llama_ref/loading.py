@@ -3,6 +3,7 @@ there before anything is allocated, then stream the weights in one tensor at a t
 
 The upstream reference loads every shard into memory at once on a hard-coded CUDA device and learns
 about memory by running out of it; here a model that can't fit is refused with the ways out named.
+load_llama() is the way in by name: a catalog name or a checkpoint path, every failure one LlamaRefError.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llama_ref.checkpoints import Checkpoint, CheckpointError, open_checkpoint
-from llama_ref.device import DeviceError, check_fits, pick_device, pick_dtype
 from llama_ref import kernels as kernel_table
-from llama_ref.kernels import KernelError, Plan, plan, role
+from llama_ref.checkpoints import Checkpoint, CheckpointError, open_checkpoint
+from llama_ref.device import check_fits, pick_device, pick_dtype
+from llama_ref.kernels import Plan, plan, role
 from llama_ref.model import ModelArgs, Transformer
 from llama_ref.quantize import (FUSED, Int8DotLinear, Int8Embedding, Int8Linear, block_linears, pack_linears)
 
@@ -24,18 +25,27 @@ from llama_ref.quantize import (FUSED, Int8DotLinear, Int8Embedding, Int8Linear,
 STREAMED = ("int8-weights", "w8a8", "w7a8")
 
 
+def load_llama(model: str | Path | None = None, *, max_seq_len: int, max_batch_size: int, device: str | None = None,
+               dtype: str | torch.dtype | None = None, kernels: str = "auto", compile: bool = False):
+    """A Llama for `model`: a catalog name (assembled into the cache on first use) or a checkpoint path;
+    default: the catalog's default model. Every way this can fail (an unknown name, a broken file, no room on
+    the device, a kernel this machine lacks) raises a LlamaRefError whose str() is one line for the user."""
+    from llama_ref.catalog import resolve_model
+    from llama_ref.generation import Llama
+
+    return Llama.build(resolve_model(model), max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=device,
+                       dtype=dtype, kernels=kernels, compile=compile)
+
+
 def load_model(model_path: str | Path, max_seq_len: int, max_batch_size: int, device: str | None = None,
                dtype: str | torch.dtype | None = None, kernels: str = "auto"):
     """(model, tokenizer, chat template or None, plan) for the checkpoint at `model_path`, on one device,
     with its KV cache set up. Each layer gets the kernel kernels.plan() picks for this machine and for
-    `kernels` (auto: the table's row for this CPU class). Raises CheckpointError, DeviceError or
-    TokenizerError."""
+    `kernels` (auto: the table's row for this CPU class). Raises a LlamaRefError: CheckpointError,
+    DeviceError, KernelError or TokenizerError."""
     device = pick_device(device)  # a mistyped device, dtype or kernel is reported before a slow load
     dtype = pick_dtype(dtype, device)
-    try:
-        layer_plan = plan(device.type, dtype, kernels)
-    except KernelError as exc:
-        raise DeviceError(str(exc)) from None
+    layer_plan = plan(device.type, dtype, kernels)
     checkpoint = open_checkpoint(model_path)
     args = checkpoint.args
     max_seq_len = min(max_seq_len, args.context_length)  # positions past the trained context are noise
@@ -187,7 +197,7 @@ def _load_weights(model: Transformer, checkpoint: Checkpoint, targets: dict[str,
 
 
 # Matrices of at least this many weights are read by rows (Checkpoint.tensors' by_rows): the output and embedding
-# matrices of a large vocabulary, whose fp32 copy was most of a load's peak (0.9 GB of 2.8 for the default model)
+# matrices of a large vocabulary, whose fp32 copy was most of a load's peak memory
 ROWS_AT_A_TIME = 2 ** 25
 
 
@@ -237,9 +247,8 @@ def model_bytes(model: Transformer) -> int:
 
 
 # A KV cache that holds at most this much in fp32 is kept in fp32 on a CPU, whatever the weights' dtype: the
-# attention of a one-token step over it is then one SDPA call. In bf16 the same step took two matmuls, each of
-# which cost oneDNN a new setup for every new length (stories15M's shape, 2 threads, torch 2.13: 30-60 us each
-# in bf16, against 14 us for SDPA in fp32 over the whole step), and SDPA itself is slower in bf16.
+# attention of a one-token step over it is then one SDPA call. In bf16 the same step takes two matmuls, each of
+# which costs oneDNN a new setup for every new length, and SDPA itself is slower in bf16.
 SMALL_CACHE_BYTES = 64 << 20
 
 

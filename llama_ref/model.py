@@ -161,8 +161,8 @@ def attend_one_token(q, keys, values, bias, shared=None):
     """Attention for one new token per row, q (bsz, heads, 1, head_dim), as two matmuls.
 
     On CPU, SDPA's kernels are built for many queries: for one query per row over a long cache they
-    ran 20x slower than this (8 rows x 2,300 positions, bf16, torch 2.13). The query heads that share
-    a key/value head are stacked as rows of one matrix, so grouped-query attention needs no copies.
+    run many times slower than this. The query heads that share a key/value head are stacked as rows
+    of one matrix, so grouped-query attention needs no copies.
     bias: (bsz, 1, 1, positions), 0 where a row may look and -inf where it may not, or None.
 
     shared: (keys, values) of the anchor, (kv_heads, span, head_dim), that every row reads before its
@@ -173,8 +173,7 @@ def attend_one_token(q, keys, values, bias, shared=None):
     kv_heads = keys.shape[1]
     grouped = q.reshape(bsz, kv_heads, -1, head_dim)
     # keys @ q^T, then transposed, rather than q @ keys^T: the cache's slice of kv_len positions is a strided
-    # batch of contiguous matrices, which the CPU kernel reads as it is, but its transpose it copied first
-    # (8 rows x 2,560 positions, bf16: 3.9 ms a layer against 0.8)
+    # batch of contiguous matrices, which the CPU kernel reads as it is, but its transpose it copies first
     scores = torch.matmul(keys, grouped.transpose(-1, -2)).transpose(-1, -2)
     span = 0
     if shared is not None:
@@ -203,9 +202,7 @@ def attend_chunk(q, keys, values, mask):
     (bsz, kv_heads, positions, head_dim), where mask (bsz, 1, seqlen, positions) says what each sees.
 
     The query heads that share a key/value head are stacked into one tall matrix, so each key/value
-    head is one large matmul. On CPU, SDPA with a mask ran at a fraction of that speed: a 300-token chunk
-    over 2,176 positions of Qwen2.5-Coder-1.5B, bf16, 2 threads, took 1.2 s, against 1.0 s from position 0
-    and about 1.7 s with SDPA.
+    head is one large matmul. On CPU, SDPA with a mask runs at a fraction of that speed.
     """
     bsz, n_heads, seqlen, head_dim = q.shape
     kv_heads, positions = keys.shape[1], keys.shape[2]
@@ -213,8 +210,8 @@ def attend_chunk(q, keys, values, mask):
     keys_t = keys.transpose(-1, -2).contiguous()
     bias = torch.zeros(mask.shape, device=q.device).masked_fill_(~mask, float("-inf"))
     out = torch.empty_like(q)
-    # a block of queries at a time: each block's scores stay a few MB; the whole chunk's at once (31 MB for
-    # 300 tokens over 2,176 positions) made the chunk 1.8 s, as did blocks of 128
+    # a block of queries at a time keeps each block's scores a few MB: the whole chunk's at once, or blocks
+    # twice this size, were slower
     for start in range(0, seqlen, ATTEND_BLOCK):
         end = min(start + ATTEND_BLOCK, seqlen)
         block = q[:, :, start:end].reshape(bsz, kv_heads, group * (end - start), head_dim)
@@ -254,6 +251,25 @@ class TransformerBlock(nn.Module):
 
 
 KV_LEN_STEP = 128
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What the engine adds to a forward pass; Meta's and gpt-fast's callers need none of it.
+
+    rows: the cache rows the batch uses (default: the first bsz). shared (one int, or one per row): each row
+    reads that many positions from the anchor, then its own cache, which holds its positions from there on
+    (position p at p - shared); rows whose prompts start alike keep that start once, and a decode step reads
+    it once. into_anchor: write into the anchor (one row) instead of the rows' caches. last_only: logits for
+    the last position only, since prefill throws the others away."""
+
+    rows: slice | None = None
+    shared: int | torch.Tensor | None = None
+    into_anchor: bool = False
+    last_only: bool = False
+
+
+LAST_ONLY = StepPlan(last_only=True)
 
 
 class Transformer(nn.Module):
@@ -308,41 +324,36 @@ class Transformer(nn.Module):
     def compile_steps(self) -> None:
         """Run one-token steps at one position for every row (Llama.generate's decode steps) through
         torch.compile, which fuses the small operations between the matmuls into generated C++: for a small
-        model those, not the arithmetic, are most of a step. The first steps compile (about half a minute
-        on 2 cores, seconds once torch's cache under the system's temporary folder has it), so this pays off
-        for long generations only. Where compiling fails (no C++ compiler, say), a warning says so and
+        model those, not the arithmetic, are most of a step. The first steps compile (slowly, unless torch's
+        cache under the system's temporary folder has them already), so this pays off for long generations
+        only. Where compiling fails (no C++ compiler, say), a warning says so and
         steps run as before."""
         # the rotary embedding's complex numbers stay as they are (eager kernels inside the compiled step)
         warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
         self.compiled_step = torch.compile(self.step, dynamic=True, options={"cpp_wrapper": True})
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor, last_only: bool = False,
-                rows: slice | None = None, shared: int | torch.Tensor | None = None,
-                into_anchor: bool = False) -> torch.Tensor:
-        """Logits for `tokens` (bsz, seqlen) placed at positions start_pos... of cache rows `rows`
-        (default: the first bsz). start_pos is one int for every row, or one per row (a tensor of
-        bsz), so that rows at different lengths can step together. With last_only, logits for the
-        last position only: during prefill the others would be thrown away.
-
-        shared (one int, or one per row): each row reads that many positions from the anchor, then its
-        own cache, which holds its positions from there on (position p at p - shared). Rows whose prompts
-        start alike then keep that start once, and a decode step reads it once. into_anchor: write into
-        the anchor (one row) instead of the rows' caches."""
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor,
+                plan: StepPlan | None = None) -> torch.Tensor:
+        """Logits for `tokens` (bsz, seqlen) placed at positions start_pos... of the cache. start_pos is
+        one int for every row, or one per row (a tensor of bsz), so that rows at different lengths can
+        step together. `plan` carries the engine's extras (StepPlan): which rows, the anchor, last_only."""
+        plan = plan or StepPlan()
         if (self.compiled_step is not None and tokens.shape[1] == 1 and isinstance(start_pos, int)
-                and shared is None and not into_anchor):
+                and plan.shared is None and not plan.into_anchor):
             try:
-                return self.compiled_step(tokens, start_pos, last_only, rows)
+                return self.compiled_step(tokens, start_pos, plan.last_only, plan.rows)
             except Exception as exc:  # noqa: BLE001 - whatever stopped the compiler, the step itself can run
                 warnings.warn(f"torch.compile failed, so decoding runs without it: {type(exc).__name__}: "
                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}", stacklevel=2)
                 self.compiled_step = None
-        return self.step(tokens, start_pos, last_only, rows, shared, into_anchor)
+        return self.step(tokens, start_pos, plan.last_only, plan.rows, plan.shared, plan.into_anchor)
 
     def step(self, tokens: torch.Tensor, start_pos: int | torch.Tensor, last_only: bool = False,
              rows: slice | None = None, shared: int | torch.Tensor | None = None,
              into_anchor: bool = False) -> torch.Tensor:
-        """forward() without the choice of a compiled step (and without inference mode of its own)."""
+        """forward() with the plan's fields spelled out, as torch.compile traces it (compile_steps), without
+        the choice of a compiled step and without inference mode of its own."""
         bsz, seqlen = tokens.shape
         rows = rows or slice(0, bsz)
         steps = torch.arange(seqlen, device=tokens.device)
@@ -360,15 +371,11 @@ class Transformer(nn.Module):
             input_pos = start_pos[:, None] + steps
             own_pos = cache_pos = input_pos if shared is None else input_pos - torch.as_tensor(shared)[:, None]
             # Rounded up (the mask hides the extra positions), so that the steps of a decode allocate the
-            # same sizes over and over. Sizes that grew by one position every step defeated glibc's reuse
-            # of freed blocks: the heap grew ~16 MB a step (SmolLM2, 8 rows; 9.8 GB peak over the explain
-            # job, 1.9 GB with this). Fixing glibc's mmap threshold instead stopped the growth too, but
-            # mapping every large block afresh made decode steps 2.3x slower.
+            # same sizes over and over: sizes that grew by one position every step defeated glibc's reuse of
+            # freed blocks, and the heap grew every step (a lower mmap threshold slowed every step instead).
             kv_len = min(-(-(int(cache_pos.max()) + 1) // KV_LEN_STEP) * KV_LEN_STEP, length)
             # Near the row's end, the whole row: a slice of every row is a strided batch, which the CPU
-            # matmul copies first, so reading the whole contiguous rows is faster there (8 rows, 2,560 of
-            # 2,816 positions, bf16: a decode step's attention 2.4 ms a layer, against 2.1 for all 2,816),
-            # but not at half a row (17 rows, 640 of 1,280: 2.2 ms, against 3.3)
+            # matmul copies first, so reading the whole contiguous rows is faster there, but not at half a row
             if kv_len * 4 > length * 3:
                 kv_len = length
             needs_mask = True

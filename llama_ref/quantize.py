@@ -99,10 +99,8 @@ def _children(model: nn.Module):
 # ---------------------------------------------------------------------------- bf16 weights in oneDNN's layout
 
 # F.linear on a bf16 CPU tensor hands the weight to oneDNN, which reorders it into its blocked layout on
-# every call: for the few rows of a decode step that copy costs more than the multiplication. Reordered
-# once at load, the same multiplication read the weights about twice as fast (2 cores, Zen 5, torch 2.13,
-# weights cycled through more than the caches hold: 8960x1536, 1 row 1.5 ms against 2.5 ms; 16 rows 2.6
-# against 3.7) and, for prefill-sized calls, as fast or slightly faster (256 rows: 1.02x).
+# every call: for the few rows of a decode step that copy costs more than the multiplication. Reordered once
+# at load, decode-sized calls read the weights faster and prefill-sized ones no slower.
 
 
 def can_block(linear: nn.Module) -> bool:
@@ -129,11 +127,9 @@ def _blocked_linear(x: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor |
 # Small layers also keep an int8 copy (one scale per output row) for calls of one or two rows, which torch's
 # weight-only int8 kernel (_weight_int8pack_mm: bf16 activations times int8 weights) multiplies with less
 # fixed cost per call than oneDNN, from half the bytes. A decode step of a small model is mostly that fixed
-# cost, and its int8 weights stay in the caches where bf16 ones are evicted: stories15M's shape decoded at
-# 450 tok/s with the copies against 290 without (2 threads, Zen 4, torch 2.13). For bigger layers the
-# kernel is no faster than oneDNN (49152x576, 1 row: 1.8 ms against 1.9; 4 rows: 3.1 against 1.4), so
-# layers of more than INT8_COPY_MAX_WEIGHTS weights don't get one: the output layers of SmolLM2 (one-stream
-# decode 66 tok/s with a copy or without) and of Qwen2.5-Coder-1.5B.
+# cost, and its int8 weights stay in the caches where bf16 ones are evicted. For bigger layers the kernel is
+# no faster than oneDNN, so layers of more than INT8_COPY_MAX_WEIGHTS weights don't get one: the output
+# layers of SmolLM2 and of Qwen2.5-Coder-1.5B.
 INT8_COPY_MAX_ROWS = 2
 INT8_COPY_MAX_WEIGHTS = 2 ** 24
 
@@ -171,12 +167,10 @@ def can_copy_int8(out_features: int, in_features: int) -> bool:
 # ---------------------------------------------------------------------------- 4-bit copies for decoding
 
 # A decode step multiplies a few rows by every weight, so it is bound by how many weight bytes it reads.
-# torch's CPU int4 kernel (_weight_int4pack_mm_for_cpu) reads half a byte per weight instead of bf16's two.
-# Against the same weights in oneDNN's layout (above), measured on 1 thread (Zen 5, torch 2.13, 8960x1536
-# weights cycled through more than the caches hold): 1 row took 0.67 ms against 1.52, 4 rows 1.05 against
-# 1.51, 8 rows 2.19 against 1.91 and 16 rows 4.3 against 2.6. So layers keep their bf16 weight for larger
-# calls (prefill above all, where the 4-bit kernel is many times slower) and use the 4-bit copy for calls
-# of at most PACKED_MAX_ROWS rows.
+# torch's CPU int4 kernel (_weight_int4pack_mm_for_cpu) reads half a byte per weight instead of bf16's two,
+# which wins against the same weights in oneDNN's layout (above) for a few rows and loses from about eight. So
+# layers keep their bf16 weight for larger calls (prefill above all, where the 4-bit kernel is many times
+# slower) and use the 4-bit copy for calls of at most PACKED_MAX_ROWS rows.
 PACKED_MAX_ROWS = 4
 
 
@@ -307,9 +301,8 @@ def _convert(model: nn.Module, make, convertible) -> int:
 # Weights take 8 bits (-127..127) where the CPU adds int8 products exactly (VNNI, kernels.int8_exact). On AVX2,
 # fbgemm multiplies u8 activations by s8 weights with vpmaddubsw, which adds each pair of products in 16 bits
 # and saturates above 32767: 255 * 127 * 2 does. With 7-bit weights (-63..63) a pair is at most 255 * 63 * 2 =
-# 32130, so the sums are exact again. 7-bit activations would do the same, but lost more: on the default model,
-# teacher-forced against fp32, 93.0% of next tokens agreed with 7-bit activations and 96.3% with 7-bit weights
-# (benchmarks/results/kernels.md).
+# 32130, so the sums are exact again. 7-bit activations would do the same, but lose more of the model's next-token
+# agreement with fp32 (benchmarks/results/README.md).
 INT8_FEW_ROWS = 48  # calls of at most this many rows go to fbgemm where torch._int_mm serves the rest
 FBGEMM_LINEAR = getattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32", None)
 

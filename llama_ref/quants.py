@@ -148,8 +148,7 @@ def dequantize(raw: np.ndarray, qtype: Q, shape: tuple[int, ...], dtype: torch.d
     out = torch.empty(len(blocks), block_size, dtype=dtype)
     step = max(1, CHUNK_ELEMENTS // block_size)
     # One intra-op thread: these ops are short and memory-bound, so OpenMP's barrier after each one stalls
-    # whenever another process holds a core (on 2 cores, two threads were 30x slower under load and at
-    # most 25% faster when idle).
+    # whenever another process holds a core, and more threads gain little even when the cores are idle.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -22,6 +22,8 @@ import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+from llama_ref.errors import LlamaRefError
+
 # Tokens that end a turn in the chat formats llama_ref meets; generation stops on any that the vocab has.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|endoftext|>")
 # What sentencepiece prints for its unknown piece (TrainerSpec.unk_surface default, " \u2047 ").
@@ -29,7 +31,7 @@ UNKNOWN_SURFACE = " \u2047 ".encode()
 SPIECE_SPACE = "\u2581"  # sentencepiece writes a space as "▁"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(LlamaRefError, ValueError):
     """A vocabulary that cannot be used; checkpoints.py adds the file name."""
 
 

@@ -1,4 +1,5 @@
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -28,3 +29,38 @@ def openai_env(monkeypatch):
     """A fake key so the SDK is willing to talk; no real service is ever reached."""
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+
+
+class SmolLM2Servers:
+    """Starts llama_ref.serve servers of SmolLM2-135M-Instruct (the small catalog model) on a free port of
+    127.0.0.1, each answering in a thread of its own; `stop(server)` stops one, and the fixture stops the rest.
+
+    fp32: a 135M model's greedy answers in bf16 depend on how requests happen to be batched."""
+
+    def __init__(self):
+        self._running = []
+
+    def __call__(self, **options):
+        from llama_ref.serve import open_server
+
+        server = open_server("smollm2-135m", "127.0.0.1", 0, dtype="fp32", **options)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+        self._running.append(server)
+        return server
+
+    def stop(self, server) -> None:
+        self._running.remove(server)
+        server.shutdown()
+        server.server_close()
+
+    def stop_all(self) -> None:
+        while self._running:
+            self.stop(self._running[-1])
+
+
+@pytest.fixture(scope="module")
+def smollm2_server():
+    """Factory: `server = smollm2_server(max_seq_len=..., **limits)`, as SmolLM2Servers starts it."""
+    servers = SmolLM2Servers()
+    yield servers
+    servers.stop_all()

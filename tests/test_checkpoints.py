@@ -11,7 +11,7 @@ gguf = pytest.importorskip("gguf")
 
 from tiny_checkpoints import (SEED_AR, SEED_ZH, TinyModel, build_transformer, make_tiny_model,  # noqa: E402
                               train_sentencepiece, write_gguf, write_hf, write_llama2c, write_llama2c_tokenizer,
-                              write_meta)
+                              write_meta, write_unsupported_gguf)
 
 from llama_ref.checkpoints import CheckpointError, meta_hidden_dim, open_checkpoint  # noqa: E402
 
@@ -201,18 +201,7 @@ def test_gguf_of_another_architecture(tmp_path):
 
 
 def test_gguf_with_an_unsupported_quantisation(tmp_path):
-    model = make_tiny_model(tmp_path)
-    path = tmp_path / "iq2.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(1)
-    block_bytes = gguf.GGML_QUANT_SIZES[Q.IQ2_XXS][1]
-    writer.add_tensor("blk.0.ffn_down.weight", torch.zeros(64, block_bytes, dtype=torch.uint8).numpy(),
-                      raw_dtype=Q.IQ2_XXS)
-    writer.add_tensor("output_norm.weight", model.weights["norm.weight"].numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = write_unsupported_gguf(tmp_path / "iq2.gguf")
     assert_one_line_error(path, "blk.0.ffn_down.weight", "IQ2_XXS", "Q4_K", "Q6_K", "Q8_0", "F16")
 
 
@@ -399,3 +388,24 @@ def test_a_models_identity_is_its_content_not_its_path(tmp_path):
     assert model_identity(paths["hf"]) != identities["hf"]  # a file beside the weights changes the answers
     (tmp_path / "b" / "tiny.gguf").write_text("not a model")
     assert model_identity(tmp_path / "b" / "tiny.gguf") != identities["gguf"]
+
+
+def test_load_llama_takes_a_catalog_name_or_a_path_and_fails_with_one_line(tmp_path):
+    """loading.load_llama, the way in that the CLI, the server and the local backend share: every failure is
+    a LlamaRefError whose message is one line naming what was asked for."""
+    from llama_ref.errors import LlamaRefError
+    from llama_ref.loading import load_llama
+
+    path = write_gguf(make_tiny_model(tmp_path), tmp_path / "tiny.gguf")
+    llama = load_llama(path, max_seq_len=32, max_batch_size=2, device="cpu", dtype="fp32")
+    assert (llama.model.max_batch_size, llama.model.max_seq_len) == (2, 32)
+
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(path.read_bytes()[:4000])
+    for model, kernels, names in [("no-such-model", "auto", ["no-such-model", "--list-models"]),
+                                  (broken, "auto", ["broken.gguf"]),
+                                  (path, "no-such-kernel", ["no-such-kernel"])]:
+        with pytest.raises(LlamaRefError) as failed:
+            load_llama(model, max_seq_len=32, max_batch_size=1, device="cpu", kernels=kernels)
+        message = str(failed.value)
+        assert "\n" not in message and all(name in message for name in names), message

@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 
 from llama_ref import Llama  # noqa: E402
 from llama_ref.catalog import resolve_model  # noqa: E402
-from llama_ref.engine import Engine, EngineStopped, Job, PrefixCache  # noqa: E402
+from llama_ref.engine import CACHE_STEP, CacheShape, Engine, EngineStopped, Job, PrefixCache  # noqa: E402
 from tiny_checkpoints import make_tiny_model, write_gguf  # noqa: E402
 
 
@@ -138,6 +138,36 @@ def test_rows_shorter_than_the_prompts_read_the_shared_start_from_the_anchor(tin
     # The last two prompts are 11 and 23 tokens of the shared start: all but their last token came from it.
     assert [job.cached_tokens for job in jobs] == [0, 23, 23, 23, 23, 10, 22]
     assert short_rows.model.layers[0].attention.cache.k.shape[2] == 40
+
+
+def test_plan_reserves_what_the_jobs_need_within_the_engines_limits(short_rows):
+    """Engine.plan, which the local backend and the server both size the KV cache with: a row per prompt, the
+    positions of the longest prompt and answer, and rows that hold only what a prompt does not share with the
+    first one (which goes into the anchor), rounded up to CACHE_STEP and capped by the engine's limits."""
+    step, model, vocab = CACHE_STEP, short_rows.model, short_rows.model.params.vocab_size
+    engine = Engine(model, short_rows.tokenizer, max_batch_size=3, max_seq_len=4 * step, prefix_cache_bytes=0)
+    generator = torch.Generator().manual_seed(3)
+    first = torch.randint(3, vocab, (step + 10,), generator=generator).tolist()
+    tail = torch.randint(3, vocab, (20,), generator=generator).tolist()
+    tail[0] = 3 if first[step] != 3 else 4
+    second = first[:step] + tail  # shares its first `step` tokens with the first prompt
+    jobs = [Job(first, 30, stop_ids=frozenset()), Job(second, 40, stop_ids=frozenset())]
+
+    # positions: step + 20 + 40 at most, so 2 steps; a row: the second's 20 tokens of its own and 40 more
+    assert engine.plan([first, second], [30, 40]) == CacheShape(2, 2 * step, step)
+    assert (model.max_batch_size, model.max_seq_len, model.row_len, model.anchor_len) == (2, 2 * step, step,
+                                                                                          2 * step)
+    planned = engine.run(jobs)
+    assert [job.cached_tokens for job in planned] == [0, step]  # the shared start came from the anchor
+
+    assert engine.plan() == CacheShape(3, 4 * step, 4 * step)  # a server's: every row and position of the limits
+    assert model.row_len == 4 * step
+    full = engine.run([Job(job.prompt_tokens, job.max_tokens, stop_ids=frozenset()) for job in jobs])
+    assert [job.tokens for job in planned] == [job.tokens for job in full]
+    assert [len(job.tokens) for job in full] == [30, 40]
+
+    assert engine.plan([[5] * 10] * 5, [20] * 5) == CacheShape(3, step, step)  # rows capped at max_batch_size
+    assert engine.plan([[5] * 10], [8 * step]) == CacheShape(1, 4 * step, 4 * step)  # positions at max_seq_len
 
 
 def test_an_answer_longer_than_a_row_is_refused_before_it_runs(short_rows):

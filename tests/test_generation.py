@@ -97,6 +97,7 @@ def test_prompt_longer_than_context_is_a_clear_error(llama):
         llama.generate([[1] * 300], 4)
 
 
+@pytest.mark.slow  # two more builds of the model
 def test_int8_weights_stay_close_to_full_precision():
     full = Llama.build(resolve_model("smollm2-135m"), max_seq_len=64, max_batch_size=1, device="cpu", dtype="fp32",
                        kernels="float")
@@ -111,6 +112,7 @@ def test_int8_weights_stay_close_to_full_precision():
     assert (ref.exp() * (ref - approx)).sum(-1).mean().item() < 0.1  # KL divergence
 
 
+@pytest.mark.slow  # transformers loads the model too
 @pytest.mark.skipif(os.environ.get("LLAMA_REF_SKIP_HF") == "1", reason="transformers parity disabled")
 def test_greedy_tokens_match_transformers_on_the_same_gguf(llama, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -93,9 +93,10 @@ def test_a_batch_of_several_tokens_per_row_keeps_its_shape(path):
 # w8a8: SmolLM2 with int8 products in every projection (its layers are below kernels.SMALL_WEIGHTS, so by
 # default they stay in float, test below). w7a8: Qwen2.5-Coder-0.5B as the table gives it to an AVX2 CPU: its
 # projections are above SMALL_WEIGHTS, as the default model's are. (SmolLM2 with every tiny layer in 7 bits
-# is a model no CPU class gets; its 2+2 came out wrong.)
+# is a model no CPU class gets; its 2+2 came out wrong.) Qwen2.5-Coder-0.5B, loaded twice, is for make test.
 MODEL_PATHS = [pytest.param(("smollm2-135m", "w8a8", "bf16"), marks=needs_exact_int8, id="w8a8"),
-               pytest.param(("qwen2.5-coder-0.5b", "w7a8", "fp32"), marks=needs_fbgemm, id="w7a8")]
+               pytest.param(("qwen2.5-coder-0.5b", "w7a8", "fp32"), marks=[needs_fbgemm, pytest.mark.slow],
+                            id="w7a8")]
 
 
 @pytest.fixture(scope="module", params=MODEL_PATHS)

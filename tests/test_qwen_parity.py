@@ -9,12 +9,13 @@ torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
-from tiny_checkpoints import (CHATML_TEMPLATE, GGUF_LAYER_PARTS, GGUF_TOKEN_TYPES, HF_LAYER_PARTS,  # noqa: E402
-                              TinyModel, build_transformer, train_sentencepiece)
+from tiny_checkpoints import (GGUF_LAYER_PARTS, HF_LAYER_PARTS, build_transformer, close_gguf,  # noqa: E402
+                              gguf_writer, train_sentencepiece)
 
 from llama_ref import Llama  # noqa: E402
 from llama_ref.catalog import list_models, resolve_model  # noqa: E402
 from llama_ref.checkpoints import open_checkpoint  # noqa: E402
+from llama_ref.model import ModelArgs  # noqa: E402
 
 VOCAB = 512  # train_sentencepiece's vocabulary
 TOKENS = torch.randint(0, VOCAB, (3, 40), generator=torch.Generator().manual_seed(1))
@@ -81,28 +82,14 @@ def write_qwen2_gguf(model, tokenizer_model, path):
     """A qwen2 GGUF as convert_hf_to_gguf.py writes one: Qwen2Model keeps Hugging Face's rotate-half q/k rows
     (llama.cpp runs qwen2 with NEOX rope), so, unlike llama's, they are written as they are, biases included."""
     config = model.config
-    writer = gguf.GGUFWriter(str(path), "qwen2")
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    pieces, scores, kinds = zip(*TinyModel(args=None, weights={}, tokenizer_model=tokenizer_model).pieces())
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(list(pieces))
-    writer.add_token_scores(list(scores))
-    writer.add_token_types([GGUF_TOKEN_TYPES[k] for k in kinds])
-    writer.add_chat_template(CHATML_TEMPLATE)
+    args = ModelArgs(dim=config.hidden_size, n_layers=config.num_hidden_layers, n_heads=config.num_attention_heads,
+                     n_kv_heads=config.num_key_value_heads, hidden_dim=config.intermediate_size,
+                     norm_eps=config.rms_norm_eps, rope_theta=config.rope_parameters["rope_theta"],
+                     context_length=config.max_position_embeddings)
+    writer = gguf_writer(path, "qwen2", args, tokenizer_model)
     for name, tensor in model.state_dict().items():
         writer.add_tensor(gguf_tensor_name(name), tensor.float().numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return close_gguf(writer, path)
 
 
 def test_gguf_logits_match_transformers(tiny_qwen2, tmp_path):

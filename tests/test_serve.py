@@ -1,4 +1,4 @@
-"""`explainer serve` on SmolLM2-135M-Instruct (the small catalog model), reached by the official openai SDK.
+"""llama_ref's server on SmolLM2-135M-Instruct (the small catalog model), reached by the official openai SDK.
 
 The server runs in-process on a free port; the model is loaded once for the module. Expected
 answers come from llama_ref's own chat_completion / text_completion, a separate code path.
@@ -17,8 +17,8 @@ from click.testing import CliRunner
 from explainer.backends import Request
 from explainer.backends.openai import OpenAIBackend
 from explainer.cli import main
-from explainer.serve import ModelServer, open_server
 from llama_ref.engine import Engine, Job
+from llama_ref.serve import ModelServer
 
 pytestmark = pytest.mark.slow
 
@@ -28,14 +28,8 @@ FIVE_PLUS_FIVE = "What is 5+5? Answer with one number."
 
 
 @pytest.fixture(scope="module")
-def server():
-    # fp32: a 135M model's greedy answers in bf16 depend on how requests happen to be batched
-    server = open_server("smollm2-135m", "127.0.0.1", 0, max_seq_len=MAX_SEQ_LEN, max_batch_size=4, dtype="fp32")
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+def server(smollm2_server):
+    return smollm2_server(max_seq_len=MAX_SEQ_LEN, max_batch_size=4)
 
 
 @pytest.fixture(scope="module")

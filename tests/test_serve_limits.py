@@ -1,11 +1,10 @@
-"""`explainer serve` under the requests a hostile or broken client sends: limits, access checks, and a JSON
+"""llama_ref's server under the requests a hostile or broken client sends: limits, access checks, and a JSON
 answer for everything, over raw sockets so that every header and byte is the test's own."""
 
 import http.client
 import json
 import socket
 import struct
-import threading
 import time
 
 import openai
@@ -13,8 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from explainer.cli import main
-from explainer.errors import UserError
-from explainer.serve import ModelServer, open_server
+from llama_ref.serve import ModelServer, ServeError, open_server
 
 pytestmark = pytest.mark.slow
 
@@ -25,15 +23,9 @@ DEADLINE_S = 2.0  # for a request's headers, and for its body: small, so that te
 
 
 @pytest.fixture(scope="module")
-def server():
-    server = open_server("smollm2-135m", "127.0.0.1", 0, max_seq_len=256, max_batch_size=2, dtype="fp32",
-                         api_key=KEY, max_body_bytes=MAX_BODY, max_connections=CONNECTIONS, timeout=2.0,
-                         header_timeout=DEADLINE_S, body_timeout=DEADLINE_S)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+def server(smollm2_server):
+    return smollm2_server(max_seq_len=256, max_batch_size=2, api_key=KEY, max_body_bytes=MAX_BODY,
+                          max_connections=CONNECTIONS, timeout=2.0, header_timeout=DEADLINE_S, body_timeout=DEADLINE_S)
 
 
 def raw(server, head: str, body: bytes = b"") -> tuple[int, dict, dict]:
@@ -66,15 +58,9 @@ def drop(sock: socket.socket) -> None:
 
 
 @pytest.fixture(scope="module")
-def one_row():
+def one_row(smollm2_server):
     """A server that generates one answer at a time: a job left running would hold up every other."""
-    server = open_server("smollm2-135m", "127.0.0.1", 0, max_seq_len=1100, max_batch_size=1, dtype="fp32",
-                         api_key=KEY)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    return smollm2_server(max_seq_len=1100, max_batch_size=1, api_key=KEY)
 
 
 def test_a_valid_request_with_the_key_is_answered(server):
@@ -239,15 +225,13 @@ def test_a_body_that_trickles_in_gets_408_at_its_deadline(server):
         assert response.status == 408 and "within 2 s" in json.loads(response.read())["error"]["message"]
 
 
-def small_server(**limits) -> ModelServer:
-    server = open_server("smollm2-135m", "127.0.0.1", 0, max_seq_len=128, max_batch_size=1, dtype="fp32",
-                         header_timeout=DEADLINE_S, **limits)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
-    return server
+def small_server(smollm2_server, **limits) -> ModelServer:
+    return smollm2_server(max_seq_len=128, max_batch_size=1, header_timeout=DEADLINE_S, **limits)
 
 
-def test_past_the_answering_limit_a_client_gets_503():
-    server = small_server(max_connections=CONNECTIONS)  # of its own, so that no other test's request takes a slot
+def test_past_the_answering_limit_a_client_gets_503(smollm2_server):
+    # of its own, so that no other test's request takes a slot
+    server = small_server(smollm2_server, max_connections=CONNECTIONS)
     port = server.server_address[1]
     story = json.dumps({"model": server.model_name, "messages": [{"role": "user", "content": LONG_STORY}],
                         "max_tokens": 40, "temperature": 0, "stream": True}).encode()
@@ -266,12 +250,11 @@ def test_past_the_answering_limit_a_client_gets_503():
     finally:
         for sock in busy:
             drop(sock)
-        server.shutdown()
-        server.server_close()
+        smollm2_server.stop(server)
 
 
-def test_one_address_past_its_connection_limit_has_its_oldest_slow_connection_closed():
-    server = small_server(max_connections_per_peer=4)
+def test_one_address_past_its_connection_limit_has_its_oldest_slow_connection_closed(smollm2_server):
+    server = small_server(smollm2_server, max_connections_per_peer=4)
     port = server.server_address[1]
     slow = slow_sockets(server, 4)
     try:
@@ -285,8 +268,7 @@ def test_one_address_past_its_connection_limit_has_its_oldest_slow_connection_cl
     finally:
         for sock in slow:
             sock.close()
-        server.shutdown()
-        server.server_close()
+        smollm2_server.stop(server)
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10", ""])
@@ -319,9 +301,9 @@ def test_with_a_key_or_on_loopback_the_cli_goes_on_to_load_the_model(tmp_path, m
 
 def test_beyond_loopback_without_a_key_open_server_and_model_server_refuse(server, monkeypatch):
     monkeypatch.delenv("EXPLAINER_API_KEY", raising=False)
-    with pytest.raises(UserError, match="not a loopback address"):
+    with pytest.raises(ServeError, match="not a loopback address"):
         open_server("no-such-model", "0.0.0.0", 0)
-    with pytest.raises(UserError, match="not a loopback address"):
+    with pytest.raises(ServeError, match="not a loopback address"):
         ModelServer(("0.0.0.0", 0), server.llama, server.model_name)
 
 
@@ -384,7 +366,7 @@ def test_a_client_that_closes_with_a_byte_still_unread_frees_its_row_within_a_st
     assert one_row.engine.stats["decode_steps"] - steps <= 8  # a step to notice, a few for the answer
 
 
-def test_a_client_holding_every_row_cannot_keep_another_clients_short_request_waiting():
+def test_a_client_holding_every_row_cannot_keep_another_clients_short_request_waiting(smollm2_server):
     """The review's finding: eight requests with max_tokens 4000 made another client's 2-token request time out
     at 120 s. Here one client (127.0.0.1) holds both rows with long stories; another (127.0.0.2: Linux answers
     on all of 127/8) asks for 2 tokens and is answered within a few steps, not after ~1000."""
@@ -392,10 +374,7 @@ def test_a_client_holding_every_row_cannot_keep_another_clients_short_request_wa
 
     from llama_ref.engine import PREEMPT_AFTER_STEPS
 
-    server = open_server("smollm2-135m", "127.0.0.1", 0, max_seq_len=1100, max_batch_size=2, dtype="fp32",
-                         api_key=KEY)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
+    server = smollm2_server(max_seq_len=1100, max_batch_size=2, api_key=KEY)
     hogs = []
     try:
         for _ in range(2):
@@ -418,5 +397,4 @@ def test_a_client_holding_every_row_cannot_keep_another_clients_short_request_wa
         for sock, stream in hogs:
             stream.close()
             drop(sock)
-        server.shutdown()
-        server.server_close()
+        smollm2_server.stop(server)

@@ -1,4 +1,4 @@
-"""`explainer serve` under load: 32 clients for 30 s, valid requests (the official openai SDK, streamed and
+"""llama_ref's server under load: 32 clients for 30 s, valid requests (the official openai SDK, streamed and
 not) mixed with broken ones (raw sockets) and clients that go away mid-answer. Every valid request is
 answered, every broken one gets its 4xx, the server stays up and its memory stays bounded. The test prints
 the requests per second it saw. Then 8 clients among 64 slow sockets: every request of theirs is answered.
@@ -16,7 +16,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from explainer.serve import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS, open_server
+from llama_ref.serve import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS
 from test_serve_limits import KEY, drop, post
 
 pytestmark = pytest.mark.slow
@@ -33,15 +33,9 @@ QUESTIONS = ["What is 2+2?", "Name a colour.", "Say hello in French.", "What is 
 
 
 @pytest.fixture(scope="module")
-def server():
-    server = open_server("smollm2-135m", "127.0.0.1", 0, max_seq_len=256, max_batch_size=8, dtype="fp32",
-                         api_key=KEY, timeout=SERVER_TIMEOUT_S, header_timeout=SERVER_TIMEOUT_S,
-                         body_timeout=SERVER_TIMEOUT_S)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+def server(smollm2_server):
+    return smollm2_server(max_seq_len=256, max_batch_size=8, api_key=KEY, timeout=SERVER_TIMEOUT_S,
+                          header_timeout=SERVER_TIMEOUT_S, body_timeout=SERVER_TIMEOUT_S)
 
 
 # ------------------------------------------------------------------------- valid requests: the SDK

@@ -110,6 +110,7 @@ def greedy(tiny_gguf, *extra, **env):
                    "--prompt", "Once upon a time", *extra, **env)
 
 
+@pytest.mark.slow  # torch.compile builds C++
 @needs_blocking
 def test_compiled_steps_compute_what_plain_steps_compute(tiny_gguf, tmp_path, monkeypatch):
     """In bf16, with the int8 copies a step of this model reads. The compiled kernels round differently (they
@@ -133,6 +134,7 @@ def test_compiled_steps_compute_what_plain_steps_compute(tiny_gguf, tmp_path, mo
     assert (compiled.argmax(-1) == plain.argmax(-1)).float().mean() >= 0.9
 
 
+@pytest.mark.slow  # torch.compile builds C++
 def test_compiled_steps_write_what_plain_steps_write(tiny_gguf, tmp_path):
     """In fp32, where compiled and plain kernels agree to the last bits that matter for greedy tokens."""
     plain = greedy(tiny_gguf, "--dtype", "fp32")

@@ -596,6 +596,6 @@ def test_a_placeholder_written_as_a_lookalike_is_mapped_back(lookalike, scripted
     ("see 【3】", "see 【3】"),  # no placeholder 3 in the segment
 ])
 def test_lookalikes_are_repaired_only_when_unambiguous(translation, expected):
-    from explainer.markdown_segments import repair_placeholders
+    from explainer.translation_checks import repair_placeholders
 
     assert repair_placeholders(translation, 2) == expected

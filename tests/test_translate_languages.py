@@ -8,7 +8,7 @@ import pytest
 
 from explainer.errors import UserError
 from explainer.languages import known_languages, language
-from explainer.translate import detect_lang
+from explainer.translation_checks import detect_lang
 
 SEED = (Path(__file__).parent / "data" / "seed_zh.md").read_text(encoding="utf-8")
 

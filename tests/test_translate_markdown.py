@@ -9,8 +9,8 @@ from markdown_it import MarkdownIt
 from mdit_py_plugins.front_matter import front_matter_plugin
 
 from explainer.languages import language
-from explainer.markdown_segments import split_document, structure
-from explainer.translate import segment_problems
+from explainer.markdown_segments import split_document
+from explainer.translation_checks import segment_problems, structure
 
 DATA = Path(__file__).parent / "data"
 SEED = (DATA / "seed_zh.md").read_text(encoding="utf-8")

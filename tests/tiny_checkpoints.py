@@ -56,13 +56,18 @@ class TinyModel:
 
     def pieces(self):
         """(piece, score, kind) for every id, as sentencepiece reports them."""
-        import sentencepiece
+        return sentencepiece_pieces(self.tokenizer_model)
 
-        sp = sentencepiece.SentencePieceProcessor(model_file=str(self.tokenizer_model))
-        for i in range(sp.get_piece_size()):
-            kind = ("control" if sp.is_control(i) else "unknown" if sp.is_unknown(i)
-                    else "byte" if sp.is_byte(i) else "normal")
-            yield sp.id_to_piece(i), sp.get_score(i), kind
+
+def sentencepiece_pieces(tokenizer_model: Path):
+    """(piece, score, kind) for every id of a sentencepiece model, as sentencepiece reports them."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_model))
+    for i in range(sp.get_piece_size()):
+        kind = ("control" if sp.is_control(i) else "unknown" if sp.is_unknown(i)
+                else "byte" if sp.is_byte(i) else "normal")
+        yield sp.id_to_piece(i), sp.get_score(i), kind
 
 
 def make_tiny_model(directory: Path, *, tie_embeddings: bool = False, seed: int = 0) -> TinyModel:
@@ -121,26 +126,11 @@ def write_gguf(model: TinyModel, path: Path, qtype=None, *, architecture: str = 
 
     qtype = qtype or gguf.GGMLQuantizationType.F32
     args = model.args
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(path), architecture)
-    writer.add_block_count(args.n_layers)
-    writer.add_context_length(args.context_length)
-    writer.add_embedding_length(args.dim)
-    writer.add_feed_forward_length(args.hidden_dim)
-    writer.add_head_count(args.n_heads)
-    writer.add_head_count_kv(args.n_kv_heads)
-    writer.add_layer_norm_rms_eps(args.norm_eps)
-    writer.add_rope_freq_base(args.rope_theta)
+    writer = gguf_writer(path, architecture, args, model.tokenizer_model)
     writer.add_rope_dimension_count(args.head_dim)
-    pieces, scores, kinds = zip(*model.pieces())
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(list(pieces))
-    writer.add_token_scores(list(scores))
-    writer.add_token_types([GGUF_TOKEN_TYPES[k] for k in kinds])
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_unk_token_id(0)
-    writer.add_chat_template(CHATML_TEMPLATE)
     for name, tensor in (weights or model.weights).items():
         array = tensor.float().numpy()
         if array.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
@@ -149,11 +139,55 @@ def write_gguf(model: TinyModel, path: Path, qtype=None, *, architecture: str = 
             writer.add_tensor(gguf_name(name), quantize(array, qtype), raw_dtype=qtype)
     if rope_scaling:
         writer.add_tensor("rope_freqs.weight", llama3_rope_divisors(args.head_dim, args.rope_theta, rope_scaling))
+    return close_gguf(writer, path)
+
+
+def gguf_writer(path: Path, architecture: str, args: ModelArgs | None = None, tokenizer_model: Path | None = None):
+    """A gguf.GGUFWriter for `path` holding what convert_hf_to_gguf.py writes of every model: the shape of
+    `args` and the sentencepiece ("llama") vocabulary of `tokenizer_model` with the chat template. Add the
+    tensors (and any other keys), then close_gguf()."""
+    import gguf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), architecture)
+    if args is not None:
+        writer.add_block_count(args.n_layers)
+        writer.add_context_length(args.context_length)
+        writer.add_embedding_length(args.dim)
+        writer.add_feed_forward_length(args.hidden_dim)
+        writer.add_head_count(args.n_heads)
+        writer.add_head_count_kv(args.n_kv_heads)
+        writer.add_layer_norm_rms_eps(args.norm_eps)
+        writer.add_rope_freq_base(args.rope_theta)
+    if tokenizer_model is not None:
+        pieces, scores, kinds = zip(*sentencepiece_pieces(tokenizer_model))
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(list(pieces))
+        writer.add_token_scores(list(scores))
+        writer.add_token_types([GGUF_TOKEN_TYPES[k] for k in kinds])
+        writer.add_chat_template(CHATML_TEMPLATE)
+    return writer
+
+
+def close_gguf(writer, path: Path) -> Path:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def write_unsupported_gguf(path: Path) -> Path:
+    """A one-block GGUF whose ffn_down matrix is IQ2_XXS, a quantisation llama_ref does not read."""
+    import gguf
+
+    writer = gguf_writer(path, "llama")
+    writer.add_block_count(1)
+    block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.IQ2_XXS][1]
+    writer.add_tensor("blk.0.ffn_down.weight", np.zeros((64, block_bytes), dtype=np.uint8),
+                      raw_dtype=gguf.GGMLQuantizationType.IQ2_XXS)
+    writer.add_tensor("output_norm.weight", np.ones(64, dtype=np.float32))
+    return close_gguf(writer, path)
 
 
 def llama3_rope_divisors(head_dim: int, theta: float, scaling: dict) -> np.ndarray:

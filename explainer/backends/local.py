@@ -28,9 +28,10 @@ from explainer.errors import UserError
 
 DEFAULT_MAX_SEQ_LEN = 4096  # prompt + answer per row; our prompts need far less than the models' trained context
 # Rows the engine runs at once. The KV cache grows with it: 8 x 4096 positions of Qwen2.5-Coder-1.5B in
-# bf16 is 0.9 GiB. More rows add little on 2 cores, where prefill, not decode, bounds a post.
+# bf16 is 0.9 GiB. More rows add little on a CPU of few cores, where prefill, not decode, bounds a post.
 DEFAULT_MAX_BATCH_SIZE = 8
-CACHE_STEP = 256  # the KV cache's length is rounded up to this, so similar runs reuse one allocation
+# The model is built with a cache this small; each complete() sizes it to its requests (Engine.plan).
+BUILD_SEQ_LEN = 256
 # A stretch this long said twice is a loop (about eight English words); shorter ones may be meant.
 LOOP_CHARS = 40
 # While generating, an answer whose last LOOP_TAIL_CHARS characters are one unit of at most LOOP_PERIOD
@@ -62,7 +63,6 @@ class LocalBackend:
         self._spec = DEFAULT_MODEL if model is None else model
         # what posts and messages call it: a catalog name, or a checkpoint's file name
         self.model = self._spec if self._spec in CATALOG else Path(self._spec).name
-        self._model_path: Path | None = None
         self.device, self.dtype = device, dtype
         self.kernels = kernels  # which kernels run the layers: they change the numbers, so the answers too
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
@@ -87,28 +87,16 @@ class LocalBackend:
             kernels = f"auto:{cpu_class(read_cpu())}"
         return f"{content} dtype={self.dtype or 'auto'} kernels={kernels}"
 
-    @property
-    def model_path(self) -> Path:
-        """The checkpoint's path; a catalog model is assembled (once) on first use."""
-        if self._model_path is None:
-            from llama_ref.catalog import resolve_model
-            from llama_ref.errors import CheckpointError
-
-            try:
-                self._model_path = resolve_model(self._spec)
-            except CheckpointError as exc:
-                raise UserError(str(exc)) from None
-        return self._model_path
-
     def prompt_tokens(self, request: Request) -> list[int]:
         """The request's tokens in the model's chat format. The messages hold an explained file's text,
         which may spell a special token's name: it stays text, never a control token (chat_tokens)."""
-        from llama_ref.chat import ChatTemplateError, chat_tokens
+        from llama_ref.chat import chat_tokens
+        from llama_ref.errors import LlamaRefError
 
         llama = self.llama
         try:
             return chat_tokens(llama.chat_template, llama.tokenizer, list(request.messages))
-        except ChatTemplateError as exc:  # the checkpoint's own template: a broken or hostile model file
+        except LlamaRefError as exc:  # the checkpoint's own chat template: a broken or hostile model file
             raise UserError(f"{self.model}: {exc}; use another checkpoint or fix its chat template") from None
 
     def complete(self, requests: list[Request],
@@ -153,8 +141,7 @@ class LocalBackend:
                 on_done(index, results[index])
 
         if jobs:
-            self.engine.reserve(*cache_shape([prompts[i] for i in runs], [budgets[i] for i in runs],
-                                             self.max_batch_size, self.max_seq_len))
+            self.engine.plan([prompts[i] for i in runs], [budgets[i] for i in runs])
             self.engine.run(jobs, on_finished=finished)
         if loops:
             log.warning("the model kept repeating itself in %d of %d answers; each was kept up to the first "
@@ -205,43 +192,25 @@ class LocalBackend:
     def llama(self):
         """The llama_ref.Llama, built on first use."""
         if self._llama is None:
-            from llama_ref import Llama  # torch is imported here, not before
-            from llama_ref.device import DeviceError
-            from llama_ref.errors import CheckpointError
-            from llama_ref.tokenizer import TokenizerError
+            from llama_ref.errors import LlamaRefError
+            from llama_ref.loading import load_llama  # torch is imported here, not before
 
             try:
-                # a token cache for now: complete() sizes it to its requests (Engine.reserve)
-                self._llama = Llama.build(self.model_path, max_seq_len=CACHE_STEP, max_batch_size=1,
-                                          device=self.device, dtype=self.dtype, kernels=self.kernels)
-            except (CheckpointError, DeviceError, TokenizerError) as exc:
+                self._llama = load_llama(self._spec, max_seq_len=BUILD_SEQ_LEN, max_batch_size=1, device=self.device,
+                                         dtype=self.dtype, kernels=self.kernels)
+            except LlamaRefError as exc:
                 raise UserError(str(exc)) from None
         return self._llama
 
     @property
     def engine(self):
-        """The llama_ref Engine over the model, shared by every complete() (and by explainer serve)."""
+        """The llama_ref Engine over the model, shared by every complete()."""
         if self._engine is None:
             from llama_ref.engine import Engine
 
-            self._engine = Engine(self.llama.model, self.llama.tokenizer)
+            self._engine = Engine(self.llama.model, self.llama.tokenizer, max_batch_size=self.max_batch_size,
+                                  max_seq_len=self.max_seq_len)
         return self._engine
-
-
-def cache_shape(prompts: list[list[int]], budgets: list[int], max_batch_size: int,
-                max_seq_len: int) -> tuple[int, int, int]:
-    """(rows, max_seq_len, row_len) of a KV cache that holds what these requests need, not the largest
-    thing they could. The engine puts the first prompt into its anchor (Engine: a shared start), and each
-    later one reads what it shares with it from there, so a row holds the rest of a prompt and its answer."""
-    def step(n: int) -> int:
-        return min(max_seq_len, -(-n // CACHE_STEP) * CACHE_STEP)
-
-    first = prompts[0]
-    # os.path.commonprefix compares any sequences, token ids too
-    own = [budgets[0]] + [len(p) - len(os.path.commonprefix([first, p[:-1]])) + b
-                          for p, b in zip(prompts[1:], budgets[1:])]
-    return (min(max_batch_size, len(prompts)), step(max(len(p) + b for p, b in zip(prompts, budgets))),
-            step(max(own)))
 
 
 def from_settings(settings) -> LocalBackend:

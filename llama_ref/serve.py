@@ -1,20 +1,21 @@
-"""`explainer serve`: an OpenAI-compatible HTTP API over the bundled llama_ref model.
+"""`python -m llama_ref serve` (and `explainer serve`): an OpenAI-compatible HTTP API over the engine.
 
-Any OpenAI client (our openai backend, the official SDK, curl) can then use the local model:
+Any OpenAI client (the explainer's openai backend, the official SDK, curl) can then use the local model:
 GET /v1/models, POST /v1/chat/completions and POST /v1/completions, whole or streamed as
 server-sent events. Bodies, chunks and error objects follow the OpenAI API reference
-(https://platform.openai.com/docs/api-reference/chat). The standard library's http.server is
-enough for one local model, so the server adds no dependency.
+(https://platform.openai.com/docs/api-reference/chat); protocol.py reads and checks requests, apart
+from HTTP. The standard library's http.server is enough for one local model, so the server adds no
+dependency.
 
 Concurrency: every request, once read whole (see "Slow clients"), gets a thread that validates and
-tokenizes it and submits it to llama_ref's Engine, whose one worker thread owns the model. The engine
-batches continuously: a request joins the running batch as soon as a row is free, each row stops at
+tokenizes it (protocol.read_request) and submits it to the Engine, whose one worker thread owns the
+model. The engine batches continuously: a request joins the running batch as soon as a row is free, each row stops at
 its own max_tokens or stop token, and prompts sharing a start with an earlier one reuse its keys and
 values. Each request's tokens reach its connection as they are produced. A client that goes away,
 streamed or not, frees its row (or its place in the queue) at the engine's next step: before every
 step the engine asks each job's socket whether its client closed or reset it. Rows are shared fairly
 between clients, a client being the address it connects from (every local process on 127.0.0.1 is
-one): while another address waits, none keeps more than half the rows (llama_ref.engine pauses one and
+one): while another address waits, none keeps more than half the rows (the engine pauses one and
 resumes it later), so a client with many long requests cannot hold every row.
 
 Slow clients: one thread (_Intake) reads every connection's request whole, all of them at once, before
@@ -38,8 +39,7 @@ server never grants. While bound to loopback, the Host header must name loopback
 header, if any, must be a loopback origin: a page on another site (or a DNS-rebinding name that
 points at 127.0.0.1) is refused with 403.
 
-Structured outputs: a response_format json_schema that is a flat object of string properties is held
-token by token (llama_ref.constrain), as the translator's requests need; any other is refused with 400.
+Structured outputs: see protocol.py.
 
 torch is imported only when a model is loaded (open_server), never by importing this module.
 """
@@ -52,28 +52,27 @@ import ipaddress
 import json
 import logging
 import os
-import re
 import select
 import selectors
 import socket
+import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from urllib.parse import urlsplit
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlsplit
 
-from explainer.backends.local import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, LocalBackend
-from explainer.errors import UserError
+from llama_ref.errors import LlamaRefError
+from llama_ref.protocol import ENDPOINTS, ApiError, CompletionRequest, parse_json, read_request, usage
 
-ROLES = ("system", "user", "assistant")
-# Fields whose meaning this server would otherwise silently drop: refused instead.
-UNSUPPORTED_FIELDS = ("stop", "logprobs", "tools", "echo", "suffix")
-TEXT_COMPLETION_DEFAULT_MAX_TOKENS = 16  # the legacy completions API's documented default
-GREEDY = (0.0, 1.0, None)  # (temperature, top_p, seed) of every temperature-0 request: top_p and seed don't matter
+DEFAULT_MAX_SEQ_LEN = 4096  # prompt + answer per row; requests need far less than the models' trained context
+DEFAULT_MAX_BATCH_SIZE = 8  # rows generating at once; the KV cache grows with it
+# The model is built with a cache this small; the engine then plans the real one (Engine.plan).
+BUILD_SEQ_LEN = 256
 DEFAULT_MAX_BODY_BYTES = 8 << 20
 DEFAULT_MAX_CONNECTIONS = 64  # requests being answered at once (a thread each); more get 503
 DEFAULT_MAX_QUEUE = 64  # requests waiting for a row; more get 503 at once rather than wait for minutes
@@ -85,159 +84,13 @@ DEFAULT_BODY_TIMEOUT_S = 60.0  # and its body within this, from the end of its h
 DEFAULT_MAX_CONNECTIONS_PER_PEER = 128
 DEFAULT_MAX_OPEN_CONNECTIONS = 512
 MAX_HEADER_BYTES = 64 << 10  # a request line and headers longer than this get 431
-# A token of these vocabularies is at most a few dozen bytes, so a prompt this many times longer in bytes
-# than the context cannot fit: it is refused before tokenising it costs anything.
-MAX_BYTES_PER_TOKEN = 64
 API_KEY_ENV = "EXPLAINER_API_KEY"
 
 log = logging.getLogger(__name__)
 
 
-# ---------------------------------------------------------------------------------------- errors
-
-class ApiError(Exception):
-    """An error the client gets as an OpenAI-style body: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None,
-                 headers: dict | None = None):
-        super().__init__(message)
-        self.message, self.param, self.status, self.code = message, param, status, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        kind = "server_error" if self.status >= 500 else "invalid_request_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-
-
-# ----------------------------------------------------------------------------- reading requests
-
-def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise ApiError(f"'{name}' must be a number from {low:g} to {high:g}; got {value!r}", name)
-    return float(value)
-
-
-def _integer(body: dict, name: str, low: int, high: int | None = None) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        allowed = f"from {low} to {high}" if high is not None else f"of at least {low}"
-        raise ApiError(f"'{name}' must be an integer {allowed}; got {value!r}", name)
-    return value
-
-
-def _flag(body: dict, name: str) -> bool:
-    value = body.get(name, False)
-    if not isinstance(value, bool) and value is not None:
-        raise ApiError(f"'{name}' must be true or false; got {value!r}", name)
-    return bool(value)
-
-
-def sampling_of(body: dict) -> tuple:
-    """(temperature, top_p, seed), OpenAI's defaults where absent; every greedy request looks the same."""
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
-    seed = _integer(body, "seed", 0, 2**64 - 1)  # the range torch.Generator.manual_seed takes
-    return (temperature, top_p, seed) if temperature > 0 else GREEDY
-
-
-def check_supported(body: dict) -> None:
-    for name in UNSUPPORTED_FIELDS:
-        if body.get(name):
-            raise ApiError(f"'{name}' is not supported by explainer serve; leave it out", name)
-    if body.get("n") not in (None, 1):
-        raise ApiError(f"only n=1 is supported (got n={body['n']!r}); send one request per answer", "n")
-
-
-def answer_shape(body: dict):
-    """The JSON answer a request's response_format asks for, as llama_ref.constrain.JsonFields, or None.
-
-    What the engine can hold a model to is a flat object of string properties, every one required and no
-    others (what our openai backend sends for a translation): such a json_schema is decoded under that
-    constraint. Any other format is refused with 400, so a client can send the request again without it
-    rather than get an answer that was never held to its schema."""
-    fmt = body.get("response_format")
-    if fmt is None or fmt == {"type": "text"}:
-        return None
-    unsupported = ApiError("'response_format' is not supported here except as a json_schema whose schema is an "
-                           "object of string properties, all required and no others; leave it out",
-                           "response_format")
-    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("json_schema"), dict):
-        raise unsupported
-    schema = fmt["json_schema"].get("schema")
-    properties = schema.get("properties") if isinstance(schema, dict) else None
-    if (not isinstance(properties, dict) or not properties or schema.get("type") != "object"
-            or schema.get("additionalProperties") is not False
-            or sorted(schema.get("required") or ()) != sorted(properties)
-            or any(value != {"type": "string"} for value in properties.values())):
-        raise unsupported
-    from llama_ref.constrain import JsonFields
-
-    return JsonFields(keys=tuple(properties), markers=((),) * len(properties))
-
-
-def chat_prompt(llama, body: dict) -> list[int]:
-    """The tokens of the request's messages, rendered with the model's own chat template."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError("'messages' must be a non-empty list of {\"role\": ..., \"content\": ...} objects",
-                       "messages")
-    dialog = []
-    for index, message in enumerate(messages):
-        role = message.get("role") if isinstance(message, dict) else None
-        role = "system" if role == "developer" else role  # the API's newer name for the system role
-        if role not in ROLES:
-            raise ApiError(f"messages[{index}].role must be one of {', '.join(ROLES)}; got {role!r}",
-                           f"messages[{index}].role")
-        dialog.append({"role": role, "content": _text_content(message.get("content"), index)})
-    from llama_ref.chat import chat_tokens
-
-    try:  # a message's text is text: a special token's name in it is no control token (chat_tokens)
-        return chat_tokens(llama.chat_template, llama.tokenizer, dialog)
-    except ValueError as exc:  # chat.ChatTemplateError: its message starts with "chat template"
-        raise ApiError(f"the model's {exc}", "messages") from None
-
-
-def _text_content(content, index: int) -> str:
-    if isinstance(content, str):
-        return content
-    # the API also allows a list of parts; this model reads only text parts
-    if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text"
-                                         and isinstance(part.get("text"), str) for part in content):
-        return "".join(part["text"] for part in content)
-    raise ApiError(f"messages[{index}].content must be a string or a list of text parts; this model reads text only",
-                   f"messages[{index}].content")
-
-
-def text_prompt(llama, body: dict) -> list[int]:
-    """The tokens of a plain completion request's prompt, with BOS where the model wants it."""
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str) or not prompt:
-        raise ApiError("'prompt' must be a non-empty string (one prompt per request)", "prompt")
-    return llama.tokenizer.encode(prompt, bos=llama.tokenizer.add_bos, eos=False)
-
-
-def fit_max_tokens(body: dict, prompt_length: int, max_seq_len: int, prompt_field: str,
-                   default: int | None) -> int:
-    """The request's max_completion_tokens or max_tokens (else `default`, else as many as fit),
-    checked against the context length."""
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    requested = _integer(body, name, 1)
-    requested = default if requested is None else requested
-    room = max_seq_len - prompt_length
-    limit = f"this model's maximum context length is {max_seq_len} tokens (explainer serve --max-seq-len)"
-    if requested is None and room < 1:
-        raise ApiError(f"{limit}, and the {prompt_field} alone take {prompt_length}; shorten the {prompt_field}",
-                       prompt_field, code="context_length_exceeded")
-    if requested is not None and requested > room:
-        raise ApiError(f"{limit}, but the request needs {prompt_length + requested}: {prompt_length} in the "
-                       f"{prompt_field} and {requested} for the completion; shorten the {prompt_field} or "
-                       f"lower {name}", name, code="context_length_exceeded")
-    return room if requested is None else requested
+class ServeError(LlamaRefError):
+    """The server cannot start: an address it must not or cannot listen on."""
 
 
 # ------------------------------------------------------------------------------------ the server
@@ -253,6 +106,7 @@ class ModelServer(HTTPServer):
     request_queue_size = socket.SOMAXCONN
 
     def __init__(self, address: tuple[str, int], llama, model_name: str, *, api_key: str | None = None,
+                 max_batch_size: int | None = None, max_seq_len: int | None = None,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  max_queue: int = DEFAULT_MAX_QUEUE, timeout: float = DEFAULT_TIMEOUT_S,
                  header_timeout: float = DEFAULT_HEADER_TIMEOUT_S, body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
@@ -264,7 +118,11 @@ class ModelServer(HTTPServer):
         super().__init__(address, _Handler)
         self.on_loopback = _is_loopback(self.server_address[0])  # where the Host and Origin checks apply
         self.llama = llama
-        self.engine = Engine(llama.model, llama.tokenizer)  # the model's KV cache is this engine's alone
+        # the model's KV cache is this engine's alone, planned for the limits (default: the cache as it is)
+        if max_seq_len is not None:
+            max_seq_len = min(max_seq_len, llama.model.params.context_length)
+        self.engine = Engine(llama.model, llama.tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+        self.engine.plan()
         self.model_name = model_name
         self.created = int(time.time())
         self.api_key = api_key
@@ -273,7 +131,7 @@ class ModelServer(HTTPServer):
         self.max_connections_per_peer, self.max_open_connections = max_connections_per_peer, max_open_connections
         self.answering = threading.BoundedSemaphore(max_connections)
         self._intake = _Intake(self)
-        self._worker = threading.Thread(target=self.engine.serve_forever, name="explainer-serve-generate")
+        self._worker = threading.Thread(target=self.engine.serve_forever, name="llama-ref-serve-generate")
         self._worker.start()
 
     def process_request(self, request, client_address):
@@ -329,24 +187,35 @@ class ModelServer(HTTPServer):
 
 
 def open_server(model: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000, *,
-                max_seq_len: int | None = None, max_batch_size: int | None = None,
-                dtype: str | None = None, api_key: str | None = None, **limits) -> ModelServer:
+                max_seq_len: int | None = None, max_batch_size: int | None = None, dtype: str | None = None,
+                api_key: str | None = None, **limits) -> ModelServer:
     """Load the model (a catalog name or a checkpoint path; default: the catalog's default) and listen
     on host:port. Port 0 picks a free port; the server's base_url tells which. Call serve_forever() next.
     api_key: required of every client (default: EXPLAINER_API_KEY, else none; an address other than
-    loopback refuses to start without one); `limits`: ModelServer's."""
+    loopback refuses to start without one); `limits`: ModelServer's. Raises a LlamaRefError."""
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     check_exposure(host, api_key)  # before the model is loaded: a refusal costs nothing
-    backend = LocalBackend(model, dtype=dtype, max_seq_len=max_seq_len or DEFAULT_MAX_SEQ_LEN,
-                           max_batch_size=max_batch_size or DEFAULT_MAX_BATCH_SIZE)
-    llama = backend.llama  # loads the model now, with the local backend's one-line errors
-    llama.model.setup_caches(backend.max_batch_size, min(backend.max_seq_len, llama.model.params.context_length))
+    from llama_ref.loading import load_llama
+
+    llama = load_llama(model, max_seq_len=BUILD_SEQ_LEN, max_batch_size=1, dtype=dtype)
     try:
-        return ModelServer((host, port), llama, _served_name(backend),
-                           api_key=api_key, **limits)
+        return ModelServer((host, port), llama, served_name(model), api_key=api_key,
+                           max_batch_size=max_batch_size or DEFAULT_MAX_BATCH_SIZE,
+                           max_seq_len=max_seq_len or DEFAULT_MAX_SEQ_LEN, **limits)
     except OSError as exc:
-        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
-                        f"pick another --port, or stop what is using it") from None
+        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
+                         f"pick another --port, or stop what is using it") from None
+
+
+def serve(model: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
+    """open_server(...), then answer requests until Ctrl-C, saying on stderr where it listens and when it
+    stops. Raises a LlamaRefError if the server cannot start."""
+    try:
+        with open_server(model, host, port, **options) as server:
+            print(f"serving {server.model_name} on {server.base_url}", file=sys.stderr, flush=True)
+            server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
 
 
 def check_exposure(host: str, api_key: str | None) -> None:
@@ -354,17 +223,18 @@ def check_exposure(host: str, api_key: str | None) -> None:
     use the model, and the Host and Origin checks that keep web pages out hold only on loopback."""
     if api_key is None and not _is_loopback(host):
         where = f"--host {host}" if host else "an empty --host (every address)"
-        raise UserError(f"{where} is not a loopback address, so anyone who can reach it could use the model; "
-                        f"set --api-key or {API_KEY_ENV} to require a key, or bind to 127.0.0.1")
+        raise ServeError(f"{where} is not a loopback address, so anyone who can reach it could use the model; "
+                         f"set --api-key or {API_KEY_ENV} to require a key, or bind to 127.0.0.1")
 
 
-def _served_name(backend: LocalBackend) -> str:
-    """The catalog name, or the checkpoint's file name without its extension."""
-    from llama_ref.catalog import CATALOG
+def served_name(model: str | Path | None) -> str:
+    """What clients call the model: its catalog name, or the checkpoint's file name without its extension."""
+    from llama_ref.catalog import CATALOG, DEFAULT_MODEL
 
-    if backend.model in CATALOG:
-        return backend.model
-    path = backend.model_path
+    model = DEFAULT_MODEL if model is None else model
+    if isinstance(model, str) and model in CATALOG:
+        return model
+    path = Path(model).expanduser()
     return path.stem if path.is_file() else path.name
 
 
@@ -409,7 +279,7 @@ class _Intake:
         self._reading: dict[socket.socket, _Connection] = {}  # this thread's alone
         self._open: dict[str, int] = {}  # address -> connections open, read here or being answered
         self._closing = False
-        self._thread = threading.Thread(target=self._run, name="explainer-serve-read", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="llama-ref-serve-read", daemon=True)
         self._thread.start()
 
     def accept(self, sock: socket.socket, address: tuple) -> None:
@@ -577,7 +447,7 @@ class _Intake:
         connection.sock.setblocking(True)
         connection.sock.settimeout(self.server.socket_timeout)  # for the answer's writes
         threading.Thread(target=self._answer, args=(connection, request, rest), daemon=True,
-                         name="explainer-serve-answer").start()
+                         name="llama-ref-serve-answer").start()
 
     def _answer(self, connection: _Connection, request: bytes, rest: bytearray) -> None:
         """In a thread of its own: answer the request, then give the connection back, or close it."""
@@ -692,18 +562,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer_post(self):
         raw = self._read_body()
-        kind = {"/v1/chat/completions": "chat", "/v1/completions": "text"}.get(self._route())
+        kind = ENDPOINTS.get(self._route())
         if kind is None:
             return self._send_json(*self._no_route())
         if self.headers.get_content_type() != "application/json":
             raise ApiError(f"the body must be sent as Content-Type: application/json, not "
                            f"{self.headers.get_content_type()}", status=415, code="unsupported_media_type")
-        body = _parse_json(raw)
-        job = self._job(kind, body)
-        if _flag(body, "stream"):
-            options = body.get("stream_options")
-            return self._stream(kind, job, include_usage=isinstance(options, dict)
-                                and options.get("include_usage") is True)
+        request = read_request(kind, parse_json(raw), self.server.llama, self.server.model_name)
+        job = self._submit(request)
+        if request.stream:
+            return self._stream(kind, job, include_usage=request.include_usage)
         text = "".join(_pieces(job))
         if job.finish_reason == "cancelled":  # the client went away: nobody to answer
             self.close_connection = True
@@ -715,44 +583,18 @@ class _Handler(BaseHTTPRequestHandler):
             choice["text"] = text
         self._send_json(200, {**self._envelope(kind, streaming=False), "choices": [choice], "usage": _usage(job)})
 
-    def _job(self, kind: str, body: dict):
-        """Validate the request, tokenize its prompt and queue it."""
-        model = body.get("model")
-        if model != self.server.model_name:
-            if not isinstance(model, str) or not model:
-                raise ApiError(f"'model' is required; this server serves {self.server.model_name!r}", "model")
-            raise ApiError(f"model {model!r} is not served here; this server serves {self.server.model_name!r} "
-                           f"(GET /v1/models)", "model", status=404, code="model_not_found")
-        check_supported(body)
-        sampling = sampling_of(body)
-        shape = answer_shape(body)
-        llama = self.server.llama
-        _check_size(body, kind, self.server.max_seq_len)
-        if kind == "chat":
-            prompt, prompt_field, default = chat_prompt(llama, body), "messages", None
-        else:
-            prompt, prompt_field, default = text_prompt(llama, body), "prompt", TEXT_COMPLETION_DEFAULT_MAX_TOKENS
-        max_tokens = fit_max_tokens(body, len(prompt), self.server.max_seq_len, prompt_field, default)
-        from llama_ref.constrain import JsonFieldsConstraint
+    def _submit(self, request: CompletionRequest):
+        """Queue a valid request as the engine's Job, unless too many wait already."""
         from llama_ref.engine import EngineStopped, Job
 
-        constraint = (JsonFieldsConstraint(shape, llama.tokenizer, llama.model.params.vocab_size, max_tokens)
-                      if shape is not None else None)
-        if constraint is not None and max_tokens < constraint.closing_bytes:
-            # The constraint closes the object within the budget taking a byte per token at worst; under that,
-            # no token would be allowed, the engine would drop the constraint and the answer would be prose.
-            name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-            raise ApiError(f"the response_format's shortest JSON object takes up to {constraint.closing_bytes} "
-                           f"tokens, more than {name}={max_tokens} allows; raise {name} or leave response_format "
-                           "out", name)
-        temperature, top_p, seed = sampling
         if self.server.engine.queued >= self.server.max_queue:
             raise ApiError(f"{self.server.max_queue} requests are already waiting; retry in a moment", status=503,
                            code="server_busy", headers={"Retry-After": "2"})
         try:
-            return self.server.engine.submit(Job(prompt, max_tokens, temperature=temperature, top_p=top_p,
-                                                 seed=seed, abandoned=lambda: _client_gone(self.connection),
-                                                 constraint=constraint, client=self.client_address[0]))
+            return self.server.engine.submit(Job(request.prompt, request.max_tokens, temperature=request.temperature,
+                                                 top_p=request.top_p, seed=request.seed,
+                                                 abandoned=lambda: _client_gone(self.connection),
+                                                 constraint=request.constraint, client=self.client_address[0]))
         except EngineStopped:
             raise ApiError("the server is stopping", status=503) from None
 
@@ -831,7 +673,7 @@ class _Handler(BaseHTTPRequestHandler):
         if length > self.server.max_body_bytes:
             self.close_connection = True
             raise ApiError(f"the body is {length} bytes; this server takes at most {self.server.max_body_bytes} "
-                           f"(explainer serve --max-body-bytes)", status=413, code="request_too_large")
+                           f"(the server's --max-body-bytes)", status=413, code="request_too_large")
         return self.rfile.read(length)  # all there: the intake read it
 
     def _send_error(self, error: ApiError) -> None:
@@ -890,47 +732,6 @@ def _is_loopback_origin(origin: str) -> bool:
     return parts.scheme in ("http", "https") and _is_loopback(parts.hostname or "")
 
 
-def _check_size(body: dict, kind: str, max_seq_len: int) -> None:
-    """Refuse, before tokenising, a prompt that cannot fit the context whatever its tokens are."""
-    if kind == "chat":
-        messages = body.get("messages")
-        parts = [m.get("content") for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
-        size = sum(len(p) if isinstance(p, str) else len(json.dumps(p)) for p in parts)
-        field = "messages"
-    else:
-        prompt = body.get("prompt")
-        size, field = (len(prompt) if isinstance(prompt, str) else 0), "prompt"
-    if size > max_seq_len * MAX_BYTES_PER_TOKEN:
-        raise ApiError(f"the {field} hold {size} characters, far more than this model's context of {max_seq_len} "
-                       f"tokens can take; shorten them", field, code="context_length_exceeded")
-
-
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def _parse_json(raw: bytes) -> dict:
-    try:
-        body = json.loads(raw)
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-        raise ApiError(f"the request body is not valid JSON ({exc}); send a JSON object") from None
-    except RecursionError:
-        raise ApiError("the request body nests too deeply; send a flat JSON object") from None
-    if not isinstance(body, dict):
-        raise ApiError(f"the request body must be a JSON object, not {type(body).__name__}")
-    # "\ud800" is valid JSON but not text: no tokenizer can encode it. The raw bytes are UTF-8 already, so a
-    # lone surrogate can only come as a \uD8xx..\uDFxx escape: only then is the body checked whole.
-    if not _SURROGATE_ESCAPE.search(raw):
-        return body
-    try:
-        json.dumps(body, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise ApiError("the request body holds an unpaired surrogate (like \"\\ud800\"); send valid Unicode text") \
-            from None
-    except RecursionError:
-        raise ApiError("the request body nests too deeply; send a flat JSON object") from None
-    return body
-
-
 def _pieces(job) -> Iterator[str]:
     from llama_ref.engine import EngineError, EngineStopped
 
@@ -943,5 +744,4 @@ def _pieces(job) -> Iterator[str]:
 
 
 def _usage(job) -> dict:
-    prompt = len(job.prompt_tokens)
-    return {"prompt_tokens": prompt, "completion_tokens": len(job.tokens), "total_tokens": prompt + len(job.tokens)}
+    return usage(len(job.prompt_tokens), len(job.tokens))

@@ -1,0 +1,294 @@
+"""Every check a translation passes before anything is written (translate.py sends, retries and rebuilds).
+
+For one segment (segment_problems): the answer is not empty, on one line, without chatter; its placeholders
+are intact, each once and in a link's order, with no look-alike of one left (repair_placeholders first writes
+an unambiguous look-alike back as the placeholder); no markers heaped side by side; readable Markdown of the
+same structure, so no raw HTML the source does not have; no stray backtick, no '|' that would split a table
+cell, no word that mixes scripts, and the target language. For an answer (checked_answer): it was complete
+(finish_reason=stop). For a whole document (document_problems): byte-identical code blocks and the same
+headings, lists, links, images and tables (Structure), and no placeholder left in the text.
+"""
+
+from __future__ import annotations
+
+import functools
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+
+from explainer.backends import Completion
+from explainer.languages import Language, known_languages, language
+from explainer.markdown_segments import (PLACEHOLDER_END, PLACEHOLDER_START, VERBATIM_BLOCKS, VERBATIM_INLINE,
+                                         Segment, UnreadableMarkdown, normalize, parser, placeholder, read_markdown,
+                                         strip_placeholders)
+from explainer.safe_markdown import escape_model_html
+
+# Too little text to tell languages apart reliably: such segments are not judged.
+MIN_LETTERS_TO_DETECT = 20
+# A translation fails the language check only when the detector all but rules the target out.
+MIN_TARGET_PROBABILITY = 0.01
+
+# What models add around a translation. The Arabic seed shows the second group: code repeated
+# after "the code above was translated to:" and notes that the code was not translated.
+CHATTER = (
+    "here is the translation", "here's the translation", "here is the translated",
+    "here's the translated", "the code above was translated", "i have translated", "as an ai",
+    "تم ترجمة الكود أعلاه إلى", "تمت ترجمة الكود أعلاه إلى", "الكود لم يتم ترجمته", "إليك الترجمة",
+    "以下是翻译", "翻译如下", "以下为翻译", "以下是譯文",
+    "```", "~~~",  # a fence in prose: "```markdown" wrappers, code pasted back
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# One segment
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _lang_identifier():
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+    identifier.set_languages(sorted({language(code).detect_code for code in known_languages()}))
+    return identifier
+
+
+def detect_lang(text: str) -> str:
+    """The detect code (en, zh, ar, ...) of the human language `text` is most likely written in."""
+    return _lang_identifier().classify(text)[0]
+
+
+def _letters(text: str) -> int:
+    return sum(ch.isalpha() for ch in text)
+
+
+def _lang_problem(segment: Segment, translation: str, lang: Language, source_lang: str) -> str | None:
+    text = strip_placeholders(translation)
+    if _letters(text) < MIN_LETTERS_TO_DETECT:
+        return None
+    ranking = dict(_lang_identifier().rank(text))
+    if ranking.get(lang.detect_code, 0.0) >= MIN_TARGET_PROBABILITY:
+        return None
+    found = max(ranking, key=ranking.get)
+    # A quote that was already in another language (an English error message in a Chinese
+    # post) may stay in that language.
+    if found != language(source_lang).detect_code and found == detect_lang(strip_placeholders(segment.text)):
+        return None
+    return f"reads as {found}, not {lang.code}"
+
+
+def _mixed_script_words(text: str) -> list[str]:
+    """The words of `text` whose letters come from more than one script (by their Unicode names: LATIN,
+    DEVANAGARI, HANGUL, ...). A word is a run of letters and combining marks (Devanagari's vowel signs are
+    marks, not letters)."""
+    words, word = [], []
+    for ch in text + " ":
+        if unicodedata.category(ch)[0] in "LM":
+            word.append(ch)
+            continue
+        if word:
+            scripts = {unicodedata.name(letter, "?").split(" ")[0] for letter in word
+                       if unicodedata.category(letter)[0] == "L"}
+            if len(scripts) > 1:
+                words.append("".join(word))
+            word = []
+    return words
+
+
+def segment_problems(segment: Segment, translation: str, lang: Language, source_lang: str) -> list[str]:
+    """Why `translation` cannot replace `segment` in a post in `lang`; empty when it can."""
+    if not translation.strip():
+        return ["the translation is empty"]
+    if "\n" in translation.strip():
+        return ["the translation spans several lines (a segment is one line; chatter or pasted code?)"]
+    lowered, source = translation.lower(), segment.text.lower()
+    chatter = [phrase for phrase in CHATTER if phrase in lowered and phrase not in source]
+    if chatter:
+        return [f"chatter in the translation: {chatter[0]!r}"]
+    problems = placeholder_problems(segment, translation) or lookalike_problems(translation, segment.text,
+                                                                                len(segment.protected))
+    if problems:
+        return problems
+    side_by_side = PLACEHOLDER_END + PLACEHOLDER_START
+    if translation.count(side_by_side) > segment.text.count(side_by_side):
+        # what a small model writes when it dropped the markers from its sentence and was made to add
+        # them at the end: every code span of the sentence in one heap, away from its words
+        heap = translation[max(0, translation.index(side_by_side) - 3):]
+        return [f"markers written side by side ({quote(heap, 24)}), away from the words they belong to"]
+    try:
+        escape_model_html(translation)  # what a published translation goes through: it must be readable there too
+        problems = structure(segment.content).differences(structure(segment.restore(translation, as_content=True)))
+    except UnreadableMarkdown as exc:
+        return [f"the translation is text that {exc}"]
+    if not problems and translation.count("`") != segment.text.count("`"):
+        # kramdown may pair a stray backtick with one of a restored code span's and show that code as text
+        problems.append(f"{translation.count('`')} stray backtick(s), {segment.text.count('`')} in the source")
+    if segment.in_table_cell and "|" in strip_placeholders(translation) and "|" not in segment.text:
+        problems.append("a '|' in a table cell would split the cell")
+    if not lang.words_mix_scripts:
+        mixed = [word for word in _mixed_script_words(strip_placeholders(translation)) if word not in segment.text]
+        if mixed:
+            problems.append(f"a word mixes scripts ({quote(mixed[0], 24)}): a broken spelling")
+    lang_problem = _lang_problem(segment, translation, lang, source_lang)
+    if lang_problem:
+        problems.append(lang_problem)
+    return problems
+
+
+def placeholder_problems(segment: Segment, translation: str) -> list[str]:
+    """Why the placeholders in a translation of `segment` cannot be restored: each must appear exactly
+    once, no others may appear, and a link's opening one must come before its closing one."""
+    found = _placeholder_numbers(translation)
+    if found is None:
+        return ["a placeholder is broken (⟦ without a matching ⟧ and number)"]
+    counts = Counter(found)
+    problems = [f"placeholder {placeholder(n)} is missing" for n in range(1, len(segment.protected) + 1)
+                if counts[n] == 0]
+    problems += [f"placeholder {placeholder(n)} appears {counts[n]} times" for n in sorted(counts)
+                 if counts[n] > 1]
+    problems += [f"unknown placeholder {placeholder(n)}" for n in sorted(counts)
+                 if not 1 <= n <= len(segment.protected)]
+    if not problems:
+        problems += [f"link placeholders {placeholder(a)}…{placeholder(b)} are out of order"
+                     for a, b in segment.pairs if found.index(a) > found.index(b)]
+    return problems
+
+
+# What models write instead of ⟦n⟧: CJK lenticular brackets, doubled square brackets, spaces inside.
+_LOOKALIKES = ("\u3010{n}\u3011", "[[{n}]]", "\u27e6 {n} \u27e7", "\u27e6{n} \u27e7", "\u27e6 {n}\u27e7")
+# The brackets of those look-alikes (and of [n]): a translation of text without them has no use for them.
+LOOKALIKE_BRACKETS = "[]\u3010\u3011"
+
+
+def repair_placeholders(translation: str, count: int) -> str:
+    """`translation` with look-alikes of a missing placeholder (【1】, [[1]], ⟦ 1 ⟧) written back as ⟦1⟧,
+    for placeholders 1..count, where the repair is unambiguous: ⟦n⟧ does not appear and exactly one
+    look-alike of n does. Anything else is left for placeholder_problems to report."""
+    for n in range(1, count + 1):
+        if placeholder(n) in translation:
+            continue
+        found = [form.format(n=n) for form in _LOOKALIKES if form.format(n=n) in translation]
+        if len(found) == 1 and translation.count(found[0]) == 1:
+            translation = translation.replace(found[0], placeholder(n))
+    return translation
+
+
+def lookalike_problems(translation: str, source: str, count: int) -> list[str]:
+    """Look-alikes of placeholders 1..count left in a translation (after repair_placeholders) that the
+    source does not have: 【1】 or [1] beside a ⟦1⟧ would be published as text, and the marker is
+    probably in the wrong place."""
+    forms = _LOOKALIKES + ("[{n}]",)
+    return [f"{form.format(n=n)!r} looks like placeholder {placeholder(n)}" for n in range(1, count + 1)
+            for form in forms if form.format(n=n) in translation and form.format(n=n) not in source]
+
+
+def _placeholder_numbers(text: str) -> list[int] | None:
+    numbers, pos = [], 0
+    while (start := text.find(PLACEHOLDER_START, pos)) >= 0:
+        end = text.find(PLACEHOLDER_END, start)
+        if end < 0 or not text[start + 1:end].isdigit():
+            return None
+        numbers.append(int(text[start + 1:end]))
+        pos = end + 1
+    if PLACEHOLDER_END in text[pos:]:
+        return None
+    return numbers
+
+
+# ---------------------------------------------------------------------------------------------
+# An answer and a whole document
+# ---------------------------------------------------------------------------------------------
+
+
+def checked_answer(completion: Completion) -> tuple[Completion | None, str | None]:
+    """(completion, None) for a complete answer; (None, why) for one cut off."""
+    if completion.finish_reason != "stop":
+        return None, f"the answer was cut off (finish_reason={completion.finish_reason})"
+    return completion, None
+
+
+def document_problems(source: str, translated: str) -> list[str]:
+    """Why the rebuilt document `translated` does not match `source`: its structure, or a placeholder left over."""
+    try:
+        problems = structure(source).differences(structure(translated))
+    except UnreadableMarkdown as exc:
+        problems = [f"the translated document is text that {exc}"]
+    if translated.count(PLACEHOLDER_START) != source.count(PLACEHOLDER_START):
+        problems.append(f"a placeholder {PLACEHOLDER_START}…{PLACEHOLDER_END} was left in the text")
+    return problems
+
+
+# Structure: what a translation must keep
+
+
+@dataclass(frozen=True)
+class Structure:
+    verbatim_blocks: tuple[tuple[str, str, str, int], ...]  # (type, info, content, line), in order
+    verbatim_inline: tuple[tuple[str, str], ...]  # (type, content), sorted
+    headings: tuple[str, ...]  # "h2", ... in order
+    list_items: int
+    links: tuple[str, ...]  # targets, sorted
+    images: tuple[str, ...]
+    tables: int
+    table_cells: int
+    blockquotes: int
+    rules: int  # thematic breaks
+
+    def differences(self, translated: "Structure") -> list[str]:
+        """Why `translated` is not the same document structure as self, in words."""
+        problems = []
+        for number, (want, got) in enumerate(zip(self.verbatim_blocks, translated.verbatim_blocks), 1):
+            if want[:3] != got[:3]:
+                problems.append(f"{want[0]} {number} (source line {want[3]}) is not byte-identical")
+                break
+        if len(self.verbatim_blocks) != len(translated.verbatim_blocks):
+            problems.append(f"{len(self.verbatim_blocks)} code/verbatim blocks in the source, "
+                            f"{len(translated.verbatim_blocks)} in the translation")
+        if self.verbatim_inline != translated.verbatim_inline:
+            problems.append("inline code, math, HTML or Liquid differs from the source")
+        for name in ("headings", "list_items", "links", "images", "tables", "table_cells",
+                     "blockquotes", "rules"):
+            want, got = getattr(self, name), getattr(translated, name)
+            if want == got:
+                continue
+            label = name.replace("_", " ")
+            if isinstance(want, tuple) and len(want) == len(got):
+                problems.append(f"{label} differ from the source")
+            else:
+                count = len if isinstance(want, tuple) else int
+                problems.append(f"{label}: {count(want)} in the source, {count(got)} in the translation")
+        return problems
+
+
+def structure(text: str) -> Structure:
+    """The parts of a document a translation must not change."""
+    tokens = read_markdown(parser(), normalize(text), {})
+    blocks, inline, headings, links, images = [], [], [], [], []
+    counts = Counter()
+    for token in tokens:
+        if token.type in VERBATIM_BLOCKS:
+            blocks.append((token.type, token.info, token.content, token.map[0] + 1 if token.map else 0))
+        elif token.type == "heading_open":
+            headings.append(token.tag)
+        elif token.type in ("list_item_open", "table_open", "blockquote_open", "hr"):
+            counts[token.type] += 1
+        elif token.type in ("th_open", "td_open"):
+            counts["cells"] += 1
+        for child in token.children or ():
+            if child.type in VERBATIM_INLINE:
+                inline.append((child.type, child.content))
+            elif child.type == "link_open":
+                links.append(str(child.attrs.get("href", "")))
+            elif child.type == "image":
+                images.append(str(child.attrs.get("src", "")))
+    return Structure(verbatim_blocks=tuple(blocks), verbatim_inline=tuple(sorted(inline)),
+                     headings=tuple(headings), list_items=counts["list_item_open"],
+                     links=tuple(sorted(links)), images=tuple(sorted(images)),
+                     tables=counts["table_open"], table_cells=counts["cells"],
+                     blockquotes=counts["blockquote_open"], rules=counts["hr"])
+
+
+def quote(text: str, limit: int = 60) -> str:
+    """`text` on one line, cut at `limit` characters, quoted: for reports."""
+    text = " ".join(text.split())
+    return repr(text if len(text) <= limit else text[:limit] + "…")
