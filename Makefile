@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: install run test bench eval clean
+.PHONY: install run sample test bench eval clean
 
 install: $(VENV)/.installed
 
@@ -29,10 +29,14 @@ $(VENV)/.installed: pyproject.toml Makefile requirements/models.txt
 
 # The main job, offline: explain llama_ref's own generate() with the bundled local model.
 # The post goes to out/llama-generate.md; answers are cached, so a second run is instant.
+JOB := $(VENV)/bin/explainer explain llama_ref/generation.py --symbol Llama.generate --backend local
 run: install
-	$(VENV)/bin/explainer explain llama_ref/generation.py --symbol Llama.generate --backend local \
-		-o out/llama-generate.md
+	$(JOB) -o out/llama-generate.md
 	@echo "wrote out/llama-generate.md"
+
+# The same job, written where the README links it: the sample post always comes from the current code.
+sample: install
+	$(JOB) -o examples/generate-post.md
 
 test: install
 	$(PY) -m pytest -q
@@ -52,7 +56,7 @@ bench: install
 		--target $(LLAMA_CPP_AVX2) llama-cpp-python==0.3.36
 	$(PY) benchmarks/bench_job.py --llama-cpp-avx2 $(LLAMA_CPP_AVX2) $(BENCH_ARGS)
 
-# Explanation quality: key-point recall and invented names over benchmarks/eval_set/ (README, "Quality").
+# Explanation quality: key-point recall and invented names over benchmarks/eval_set/ (benchmarks/results/README.md).
 # Another model: make eval EVAL_ARGS="--backend openai --base-url http://127.0.0.1:8000/v1 --model M"
 EVAL_ARGS ?= --backend local
 eval: install
