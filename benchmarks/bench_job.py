@@ -59,24 +59,52 @@ DECODE_QUESTION = "Write a short story about a robot who learns to paint."
 
 SERVE_MAX_TOKENS = 64
 # one question, and one client, per topic: 16 clients for a server of 8 rows
-SERVE_TOPICS = ("a KV cache", "rotary position embeddings", "RMSNorm", "grouped-query attention", "top-p sampling",
-                "a tokenizer", "SwiGLU", "greedy decoding", "continuous batching", "prefix caching",
-                "a causal mask", "the softmax temperature", "bf16", "weight quantization", "a chat template",
-                "beam search")
+SERVE_TOPICS = (
+    "a KV cache",
+    "rotary position embeddings",
+    "RMSNorm",
+    "grouped-query attention",
+    "top-p sampling",
+    "a tokenizer",
+    "SwiGLU",
+    "greedy decoding",
+    "continuous batching",
+    "prefix caching",
+    "a causal mask",
+    "the softmax temperature",
+    "bf16",
+    "weight quantization",
+    "a chat template",
+    "beam search",
+)
 
 # stories15M.bin's shape (llama2.c README): dim 288, 6 layers, 6 heads (6 KV heads), vocab 32000, seq_len 256
-STORIES15M = {"dim": 288, "hidden_dim": 768, "n_layers": 6, "n_heads": 6, "n_kv_heads": 6, "vocab_size": 32000,
-              "seq_len": 256}
+STORIES15M = {
+    "dim": 288,
+    "hidden_dim": 768,
+    "n_layers": 6,
+    "n_heads": 6,
+    "n_kv_heads": 6,
+    "vocab_size": 32000,
+    "seq_len": 256,
+}
 # run.c's "achieved tok/s" for stories15M on this project's 2-core development machine, by thread count.
 # Not measured here: the figures are quoted from the issue that asked for this benchmark.
 RUN_C_TOK_S = {2: 760.0, 1: 465.0}
 
 # ours / llama.cpp (serve: concurrent / sequential), and the side of the target that passes
-TARGETS = {"job_wall": ("<=", 0.5), "prefill": (">=", 1.0), "decode": (">=", 0.5), "rss": ("<=", 1.5),
-           "serve": (">=", 4.0), "llama2c": (">=", 1.0)}
+TARGETS = {
+    "job_wall": ("<=", 0.5),
+    "prefill": (">=", 1.0),
+    "decode": (">=", 0.5),
+    "rss": ("<=", 1.5),
+    "serve": (">=", 4.0),
+    "llama2c": (">=", 1.0),
+}
 
 
 # ---------------------------------------------------------------------------------------------------- the job
+
 
 def job_requests():
     """The requests `explainer explain llama_ref/generation.py --symbol Llama.generate` sends, greedy."""
@@ -124,10 +152,14 @@ def child_llama_ref(args) -> dict:
     prompts = [backend.prompt_tokens(request) for request in requests]
     longest = max(prompts, key=len)
     prefill_ids = (longest * (PREFILL_TOKENS // len(longest) + 1))[:PREFILL_TOKENS]
-    decode_ids = llama.tokenizer.encode(llama.render_chat([{"role": "user", "content": DECODE_QUESTION}]),
-                                        bos=False, eos=False)
-    Path(args.prompts).write_text(json.dumps({"job": prompts, "prefill": prefill_ids, "decode": decode_ids,
-                                              "stop_ids": sorted(llama.tokenizer.stop_ids)}))
+    decode_ids = llama.tokenizer.encode(
+        llama.render_chat([{"role": "user", "content": DECODE_QUESTION}]), bos=False, eos=False
+    )
+    Path(args.prompts).write_text(
+        json.dumps(
+            {"job": prompts, "prefill": prefill_ids, "decode": decode_ids, "stop_ids": sorted(llama.tokenizer.stop_ids)}
+        )
+    )
 
     # Single-stream runs use an engine of their own without a prefix cache or anchor (each prompt is prefilled
     # whole), over the same model, so the job's engine starts with an empty cache.
@@ -143,8 +175,11 @@ def child_llama_ref(args) -> dict:
 
     timed([Job(decode_ids[:8], 4)])  # warm-up: first-call allocations and kernel selection
     prefill_s = min(timed([Job(prefill_ids, 1)]) for _ in range(2))
-    decode_s = min(timed([Job(decode_ids, DECODE_TOKENS + 1, stop_ids=frozenset())])
-                   - timed([Job(decode_ids, 1, stop_ids=frozenset())]) for _ in range(2))
+    decode_s = min(
+        timed([Job(decode_ids, DECODE_TOKENS + 1, stop_ids=frozenset())])
+        - timed([Job(decode_ids, 1, stop_ids=frozenset())])
+        for _ in range(2)
+    )
 
     answers = []
     sync()
@@ -158,13 +193,24 @@ def child_llama_ref(args) -> dict:
     stats = dict(engine.stats)
     # unusable (not answered) or kept only up to a loop: both ran to max_tokens
     ran_out = len(requests) - len(answers) + sum(a.tokens_out >= JOB_MAX_TOKENS for a in answers)
-    return {"load_s": load_s, "wall_s": wall_s, "requests": len(requests),
-            "tokens_in": stats["prompt_tokens"], "tokens_out": stats["generated_tokens"], "cut_off": ran_out,
-            "cached_tokens": stats["cached_tokens"], "engine_stats": stats,
-            "prefill_tok_s": len(prefill_ids) / prefill_s, "decode_tok_s": DECODE_TOKENS / decode_s,
-            "device": str(llama.device), "dtype": str(llama.model.dtype).replace("torch.", ""),
-            "max_batch_size": llama.model.max_batch_size, "cpu_class": llama.plan.cpu, "features": llama.plan.features,
-            "kernels": {role: choice.kernel for role, choice in llama.plan.choices.items()}}
+    return {
+        "load_s": load_s,
+        "wall_s": wall_s,
+        "requests": len(requests),
+        "tokens_in": stats["prompt_tokens"],
+        "tokens_out": stats["generated_tokens"],
+        "cut_off": ran_out,
+        "cached_tokens": stats["cached_tokens"],
+        "engine_stats": stats,
+        "prefill_tok_s": len(prefill_ids) / prefill_s,
+        "decode_tok_s": DECODE_TOKENS / decode_s,
+        "device": str(llama.device),
+        "dtype": str(llama.model.dtype).replace("torch.", ""),
+        "max_batch_size": llama.model.max_batch_size,
+        "cpu_class": llama.plan.cpu,
+        "features": llama.plan.features,
+        "kernels": {role: choice.kernel for role, choice in llama.plan.choices.items()},
+    }
 
 
 def child_llama_cpp(args) -> dict:
@@ -177,9 +223,15 @@ def child_llama_cpp(args) -> dict:
     stop_ids = set(prompts["stop_ids"])
     started = time.perf_counter()
     # n_threads_batch too: it defaults to every core, not to n_threads, and prompts are fed in batches
-    llm = llama_cpp.Llama(model_path=args.model, n_ctx=LLAMA_CPP_CTX, n_threads=args.threads,
-                          n_threads_batch=args.threads, n_batch=LLAMA_CPP_BATCH,
-                          n_gpu_layers=0 if args.device == "cpu" else -1, verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=args.model,
+        n_ctx=LLAMA_CPP_CTX,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        n_batch=LLAMA_CPP_BATCH,
+        n_gpu_layers=0 if args.device == "cpu" else -1,
+        verbose=False,
+    )
     load_s = time.perf_counter() - started
 
     def complete(ids, max_tokens, stop=stop_ids, fresh=False) -> tuple[list[int], list[float]]:
@@ -221,11 +273,19 @@ def child_llama_cpp(args) -> dict:
         tokens_out += len(tokens)
         cut_off += len(tokens) >= JOB_MAX_TOKENS
     wall_s = time.perf_counter() - began
-    return {"load_s": load_s, "wall_s": wall_s, "requests": len(prompts["job"]),
-            "tokens_in": sum(len(p) for p in prompts["job"]), "tokens_out": tokens_out, "cut_off": cut_off,
-            "cached_tokens": cached, "prefill_tok_s": len(prompts["prefill"]) / prefill_s,
-            "decode_tok_s": DECODE_TOKENS / decode_s, "version": llama_cpp.__version__,
-            "build": os.environ.get("LLAMA_CPP_BUILD", "native")}
+    return {
+        "load_s": load_s,
+        "wall_s": wall_s,
+        "requests": len(prompts["job"]),
+        "tokens_in": sum(len(p) for p in prompts["job"]),
+        "tokens_out": tokens_out,
+        "cut_off": cut_off,
+        "cached_tokens": cached,
+        "prefill_tok_s": len(prompts["prefill"]) / prefill_s,
+        "decode_tok_s": DECODE_TOKENS / decode_s,
+        "version": llama_cpp.__version__,
+        "build": os.environ.get("LLAMA_CPP_BUILD", "native"),
+    }
 
 
 def child_transformers(args) -> dict:
@@ -254,8 +314,15 @@ def child_transformers(args) -> dict:
             torch.cuda.synchronize()
         began = time.perf_counter()
         with torch.no_grad():
-            hf.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=count, min_new_tokens=count,
-                        do_sample=False, pad_token_id=0, **static)
+            hf.generate(
+                tensor,
+                attention_mask=torch.ones_like(tensor),
+                max_new_tokens=count,
+                min_new_tokens=count,
+                do_sample=False,
+                pad_token_id=0,
+                **static,
+            )
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - began
@@ -263,12 +330,18 @@ def child_transformers(args) -> dict:
     generate(prompts["decode"][:8], 4)  # warm-up
     prefill_s = min(generate(prompts["prefill"], 1) for _ in range(2))
     decode_s = min(generate(prompts["decode"], DECODE_TOKENS + 1) - generate(prompts["decode"], 1) for _ in range(2))
-    return {"load_s": load_s, "prefill_tok_s": len(prompts["prefill"]) / prefill_s,
-            "decode_tok_s": DECODE_TOKENS / decode_s, "cache": "static" if static else "dynamic",
-            "dtype": str(dtype).replace("torch.", ""), "version": transformers.__version__}
+    return {
+        "load_s": load_s,
+        "prefill_tok_s": len(prompts["prefill"]) / prefill_s,
+        "decode_tok_s": DECODE_TOKENS / decode_s,
+        "cache": "static" if static else "dynamic",
+        "dtype": str(dtype).replace("torch.", ""),
+        "version": transformers.__version__,
+    }
 
 
 # ------------------------------------------------------------------------------------------ explainer serve
+
 
 def child_serve(args) -> dict:
     """requests/s and tokens/s of `explainer serve` for 16 requests sent one at a time, then all at once."""
@@ -294,8 +367,12 @@ def child_serve(args) -> dict:
 
     def ask(question: str) -> int:
         client = openai.OpenAI(base_url=server.base_url, api_key="not-needed", max_retries=0, timeout=3600)
-        answer = client.chat.completions.create(model=server.model_name, max_tokens=SERVE_MAX_TOKENS,
-                                                temperature=0, messages=[{"role": "user", "content": question}])
+        answer = client.chat.completions.create(
+            model=server.model_name,
+            max_tokens=SERVE_MAX_TOKENS,
+            temperature=0,
+            messages=[{"role": "user", "content": question}],
+        )
         return answer.usage.completion_tokens
 
     def forget_prompts() -> None:
@@ -320,8 +397,13 @@ def child_serve(args) -> dict:
             for i in range(len(questions)):
                 client(i)
         wall_s = time.perf_counter() - began
-        return {"wall_s": wall_s, "requests": len(questions), "tokens_out": sum(counts),
-                "requests_per_s": len(questions) / wall_s, "tokens_per_s": sum(counts) / wall_s}
+        return {
+            "wall_s": wall_s,
+            "requests": len(questions),
+            "tokens_out": sum(counts),
+            "requests_per_s": len(questions) / wall_s,
+            "tokens_per_s": sum(counts) / wall_s,
+        }
 
     try:
         ask("Say hello.")  # warm-up
@@ -330,11 +412,16 @@ def child_serve(args) -> dict:
         server.shutdown()
         listener.join()
         server.server_close()
-    return {"sequential": sequential, "concurrent": concurrent, "clients": len(questions),
-            "max_batch_size": server.llama.model.max_batch_size}
+    return {
+        "sequential": sequential,
+        "concurrent": concurrent,
+        "clients": len(questions),
+        "max_batch_size": server.llama.model.max_batch_size,
+    }
 
 
 # ------------------------------------------------------------------------------------ llama2.c's stories15M
+
 
 def write_stories15m_shape(folder: Path) -> Path:
     """A llama2.c version-0 checkpoint (export.py's legacy_export layout) with stories15M's shape and random
@@ -351,9 +438,21 @@ def write_stories15m_shape(folder: Path) -> Path:
         f.write(struct.pack("<7i", dim, hidden, layers, s["n_heads"], s["n_kv_heads"], vocab, seq_len))
         # file order: embedding, attention norms, wq, wk, wv, wo, ffn norms, w1, w2, w3, final norm, rope tables;
         # a positive vocab_size means the classifier shares the embedding
-        shapes = [(vocab, dim), (layers, dim), (layers, dim, dim), (layers, kv_dim, dim), (layers, kv_dim, dim),
-                  (layers, dim, dim), (layers, dim), (layers, hidden, dim), (layers, dim, hidden),
-                  (layers, hidden, dim), (dim,), (seq_len, head_dim // 2), (seq_len, head_dim // 2)]
+        shapes = [
+            (vocab, dim),
+            (layers, dim),
+            (layers, dim, dim),
+            (layers, kv_dim, dim),
+            (layers, kv_dim, dim),
+            (layers, dim, dim),
+            (layers, dim),
+            (layers, hidden, dim),
+            (layers, dim, hidden),
+            (layers, hidden, dim),
+            (dim,),
+            (seq_len, head_dim // 2),
+            (seq_len, head_dim // 2),
+        ]
         for shape in shapes:
             f.write((rng.standard_normal(shape, dtype=np.float32) * 0.02).astype("<f4").tobytes())
     # tokenizer.bin: <unk>, <s>, </s> as llama2.c's export writes them, the 256 byte pieces, then filler pieces
@@ -375,8 +474,9 @@ def child_llama2c(args) -> dict:
 
     torch.set_num_threads(args.threads)
     seq_len = STORIES15M["seq_len"]
-    llama = Llama.build(args.model, max_seq_len=seq_len, max_batch_size=1, device="cpu", dtype=args.dtype,
-                        compile=args.compile)
+    llama = Llama.build(
+        args.model, max_seq_len=seq_len, max_batch_size=1, device="cpu", dtype=args.dtype, compile=args.compile
+    )
     bos = [llama.tokenizer.bos_id]  # run.c's empty prompt: BOS only
     no_stop = [-1]  # random weights could emit </s> at any step; run.c's loop runs the full count too
     started = time.perf_counter()
@@ -386,21 +486,51 @@ def child_llama2c(args) -> dict:
     for _ in range(3):  # the best of 3, as measure_run_c takes run.c's
         _, _, decode_s, steps = timed_generation(llama, bos, seq_len - 1, temperature=0, stop_tokens=no_stop)
         best = max(best, steps / decode_s)
-    return {"decode_tok_s": best, "threads": args.threads, "tokens": seq_len - 1, "warmup_s": warmup_s,
-            "dtype": str(llama.model.dtype).replace("torch.", ""),
-            "compiled": llama.model.compiled_step is not None}  # False where compiling failed
+    return {
+        "decode_tok_s": best,
+        "threads": args.threads,
+        "tokens": seq_len - 1,
+        "warmup_s": warmup_s,
+        "dtype": str(llama.model.dtype).replace("torch.", ""),
+        "compiled": llama.model.compiled_step is not None,
+    }  # False where compiling failed
 
 
-CHILDREN = {"llama_ref": child_llama_ref, "llama.cpp": child_llama_cpp, "transformers": child_transformers,
-            "serve": child_serve, "llama2c": child_llama2c}
+CHILDREN = {
+    "llama_ref": child_llama_ref,
+    "llama.cpp": child_llama_cpp,
+    "transformers": child_transformers,
+    "serve": child_serve,
+    "llama2c": child_llama2c,
+}
 
 
-def run_child(kind: str, model: str, args, prompts: Path | None = None, threads: int | None = None,
-              dtype: str | None = None, compile: bool = False, env: dict | None = None) -> dict:
+def run_child(
+    kind: str,
+    model: str,
+    args,
+    prompts: Path | None = None,
+    threads: int | None = None,
+    dtype: str | None = None,
+    compile: bool = False,
+    env: dict | None = None,
+) -> dict:
     """One measurement in a fresh interpreter: its JSON is the last line of its stdout; stderr passes through.
     env: variables for it (a forced CPU class, the llama.cpp build to import)."""
-    command = [sys.executable, __file__, "--child", kind, "--model", str(model), "--device", args.device,
-               "--dtype", dtype or args.dtype, "--threads", str(threads or args.threads)]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--model",
+        str(model),
+        "--device",
+        args.device,
+        "--dtype",
+        dtype or args.dtype,
+        "--threads",
+        str(threads or args.threads),
+    ]
     if compile:
         command.append("--compile")
     if prompts is not None:
@@ -432,6 +562,7 @@ def child_main(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- report
+
 
 def cpu_name() -> str:
     """The CPU's model name, with its family and model numbers where /proc/cpuinfo has them: the cloud hosts
@@ -472,18 +603,28 @@ def calibrate(threads: int) -> dict:
     matmul_s = best_of(lambda: F.linear(rows, weights[0]), 10)
     one_row = torch.randn(1, dim, dtype=torch.bfloat16)
     read_s = best_of(lambda: [F.linear(one_row, w) for w in weights], 5)
-    return {"bf16_gflops": round(2 * 512 * dim * hidden / matmul_s / 1e9),
-            "bf16_read_gb_s": round(layers * hidden * dim * 2 / read_s / 1e9, 1)}
+    return {
+        "bf16_gflops": round(2 * 512 * dim * hidden / matmul_s / 1e9),
+        "bf16_read_gb_s": round(layers * hidden * dim * 2 / read_s / 1e9, 1),
+    }
 
 
 def machine(args, dtype: str, load_before: float, calibration: dict) -> dict:
     import torch
 
     cpu = cpu_name()
-    described = {"cpu": cpu, "cores": os.cpu_count(), "threads": args.threads, "python": platform.python_version(),
-                 "torch": torch.__version__, "device": args.device, "dtype": dtype,
-                 "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2),
-                 **calibration}
+    described = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": args.threads,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": args.device,
+        "dtype": dtype,
+        "load_average_before": round(load_before, 2),
+        "load_average_after": round(os.getloadavg()[0], 2),
+        **calibration,
+    }
     if args.device.startswith("cuda"):
         described["gpu"] = torch.cuda.get_device_name(0)
     described["code"] = code_version()
@@ -492,6 +633,7 @@ def machine(args, dtype: str, load_before: float, calibration: dict) -> dict:
 
 def code_version() -> str:
     """The commit measured, marked "+changes" when llama_ref/ or explainer/ differ from it."""
+
     def git(*command) -> str:
         return subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
 
@@ -523,22 +665,30 @@ def cell(row: dict, key: str, digits: int = 1) -> str:
 def model_table(name: str, rows: dict) -> tuple[str, dict]:
     ours, cpp, hf = rows["llama_ref"], rows["llama.cpp"], rows["transformers"]
     both = "skipped" not in ours and "skipped" not in cpp
-    ratios = {"job_wall": ratio(ours.get("wall_s"), cpp.get("wall_s")) if both else None,
-              "prefill": ratio(ours.get("prefill_tok_s"), cpp.get("prefill_tok_s")) if both else None,
-              "decode": ratio(ours.get("decode_tok_s"), cpp.get("decode_tok_s")) if both else None,
-              "rss": ratio(ours.get("peak_rss_mib"), cpp.get("peak_rss_mib")) if both else None}
-    head = (f"| measure | llama_ref ({ours.get('dtype', '?')}) | llama.cpp | transformers ({hf.get('dtype', '-')}) "
-            "| llama_ref / llama.cpp |")
+    ratios = {
+        "job_wall": ratio(ours.get("wall_s"), cpp.get("wall_s")) if both else None,
+        "prefill": ratio(ours.get("prefill_tok_s"), cpp.get("prefill_tok_s")) if both else None,
+        "decode": ratio(ours.get("decode_tok_s"), cpp.get("decode_tok_s")) if both else None,
+        "rss": ratio(ours.get("peak_rss_mib"), cpp.get("peak_rss_mib")) if both else None,
+    }
+    head = (
+        f"| measure | llama_ref ({ours.get('dtype', '?')}) | llama.cpp | transformers ({hf.get('dtype', '-')}) "
+        "| llama_ref / llama.cpp |"
+    )
     title = f"### {name}"
     if "cpu_class" in ours:
-        title += (f", CPU class {ours['cpu_class']} ({ours['features']}); llama_ref's layers: "
-                  + ", ".join(f"{role} {kernel}" for role, kernel in ours["kernels"].items())
-                  + f"; llama.cpp build: {cpp.get('build', '?')}")
+        title += (
+            f", CPU class {ours['cpu_class']} ({ours['features']}); llama_ref's layers: "
+            + ", ".join(f"{role} {kernel}" for role, kernel in ours["kernels"].items())
+            + f"; llama.cpp build: {cpp.get('build', '?')}"
+        )
     lines = [title, "", head, "|---|---:|---:|---:|---|"]
 
     def row(label, key, digits=1, target=None, hf_key=None):
-        lines.append(f"| {label} | {cell(ours, key, digits)} | {cell(cpp, key, digits)} | "
-                     f"{cell(hf, hf_key, digits) if hf_key else ''} | {verdict(target, ratios[target]) if target else ''} |")
+        lines.append(
+            f"| {label} | {cell(ours, key, digits)} | {cell(cpp, key, digits)} | "
+            f"{cell(hf, hf_key, digits) if hf_key else ''} | {verdict(target, ratios[target]) if target else ''} |"
+        )
 
     row(f"whole job: wall s ({ours.get('requests', '?')} requests)", "wall_s", target="job_wall")
     row("whole job: prompt tokens", "tokens_in", 0)
@@ -546,8 +696,12 @@ def model_table(name: str, rows: dict) -> tuple[str, dict]:
     row("whole job: tokens out", "tokens_out", 0)
     row("whole job: answers that ran to max_tokens", "cut_off", 0)
     row("load s", "load_s", 1, hf_key="load_s")
-    row(f"prefill tok/s ({PREFILL_TOKENS}-token prompt, no cache)", "prefill_tok_s", target="prefill",
-        hf_key="prefill_tok_s")
+    row(
+        f"prefill tok/s ({PREFILL_TOKENS}-token prompt, no cache)",
+        "prefill_tok_s",
+        target="prefill",
+        hf_key="prefill_tok_s",
+    )
     row(f"decode tok/s ({DECODE_TOKENS} tokens, one stream)", "decode_tok_s", target="decode", hf_key="decode_tok_s")
     row("peak RSS MiB (the whole child process)", "peak_rss_mib", 0, target="rss", hf_key="peak_rss_mib")
     for label, result in (("llama.cpp", cpp), ("transformers", hf)):
@@ -561,8 +715,14 @@ def class_runs(args) -> list[tuple[str, dict, dict]]:
     from llama_ref.kernels import FORCED_ISA, X86_CLASSES, cpu_class, read_cpu
 
     native = cpu_class(read_cpu())
-    avx2_cpp = {"PYTHONPATH": args.llama_cpp_avx2, "LLAMA_CPP_BUILD": "AVX2 only (GGML_NATIVE=OFF, AVX2/FMA/F16C on, "
-                                                                       "AVX-512 off)"} if args.llama_cpp_avx2 else {}
+    avx2_cpp = (
+        {
+            "PYTHONPATH": args.llama_cpp_avx2,
+            "LLAMA_CPP_BUILD": "AVX2 only (GGML_NATIVE=OFF, AVX2/FMA/F16C on, AVX-512 off)",
+        }
+        if args.llama_cpp_avx2
+        else {}
+    )
     runs = []
     for wanted in args.cpu_classes.split(","):
         name = native if wanted == "native" else wanted
@@ -580,23 +740,31 @@ def class_runs(args) -> list[tuple[str, dict, dict]]:
 
 def classes_table(classes: dict, ratios: dict) -> str:
     """One row per CPU class and model: the ratios each target is judged on."""
-    lines = ["### Per CPU class (llama_ref / llama.cpp, in the same run)", "",
-             "| CPU class | features | model | llama.cpp build | whole job | prefill | decode | peak RSS |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "### Per CPU class (llama_ref / llama.cpp, in the same run)",
+        "",
+        "| CPU class | features | model | llama.cpp build | whole job | prefill | decode | peak RSS |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for cpu_class, models in classes.items():
         for name, rows in models.items():
             ours, r = rows["llama_ref"], ratios[cpu_class][name]
-            lines.append(f"| {cpu_class} | {ours.get('features', '?')} | {name} | {rows['llama.cpp'].get('build', '-')} | "
-                         f"{verdict('job_wall', r['job_wall'])} | {verdict('prefill', r['prefill'])} | "
-                         f"{verdict('decode', r['decode'])} | {verdict('rss', r['rss'])} |")
+            lines.append(
+                f"| {cpu_class} | {ours.get('features', '?')} | {name} | {rows['llama.cpp'].get('build', '-')} | "
+                f"{verdict('job_wall', r['job_wall'])} | {verdict('prefill', r['prefill'])} | "
+                f"{verdict('decode', r['decode'])} | {verdict('rss', r['rss'])} |"
+            )
     return "\n".join(lines)
 
 
 def serve_table(serve: dict) -> tuple[str, dict]:
-    lines = [f"### explainer serve: {len(SERVE_TOPICS)} chat requests (max_tokens {SERVE_MAX_TOKENS}, temperature 0; "
-             f"the server started with --max-batch-size {len(SERVE_TOPICS)})", "",
-             "| model | one at a time: req/s | tok/s | all at once: req/s | tok/s | concurrent / sequential |",
-             "|---|---:|---:|---:|---:|---|"]
+    lines = [
+        f"### explainer serve: {len(SERVE_TOPICS)} chat requests (max_tokens {SERVE_MAX_TOKENS}, temperature 0; "
+        f"the server started with --max-batch-size {len(SERVE_TOPICS)})",
+        "",
+        "| model | one at a time: req/s | tok/s | all at once: req/s | tok/s | concurrent / sequential |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
     ratios = {}
     for name, result in serve.items():
         if "skipped" in result:
@@ -604,8 +772,10 @@ def serve_table(serve: dict) -> tuple[str, dict]:
             continue
         seq, con = result["sequential"], result["concurrent"]
         ratios[name] = ratio(con["requests_per_s"], seq["requests_per_s"])
-        lines.append(f"| {name} | {seq['requests_per_s']:.2f} | {seq['tokens_per_s']:.1f} | "
-                     f"{con['requests_per_s']:.2f} | {con['tokens_per_s']:.1f} | {verdict('serve', ratios[name])} |")
+        lines.append(
+            f"| {name} | {seq['requests_per_s']:.2f} | {seq['tokens_per_s']:.1f} | "
+            f"{con['requests_per_s']:.2f} | {con['tokens_per_s']:.1f} | {verdict('serve', ratios[name])} |"
+        )
     return "\n".join(lines), ratios
 
 
@@ -615,9 +785,23 @@ def measure_run_c(binary: str, checkpoint: Path, threads: int) -> dict:
     best = None
     for _ in range(3):
         try:
-            done = subprocess.run([binary, str(checkpoint), "-z", str(checkpoint.parent / "tokenizer.bin"),
-                                   "-n", str(STORIES15M["seq_len"]), "-t", "0"], capture_output=True, text=True,
-                                  env={**os.environ, "OMP_NUM_THREADS": str(threads)}, timeout=600, check=False)
+            done = subprocess.run(
+                [
+                    binary,
+                    str(checkpoint),
+                    "-z",
+                    str(checkpoint.parent / "tokenizer.bin"),
+                    "-n",
+                    str(STORIES15M["seq_len"]),
+                    "-t",
+                    "0",
+                ],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                timeout=600,
+                check=False,
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             return {"skipped": f"run.c could not run: {exc}"}
         found = [line for line in done.stderr.splitlines() if line.startswith("achieved tok/s:")]
@@ -630,26 +814,39 @@ def measure_run_c(binary: str, checkpoint: Path, threads: int) -> dict:
 
 def llama2c_table(runs: dict, run_c: dict) -> tuple[str, dict]:
     s = STORIES15M
-    title = (f"### llama2.c format, stories15M shape (dim {s['dim']}, {s['n_layers']} layers, {s['n_heads']} heads, "
-             f"vocab {s['vocab_size']}, seq_len {s['seq_len']}; random weights, CPU; run.c computes in fp32, "
-             f"llama_ref in its default dtype for this CPU and, for reference, in fp32)")
+    title = (
+        f"### llama2.c format, stories15M shape (dim {s['dim']}, {s['n_layers']} layers, {s['n_heads']} heads, "
+        f"vocab {s['vocab_size']}, seq_len {s['seq_len']}; random weights, CPU; run.c computes in fp32, "
+        f"llama_ref in its default dtype for this CPU and, for reference, in fp32)"
+    )
     measured = {threads: r["tok_s"] for threads, r in run_c.items() if "tok_s" in r}
-    source = ("measured in this run, --run-c" if run_c else
-              "quoted from the issue, measured on another host; pass --run-c to measure it here")
-    head = (f"| threads | llama_ref dtype | steps | llama_ref decode tok/s | run.c tok/s ({source}) | "
-            f"llama_ref / run.c |")
+    source = (
+        "measured in this run, --run-c"
+        if run_c
+        else "quoted from the issue, measured on another host; pass --run-c to measure it here"
+    )
+    head = (
+        f"| threads | llama_ref dtype | steps | llama_ref decode tok/s | run.c tok/s ({source}) | llama_ref / run.c |"
+    )
     lines = [title, "", head, "|---:|---|---|---:|---:|---|"]
     ratios = {}
     for run, result in runs.items():
         threads, dtype, *compiled = run.split("/")
         steps = "plain"
         if compiled:  # what the first steps cost: compiling, or reading torch's cache of an earlier compile
-            steps = (f"--compile (warm-up {result['warmup_s']:.0f} s)" if result.get("compiled")
-                     else "--compile failed: plain" if "compiled" in result else "--compile")
+            steps = (
+                f"--compile (warm-up {result['warmup_s']:.0f} s)"
+                if result.get("compiled")
+                else "--compile failed: plain"
+                if "compiled" in result
+                else "--compile"
+            )
         reference = measured.get(threads) if run_c else RUN_C_TOK_S[int(threads)]
         ratios[run] = ratio(result.get("decode_tok_s"), reference)
-        lines.append(f"| {threads} | {result.get('dtype', dtype)} | {steps} | {cell(result, 'decode_tok_s')} | "
-                     f"{'failed' if reference is None else f'{reference:.0f}'} | {verdict('llama2c', ratios[run])} |")
+        lines.append(
+            f"| {threads} | {result.get('dtype', dtype)} | {steps} | {cell(result, 'decode_tok_s')} | "
+            f"{'failed' if reference is None else f'{reference:.0f}'} | {verdict('llama2c', ratios[run])} |"
+        )
     lines += [f"\nrun.c on {threads} thread(s): {r['skipped']}." for threads, r in run_c.items() if "skipped" in r]
     return "\n".join(lines), ratios
 
@@ -658,19 +855,32 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", help=f"comma-separated catalog names or GGUF paths (default: {','.join(MODELS)})")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--dtype", default="auto", help="llama_ref's and transformers' dtype: auto (bf16 on a GPU "
-                                                         "and on CPUs with native bf16, else fp32), fp32, bf16")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="llama_ref's and transformers' dtype: auto (bf16 on a GPU "
+        "and on CPUs with native bf16, else fp32), fp32, bf16",
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for every engine")
-    parser.add_argument("--run-c", metavar="BINARY",
-                        help="llama2.c's run.c, built by you (gcc -Ofast -fopenmp -march=native run.c -lm -o run): "
-                             "measured on the stories15M-shape checkpoint in this run, instead of the quoted figures")
+    parser.add_argument(
+        "--run-c",
+        metavar="BINARY",
+        help="llama2.c's run.c, built by you (gcc -Ofast -fopenmp -march=native run.c -lm -o run): "
+        "measured on the stories15M-shape checkpoint in this run, instead of the quoted figures",
+    )
     parser.add_argument("--quick", action="store_true", help=f"measure {','.join(QUICK_MODELS)} only")
-    parser.add_argument("--cpu-classes", default="native,avx2",
-                        help="the CPU classes to run the job in: native (this CPU's own) and lesser ones forced with "
-                             "LLAMA_REF_CPU (default: %(default)s; a class at or above this CPU's own runs once)")
-    parser.add_argument("--llama-cpp-avx2", metavar="DIR",
-                        help="a llama-cpp-python built for AVX2 only, installed with pip --target DIR: the llama.cpp "
-                             "of the AVX2 run (without it, the AVX2 run compares with this environment's llama.cpp)")
+    parser.add_argument(
+        "--cpu-classes",
+        default="native,avx2",
+        help="the CPU classes to run the job in: native (this CPU's own) and lesser ones forced with "
+        "LLAMA_REF_CPU (default: %(default)s; a class at or above this CPU's own runs once)",
+    )
+    parser.add_argument(
+        "--llama-cpp-avx2",
+        metavar="DIR",
+        help="a llama-cpp-python built for AVX2 only, installed with pip --target DIR: the llama.cpp "
+        "of the AVX2 run (without it, the AVX2 run compares with this environment's llama.cpp)",
+    )
     parser.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)  # internal: one measurement
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--prompts", help=argparse.SUPPRESS)
@@ -694,8 +904,11 @@ def main() -> int:
                 rows = {"llama_ref": run_child("llama_ref", path, args, prompts, env=env)}
                 engines = ("llama.cpp", "transformers") if not env else ("llama.cpp",)
                 for engine in engines:
-                    rows[engine] = (run_child(engine, path, args, prompts, env=cpp_env if engine == "llama.cpp" else env)
-                                    if prompts.exists() else {"skipped": "no prompts: llama_ref's run failed"})
+                    rows[engine] = (
+                        run_child(engine, path, args, prompts, env=cpp_env if engine == "llama.cpp" else env)
+                        if prompts.exists()
+                        else {"skipped": "no prompts: llama_ref's run failed"}
+                    )
                 rows.setdefault("transformers", {"skipped": "measured in this CPU's own class only"})
                 results["classes"][cpu_class][name] = rows
         for name in names:
@@ -706,8 +919,9 @@ def main() -> int:
             # plain steps in the default dtype and in fp32 (run.c's), and compiled steps in the default dtype
             for dtype, compile in dict.fromkeys(((args.dtype, False), (args.dtype, True), ("fp32", False))):
                 run = f"{threads}/{dtype}" + ("/compiled" if compile else "")
-                results["llama2c"][run] = run_child("llama2c", checkpoint, args, threads=threads, dtype=dtype,
-                                                    compile=compile)
+                results["llama2c"][run] = run_child(
+                    "llama2c", checkpoint, args, threads=threads, dtype=dtype, compile=compile
+                )
             if args.run_c:
                 results["run_c"][str(threads)] = measure_run_c(args.run_c, checkpoint, threads)
 
@@ -728,24 +942,32 @@ def main() -> int:
 
     m = results["machine"]
     versions = {engine: row["version"] for rows in every_row for engine, row in rows.items() if "version" in row}
-    header = (f"## Benchmark: the whole job, side by side\n\n"
-              f"Machine: {m['cpu']}, {m['cores']} cores{', ' + m['gpu'] if 'gpu' in m else ''}; {m['threads']} CPU "
-              f"thread(s) for every engine; Python {m['python']}, torch {m['torch']}"
-              + "".join(f", {engine} {version}" for engine, version in versions.items()) +
-              f"; llama_ref on {m['device']} in {dtype}, code {m['code']}. "
-              f"Load average (1 min) {m['load_average_before']} before, {m['load_average_after']} after."
-              + (f" Calibration before the run, {m['threads']} thread(s): bf16 matmul {m['bf16_gflops']} GFLOPS "
-                 f"(512 rows), bf16 weights read at {m['bf16_read_gb_s']} GB/s (one row)." if "bf16_gflops" in m else "")
-              + "\n\n"
-              f"The job: the requests of `explainer explain {JOB_FILE} --symbol {JOB_SYMBOL}`, greedy, max_tokens "
-              f"{JOB_MAX_TOKENS}. llama_ref runs them together through its Engine (continuous batching, prefix "
-              f"cache); llama.cpp (llama-cpp-python, the same GGUF and token ids) one after another, reusing the "
-              f"prefix each shares with the one before. Load time is not part of the job's wall time. Ratios are "
-              f"llama_ref / llama.cpp; each engine ran in its own process, so each peak RSS is its own.")
+    header = (
+        f"## Benchmark: the whole job, side by side\n\n"
+        f"Machine: {m['cpu']}, {m['cores']} cores{', ' + m['gpu'] if 'gpu' in m else ''}; {m['threads']} CPU "
+        f"thread(s) for every engine; Python {m['python']}, torch {m['torch']}"
+        + "".join(f", {engine} {version}" for engine, version in versions.items())
+        + f"; llama_ref on {m['device']} in {dtype}, code {m['code']}. "
+        f"Load average (1 min) {m['load_average_before']} before, {m['load_average_after']} after."
+        + (
+            f" Calibration before the run, {m['threads']} thread(s): bf16 matmul {m['bf16_gflops']} GFLOPS "
+            f"(512 rows), bf16 weights read at {m['bf16_read_gb_s']} GB/s (one row)."
+            if "bf16_gflops" in m
+            else ""
+        )
+        + "\n\n"
+        f"The job: the requests of `explainer explain {JOB_FILE} --symbol {JOB_SYMBOL}`, greedy, max_tokens "
+        f"{JOB_MAX_TOKENS}. llama_ref runs them together through its Engine (continuous batching, prefix "
+        f"cache); llama.cpp (llama-cpp-python, the same GGUF and token ids) one after another, reusing the "
+        f"prefix each shares with the one before. Load time is not part of the job's wall time. Ratios are "
+        f"llama_ref / llama.cpp; each engine ran in its own process, so each peak RSS is its own."
+    )
     # the run's own threads raise the load average after it, so only the one before tells of other work
     if m["load_average_before"] >= 1:
-        header += (" The machine was busy as this run started (the load average before), so every figure may be a "
-                   "lower bound; with as many threads as cores, a thread that loses its core stalls every operation.")
+        header += (
+            " The machine was busy as this run started (the load average before), so every figure may be a "
+            "lower bound; with as many threads as cores, a thread that loses its core stalls every operation."
+        )
     report = header + "\n\n" + "\n\n".join(sections) + "\n"
     print(report)
     write_atomic(RESULTS / "bench_job.md", report)

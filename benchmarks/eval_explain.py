@@ -86,15 +86,23 @@ def load_pieces(path: Path) -> list[Piece]:
             raise UserError(f"{where}: needs id, file and symbol")
         points = entry.get("points", {})
         if len(points) not in POINTS_PER_PIECE or not all(
-                isinstance(alternatives, list) and alternatives and all(isinstance(a, str) and a.strip()
-                                                                        for a in alternatives)
-                for alternatives in points.values()):
+            isinstance(alternatives, list)
+            and alternatives
+            and all(isinstance(a, str) and a.strip() for a in alternatives)
+            for alternatives in points.values()
+        ):
             raise UserError(f"{where}: needs 2 to 4 points, each a list of words or phrases")
         if entry["id"] in {piece.id for piece in pieces}:
             raise UserError(f"{where}: the id is used twice")
-        pieces.append(Piece(id=entry["id"], file=entry["file"], symbol=entry["symbol"],
-                            points={what: tuple(alternatives) for what, alternatives in points.items()},
-                            must_not_invent=tuple(entry.get("must_not_invent", ()))))
+        pieces.append(
+            Piece(
+                id=entry["id"],
+                file=entry["file"],
+                symbol=entry["symbol"],
+                points={what: tuple(alternatives) for what, alternatives in points.items()},
+                must_not_invent=tuple(entry.get("must_not_invent", ())),
+            )
+        )
     if not pieces:
         raise UserError(f"{path.name}: no [[piece]] entries")
     return pieces
@@ -129,8 +137,9 @@ def post_prose(post: Post, symbol: str) -> str:
     A title that is just the symbol is the pipeline's default for an answer without a heading,
     not the model's words, so it is left out."""
     title = "" if post.title == symbol else post.title
-    return "\n\n".join(filter(None, [title, prose_of(post.intro),
-                                     *(prose_of(section.explanation) for section in post.sections)]))
+    return "\n\n".join(
+        filter(None, [title, prose_of(post.intro), *(prose_of(section.explanation) for section in post.sections)])
+    )
 
 
 def _is_word_char(char: str) -> bool:
@@ -155,8 +164,9 @@ def score(piece: Piece, post: Post, chunked: ChunkedFile) -> dict:
     """Key-point recall and invented names of one post; `chunked` is the piece's file as chunked
     for it (the grounding check needs the source and the file's own names)."""
     prose = post_prose(post, piece.symbol)
-    points = {what: next((a for a in alternatives if mentions(prose, a)), None)
-              for what, alternatives in piece.points.items()}
+    points = {
+        what: next((a for a in alternatives if mentions(prose, a)), None) for what, alternatives in piece.points.items()
+    }
     # The chunk explanations were checked by explain_file against exactly what each prompt showed
     # (Section.ungrounded); the introduction is only warned about there, so it is checked here,
     # against the whole file.
@@ -169,13 +179,18 @@ def score(piece: Piece, post: Post, chunked: ChunkedFile) -> dict:
         if occurs_as_name(name.lower(), prose.lower()):
             invented.setdefault(name.lower(), {"name": name, "found_by": "must_not_invent"})
     recalled = sum(hit is not None for hit in points.values())
-    return {"recall_pct": round(100 * recalled / len(points), 1), "points": points,
-            "invented": list(invented.values()), "prose": prose}
+    return {
+        "recall_pct": round(100 * recalled / len(points), 1),
+        "points": points,
+        "invented": list(invented.values()),
+        "prose": prose,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # Running
 # ---------------------------------------------------------------------------------------------
+
 
 def evaluate_piece(piece: Piece, backend: Backend, cache: Cache | None, max_lines: int, root: Path) -> dict:
     """Explain one piece and score the post. A failed explanation (UserError) is recorded, not raised."""
@@ -183,18 +198,36 @@ def evaluate_piece(piece: Piece, backend: Backend, cache: Cache | None, max_line
     usage, warnings = Usage(), []
     started = time.perf_counter()
     try:
-        post, _ = explain_file(root / piece.file, piece.symbol, backend=backend, cache=cache, max_lines=max_lines,
-                               usage=usage, on_warning=warnings.append, display_path=piece.file)
+        post, _ = explain_file(
+            root / piece.file,
+            piece.symbol,
+            backend=backend,
+            cache=cache,
+            max_lines=max_lines,
+            usage=usage,
+            on_warning=warnings.append,
+            display_path=piece.file,
+        )
         chunked = chunk_file(root / piece.file, piece.symbol, max_lines=max_lines, display_path=piece.file)
     except UserError as exc:
         record.update(error=str(exc), recall_pct=0.0, points={what: None for what in piece.points}, invented=[])
     else:
-        record.update(code_language=chunked.code_language,
-                      lines=sum(c.end_line - c.start_line + 1 for c in chunked.chunks),
-                      chunks=len(chunked.chunks), answers_sha256=answers_digest(post), **score(piece, post, chunked))
-    record.update(wall_s=round(time.perf_counter() - started, 2), tokens_in=usage.tokens_in,
-                  tokens_out=usage.tokens_out, requests=usage.requests, cache_hits=usage.cache_hits,
-                  measured_on=Date.today().isoformat(), warnings=warnings)
+        record.update(
+            code_language=chunked.code_language,
+            lines=sum(c.end_line - c.start_line + 1 for c in chunked.chunks),
+            chunks=len(chunked.chunks),
+            answers_sha256=answers_digest(post),
+            **score(piece, post, chunked),
+        )
+    record.update(
+        wall_s=round(time.perf_counter() - started, 2),
+        tokens_in=usage.tokens_in,
+        tokens_out=usage.tokens_out,
+        requests=usage.requests,
+        cache_hits=usage.cache_hits,
+        measured_on=Date.today().isoformat(),
+        warnings=warnings,
+    )
     return record
 
 
@@ -210,8 +243,9 @@ def carry_measurements(record: dict, earlier: dict | None) -> None:
     tokens are the earlier run's, when that run got the same answers; otherwise unknown (None)."""
     if record["requests"] or "error" in record:
         return
-    same = (earlier is not None and earlier.get("answers_sha256") == record["answers_sha256"]
-            and earlier.get("measured_on"))
+    same = (
+        earlier is not None and earlier.get("answers_sha256") == record["answers_sha256"] and earlier.get("measured_on")
+    )
     for key in ("wall_s", "tokens_in", "tokens_out", "measured_on"):
         record[key] = earlier[key] if same else None
 
@@ -250,30 +284,35 @@ def _per(total, count):
 
 
 def pieces_table(records: list[dict]) -> str:
-    lines = ["| piece | recall | missed points | invented names | s | tokens out |",
-             "|---|---:|---|---|---:|---:|"]
+    lines = ["| piece | recall | missed points | invented names | s | tokens out |", "|---|---:|---|---|---:|---:|"]
     for r in records:
         missed = "; ".join(what for what, hit in r["points"].items() if hit is None) or "-"
         invented = ", ".join(f"`{n['name']}`" for n in r["invented"]) or "-"
         if "error" in r:
             invented = "failed: " + r["error"].replace("|", "/")
-        lines.append(f"| {r['id']} | {_cell(r['recall_pct'], unit='%')} | {missed} | {invented} "
-                     f"| {_cell(r['wall_s'])} | {_cell(r['tokens_out'])} |")
+        lines.append(
+            f"| {r['id']} | {_cell(r['recall_pct'], unit='%')} | {missed} | {invented} "
+            f"| {_cell(r['wall_s'])} | {_cell(r['tokens_out'])} |"
+        )
     return "\n".join(lines)
 
 
 def models_table(runs: list[dict]) -> str:
     """One row per model, best recall first."""
-    lines = ["| model | backend | pieces | failed | key-point recall | invented/post (mean) | invented (max) "
-             "| s/piece | tokens in/piece | tokens out/piece |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| model | backend | pieces | failed | key-point recall | invented/post (mean) | invented (max) "
+        "| s/piece | tokens in/piece | tokens out/piece |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for run in sorted(runs, key=lambda run: -run["summary"]["recall_pct"]):
         s = run["summary"]
-        lines.append(f"| {run['model']} | {run['backend']} | {s['pieces']} | {s['failed']} "
-                     f"| {_cell(s['recall_pct'], unit='%')} | {_cell(s['invented_mean'], 2)} "
-                     f"| {_cell(s['invented_max'])} | {_cell(_per(s['wall_s'], s['measured']))} "
-                     f"| {_cell(_per(s['tokens_in'], s['measured']), 0)} "
-                     f"| {_cell(_per(s['tokens_out'], s['measured']), 0)} |")
+        lines.append(
+            f"| {run['model']} | {run['backend']} | {s['pieces']} | {s['failed']} "
+            f"| {_cell(s['recall_pct'], unit='%')} | {_cell(s['invented_mean'], 2)} "
+            f"| {_cell(s['invented_max'])} | {_cell(_per(s['wall_s'], s['measured']))} "
+            f"| {_cell(_per(s['tokens_in'], s['measured']), 0)} "
+            f"| {_cell(_per(s['tokens_out'], s['measured']), 0)} |"
+        )
     return "\n".join(lines)
 
 
@@ -283,10 +322,13 @@ def _progress_line(number: int, total: int, r: dict) -> str:
         return f"{head} failed: {r['error']}"
     recalled = sum(hit is not None for hit in r["points"].values())
     invented = ", ".join(n["name"] for n in r["invented"])
-    cost = ("from cache" if not r["requests"] else
-            f"{r['wall_s']:.1f} s, {r['tokens_in']} tokens in, {r['tokens_out']} out")
-    return (f"{head} recall {recalled}/{len(r['points'])}, invented {len(r['invented'])}"
-            f"{' (' + invented + ')' if invented else ''}; {cost}")
+    cost = (
+        "from cache" if not r["requests"] else f"{r['wall_s']:.1f} s, {r['tokens_in']} tokens in, {r['tokens_out']} out"
+    )
+    return (
+        f"{head} recall {recalled}/{len(r['points'])}, invented {len(r['invented'])}"
+        f"{' (' + invented + ')' if invented else ''}; {cost}"
+    )
 
 
 def _earlier_records(path: Path) -> dict[str, dict]:
@@ -313,13 +355,14 @@ def _open_cache(cache_dir: str | None, no_cache: bool) -> Cache | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    pieces = load_pieces(EVAL_SET)[:args.pieces]
+    pieces = load_pieces(EVAL_SET)[: args.pieces]
     backend = make_backend(args.backend, args.model, args.base_url)
     cache = _open_cache(args.cache_dir, args.no_cache)
     output = results_path(backend.model, RESULTS)
     earlier = _earlier_records(output)
-    print(f"{backend.name} {backend.model}: {len(pieces)} piece(s), max {args.max_lines} lines per chunk",
-          file=sys.stderr)
+    print(
+        f"{backend.name} {backend.model}: {len(pieces)} piece(s), max {args.max_lines} lines per chunk", file=sys.stderr
+    )
     records = []
     for number, piece in enumerate(pieces, start=1):
         print(f"[{number}/{len(pieces)}] {piece.id} ({piece.file}, {piece.symbol}) ...", file=sys.stderr, flush=True)
@@ -330,9 +373,15 @@ def run(args: argparse.Namespace) -> int:
     if all("error" in r for r in records):
         # Most likely the backend itself is unusable (server down, bad model): keep the last good results.
         raise UserError(f"every piece failed, nothing written; the first: {records[0]['error']}")
-    result = {"model": backend.model, "backend": backend.name, "date": Date.today().isoformat(),
-              "max_lines": args.max_lines, "eval_set": _shown(EVAL_SET),
-              "summary": summarize(records), "pieces": records}
+    result = {
+        "model": backend.model,
+        "backend": backend.name,
+        "date": Date.today().isoformat(),
+        "max_lines": args.max_lines,
+        "eval_set": _shown(EVAL_SET),
+        "summary": summarize(records),
+        "pieces": records,
+    }
     write_atomic(output, json.dumps(result, ensure_ascii=False, indent=2) + "\n")
     runs = []
     for path in sorted(RESULTS.glob("eval_*.json")):
@@ -340,22 +389,32 @@ def run(args: argparse.Namespace) -> int:
             runs.append(json.loads(path.read_text(encoding="utf-8")))
         except (OSError, ValueError):
             print(f"warning: skipped {path.name}: not readable JSON", file=sys.stderr)
-    print(f"## {backend.model} ({backend.name}), per piece\n\n{pieces_table(records)}\n\n"
-          f"## All models\n\n{models_table(runs)}")
+    print(
+        f"## {backend.model} ({backend.name}), per piece\n\n{pieces_table(records)}\n\n"
+        f"## All models\n\n{models_table(runs)}"
+    )
     print(f"wrote {_shown(output)}", file=sys.stderr)
     return 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", choices=list(BACKENDS),
-                        help="local: the bundled llama_ref model; openai: any OpenAI-compatible API "
-                             "[default: openai if OPENAI_API_KEY or a server is set, else local]")
+    parser.add_argument(
+        "--backend",
+        choices=list(BACKENDS),
+        help="local: the bundled llama_ref model; openai: any OpenAI-compatible API "
+        "[default: openai if OPENAI_API_KEY or a server is set, else local]",
+    )
     parser.add_argument("--model", help="model file or name (local) or model name (openai)")
     parser.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
     parser.add_argument("--pieces", type=int, metavar="N", help="only the first N pieces of the set")
-    parser.add_argument("--max-lines", type=int, default=30, metavar="N",
-                        help="split definitions longer than this into chunks (as explainer explain) [30]")
+    parser.add_argument(
+        "--max-lines",
+        type=int,
+        default=30,
+        metavar="N",
+        help="split definitions longer than this into chunks (as explainer explain) [30]",
+    )
     parser.add_argument("--cache-dir", help="answer cache folder [benchmarks/.eval-cache]")
     parser.add_argument("--no-cache", action="store_true", help="ask the model again for every answer")
     args = parser.parse_args(argv)

@@ -26,10 +26,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", default="8960x1536", help="out x in of the layer (default: Qwen2.5-1.5B's w1)")
     args = parser.parse_args(argv)
 
-    import llama_ref  # noqa: F401 - applies LLAMA_REF_CPU before torch runs anything
     import torch
-    import torch.nn.functional as F
 
+    import llama_ref  # noqa: F401 - applies LLAMA_REF_CPU before torch runs anything
     from llama_ref.kernels import available, cpu_class, read_cpu
     from llama_ref.quantize import BlockedLinear, Int8DotLinear, Int8Linear
 
@@ -52,16 +51,23 @@ def main(argv=None) -> int:
         if kernel == "bf16-blocked":
             return [BlockedLinear(weights[i % 2].bfloat16()) for i in range(count)], torch.bfloat16
         bits = 8 if kernel == "w8a8" else 7
-        return [Int8DotLinear.from_float(weights[i % 2], weight_bits=bits, int_mm=kernel == "w8a8")
-                for i in range(count)], torch.float32
+        return [
+            Int8DotLinear.from_float(weights[i % 2], weight_bits=bits, int_mm=kernel == "w8a8") for i in range(count)
+        ], torch.float32
 
     rows_list = [int(r) for r in args.rows.split(",")]
-    lines = [f"# Kernels on one {out_features}x{in_features} layer, class {cpu_class(cpu)} ({cpu.features()}), "
-             f"{args.threads} thread(s), torch {torch.__version__}", "",
-             "Command: `python benchmarks/kernels.py" + (f" --threads {args.threads}" if args.threads != 2 else "")
-             + "`; ms per call, the best of 3 passes over " + f"{count} layers.", "",
-             "| kernel | " + " | ".join(f"{r} row{'s' if r > 1 else ''}" for r in rows_list) + " |",
-             "|---|" + "---:|" * len(rows_list)]
+    lines = [
+        f"# Kernels on one {out_features}x{in_features} layer, class {cpu_class(cpu)} ({cpu.features()}), "
+        f"{args.threads} thread(s), torch {torch.__version__}",
+        "",
+        "Command: `python benchmarks/kernels.py"
+        + (f" --threads {args.threads}" if args.threads != 2 else "")
+        + "`; ms per call, the best of 3 passes over "
+        + f"{count} layers.",
+        "",
+        "| kernel | " + " | ".join(f"{r} row{'s' if r > 1 else ''}" for r in rows_list) + " |",
+        "|---|" + "---:|" * len(rows_list),
+    ]
     with torch.inference_mode():
         for kernel in ("float", "int8-weights", "w7a8", "w8a8", "bf16-blocked"):
             dtype = torch.bfloat16 if kernel == "bf16-blocked" else torch.float32

@@ -21,8 +21,12 @@ def main() -> None:
     parser.add_argument("--positions", type=int, default=2500)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--shared", type=int, default=0,
-                        help="of those positions, how many every row reads from the anchor (default 0: none)")
+    parser.add_argument(
+        "--shared",
+        type=int,
+        default=0,
+        help="of those positions, how many every row reads from the anchor (default 0: none)",
+    )
     parser.add_argument("--row-len", type=int, default=None, help="positions of a row's own cache")
     args = parser.parse_args()
 
@@ -34,8 +38,9 @@ def main() -> None:
     from llama_ref.model import StepPlan
 
     torch.set_num_threads(args.threads)
-    llama = Llama.build(resolve_model(args.model) if args.model else None,
-                        max_seq_len=args.positions + 256, max_batch_size=args.rows)
+    llama = Llama.build(
+        resolve_model(args.model) if args.model else None, max_seq_len=args.positions + 256, max_batch_size=args.rows
+    )
     model = llama.model
     if args.shared or args.row_len:
         model.setup_caches(args.rows, args.positions + 256, row_len=args.row_len, anchor_len=args.positions + 256)

@@ -30,8 +30,8 @@ def draft(sequence: list[int], k: int, longest_ngram: int) -> list[int]:
     for n in range(min(longest_ngram, len(sequence) - 1), 0, -1):
         tail = sequence[-n:]
         for start in range(len(sequence) - n - 1, -1, -1):
-            if sequence[start:start + n] == tail:
-                return sequence[start + n:start + n + k]
+            if sequence[start : start + n] == tail:
+                return sequence[start + n : start + n + k]
     return []
 
 
@@ -42,10 +42,14 @@ def verify_steps(prompt: list[int], answer: list[int], k: int, longest_ngram: in
     while produced < len(answer):
         guess = draft(sequence, k, longest_ngram)
         accepted = 0
-        while accepted < len(guess) and produced + accepted < len(answer) and guess[accepted] == answer[produced + accepted]:
+        while (
+            accepted < len(guess)
+            and produced + accepted < len(answer)
+            and guess[accepted] == answer[produced + accepted]
+        ):
             accepted += 1
         gained = min(accepted + 1, len(answer) - produced)
-        sequence += answer[produced:produced + gained]
+        sequence += answer[produced : produced + gained]
         produced += gained
         steps += 1
     return steps
@@ -57,11 +61,11 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="the local model's catalog name (default: the default model)")
     args = parser.parse_args()
 
+    from explainer.backends import Request
     from explainer.cache import Cache, key_for
     from explainer.chunking import chunk_file
     from explainer.explain import chunk_request, overview_request
     from explainer.languages import language
-    from explainer.backends import Request
     from llama_ref import chat
     from llama_ref.catalog import DEFAULT_MODEL, resolve_model
     from llama_ref.checkpoints import open_checkpoint
@@ -80,8 +84,9 @@ def main() -> int:
         completion = cache.get(key_for(backend, request))
         if completion is not None:
             text = chat.render_chat(checkpoint.chat_template, tokenizer, list(request.messages), True, None)
-            pairs.append((tokenizer.encode(text, bos=False, eos=False),
-                          tokenizer.encode(completion.text, bos=False, eos=False)))
+            pairs.append(
+                (tokenizer.encode(text, bos=False, eos=False), tokenizer.encode(completion.text, bos=False, eos=False))
+            )
     if not pairs:
         print(f"no cached answers of the job for {name} in {cache.path}: run `make run` first", file=sys.stderr)
         return 1

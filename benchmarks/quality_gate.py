@@ -45,8 +45,13 @@ def answer_job(model: str, kernels: str, dtype: str, count: int) -> dict:
     engine.reserve(min(8, len(prompts)), max(len(p) for p in prompts) + JOB_MAX_TOKENS + 1)
     with torch.inference_mode():
         jobs = engine.run([Job(p, JOB_MAX_TOKENS) for p in prompts])
-    return {"model": model, "kernels": kernels, "prompts": prompts, "answers": [job.tokens for job in jobs],
-            "texts": [llama.tokenizer.decode(job.tokens) for job in jobs]}
+    return {
+        "model": model,
+        "kernels": kernels,
+        "prompts": prompts,
+        "answers": [job.tokens for job in jobs],
+        "texts": [llama.tokenizer.decode(job.tokens) for job in jobs],
+    }
 
 
 def answer_logprobs(llama, prompts: list[list[int]], answers: list[list[int]]):
@@ -63,13 +68,12 @@ def answer_logprobs(llama, prompts: list[list[int]], answers: list[list[int]]):
         for prompt, answer in zip(prompts, answers):
             # positions len(prompt)-1 .. end-1 predict the answer's tokens (and what follows its last one)
             rest = torch.tensor([prompt[shared:] + answer[:-1]]) if answer else torch.tensor([prompt[shared:]])
-            logits = model.forward(rest, shared)[0, len(prompt) - shared - 1:]
+            logits = model.forward(rest, shared)[0, len(prompt) - shared - 1 :]
             out.append(torch.log_softmax(logits.float(), dim=-1))
     return out
 
 
 def compare(reference, candidate) -> dict:
-    import torch
 
     agree = total = 0
     kl_sum = 0.0
@@ -87,8 +91,12 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="auto", help="the paths' dtype (the reference is always fp32)")
     parser.add_argument("--requests", type=int, default=17, help="how many of the job's requests (default: all)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--answers", type=Path, default=RESULTS / "quality_answers.json",
-                        help="reuse these answers if they are for this model and job (default: %(default)s)")
+    parser.add_argument(
+        "--answers",
+        type=Path,
+        default=RESULTS / "quality_answers.json",
+        help="reuse these answers if they are for this model and job (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -105,42 +113,59 @@ def main(argv=None) -> int:
         from explainer.backends.local import LocalBackend
 
         backend = LocalBackend(args.model, device="cpu")
-        expected = [backend.prompt_tokens(r) for r in job_requests()[:args.requests]]
-    if job is None or job.get("model") != args.model or job["prompts"][:args.requests] != expected:
+        expected = [backend.prompt_tokens(r) for r in job_requests()[: args.requests]]
+    if job is None or job.get("model") != args.model or job["prompts"][: args.requests] != expected:
         began = time.perf_counter()
         job = answer_job(args.model, paths[0], args.dtype, args.requests)
-        print(f"answered {len(job['answers'])} requests with {paths[0]} in {time.perf_counter() - began:.0f} s",
-              file=sys.stderr)
+        print(
+            f"answered {len(job['answers'])} requests with {paths[0]} in {time.perf_counter() - began:.0f} s",
+            file=sys.stderr,
+        )
         write_atomic(args.answers, json.dumps(job, indent=1, ensure_ascii=False) + "\n")
-    prompts, answers = job["prompts"][:args.requests], job["answers"][:args.requests]
+    prompts, answers = job["prompts"][: args.requests], job["answers"][: args.requests]
 
     path = resolve_model(args.model)
     began = time.perf_counter()
-    reference = answer_logprobs(Llama.build(path, max_seq_len=8192, max_batch_size=1, device="cpu", dtype="fp32",
-                                            kernels="float"), prompts, answers)
+    reference = answer_logprobs(
+        Llama.build(path, max_seq_len=8192, max_batch_size=1, device="cpu", dtype="fp32", kernels="float"),
+        prompts,
+        answers,
+    )
     print(f"fp32 reference in {time.perf_counter() - began:.0f} s", file=sys.stderr)
     cpu = read_cpu()
     results = {"model": args.model, "requests": len(prompts), "cpu": cpu.features(), "paths": {}}
     for kernels in paths:
         llama = Llama.build(path, max_seq_len=8192, max_batch_size=1, device="cpu", dtype=args.dtype, kernels=kernels)
         row = compare(reference, answer_logprobs(llama, prompts, answers))
-        row.update(cpu_class=llama.plan.cpu, dtype=str(llama.model.dtype).removeprefix("torch."),
-                   layers={role: choice.kernel for role, choice in llama.plan.choices.items()},
-                   passed=row["agreement"] >= GATE_AGREEMENT and row["kl"] <= GATE_KL)
+        row.update(
+            cpu_class=llama.plan.cpu,
+            dtype=str(llama.model.dtype).removeprefix("torch."),
+            layers={role: choice.kernel for role, choice in llama.plan.choices.items()},
+            passed=row["agreement"] >= GATE_AGREEMENT and row["kl"] <= GATE_KL,
+        )
         results["paths"][kernels] = row
         del llama
-        print(f"{kernels}: agreement {row['agreement']:.1%}, KL {row['kl']:.4f} nats over {row['positions']} "
-              f"positions ({'passed' if row['passed'] else 'FAILED'})", file=sys.stderr)
+        print(
+            f"{kernels}: agreement {row['agreement']:.1%}, KL {row['kl']:.4f} nats over {row['positions']} "
+            f"positions ({'passed' if row['passed'] else 'FAILED'})",
+            file=sys.stderr,
+        )
 
-    lines = [f"# Quality gate: {args.model}, {len(prompts)} requests of the make-run job, teacher-forced against "
-             f"fp32 float layers", "", f"CPU: {cpu.features()}. Command: `python benchmarks/quality_gate.py "
-             f"--kernels {args.kernels}`", "",
-             "| --kernels | class | dtype | linear / small / output / embedding | agreement | mean KL (nats) | gate |",
-             "|---|---|---|---|---:|---:|---|"]
+    lines = [
+        f"# Quality gate: {args.model}, {len(prompts)} requests of the make-run job, teacher-forced against "
+        f"fp32 float layers",
+        "",
+        f"CPU: {cpu.features()}. Command: `python benchmarks/quality_gate.py --kernels {args.kernels}`",
+        "",
+        "| --kernels | class | dtype | linear / small / output / embedding | agreement | mean KL (nats) | gate |",
+        "|---|---|---|---|---:|---:|---|",
+    ]
     for kernels, row in results["paths"].items():
         layers = " / ".join(row["layers"].values())
-        lines.append(f"| {kernels} | {row['cpu_class']} | {row['dtype']} | {layers} | {row['agreement']:.1%} | "
-                     f"{row['kl']:.4f} | {'passed' if row['passed'] else 'failed'} |")
+        lines.append(
+            f"| {kernels} | {row['cpu_class']} | {row['dtype']} | {layers} | {row['agreement']:.1%} | "
+            f"{row['kl']:.4f} | {'passed' if row['passed'] else 'failed'} |"
+        )
     write_atomic(RESULTS / "quality_gate.md", "\n".join(lines) + "\n")
     write_atomic(RESULTS / "quality_gate.json", json.dumps(results, indent=1) + "\n")
     print("\n".join(lines))

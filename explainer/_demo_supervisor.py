@@ -31,9 +31,14 @@ def main(deadline_s: float, command: list[str]) -> str:
     wake_up = _wake_up_on(signal.SIGCHLD, signal.SIGTERM)
     subreaper = _become_subreaper()
     # SIGPIPE and SIGXFSZ, which Python ignores, back to their defaults, so that `yes | head` ends.
-    demo = os.posix_spawn(command[0], command, os.environ, setpgroup=0,
-                          setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
-                          file_actions=[(os.POSIX_SPAWN_DUP2, 1, 2)])
+    demo = os.posix_spawn(
+        command[0],
+        command,
+        os.environ,
+        setpgroup=0,
+        setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+        file_actions=[(os.POSIX_SPAWN_DUP2, 1, 2)],
+    )
     try:
         return _wait(demo, deadline, wake_up)
     finally:

@@ -15,8 +15,8 @@ import json
 import os
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from explainer.backends import Backend, Completion, Request, UnusableAnswer, Usage
 from explainer.errors import UserError
@@ -53,32 +53,44 @@ class Cache:
             # Autocommit (isolation_level=None): every put is its own committed transaction.
             self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, text TEXT NOT NULL, "
-                             "finish_reason TEXT NOT NULL, tokens_in INTEGER NOT NULL, tokens_out INTEGER NOT NULL)")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, text TEXT NOT NULL, "
+                "finish_reason TEXT NOT NULL, tokens_in INTEGER NOT NULL, tokens_out INTEGER NOT NULL)"
+            )
 
     def get(self, key: str) -> Completion | None:
         with self._lock, self._database_errors():
-            row = self._db.execute("SELECT text, finish_reason, tokens_in, tokens_out FROM answers WHERE key = ?",
-                                   (key,)).fetchone()
+            row = self._db.execute(
+                "SELECT text, finish_reason, tokens_in, tokens_out FROM answers WHERE key = ?", (key,)
+            ).fetchone()
         return Completion(*row) if row else None
 
     def put(self, key: str, completion: Completion) -> None:
         with self._lock, self._database_errors():
-            self._db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?)",
-                             (key, completion.text, completion.finish_reason,
-                              completion.tokens_in, completion.tokens_out))
+            self._db.execute(
+                "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?)",
+                (key, completion.text, completion.finish_reason, completion.tokens_in, completion.tokens_out),
+            )
 
     @contextlib.contextmanager
     def _database_errors(self):
         try:
             yield
         except (sqlite3.Error, OSError) as exc:
-            raise UserError(f"cannot use the answer cache {self.path}: {exc}; "
-                            f"fix --cache-dir or EXPLAINER_CACHE_DIR, or run with --no-cache") from None
+            raise UserError(
+                f"cannot use the answer cache {self.path}: {exc}; "
+                f"fix --cache-dir or EXPLAINER_CACHE_DIR, or run with --no-cache"
+            ) from None
 
 
-def request_key(backend_name: str, model: str, request: Request, template_text: str = "",
-                endpoint: str | None = None, identity: str | None = None) -> str:
+def request_key(
+    backend_name: str,
+    model: str,
+    request: Request,
+    template_text: str = "",
+    endpoint: str | None = None,
+    identity: str | None = None,
+) -> str:
     """sha256 of a canonical JSON of everything that changes the answer to `request`.
 
     Every field of Request takes part, so a sampling setting added later cannot be forgotten here; a
@@ -89,8 +101,13 @@ def request_key(backend_name: str, model: str, request: Request, template_text: 
     `identity` is what a backend that runs the model here knows of it beyond its name: its content, and
     the settings that change its numbers (LocalBackend.cache_identity).
     """
-    recipe = {"version": KEY_VERSION, "backend": backend_name, "model": model, "template": template_text,
-              "request": _without_none(dataclasses.asdict(request))}
+    recipe = {
+        "version": KEY_VERSION,
+        "backend": backend_name,
+        "model": model,
+        "template": template_text,
+        "request": _without_none(dataclasses.asdict(request)),
+    }
     if endpoint is not None:
         recipe["endpoint"] = endpoint
     if identity is not None:
@@ -111,14 +128,25 @@ def _without_none(value):
 def key_for(backend: Backend, request: Request, template_text: str = "") -> str:
     """The cache key of `request` sent to `backend` (its name, model and, if remote, its base URL; if local,
     its model's content identity)."""
-    return request_key(backend.name, backend.model, request, template_text, getattr(backend, "base_url", None),
-                       getattr(backend, "cache_identity", None))
+    return request_key(
+        backend.name,
+        backend.model,
+        request,
+        template_text,
+        getattr(backend, "base_url", None),
+        getattr(backend, "cache_identity", None),
+    )
 
 
-def complete_cached(backend: Backend, requests: list[Request], cache: Cache | None, usage: Usage,
-                    template_texts: list[str] | None = None,
-                    on_done: Callable[[int, Completion], None] | None = None,
-                    unusable: Callable[[Completion], str | None] | None = None) -> list[Completion]:
+def complete_cached(
+    backend: Backend,
+    requests: list[Request],
+    cache: Cache | None,
+    usage: Usage,
+    template_texts: list[str] | None = None,
+    on_done: Callable[[int, Completion], None] | None = None,
+    unusable: Callable[[Completion], str | None] | None = None,
+) -> list[Completion]:
     """Answer `requests` in order, asking `backend` only for answers not in `cache`.
 
     All misses go to the backend in one call, so it can batch or parallelise them; identical
@@ -134,8 +162,7 @@ def complete_cached(backend: Backend, requests: list[Request], cache: Cache | No
         template_texts = [""] * len(requests)
     if len(template_texts) != len(requests):
         raise ValueError(f"{len(template_texts)} template texts for {len(requests)} requests")
-    keys = [key_for(backend, request, template)
-            for request, template in zip(requests, template_texts)]
+    keys = [key_for(backend, request, template) for request, template in zip(requests, template_texts)]
     results: list[Completion | None] = [None] * len(requests)
     lock = threading.Lock()  # backends may call back from worker threads
 
@@ -176,8 +203,9 @@ def complete_cached(backend: Backend, requests: list[Request], cache: Cache | No
         answers = backend.complete([requests[misses[key][0]] for key in miss_keys], on_done=arrived)
     except UnusableAnswer as error:
         # the backend's reasons are by its own request list, the misses
-        by_request = {index: why for miss_index, why in error.reasons.items()
-                      for index in misses[miss_keys[miss_index]]}
+        by_request = {
+            index: why for miss_index, why in error.reasons.items() for index in misses[miss_keys[miss_index]]
+        }
         refused.update(by_request or {index: str(error) for index, result in enumerate(results) if result is None})
     else:
         for key, answer in zip(miss_keys, answers):  # the returned list is authoritative

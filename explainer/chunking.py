@@ -43,31 +43,47 @@ import tree_sitter
 
 from explainer.errors import UserError
 
-CHUNK_KINDS = ("imports", "module", "function", "class", "signature", "block", "return",
-               "for", "while", "do", "if", "switch", "match", "with", "try")
+CHUNK_KINDS = (
+    "imports",
+    "module",
+    "function",
+    "class",
+    "signature",
+    "block",
+    "return",
+    "for",
+    "while",
+    "do",
+    "if",
+    "switch",
+    "match",
+    "with",
+    "try",
+)
 
 
 @dataclass(frozen=True)
 class Symbol:
     """A top-level function or class, or a method (a function defined in a class)."""
-    name: str            # qualified: "Llama.generate" (C++: "Llama::generate"), "sample_top_p"
-    kind: str            # "function" | "method" | "class"
-    start_line: int      # 1-based, inclusive; decorators and C++ templates included
+
+    name: str  # qualified: "Llama.generate" (C++: "Llama::generate"), "sample_top_p"
+    kind: str  # "function" | "method" | "class"
+    start_line: int  # 1-based, inclusive; decorators and C++ templates included
     end_line: int
-    signature: str       # decorators + signature line(s), exact source text
-    docstring: str       # exact source text of the docstring literal; C: of the comment above; "" if none
-    text: str            # the definition's whole lines, exactly as in the source
+    signature: str  # decorators + signature line(s), exact source text
+    docstring: str  # exact source text of the docstring literal; C: of the comment above; "" if none
+    text: str  # the definition's whole lines, exactly as in the source
 
 
 @dataclass(frozen=True)
 class Chunk:
     path: str
-    code_language: str   # "python" | "c" | "cpp" | "cuda"
-    symbol: str          # qualified name of the enclosing symbol, "" for module-level code
-    kind: str            # one of CHUNK_KINDS
-    start_line: int      # 1-based, inclusive, original line numbers
+    code_language: str  # "python" | "c" | "cpp" | "cuda"
+    symbol: str  # qualified name of the enclosing symbol, "" for module-level code
+    kind: str  # one of CHUNK_KINDS
+    start_line: int  # 1-based, inclusive, original line numbers
     end_line: int
-    code: str            # exact source text of those lines
+    code: str  # exact source text of those lines
     calls: tuple[str, ...]  # same-file symbols this chunk calls, in order of first call
 
 
@@ -76,36 +92,43 @@ class ChunkedFile:
     path: str
     code_language: str
     source: str
-    symbols: list[Symbol]   # every definition, methods included, in source order
+    symbols: list[Symbol]  # every definition, methods included, in source order
     chunks: list[Chunk]
     warnings: list[str]
 
 
 # --- programming languages ------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class _Grammar:
     """How the chunker reads one tree-sitter grammar's syntax trees."""
-    package: str                 # the tree-sitter grammar package
-    separator: str               # between a class and its members in qualified names
-    compound: dict[str, str]     # compound statement node type -> chunk kind
-    bodies: frozenset[str]       # node types whose named children are statements or members
-    clauses: frozenset[str]      # else/elif/except/catch: a chunk each when a statement is split
-    containers: frozenset[str]   # #if, namespace, extern "C": their items count as their siblings
+
+    package: str  # the tree-sitter grammar package
+    separator: str  # between a class and its members in qualified names
+    compound: dict[str, str]  # compound statement node type -> chunk kind
+    bodies: frozenset[str]  # node types whose named children are statements or members
+    clauses: frozenset[str]  # else/elif/except/catch: a chunk each when a statement is split
+    containers: frozenset[str]  # #if, namespace, extern "C": their items count as their siblings
     imports: frozenset[str]
-    call: str                    # the call node type
+    call: str  # the call node type
     members_callable_by_name: bool  # C++: inside a method, `f()` may call the method Class::f
 
 
 _PYTHON = _Grammar(
     package="tree_sitter_python",
     separator=".",
-    compound={"for_statement": "for", "while_statement": "while", "if_statement": "if",
-              "with_statement": "with", "try_statement": "try", "match_statement": "match",
-              "case_clause": "match"},
+    compound={
+        "for_statement": "for",
+        "while_statement": "while",
+        "if_statement": "if",
+        "with_statement": "with",
+        "try_statement": "try",
+        "match_statement": "match",
+        "case_clause": "match",
+    },
     bodies=frozenset({"block"}),
-    clauses=frozenset({"elif_clause", "else_clause", "except_clause", "except_group_clause",
-                       "finally_clause"}),
+    clauses=frozenset({"elif_clause", "else_clause", "except_clause", "except_group_clause", "finally_clause"}),
     containers=frozenset(),
     imports=frozenset({"import_statement", "import_from_statement", "future_import_statement"}),
     call="call",
@@ -114,13 +137,18 @@ _PYTHON = _Grammar(
 _C = _Grammar(
     package="tree_sitter_c",
     separator="::",
-    compound={"for_statement": "for", "while_statement": "while", "do_statement": "do",
-              "if_statement": "if", "switch_statement": "switch", "case_statement": "switch",
-              "compound_statement": "block"},
+    compound={
+        "for_statement": "for",
+        "while_statement": "while",
+        "do_statement": "do",
+        "if_statement": "if",
+        "switch_statement": "switch",
+        "case_statement": "switch",
+        "compound_statement": "block",
+    },
     bodies=frozenset({"compound_statement", "field_declaration_list", "declaration_list"}),
     clauses=frozenset({"else_clause"}),
-    containers=frozenset({"preproc_if", "preproc_ifdef", "preproc_else", "preproc_elif",
-                          "preproc_elifdef"}),
+    containers=frozenset({"preproc_if", "preproc_ifdef", "preproc_else", "preproc_elif", "preproc_elifdef"}),
     imports=frozenset({"preproc_include"}),
     call="call_expression",
     members_callable_by_name=False,
@@ -141,26 +169,32 @@ _C_FAMILY_KEYWORDS = frozenset(
     "auto break case char const constexpr continue default do double else enum extern false float for "
     "goto if inline int long nullptr NULL register return short signed sizeof static struct switch "
     "template this true typedef union unsigned void volatile while class public private protected "
-    "virtual namespace new delete bool __global__ __device__ __host__ __shared__".split())
+    "virtual namespace new delete bool __global__ __device__ __host__ __shared__".split()
+)
 
 
 @dataclass(frozen=True)
 class CodeLanguage:
     """A programming language the chunker reads: its files, its name in prompts, its keywords, its grammar."""
-    name: str                  # Chunk.code_language, Post.code_language and the info string of its code fences
-    label: str                 # how prompts name it: "C++"
+
+    name: str  # Chunk.code_language, Post.code_language and the info string of its code fences
+    label: str  # how prompts name it: "C++"
     suffixes: tuple[str, ...]  # file name endings, lower case
-    keywords: frozenset[str]   # keywords and builtins: backticked words that no file needs to define
+    keywords: frozenset[str]  # keywords and builtins: backticked words that no file needs to define
     grammar: _Grammar
 
 
-CODE_LANGUAGES = {entry.name: entry for entry in (
-    CodeLanguage("python", "Python", (".py", ".pyi"), _PYTHON_KEYWORDS, _PYTHON),
-    CodeLanguage("c", "C", (".c", ".h"), _C_FAMILY_KEYWORDS, _C),
-    CodeLanguage("cpp", "C++", (".cc", ".cpp", ".cxx", ".c++", ".hh", ".hpp", ".hxx", ".h++"),
-                 _C_FAMILY_KEYWORDS, _CPP),
-    CodeLanguage("cuda", "CUDA", (".cu", ".cuh"), _C_FAMILY_KEYWORDS, replace(_CPP, package="tree_sitter_cuda")),
-)}
+CODE_LANGUAGES = {
+    entry.name: entry
+    for entry in (
+        CodeLanguage("python", "Python", (".py", ".pyi"), _PYTHON_KEYWORDS, _PYTHON),
+        CodeLanguage("c", "C", (".c", ".h"), _C_FAMILY_KEYWORDS, _C),
+        CodeLanguage(
+            "cpp", "C++", (".cc", ".cpp", ".cxx", ".c++", ".hh", ".hpp", ".hxx", ".h++"), _C_FAMILY_KEYWORDS, _CPP
+        ),
+        CodeLanguage("cuda", "CUDA", (".cu", ".cuh"), _C_FAMILY_KEYWORDS, replace(_CPP, package="tree_sitter_cuda")),
+    )
+}
 _BY_SUFFIX = {suffix: entry.name for entry in CODE_LANGUAGES.values() for suffix in entry.suffixes}
 
 _CLASS_SPECIFIERS = ("struct_specifier", "class_specifier", "union_specifier")
@@ -177,8 +211,10 @@ def detect_code_language(path) -> str:
     """The programming language of a source file, by its name: a key of CODE_LANGUAGES."""
     suffix = Path(path).suffix.lower()
     if suffix not in _BY_SUFFIX:
-        raise UserError(f"{path}: unsupported file type {suffix or '(no extension)'}; "
-                        f"pass a source file ending in one of {_supported_extensions()}")
+        raise UserError(
+            f"{path}: unsupported file type {suffix or '(no extension)'}; "
+            f"pass a source file ending in one of {_supported_extensions()}"
+        )
     return _BY_SUFFIX[suffix]
 
 
@@ -189,6 +225,7 @@ def _parser(code_language: str) -> tree_sitter.Parser:
 
 
 # --- entry points --------------------------------------------------------------------------
+
 
 def chunk_file(path, symbol: str | None = None, max_lines: int = 30, display_path: str | None = None) -> ChunkedFile:
     """Read a source file and split it; see chunk_source. Chunks and messages name the file as
@@ -208,17 +245,21 @@ def chunk_file(path, symbol: str | None = None, max_lines: int = 30, display_pat
         source = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        raise UserError(f"{path}: not valid UTF-8 (byte 0x{data[exc.start]:02x} on line {line}); "
-                        "save the file as UTF-8 and try again") from None
+        raise UserError(
+            f"{path}: not valid UTF-8 (byte 0x{data[exc.start]:02x} on line {line}); "
+            "save the file as UTF-8 and try again"
+        ) from None
     return chunk_source(source, display_path or str(path), code_language, symbol=symbol, max_lines=max_lines)
 
 
-def chunk_source(source: str, path: str, code_language: str, symbol: str | None = None,
-                 max_lines: int = 30) -> ChunkedFile:
+def chunk_source(
+    source: str, path: str, code_language: str, symbol: str | None = None, max_lines: int = 30
+) -> ChunkedFile:
     """Split source code into chunks: all of it in order, or only the definition named `symbol`."""
     if code_language not in CODE_LANGUAGES:
-        raise UserError(f"{path}: unsupported programming language {code_language!r}; "
-                        f"supported: {', '.join(CODE_LANGUAGES)}")
+        raise UserError(
+            f"{path}: unsupported programming language {code_language!r}; supported: {', '.join(CODE_LANGUAGES)}"
+        )
     if "\x00" in source:
         raise UserError(_binary_message(path))
     if not source.strip():
@@ -232,8 +273,14 @@ def enclosing_view(chunked: ChunkedFile, chunk: Chunk) -> str:
     """The enclosing symbol's lines numbered as in the file, the chunk's lines marked with '>>'.
 
     Module-level chunks have no enclosing symbol; their view is the chunk alone."""
-    owner = next((s for s in chunked.symbols if s.name == chunk.symbol
-                  and s.start_line <= chunk.end_line and chunk.start_line <= s.end_line), None)
+    owner = next(
+        (
+            s
+            for s in chunked.symbols
+            if s.name == chunk.symbol and s.start_line <= chunk.end_line and chunk.start_line <= s.end_line
+        ),
+        None,
+    )
     first, last = chunk.start_line, chunk.end_line
     if owner is not None:
         first, last = min(first, owner.start_line), max(last, owner.end_line)
@@ -255,17 +302,20 @@ def numbered_lines(chunked: ChunkedFile, first: int, last: int, marked: tuple[in
 
 
 def _binary_message(path) -> str:
-    return (f"{path}: looks like a binary file (it contains NUL bytes); "
-            f"pass a source file ending in one of {_supported_extensions()}")
+    return (
+        f"{path}: looks like a binary file (it contains NUL bytes); "
+        f"pass a source file ending in one of {_supported_extensions()}"
+    )
 
 
 # --- the chunker ---------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class _Definition:
-    name: str                     # qualified
-    kind: str                     # "function" | "method" | "class"
-    node: tree_sitter.Node        # the whole definition: decorators, template, typedef included
+    name: str  # qualified
+    kind: str  # "function" | "method" | "class"
+    node: tree_sitter.Node  # the whole definition: decorators, template, typedef included
     body: tree_sitter.Node | None  # holds its statements or members
     docstring: tree_sitter.Node | None  # Python: the docstring statement
 
@@ -274,6 +324,7 @@ class _Definition:
 class _Note:
     """A line that goes with the code below it: a comment, or the `#ifdef`/`namespace` line that
     opens a container."""
+
     first_row: int
     last_row: int
 
@@ -281,7 +332,8 @@ class _Note:
 @dataclass
 class _Unit:
     """One item of a body: a statement or definition with the comments above it."""
-    first_row: int                # 0-based, leading comments included
+
+    first_row: int  # 0-based, leading comments included
     last_row: int
     node: tree_sitter.Node
     definition: _Definition | None
@@ -289,7 +341,7 @@ class _Unit:
 
 @dataclass(frozen=True)
 class _Cut:
-    row: int                      # 0-based: a chunk starts at the beginning of this line
+    row: int  # 0-based: a chunk starts at the beginning of this line
     kind: str
     symbol: str
 
@@ -306,7 +358,8 @@ def _declarator_name(node: tree_sitter.Node) -> str:
     declarator = node.child_by_field_name("declarator")
     while declarator is not None:
         inner = declarator.child_by_field_name("declarator") or next(
-            (c for c in declarator.named_children if c.type.endswith("declarator")), None)
+            (c for c in declarator.named_children if c.type.endswith("declarator")), None
+        )
         if inner is None:
             break
         declarator = inner
@@ -349,21 +402,25 @@ class _FileChunker:
                 raise UserError(self._unknown_symbol_message(symbol, symbols))
             if len(matches) > 1:
                 where = ", ".join(str(_rows(d.node)[0] + 1) for d in matches)
-                warnings.append(f"{self.path}: {symbol} is defined {len(matches)} times "
-                                f"(lines {where}); explaining the first")
+                warnings.append(
+                    f"{self.path}: {symbol} is defined {len(matches)} times (lines {where}); explaining the first"
+                )
             chosen = matches[0]
             first, last = _rows(chosen.node)
             cuts = self._unit_cuts(_Unit(first, last, chosen.node, chosen), scope=symbol, owner="")
         chunks = self._assemble(cuts, first, last)
         chunks = self._with_calls(chunks, symbols)
         syntax = self._syntax_warning(first, last)
-        return ChunkedFile(self.path, self.code_language, self.source, symbols, chunks,
-                           ([syntax] if syntax else []) + warnings)
+        return ChunkedFile(
+            self.path, self.code_language, self.source, symbols, chunks, ([syntax] if syntax else []) + warnings
+        )
 
     def _unknown_symbol_message(self, symbol: str, symbols: list[Symbol]) -> str:
         if not symbols:
-            return (f"{self.path}: no symbol named {symbol!r}: the file defines no functions or "
-                    "classes; leave out the symbol to explain the whole file")
+            return (
+                f"{self.path}: no symbol named {symbol!r}: the file defines no functions or "
+                "classes; leave out the symbol to explain the whole file"
+            )
         names = ", ".join(dict.fromkeys(s.name for s in symbols))
         return f"{self.path}: no symbol named {symbol!r}; available symbols: {names}"
 
@@ -389,14 +446,17 @@ class _FileChunker:
             kind = "class"
         else:
             kind = "method" if owner else "function"
-        return _Definition(self._qualified(owner, name.text.decode()), kind, node, body,
-                           self._python_docstring(body))
+        return _Definition(self._qualified(owner, name.text.decode()), kind, node, body, self._python_docstring(body))
 
     @staticmethod
     def _python_docstring(body):
         first = next((c for c in body.named_children if c.type != "comment"), None) if body else None
-        if (first is not None and first.type == "expression_statement" and first.named_child_count == 1
-                and first.named_children[0].type in ("string", "concatenated_string")):
+        if (
+            first is not None
+            and first.type == "expression_statement"
+            and first.named_child_count == 1
+            and first.named_children[0].type in ("string", "concatenated_string")
+        ):
             return first
         return None
 
@@ -412,8 +472,7 @@ class _FileChunker:
             if not name:
                 return None
             kind = "method" if owner or "::" in name else "function"
-            return _Definition(self._qualified(owner, name), kind, node,
-                               node.child_by_field_name("body"), None)
+            return _Definition(self._qualified(owner, name), kind, node, node.child_by_field_name("body"), None)
         specifier = node
         if node.type in ("declaration", "type_definition", "field_declaration"):
             specifier = node.child_by_field_name("type")
@@ -421,8 +480,13 @@ class _FileChunker:
             return None
         body = specifier.child_by_field_name("body")
         name_node = specifier.child_by_field_name("name")
-        name = (name_node.text.decode("utf-8", "replace") if name_node is not None
-                else _declarator_name(node) if node is not specifier else "")
+        name = (
+            name_node.text.decode("utf-8", "replace")
+            if name_node is not None
+            else _declarator_name(node)
+            if node is not specifier
+            else ""
+        )
         if body is None or not name:
             return None
         return _Definition(self._qualified(owner, "".join(name.split())), "class", node, body, None)
@@ -456,8 +520,15 @@ class _FileChunker:
             docstring = definition.docstring.text.decode("utf-8", "replace")
         else:
             docstring = self._comment_above(definition.node)
-        return Symbol(definition.name, definition.kind, first + 1, last + 1, signature, docstring,
-                      "".join(self.lines[first:last + 1]))
+        return Symbol(
+            definition.name,
+            definition.kind,
+            first + 1,
+            last + 1,
+            signature,
+            docstring,
+            "".join(self.lines[first : last + 1]),
+        )
 
     def _comment_above(self, node) -> str:
         if self.code_language == "python":
@@ -465,14 +536,18 @@ class _FileChunker:
         comments = []
         above = node.prev_sibling
         top = node.start_point.row
-        while (above is not None and above.type == "comment" and above.end_point.row >= top - 1
-               and not self._follows_code(above)):
+        while (
+            above is not None
+            and above.type == "comment"
+            and above.end_point.row >= top - 1
+            and not self._follows_code(above)
+        ):
             comments.insert(0, above)
             top = above.start_point.row
             above = above.prev_sibling
         if not comments:
             return ""
-        return self.code[comments[0].start_byte:comments[-1].end_byte].decode("utf-8", "replace")
+        return self.code[comments[0].start_byte : comments[-1].end_byte].decode("utf-8", "replace")
 
     # ---- items: the statements of a body, or a file's top-level code
 
@@ -522,7 +597,7 @@ class _FileChunker:
         """Whether code comes before this node on its first line (like `}  // end`)."""
         if isinstance(piece, _Note):
             return False
-        return bool(self.code[self.row_starts[piece.start_point.row]:piece.start_byte].strip())
+        return bool(self.code[self.row_starts[piece.start_point.row] : piece.start_byte].strip())
 
     def _keep_trailing_comments(self, previous: _Unit, notes: list[_Note], next_row: int) -> list[_Note]:
         """Comments right under an item and followed by a blank line end that item; the rest
@@ -544,8 +619,9 @@ class _FileChunker:
     def _is_import(self, unit: _Unit) -> bool:
         return unit.node.type in self.grammar.imports
 
-    def _item_cuts(self, nodes, scope: str, owner: str | None, simple_kind: str = "block",
-                   header_takes_first_run: bool = False) -> list[_Cut]:
+    def _item_cuts(
+        self, nodes, scope: str, owner: str | None, simple_kind: str = "block", header_takes_first_run: bool = False
+    ) -> list[_Cut]:
         """Cuts for a list of items: runs of plain statements split at blank lines, every
         definition and compound statement on its own. With `header_takes_first_run`, the first
         run stays with the header above it (a long `for` keeps its first statements)."""
@@ -571,8 +647,9 @@ class _FileChunker:
         both_imports = self._is_import(previous) and self._is_import(unit)
         if both_imports:
             return False  # imports stay together across blank lines
-        return (self._is_import(previous) != self._is_import(unit)
-                or self._blank_between(previous.last_row, unit.first_row))
+        return self._is_import(previous) != self._is_import(unit) or self._blank_between(
+            previous.last_row, unit.first_row
+        )
 
     def _run_cuts(self, run: list[_Unit], scope: str, simple_kind: str) -> list[_Cut]:
         """A run of plain statements, cut between statements where it outgrows max_lines."""
@@ -627,8 +704,11 @@ class _FileChunker:
         if body is None:
             return cuts
         opening = body.children[0] if body.children and not body.children[0].is_named else None
-        header_row = opening.start_point.row if opening is not None else (
-            body.prev_sibling.end_point.row if body.prev_sibling is not None else body.start_point.row)
+        header_row = (
+            opening.start_point.row
+            if opening is not None
+            else (body.prev_sibling.end_point.row if body.prev_sibling is not None else body.start_point.row)
+        )
         return [cut for cut in cuts if cut.row > header_row]
 
     def _compound_cuts(self, node, kind: str, scope: str, first_row: int) -> list[_Cut]:
@@ -639,18 +719,19 @@ class _FileChunker:
     def _compound_body_cuts(self, node, kind: str, scope: str) -> list[_Cut]:
         cuts = []
         if node.type in self.grammar.bodies:  # a bare { ... } block
-            return self._below_header(node, self._item_cuts(
-                node.named_children, scope, None, header_takes_first_run=True))
+            return self._below_header(
+                node, self._item_cuts(node.named_children, scope, None, header_takes_first_run=True)
+            )
         if node.type == "case_statement":  # C: statements follow `case X:` directly
             colon = next((c for c in node.children if c.type == ":"), None)
-            statements = [c for c in node.named_children
-                          if colon is not None and c.start_byte >= colon.end_byte]
+            statements = [c for c in node.named_children if colon is not None and c.start_byte >= colon.end_byte]
             return self._item_cuts(statements, scope, None, header_takes_first_run=True)
         for child in node.children:
             child_first, child_last = _rows(child)
             if child.type in self.grammar.bodies:
-                cuts += self._below_header(child, self._item_cuts(
-                    child.named_children, scope, None, header_takes_first_run=True))
+                cuts += self._below_header(
+                    child, self._item_cuts(child.named_children, scope, None, header_takes_first_run=True)
+                )
             elif child.type in self.grammar.clauses:
                 if self._fits(child_first, child_last):
                     cuts.append(_Cut(child_first, kind, scope))
@@ -675,8 +756,18 @@ class _FileChunker:
         chunks = []
         for cut, after in zip(kept, kept[1:] + [None]):
             end = after.row - 1 if after is not None else last
-            chunks.append(Chunk(self.path, self.code_language, cut.symbol, cut.kind, cut.row + 1,
-                                end + 1, "".join(self.lines[cut.row:end + 1]), ()))
+            chunks.append(
+                Chunk(
+                    self.path,
+                    self.code_language,
+                    cut.symbol,
+                    cut.kind,
+                    cut.row + 1,
+                    end + 1,
+                    "".join(self.lines[cut.row : end + 1]),
+                    (),
+                )
+            )
         return chunks
 
     def _with_calls(self, chunks: list[Chunk], symbols: list[Symbol]) -> list[Chunk]:

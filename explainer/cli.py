@@ -12,8 +12,8 @@ from pathlib import Path
 
 import click
 
-from explainer.errors import UserError
 from explainer.backends import Request
+from explainer.errors import UserError
 
 
 class _OneLineErrors:
@@ -95,7 +95,8 @@ def backend_option(prefix: str = ""):
 
 def make_backend(name: str | None, model: str | None, base_url: str | None):
     """The backend the --backend, --model and --base-url options ask for (explainer.backends' registry)."""
-    from explainer.backends import BackendSettings, make_backend as from_registry
+    from explainer.backends import BackendSettings
+    from explainer.backends import make_backend as from_registry
 
     return from_registry(BackendSettings(name=name, model=model, base_url=base_url))
 
@@ -109,28 +110,73 @@ def open_cache(cache_dir: str | None, no_cache: bool):
 
 @main.command()
 @click.argument("file", type=click.Path(path_type=Path))
-@click.option("--symbol", metavar="NAME", help="Explain only this function, class or method: sample_top_p, "
-                                                 "Llama.generate (C++: Llama::generate) [default: the whole file].")
+@click.option(
+    "--symbol",
+    metavar="NAME",
+    help="Explain only this function, class or method: sample_top_p, "
+    "Llama.generate (C++: Llama::generate) [default: the whole file].",
+)
 @backend_option()
-@click.option("--model", help="Model name (openai) [default: gpt-4o-mini], or a catalog name or checkpoint path "
-                              "(local) [default: qwen2.5-coder-1.5b; see python -m llama_ref --list-models].")
-@click.option("--base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 "
-                                 "[default: OPENAI_BASE_URL, else api.openai.com].")
-@click.option("--lang", default="en", show_default=True, metavar="LANG",
-              help="Write the explanations in this language: en, zh, ja, ar, ... (see explainer/translations/).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the post to this file (atomically) [default: stdout].")
-@click.option("--format", "output_format", type=click.Choice(["markdown", "json"]), default="markdown",
-              show_default=True, help="markdown: a Jekyll post; json: the post's data, with ungrounded names.")
+@click.option(
+    "--model",
+    help="Model name (openai) [default: gpt-4o-mini], or a catalog name or checkpoint path "
+    "(local) [default: qwen2.5-coder-1.5b; see python -m llama_ref --list-models].",
+)
+@click.option(
+    "--base-url",
+    help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 [default: OPENAI_BASE_URL, else api.openai.com].",
+)
+@click.option(
+    "--lang",
+    default="en",
+    show_default=True,
+    metavar="LANG",
+    help="Write the explanations in this language: en, zh, ja, ar, ... (see explainer/translations/).",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the post to this file (atomically) [default: stdout].",
+)
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["markdown", "json"]),
+    default="markdown",
+    show_default=True,
+    help="markdown: a Jekyll post; json: the post's data, with ungrounded names.",
+)
 @click.option("--cache-dir", help="Answer cache folder [default: EXPLAINER_CACHE_DIR, else ~/.cache/llama-explainer].")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the answer cache.")
-@click.option("--max-lines", type=click.IntRange(min=1), default=30, show_default=True,
-              help="Split definitions longer than this into pieces.")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=Request.max_tokens, show_default=True,
-              help="Longest answer the model may give per piece; a longer one is an error.")
-def explain(file: Path, symbol: str | None, backend: str | None, model: str | None, base_url: str | None,
-            lang: str, output: Path | None, output_format: str, cache_dir: str | None, no_cache: bool,
-            max_lines: int, max_tokens: int):
+@click.option(
+    "--max-lines",
+    type=click.IntRange(min=1),
+    default=30,
+    show_default=True,
+    help="Split definitions longer than this into pieces.",
+)
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=Request.max_tokens,
+    show_default=True,
+    help="Longest answer the model may give per piece; a longer one is an error.",
+)
+def explain(
+    file: Path,
+    symbol: str | None,
+    backend: str | None,
+    model: str | None,
+    base_url: str | None,
+    lang: str,
+    output: Path | None,
+    output_format: str,
+    cache_dir: str | None,
+    no_cache: bool,
+    max_lines: int,
+    max_tokens: int,
+):
     """Explain FILE (Python, C, C++ or CUDA) piece by piece with an LLM, as a Markdown blog post.
 
     tree-sitter splits the code into the pieces a person would paste into a chat one at a time;
@@ -152,9 +198,17 @@ def explain(file: Path, symbol: str | None, backend: str | None, model: str | No
     chosen = make_backend(backend, model, base_url)
     progress = AnswerProgress(f"explaining {file}")
     try:
-        post, usage = explain_file(file, symbol, backend=chosen, cache=open_cache(cache_dir, no_cache), lang=lang,
-                                   max_lines=max_lines, max_tokens=max_tokens, on_progress=progress,
-                                   on_warning=lambda message: click.echo(f"Warning: {message}", err=True))
+        post, usage = explain_file(
+            file,
+            symbol,
+            backend=chosen,
+            cache=open_cache(cache_dir, no_cache),
+            lang=lang,
+            max_lines=max_lines,
+            max_tokens=max_tokens,
+            on_progress=progress,
+            on_warning=lambda message: click.echo(f"Warning: {message}", err=True),
+        )
     finally:
         progress.close()
     text = post_json(post) if output_format == "json" else render_post(post)
@@ -171,22 +225,45 @@ def explain(file: Path, symbol: str | None, backend: str | None, model: str | No
 
 @main.command()
 @click.argument("post", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--to", "targets", required=True, metavar="LANGS",
-              help="Languages to translate into, comma-separated: zh,ar,ja (see explainer/translations/).")
-@click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Write DIR/<lang>/<name>-<lang>.md [default: beside the post's language folder].")
-@click.option("--from", "source_lang", metavar="LANG", help="The post's language [default: front matter lang, else detected].")
+@click.option(
+    "--to",
+    "targets",
+    required=True,
+    metavar="LANGS",
+    help="Languages to translate into, comma-separated: zh,ar,ja (see explainer/translations/).",
+)
+@click.option(
+    "-o",
+    "--output-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write DIR/<lang>/<name>-<lang>.md [default: beside the post's language folder].",
+)
+@click.option(
+    "--from", "source_lang", metavar="LANG", help="The post's language [default: front matter lang, else detected]."
+)
 @backend_option()
 @click.option("--model", help="Model name (openai), or a catalog name or checkpoint path (local).")
 @click.option("--base-url", help="OpenAI-compatible server [default: OPENAI_BASE_URL, else api.openai.com].")
 @click.option("--cache-dir", help="Answer cache folder [default: EXPLAINER_CACHE_DIR, else ~/.cache/llama-explainer].")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the answer cache.")
-@click.option("--keep-source-on-failure", is_flag=True,
-              help="A segment whose translation fails every check and retry keeps its source text, instead of "
-                   "the language writing nothing; the copy lists it in its front matter (untranslated:).")
-def translate(post: Path, targets: str, output_dir: Path | None, source_lang: str | None, backend: str,
-              model: str | None, base_url: str | None, cache_dir: str | None, no_cache: bool,
-              keep_source_on_failure: bool):
+@click.option(
+    "--keep-source-on-failure",
+    is_flag=True,
+    help="A segment whose translation fails every check and retry keeps its source text, instead of "
+    "the language writing nothing; the copy lists it in its front matter (untranslated:).",
+)
+def translate(
+    post: Path,
+    targets: str,
+    output_dir: Path | None,
+    source_lang: str | None,
+    backend: str,
+    model: str | None,
+    base_url: str | None,
+    cache_dir: str | None,
+    no_cache: bool,
+    keep_source_on_failure: bool,
+):
     """Translate a Markdown post: only prose is sent; code, links and front matter keys stay as they are.
 
     Every answer is checked first (code byte-identical, same structure, no chatter, right
@@ -205,40 +282,87 @@ def translate(post: Path, targets: str, output_dir: Path | None, source_lang: st
         language(code)  # an unknown code fails here, before a backend is set up
     usage = Usage()
     kept: dict[str, list[str]] | None = {} if keep_source_on_failure else None
-    written = translate_file(post, codes, make_backend(backend, model, base_url), open_cache(cache_dir, no_cache),
-                             usage, out_dir=output_dir, source_lang=source_lang, untranslated=kept)
+    written = translate_file(
+        post,
+        codes,
+        make_backend(backend, model, base_url),
+        open_cache(cache_dir, no_cache),
+        usage,
+        out_dir=output_dir,
+        source_lang=source_lang,
+        untranslated=kept,
+    )
     for path in written:
         click.echo(str(path))
     for code, segments in (kept or {}).items():
-        click.echo(f"Warning: {code}: {len(segments)} segment(s) left untranslated (listed in the copy's front "
-                   f"matter): " + " | ".join(segments), err=True)
+        click.echo(
+            f"Warning: {code}: {len(segments)} segment(s) left untranslated (listed in the copy's front "
+            f"matter): " + " | ".join(segments),
+            err=True,
+        )
     click.echo(usage.summary(), err=True)
 
 
 @main.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default="explainer.toml",
-              show_default=True, help="The site's config: posts, languages, backend, output.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default="explainer.toml",
+    show_default=True,
+    help="The site's config: posts, languages, backend, output.",
+)
 @click.option("--only", multiple=True, metavar="POST", help="Build only this post (its slug); repeatable.")
-@click.option("--lang", "langs", multiple=True, metavar="LANGS",
-              help="Build only these languages, comma-separated or repeated [default: the config's].")
+@click.option(
+    "--lang",
+    "langs",
+    multiple=True,
+    metavar="LANGS",
+    help="Build only these languages, comma-separated or repeated [default: the config's].",
+)
 @click.option("--dry-run", is_flag=True, help="List the files the build would write; ask no model, run no demo.")
 @click.option("--rerun-demos", is_flag=True, help="Run every demo again instead of using its cached output.")
-@click.option("--no-demos", is_flag=True, help="Run no demo: publish demo blocks as plain code without output, "
-                                                "and leave out the demos of explained posts.")
-@click.option("--keep-source-on-failure", is_flag=True,
-              help="A segment whose translation fails every check and retry keeps its source text, instead of "
-                   "the language writing nothing; the page lists it in its front matter (untranslated:).")
+@click.option(
+    "--no-demos",
+    is_flag=True,
+    help="Run no demo: publish demo blocks as plain code without output, and leave out the demos of explained posts.",
+)
+@click.option(
+    "--keep-source-on-failure",
+    is_flag=True,
+    help="A segment whose translation fails every check and retry keeps its source text, instead of "
+    "the language writing nothing; the page lists it in its front matter (untranslated:).",
+)
 @backend_option(prefix="Override [backend] name. ")
-@click.option("--model", help="Override [backend] model: a model name (openai), or a catalog name or checkpoint path (local).")
+@click.option(
+    "--model", help="Override [backend] model: a model name (openai), or a catalog name or checkpoint path (local)."
+)
 @click.option("--base-url", help="Override the OpenAI-compatible server [default: OPENAI_BASE_URL, else the config's].")
-@click.option("--cache-dir", help="Cache folder for answers and demo results "
-                                  "[default: EXPLAINER_CACHE_DIR, else the config's, else .explainer-cache].")
-@click.option("--trust-config", is_flag=True,
-              help="The config is yours: its root, output and cache_dir may lie outside its folder, and its "
-                   "[backend] base_url may get your OPENAI_API_KEY.")
-def build(config_path: Path, only: tuple[str, ...], langs: tuple[str, ...], dry_run: bool, rerun_demos: bool,
-          no_demos: bool, keep_source_on_failure: bool, backend: str | None, model: str | None, base_url: str | None,
-          cache_dir: str | None, trust_config: bool):
+@click.option(
+    "--cache-dir",
+    help="Cache folder for answers and demo results "
+    "[default: EXPLAINER_CACHE_DIR, else the config's, else .explainer-cache].",
+)
+@click.option(
+    "--trust-config",
+    is_flag=True,
+    help="The config is yours: its root, output and cache_dir may lie outside its folder, and its "
+    "[backend] base_url may get your OPENAI_API_KEY.",
+)
+def build(
+    config_path: Path,
+    only: tuple[str, ...],
+    langs: tuple[str, ...],
+    dry_run: bool,
+    rerun_demos: bool,
+    no_demos: bool,
+    keep_source_on_failure: bool,
+    backend: str | None,
+    model: str | None,
+    base_url: str | None,
+    cache_dir: str | None,
+    trust_config: bool,
+):
     """Explain, translate and render every post of a site in every language, running its demos.
 
     A site's config reads and writes only inside its own folder and never sends your API key to a
@@ -256,40 +380,81 @@ def build(config_path: Path, only: tuple[str, ...], langs: tuple[str, ...], dry_
 
     if no_demos and rerun_demos:
         raise UserError("--no-demos runs no demo, so --rerun-demos can't rerun them; pass one of the two")
-    config = with_overrides(load_config(config_path, trust=trust_config), backend=backend, model=model,
-                            base_url=base_url, cache_dir=cache_dir)
-    options = BuildOptions(only=only, languages=tuple(code.strip() for value in langs for code in value.split(",")
-                                                      if code.strip()),
-                           dry_run=dry_run, rerun_demos=rerun_demos, run_demos=not no_demos,
-                           keep_source_on_failure=keep_source_on_failure)
+    config = with_overrides(
+        load_config(config_path, trust=trust_config),
+        backend=backend,
+        model=model,
+        base_url=base_url,
+        cache_dir=cache_dir,
+    )
+    options = BuildOptions(
+        only=only,
+        languages=tuple(code.strip() for value in langs for code in value.split(",") if code.strip()),
+        dry_run=dry_run,
+        rerun_demos=rerun_demos,
+        run_demos=not no_demos,
+        keep_source_on_failure=keep_source_on_failure,
+    )
     report = build_site(config, options, progress=progress_for(sys.stderr))  # Ctrl-C: see _OneLineErrors
     for path in report.planned if dry_run else report.written:
         click.echo(str(path))
     click.echo(("Dry run: " if dry_run else "") + report.summary(), err=True)
     if report.failed:
-        raise UserError(f"{len(report.failed)} file(s) not written because a translation failed (listed above); "
-                        "rerun to ask again (answers that passed are cached), pass --keep-source-on-failure "
-                        "to publish them with the failed segments in the source language, or try another --model")
+        raise UserError(
+            f"{len(report.failed)} file(s) not written because a translation failed (listed above); "
+            "rerun to ask again (answers that passed are cached), pass --keep-source-on-failure "
+            "to publish them with the failed segments in the source language, or try another --model"
+        )
 
 
 @main.command()
-@click.option("--model", metavar="NAME|PATH",
-              help="A catalog name (python -m llama_ref --list-models) or a model file or folder: GGUF, "
-                   "Hugging Face, Meta or llama2.c [default: qwen2.5-coder-1.5b].")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on; one other than loopback (0.0.0.0: your whole network) "
-                   "needs --api-key or EXPLAINER_API_KEY.")
+@click.option(
+    "--model",
+    metavar="NAME|PATH",
+    help="A catalog name (python -m llama_ref --list-models) or a model file or folder: GGUF, "
+    "Hugging Face, Meta or llama2.c [default: qwen2.5-coder-1.5b].",
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; one other than loopback (0.0.0.0: your whole network) "
+    "needs --api-key or EXPLAINER_API_KEY.",
+)
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0 picks a free port.")
-@click.option("--max-seq-len", type=click.IntRange(min=2), metavar="N",
-              help="Longest prompt + answer, in tokens; the KV cache is allocated for it [default: 4096].")
-@click.option("--max-batch-size", type=click.IntRange(min=1), metavar="N",
-              help="Most requests generating at once; more wait for a free row [default: 8].")
-@click.option("--api-key", metavar="KEY", help="Require `Authorization: Bearer KEY` of every client "
-                                                "[default: EXPLAINER_API_KEY, else no key].")
-@click.option("--max-body-bytes", type=click.IntRange(min=1), default=8 << 20, show_default=True,
-              help="Largest request body; a larger one gets 413 before it is read.")
-def serve(model: str | None, host: str, port: int, max_seq_len: int | None, max_batch_size: int | None,
-          api_key: str | None, max_body_bytes: int):
+@click.option(
+    "--max-seq-len",
+    type=click.IntRange(min=2),
+    metavar="N",
+    help="Longest prompt + answer, in tokens; the KV cache is allocated for it [default: 4096].",
+)
+@click.option(
+    "--max-batch-size",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Most requests generating at once; more wait for a free row [default: 8].",
+)
+@click.option(
+    "--api-key",
+    metavar="KEY",
+    help="Require `Authorization: Bearer KEY` of every client [default: EXPLAINER_API_KEY, else no key].",
+)
+@click.option(
+    "--max-body-bytes",
+    type=click.IntRange(min=1),
+    default=8 << 20,
+    show_default=True,
+    help="Largest request body; a larger one gets 413 before it is read.",
+)
+def serve(
+    model: str | None,
+    host: str,
+    port: int,
+    max_seq_len: int | None,
+    max_batch_size: int | None,
+    api_key: str | None,
+    max_body_bytes: int,
+):
     """Serve the local model over an OpenAI-compatible API, until Ctrl-C.
 
     Endpoints: GET /v1/models, POST /v1/chat/completions and POST /v1/completions, streamed or
@@ -306,7 +471,14 @@ def serve(model: str | None, host: str, port: int, max_seq_len: int | None, max_
     from llama_ref.serve import serve as serve_model
 
     try:
-        serve_model(model, host, port, max_seq_len=max_seq_len, max_batch_size=max_batch_size, api_key=api_key,
-                    max_body_bytes=max_body_bytes)
+        serve_model(
+            model,
+            host,
+            port,
+            max_seq_len=max_seq_len,
+            max_batch_size=max_batch_size,
+            api_key=api_key,
+            max_body_bytes=max_body_bytes,
+        )
     except LlamaRefError as exc:
         raise UserError(str(exc)) from None

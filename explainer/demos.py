@@ -50,13 +50,26 @@ _SUPERVISOR = Path(__file__).with_name("_demo_supervisor.py")
 # demo can't publish a key or token it was never meant to see (a pattern like LC_* let LC_GITHUB_PAT
 # through). PATH is the build's, the build's interpreter folder first.
 DEMO_ENVIRONMENT = (
-    "HOME", "USER", "LOGNAME", "SHELL",  # who runs it, and where their files are
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",  # who runs it, and where their files are
     # how text, dates and times read: POSIX's locale categories, and GNU's LANGUAGE
-    "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "LC_COLLATE", "LC_MESSAGES", "LC_MONETARY", "LC_NUMERIC",
-    "LC_TIME", "TZ",
+    "LANG",
+    "LANGUAGE",
+    "LC_ALL",
+    "LC_CTYPE",
+    "LC_COLLATE",
+    "LC_MESSAGES",
+    "LC_MONETARY",
+    "LC_NUMERIC",
+    "LC_TIME",
+    "TZ",
     "TMPDIR",
-    "VIRTUAL_ENV", "PYTHONPATH",  # `python` imports what the build imports
-    "XDG_CACHE_HOME", "EXPLAINER_CACHE_DIR",  # where llama_ref finds the catalog's models
+    "VIRTUAL_ENV",
+    "PYTHONPATH",  # `python` imports what the build imports
+    "XDG_CACHE_HOME",
+    "EXPLAINER_CACHE_DIR",  # where llama_ref finds the catalog's models
     "CUDA_VISIBLE_DEVICES",  # which GPU a model demo may use
 )
 DEMO_SETTINGS = {"TERM": "dumb", "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"}  # plain text, as it comes
@@ -113,8 +126,10 @@ def parse_fence_info(info: str, where: str) -> FenceInfo:
         else:
             rest.append(word)
     if is_demo and code_language not in _RUNNERS:
-        raise UserError(f"{where}: can't run a ```{code_language or '(no language)'} demo; "
-                        f"mark a {', '.join(sorted(set(_RUNNERS)))} block as demo instead")
+        raise UserError(
+            f"{where}: can't run a ```{code_language or '(no language)'} demo; "
+            f"mark a {', '.join(sorted(set(_RUNNERS)))} block as demo instead"
+        )
     return FenceInfo(code_language, is_demo, allow_errors, timeout_s, rest)
 
 
@@ -125,8 +140,7 @@ def checked_timeout(value, where: str) -> float:
     except (TypeError, ValueError):
         seconds = math.nan
     if not 0 < seconds <= MAX_TIMEOUT_S:  # false for nan too
-        raise UserError(f"{where}; write a number of seconds above 0 and at most {MAX_TIMEOUT_S:g}, "
-                        f"e.g. timeout=300")
+        raise UserError(f"{where}; write a number of seconds above 0 and at most {MAX_TIMEOUT_S:g}, e.g. timeout=300")
     return seconds
 
 
@@ -141,9 +155,16 @@ class DemoRunner:
     build summary.
     """
 
-    def __init__(self, project_root: Path, cache_dir: Path | None, *, rerun: bool = False,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, output_limit: int = DEFAULT_OUTPUT_LIMIT,
-                 inside: Path | None = None):
+    def __init__(
+        self,
+        project_root: Path,
+        cache_dir: Path | None,
+        *,
+        rerun: bool = False,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        output_limit: int = DEFAULT_OUTPUT_LIMIT,
+        inside: Path | None = None,
+    ):
         self.project_root = Path(project_root).resolve()
         self.store = Path(cache_dir) / "demos" if cache_dir is not None else None
         self.inside = inside  # a folder results are never written out of, through a symlink (fileio.check_inside)
@@ -169,10 +190,15 @@ class DemoRunner:
             self.runs += 1
         if result.exit_code != 0 and not demo.allow_errors:
             tail = "\n".join(result.output.splitlines()[-TAIL_LINES:])
-            what = (f"timed out after {demo.timeout_s or self.timeout_s:g} s" if result.timed_out
-                    else f"failed with exit code {result.exit_code}")
-            raise UserError(f"demo at {demo.where} {what}; fix it, or mark its fence allow-errors "
-                            f"to publish the failure. Last lines of its output:\n{tail}")
+            what = (
+                f"timed out after {demo.timeout_s or self.timeout_s:g} s"
+                if result.timed_out
+                else f"failed with exit code {result.exit_code}"
+            )
+            raise UserError(
+                f"demo at {demo.where} {what}; fix it, or mark its fence allow-errors "
+                f"to publish the failure. Last lines of its output:\n{tail}"
+            )
         self._save(key, result)
         return result
 
@@ -223,8 +249,9 @@ class DemoRunner:
     def _save(self, key: str, result: DemoResult):
         if self.store is not None:
             record = {"output": result.output, "exit_code": result.exit_code, "timed_out": result.timed_out}
-            write_atomic(self.store / f"{key}.json", json.dumps(record, ensure_ascii=False, indent=1),
-                         inside=self.inside)
+            write_atomic(
+                self.store / f"{key}.json", json.dumps(record, ensure_ascii=False, indent=1), inside=self.inside
+            )
 
     def _execute(self, demo: Demo) -> DemoResult:
         timeout_s = demo.timeout_s or self.timeout_s
@@ -232,16 +259,22 @@ class DemoRunner:
         interpreter, *arguments = _RUNNERS[demo.code_language]
         program = shutil.which(interpreter, path=env["PATH"])
         if program is None:
-            raise UserError(f"demo at {demo.where}: can't find {interpreter} on PATH; install it or change "
-                            f"the fence language")
+            raise UserError(
+                f"demo at {demo.where}: can't find {interpreter} on PATH; install it or change the fence language"
+            )
         with self._lock:
             if self._stopped:
                 raise KeyboardInterrupt
             # Own session: the terminal's Ctrl-C reaches the build, which ends demos itself.
             supervisor = subprocess.Popen(
                 [sys.executable, "-I", str(_SUPERVISOR), repr(timeout_s), program, *arguments, demo.code],
-                cwd=self.project_root, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, start_new_session=True)
+                cwd=self.project_root,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
             self._running.add(supervisor)
         output = _CappedOutput(self.output_limit)
         reader = threading.Thread(target=output.read, args=(supervisor.stdout,), daemon=True)
@@ -273,8 +306,10 @@ class DemoRunner:
         if ending == "timeout" or hung:
             return DemoResult(output.text(), -signal.SIGKILL, timed_out=True)
         if not ending.startswith("exit "):
-            raise UserError(f"demo at {demo.where}: its supervisor failed ({ending or supervisor.returncode}); "
-                            f"that is a bug in explainer: please report it with this line")
+            raise UserError(
+                f"demo at {demo.where}: its supervisor failed ({ending or supervisor.returncode}); "
+                f"that is a bug in explainer: please report it with this line"
+            )
         return DemoResult(output.text(), int(ending.removeprefix("exit ")))
 
 
@@ -314,7 +349,7 @@ class _CappedOutput:
     def read(self, pipe):
         while chunk := os.read(pipe.fileno(), 1 << 16):
             if len(self.kept) < self.limit:
-                self.kept += chunk[:self.limit - len(self.kept)]
+                self.kept += chunk[: self.limit - len(self.kept)]
             self.total += len(chunk)
 
     def text(self) -> str:
@@ -369,12 +404,16 @@ def _path_candidates(word: str) -> list[str]:
 
 
 def _files_under(folder: Path) -> list[Path]:
-    return [path for path in folder.rglob("*")
-            if path.is_file() and not any(part.startswith(".") or part == "__pycache__"
-                                          for part in path.relative_to(folder).parts)]
+    return [
+        path
+        for path in folder.rglob("*")
+        if path.is_file()
+        and not any(part.startswith(".") or part == "__pycache__" for part in path.relative_to(folder).parts)
+    ]
 
 
 # ---------------------------------------------------------------- Markdown
+
 
 def output_block(output: str, prefix: str = "") -> str:
     """A plain fenced block holding `output` verbatim, each line behind `prefix` (a container's
@@ -411,7 +450,7 @@ def expand_demos(text: str, runner: DemoRunner | None, source_name: str) -> str:
         if not info.is_demo:
             continue
         opening = lines[first]
-        prefix = opening[:opening.index(token.markup)]
+        prefix = opening[: opening.index(token.markup)]
         if end - 1 == first or token.markup not in lines[end - 1]:
             raise UserError(f"{where}: demo block has no closing {token.markup}; close it")
         lines[first] = f"{prefix}{token.markup}{' '.join([info.code_language, *info.rest])}\n"
@@ -422,5 +461,6 @@ def expand_demos(text: str, runner: DemoRunner | None, source_name: str) -> str:
         if not lines[end - 1].endswith("\n"):
             lines[end - 1] += "\n"
         insertions[end] = prefix.rstrip() + "\n" + output_block(result.output, prefix)
-    return "".join(insertions.get(index, "") + line for index, line in enumerate(lines)) + insertions.get(len(lines), "")
-
+    return "".join(insertions.get(index, "") + line for index, line in enumerate(lines)) + insertions.get(
+        len(lines), ""
+    )

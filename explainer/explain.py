@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import date as Date
 from functools import cache
 from pathlib import Path
-from typing import Callable
 
 import jinja2
 from markdown_it import MarkdownIt
 
 from explainer.backends import Backend, Completion, Request, UnusableAnswer, Usage
 from explainer.cache import Cache, complete_cached, key_for
-from explainer.chunking import (CODE_LANGUAGES, Chunk, ChunkedFile, Symbol, chunk_file, enclosing_view,
-                                numbered_lines)
+from explainer.chunking import CODE_LANGUAGES, Chunk, ChunkedFile, Symbol, chunk_file, enclosing_view, numbered_lines
 from explainer.languages import Language, language
 from explainer.markdown_segments import UnreadableMarkdown, read_markdown
 from explainer.post import Post, Section
@@ -55,12 +54,21 @@ ProgressCallback = Callable[[int, int], None]  # (answers so far, requests in al
 WarningCallback = Callable[[str], None]
 
 
-def explain_file(path: str | os.PathLike, symbol: str | None = None, *, backend: Backend,
-                 cache: Cache | None = None, lang: str = "en", max_lines: int = 30,
-                 max_tokens: int = Request.max_tokens, usage: Usage | None = None, date: str | None = None,
-                 on_progress: ProgressCallback | None = None,
-                 on_warning: WarningCallback | None = None,
-                 display_path: str | None = None) -> tuple[Post, Usage]:
+def explain_file(
+    path: str | os.PathLike,
+    symbol: str | None = None,
+    *,
+    backend: Backend,
+    cache: Cache | None = None,
+    lang: str = "en",
+    max_lines: int = 30,
+    max_tokens: int = Request.max_tokens,
+    usage: Usage | None = None,
+    date: str | None = None,
+    on_progress: ProgressCallback | None = None,
+    on_warning: WarningCallback | None = None,
+    display_path: str | None = None,
+) -> tuple[Post, Usage]:
     """Explain a source file (or one symbol in it) chunk by chunk, in language `lang`.
 
     Returns the Post and the Usage of this run (requests sent, cache hits, tokens). Warnings
@@ -100,8 +108,10 @@ def explain_file(path: str | os.PathLike, symbol: str | None = None, *, backend:
         # One more try for what is missing, asking firmly for less: a small model that ran past
         # max_tokens usually restated the code; a second failure fails the post.
         missing = [index for index, answer in enumerate(answers) if answer is None]
-        warn(f"{chunked.path}: {len(missing)} of {len(requests)} answers were unusable (cut off, empty or "
-             "unreadable as Markdown); asking again for shorter ones")
+        warn(
+            f"{chunked.path}: {len(missing)} of {len(requests)} answers were unusable (cut off, empty or "
+            "unreadable as Markdown); asking again for shorter ones"
+        )
         retries = [firmer(requests[index]) for index in missing]
 
         def retried(k, completion):
@@ -114,15 +124,26 @@ def explain_file(path: str | os.PathLike, symbol: str | None = None, *, backend:
 
     sections = [_section(chunked, chunk, answer.text, warn) for chunk, answer in zip(chunked.chunks, answers[1:])]
     title, intro = split_title(answers[0].text, default=symbol or Path(chunked.path).name)
-    whole = "\n".join([c.code for c in chunked.chunks]
-                      + [_signature_text(chunked.code_language, s) for s in chunked.symbols])
+    whole = "\n".join(
+        [c.code for c in chunked.chunks] + [_signature_text(chunked.code_language, s) for s in chunked.symbols]
+    )
     invented = ungrounded_names(intro, whole, known_names(chunked))
     if invented:
-        warn(f"{chunked.path}: the introduction mentions {_quoted(invented)}, which the code does not contain; "
-             "check these names in the post")
-    post = Post(title=title, lang=answer_lang.code, date=date or Date.today().isoformat(),
-                source_path=chunked.path, code_language=chunked.code_language, intro=intro,
-                sections=sections, backend=backend.name, model=backend.model)
+        warn(
+            f"{chunked.path}: the introduction mentions {_quoted(invented)}, which the code does not contain; "
+            "check these names in the post"
+        )
+    post = Post(
+        title=title,
+        lang=answer_lang.code,
+        date=date or Date.today().isoformat(),
+        source_path=chunked.path,
+        code_language=chunked.code_language,
+        intro=intro,
+        sections=sections,
+        backend=backend.name,
+        model=backend.model,
+    )
     return post, usage
 
 
@@ -130,11 +151,20 @@ def _section(chunked: ChunkedFile, chunk: Chunk, answer: str, warn: WarningCallb
     explanation = answer.strip()
     invented = ungrounded_names(explanation, grounding_text(chunked, chunk), known_names(chunked))
     if invented:
-        warn(f"{chunked.path}, {_lines(chunk.start_line, chunk.end_line)}: the explanation mentions "
-             f"{_quoted(invented)}, which the code it was shown does not contain; check these names in the post")
-    return Section(code=chunk.code, code_language=chunk.code_language, start_line=chunk.start_line,
-                   end_line=chunk.end_line, symbol=chunk.symbol, kind=chunk.kind, explanation=explanation,
-                   ungrounded=invented)
+        warn(
+            f"{chunked.path}, {_lines(chunk.start_line, chunk.end_line)}: the explanation mentions "
+            f"{_quoted(invented)}, which the code it was shown does not contain; check these names in the post"
+        )
+    return Section(
+        code=chunk.code,
+        code_language=chunk.code_language,
+        start_line=chunk.start_line,
+        end_line=chunk.end_line,
+        symbol=chunk.symbol,
+        kind=chunk.kind,
+        explanation=explanation,
+        ungrounded=invented,
+    )
 
 
 def _quoted(names: list[str]) -> str:
@@ -145,11 +175,16 @@ def _quoted(names: list[str]) -> str:
 # Prompts
 # ---------------------------------------------------------------------------------------------
 
+
 @cache
 def _prompt_templates() -> jinja2.Environment:
-    environment = jinja2.Environment(loader=jinja2.PackageLoader("explainer", "templates/prompts"),
-                                     undefined=jinja2.StrictUndefined, autoescape=False,
-                                     trim_blocks=True, lstrip_blocks=True)
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("explainer", "templates/prompts"),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     environment.filters["fenced"] = fenced
     return environment
 
@@ -162,8 +197,12 @@ def system_prompt(chunked: ChunkedFile, answer_lang: Language) -> str:
     glossary = ""
     if answer_lang.code != "en":  # English explanations use the terms as they are
         glossary = "; ".join(f"{term} → {written}" for term, written in sorted(answer_lang.glossary.items()))
-    return _render("system.j2", code_language_label=CODE_LANGUAGES[chunked.code_language].label,
-                   answer_lang_label=_lang_label(answer_lang), glossary=glossary)
+    return _render(
+        "system.j2",
+        code_language_label=CODE_LANGUAGES[chunked.code_language].label,
+        answer_lang_label=_lang_label(answer_lang),
+        glossary=glossary,
+    )
 
 
 def chunk_request(chunked: ChunkedFile, index: int, answer_lang: Language, max_tokens: int) -> Request:
@@ -178,19 +217,29 @@ def chunk_request(chunked: ChunkedFile, index: int, answer_lang: Language, max_t
     if is_part and _shown_whole(owner):
         context, marked_view = symbol_context(chunked, owner), ""
     else:
-        context = {"symbol": "", "definition": "",
-                   "callees": [_signature_text(chunked.code_language, s) for s in callees(chunked, chunk)]}
+        context = {
+            "symbol": "",
+            "definition": "",
+            "callees": [_signature_text(chunked.code_language, s) for s in callees(chunked, chunk)],
+        }
         marked_view = chunk_view(chunked, chunk, owner) if is_part else ""
-    earlier = [summary_line(c) for c in chunked.chunks[max(0, index - MAX_EARLIER):index]]
-    user = _render("chunk.j2", path=chunked.path, code_language=chunked.code_language, chunk=chunk, **context,
-                   marked_view=marked_view, lines=_lines(chunk.start_line, chunk.end_line),
-                   definition_kind=owner.kind if owner is not None else "",
-                   earlier=earlier, answer_lang_label=_lang_label(answer_lang))
+    earlier = [summary_line(c) for c in chunked.chunks[max(0, index - MAX_EARLIER) : index]]
+    user = _render(
+        "chunk.j2",
+        path=chunked.path,
+        code_language=chunked.code_language,
+        chunk=chunk,
+        **context,
+        marked_view=marked_view,
+        lines=_lines(chunk.start_line, chunk.end_line),
+        definition_kind=owner.kind if owner is not None else "",
+        earlier=earlier,
+        answer_lang_label=_lang_label(answer_lang),
+    )
     return _request(chunked, answer_lang, user, max_tokens)
 
 
-def overview_request(chunked: ChunkedFile, symbol: str | None, answer_lang: Language,
-                     max_tokens: int) -> Request:
+def overview_request(chunked: ChunkedFile, symbol: str | None, answer_lang: Language, max_tokens: int) -> Request:
     """The request for the post's title and introduction: for one symbol, it starts like the
     requests about its pieces."""
     owner = next((s for s in chunked.symbols if s.name == symbol), None) if symbol else None
@@ -199,10 +248,16 @@ def overview_request(chunked: ChunkedFile, symbol: str | None, answer_lang: Lang
     else:
         context = {"symbol": "", "definition": "", "callees": []}
         definitions = [_signature_text(chunked.code_language, s) for s in _covered_symbols(chunked)]
-    user = _render("overview.j2", path=chunked.path, code_language=chunked.code_language, **context,
-                   post_symbol=symbol or "", definitions=definitions,
-                   pieces=[summary_line(c) for c in chunked.chunks],
-                   answer_lang_label=_lang_label(answer_lang))
+    user = _render(
+        "overview.j2",
+        path=chunked.path,
+        code_language=chunked.code_language,
+        **context,
+        post_symbol=symbol or "",
+        definitions=definitions,
+        pieces=[summary_line(c) for c in chunked.chunks],
+        answer_lang_label=_lang_label(answer_lang),
+    )
     return _request(chunked, answer_lang, user, max_tokens)
 
 
@@ -217,22 +272,26 @@ def symbol_context(chunked: ChunkedFile, owner: Symbol) -> dict:
         if owner_symbol(chunked, chunk) is owner:
             for symbol in callees(chunked, chunk):
                 called.setdefault(symbol.name, symbol)
-    return {"symbol": owner.name, "definition": numbered_lines(chunked, owner.start_line, owner.end_line),
-            "callees": [_signature_text(chunked.code_language, s) for s in called.values()]}
+    return {
+        "symbol": owner.name,
+        "definition": numbered_lines(chunked, owner.start_line, owner.end_line),
+        "callees": [_signature_text(chunked.code_language, s) for s in called.values()],
+    }
 
 
 def firmer(request: Request) -> Request:
     """The same request, its last message ending with a firm instruction to be brief."""
     *earlier, last = request.messages
     words = max(40, request.max_tokens // 4)
-    note = (f"\n\nYour answer must be short: at most {words} words, no code, no headings. "
-            "Stop as soon as the point is made.")
+    note = (
+        f"\n\nYour answer must be short: at most {words} words, no code, no headings. "
+        "Stop as soon as the point is made."
+    )
     return replace(request, messages=(*earlier, {**last, "content": last["content"] + note}))
 
 
 def _request(chunked: ChunkedFile, answer_lang: Language, user: str, max_tokens: int) -> Request:
-    messages = ({"role": "system", "content": system_prompt(chunked, answer_lang)},
-                {"role": "user", "content": user})
+    messages = ({"role": "system", "content": system_prompt(chunked, answer_lang)}, {"role": "user", "content": user})
     return Request(messages=messages, max_tokens=max_tokens)
 
 
@@ -265,7 +324,7 @@ def summary_line(chunk: Chunk) -> str:
     lines = [line.strip() for line in chunk.code.splitlines() if line.strip()]
     first = lines[0] if lines else ""
     if len(first) > SUMMARY_WIDTH:
-        first = first[:SUMMARY_WIDTH - 1] + "…"
+        first = first[: SUMMARY_WIDTH - 1] + "…"
     elif len(lines) > 1:
         first += " …"
     return f"{_lines(chunk.start_line, chunk.end_line)} ({chunk.kind}): {first}"
@@ -277,8 +336,14 @@ def _lines(start: int, end: int) -> str:
 
 def owner_symbol(chunked: ChunkedFile, chunk: Chunk) -> Symbol | None:
     """The definition a chunk belongs to (None at module level)."""
-    return next((s for s in chunked.symbols if s.name == chunk.symbol
-                 and s.start_line <= chunk.end_line and chunk.start_line <= s.end_line), None)
+    return next(
+        (
+            s
+            for s in chunked.symbols
+            if s.name == chunk.symbol and s.start_line <= chunk.end_line and chunk.start_line <= s.end_line
+        ),
+        None,
+    )
 
 
 def _is_part_of(chunk: Chunk, owner: Symbol) -> bool:
@@ -330,6 +395,7 @@ def _display_path(path: str | os.PathLike) -> str:
 # The overview answer: title and introduction
 # ---------------------------------------------------------------------------------------------
 
+
 @cache
 def _markdown() -> MarkdownIt:
     return MarkdownIt("commonmark")
@@ -357,13 +423,14 @@ def split_title(answer: str, default: str) -> tuple[str, str]:
     if len(tokens) < 2 or tokens[0].type != "heading_open" or tokens[0].map is None:
         return default, text
     title = tokens[1].content.strip() or default
-    rest = text.splitlines()[tokens[0].map[1]:]
+    rest = text.splitlines()[tokens[0].map[1] :]
     return title, "\n".join(rest).strip()
 
 
 # ---------------------------------------------------------------------------------------------
 # Grounding: names in backticks that the model was never shown
 # ---------------------------------------------------------------------------------------------
+
 
 def grounding_text(chunked: ChunkedFile, chunk: Chunk) -> str:
     """Everything the model saw of the code for this chunk: the chunk, its enclosing definition

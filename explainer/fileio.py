@@ -22,8 +22,10 @@ def check_inside(path: str | os.PathLike, folder: Path) -> None:
     someone else made (a site to build) may hold a link out of it, and nothing may be written through one."""
     resolved, folder = Path(path).resolve(), folder.resolve()
     if resolved != folder and folder not in resolved.parents:
-        raise UserError(f"{path} leads to {resolved}, outside {folder}, through a symlink; nothing is written "
-                        f"through it: remove the link, or pass --trust-config if you trust this site")
+        raise UserError(
+            f"{path} leads to {resolved}, outside {folder}, through a symlink; nothing is written "
+            f"through it: remove the link, or pass --trust-config if you trust this site"
+        )
 
 
 def write_atomic(path: str | os.PathLike, content: str | bytes, *, inside: Path | None = None) -> bool:

@@ -44,8 +44,10 @@ def read(document: Document, name: str) -> CommentedMap | None:
     except YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 2}" if mark is not None else ""  # +2: the --- line, 1-based
-        raise UserError(f"{name}: the front matter is not valid YAML{where}: "
-                        f"{getattr(exc, 'problem', None) or exc}; fix it and retry") from None
+        raise UserError(
+            f"{name}: the front matter is not valid YAML{where}: "
+            f"{getattr(exc, 'problem', None) or exc}; fix it and retry"
+        ) from None
     if data is None:
         return CommentedMap()
     if not isinstance(data, CommentedMap):
@@ -57,7 +59,7 @@ def body(document: Document, text: str | None = None) -> str:
     """What follows the front matter: of `text` (a copy of the document's source whose front matter
     range is unchanged, such as its translation), by default of the document itself."""
     source = document.source if text is None else text
-    return source[document.front_matter.end if document.front_matter else 0:]
+    return source[document.front_matter.end if document.front_matter else 0 :]
 
 
 def join(fields: Mapping[str, object], rest: str) -> str:

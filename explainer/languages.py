@@ -44,8 +44,9 @@ def _translation_files():
 @functools.cache
 def known_languages() -> tuple[str, ...]:
     """Codes of every shipped language file, sorted."""
-    return tuple(sorted(entry.name[: -len(".toml")] for entry in _translation_files().iterdir()
-                        if entry.name.endswith(".toml")))
+    return tuple(
+        sorted(entry.name[: -len(".toml")] for entry in _translation_files().iterdir() if entry.name.endswith(".toml"))
+    )
 
 
 @functools.cache
@@ -54,8 +55,10 @@ def language(code: str) -> Language:
     by_lower = {known.lower(): known for known in known_languages()}
     canonical = by_lower.get(code.strip().lower())
     if canonical is None:
-        raise UserError(f"unknown language {code!r}: choose one of {', '.join(known_languages())} "
-                        f"(or add explainer/translations/{code}.toml)")
+        raise UserError(
+            f"unknown language {code!r}: choose one of {', '.join(known_languages())} "
+            f"(or add explainer/translations/{code}.toml)"
+        )
     path = _translation_files() / f"{canonical}.toml"
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -69,6 +72,12 @@ def language(code: str) -> Language:
     words_mix_scripts = data.get("words_mix_scripts", True)
     if not isinstance(words_mix_scripts, bool):
         raise UserError(f"explainer/translations/{canonical}.toml: words_mix_scripts must be true or false")
-    return Language(code=canonical, name=data["name"], english_name=data["english_name"],
-                    dir=direction, ui=dict(data.get("ui", {})), glossary=glossary,
-                    words_mix_scripts=words_mix_scripts)
+    return Language(
+        code=canonical,
+        name=data["name"],
+        english_name=data["english_name"],
+        dir=direction,
+        ui=dict(data.get("ui", {})),
+        glossary=glossary,
+        words_mix_scripts=words_mix_scripts,
+    )

@@ -66,7 +66,7 @@ def _liquid_tag_names(line: str) -> list[str]:
     names = []
     start = line.find("{%")
     while start >= 0:
-        words = line[start + 2:].lstrip("-").split()
+        words = line[start + 2 :].lstrip("-").split()
         if words:
             names.append(words[0].rstrip("-%}"))
         start = line.find("{%", start + 2)
@@ -76,7 +76,7 @@ def _liquid_tag_names(line: str) -> list[str]:
 def _liquid_block_rule(state: StateBlock, start_line: int, end_line: int, silent: bool) -> bool:
     if state.sCount[start_line] - state.blkIndent >= 4:
         return False
-    first = state.src[state.bMarks[start_line] + state.tShift[start_line]:state.eMarks[start_line]]
+    first = state.src[state.bMarks[start_line] + state.tShift[start_line] : state.eMarks[start_line]]
     if not first.startswith("{%"):
         return False
     names = _liquid_tag_names(first)
@@ -84,7 +84,7 @@ def _liquid_block_rule(state: StateBlock, start_line: int, end_line: int, silent
     if closer is None:
         return False
     line = start_line
-    while closer not in _liquid_tag_names(state.src[state.bMarks[line]:state.eMarks[line]]):
+    while closer not in _liquid_tag_names(state.src[state.bMarks[line] : state.eMarks[line]]):
         line += 1
         if line >= end_line:
             return False  # unclosed: leave it to the other rules
@@ -106,7 +106,7 @@ def _inline_tag_rule(state: StateInline, silent: bool) -> bool:
     if end < 0:
         return False
     if not silent:
-        state.push("liquid", "", 0).content = src[pos:end + len(closer)]
+        state.push("liquid", "", 0).content = src[pos : end + len(closer)]
     state.pos = end + len(closer)
     return True
 
@@ -165,12 +165,15 @@ def _parser_failures():
     try:
         yield
     except RecursionError:
-        raise UnreadableMarkdown("markdown-it-py cannot read this Markdown (it nests too deeply); "
-                                 "flatten its lists or quotes") from None
+        raise UnreadableMarkdown(
+            "markdown-it-py cannot read this Markdown (it nests too deeply); flatten its lists or quotes"
+        ) from None
     except Exception as exc:  # IndexError and the like, from inside markdown-it-py
-        raise UnreadableMarkdown(f"markdown-it-py {markdown_it.__version__} cannot read this Markdown "
-                                 f"({type(exc).__name__}: {exc}); reword the text around its HTML, lists "
-                                 "and quotes") from None
+        raise UnreadableMarkdown(
+            f"markdown-it-py {markdown_it.__version__} cannot read this Markdown "
+            f"({type(exc).__name__}: {exc}); reword the text around its HTML, lists "
+            "and quotes"
+        ) from None
 
 
 @functools.cache
@@ -180,8 +183,9 @@ def parser() -> MarkdownIt:
     md.use(front_matter_plugin)
     md.use(dollarmath_plugin, allow_digits=False, double_inline=True)
     md.use(gfm_autolink_plugin)
-    md.block.ruler.before("fence", "liquid_block", _liquid_block_rule,
-                          {"alt": ["paragraph", "reference", "blockquote", "list"]})
+    md.block.ruler.before(
+        "fence", "liquid_block", _liquid_block_rule, {"alt": ["paragraph", "reference", "blockquote", "list"]}
+    )
     md.inline.ruler.before("escape", "liquid", _inline_tag_rule)
     for rule in md.inline.ruler.__rules__:  # Ruler has no public getter for a rule's function
         if rule.name not in ("text", "emphasis", "strikethrough"):  # these make no protected tokens
@@ -224,7 +228,7 @@ def _spans(content: str, env: dict) -> list[_Span]:
     for consumed in _consumed(content, env):
         types = {token.type for token in consumed.tokens}
         if consumed.rule == "link":
-            label = content[consumed.start + 1:consumed.label_end]
+            label = content[consumed.start + 1 : consumed.label_end]
             if _looks_like_url(label):  # [https://x](https://x): the text is a URL too
                 spans.append(_Span(consumed.start, consumed.end, "protected"))
             else:  # the label is prose; "[" and "](target)" are not
@@ -274,12 +278,11 @@ class Segment:
         out, pos = [], 0
         while (start := translation.find(PLACEHOLDER_START, pos)) >= 0:
             end = translation.find(PLACEHOLDER_END, start)
-            number = int(translation[start + 1:end])
+            number = int(translation[start + 1 : end])
             out += [translation[pos:start], pieces[number - 1]]
             pos = end + 1
         out.append(translation[pos:])
         return "".join(out)
-
 
 
 def strip_placeholders(text: str) -> str:
@@ -313,7 +316,7 @@ class Document:
         Everything else is copied from the source."""
         out, pos = [], 0
         for index in sorted(translations, key=lambda i: self.segments[i].start):
-            out += [self.source[pos:self.segments[index].start], translations[index]]
+            out += [self.source[pos : self.segments[index].start], translations[index]]
             pos = self.segments[index].end
         out.append(self.source[pos:])
         return "".join(out)
@@ -326,8 +329,9 @@ def _line_offsets(source: str) -> list[int]:
     return offsets
 
 
-def _content_line_starts(source: str, line_offsets: list[int], block: Token, inline: Token,
-                         cursor: dict[int, int]) -> list[tuple[int, int]] | None:
+def _content_line_starts(
+    source: str, line_offsets: list[int], block: Token, inline: Token, cursor: dict[int, int]
+) -> list[tuple[int, int]] | None:
     """For each line of the inline content: (number of leading spaces markdown-it added or kept,
     source offset where the rest of the line starts). None when a line cannot be found as it is
     (tabs expanded to spaces, escaped pipes in table cells): that prose is then left untouched."""
@@ -380,30 +384,36 @@ def _source_offsets(content: str, line_starts: list[tuple[int, int]]):
     return to_source
 
 
-def _make_segment(source: str, block: Token, inline: Token, line_starts: list[tuple[int, int]],
-                  env: dict) -> Segment:
+def _make_segment(source: str, block: Token, inline: Token, line_starts: list[tuple[int, int]], env: dict) -> Segment:
     content = inline.content
     to_source = _source_offsets(content, line_starts)
     text, protected, protected_content, pairs = [], [], [], []
     pos, link_open = 0, 0
     for span in _spans(content, env):
-        text.append(content[pos:span.start])
+        text.append(content[pos : span.start])
         pos = span.end
         if span.kind == "soft":
             text.append(" ")
             continue
-        protected.append(source[to_source(span.start):to_source(span.end)])
-        protected_content.append(content[span.start:span.end])
+        protected.append(source[to_source(span.start) : to_source(span.end)])
+        protected_content.append(content[span.start : span.end])
         text.append(placeholder(len(protected)))
         if span.kind == "link_open":
             link_open = len(protected)
         elif span.kind == "link_close":
             pairs.append((link_open, len(protected)))
     text.append(content[pos:])
-    return Segment(text="".join(text).strip(), protected=tuple(protected),
-                   protected_content=tuple(protected_content), pairs=tuple(pairs),
-                   content=content, start=to_source(0), end=to_source(len(content)),
-                   line=inline.map[0] + 1, in_table_cell=block.type in ("th_open", "td_open"))
+    return Segment(
+        text="".join(text).strip(),
+        protected=tuple(protected),
+        protected_content=tuple(protected_content),
+        pairs=tuple(pairs),
+        content=content,
+        start=to_source(0),
+        end=to_source(len(content)),
+        line=inline.map[0] + 1,
+        in_table_cell=block.type in ("th_open", "td_open"),
+    )
 
 
 def _inline_contents(source: str, tokens: list[Token], line_offsets: list[int]):
@@ -415,7 +425,7 @@ def _inline_contents(source: str, tokens: list[Token], line_offsets: list[int]):
             continue
         block = tokens[index - 1]
         if block.type == "heading_open" and block.markup.startswith("#"):
-            line = source[line_offsets[token.map[0]]:]
+            line = source[line_offsets[token.map[0]] :]
             cursor[token.map[0]] = _atx_text_start(line.split("\n", 1)[0])
         yield block, token, _content_line_starts(source, line_offsets, block, token, cursor)
 
@@ -463,11 +473,16 @@ def locate(text: str) -> tuple[str, list[Located]]:
     def offset(line: int) -> int:
         return line_offsets[line] if line < len(line_offsets) else len(source)
 
-    pieces = [Located(token.type, (token,), offset(token.map[0]), offset(token.map[1]))
-              for token in tokens if token.map is not None]
+    pieces = [
+        Located(token.type, (token,), offset(token.map[0]), offset(token.map[1]))
+        for token in tokens
+        if token.map is not None
+    ]
     for _, inline, line_starts in _inline_contents(source, tokens, line_offsets):
         if line_starts is not None:
             to_source = _source_offsets(inline.content, line_starts)
-            pieces += [Located(consumed.rule, tuple(consumed.tokens), to_source(consumed.start),
-                               to_source(consumed.end)) for consumed in _consumed(inline.content, env)]
+            pieces += [
+                Located(consumed.rule, tuple(consumed.tokens), to_source(consumed.start), to_source(consumed.end))
+                for consumed in _consumed(inline.content, env)
+            ]
     return source, pieces

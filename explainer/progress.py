@@ -40,13 +40,18 @@ class RichBuildProgress(BuildProgress):
 
     def __init__(self, stream=None):
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, \
-            TimeElapsedColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
         super().__init__(stream)
-        self._bars = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                              TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-                              console=Console(file=self.stream))
+        self._bars = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=Console(file=self.stream),
+        )
         self._tasks: dict[str, int] = {}
         self._bars.start()
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import textwrap
+from collections.abc import Mapping
 from functools import cache
-from typing import Mapping
 
 import jinja2
 
@@ -68,11 +68,11 @@ def liquid_safe(text: str, inline: bool = False) -> str:
         return text
     pieces, start = [], 0
     while (opener := text.find("{%", start)) != -1:
-        if text[opener + 2:].lstrip("-").lstrip().startswith("endraw"):
+        if text[opener + 2 :].lstrip("-").lstrip().startswith("endraw"):
             pieces.append(text[start:opener] + RAW_CLOSE + '{{ "{%" }}' + RAW_OPEN)
             start = opener + 2
         else:
-            pieces.append(text[start:opener + 2])
+            pieces.append(text[start : opener + 2])
             start = opener + 2
     body = "".join(pieces) + text[start:]
     return f"{RAW_OPEN}{body}{RAW_CLOSE}" if inline else f"{RAW_OPEN}\n{body}\n{RAW_CLOSE}"
@@ -80,16 +80,28 @@ def liquid_safe(text: str, inline: bool = False) -> str:
 
 @cache
 def _templates() -> jinja2.Environment:
-    environment = jinja2.Environment(loader=jinja2.PackageLoader("explainer", "templates"),
-                                     undefined=jinja2.StrictUndefined, autoescape=False,
-                                     keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
-    environment.filters.update(liquid_safe=liquid_safe, display_code=display_code, fenced=fenced,
-                               escape_model_html=escape_model_html)
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("explainer", "templates"),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    environment.filters.update(
+        liquid_safe=liquid_safe, display_code=display_code, fenced=fenced, escape_model_html=escape_model_html
+    )
     return environment
 
 
-def render_post(post: Post, *, ui: Mapping[str, str] | None = None, translated_by: str | None = None,
-                direction: str | None = None, extra_front_matter: Mapping[str, object] | None = None) -> str:
+def render_post(
+    post: Post,
+    *,
+    ui: Mapping[str, str] | None = None,
+    translated_by: str | None = None,
+    direction: str | None = None,
+    extra_front_matter: Mapping[str, object] | None = None,
+) -> str:
     """The post as Jekyll Markdown.
 
     ui: the strings the page shows (default: explainer/translations/<post.lang>.toml, English
@@ -104,8 +116,12 @@ def render_post(post: Post, *, ui: Mapping[str, str] | None = None, translated_b
     lang = language(post.lang)
     strings = {**language("en").ui, **lang.ui, **(ui or {})}
     # the title is the model's words, like the intro: escaped the same way, whatever prints it
-    fields: dict[str, object] = {"layout": "post", "title": escape_model_html(post.title), "lang": post.lang,
-                                 "date": post.date}
+    fields: dict[str, object] = {
+        "layout": "post",
+        "title": escape_model_html(post.title),
+        "lang": post.lang,
+        "date": post.date,
+    }
     if (direction or lang.dir) == "rtl":
         fields["dir"] = "rtl"
     fields.update(extra_front_matter or {})
@@ -115,12 +131,18 @@ def render_post(post: Post, *, ui: Mapping[str, str] | None = None, translated_b
     notices = [strings["translation_notice"].format(model=plain_text(translated_by))] if translated_by else []
     if post.model:
         notices.append(strings["explanation_notice"].format(**fill))
-    return _templates().get_template("post.md.j2").render(
-        post=post, front_matter=frontmatter.dump(fields), notices=notices,
-        source_lines=strings["source_lines"].format(**fill) if post.sections else "")
+    return (
+        _templates()
+        .get_template("post.md.j2")
+        .render(
+            post=post,
+            front_matter=frontmatter.dump(fields),
+            notices=notices,
+            source_lines=strings["source_lines"].format(**fill) if post.sections else "",
+        )
+    )
 
 
 def post_json(post: Post) -> str:
     """The post as JSON (every field, the ungrounded names included), for scripts and translators."""
     return json.dumps(dataclasses.asdict(post), ensure_ascii=False, indent=2) + "\n"
-

@@ -51,8 +51,11 @@ def plain_text(text: str) -> str:
     for index, char in enumerate(text):
         if char in _REFERENCES:
             out.append(_REFERENCES[char])
-        elif (char in _INLINE_SYNTAX or (index == 0 and char in _BLOCK_STARTS)
-              or (char == "_" and not _inside_word(text, index))):
+        elif (
+            char in _INLINE_SYNTAX
+            or (index == 0 and char in _BLOCK_STARTS)
+            or (char == "_" and not _inside_word(text, index))
+        ):
             out.append("\\" + char)
         elif char in ".)" and text[:index].isdigit():  # "1. " or "1) " would start an ordered list
             out.append("\\" + char)
@@ -92,9 +95,9 @@ def escape_model_html(markdown: str) -> str:
         if piece.kind == "html_block":
             _mark_html_block(piece, source, zones)
         elif piece.kind == "html_inline":
-            zones[piece.start:piece.end] = bytes([_HTML]) * (piece.end - piece.start)
+            zones[piece.start : piece.end] = bytes([_HTML]) * (piece.end - piece.start)
         elif piece.kind == "escape" or (piece.kind == "autolink" and _safe_autolink(piece)):
-            zones[piece.start:piece.end] = bytes([_LITERAL]) * (piece.end - piece.start)
+            zones[piece.start : piece.end] = bytes([_LITERAL]) * (piece.end - piece.start)
     rewritten = _fences(source, pieces, zones)
     _mark_code_spans(source, pieces, zones)
     out, position = [], 0
@@ -127,6 +130,7 @@ def _escape(source: str, zones: bytearray, start: int, end: int) -> str:
 # What stays literal
 # ---------------------------------------------------------------------------------------------
 
+
 def _safe_autolink(piece: Located) -> bool:
     return str(piece.tokens[0].attrs.get("href", "")).lower().startswith(SAFE_AUTOLINKS)
 
@@ -142,15 +146,20 @@ def _mark_code_spans(source: str, pieces: list[Located], zones: bytearray) -> No
     and with no backtick before it outside what is already literal or rewritten."""
     position, stray = 0, False
     for piece in sorted((p for p in pieces if p.kind == "backticks"), key=lambda p: p.start):
-        stray = stray or any(source[index] == "`" and zones[index] in (_TEXT, _HTML)
-                             for index in range(position, piece.start))
+        stray = stray or any(
+            source[index] == "`" and zones[index] in (_TEXT, _HTML) for index in range(position, piece.start)
+        )
         position = piece.start
         delimiter = piece.tokens[0].markup
-        content = source[piece.start + len(delimiter):piece.end - len(delimiter)]
-        if (stray or delimiter in content or any(part in content for part in ("\n", "~~", "$$"))
-                or (delimiter == "`" and content[:1].isspace())):
+        content = source[piece.start + len(delimiter) : piece.end - len(delimiter)]
+        if (
+            stray
+            or delimiter in content
+            or any(part in content for part in ("\n", "~~", "$$"))
+            or (delimiter == "`" and content[:1].isspace())
+        ):
             continue
-        zones[piece.start:piece.end] = bytes([_LITERAL]) * (piece.end - piece.start)
+        zones[piece.start : piece.end] = bytes([_LITERAL]) * (piece.end - piece.start)
 
 
 def _fences(source: str, pieces: list[Located], zones: bytearray) -> list[tuple[int, int, str]]:
@@ -164,22 +173,32 @@ def _fences(source: str, pieces: list[Located], zones: bytearray) -> list[tuple[
     follows for their lazy continuation), and no ``` or ~~~ comes before it outside fences
     (kramdown may open a fence there and close it on this one's first line)."""
     lines = source.split("\n")
-    prose_lines = {piece.tokens[0].map[0] for piece in pieces if piece.kind in ("paragraph_open", "heading_open")
-                   and piece.tokens[0].map[1] - piece.tokens[0].map[0] == 1 and _after_blank(lines, piece.tokens[0])}
+    prose_lines = {
+        piece.tokens[0].map[0]
+        for piece in pieces
+        if piece.kind in ("paragraph_open", "heading_open")
+        and piece.tokens[0].map[1] - piece.tokens[0].map[0] == 1
+        and _after_blank(lines, piece.tokens[0])
+    }
     rewritten, checked, trusted = [], 0, True
     for piece in pieces:
         if piece.kind != "fence":
             continue
         token = piece.tokens[0]
-        trusted = trusted and "```" not in source[checked:piece.start] and "~~~" not in source[checked:piece.start]
+        trusted = trusted and "```" not in source[checked : piece.start] and "~~~" not in source[checked : piece.start]
         # A closed fence's content leaves out its first and last lines; an unclosed one runs to the end.
         content_lines = len(token.content.removesuffix("\n").split("\n")) if token.content else 0
         closed = content_lines == token.map[1] - token.map[0] - 2
-        if (trusted and closed and len(token.info.split()) <= 1 and lines[token.map[0]].startswith(token.markup)
-                and (_after_blank(lines, token) or token.map[0] - 1 in prose_lines)):
-            zones[piece.start:piece.end] = bytes([_LITERAL]) * (piece.end - piece.start)
+        if (
+            trusted
+            and closed
+            and len(token.info.split()) <= 1
+            and lines[token.map[0]].startswith(token.markup)
+            and (_after_blank(lines, token) or token.map[0] - 1 in prose_lines)
+        ):
+            zones[piece.start : piece.end] = bytes([_LITERAL]) * (piece.end - piece.start)
         elif (replacement := _fence_as_html(source, piece)) is not None:
-            zones[piece.start:piece.end] = bytes([_REWRITTEN]) * (piece.end - piece.start)
+            zones[piece.start : piece.end] = bytes([_REWRITTEN]) * (piece.end - piece.start)
             rewritten.append((piece.start, piece.end, replacement))
         else:
             continue  # its lines cannot be matched to its code: it stays text, its ``` included
@@ -191,8 +210,7 @@ def _after_blank(lines: list[str], token) -> bool:
     """Whether a block token is top-level, starts at the left margin, and follows a blank line or
     nothing."""
     first = token.map[0]
-    return (token.level == 0 and lines[first][:1] not in (" ", "\t")
-            and (first == 0 or not lines[first - 1].strip()))
+    return token.level == 0 and lines[first][:1] not in (" ", "\t") and (first == 0 or not lines[first - 1].strip())
 
 
 def _fence_as_html(source: str, piece: Located) -> str | None:
@@ -200,22 +218,24 @@ def _fence_as_html(source: str, piece: Located) -> str | None:
     quote markers and indentation, blank lines kept blank (they end lists and quotes); None where
     its lines cannot be matched to its code (tabs)."""
     token = piece.tokens[0]
-    text = source[piece.start:piece.end]
+    text = source[piece.start : piece.end]
     lines = text.removesuffix("\n").split("\n")
     code = token.content.removesuffix("\n").split("\n") if token.content else []
     body = []
     for line, code_line in zip(lines[1:], code):
         if not line.endswith(code_line):
             return None
-        body.append(line[:len(line) - len(code_line)] + html.escape(code_line, quote=False))
+        body.append(line[: len(line) - len(code_line)] + html.escape(code_line, quote=False))
     words = token.info.split()
     language = words[0] if words and all(char.isalnum() or char in "+-._" for char in words[0]) else ""
-    tag = lines[0][:lines[0].index(token.markup)] + "<pre><code" + (f' class="language-{language}"' if language else "")
+    tag = (
+        lines[0][: lines[0].index(token.markup)] + "<pre><code" + (f' class="language-{language}"' if language else "")
+    )
     # The first line of code goes on the tag's line (a line break right after <code> would show).
     block = [tag + ">" + (html.escape(code[0], quote=False) if code else "")] + body[1:]
     if len(lines) > 1 + len(code):  # closed: the end tag takes the closing fence's line
         closing = lines[1 + len(code)]
-        block.append(closing[:closing.index(token.markup[0])] + "</code></pre>")
+        block.append(closing[: closing.index(token.markup[0])] + "</code></pre>")
     else:
         last = max((index for index, code_line in enumerate(code) if code_line.strip()), default=0)
         block[last] += "</code></pre>"
@@ -225,16 +245,17 @@ def _fence_as_html(source: str, piece: Located) -> str | None:
 def _mark_html_block(piece: Located, source: str, zones: bytearray) -> None:
     """Mark an HTML block's own text, line by line: the quote markers before it stay Markdown."""
     start = piece.start
-    lines = source[piece.start:piece.end].split("\n")
+    lines = source[piece.start : piece.end].split("\n")
     for line, content in zip(lines, piece.tokens[0].content.split("\n")):
         if line.endswith(content):
-            zones[start + len(line) - len(content):start + len(line)] = bytes([_HTML]) * len(content)
+            zones[start + len(line) - len(content) : start + len(line)] = bytes([_HTML]) * len(content)
         start += len(line) + 1
 
 
 # ---------------------------------------------------------------------------------------------
 # What text escaping changes
 # ---------------------------------------------------------------------------------------------
+
 
 def _needs_backslash(source: str, index: int) -> bool:
     """Whether source[index] opens `{:` (a kramdown attribute list or extension) or is the colon of a
@@ -268,7 +289,7 @@ def _refers_to_scheme_character(source: str, amp: int) -> bool:
     if source.startswith("#", end):
         end += 1
         digits = "0123456789"
-        if source[end:end + 1] in ("x", "X"):
+        if source[end : end + 1] in ("x", "X"):
             end, digits = end + 1, "0123456789abcdefABCDEF"
         while end < len(source) and source[end] in digits:
             end += 1

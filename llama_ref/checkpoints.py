@@ -9,7 +9,6 @@ Checkpoint.tensors() yields the weights one at a time, under Meta's names and in
 from __future__ import annotations
 
 import contextlib
-
 import json
 import math
 import struct
@@ -22,14 +21,22 @@ import torch
 
 from .errors import CheckpointError
 from .model import ModelArgs, scale_rope_frequencies
-from .tokenizer import (SentencePieceTokenizer, Tokenizer, TokenizerError, load_hf_tokenizer,
-                        read_llama2c_tokenizer, tokenizer_from_gguf)
+from .tokenizer import (
+    SentencePieceTokenizer,
+    Tokenizer,
+    TokenizerError,
+    load_hf_tokenizer,
+    read_llama2c_tokenizer,
+    tokenizer_from_gguf,
+)
+
 
 @dataclass
 class Rows:
     """A 2-D tensor of a file, read and dequantized a slice of rows at a time: `rows[start:stop]` is a new
     tensor. A loader that converts a weight slice by slice (quantize.int8_rows) then never holds the whole
     float matrix: for the default model's 151936 x 1536 output, 0.9 GB in fp32."""
+
     shape: tuple[int, int]
     dtype: torch.dtype
     read: Callable[[int, int], torch.Tensor] = field(repr=False)  # rows start..stop
@@ -50,10 +57,12 @@ class Checkpoint:
     read_tensors: Callable[..., Iterator[tuple[str, torch.Tensor]]] = field(repr=False)
     # GGUF only: a 4-bit weight as its exact (q, scale, min) groups (quants.int4_groups), else None
     read_int4: Callable[[str], tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] | None = field(
-        default=None, repr=False)
+        default=None, repr=False
+    )
 
-    def tensors(self, dequantized_dtype: torch.dtype = torch.float32,
-                by_rows: frozenset[str] = frozenset()) -> Iterator[tuple[str, "torch.Tensor | Rows"]]:
+    def tensors(
+        self, dequantized_dtype: torch.dtype = torch.float32, by_rows: frozenset[str] = frozenset()
+    ) -> Iterator[tuple[str, torch.Tensor | Rows]]:
         """Yield (Meta name, CPU tensor) one at a time, float32 or the file's bf16/f16; quantised blocks
         are dequantised straight to `dequantized_dtype` (a bf16 model never holds an fp32 copy of its
         largest matrix). 'output.weight' is left out when the embeddings are tied. A GGUF's 2-D tensors
@@ -75,8 +84,10 @@ class Checkpoint:
         except CheckpointError:
             raise
         except Exception as e:  # whatever breaks while reading the user's file is a problem with that file
-            raise CheckpointError(f"{self.path}: reading {what} failed ({type(e).__name__}: {e}); "
-                                  "the file may be truncated or corrupt, download it again") from e
+            raise CheckpointError(
+                f"{self.path}: reading {what} failed ({type(e).__name__}: {e}); "
+                "the file may be truncated or corrupt, download it again"
+            ) from e
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -93,12 +104,15 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     except TokenizerError as e:
         raise CheckpointError(f"{location}: tokenizer: {e}") from e
     except Exception as e:  # a file we cannot parse is a broken file, whatever the parser raised
-        raise CheckpointError(f"{location}: cannot be read as a {model_format.name} checkpoint "
-                              f"({type(e).__name__}: {e}); the file may be truncated or corrupt") from e
+        raise CheckpointError(
+            f"{location}: cannot be read as a {model_format.name} checkpoint "
+            f"({type(e).__name__}: {e}); the file may be truncated or corrupt"
+        ) from e
     if checkpoint.tokenizer.n_words > checkpoint.args.vocab_size:
         raise CheckpointError(
             f"{location}: the tokenizer has {checkpoint.tokenizer.n_words} tokens but the model's vocabulary "
-            f"has {checkpoint.args.vocab_size}; use the tokenizer that was released with the model")
+            f"has {checkpoint.args.vocab_size}; use the tokenizer that was released with the model"
+        )
     return checkpoint
 
 
@@ -124,8 +138,10 @@ def _detect_format(path: Path) -> tuple[Format, Path]:
         if location is not None:
             return model_format, location
     if path.is_dir():
-        raise CheckpointError(f"{path}: found no {' or '.join(f.marker for f in FORMATS if f.marker)} in this directory; "
-                              f"pass {supported_inputs()}")
+        raise CheckpointError(
+            f"{path}: found no {' or '.join(f.marker for f in FORMATS if f.marker)} in this directory; "
+            f"pass {supported_inputs()}"
+        )
     raise CheckpointError(f"{path}: unrecognised model file; pass {supported_inputs()}")
 
 
@@ -150,8 +166,10 @@ def _is_gguf(path: Path) -> Path | None:
     if magic == b"GGUF":
         return path
     if path.suffix.lower() == ".gguf":
-        raise CheckpointError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF'); "
-                              "the download may be incomplete or the file is something else")
+        raise CheckpointError(
+            f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF'); "
+            "the download may be incomplete or the file is something else"
+        )
     return None
 
 
@@ -161,6 +179,7 @@ def _is_llama2c(path: Path) -> Path | None:
 
 # ---------------------------------------------------------------------------- shapes and names
 
+
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Every weight model.Transformer(args) loads, with its shape."""
     q_rows, kv_rows = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
@@ -168,20 +187,27 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     if not args.tie_embeddings:
         shapes["output.weight"] = (args.vocab_size, args.dim)
     for i in range(args.n_layers):
-        shapes.update({
-            f"layers.{i}.attention.wq.weight": (q_rows, args.dim),
-            f"layers.{i}.attention.wk.weight": (kv_rows, args.dim),
-            f"layers.{i}.attention.wv.weight": (kv_rows, args.dim),
-            f"layers.{i}.attention.wo.weight": (args.dim, q_rows),
-            f"layers.{i}.feed_forward.w1.weight": (args.hidden_dim, args.dim),
-            f"layers.{i}.feed_forward.w2.weight": (args.dim, args.hidden_dim),
-            f"layers.{i}.feed_forward.w3.weight": (args.hidden_dim, args.dim),
-            f"layers.{i}.attention_norm.weight": (args.dim,),
-            f"layers.{i}.ffn_norm.weight": (args.dim,),
-        })
+        shapes.update(
+            {
+                f"layers.{i}.attention.wq.weight": (q_rows, args.dim),
+                f"layers.{i}.attention.wk.weight": (kv_rows, args.dim),
+                f"layers.{i}.attention.wv.weight": (kv_rows, args.dim),
+                f"layers.{i}.attention.wo.weight": (args.dim, q_rows),
+                f"layers.{i}.feed_forward.w1.weight": (args.hidden_dim, args.dim),
+                f"layers.{i}.feed_forward.w2.weight": (args.dim, args.hidden_dim),
+                f"layers.{i}.feed_forward.w3.weight": (args.hidden_dim, args.dim),
+                f"layers.{i}.attention_norm.weight": (args.dim,),
+                f"layers.{i}.ffn_norm.weight": (args.dim,),
+            }
+        )
         if args.qkv_bias:
-            shapes.update({f"layers.{i}.attention.wq.bias": (q_rows,), f"layers.{i}.attention.wk.bias": (kv_rows,),
-                           f"layers.{i}.attention.wv.bias": (kv_rows,)})
+            shapes.update(
+                {
+                    f"layers.{i}.attention.wq.bias": (q_rows,),
+                    f"layers.{i}.attention.wk.bias": (kv_rows,),
+                    f"layers.{i}.attention.wv.bias": (kv_rows,),
+                }
+            )
     return shapes
 
 
@@ -189,19 +215,25 @@ def _check_shapes(path: Path, found: dict[str, tuple[int, ...]], args: ModelArgs
     # before listing what the configuration implies: a crafted layer count would list millions of names
     layers = {name.split(".")[1] for name in found if name.startswith("layers.")}
     if args.n_layers != len(layers):
-        raise CheckpointError(f"{path}: the configuration says {args.n_layers} layers but the weights hold "
-                              f"{len(layers)}; the checkpoint is incomplete or its configuration is wrong")
+        raise CheckpointError(
+            f"{path}: the configuration says {args.n_layers} layers but the weights hold "
+            f"{len(layers)}; the checkpoint is incomplete or its configuration is wrong"
+        )
     expected = expected_shapes(args)
     for name, shape in expected.items():
         if name not in found:
             raise CheckpointError(f"{path}: weight {name} is missing; the checkpoint is incomplete")
         if tuple(found[name]) != shape:
-            raise CheckpointError(f"{path}: weight {name} has shape {tuple(found[name])} but the model's "
-                                  f"configuration implies {shape}; the configuration does not match the weights")
+            raise CheckpointError(
+                f"{path}: weight {name} has shape {tuple(found[name])} but the model's "
+                f"configuration implies {shape}; the configuration does not match the weights"
+            )
     extra = sorted(set(found) - set(expected))
     if extra:
-        raise CheckpointError(f"{path}: unexpected weight {extra[0]}; this is not a plain llama-architecture "
-                              "model, which is all llama_ref runs")
+        raise CheckpointError(
+            f"{path}: unexpected weight {extra[0]}; this is not a plain llama-architecture "
+            "model, which is all llama_ref runs"
+        )
     return expected
 
 
@@ -209,7 +241,7 @@ def _layer_name(name: str, prefix: str, parts: dict[str, str]) -> str | None:
     """'<prefix>N.<part>.weight' -> 'layers.N.<Meta part>.weight', or None if the part is unknown."""
     if not name.startswith(prefix):
         return None
-    layer, _, rest = name[len(prefix):].partition(".")
+    layer, _, rest = name[len(prefix) :].partition(".")
     part, _, suffix = rest.rpartition(".")
     return f"layers.{layer}.{parts[part]}.{suffix}" if part in parts and layer.isdigit() else None
 
@@ -244,11 +276,22 @@ def _linear_rope_scaling(factor: float) -> dict:
 
 # ---------------------------------------------------------------------------- GGUF
 
-GGUF_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
-              "output.weight": "output.weight"}
-GGUF_LAYER_PARTS = {"attn_norm": "attention_norm", "attn_q": "attention.wq", "attn_k": "attention.wk",
-                    "attn_v": "attention.wv", "attn_output": "attention.wo", "ffn_norm": "ffn_norm",
-                    "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3"}
+GGUF_NAMES = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+}
+GGUF_LAYER_PARTS = {
+    "attn_norm": "attention_norm",
+    "attn_q": "attention.wq",
+    "attn_k": "attention.wk",
+    "attn_v": "attention.wv",
+    "attn_output": "attention.wo",
+    "ffn_norm": "ffn_norm",
+    "ffn_gate": "feed_forward.w1",
+    "ffn_down": "feed_forward.w2",
+    "ffn_up": "feed_forward.w3",
+}
 GGUF_ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency divisors for Llama 3.1 rope scaling
 
 
@@ -282,8 +325,10 @@ def _gguf_reader(path: Path):
             if raw_type == ARRAY:
                 length = int(self._get(orig_offs + 4, np.uint64)[0])
                 if length > len(self._data) - orig_offs:  # every element takes at least a byte
-                    raise ValueError(f"an array at byte {orig_offs} claims {length} elements, more than the "
-                                     f"{len(self._data)}-byte file can hold")
+                    raise ValueError(
+                        f"an array at byte {orig_offs} claims {length} elements, more than the "
+                        f"{len(self._data)}-byte file can hold"
+                    )
             return super()._get_field_parts(orig_offs, raw_type)
 
     return PlainArrayReader(path)
@@ -296,19 +341,25 @@ def _open_gguf(path: Path) -> Checkpoint:
     meta = {key: f.contents() for key, f in reader.fields.items()}
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
-        raise CheckpointError(f"{path}: GGUF architecture '{arch}' is not supported; llama_ref runs "
-                              f"{' and '.join(GGUF_ARCHITECTURES)} models")
+        raise CheckpointError(
+            f"{path}: GGUF architecture '{arch}' is not supported; llama_ref runs "
+            f"{' and '.join(GGUF_ARCHITECTURES)} models"
+        )
 
     def key(name, default=None):
         return meta.get(f"{arch}.{name}", default)
 
     layers = {t.name.split(".")[1] for t in reader.tensors if t.name.startswith("blk.")}
     if int(key("block_count", 0)) != len(layers):
-        raise CheckpointError(f"{path}: the header says {key('block_count')} layers but the file holds tensors for "
-                              f"{len(layers)}; the file is corrupt or was written wrongly")
+        raise CheckpointError(
+            f"{path}: the header says {key('block_count')} layers but the file holds tensors for "
+            f"{len(layers)}; the file is corrupt or was written wrongly"
+        )
     if key("expert_count", 0):
-        raise CheckpointError(f"{path}: this GGUF is a mixture-of-experts model, which llama_ref does not run; "
-                              "use a dense llama-architecture model")
+        raise CheckpointError(
+            f"{path}: this GGUF is a mixture-of-experts model, which llama_ref does not run; "
+            "use a dense llama-architecture model"
+        )
     tensors = {t.name: t for t in reader.tensors}
     by_meta_name = {}
     for name, t in tensors.items():
@@ -317,7 +368,8 @@ def _open_gguf(path: Path) -> Checkpoint:
         if t.tensor_type not in SUPPORTED:
             raise CheckpointError(
                 f"{path}: tensor {name} is stored as {t.tensor_type.name}, which llama_ref cannot dequantize; "
-                f"supported: {', '.join(q.name for q in SUPPORTED)}; use a GGUF quantised to one of those")
+                f"supported: {', '.join(q.name for q in SUPPORTED)}; use a GGUF quantised to one of those"
+            )
         by_meta_name[GGUF_NAMES.get(name) or _layer_name(name, "blk.", GGUF_LAYER_PARTS) or name] = t
 
     # GGUF shapes list the fastest-varying dimension first; torch lists it last
@@ -326,19 +378,29 @@ def _open_gguf(path: Path) -> Checkpoint:
     dim = int(key("embedding_length"))
     head_count_kv = key("attention.head_count_kv", n_heads)
     if isinstance(head_count_kv, list):
-        raise CheckpointError(f"{path}: per-layer key/value head counts are not supported; "
-                              "use a model with the same attention in every layer")
+        raise CheckpointError(
+            f"{path}: per-layer key/value head counts are not supported; "
+            "use a model with the same attention in every layer"
+        )
     if int(key("rope.dimension_count", dim // n_heads)) != dim // n_heads:
-        raise CheckpointError(f"{path}: rotary embedding on part of each head is not supported; "
-                              "use a model that rotates whole heads")
+        raise CheckpointError(
+            f"{path}: rotary embedding on part of each head is not supported; use a model that rotates whole heads"
+        )
     theta = float(key("rope.freq_base", 10000.0))
     args = ModelArgs(
-        dim=dim, n_layers=int(key("block_count")), n_heads=n_heads, n_kv_heads=int(head_count_kv),
-        vocab_size=shapes["tok_embeddings.weight"][0], hidden_dim=int(key("feed_forward_length")),
-        norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=theta,
+        dim=dim,
+        n_layers=int(key("block_count")),
+        n_heads=n_heads,
+        n_kv_heads=int(head_count_kv),
+        vocab_size=shapes["tok_embeddings.weight"][0],
+        hidden_dim=int(key("feed_forward_length")),
+        norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=theta,
         rope_scaling=_gguf_rope_scaling(path, arch, meta, tensors.get(GGUF_ROPE_FREQS), dim // n_heads, theta),
-        tie_embeddings="output.weight" not in shapes, qkv_bias=GGUF_ARCHITECTURES[arch],
-        context_length=int(key("context_length", 2048)))
+        tie_embeddings="output.weight" not in shapes,
+        qkv_bias=GGUF_ARCHITECTURES[arch],
+        context_length=int(key("context_length", 2048)),
+    )
     shapes = _check_shapes(path, shapes, args)
     rotate_half_layout = arch == "qwen2"
 
@@ -361,8 +423,16 @@ def _open_gguf(path: Path) -> Checkpoint:
         return tuple(_rotary_to_meta(name, g, args) for g in groups) if rotate_half_layout else groups
 
     chat_template = meta.get("tokenizer.chat_template")
-    return Checkpoint(path, "gguf", args, tokenizer_from_gguf(meta),
-                      chat_template if isinstance(chat_template, str) else None, shapes, read_tensors, read_int4)
+    return Checkpoint(
+        path,
+        "gguf",
+        args,
+        tokenizer_from_gguf(meta),
+        chat_template if isinstance(chat_template, str) else None,
+        shapes,
+        read_tensors,
+        read_int4,
+    )
 
 
 def _gguf_tensor(path: Path, t, shape: tuple[int, ...], dequantized_dtype: torch.dtype) -> torch.Tensor:
@@ -395,8 +465,12 @@ def _gguf_rows(path: Path, t, shape: tuple[int, int], dequantized_dtype: torch.d
     row_bytes = int(t.n_bytes) // shape[0]
 
     def read(start: int, stop: int) -> torch.Tensor:
-        return dequantize(_gguf_raw(path, t, start * row_bytes, (stop - start) * row_bytes), t.tensor_type,
-                          (stop - start, shape[1]), dtype)
+        return dequantize(
+            _gguf_raw(path, t, start * row_bytes, (stop - start) * row_bytes),
+            t.tensor_type,
+            (stop - start, shape[1]),
+            dtype,
+        )
 
     return Rows(shape, dtype, read)
 
@@ -405,8 +479,9 @@ def _gguf_raw(path: Path, t, start: int = 0, count: int | None = None) -> np.nda
     count = int(t.n_bytes) if count is None else count
     raw = np.fromfile(path, dtype=np.uint8, count=count, offset=int(t.data_offset) + start)
     if raw.size != count:
-        raise CheckpointError(f"{path}: tensor {t.name} runs past the end of the file; the file is truncated, "
-                              "download it again")
+        raise CheckpointError(
+            f"{path}: tensor {t.name} runs past the end of the file; the file is truncated, download it again"
+        )
     return raw
 
 
@@ -420,13 +495,15 @@ def _gguf_rope_scaling(path: Path, arch: str, meta: dict, rope_freqs, head_dim: 
     if kind == "linear" or (kind == "none" and factor != 1.0):
         return _linear_rope_scaling(factor)
     if kind not in ("none", ""):
-        raise CheckpointError(f"{path}: rope scaling type '{kind}' is not supported; "
-                              "supported: linear and Llama 3.1 (rope_freqs)")
+        raise CheckpointError(
+            f"{path}: rope scaling type '{kind}' is not supported; supported: linear and Llama 3.1 (rope_freqs)"
+        )
     return None
 
 
-def _llama3_scaling_from_divisors(path: Path, divisors: np.ndarray, head_dim: int, theta: float,
-                                  original_context: int) -> dict | None:
+def _llama3_scaling_from_divisors(
+    path: Path, divisors: np.ndarray, head_dim: int, theta: float, original_context: int
+) -> dict | None:
     """Recover Llama 3.1 rope-scaling parameters from llama.cpp's rope_freqs tensor.
 
     convert_hf_to_gguf.py stores Llama 3.1 scaling as one divisor per frequency: 1 for short wavelengths,
@@ -442,16 +519,21 @@ def _llama3_scaling_from_divisors(path: Path, divisors: np.ndarray, head_dim: in
     factor = float(divisors.max())
     smooth = (1.0 / divisors - 1.0 / factor) / (1.0 - 1.0 / factor)
     between = (divisors > 1.0 + 1e-6) & (divisors < factor - 1e-6)
-    unsupported = CheckpointError(f"{path}: rope_freqs does not follow Llama 3.1 rope scaling; "
-                                  "llama_ref supports only that form of per-frequency rope scaling")
+    unsupported = CheckpointError(
+        f"{path}: rope_freqs does not follow Llama 3.1 rope scaling; "
+        "llama_ref supports only that form of per-frequency rope scaling"
+    )
     if between.sum() < 2:
         raise unsupported
     inverse_wavelen = freqs[between] / (2 * math.pi)
     slope, intercept = np.polyfit(inverse_wavelen, smooth[between], 1)
     low = -intercept * original_context / slope
-    scaling = {"factor": factor, "low_freq_factor": float(low),
-               "high_freq_factor": float(low + original_context / slope),
-               "original_max_position_embeddings": original_context}
+    scaling = {
+        "factor": factor,
+        "low_freq_factor": float(low),
+        "high_freq_factor": float(low + original_context / slope),
+        "original_max_position_embeddings": original_context,
+    }
     scaled = scale_rope_frequencies(torch.from_numpy(freqs), scaling).numpy()
     if not np.allclose(freqs / scaled, divisors, rtol=1e-4):
         raise unsupported
@@ -460,13 +542,22 @@ def _llama3_scaling_from_divisors(path: Path, divisors: np.ndarray, head_dim: in
 
 # ---------------------------------------------------------------------------- Hugging Face directory
 
-HF_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-            "lm_head.weight": "output.weight"}
-HF_LAYER_PARTS = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-                  "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
-                  "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-                  "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
-                  "post_attention_layernorm": "ffn_norm"}
+HF_NAMES = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+HF_LAYER_PARTS = {
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
 
 
 # model_type -> whether q/k/v carry biases (Qwen2ForCausalLM: always; LLaMA: refused below when set)
@@ -479,27 +570,41 @@ def _open_hf(directory: Path) -> Checkpoint:
     config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     model_type = config.get("model_type")
     if model_type not in HF_MODEL_TYPES:
-        raise CheckpointError(f"{directory}: Hugging Face model_type '{model_type}' is not supported; llama_ref "
-                              f"runs {' and '.join(HF_MODEL_TYPES)} models")
+        raise CheckpointError(
+            f"{directory}: Hugging Face model_type '{model_type}' is not supported; llama_ref "
+            f"runs {' and '.join(HF_MODEL_TYPES)} models"
+        )
     if config.get("use_sliding_window"):
-        raise CheckpointError(f"{directory}: config.json turns on sliding-window attention, which llama_ref does "
-                              "not run; use a model with full attention")
+        raise CheckpointError(
+            f"{directory}: config.json turns on sliding-window attention, which llama_ref does "
+            "not run; use a model with full attention"
+        )
     for flag in ("attention_bias", "mlp_bias"):
         if config.get(flag):
             raise CheckpointError(f"{directory}: config.json sets {flag}; llama_ref runs llama models without biases")
     dim, n_heads = config["hidden_size"], config["num_attention_heads"]
     if config.get("head_dim", dim // n_heads) != dim // n_heads:
-        raise CheckpointError(f"{directory}: head_dim {config['head_dim']} differs from hidden_size / "
-                              "num_attention_heads, which llama_ref does not support")
+        raise CheckpointError(
+            f"{directory}: head_dim {config['head_dim']} differs from hidden_size / "
+            "num_attention_heads, which llama_ref does not support"
+        )
     if config.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{directory}: hidden_act '{config['hidden_act']}' is not supported; llama uses silu")
     theta, scaling = _hf_rope(directory, config)
     args = ModelArgs(
-        dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
-        n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
-        hidden_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=theta,
-        rope_scaling=scaling, tie_embeddings=config.get("tie_word_embeddings", False),
-        qkv_bias=HF_MODEL_TYPES[model_type], context_length=config.get("max_position_embeddings", 2048))
+        dim=dim,
+        n_layers=config["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=config.get("num_key_value_heads") or n_heads,
+        vocab_size=config["vocab_size"],
+        hidden_dim=config["intermediate_size"],
+        norm_eps=config.get("rms_norm_eps", 1e-6),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_embeddings=config.get("tie_word_embeddings", False),
+        qkv_bias=HF_MODEL_TYPES[model_type],
+        context_length=config.get("max_position_embeddings", 2048),
+    )
 
     # the index names the model's shards; a directory may hold other safetensors (adapters, Mistral's consolidated)
     index = directory / "model.safetensors.index.json"
@@ -508,8 +613,10 @@ def _open_hf(directory: Path) -> Checkpoint:
     else:
         files = [directory / "model.safetensors"] if (directory / "model.safetensors").is_file() else []
     if not files:
-        raise CheckpointError(f"{directory}: no *.safetensors weights; llama_ref reads Hugging Face weights "
-                              "only as safetensors (re-save the model with safe_serialization=True)")
+        raise CheckpointError(
+            f"{directory}: no *.safetensors weights; llama_ref reads Hugging Face weights "
+            "only as safetensors (re-save the model with safe_serialization=True)"
+        )
     sources, shapes = {}, {}  # Meta name -> (file, HF name)
     for file in files:
         with safe_open(file, framework="pt") as f:
@@ -529,8 +636,9 @@ def _open_hf(directory: Path) -> Checkpoint:
                     if source == file:
                         yield name, _from_hf(name, f.get_tensor(hf_name), args)
 
-    return Checkpoint(directory, "hf", args, load_hf_tokenizer(directory, config), _hf_chat_template(directory),
-                      shapes, read_tensors)
+    return Checkpoint(
+        directory, "hf", args, load_hf_tokenizer(directory, config), _hf_chat_template(directory), shapes, read_tensors
+    )
 
 
 def _from_hf(name: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
@@ -578,8 +686,10 @@ ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
 def _open_meta(directory: Path) -> Checkpoint:
     params_file = directory / "params.json"
     if not params_file.is_file():
-        raise CheckpointError(f"{directory}: params.json is missing; a Meta checkpoint needs the params.json "
-                              "that was released beside its consolidated.*.pth files")
+        raise CheckpointError(
+            f"{directory}: params.json is missing; a Meta checkpoint needs the params.json "
+            "that was released beside its consolidated.*.pth files"
+        )
     params = json.loads(params_file.read_text(encoding="utf-8"))
     shard_files = sorted(directory.glob("consolidated.*.pth"))
     if not shard_files:
@@ -587,8 +697,11 @@ def _open_meta(directory: Path) -> Checkpoint:
     # mmap: opening every shard costs address space, not memory; a weight is read when it is concatenated
     shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in shard_files]
     dim = params["dim"]
-    concat_dims = {name: _meta_concat_dim(name, tensor.shape, dim, len(shards))
-                   for name, tensor in shards[0].items() if name != "rope.freqs"}  # rope.freqs: recomputed
+    concat_dims = {
+        name: _meta_concat_dim(name, tensor.shape, dim, len(shards))
+        for name, tensor in shards[0].items()
+        if name != "rope.freqs"
+    }  # rope.freqs: recomputed
     shapes = {}
     for name, concat_dim in concat_dims.items():
         shape = list(shards[0][name].shape)
@@ -599,16 +712,25 @@ def _open_meta(directory: Path) -> Checkpoint:
     vocab_size = params.get("vocab_size", -1)  # Llama 1/2 write -1: the tokenizer decides
     scaling = None
     if params.get("use_scaled_rope"):  # Llama 3.1: apply_scaling in llama-models' reference model.py
-        scaling = {"factor": params.get("rope_scaling_factor", 8.0), "low_freq_factor": 1.0,
-                   "high_freq_factor": params.get("rope_high_freq_factor", 4.0),
-                   "original_max_position_embeddings": 8192}
+        scaling = {
+            "factor": params.get("rope_scaling_factor", 8.0),
+            "low_freq_factor": 1.0,
+            "high_freq_factor": params.get("rope_high_freq_factor", 4.0),
+            "original_max_position_embeddings": 8192,
+        }
     args = ModelArgs(
-        dim=dim, n_layers=params["n_layers"], n_heads=params["n_heads"], n_kv_heads=params.get("n_kv_heads"),
+        dim=dim,
+        n_layers=params["n_layers"],
+        n_heads=params["n_heads"],
+        n_kv_heads=params.get("n_kv_heads"),
         vocab_size=vocab_size if vocab_size > 0 else shapes["tok_embeddings.weight"][0],
         hidden_dim=meta_hidden_dim(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier")),
-        norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 10000.0), rope_scaling=scaling,
+        norm_eps=params.get("norm_eps", 1e-5),
+        rope_theta=params.get("rope_theta", 10000.0),
+        rope_scaling=scaling,
         tie_embeddings="output.weight" not in shapes,
-        context_length=params.get("max_seq_len", 2048))  # params.json rarely says; Meta's default
+        context_length=params.get("max_seq_len", 2048),
+    )  # params.json rarely says; Meta's default
     shapes = _check_shapes(directory, shapes, args)
 
     def read_tensors(_dequantized_dtype, _by_rows=frozenset()):  # nothing quantised in these formats
@@ -616,16 +738,21 @@ def _open_meta(directory: Path) -> Checkpoint:
             parts = [shard[name] for shard in shards]
             yield name, parts[0] if concat_dim is None else torch.cat(parts, dim=concat_dim)
 
-    tokenizer_file = next((d / "tokenizer.model" for d in (directory, directory.parent)
-                           if (d / "tokenizer.model").is_file()), None)
+    tokenizer_file = next(
+        (d / "tokenizer.model" for d in (directory, directory.parent) if (d / "tokenizer.model").is_file()), None
+    )
     if tokenizer_file is None:
-        raise CheckpointError(f"{directory}: tokenizer.model not found here or in the parent directory; "
-                              "copy the tokenizer.model released with the model")
+        raise CheckpointError(
+            f"{directory}: tokenizer.model not found here or in the parent directory; "
+            "copy the tokenizer.model released with the model"
+        )
     try:
         tokenizer = SentencePieceTokenizer(tokenizer_file)
     except TokenizerError as e:
-        raise CheckpointError(f"{tokenizer_file}: {e}; llama_ref reads sentencepiece tokenizers "
-                              "(Llama 3's tiktoken tokenizer.model is not supported)") from e
+        raise CheckpointError(
+            f"{tokenizer_file}: {e}; llama_ref reads sentencepiece tokenizers "
+            "(Llama 3's tiktoken tokenizer.model is not supported)"
+        ) from e
     return Checkpoint(directory, "meta", args, tokenizer, None, shapes, read_tensors)
 
 
@@ -672,8 +799,10 @@ def _open_llama2c(path: Path) -> Checkpoint:
     if struct.unpack_from("<I", head)[0] == LLAMA2C_MAGIC:
         version = struct.unpack_from("<i", head, 4)[0]
         if version != 1:
-            raise CheckpointError(f"{path}: llama2.c version {version} files are not supported; export the model "
-                                  "with llama2.c's export.py --version 0 or 1 (float32)")
+            raise CheckpointError(
+                f"{path}: llama2.c version {version} files are not supported; export the model "
+                "with llama2.c's export.py --version 0 or 1 (float32)"
+            )
         dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len = struct.unpack_from("<7i", head, 8)
         shared, offset = bool(head[36]), LLAMA2C_V1_HEADER_BYTES
     else:
@@ -682,25 +811,40 @@ def _open_llama2c(path: Path) -> Checkpoint:
         shared, offset, vocab_size = vocab_size > 0, 28, abs(vocab_size)
     sizes = (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len)
     if min(sizes) <= 0 or dim % n_heads or n_heads % n_kv_heads:
-        raise CheckpointError(f"{path}: not a llama2.c checkpoint (its header reads {sizes}); pass a .bin "
-                              "written by llama2.c's export.py")
+        raise CheckpointError(
+            f"{path}: not a llama2.c checkpoint (its header reads {sizes}); pass a .bin written by llama2.c's export.py"
+        )
     # the header alone can claim terabytes: compare its least size with the file before building anything
     kv_dim = dim // n_heads * n_kv_heads
-    least_bytes = 4 * (n_layers * (2 * dim + 2 * dim * dim + 2 * dim * kv_dim + 3 * dim * hidden_dim)
-                       + vocab_size * dim)
+    least_bytes = 4 * (
+        n_layers * (2 * dim + 2 * dim * dim + 2 * dim * kv_dim + 3 * dim * hidden_dim) + vocab_size * dim
+    )
     if least_bytes > file_size:
-        raise CheckpointError(f"{path}: {file_size} bytes, but its header {sizes} implies at least {least_bytes}; "
-                              "the file is truncated or not a llama2.c checkpoint")
-    args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
-                     hidden_dim=hidden_dim, norm_eps=1e-5, rope_theta=10000.0, tie_embeddings=shared,
-                     context_length=seq_len)  # run.c: rmsnorm eps 1e-5, rope base 10000
+        raise CheckpointError(
+            f"{path}: {file_size} bytes, but its header {sizes} implies at least {least_bytes}; "
+            "the file is truncated or not a llama2.c checkpoint"
+        )
+    args = ModelArgs(
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        vocab_size=vocab_size,
+        hidden_dim=hidden_dim,
+        norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_embeddings=shared,
+        context_length=seq_len,
+    )  # run.c: rmsnorm eps 1e-5, rope base 10000
     shapes = expected_shapes(args)
     layout = _llama2c_layout(args, version)
     rope_tables = seq_len * args.head_dim if version == 0 else 0  # skipped, as run.c does
     expected_bytes = offset + 4 * (sum(math.prod(s) for _, s in layout) + rope_tables)
     if file_size != expected_bytes:
-        raise CheckpointError(f"{path}: {file_size} bytes, but its header {sizes} implies {expected_bytes}; "
-                              "the file is truncated or not a llama2.c checkpoint")
+        raise CheckpointError(
+            f"{path}: {file_size} bytes, but its header {sizes} implies {expected_bytes}; "
+            "the file is truncated or not a llama2.c checkpoint"
+        )
 
     def read_tensors(_dequantized_dtype, _by_rows=frozenset()):  # nothing quantised in these formats
         weights = np.memmap(path, dtype=np.float32, mode="r", offset=offset)
@@ -709,13 +853,15 @@ def _open_llama2c(path: Path) -> Checkpoint:
             if name == "output.weight" and version == 0:
                 pos += rope_tables
             count = math.prod(shape)
-            yield name, torch.from_numpy(np.array(weights[pos:pos + count])).reshape(shape)
+            yield name, torch.from_numpy(np.array(weights[pos : pos + count])).reshape(shape)
             pos += count
 
     tokenizer_file = path.parent / "tokenizer.bin"
     if not tokenizer_file.is_file():
-        raise CheckpointError(f"{path}: tokenizer.bin not found beside it; copy the tokenizer.bin from the "
-                              "llama2.c repository (or the one exported with this model) into that folder")
+        raise CheckpointError(
+            f"{path}: tokenizer.bin not found beside it; copy the tokenizer.bin from the "
+            "llama2.c repository (or the one exported with this model) into that folder"
+        )
     try:
         tokenizer = read_llama2c_tokenizer(tokenizer_file, vocab_size)
     except TokenizerError as e:
@@ -730,8 +876,9 @@ def _llama2c_layout(args: ModelArgs, version: int) -> list[tuple[str, tuple[int,
     def per_layer(part: str):
         return [(f"layers.{i}.{part}.weight", shapes[f"layers.{i}.{part}.weight"]) for i in range(args.n_layers)]
 
-    matrices = [entry for part in ("attention.wq", "attention.wk", "attention.wv", "attention.wo")
-                for entry in per_layer(part)]
+    matrices = [
+        entry for part in ("attention.wq", "attention.wk", "attention.wv", "attention.wo") for entry in per_layer(part)
+    ]
     ffn = [entry for part in ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3") for entry in per_layer(part)]
     embedding, norm = ("tok_embeddings.weight", shapes["tok_embeddings.weight"]), ("norm.weight", (args.dim,))
     if version == 0:

@@ -55,7 +55,7 @@ class JsonFields:
             raise ValueError("JsonFields needs at least one key, and one marker list (and pair list) per key")
         for labels in self.markers:
             if any(not label or self.opener in label or self.closer in label or '"' in label for label in labels):
-                raise ValueError(f"marker labels must be non-empty and free of {self.opener}, {self.closer} and \"")
+                raise ValueError(f'marker labels must be non-empty and free of {self.opener}, {self.closer} and "')
 
     def parts(self) -> tuple:
         """The automaton's plan: fixed bytes and values (as frozensets of labels), alternating. The same
@@ -70,8 +70,9 @@ class JsonFields:
 class TokenTable:
     """What the automaton needs to know about a vocabulary, computed once per tokenizer and marker pair."""
 
-    def __init__(self, token_bytes, special_ids, stop_ids, vocab_size: int, opener: str, closer: str,
-                 forbidden: str = ""):
+    def __init__(
+        self, token_bytes, special_ids, stop_ids, vocab_size: int, opener: str, closer: str, forbidden: str = ""
+    ):
         specials = set(special_ids)
         self.token_bytes = token_bytes
         self.vocab_size = vocab_size  # the model's logits may have padding rows past the tokenizer
@@ -98,8 +99,9 @@ class TokenTable:
 
 @functools.lru_cache(maxsize=8)
 def _table(tokenizer, vocab_size: int, opener: str, closer: str, forbidden: str) -> TokenTable:
-    return TokenTable(tokenizer.token_bytes, tokenizer.special_ids.values(), tokenizer.stop_ids, vocab_size,
-                      opener, closer, forbidden)
+    return TokenTable(
+        tokenizer.token_bytes, tokenizer.special_ids.values(), tokenizer.stop_ids, vocab_size, opener, closer, forbidden
+    )
 
 
 class JsonFieldsConstraint:
@@ -172,8 +174,11 @@ class JsonFieldsConstraint:
             self._steering = True
         if self._tight() or self._steering:
             end = self._shortest_end(self._state)
-            return [t for t in self.table.by_first_byte.get(end[0], ())
-                    if end.startswith(self.table.token_bytes[t]) and self.allows(t)]
+            return [
+                t
+                for t in self.table.by_first_byte.get(end[0], ())
+                if end.startswith(self.table.token_bytes[t]) and self.allows(t)
+            ]
         key = (self._state, self._strip_space)
         if key not in self._memo:
             self._memo[key] = self._compute_allowed()
@@ -200,25 +205,28 @@ class JsonFieldsConstraint:
         if len(state) == 1:
             return b""
         if len(state) == 2:
-            return self._parts[state[0]][state[1]:] + self._rest(state[0] + 1)
+            return self._parts[state[0]][state[1] :] + self._rest(state[0] + 1)
         part, owed, mode, extra, label = state
         out = b""
         if label is not None:  # finish the marker at hand
             pending = extra if mode == _UTF8 else b""
-            target = min(o for o in self._ready(part, owed) if o.startswith(label)
-                         and (o[len(label):] + self._closer).encode().startswith(pending))
-            out, owed = (target[len(label):] + self._closer).encode()[len(pending):], owed - {target}
+            target = min(
+                o
+                for o in self._ready(part, owed)
+                if o.startswith(label) and (o[len(label) :] + self._closer).encode().startswith(pending)
+            )
+            out, owed = (target[len(label) :] + self._closer).encode()[len(pending) :], owed - {target}
         tail = self._markers(part, owed) + self._rest(part + 1)
         if label is None and mode == _UTF8:
             if tail.startswith(extra):  # half of the next marker's opener: go on with it
-                return tail[len(extra):]
+                return tail[len(extra) :]
             low = _SECOND_BYTE.get(extra[0], (0x80, 0xBF))[0] if len(extra) == 1 else 0x80
             out = bytes([low]) + b"\x80" * (_utf8_length(extra[0]) - len(extra) - 1)  # some other character
         elif mode == _ESCAPE:
             out = b'"'
         elif mode == _HEX:
             low, high = _hex_range(extra)
-            out = f"{next(c for c in range(low, high) if self._escape_allowed(c)):04x}"[len(extra):].encode()
+            out = f"{next(c for c in range(low, high) if self._escape_allowed(c)):04x}"[len(extra) :].encode()
         return out + tail
 
     def _markers(self, part: int, owed) -> bytes:
@@ -232,8 +240,10 @@ class JsonFieldsConstraint:
 
     def _rest(self, start: int) -> bytes:
         """The parts from `start` on, each value with nothing but its markers."""
-        return b"".join(piece if isinstance(piece, bytes) else self._markers(index, piece)
-                        for index, piece in enumerate(self._parts[start:], start))
+        return b"".join(
+            piece if isinstance(piece, bytes) else self._markers(index, piece)
+            for index, piece in enumerate(self._parts[start:], start)
+        )
 
     # ------------------------------------------------------------------ the automaton
 
@@ -265,8 +275,9 @@ class JsonFieldsConstraint:
         allowed = []
         for first in range(256):
             if self._step(state, first) is not None:
-                allowed += [t for t in table.by_first_byte.get(first, ())
-                            if self._feed(state, table.token_bytes[t]) is not None]
+                allowed += [
+                    t for t in table.by_first_byte.get(first, ()) if self._feed(state, table.token_bytes[t]) is not None
+                ]
         return allowed
 
     def _feed(self, state, data: bytes):

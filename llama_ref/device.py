@@ -10,8 +10,14 @@ import torch
 
 from llama_ref.errors import LlamaRefError
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 class DeviceError(LlamaRefError):
@@ -75,13 +81,12 @@ def check_fits(weight_bytes: int, cache_bytes: int, device: torch.device, *, qua
     needed = int((weight_bytes + cache_bytes) * 1.1) + (256 << 20)
     if available is None or needed <= available:
         return
-    ways_out = ["a smaller --max-seq-len or batch size (the KV cache needs "
-                f"{cache_bytes / 2**30:.2f} GiB)"]
+    ways_out = [f"a smaller --max-seq-len or batch size (the KV cache needs {cache_bytes / 2**30:.2f} GiB)"]
     if not quantized:
         ways_out.append("--kernels int8-weights")
     if device.type != "cpu":
         ways_out.append("--device cpu")
     raise DeviceError(
         f"not enough memory on {device}: the weights need {weight_bytes / 2**30:.2f} GiB and the KV cache "
-        f"{cache_bytes / 2**30:.2f} GiB, but only {available / 2**30:.2f} GiB is free; try " + ", or ".join(ways_out))
-
+        f"{cache_bytes / 2**30:.2f} GiB, but only {available / 2**30:.2f} GiB is free; try " + ", or ".join(ways_out)
+    )

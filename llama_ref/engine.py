@@ -39,8 +39,9 @@ from __future__ import annotations
 import queue
 import threading
 from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, NamedTuple, Protocol, Sequence
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -131,7 +132,7 @@ class Job:
     def done(self) -> bool:
         return self._done.is_set()
 
-    def wait(self) -> "Job":
+    def wait(self) -> Job:
         """Block until the job has finished; raise EngineError if it failed."""
         self._done.wait()
         if self._error is not None:
@@ -239,9 +240,17 @@ class Engine:
 
     max_batch_size and max_seq_len bound what plan() reserves (default: what the model's cache holds now)."""
 
-    def __init__(self, model, tokenizer, *, max_batch_size: int | None = None, max_seq_len: int | None = None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
-                 anchor: bool = True):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_batch_size: int | None = None,
+        max_seq_len: int | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+        anchor: bool = True,
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size = max_batch_size or model.max_batch_size
         self.max_seq_len = max_seq_len or model.max_seq_len
@@ -257,8 +266,14 @@ class Engine:
         self._prefilling: _Row | None = None
         self._changed = threading.Condition()
         self._closed = False
-        self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "decode_steps": 0,
-                      "cancelled": 0, "paused": 0}
+        self.stats = {
+            "prompt_tokens": 0,
+            "cached_tokens": 0,
+            "generated_tokens": 0,
+            "decode_steps": 0,
+            "cancelled": 0,
+            "paused": 0,
+        }
 
     # ------------------------------------------------------------------ submitting and running
 
@@ -270,11 +285,15 @@ class Engine:
             raise ValueError(f"max_tokens must be at least 1, got {job.max_tokens}")
         needed = len(job.prompt_tokens) + job.max_tokens
         if needed > self.model.max_seq_len:
-            raise ValueError(f"the prompt's {len(job.prompt_tokens)} tokens + max_tokens={job.max_tokens} "
-                             f"exceed max_seq_len={self.model.max_seq_len}")
+            raise ValueError(
+                f"the prompt's {len(job.prompt_tokens)} tokens + max_tokens={job.max_tokens} "
+                f"exceed max_seq_len={self.model.max_seq_len}"
+            )
         if job.max_tokens > self.model.row_len:  # its prompt can go into the anchor, its answer cannot
-            raise ValueError(f"max_tokens={job.max_tokens} exceeds the {self.model.row_len} positions of a row "
-                             "(Engine.reserve's row_len)")
+            raise ValueError(
+                f"max_tokens={job.max_tokens} exceeds the {self.model.row_len} positions of a row "
+                "(Engine.reserve's row_len)"
+            )
         with self._changed:
             if self._closed:
                 raise EngineStopped("the engine is stopping")
@@ -296,8 +315,11 @@ class Engine:
                     if on_finished is not None:
                         on_finished(index, job)
         except BaseException as exc:  # Ctrl-C or a failing step: no job is left half-running
-            self._fail_all(EngineError(f"generation failed: {exc}") if isinstance(exc, Exception)
-                           else EngineStopped("generation was interrupted"))
+            self._fail_all(
+                EngineError(f"generation failed: {exc}")
+                if isinstance(exc, Exception)
+                else EngineStopped("generation was interrupted")
+            )
             raise
         return jobs
 
@@ -331,14 +353,17 @@ class Engine:
         if not prompts:
             shape = CacheShape(self.max_batch_size, self.max_seq_len, self.max_seq_len)
         else:
+
             def step(n: int) -> int:
                 return min(self.max_seq_len, -(-n // CACHE_STEP) * CACHE_STEP)
 
             first = prompts[0]
-            own = [budgets[0]] + [len(p) - _common_prefix(first, p[:-1]) + b
-                                  for p, b in zip(prompts[1:], budgets[1:])]
-            shape = CacheShape(min(self.max_batch_size, len(prompts)),
-                               step(max(len(p) + b for p, b in zip(prompts, budgets))), step(max(own)))
+            own = [budgets[0]] + [len(p) - _common_prefix(first, p[:-1]) + b for p, b in zip(prompts[1:], budgets[1:])]
+            shape = CacheShape(
+                min(self.max_batch_size, len(prompts)),
+                step(max(len(p) + b for p, b in zip(prompts, budgets))),
+                step(max(own)),
+            )
         self.reserve(*shape)
         return shape
 
@@ -355,8 +380,12 @@ class Engine:
         if row_len < max_seq_len and not self._anchored:
             raise ValueError("rows shorter than max_seq_len need the anchor (Engine(anchor=True))")
         anchor_len = max_seq_len if self._anchored else 0
-        if (model.max_batch_size, model.max_seq_len, model.row_len, model.anchor_len) == \
-                (max_batch_size, max_seq_len, row_len, anchor_len):
+        if (model.max_batch_size, model.max_seq_len, model.row_len, model.anchor_len) == (
+            max_batch_size,
+            max_seq_len,
+            row_len,
+            anchor_len,
+        ):
             return
         if self._has_work():
             raise EngineError("the KV cache can be resized only while the engine is idle")
@@ -411,15 +440,18 @@ class Engine:
         most = max(held, key=held.get)
         if most == client or held[most] <= max(1, len(self._slots) // 2):
             return
-        ready = [row for row in self._slots if row.job.client == most and row.steps >= PREEMPT_AFTER_STEPS
-                 and row.next_token is not None]
+        ready = [
+            row
+            for row in self._slots
+            if row.job.client == most and row.steps >= PREEMPT_AFTER_STEPS and row.next_token is not None
+        ]
         if ready:
             self._pause(min(ready, key=lambda row: row.filled))  # the least to read back when it resumes
 
     def _pause(self, row: _Row) -> None:
         job = row.job
         # what its row holds: the prompt and the answer but the token sampled last, which is not fed yet
-        self._remember(row, (job.prompt_tokens + job.tokens)[:row.filled])
+        self._remember(row, (job.prompt_tokens + job.tokens)[: row.filled])
         job._paused = (row.decoder, row.generator)
         self._release(row)
         with self._changed:
@@ -441,8 +473,9 @@ class Engine:
                 return  # its own part does not fit a row beside this anchor: it waits until the anchor is free
             self._waiting.remove(job)
         slot = self._slots.index(None)
-        row = _Row(job, slot, sequence=sequence, decoder=StreamDecoder(self.tokenizer), shared=shared,
-                   anchoring=anchoring)
+        row = _Row(
+            job, slot, sequence=sequence, decoder=StreamDecoder(self.tokenizer), shared=shared, anchoring=anchoring
+        )
         if job._paused is not None:
             row.decoder, row.generator = job._paused
             job._paused = None
@@ -460,8 +493,8 @@ class Engine:
             for layer, layer_k, layer_v in zip(self.model.layers, k, v):
                 cache = layer.attention.anchor if anchoring else layer.attention.cache
                 index = 0 if anchoring else slot
-                cache.k[index, :, shared - own:reused - own] = layer_k[:, shared:reused]
-                cache.v[index, :, shared - own:reused - own] = layer_v[:, shared:reused]
+                cache.k[index, :, shared - own : reused - own] = layer_k[:, shared:reused]
+                cache.v[index, :, shared - own : reused - own] = layer_v[:, shared:reused]
         start = max(reused, shared)
         if anchoring:
             self._anchor_tokens = sequence[:start]
@@ -476,15 +509,17 @@ class Engine:
     def _prefill_chunk(self, row: _Row) -> None:
         prompt = row.sequence
         end = min(row.filled + self.prefill_chunk, len(prompt))
-        tokens = torch.tensor([prompt[row.filled:end]], dtype=torch.long, device=self.device)
+        tokens = torch.tensor([prompt[row.filled : end]], dtype=torch.long, device=self.device)
         last = end == len(prompt)
         if row.anchoring:
-            logits = self.model.forward(tokens, row.filled, StepPlan(rows=slice(0, 1), into_anchor=True,
-                                                                     last_only=True))
+            logits = self.model.forward(
+                tokens, row.filled, StepPlan(rows=slice(0, 1), into_anchor=True, last_only=True)
+            )
             self._anchor_tokens = prompt[:end]
         else:
-            logits = self.model.forward(tokens, row.filled, StepPlan(rows=slice(row.slot, row.slot + 1),
-                                                                     shared=row.shared, last_only=True))
+            logits = self.model.forward(
+                tokens, row.filled, StepPlan(rows=slice(row.slot, row.slot + 1), shared=row.shared, last_only=True)
+            )
         row.filled = end
         if not last:
             return
@@ -500,14 +535,17 @@ class Engine:
         shared = min(row.shared, len(tokens))  # what it reads from the anchor, then from its own row
 
         def kv_of(layer, name: str) -> torch.Tensor:
-            kv = getattr(layer.attention.cache, name)[row.slot, :, :len(tokens) - shared]
+            kv = getattr(layer.attention.cache, name)[row.slot, :, : len(tokens) - shared]
             if shared:
                 kv = torch.cat([getattr(layer.attention.anchor, name)[0, :, :shared], kv], dim=1)
             return kv
 
         layers = self.model.layers
-        self.prefix_cache.add(tokens, torch.stack([kv_of(layer, "k") for layer in layers]),
-                              torch.stack([kv_of(layer, "v") for layer in layers]))
+        self.prefix_cache.add(
+            tokens,
+            torch.stack([kv_of(layer, "k") for layer in layers]),
+            torch.stack([kv_of(layer, "v") for layer in layers]),
+        )
 
     def _decode(self, rows: list[_Row]) -> None:
         # One forward pass over slots 0..highest running; free or still-prefilling slots in between
@@ -537,7 +575,7 @@ class Engine:
         greedy = torch.argmax(logits, dim=-1).tolist()
         chosen = []
         for i, row in enumerate(rows):
-            pick = greedy[i] if row.job.temperature <= 0 else self._draw(row, logits[i:i + 1])
+            pick = greedy[i] if row.job.temperature <= 0 else self._draw(row, logits[i : i + 1])
             constraint = row.job.constraint
             # Lazy: the pick is checked first, and only a pick off the answer's shape pays for the allowed set.
             if constraint is not None and not constraint.allows(pick):
@@ -547,7 +585,7 @@ class Engine:
                     chosen.append(pick)
                     continue
                 allowed = torch.tensor(ids, dtype=torch.long, device=logits.device)
-                masked = torch.full_like(logits[i:i + 1], float("-inf"))
+                masked = torch.full_like(logits[i : i + 1], float("-inf"))
                 masked[0, allowed] = logits[i, allowed]
                 pick = int(masked.argmax()) if row.job.temperature <= 0 else self._draw(row, masked)
             chosen.append(pick)

@@ -9,8 +9,8 @@ are computed after the sampled token is written (so generated tokens get real va
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,16 +24,23 @@ from llama_ref.model import LAST_ONLY, Transformer
 
 class Llama:
     @staticmethod
-    def build(model_path: str | Path | None = None, max_seq_len: int = 2048, max_batch_size: int = 4,
-              device: str | None = None, dtype: str | torch.dtype | None = None, kernels: str = "auto",
-              compile: bool = False) -> "Llama":
+    def build(
+        model_path: str | Path | None = None,
+        max_seq_len: int = 2048,
+        max_batch_size: int = 4,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        kernels: str = "auto",
+        compile: bool = False,
+    ) -> Llama:
         """Load any supported checkpoint (format detected from the path; default: the catalog's default
         model) onto one device, with a KV cache for max_batch_size rows of max_seq_len positions.
         kernels: how layers multiply (llama_ref.kernels): "auto" picks by this machine's capabilities,
         "float" keeps every weight in the dtype, "int8-weights" halves or quarters their memory anywhere.
         compile: decode steps through torch.compile (Transformer.compile_steps), for long generations."""
-        model, tokenizer, chat_template, layer_plan = load_model(model_path or default_model_path(), max_seq_len,
-                                                                 max_batch_size, device, dtype, kernels)
+        model, tokenizer, chat_template, layer_plan = load_model(
+            model_path or default_model_path(), max_seq_len, max_batch_size, device, dtype, kernels
+        )
         if compile:
             model.compile_steps()
         return Llama(model, tokenizer, chat_template, layer_plan)
@@ -48,18 +55,18 @@ class Llama:
     @torch.inference_mode()
     def generate(
         self,
-        prompt_tokens: List[List[int]],
+        prompt_tokens: list[list[int]],
         max_gen_len: int,
         temperature: float = 0.6,
         top_p: float = 0.9,
         logprobs: bool = False,
         echo: bool = False,
         *,
-        top_k: Optional[int] = None,
-        seed: Optional[int] = None,
-        stop_tokens: Optional[List[int]] = None,
-        on_token: Optional[Callable[[int, int], None]] = None,
-    ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop_tokens: list[int] | None = None,
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> tuple[list[list[int]], list[list[float]] | None]:
         """Continue each prompt by up to max_gen_len tokens, all prompts in one batch.
 
         Returns the new tokens of each prompt (the prompt too with echo) cut at the first stop token,
@@ -75,8 +82,10 @@ class Llama:
         min_prompt_len = min(len(t) for t in prompt_tokens)
         max_prompt_len = max(len(t) for t in prompt_tokens)
         if min_prompt_len == 0 or max_prompt_len > params.max_seq_len:
-            raise ValueError(f"prompt lengths must be 1..{params.max_seq_len} tokens (max_seq_len); "
-                             f"got {min_prompt_len}..{max_prompt_len}")
+            raise ValueError(
+                f"prompt lengths must be 1..{params.max_seq_len} tokens (max_seq_len); "
+                f"got {min_prompt_len}..{max_prompt_len}"
+            )
         total_len = min(params.max_seq_len, max_gen_len + max_prompt_len)
 
         device = self.device
@@ -95,8 +104,9 @@ class Llama:
         if min_prompt_len == total_len and logprobs:
             # nothing to generate: score the prompts in one pass
             logits = self.model.forward(tokens, prev_pos)
-            token_logprobs[:, 1:] = -F.cross_entropy(input=logits[:, :-1].transpose(1, 2), target=tokens[:, 1:],
-                                                     reduction="none", ignore_index=pad_id)
+            token_logprobs[:, 1:] = -F.cross_entropy(
+                input=logits[:, :-1].transpose(1, 2), target=tokens[:, 1:], reduction="none", ignore_index=pad_id
+            )
         for cur_pos in range(min_prompt_len, total_len):
             # Without logprobs only the last position's logits are needed: prefill skips the rest.
             logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos, None if logprobs else LAST_ONLY)
@@ -149,23 +159,34 @@ class Llama:
             out_logprobs.append(probs)
         return (out_tokens, out_logprobs if logprobs else None)
 
-    def text_completion(self, prompts: List[str], temperature: float = 0.6, top_p: float = 0.9,
-                        max_gen_len: Optional[int] = None, logprobs: bool = False, echo: bool = False,
-                        **extras) -> List[dict]:
+    def text_completion(
+        self,
+        prompts: list[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        logprobs: bool = False,
+        echo: bool = False,
+        **extras,
+    ) -> list[dict]:
         """Complete plain-text prompts; extras (top_k, seed, stop_tokens, on_token) go to generate()."""
         prompt_tokens = [self.tokenizer.encode(p, bos=self.tokenizer.add_bos, eos=False) for p in prompts]
-        return self._complete(prompt_tokens, temperature, top_p, max_gen_len, logprobs, echo, extras,
-                              as_message=False)
+        return self._complete(prompt_tokens, temperature, top_p, max_gen_len, logprobs, echo, extras, as_message=False)
 
-    def chat_completion(self, dialogs: List[Dialog], temperature: float = 0.6, top_p: float = 0.9,
-                        max_gen_len: Optional[int] = None, logprobs: bool = False, **extras) -> List[dict]:
+    def chat_completion(
+        self,
+        dialogs: list[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        logprobs: bool = False,
+        **extras,
+    ) -> list[dict]:
         """Answer each dialog (a list of {"role", "content"} messages) with the checkpoint's own chat template."""
         prompt_tokens = [self.tokenizer.encode(self.render_chat(dialog), bos=False, eos=False) for dialog in dialogs]
-        return self._complete(prompt_tokens, temperature, top_p, max_gen_len, logprobs, False, extras,
-                              as_message=True)
+        return self._complete(prompt_tokens, temperature, top_p, max_gen_len, logprobs, False, extras, as_message=True)
 
-    def render_chat(self, dialog: Dialog, add_generation_prompt: bool = True,
-                    tools: Optional[List[dict]] = None) -> str:
+    def render_chat(self, dialog: Dialog, add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
         """The prompt text for `dialog` in this checkpoint's chat format; raises chat.ChatTemplateError."""
         return chat.render_chat(self.chat_template, self.tokenizer, dialog, add_generation_prompt, tools)
 
@@ -174,16 +195,19 @@ class Llama:
             max_gen_len = self.model.max_seq_len - 1
         results = []
         for start in range(0, len(prompt_tokens), self.model.max_batch_size):
-            batch = prompt_tokens[start:start + self.model.max_batch_size]
+            batch = prompt_tokens[start : start + self.model.max_batch_size]
             tokens, probs = self.generate(batch, max_gen_len, temperature, top_p, logprobs, echo, **extras)
             for i, toks in enumerate(tokens):
                 new_tokens = len(toks) - (len(batch[i]) if echo else 0)
                 # a stop token ends a turn; running out of room (max_gen_len or max_seq_len) doesn't
                 room = min(max_gen_len, self.model.max_seq_len - len(batch[i]))
                 text = self.tokenizer.decode(toks)
-                result = {"generation": {"role": "assistant", "content": text} if as_message else text,
-                          "finish_reason": "length" if new_tokens >= room else "stop",
-                          "prompt_tokens": len(batch[i]), "completion_tokens": new_tokens}
+                result = {
+                    "generation": {"role": "assistant", "content": text} if as_message else text,
+                    "finish_reason": "length" if new_tokens >= room else "stop",
+                    "prompt_tokens": len(batch[i]),
+                    "completion_tokens": new_tokens,
+                }
                 if logprobs:
                     result["tokens"] = [self.tokenizer.decode([t]) for t in toks]
                     result["logprobs"] = probs[i]
@@ -191,8 +215,9 @@ class Llama:
         return results
 
 
-def sample_top_p(probs: torch.Tensor, p: float, top_k: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample_top_p(
+    probs: torch.Tensor, p: float, top_k: int | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Sample from the smallest set of tokens whose probabilities add up to p (and, optionally, at most top_k)."""
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     if top_k is not None:

@@ -66,7 +66,7 @@ def _head_digest(path: Path) -> bytes:
             if size <= HEAD_BYTES:
                 return hashlib.sha256(data).digest()
             half = HEAD_BYTES // 2
-            return hashlib.sha256(data[:half] + data[size - half:]).digest()
+            return hashlib.sha256(data[:half] + data[size - half :]).digest()
 
 
 def _safetensors_header_end(path: Path, data) -> int | None:

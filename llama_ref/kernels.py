@@ -49,7 +49,7 @@ class Cpu:
     forced: str | None = None  # a class to cap at (LLAMA_REF_CPU)
 
     @classmethod
-    def from_flags(cls, machine: str, flags, forced: str | None = None) -> "Cpu":
+    def from_flags(cls, machine: str, flags, forced: str | None = None) -> Cpu:
         flags = set(flags)
         if flags & {"avx_vnni", "amx_int8"}:  # the same exact int8 dot products as AVX512-VNNI's
             flags.add("avx512_vnni")
@@ -101,8 +101,10 @@ def cpu_class(cpu: Cpu) -> str:
 def check_forced_name(name: str | None) -> str | None:
     """A one-line problem with a LLAMA_REF_CPU value, or None."""
     if name and name not in X86_CLASSES:
-        return (f"{FORCE_VARIABLE}={name} is not a CPU class; use one of {', '.join(X86_CLASSES)} "
-                "(a class above this CPU's own has no effect)")
+        return (
+            f"{FORCE_VARIABLE}={name} is not a CPU class; use one of {', '.join(X86_CLASSES)} "
+            "(a class above this CPU's own has no effect)"
+        )
     return None
 
 
@@ -128,7 +130,8 @@ ROLES = {
 }
 # Below this many weights a projection is "small": int8 products' dozen small operations a call cost more than
 # the bytes they save (benchmarks/results: SmolLM2-135M's and stories15M's decode were slower with them).
-SMALL_WEIGHTS = 2 ** 21
+SMALL_WEIGHTS = 2**21
+
 
 def role(name: str, weights: int, small_model: bool = False) -> str:
     """The role of the matrix `name` (a fused group: its module's name) of `weights` weights. In a small model
@@ -143,11 +146,11 @@ KERNELS = {
     "float": "the model's dtype throughout: torch's own matmul (the reference; the most memory)",
     "int8-weights": "int8 weights, one scale per row, times float activations (torch's _weight_int8pack_mm)",
     "bf16-blocked": "bf16 weights held in oneDNN's blocked layout; 4-bit copies of a GGUF's 4-bit weights for "
-                    "decode steps; small layers also keep int8 copies for one-row calls",
+    "decode steps; small layers also keep int8 copies for one-row calls",
     "w8a8": "int8 weights times int8 activations rounded per token: exact integer products (fbgemm, and "
-            "torch._int_mm for many rows)",
+    "torch._int_mm for many rows)",
     "w7a8": "7-bit weights in int8 times int8 activations rounded per token (fbgemm): AVX2 adds pairs of u8 x s8 "
-            "products in 16 bits, and 7-bit weights keep every pair inside them",
+    "products in 16 bits, and 7-bit weights keep every pair inside them",
 }
 
 
@@ -170,23 +173,30 @@ TABLE: dict[str, dict[str, Choice]] = {
         Choice("w8a8", "VNNI multiplies int8 at twice bf16's rate, from half the bytes"),
         Choice("bf16-blocked", "native bf16; oneDNN's layout costs no reorder per call"),
         Choice("bf16-blocked", "native bf16: the logits keep bf16's precision"),
-        _INT8_ROWS),
+        _INT8_ROWS,
+    ),
     "vnni": _row(
         Choice("w8a8", "exact int8 products at a quarter of fp32's bytes"),
         _FEW_CALLS,
         Choice("w8a8", "fp32 would read 4 bytes a weight at every step"),
-        _INT8_ROWS),
+        _INT8_ROWS,
+    ),
     "avx2": _row(
-        Choice("w7a8", "int8 products at full AVX2 speed, a quarter of fp32's bytes; 7-bit weights so that "
-                       "fbgemm's 16-bit pair sums cannot saturate"),
+        Choice(
+            "w7a8",
+            "int8 products at full AVX2 speed, a quarter of fp32's bytes; 7-bit weights so that "
+            "fbgemm's 16-bit pair sums cannot saturate",
+        ),
         _FEW_CALLS,
         Choice("w7a8", "fp32 would read 4 bytes a weight at every step"),
-        _INT8_ROWS),
+        _INT8_ROWS,
+    ),
     "arm64": _row(  # not measured by this project: no Arm host (benchmarks/results)
         Choice("int8-weights", "a quarter of fp32's bytes with a kernel torch builds for Arm"),
         _FEW_CALLS,
         Choice("int8-weights", "a quarter of fp32's bytes"),
-        _INT8_ROWS),
+        _INT8_ROWS,
+    ),
     "generic": _row(*[Choice("float", "no AVX2: torch's fp32 matmul is what this CPU runs best")] * 3, _INT8_ROWS),
     "cuda": _row(_FLOAT_DEVICE, _FLOAT_DEVICE, _FLOAT_DEVICE, Choice("float", "the device's dtype")),
     "mps": _row(_FLOAT_DEVICE, _FLOAT_DEVICE, _FLOAT_DEVICE, Choice("float", "the device's dtype")),
@@ -202,6 +212,7 @@ class KernelError(LlamaRefError):
 
 
 # ------------------------------------------------------------------------------------------ measured checks
+
 
 @functools.cache
 def int8_exact() -> bool:
@@ -229,8 +240,11 @@ def fbgemm_available() -> bool:
 
     from llama_ref.quantize import FBGEMM_LINEAR
 
-    return ("fbgemm" in torch.backends.quantized.supported_engines and FBGEMM_LINEAR is not None
-            and hasattr(torch, "_make_per_channel_quantized_tensor"))
+    return (
+        "fbgemm" in torch.backends.quantized.supported_engines
+        and FBGEMM_LINEAR is not None
+        and hasattr(torch, "_make_per_channel_quantized_tensor")
+    )
 
 
 @functools.cache
@@ -271,6 +285,7 @@ def available(kernel: str, device_type: str, dtype) -> str | None:
 
 # ------------------------------------------------------------------------------------------ the plan
 
+
 @dataclass(frozen=True)
 class Plan:
     cpu: str  # the class, e.g. "avx2"
@@ -290,8 +305,11 @@ class Plan:
 
     def explain(self, counts: dict[str, tuple[int, int]] | None = None) -> str:
         """A table: each role's kernel, (its layers and weights where counts gives them,) and why."""
-        lines = [f"CPU class {self.cpu}: {self.features}", "",
-                 f"{'role':<10} {'kernel':<13} {'layers':>6} {'weights':>9}  why"]
+        lines = [
+            f"CPU class {self.cpu}: {self.features}",
+            "",
+            f"{'role':<10} {'kernel':<13} {'layers':>6} {'weights':>9}  why",
+        ]
         for role, choice in self.choices.items():
             layers, weights = (counts or {}).get(role, (0, 0))
             size = f"{layers:>6} {weights / 1e6:>8.1f}M" if counts is not None else f"{'':>6} {'':>9}"

@@ -19,26 +19,47 @@ from llama_ref.checkpoints import Checkpoint, CheckpointError, open_checkpoint
 from llama_ref.device import check_fits, pick_device, pick_dtype
 from llama_ref.kernels import Plan, plan, role
 from llama_ref.model import ModelArgs, Transformer
-from llama_ref.quantize import (FUSED, Int8DotLinear, Int8Embedding, Int8Linear, block_linears, pack_linears)
+from llama_ref.quantize import FUSED, Int8DotLinear, Int8Embedding, Int8Linear, block_linears, pack_linears
 
 # kernels whose modules are filled as the checkpoint's tensors stream in (load_float_weight)
 STREAMED = ("int8-weights", "w8a8", "w7a8")
 
 
-def load_llama(model: str | Path | None = None, *, max_seq_len: int, max_batch_size: int, device: str | None = None,
-               dtype: str | torch.dtype | None = None, kernels: str = "auto", compile: bool = False):
+def load_llama(
+    model: str | Path | None = None,
+    *,
+    max_seq_len: int,
+    max_batch_size: int,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    kernels: str = "auto",
+    compile: bool = False,
+):
     """A Llama for `model`: a catalog name (assembled into the cache on first use) or a checkpoint path;
     default: the catalog's default model. Every way this can fail (an unknown name, a broken file, no room on
     the device, a kernel this machine lacks) raises a LlamaRefError whose str() is one line for the user."""
     from llama_ref.catalog import resolve_model
     from llama_ref.generation import Llama
 
-    return Llama.build(resolve_model(model), max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=device,
-                       dtype=dtype, kernels=kernels, compile=compile)
+    return Llama.build(
+        resolve_model(model),
+        max_seq_len=max_seq_len,
+        max_batch_size=max_batch_size,
+        device=device,
+        dtype=dtype,
+        kernels=kernels,
+        compile=compile,
+    )
 
 
-def load_model(model_path: str | Path, max_seq_len: int, max_batch_size: int, device: str | None = None,
-               dtype: str | torch.dtype | None = None, kernels: str = "auto"):
+def load_model(
+    model_path: str | Path,
+    max_seq_len: int,
+    max_batch_size: int,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    kernels: str = "auto",
+):
     """(model, tokenizer, chat template or None, plan) for the checkpoint at `model_path`, on one device,
     with its KV cache set up. Each layer gets the kernel kernels.plan() picks for this machine and for
     `kernels` (auto: the table's row for this CPU class). Raises a LlamaRefError: CheckpointError,
@@ -57,8 +78,12 @@ def load_model(model_path: str | Path, max_seq_len: int, max_batch_size: int, de
         model = Transformer(args).to(dtype)
         targets = place_kernels(model, layer_plan, dtype)
     cache_dtype = kv_cache_dtype(args, max_batch_size, max_seq_len, dtype, device)
-    check_fits(model_bytes(model), cache_bytes(args, max_batch_size, max_seq_len, cache_dtype), device,
-               quantized=layer_plan.quantized())
+    check_fits(
+        model_bytes(model),
+        cache_bytes(args, max_batch_size, max_seq_len, cache_dtype),
+        device,
+        quantized=layer_plan.quantized(),
+    )
     model = model.to_empty(device=device)
     if args.tie_embeddings and type(model.output) is nn.Linear and type(model.tok_embeddings) is nn.Embedding:
         model.output.weight = model.tok_embeddings.weight
@@ -79,6 +104,7 @@ def load_model(model_path: str | Path, max_seq_len: int, max_batch_size: int, de
 class Target:
     """Where a checkpoint tensor goes when its layer was replaced: rows offset..offset+rows of the module at
     `path`, part `part` of `parts` (a fused layer takes its weight once all parts have come)."""
+
     path: str
     part: int = 0
     parts: int = 1
@@ -94,8 +120,14 @@ def place_kernels(model: Transformer, layer_plan: Plan, dtype: torch.dtype) -> d
     def make(kernel: str, in_features: int, out_features: int, bias: bool) -> nn.Module:
         if kernel == "int8-weights":
             return Int8Linear(in_features, out_features, bias, dtype=dtype)
-        return Int8DotLinear(in_features, out_features, bias, weight_bits=8 if kernel == "w8a8" else 7,
-                             int_mm=kernel == "w8a8", dtype=dtype)
+        return Int8DotLinear(
+            in_features,
+            out_features,
+            bias,
+            weight_bits=8 if kernel == "w8a8" else 7,
+            int_mm=kernel == "w8a8",
+            dtype=dtype,
+        )
 
     for prefix, fused, names, parts in list(_fused_groups(model)):
         module = model.get_submodule(prefix)
@@ -116,8 +148,11 @@ def place_kernels(model: Transformer, layer_plan: Plan, dtype: torch.dtype) -> d
         kernel = layer_plan.kernel(role(name, layer.in_features * layer.out_features, small_model))
         if kernel in STREAMED:
             parent, _, attribute = name.rpartition(".")
-            setattr(model.get_submodule(parent), attribute,
-                    make(kernel, layer.in_features, layer.out_features, layer.bias is not None))
+            setattr(
+                model.get_submodule(parent),
+                attribute,
+                make(kernel, layer.in_features, layer.out_features, layer.bias is not None),
+            )
             targets[f"{name}.weight"] = [Target(name)]
             if layer.bias is not None:
                 targets[f"{name}.bias"] = [Target(name)]
@@ -146,8 +181,11 @@ def _fused_groups(model: nn.Module):
 def is_small(model: nn.Module) -> bool:
     """No projection of `model` (a fused group counted once) reaches kernels.SMALL_WEIGHTS."""
     sizes = [sum(part.weight.numel() for part in parts) for _, _, _, parts in _fused_groups(model)]
-    sizes += [layer.weight.numel() for name, layer in model.named_modules()
-              if isinstance(layer, nn.Linear) and name != "output"]
+    sizes += [
+        layer.weight.numel()
+        for name, layer in model.named_modules()
+        if isinstance(layer, nn.Linear) and name != "output"
+    ]
     return max(sizes, default=0) < kernel_table.SMALL_WEIGHTS
 
 
@@ -156,7 +194,9 @@ def layer_counts(args: ModelArgs) -> dict[str, tuple[int, int]]:
     group's role, as place_kernels gives it."""
     with torch.device("meta"):
         model = Transformer(args)
-    counts: dict[str, tuple[int, int]] = {role("embedding", args.vocab_size * args.dim): (1, args.vocab_size * args.dim)}
+    counts: dict[str, tuple[int, int]] = {
+        role("embedding", args.vocab_size * args.dim): (1, args.vocab_size * args.dim)
+    }
     grouped: dict[str, str] = {}
     for prefix, _, names, parts in _fused_groups(model):
         weights = sum(part.weight.numel() for part in parts)
@@ -177,9 +217,13 @@ def _load_weights(model: Transformer, checkpoint: Checkpoint, targets: dict[str,
     missing |= set(targets)
     pending: dict[str, list] = {}  # a fused layer's parts that have come so far
     # a large matrix that only quantized layers take is read a slice of rows at a time: never whole in float
-    by_rows = frozenset(name for name, ts in targets.items() if name in checkpoint.tensor_shapes
-                        and _numel(checkpoint.tensor_shapes[name]) >= ROWS_AT_A_TIME
-                        and all(t.parts == 1 and type(model.get_submodule(t.path)) is not nn.Linear for t in ts))
+    by_rows = frozenset(
+        name
+        for name, ts in targets.items()
+        if name in checkpoint.tensor_shapes
+        and _numel(checkpoint.tensor_shapes[name]) >= ROWS_AT_A_TIME
+        and all(t.parts == 1 and type(model.get_submodule(t.path)) is not nn.Linear for t in ts)
+    )
     for name, tensor in checkpoint.tensors(model.norm.weight.dtype, by_rows):
         if name in targets:
             for target in targets[name]:
@@ -192,13 +236,15 @@ def _load_weights(model: Transformer, checkpoint: Checkpoint, targets: dict[str,
             continue  # tensors we don't use, e.g. precomputed rotary tables
         missing.discard(name)
     if missing:
-        raise CheckpointError(f"{checkpoint.path}: missing tensors {', '.join(sorted(missing)[:4])}"
-                              f"{' ...' if len(missing) > 4 else ''}; the checkpoint is incomplete")
+        raise CheckpointError(
+            f"{checkpoint.path}: missing tensors {', '.join(sorted(missing)[:4])}"
+            f"{' ...' if len(missing) > 4 else ''}; the checkpoint is incomplete"
+        )
 
 
 # Matrices of at least this many weights are read by rows (Checkpoint.tensors' by_rows): the output and embedding
 # matrices of a large vocabulary, whose fp32 copy was most of a load's peak memory
-ROWS_AT_A_TIME = 2 ** 25
+ROWS_AT_A_TIME = 2**25
 
 
 def _numel(shape) -> int:
@@ -208,11 +254,13 @@ def _numel(shape) -> int:
     return count
 
 
-def _load_into(model: Transformer, checkpoint: Checkpoint, name: str, tensor: torch.Tensor, target: Target, pending: dict) -> None:
+def _load_into(
+    model: Transformer, checkpoint: Checkpoint, name: str, tensor: torch.Tensor, target: Target, pending: dict
+) -> None:
     module = model.get_submodule(target.path)
     if name.endswith(".bias"):
         with torch.no_grad():
-            module.bias[target.offset:target.offset + tensor.shape[0]].copy_(tensor)
+            module.bias[target.offset : target.offset + tensor.shape[0]].copy_(tensor)
         return
     if type(module) is nn.Linear:  # a tied output that keeps floats beside a quantized embedding
         with torch.no_grad():
@@ -225,16 +273,20 @@ def _load_into(model: Transformer, checkpoint: Checkpoint, name: str, tensor: to
     del pending[target.path]
     weight = parts[0] if len(parts) == 1 else torch.cat(parts)  # a Rows (by_rows) comes alone
     parts.clear()
-    expected = (getattr(module, "out_features", None) or module.weight.shape[0],
-                getattr(module, "in_features", None) or module.weight.shape[1])
+    expected = (
+        getattr(module, "out_features", None) or module.weight.shape[0],
+        getattr(module, "in_features", None) or module.weight.shape[1],
+    )
     _check_shape(checkpoint, name, weight, expected)
     module.load_float_weight(weight)
 
 
 def _check_shape(checkpoint: Checkpoint, name: str, tensor: torch.Tensor, expected) -> None:
     if tuple(tensor.shape) != tuple(expected):
-        raise CheckpointError(f"{checkpoint.path}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(expected)}; "
-                              "the file does not match its own header")
+        raise CheckpointError(
+            f"{checkpoint.path}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(expected)}; "
+            "the file does not match its own header"
+        )
 
 
 def model_bytes(model: Transformer) -> int:

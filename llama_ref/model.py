@@ -55,8 +55,9 @@ def scale_rope_frequencies(freqs: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(wavelen < old_context / high, freqs, scaled)
 
 
-def precompute_freqs_cis(head_dim: int, end: int, theta: float, scaling: dict | None = None,
-                         device=None) -> torch.Tensor:
+def precompute_freqs_cis(
+    head_dim: int, end: int, theta: float, scaling: dict | None = None, device=None
+) -> torch.Tensor:
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     if scaling:
         freqs = scale_rope_frequencies(freqs, scaling)
@@ -102,8 +103,8 @@ class KVCache(nn.Module):
         cache_k, cache_v = self.k[rows], self.v[rows]
         k, v = k.to(cache_k.dtype), v.to(cache_v.dtype)  # a small cache is fp32 (loading.kv_cache_dtype)
         if isinstance(input_pos, int):  # one copy into a slice, not a scatter
-            cache_k[:, :, input_pos:input_pos + k.shape[1]] = k.transpose(1, 2)
-            cache_v[:, :, input_pos:input_pos + v.shape[1]] = v.transpose(1, 2)
+            cache_k[:, :, input_pos : input_pos + k.shape[1]] = k.transpose(1, 2)
+            cache_v[:, :, input_pos : input_pos + v.shape[1]] = v.transpose(1, 2)
         else:
             row_index = torch.arange(k.shape[0], device=k.device)[:, None]
             cache_k[row_index, :, input_pos] = k
@@ -126,8 +127,9 @@ class Attention(nn.Module):
     def forward(self, x, rows: slice, input_pos, kv_len: int, freqs_cis, mask, shared: int = 0, into_anchor=False):
         bsz, seqlen, _ = x.shape
         if self.wqkv is not None:
-            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
-                                          self.n_kv_heads * self.head_dim], dim=-1)
+            q, k, v = self.wqkv(x).split(
+                [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
+            )
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         q = q.view(bsz, seqlen, self.n_heads, self.head_dim)
@@ -141,8 +143,9 @@ class Attention(nn.Module):
             shared_kv = self.anchor.k[0, :, :shared], self.anchor.v[0, :, :shared]
         if seqlen == 1 and mask is None and keys.dtype == torch.float32:
             # one new token that sees the whole cache: in fp32, SDPA is one call and the fastest way
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values,
-                                                 enable_gqa=self.n_kv_heads != self.n_heads)
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), keys, values, enable_gqa=self.n_kv_heads != self.n_heads
+            )
         elif seqlen == 1:
             out = attend_one_token(q.transpose(1, 2), keys, values, mask, shared_kv)
         elif mask is not None:  # a chunk past the start of the cache: it sees every earlier position
@@ -152,8 +155,9 @@ class Attention(nn.Module):
             out = attend_chunk(q.transpose(1, 2), keys, values, mask)
         else:  # a chunk from position 0: SDPA's own causal mask is exact
             # grouped-query attention: each key/value head serves n_heads / n_kv_heads query heads
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, is_causal=True,
-                                                 enable_gqa=self.n_kv_heads != self.n_heads)
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), keys, values, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+            )
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1).type_as(x))
 
 
@@ -184,7 +188,7 @@ def attend_one_token(q, keys, values, bias, shared=None):
         shared_scores = torch.matmul(shared_k, stacked.transpose(-1, -2)).transpose(-1, -2)
         scores = torch.cat([shared_scores.reshape(kv_heads, bsz, group, span).transpose(0, 1), scores], dim=-1)
     # scaled, masked and widened to fp32 in one pass: bias + scale * scores
-    scores = scores.float() * head_dim ** -0.5 if bias is None else torch.add(bias, scores, alpha=head_dim ** -0.5)
+    scores = scores.float() * head_dim**-0.5 if bias is None else torch.add(bias, scores, alpha=head_dim**-0.5)
     probs = torch.softmax(scores, dim=-1).type_as(values)
     out = torch.matmul(probs[..., span:], values)
     if shared is not None:  # the two parts of each sum added in fp32, as one matmul would
@@ -216,7 +220,7 @@ def attend_chunk(q, keys, values, mask):
         end = min(start + ATTEND_BLOCK, seqlen)
         block = q[:, :, start:end].reshape(bsz, kv_heads, group * (end - start), head_dim)
         scores = torch.matmul(block, keys_t).view(bsz, kv_heads, group, end - start, positions)
-        probs = torch.softmax(torch.add(bias[:, :, None, start:end], scores, alpha=head_dim ** -0.5), dim=-1)
+        probs = torch.softmax(torch.add(bias[:, :, None, start:end], scores, alpha=head_dim**-0.5), dim=-1)
         block_out = torch.matmul(probs.type_as(values).view(bsz, kv_heads, group * (end - start), positions), values)
         out[:, :, start:end] = block_out.view(bsz, n_heads, end - start, head_dim)
     return out
@@ -284,8 +288,15 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.compiled_step = None  # compile_steps()
 
-    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype=None, device=None, row_len: int | None = None,
-                     anchor_len: int = 0):
+    def setup_caches(
+        self,
+        max_batch_size: int,
+        max_seq_len: int,
+        dtype=None,
+        device=None,
+        row_len: int | None = None,
+        anchor_len: int = 0,
+    ):
         """Allocate the KV caches and rotary table for max_batch_size rows of max_seq_len positions;
         call after the weights are on their device.
 
@@ -301,8 +312,9 @@ class Transformer(nn.Module):
             layer.attention.anchor = None
             if anchor_len:
                 layer.attention.anchor = KVCache(1, anchor_len, args.n_kv_heads, args.head_dim, dtype, device)
-        self.freqs_cis = precompute_freqs_cis(args.head_dim, max_seq_len, args.rope_theta, args.rope_scaling,
-                                              device=device)
+        self.freqs_cis = precompute_freqs_cis(
+            args.head_dim, max_seq_len, args.rope_theta, args.rope_scaling, device=device
+        )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -333,25 +345,40 @@ class Transformer(nn.Module):
         self.compiled_step = torch.compile(self.step, dynamic=True, options={"cpp_wrapper": True})
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor,
-                plan: StepPlan | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, start_pos: int | torch.Tensor, plan: StepPlan | None = None
+    ) -> torch.Tensor:
         """Logits for `tokens` (bsz, seqlen) placed at positions start_pos... of the cache. start_pos is
         one int for every row, or one per row (a tensor of bsz), so that rows at different lengths can
         step together. `plan` carries the engine's extras (StepPlan): which rows, the anchor, last_only."""
         plan = plan or StepPlan()
-        if (self.compiled_step is not None and tokens.shape[1] == 1 and isinstance(start_pos, int)
-                and plan.shared is None and not plan.into_anchor):
+        if (
+            self.compiled_step is not None
+            and tokens.shape[1] == 1
+            and isinstance(start_pos, int)
+            and plan.shared is None
+            and not plan.into_anchor
+        ):
             try:
                 return self.compiled_step(tokens, start_pos, plan.last_only, plan.rows)
             except Exception as exc:  # noqa: BLE001 - whatever stopped the compiler, the step itself can run
-                warnings.warn(f"torch.compile failed, so decoding runs without it: {type(exc).__name__}: "
-                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}", stacklevel=2)
+                warnings.warn(
+                    f"torch.compile failed, so decoding runs without it: {type(exc).__name__}: "
+                    f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+                    stacklevel=2,
+                )
                 self.compiled_step = None
         return self.step(tokens, start_pos, plan.last_only, plan.rows, plan.shared, plan.into_anchor)
 
-    def step(self, tokens: torch.Tensor, start_pos: int | torch.Tensor, last_only: bool = False,
-             rows: slice | None = None, shared: int | torch.Tensor | None = None,
-             into_anchor: bool = False) -> torch.Tensor:
+    def step(
+        self,
+        tokens: torch.Tensor,
+        start_pos: int | torch.Tensor,
+        last_only: bool = False,
+        rows: slice | None = None,
+        shared: int | torch.Tensor | None = None,
+        into_anchor: bool = False,
+    ) -> torch.Tensor:
         """forward() with the plan's fields spelled out, as torch.compile traces it (compile_steps), without
         the choice of a compiled step and without inference mode of its own."""
         bsz, seqlen = tokens.shape

@@ -31,8 +31,14 @@ ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "text"}
 class ApiError(Exception):
     """An error the client gets as an OpenAI-style body: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None,
-                 headers: dict | None = None):
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        status: int = 400,
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.message, self.param, self.status, self.code = message, param, status, code
         self.headers = headers or {}
@@ -63,8 +69,12 @@ def read_request(kind: str, body: dict, llama, model_name: str) -> CompletionReq
     if model != model_name:
         if not isinstance(model, str) or not model:
             raise ApiError(f"'model' is required; this server serves {model_name!r}", "model")
-        raise ApiError(f"model {model!r} is not served here; this server serves {model_name!r} "
-                       f"(GET /v1/models)", "model", status=404, code="model_not_found")
+        raise ApiError(
+            f"model {model!r} is not served here; this server serves {model_name!r} (GET /v1/models)",
+            "model",
+            status=404,
+            code="model_not_found",
+        )
     check_supported(body)
     temperature, top_p, seed = sampling_of(body)
     shape = answer_shape(body)
@@ -84,16 +94,28 @@ def read_request(kind: str, body: dict, llama, model_name: str) -> CompletionReq
             # The constraint closes the object within the budget taking a byte per token at worst; under that,
             # no token would be allowed, the engine would drop the constraint and the answer would be prose.
             name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-            raise ApiError(f"the response_format's shortest JSON object takes up to {constraint.closing_bytes} "
-                           f"tokens, more than {name}={max_tokens} allows; raise {name} or leave response_format "
-                           "out", name)
+            raise ApiError(
+                f"the response_format's shortest JSON object takes up to {constraint.closing_bytes} "
+                f"tokens, more than {name}={max_tokens} allows; raise {name} or leave response_format "
+                "out",
+                name,
+            )
     options = body.get("stream_options")
-    return CompletionRequest(kind, prompt, max_tokens, temperature, top_p, seed, constraint,
-                             stream=flag(body, "stream"),
-                             include_usage=isinstance(options, dict) and options.get("include_usage") is True)
+    return CompletionRequest(
+        kind,
+        prompt,
+        max_tokens,
+        temperature,
+        top_p,
+        seed,
+        constraint,
+        stream=flag(body, "stream"),
+        include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+    )
 
 
 # ------------------------------------------------------------------------------------------ fields
+
 
 def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
     value = body.get(name)
@@ -147,17 +169,23 @@ def answer_shape(body: dict):
     fmt = body.get("response_format")
     if fmt is None or fmt == {"type": "text"}:
         return None
-    unsupported = ApiError("'response_format' is not supported here except as a json_schema whose schema is an "
-                           "object of string properties, all required and no others; leave it out",
-                           "response_format")
+    unsupported = ApiError(
+        "'response_format' is not supported here except as a json_schema whose schema is an "
+        "object of string properties, all required and no others; leave it out",
+        "response_format",
+    )
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("json_schema"), dict):
         raise unsupported
     schema = fmt["json_schema"].get("schema")
     properties = schema.get("properties") if isinstance(schema, dict) else None
-    if (not isinstance(properties, dict) or not properties or schema.get("type") != "object"
-            or schema.get("additionalProperties") is not False
-            or sorted(schema.get("required") or ()) != sorted(properties)
-            or any(value != {"type": "string"} for value in properties.values())):
+    if (
+        not isinstance(properties, dict)
+        or not properties
+        or schema.get("type") != "object"
+        or schema.get("additionalProperties") is not False
+        or sorted(schema.get("required") or ()) != sorted(properties)
+        or any(value != {"type": "string"} for value in properties.values())
+    ):
         raise unsupported
     from llama_ref.constrain import JsonFields
 
@@ -166,19 +194,20 @@ def answer_shape(body: dict):
 
 # ------------------------------------------------------------------------------------------ prompts
 
+
 def chat_prompt(llama, body: dict) -> list[int]:
     """The tokens of the request's messages, rendered with the model's own chat template."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise ApiError("'messages' must be a non-empty list of {\"role\": ..., \"content\": ...} objects",
-                       "messages")
+        raise ApiError('\'messages\' must be a non-empty list of {"role": ..., "content": ...} objects', "messages")
     dialog = []
     for index, message in enumerate(messages):
         role = message.get("role") if isinstance(message, dict) else None
         role = "system" if role == "developer" else role  # the API's newer name for the system role
         if role not in ROLES:
-            raise ApiError(f"messages[{index}].role must be one of {', '.join(ROLES)}; got {role!r}",
-                           f"messages[{index}].role")
+            raise ApiError(
+                f"messages[{index}].role must be one of {', '.join(ROLES)}; got {role!r}", f"messages[{index}].role"
+            )
         dialog.append({"role": role, "content": _text_content(message.get("content"), index)})
     from llama_ref.chat import chat_tokens
 
@@ -192,11 +221,14 @@ def _text_content(content, index: int) -> str:
     if isinstance(content, str):
         return content
     # the API also allows a list of parts; this model reads only text parts
-    if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text"
-                                         and isinstance(part.get("text"), str) for part in content):
+    if isinstance(content, list) and all(
+        isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in content
+    ):
         return "".join(part["text"] for part in content)
-    raise ApiError(f"messages[{index}].content must be a string or a list of text parts; this model reads text only",
-                   f"messages[{index}].content")
+    raise ApiError(
+        f"messages[{index}].content must be a string or a list of text parts; this model reads text only",
+        f"messages[{index}].content",
+    )
 
 
 def text_prompt(llama, body: dict) -> list[int]:
@@ -207,8 +239,7 @@ def text_prompt(llama, body: dict) -> list[int]:
     return llama.tokenizer.encode(prompt, bos=llama.tokenizer.add_bos, eos=False)
 
 
-def fit_max_tokens(body: dict, prompt_length: int, max_seq_len: int, prompt_field: str,
-                   default: int | None) -> int:
+def fit_max_tokens(body: dict, prompt_length: int, max_seq_len: int, prompt_field: str, default: int | None) -> int:
     """The request's max_completion_tokens or max_tokens (else `default`, else as many as fit),
     checked against the context length."""
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
@@ -217,12 +248,19 @@ def fit_max_tokens(body: dict, prompt_length: int, max_seq_len: int, prompt_fiel
     room = max_seq_len - prompt_length
     limit = f"this model's maximum context length is {max_seq_len} tokens (the server's --max-seq-len)"
     if requested is None and room < 1:
-        raise ApiError(f"{limit}, and the {prompt_field} alone take {prompt_length}; shorten the {prompt_field}",
-                       prompt_field, code="context_length_exceeded")
+        raise ApiError(
+            f"{limit}, and the {prompt_field} alone take {prompt_length}; shorten the {prompt_field}",
+            prompt_field,
+            code="context_length_exceeded",
+        )
     if requested is not None and requested > room:
-        raise ApiError(f"{limit}, but the request needs {prompt_length + requested}: {prompt_length} in the "
-                       f"{prompt_field} and {requested} for the completion; shorten the {prompt_field} or "
-                       f"lower {name}", name, code="context_length_exceeded")
+        raise ApiError(
+            f"{limit}, but the request needs {prompt_length + requested}: {prompt_length} in the "
+            f"{prompt_field} and {requested} for the completion; shorten the {prompt_field} or "
+            f"lower {name}",
+            name,
+            code="context_length_exceeded",
+        )
     return room if requested is None else requested
 
 
@@ -237,8 +275,12 @@ def check_size(body: dict, kind: str, max_seq_len: int) -> None:
         prompt = body.get("prompt")
         size, field = (len(prompt) if isinstance(prompt, str) else 0), "prompt"
     if size > max_seq_len * MAX_BYTES_PER_TOKEN:
-        raise ApiError(f"the {field} hold {size} characters, far more than this model's context of {max_seq_len} "
-                       f"tokens can take; shorten them", field, code="context_length_exceeded")
+        raise ApiError(
+            f"the {field} hold {size} characters, far more than this model's context of {max_seq_len} "
+            f"tokens can take; shorten them",
+            field,
+            code="context_length_exceeded",
+        )
 
 
 # ------------------------------------------------------------------------------------------ bodies
@@ -263,13 +305,17 @@ def parse_json(raw: bytes) -> dict:
     try:
         json.dumps(body, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
-        raise ApiError("the request body holds an unpaired surrogate (like \"\\ud800\"); send valid Unicode text") \
-            from None
+        raise ApiError(
+            'the request body holds an unpaired surrogate (like "\\ud800"); send valid Unicode text'
+        ) from None
     except RecursionError:
         raise ApiError("the request body nests too deeply; send a flat JSON object") from None
     return body
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }

@@ -22,8 +22,9 @@ from torch import nn
 from llama_ref.quants import GROUP  # values per (scale, min) group of GGUF's Q4_0, Q4_1 and Q4_K blocks
 
 
-def int8_rows(weight, slice_rows: int = 256, limit: int = 127,
-              out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_rows(
+    weight, slice_rows: int = 256, limit: int = 127, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, scales): each row of a float weight (out, in) as int8 in -limit..limit times one fp32 scale (its max
     |w| / limit). Rounded slice_rows rows at a time, in place in a copy of each slice: never an fp32 copy of the
     whole weight. `weight` is a tensor or a checkpoint's Rows, read a slice at a time; `out` (int8, at least as
@@ -33,12 +34,12 @@ def int8_rows(weight, slice_rows: int = 256, limit: int = 127,
     scales = torch.empty(rows, dtype=torch.float32, device=device)
     q = torch.empty(weight.shape, dtype=torch.int8, device=device) if out is None else out
     for start in range(0, rows, slice_rows):
-        part = weight[start:start + slice_rows].detach().to(device, torch.float32, copy=True)
-        scale = scales[start:start + slice_rows]
+        part = weight[start : start + slice_rows].detach().to(device, torch.float32, copy=True)
+        scale = scales[start : start + slice_rows]
         torch.amax(part.abs(), dim=1, out=scale)
         scale.clamp_(min=1e-8).div_(limit)
         part.div_(scale[:, None]).round_().clamp_(-limit, limit)
-        q[start:start + slice_rows, :columns] = part
+        q[start : start + slice_rows, :columns] = part
     return q[:, :columns], scales
 
 
@@ -107,9 +108,14 @@ def can_block(linear: nn.Module) -> bool:
     """Whether this layer's weight can live in oneDNN's layout: bf16 on a CPU whose oneDNN does bf16."""
     from llama_ref.kernels import onednn_bf16
 
-    return (isinstance(linear, nn.Linear) and linear.weight is not None and linear.weight.device.type == "cpu"
-            and linear.weight.dtype == torch.bfloat16 and onednn_bf16()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    return (
+        isinstance(linear, nn.Linear)
+        and linear.weight is not None
+        and linear.weight.device.type == "cpu"
+        and linear.weight.dtype == torch.bfloat16
+        and onednn_bf16()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
 
 
 def _blocked(weight: torch.Tensor) -> torch.Tensor:
@@ -131,7 +137,7 @@ def _blocked_linear(x: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor |
 # no faster than oneDNN, so layers of more than INT8_COPY_MAX_WEIGHTS weights don't get one: the output
 # layers of SmolLM2 and of Qwen2.5-Coder-1.5B.
 INT8_COPY_MAX_ROWS = 2
-INT8_COPY_MAX_WEIGHTS = 2 ** 24
+INT8_COPY_MAX_WEIGHTS = 2**24
 
 
 class BlockedLinear(nn.Module):
@@ -145,8 +151,11 @@ class BlockedLinear(nn.Module):
         self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
         q, scales = int8_rows(weight) if int8_copy else (None, None)
         self.register_buffer("q", q, persistent=False)
-        self.register_buffer("q_scales", None if scales is None else scales.to(weight.dtype),  # the kernel's dtype
-                             persistent=False)
+        self.register_buffer(
+            "q_scales",
+            None if scales is None else scales.to(weight.dtype),  # the kernel's dtype
+            persistent=False,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
@@ -160,8 +169,7 @@ class BlockedLinear(nn.Module):
 def can_copy_int8(out_features: int, in_features: int) -> bool:
     """Whether a bf16 CPU layer of this shape gets an int8 copy (BlockedLinear): small enough, and a torch
     with the kernel."""
-    return (out_features * in_features <= INT8_COPY_MAX_WEIGHTS
-            and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
+    return out_features * in_features <= INT8_COPY_MAX_WEIGHTS and hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
 # ---------------------------------------------------------------------------- 4-bit copies for decoding
@@ -203,18 +211,23 @@ class PackedLinear(nn.Linear):
             if self.weight is None:  # block() moved it
                 return _blocked_linear(x, self.blocked, self.bias)
             return F.linear(x, self.weight, self.bias)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(rows, x.shape[-1]), self.packed, GROUP,
-                                                         self.scales_zeros)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(rows, x.shape[-1]), self.packed, GROUP, self.scales_zeros
+        )
         out = out.view(*x.shape[:-1], out.shape[-1])
         return out if self.bias is None else out + self.bias
 
 
 def can_pack(linear: nn.Module) -> bool:
     """Whether torch's CPU int4 kernel takes this layer's shape and dtype."""
-    return (type(linear) is nn.Linear and linear.weight.device.type == "cpu"
-            and linear.weight.dtype == torch.bfloat16
-            and linear.out_features % 16 == 0 and linear.in_features % (2 * 16) == 0
-            and linear.in_features % GROUP == 0)
+    return (
+        type(linear) is nn.Linear
+        and linear.weight.device.type == "cpu"
+        and linear.weight.dtype == torch.bfloat16
+        and linear.out_features % 16 == 0
+        and linear.in_features % (2 * 16) == 0
+        and linear.in_features % GROUP == 0
+    )
 
 
 def pack_linears(model: nn.Module, read_int4) -> int:
@@ -258,9 +271,9 @@ def block_linears(model: nn.Module, int8_copies: bool = True) -> int:
 
 def _convert(model: nn.Module, make, convertible) -> int:
     """Swap each linear layer for which convertible(layer) holds for make(weight, bias), first fusing the layers
-    of FUSED where a module has a slot for them and all are convertible. Returns how many layers changed. Modules are looked
-    up by name as it goes: a list of them would keep every replaced weight alive until the end (at load,
-    a second copy of the model's weights at the peak)."""
+    of FUSED where a module has a slot for them and all are convertible. Returns how many layers changed.
+    Modules are looked up by name as it goes: a list of them would keep every replaced weight alive until the
+    end (at load, a second copy of the model's weights at the peak)."""
     changed = 0
     for prefix in [name for name, module in model.named_modules() if any(hasattr(module, f) for f in FUSED)]:
         module = model.get_submodule(prefix)
@@ -312,19 +325,28 @@ class Int8DotLinear(nn.Module):
     activations rounded per token at each call; returns the input's dtype. Build it empty and
     load_float_weight(), or from_float(weight)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, weight_bits: int = 8,
-                 int_mm: bool = False, dtype=None, device=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        weight_bits: int = 8,
+        int_mm: bool = False,
+        dtype=None,
+        device=None,
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight_bits, self.int_mm = weight_bits, int_mm
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
-            if bias else None
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        )
         self.fbgemm = None  # fbgemm's own packed copy of the weight
         self.register_buffer("q", None, persistent=False)  # (out, in), for torch._int_mm (int_mm only)
         self.register_buffer("scales", None, persistent=False)
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, **kwargs) -> "Int8DotLinear":
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, **kwargs) -> Int8DotLinear:
         layer = cls(weight.shape[1], weight.shape[0], bias is not None, dtype=weight.dtype, **kwargs)
         layer.load_float_weight(weight)
         if bias is not None:
@@ -336,8 +358,9 @@ class Int8DotLinear(nn.Module):
         q, scales = int8_rows(weight, limit=2 ** (self.weight_bits - 1) - 1)
         with warnings.catch_warnings():  # torch 2.13 warns that quantized tensors will go; kernels.py checks
             warnings.simplefilter("ignore")  # for them, so a torch without them takes another kernel
-            qweight = torch._make_per_channel_quantized_tensor(q, scales.double(),
-                                                               torch.zeros(q.shape[0], dtype=torch.long), 0)
+            qweight = torch._make_per_channel_quantized_tensor(
+                q, scales.double(), torch.zeros(q.shape[0], dtype=torch.long), 0
+            )
             self.fbgemm = torch.ops.quantized.linear_prepack(qweight, None)
         self.scales = scales
         self.q = q if self.int_mm else None

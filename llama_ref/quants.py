@@ -5,6 +5,7 @@ reference the tests compare against). Every kernel writes `bias + q * scale` in 
 scale is an fp16 field times a small integer: that product is exact in float32, so each value is rounded
 once, exactly as the reference rounds it, and the cast to the output dtype happens in that same op.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,7 +13,8 @@ import warnings
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
 
 # Blocks are decoded a chunk at a time so the integer and float temporaries stay a few MB (cache-sized)
 # rather than several times the tensor, while each torch op still has enough work to hide Python's overhead.
@@ -21,7 +23,7 @@ CHUNK_ELEMENTS = 1 << 19
 
 def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
     """The fp16 field at byte `start` of each block, as float32 of shape (n_blocks, 1)."""
-    return blocks[:, start:start + 2].view(torch.float16).float()
+    return blocks[:, start : start + 2].view(torch.float16).float()
 
 
 def _fields(q: torch.Tensor, width: int) -> torch.Tensor:
@@ -56,8 +58,8 @@ def _q4_1(b, out):
 
 def _q5_low_high(b, qh_at):
     # bit j of the little-endian 32-bit qh is the fifth bit of element j
-    high = _fields(b[:, qh_at:qh_at + 4], 1).transpose(1, 2).reshape(-1, 32)
-    return _fields(b[:, qh_at + 4:], 4).view(-1, 32) | (high << 4)
+    high = _fields(b[:, qh_at : qh_at + 4], 1).transpose(1, 2).reshape(-1, 32)
+    return _fields(b[:, qh_at + 4 :], 4).view(-1, 32) | (high << 4)
 
 
 def _q5_0(b, out):
@@ -112,8 +114,16 @@ def _q6_k(b, out):
 
 
 _KERNELS = {
-    Q.Q4_0: _q4_0, Q.Q4_1: _q4_1, Q.Q5_0: _q5_0, Q.Q5_1: _q5_1, Q.Q8_0: _q8_0,
-    Q.Q2_K: _q2_k, Q.Q3_K: _q3_k, Q.Q4_K: _q4_k, Q.Q5_K: _q5_k, Q.Q6_K: _q6_k,
+    Q.Q4_0: _q4_0,
+    Q.Q4_1: _q4_1,
+    Q.Q5_0: _q5_0,
+    Q.Q5_1: _q5_1,
+    Q.Q8_0: _q8_0,
+    Q.Q2_K: _q2_k,
+    Q.Q3_K: _q3_k,
+    Q.Q4_K: _q4_k,
+    Q.Q5_K: _q5_k,
+    Q.Q6_K: _q6_k,
 }
 _FLOATS = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
 SUPPORTED = (*_KERNELS, *_FLOATS)
@@ -137,8 +147,10 @@ def dequantize(raw: np.ndarray, qtype: Q, shape: tuple[int, ...], dtype: torch.d
     """The GGUF tensor stored as `raw` (the file's bytes, in any numpy dtype and shape) as a new torch tensor
     of `shape` (torch order, last dim fastest) and `dtype`."""
     if qtype not in _KERNELS and qtype not in _FLOATS:
-        raise ValueError(f"cannot dequantize ggml type {getattr(qtype, 'name', qtype)}; "
-                         f"supported: {', '.join(t.name for t in SUPPORTED)}")
+        raise ValueError(
+            f"cannot dequantize ggml type {getattr(qtype, 'name', qtype)}; "
+            f"supported: {', '.join(t.name for t in SUPPORTED)}"
+        )
     data, shape = _bytes_of(raw, qtype, shape)
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     if qtype in _FLOATS:
@@ -153,7 +165,7 @@ def dequantize(raw: np.ndarray, qtype: Q, shape: tuple[int, ...], dtype: torch.d
     torch.set_num_threads(1)
     try:
         for start in range(0, len(blocks), step):
-            _KERNELS[qtype](blocks[start:start + step], out[start:start + step])
+            _KERNELS[qtype](blocks[start : start + step], out[start : start + step])
     finally:
         torch.set_num_threads(threads)
     return out.view(shape)
@@ -188,8 +200,9 @@ def int4_groups(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> tuple[torc
     shape[:-1] + (shape[-1] // 32,), one per group of 32 consecutive values of the last dim. Each value is
     q * scale + min, which is what dequantize() writes: no precision is lost. Only FOUR_BIT types."""
     if qtype not in _GROUPS:
-        raise ValueError(f"{getattr(qtype, 'name', qtype)} is not a 4-bit type; 4-bit types: "
-                         f"{', '.join(t.name for t in FOUR_BIT)}")
+        raise ValueError(
+            f"{getattr(qtype, 'name', qtype)} is not a 4-bit type; 4-bit types: {', '.join(t.name for t in FOUR_BIT)}"
+        )
     data, shape = _bytes_of(raw, qtype, shape)
     if shape[-1] % GROUP:
         raise ValueError(f"a row of {shape[-1]} values is not whole groups of {GROUP}")

@@ -59,11 +59,11 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urlsplit
 
 from llama_ref.errors import LlamaRefError
@@ -95,6 +95,7 @@ class ServeError(LlamaRefError):
 
 # ------------------------------------------------------------------------------------ the server
 
+
 class ModelServer(HTTPServer):
     """The HTTP server: one model, one worker thread stepping the engine, one thread reading requests
     (_Intake), and a thread per request being answered.
@@ -105,13 +106,24 @@ class ModelServer(HTTPServer):
     # waited a second for its retry. Waiting in the kernel's queue costs nothing.
     request_queue_size = socket.SOMAXCONN
 
-    def __init__(self, address: tuple[str, int], llama, model_name: str, *, api_key: str | None = None,
-                 max_batch_size: int | None = None, max_seq_len: int | None = None,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                 max_queue: int = DEFAULT_MAX_QUEUE, timeout: float = DEFAULT_TIMEOUT_S,
-                 header_timeout: float = DEFAULT_HEADER_TIMEOUT_S, body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
-                 max_connections_per_peer: int = DEFAULT_MAX_CONNECTIONS_PER_PEER,
-                 max_open_connections: int = DEFAULT_MAX_OPEN_CONNECTIONS):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        llama,
+        model_name: str,
+        *,
+        api_key: str | None = None,
+        max_batch_size: int | None = None,
+        max_seq_len: int | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        header_timeout: float = DEFAULT_HEADER_TIMEOUT_S,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
+        max_connections_per_peer: int = DEFAULT_MAX_CONNECTIONS_PER_PEER,
+        max_open_connections: int = DEFAULT_MAX_OPEN_CONNECTIONS,
+    ):
         from llama_ref.engine import Engine
 
         check_exposure(address[0], api_key)
@@ -144,8 +156,12 @@ class ModelServer(HTTPServer):
         if name == "host" and self.on_loopback:
             host = urlsplit(f"//{value}").hostname
             if host is None or not _is_loopback(host):
-                return ApiError(f"Host {value!r} is not this machine; this server answers requests for 127.0.0.1, "
-                                f"::1 or localhost only", status=403, code="forbidden")
+                return ApiError(
+                    f"Host {value!r} is not this machine; this server answers requests for 127.0.0.1, "
+                    f"::1 or localhost only",
+                    status=403,
+                    code="forbidden",
+                )
         if name == "origin" and self.on_loopback and not _is_loopback_origin(value):
             return ApiError(f"requests from web pages of {value} are not allowed", status=403, code="forbidden")
         if name == "authorization" and self.api_key is not None:
@@ -156,16 +172,23 @@ class ModelServer(HTTPServer):
     def missing_header_error(self, names: set[str]) -> ApiError | None:
         """What a request whose headers are complete lacks: a Host on loopback, the API key."""
         if self.on_loopback and "host" not in names:
-            return ApiError("no Host header; this server answers requests for 127.0.0.1, ::1 or localhost only",
-                            status=403, code="forbidden")
+            return ApiError(
+                "no Host header; this server answers requests for 127.0.0.1, ::1 or localhost only",
+                status=403,
+                code="forbidden",
+            )
         if self.api_key is not None and "authorization" not in names:
             return self._key_required()
         return None
 
     @staticmethod
     def _key_required() -> ApiError:
-        return ApiError("a valid API key is required: send Authorization: Bearer KEY", status=401,
-                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        return ApiError(
+            "a valid API key is required: send Authorization: Bearer KEY",
+            status=401,
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
     @property
     def base_url(self) -> str:
@@ -186,9 +209,17 @@ class ModelServer(HTTPServer):
         self._worker.join()
 
 
-def open_server(model: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000, *,
-                max_seq_len: int | None = None, max_batch_size: int | None = None, dtype: str | None = None,
-                api_key: str | None = None, **limits) -> ModelServer:
+def open_server(
+    model: str | Path | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    max_seq_len: int | None = None,
+    max_batch_size: int | None = None,
+    dtype: str | None = None,
+    api_key: str | None = None,
+    **limits,
+) -> ModelServer:
     """Load the model (a catalog name or a checkpoint path; default: the catalog's default) and listen
     on host:port. Port 0 picks a free port; the server's base_url tells which. Call serve_forever() next.
     api_key: required of every client (default: EXPLAINER_API_KEY, else none; an address other than
@@ -199,12 +230,19 @@ def open_server(model: str | Path | None = None, host: str = "127.0.0.1", port: 
 
     llama = load_llama(model, max_seq_len=BUILD_SEQ_LEN, max_batch_size=1, dtype=dtype)
     try:
-        return ModelServer((host, port), llama, served_name(model), api_key=api_key,
-                           max_batch_size=max_batch_size or DEFAULT_MAX_BATCH_SIZE,
-                           max_seq_len=max_seq_len or DEFAULT_MAX_SEQ_LEN, **limits)
+        return ModelServer(
+            (host, port),
+            llama,
+            served_name(model),
+            api_key=api_key,
+            max_batch_size=max_batch_size or DEFAULT_MAX_BATCH_SIZE,
+            max_seq_len=max_seq_len or DEFAULT_MAX_SEQ_LEN,
+            **limits,
+        )
     except OSError as exc:
-        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
-                         f"pick another --port, or stop what is using it") from None
+        raise ServeError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --port, or stop what is using it"
+        ) from None
 
 
 def serve(model: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
@@ -223,8 +261,10 @@ def check_exposure(host: str, api_key: str | None) -> None:
     use the model, and the Host and Origin checks that keep web pages out hold only on loopback."""
     if api_key is None and not _is_loopback(host):
         where = f"--host {host}" if host else "an empty --host (every address)"
-        raise ServeError(f"{where} is not a loopback address, so anyone who can reach it could use the model; "
-                         f"set --api-key or {API_KEY_ENV} to require a key, or bind to 127.0.0.1")
+        raise ServeError(
+            f"{where} is not a loopback address, so anyone who can reach it could use the model; "
+            f"set --api-key or {API_KEY_ENV} to require a key, or bind to 127.0.0.1"
+        )
 
 
 def served_name(model: str | Path | None) -> str:
@@ -353,8 +393,15 @@ class _Intake:
             with self._lock:
                 self._open[connection.peer] = self._open.get(connection.peer, 0) + 1
         if new and not self._make_room(connection.peer):
-            return self._refuse(connection, ApiError("too many connections; retry in a moment", status=503,
-                                                     code="server_busy", headers={"Retry-After": "1"}))
+            return self._refuse(
+                connection,
+                ApiError(
+                    "too many connections; retry in a moment",
+                    status=503,
+                    code="server_busy",
+                    headers={"Retry-After": "1"},
+                ),
+            )
         connection.sock.setblocking(False)
         self._selector.register(connection.sock, selectors.EVENT_READ, connection)
         self._reading[connection.sock] = connection
@@ -393,13 +440,13 @@ class _Intake:
             connection.reading, connection.deadline = "headers", time.monotonic() + server.header_timeout
         if connection.reading == "headers":
             while (newline := connection.data.find(b"\n", connection.checked)) != -1:
-                line = bytes(connection.data[connection.checked:newline]).rstrip(b"\r")
+                line = bytes(connection.data[connection.checked : newline]).rstrip(b"\r")
                 connection.checked = newline + 1
                 if connection.method is None:  # the request line; blank lines before it are skipped
                     if line:
                         connection.method = line.split(b" ", 1)[0]
                     else:
-                        del connection.data[:connection.checked]
+                        del connection.data[: connection.checked]
                         connection.checked = 0
                     continue
                 if not line:  # the end of the headers
@@ -414,9 +461,14 @@ class _Intake:
                     return self._refuse(connection, error)
                 connection.has_key |= name == "authorization" and server.api_key is not None
             if len(connection.data) > MAX_HEADER_BYTES:
-                self._refuse(connection, ApiError(f"the request line and headers exceed {MAX_HEADER_BYTES} bytes; "
-                                                  f"send fewer or shorter headers", status=431,
-                                                  code="request_header_fields_too_large"))
+                self._refuse(
+                    connection,
+                    ApiError(
+                        f"the request line and headers exceed {MAX_HEADER_BYTES} bytes; send fewer or shorter headers",
+                        status=431,
+                        code="request_header_fields_too_large",
+                    ),
+                )
         elif len(connection.data) >= connection.head + connection.length:
             self._hand_off(connection)
 
@@ -441,13 +493,21 @@ class _Intake:
         end = connection.head + connection.length
         request, rest = bytes(connection.data[:end]), connection.data[end:]
         if not self.server.answering.acquire(blocking=False):
-            return self._refuse(connection, ApiError("too many requests are being answered; retry in a moment",
-                                                     status=503, code="server_busy", headers={"Retry-After": "1"}))
+            return self._refuse(
+                connection,
+                ApiError(
+                    "too many requests are being answered; retry in a moment",
+                    status=503,
+                    code="server_busy",
+                    headers={"Retry-After": "1"},
+                ),
+            )
         self._forget(connection)
         connection.sock.setblocking(True)
         connection.sock.settimeout(self.server.socket_timeout)  # for the answer's writes
-        threading.Thread(target=self._answer, args=(connection, request, rest), daemon=True,
-                         name="llama-ref-serve-answer").start()
+        threading.Thread(
+            target=self._answer, args=(connection, request, rest), daemon=True, name="llama-ref-serve-answer"
+        ).start()
 
     def _answer(self, connection: _Connection, request: bytes, rest: bytearray) -> None:
         """In a thread of its own: answer the request, then give the connection back, or close it."""
@@ -463,14 +523,29 @@ class _Intake:
         if not keep:
             return self._shut(connection)
         now = time.monotonic()
-        self._arrive(_Connection(connection.sock, connection.address, deadline=now + self.server.socket_timeout,
-                                 since=now, data=rest, reading="idle"), new=False)
+        self._arrive(
+            _Connection(
+                connection.sock,
+                connection.address,
+                deadline=now + self.server.socket_timeout,
+                since=now,
+                data=rest,
+                reading="idle",
+            ),
+            new=False,
+        )
 
     def _expire(self, connection: _Connection) -> None:
         if connection.reading == "body":
-            self._refuse(connection, ApiError(f"the body did not arrive within {self.server.body_timeout:g} s; send "
-                                              f"all {connection.length} bytes the Content-Length promises at once",
-                                              status=408, code="request_timeout"))
+            self._refuse(
+                connection,
+                ApiError(
+                    f"the body did not arrive within {self.server.body_timeout:g} s; send "
+                    f"all {connection.length} bytes the Content-Length promises at once",
+                    status=408,
+                    code="request_timeout",
+                ),
+            )
         else:  # a request line and headers that never came whole, or a kept-alive connection left idle
             self._close(connection)
 
@@ -510,8 +585,13 @@ class _Intake:
 def _error_response(error: ApiError) -> bytes:
     """A whole HTTP response for `error`, after which the connection closes."""
     data = json.dumps(error.body()).encode()
-    lines = [f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}", "Content-Type: application/json",
-             f"Content-Length: {len(data)}", "Connection: close", *(f"{k}: {v}" for k, v in error.headers.items())]
+    lines = [
+        f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(data)}",
+        "Connection: close",
+        *(f"{k}: {v}" for k, v in error.headers.items()),
+    ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + data
 
 
@@ -542,8 +622,12 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if self._route() != "/v1/models":
                 return self._send_json(*self._no_route())
-            card = {"id": self.server.model_name, "object": "model", "created": self.server.created,
-                    "owned_by": "llama-explainer"}
+            card = {
+                "id": self.server.model_name,
+                "object": "model",
+                "created": self.server.created,
+                "owned_by": "llama-explainer",
+            }
             self._send_json(200, {"object": "list", "data": [card]})
         except ApiError as exc:
             self._send_error(exc)
@@ -566,8 +650,11 @@ class _Handler(BaseHTTPRequestHandler):
         if kind is None:
             return self._send_json(*self._no_route())
         if self.headers.get_content_type() != "application/json":
-            raise ApiError(f"the body must be sent as Content-Type: application/json, not "
-                           f"{self.headers.get_content_type()}", status=415, code="unsupported_media_type")
+            raise ApiError(
+                f"the body must be sent as Content-Type: application/json, not {self.headers.get_content_type()}",
+                status=415,
+                code="unsupported_media_type",
+            )
         request = read_request(kind, parse_json(raw), self.server.llama, self.server.model_name)
         job = self._submit(request)
         if request.stream:
@@ -588,13 +675,25 @@ class _Handler(BaseHTTPRequestHandler):
         from llama_ref.engine import EngineStopped, Job
 
         if self.server.engine.queued >= self.server.max_queue:
-            raise ApiError(f"{self.server.max_queue} requests are already waiting; retry in a moment", status=503,
-                           code="server_busy", headers={"Retry-After": "2"})
+            raise ApiError(
+                f"{self.server.max_queue} requests are already waiting; retry in a moment",
+                status=503,
+                code="server_busy",
+                headers={"Retry-After": "2"},
+            )
         try:
-            return self.server.engine.submit(Job(request.prompt, request.max_tokens, temperature=request.temperature,
-                                                 top_p=request.top_p, seed=request.seed,
-                                                 abandoned=lambda: _client_gone(self.connection),
-                                                 constraint=request.constraint, client=self.client_address[0]))
+            return self.server.engine.submit(
+                Job(
+                    request.prompt,
+                    request.max_tokens,
+                    temperature=request.temperature,
+                    top_p=request.top_p,
+                    seed=request.seed,
+                    abandoned=lambda: _client_gone(self.connection),
+                    constraint=request.constraint,
+                    client=self.client_address[0],
+                )
+            )
         except EngineStopped:
             raise ApiError("the server is stopping", status=503) from None
 
@@ -653,9 +752,12 @@ class _Handler(BaseHTTPRequestHandler):
         return self.path.split("?", 1)[0].rstrip("/")
 
     def _no_route(self) -> tuple[int, dict]:
-        return 404, ApiError(f"no endpoint {self.command} {self._route()}; this server has GET /v1/models, "
-                             f"POST /v1/chat/completions and POST /v1/completions", status=404,
-                             code="not_found").body()
+        return 404, ApiError(
+            f"no endpoint {self.command} {self._route()}; this server has GET /v1/models, "
+            f"POST /v1/chat/completions and POST /v1/completions",
+            status=404,
+            code="not_found",
+        ).body()
 
     def _read_body(self) -> bytes:
         """The body, if Content-Length is there, valid and within the limit; nothing is read otherwise."""
@@ -672,8 +774,12 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(f"the Content-Length header must be a byte count; got {value!r}")
         if length > self.server.max_body_bytes:
             self.close_connection = True
-            raise ApiError(f"the body is {length} bytes; this server takes at most {self.server.max_body_bytes} "
-                           f"(the server's --max-body-bytes)", status=413, code="request_too_large")
+            raise ApiError(
+                f"the body is {length} bytes; this server takes at most {self.server.max_body_bytes} "
+                f"(the server's --max-body-bytes)",
+                status=413,
+                code="request_too_large",
+            )
         return self.rfile.read(length)  # all there: the intake read it
 
     def _send_error(self, error: ApiError) -> None:

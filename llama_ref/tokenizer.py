@@ -40,9 +40,17 @@ class Tokenizer:
 
     pad_id = -1  # like upstream sentencepiece: padding is never a real token
 
-    def __init__(self, *, token_bytes: Sequence[bytes], bos_id: int, eos_id: int,
-                 special_ids: Mapping[str, int], add_bos: bool, strips_leading_space: bool,
-                 extra_stop_ids: Iterable[int] = ()):
+    def __init__(
+        self,
+        *,
+        token_bytes: Sequence[bytes],
+        bos_id: int,
+        eos_id: int,
+        special_ids: Mapping[str, int],
+        add_bos: bool,
+        strips_leading_space: bool,
+        extra_stop_ids: Iterable[int] = (),
+    ):
         self.token_bytes = token_bytes
         self.n_words = len(token_bytes)
         self.bos_id, self.eos_id = bos_id, eos_id
@@ -85,7 +93,7 @@ class Tokenizer:
         pos = 0
         for match in self._special_pattern.finditer(text) if self._special_pattern else ():
             if match.start() > pos:
-                yield text[pos:match.start()], None
+                yield text[pos : match.start()], None
             yield None, self.special_ids[match.group()]
             pos = match.end()
         if pos < len(text):
@@ -121,6 +129,7 @@ class StreamDecoder:
 
 # ---------------------------------------------------------------------------- sentencepiece model file
 
+
 class SentencePieceTokenizer(Tokenizer):
     """A sentencepiece tokenizer.model, encoded by the sentencepiece library itself."""
 
@@ -144,15 +153,21 @@ class SentencePieceTokenizer(Tokenizer):
                 token_bytes.append(piece.replace(SPIECE_SPACE, " ").encode())
         # sentencepiece only strips the space it adds itself: its add_dummy_prefix shows on any encoding
         adds_prefix = sp.encode("a", out_type=str)[0].startswith(SPIECE_SPACE)
-        super().__init__(token_bytes=token_bytes, bos_id=sp.bos_id(), eos_id=sp.eos_id(),
-                         special_ids={p: i for i, p in enumerate(pieces) if sp.is_control(i)},
-                         add_bos=True, strips_leading_space=adds_prefix)
+        super().__init__(
+            token_bytes=token_bytes,
+            bos_id=sp.bos_id(),
+            eos_id=sp.eos_id(),
+            special_ids={p: i for i, p in enumerate(pieces) if sp.is_control(i)},
+            add_bos=True,
+            strips_leading_space=adds_prefix,
+        )
 
     def _encode_text(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
 
 # ---------------------------------------------------------------------------- HF tokenizers (BPE)
+
 
 class BPETokenizer(Tokenizer):
     """A Hugging Face `tokenizers` Tokenizer, which encodes; decoding goes through each token's bytes.
@@ -161,8 +176,17 @@ class BPETokenizer(Tokenizer):
     sentencepiece-style ("▁" for a space, <0xNN> byte-fallback pieces), as in Llama 2's tokenizer.json.
     """
 
-    def __init__(self, backend, *, byte_level: bool, strips_leading_space: bool, bos_id: int, eos_id: int,
-                 add_bos: bool, extra_stop_ids: Iterable[int] = ()):
+    def __init__(
+        self,
+        backend,
+        *,
+        byte_level: bool,
+        strips_leading_space: bool,
+        bos_id: int,
+        eos_id: int,
+        add_bos: bool,
+        extra_stop_ids: Iterable[int] = (),
+    ):
         self._backend = backend
         added = backend.get_added_tokens_decoder()  # id -> AddedToken
         alphabet = _byte_level_alphabet()
@@ -181,9 +205,15 @@ class BPETokenizer(Tokenizer):
                 token_bytes.append(_byte_piece_value(token))
             else:
                 token_bytes.append(token.replace(SPIECE_SPACE, " ").encode())
-        super().__init__(token_bytes=token_bytes, bos_id=bos_id, eos_id=eos_id,
-                         special_ids={t.content: i for i, t in added.items()}, add_bos=add_bos,
-                         strips_leading_space=strips_leading_space, extra_stop_ids=extra_stop_ids)
+        super().__init__(
+            token_bytes=token_bytes,
+            bos_id=bos_id,
+            eos_id=eos_id,
+            special_ids={t.content: i for i, t in added.items()},
+            add_bos=add_bos,
+            strips_leading_space=strips_leading_space,
+            extra_stop_ids=extra_stop_ids,
+        )
 
     def _encode_with_specials(self, text: str) -> list[int]:
         return self._backend.encode(text, add_special_tokens=False).ids  # the library matches added tokens
@@ -240,11 +270,15 @@ def load_hf_tokenizer(directory: Path, config: Mapping) -> Tokenizer:
         eos_id = _token_id(backend, tokenizer_config.get("eos_token"), config.get("eos_token_id"))
         # the post-processor shows whether this tokenizer puts bos in front of a prompt
         adds_bos = bos_id in backend.encode("", add_special_tokens=True).ids
-        return BPETokenizer(backend, byte_level=byte_level,
-                            strips_leading_space=not byte_level and bool({"Strip", "Metaspace"} & decoders),
-                            bos_id=bos_id, eos_id=eos_id, add_bos=tokenizer_config.get("add_bos_token", adds_bos),
-                            extra_stop_ids=_id_list(config.get("eos_token_id"))
-                            + _id_list(generation_config.get("eos_token_id")))
+        return BPETokenizer(
+            backend,
+            byte_level=byte_level,
+            strips_leading_space=not byte_level and bool({"Strip", "Metaspace"} & decoders),
+            bos_id=bos_id,
+            eos_id=eos_id,
+            add_bos=tokenizer_config.get("add_bos_token", adds_bos),
+            extra_stop_ids=_id_list(config.get("eos_token_id")) + _id_list(generation_config.get("eos_token_id")),
+        )
     if (directory / "tokenizer.model").is_file():
         return SentencePieceTokenizer(directory / "tokenizer.model")
     raise TokenizerError("no tokenizer.json or tokenizer.model; copy the tokenizer files from the model's repository")
@@ -271,6 +305,7 @@ def _read_json(path: Path) -> dict:
 
 # ---------------------------------------------------------------------------- pieces with scores
 
+
 class PieceScoreTokenizer(Tokenizer):
     """SentencePiece-style BPE over a list of pieces and scores.
 
@@ -281,9 +316,19 @@ class PieceScoreTokenizer(Tokenizer):
     Pieces are given with real spaces (not "▁").
     """
 
-    def __init__(self, pieces: Sequence[str], scores: Sequence[float], kinds: Sequence[str], *,
-                 bos_id: int, eos_id: int, unk_id: int, add_bos: bool = True, add_space_prefix: bool = True,
-                 extra_stop_ids: Iterable[int] = ()):
+    def __init__(
+        self,
+        pieces: Sequence[str],
+        scores: Sequence[float],
+        kinds: Sequence[str],
+        *,
+        bos_id: int,
+        eos_id: int,
+        unk_id: int,
+        add_bos: bool = True,
+        add_space_prefix: bool = True,
+        extra_stop_ids: Iterable[int] = (),
+    ):
         # kinds, as GGUF token types: normal, unknown, control, user (user-defined), unused, byte
         self._score = {p: s for p, s, k in zip(pieces, scores, kinds) if k == "normal"}
         self._piece_id = {p: i for i, (p, k) in enumerate(zip(pieces, kinds)) if k == "normal"}
@@ -291,11 +336,18 @@ class PieceScoreTokenizer(Tokenizer):
         self._unk_id = unk_id
         self._add_space_prefix = add_space_prefix
         surface = {"control": b"", "unused": b"", "unknown": UNKNOWN_SURFACE}
-        token_bytes = [_byte_piece_value(p) if k == "byte" else surface.get(k, p.encode())
-                       for p, k in zip(pieces, kinds)]
-        super().__init__(token_bytes=token_bytes, bos_id=bos_id, eos_id=eos_id,
-                         special_ids={p: i for i, (p, k) in enumerate(zip(pieces, kinds)) if k in ("control", "user")},
-                         add_bos=add_bos, strips_leading_space=add_space_prefix, extra_stop_ids=extra_stop_ids)
+        token_bytes = [
+            _byte_piece_value(p) if k == "byte" else surface.get(k, p.encode()) for p, k in zip(pieces, kinds)
+        ]
+        super().__init__(
+            token_bytes=token_bytes,
+            bos_id=bos_id,
+            eos_id=eos_id,
+            special_ids={p: i for i, (p, k) in enumerate(zip(pieces, kinds)) if k in ("control", "user")},
+            add_bos=add_bos,
+            strips_leading_space=add_space_prefix,
+            extra_stop_ids=extra_stop_ids,
+        )
 
     def _encode_text(self, text: str) -> list[int]:
         if self._add_space_prefix:
@@ -354,8 +406,10 @@ GGUF_TOKEN_KINDS = {0: "normal", 1: "normal", 2: "unknown", 3: "control", 4: "us
 
 # tokenizer.ggml.pre -> how text is split before BPE, as llama.cpp's llama-vocab.cpp does for that name.
 # GPT-2's own split (used inside ByteLevel) is: 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b")
 # Qwen2's split is Llama 3's with digits one at a time (tokenizer.json of Qwen2/Qwen2.5 models)
 QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
@@ -376,35 +430,56 @@ def tokenizer_from_gguf(meta: Mapping[str, object]) -> Tokenizer:
     eos_id = meta.get("tokenizer.ggml.eos_token_id", -1)
     end_ids = [meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in meta]
     if model == "gpt2":
-        backend = _byte_level_bpe(tokens, kinds, meta.get("tokenizer.ggml.merges") or [],
-                                  meta.get("tokenizer.ggml.pre", "default"))
-        return BPETokenizer(backend, byte_level=True, strips_leading_space=False, bos_id=bos_id, eos_id=eos_id,
-                            add_bos=meta.get("tokenizer.ggml.add_bos_token", False), extra_stop_ids=end_ids)
+        backend = _byte_level_bpe(
+            tokens, kinds, meta.get("tokenizer.ggml.merges") or [], meta.get("tokenizer.ggml.pre", "default")
+        )
+        return BPETokenizer(
+            backend,
+            byte_level=True,
+            strips_leading_space=False,
+            bos_id=bos_id,
+            eos_id=eos_id,
+            add_bos=meta.get("tokenizer.ggml.add_bos_token", False),
+            extra_stop_ids=end_ids,
+        )
     if model == "llama":
         return PieceScoreTokenizer(
-            [t.replace(SPIECE_SPACE, " ") for t in tokens], meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens),
-            kinds, bos_id=bos_id, eos_id=eos_id, unk_id=meta.get("tokenizer.ggml.unknown_token_id", 0),
+            [t.replace(SPIECE_SPACE, " ") for t in tokens],
+            meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens),
+            kinds,
+            bos_id=bos_id,
+            eos_id=eos_id,
+            unk_id=meta.get("tokenizer.ggml.unknown_token_id", 0),
             add_bos=meta.get("tokenizer.ggml.add_bos_token", True),
-            add_space_prefix=meta.get("tokenizer.ggml.add_space_prefix", True), extra_stop_ids=end_ids)
-    raise TokenizerError(f"tokenizer.ggml.model '{model}' is not supported; "
-                         "supported: gpt2 (byte-level BPE) and llama (SentencePiece)")
+            add_space_prefix=meta.get("tokenizer.ggml.add_space_prefix", True),
+            extra_stop_ids=end_ids,
+        )
+    raise TokenizerError(
+        f"tokenizer.ggml.model '{model}' is not supported; supported: gpt2 (byte-level BPE) and llama (SentencePiece)"
+    )
 
 
 def _byte_level_bpe(tokens: Sequence[str], kinds: Sequence[str], merges: Sequence[str], pre: str):
-    from tokenizers import AddedToken, Regex
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers
 
-    bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ", 1)) for m in merges],
-                     ignore_merges=pre in LLAMA3_FAMILY)  # llama.cpp takes a whole word that is in the vocab
+    bpe = models.BPE(
+        vocab={t: i for i, t in enumerate(tokens)},
+        merges=[tuple(m.split(" ", 1)) for m in merges],
+        ignore_merges=pre in LLAMA3_FAMILY,
+    )  # llama.cpp takes a whole word that is in the vocab
     backend = Backend(bpe)
     if pre in DIGITS_THEN_GPT2:
-        split = [pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"),
-                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        split = [
+            pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
     elif pre in LLAMA3_FAMILY or pre in QWEN2_FAMILY:
         pattern = LLAMA3_SPLIT if pre in LLAMA3_FAMILY else QWEN2_SPLIT
-        split = [pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        split = [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     elif pre in PLAIN_GPT2:
         split = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
     else:
@@ -412,13 +487,15 @@ def _byte_level_bpe(tokens: Sequence[str], kinds: Sequence[str], merges: Sequenc
         raise TokenizerError(f"tokenizer.ggml.pre '{pre}' is not supported; supported: {known}")
     backend.pre_tokenizer = pre_tokenizers.Sequence(split)
     backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t, k in zip(tokens, kinds) if k == "control"])
+    backend.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, kinds) if k == "control"]
+    )
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, kinds) if k == "user"])
     return backend
 
 
 # ---------------------------------------------------------------------------- llama2.c tokenizer.bin
+
 
 def read_llama2c_tokenizer(path: Path, vocab_size: int) -> PieceScoreTokenizer:
     """llama2.c's tokenizer.bin, as tokenizer.py `export` writes it and run.c `build_tokenizer` reads it:
@@ -432,12 +509,14 @@ def read_llama2c_tokenizer(path: Path, vocab_size: int) -> PieceScoreTokenizer:
         score, length = struct.unpack_from("<fi", data, pos)
         if length < 0 or pos + 8 + length > len(data):
             raise TokenizerError(f"ends inside token {len(pieces)}; the file is truncated or corrupt")
-        pieces.append(data[pos + 8:pos + 8 + length].decode("utf-8", errors="replace"))
+        pieces.append(data[pos + 8 : pos + 8 + length].decode("utf-8", errors="replace"))
         scores.append(score)
         pos += 8 + length
     if len(pieces) != vocab_size:
-        raise TokenizerError(f"has {len(pieces)} tokens but the model's vocabulary has {vocab_size}; "
-                             "use the tokenizer.bin the model was trained with")
+        raise TokenizerError(
+            f"has {len(pieces)} tokens but the model's vocabulary has {vocab_size}; "
+            "use the tokenizer.bin the model was trained with"
+        )
     kinds = ["byte" if _is_byte_piece(p) else "normal" for p in pieces]
     kinds[:3] = ["unknown", "control", "control"]
     pieces[1:3] = ["<s>", "</s>"]  # the sentencepiece names that export replaced

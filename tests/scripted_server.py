@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 
 
 @dataclass
@@ -70,22 +70,42 @@ class ScriptedServer:
                 if isinstance(reply, str):
                     reply = Reply(reply)
                 if reply.status != 200:
-                    return self._send(reply.status, {"error": {"message": reply.content or "scripted error",
-                                                               "type": "scripted", "code": reply.code or reply.status}},
-                                      reply.headers)
+                    return self._send(
+                        reply.status,
+                        {
+                            "error": {
+                                "message": reply.content or "scripted error",
+                                "type": "scripted",
+                                "code": reply.code or reply.status,
+                            }
+                        },
+                        reply.headers,
+                    )
                 completion_tokens = reply.completion_tokens
                 if completion_tokens is None:
                     completion_tokens = len(reply.content.split())
-                self._send(200, {
-                    "id": f"chatcmpl-{len(server.requests)}",
-                    "object": "chat.completion",
-                    "created": 0,
-                    "model": body.get("model", "scripted"),
-                    "choices": [{"index": 0, "finish_reason": reply.finish_reason,
-                                 "message": {"role": "assistant", "content": reply.content}}],
-                    "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": completion_tokens,
-                              "total_tokens": reply.prompt_tokens + completion_tokens},
-                }, reply.headers)
+                self._send(
+                    200,
+                    {
+                        "id": f"chatcmpl-{len(server.requests)}",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body.get("model", "scripted"),
+                        "choices": [
+                            {
+                                "index": 0,
+                                "finish_reason": reply.finish_reason,
+                                "message": {"role": "assistant", "content": reply.content},
+                            }
+                        ],
+                        "usage": {
+                            "prompt_tokens": reply.prompt_tokens,
+                            "completion_tokens": completion_tokens,
+                            "total_tokens": reply.prompt_tokens + completion_tokens,
+                        },
+                    },
+                    reply.headers,
+                )
 
             def _send(self, status: int, payload: dict, headers: dict | None = None):
                 data = json.dumps(payload).encode()
@@ -99,14 +119,13 @@ class ScriptedServer:
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         # A short poll interval lets shutdown() return at once instead of after up to half a second.
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02},
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
 
-    def __enter__(self) -> "ScriptedServer":
+    def __enter__(self) -> ScriptedServer:
         self._thread.start()
         return self
 
@@ -115,8 +134,9 @@ class ScriptedServer:
         self._httpd.server_close()
 
 
-def interrupt_when(command: list[str], environment: dict, ready: threading.Event, release: threading.Event,
-                   how: int, log) -> tuple[int, str]:
+def interrupt_when(
+    command: list[str], environment: dict, ready: threading.Event, release: threading.Event, how: int, log
+) -> tuple[int, str]:
     """Run `command`, send it signal `how` once `ready` is set (by a script holding a request), and
     return its exit code and stderr. `release` lets the held requests go once it has exited (or
     after 60 s, when it is killed). `log` is an open text file for its stderr."""

@@ -28,8 +28,10 @@ EXAMPLE = REPO / "examples" / "site"
 
 # The real demos need the model; these stand-ins print the same kind of output, {{ }} included.
 HANDWRITTEN_DEMO = 'python -m llama_ref --prompt "Once upon a time" --max-tokens 32 --seed 0'
-STAND_IN_DEMO = ("python -c \"print('Once upon a time, a {{ lion }} and a rabbit raced to the river.'); "
-                 "print('achieved tok/s: 185.527329')\"")
+STAND_IN_DEMO = (
+    "python -c \"print('Once upon a time, a {{ lion }} and a rabbit raced to the river.'); "
+    "print('achieved tok/s: 185.527329')\""
+)
 STAND_IN_OUTPUT = "Once upon a time, a {{ lion }} and a rabbit raced to the river.\nachieved tok/s: 185.527329"
 GENERATED_DEMO_OUTPUT = "The capital of France is Paris."
 GENERATED_DEMO = f"python -c \"print('{GENERATED_DEMO_OUTPUT}')\""
@@ -50,7 +52,7 @@ def fake_translation(text: str, lang: str) -> str:
         if "⟦" in word or not letters:
             words.append(word)
         else:
-            words.append(word[:letters[0]] + TARGET_WORDS[lang] + word[letters[-1] + 1:])
+            words.append(word[: letters[0]] + TARGET_WORDS[lang] + word[letters[-1] + 1 :])
     return " ".join(words)
 
 
@@ -63,8 +65,9 @@ def site_script(body: dict) -> str:
     system, user = body["messages"][0]["content"], body["messages"][-1]["content"]
     if is_translation(body):
         lang = next(code for code in TARGET_WORDS if f"into {language(code).english_name} " in system)
-        return json.dumps({key: fake_translation(text, lang) for key, text in json.loads(user).items()},
-                          ensure_ascii=False)
+        return json.dumps(
+            {key: fake_translation(text, lang) for key, text in json.loads(user).items()}, ensure_ascii=False
+        )
     return OVERVIEW if "Write the opening" in user else EXPLANATION
 
 
@@ -72,8 +75,9 @@ def make_site(folder: Path, base_url: str, languages: list[str]) -> Path:
     """A copy of examples/site in `folder` whose explainer.toml uses the server at `base_url` and
     cheap demos. Returns the config's path."""
     site = folder / "site"
-    shutil.copytree(EXAMPLE, site, ignore=shutil.ignore_patterns("_posts", ".explainer-cache", "_site",
-                                                                  ".jekyll-cache"))
+    shutil.copytree(
+        EXAMPLE, site, ignore=shutil.ignore_patterns("_posts", ".explainer-cache", "_site", ".jekyll-cache")
+    )
     source = site / "_sources" / "running-llama.md"
     text = source.read_text(encoding="utf-8")
     assert HANDWRITTEN_DEMO in text, "the example post should demo llama_ref"
@@ -105,17 +109,26 @@ def to_toml(config: dict) -> str:
 def run_build(config: Path, *args: str) -> subprocess.CompletedProcess:
     """`explainer build` as a user runs it, in a subprocess: with --trust-config, as the README says to
     build the example, whose root is this repository and whose server the test names in the file."""
-    environment = {key: value for key, value in os.environ.items()
-                   if key not in ("OPENAI_BASE_URL", "EXPLAINER_CACHE_DIR")}
+    environment = {
+        key: value for key, value in os.environ.items() if key not in ("OPENAI_BASE_URL", "EXPLAINER_CACHE_DIR")
+    }
     environment["OPENAI_API_KEY"] = "sk-test-not-a-real-key"
-    return subprocess.run([sys.executable, "-m", "explainer", "build", "--config", str(config), "--trust-config",
-                           *args], capture_output=True, text=True, env=environment, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "explainer", "build", "--config", str(config), "--trust-config", *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+    )
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
     """Every file under `folder`: its bytes and its mtime in nanoseconds."""
-    return {path.relative_to(folder).as_posix(): (path.read_bytes(), path.stat().st_mtime_ns)
-            for path in sorted(folder.rglob("*")) if path.is_file()}
+    return {
+        path.relative_to(folder).as_posix(): (path.read_bytes(), path.stat().st_mtime_ns)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 class LiveParts(HTMLParser):

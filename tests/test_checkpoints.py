@@ -9,9 +9,20 @@ import pytest
 torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf")
 
-from tiny_checkpoints import (SEED_AR, SEED_ZH, TinyModel, build_transformer, make_tiny_model,  # noqa: E402
-                              train_sentencepiece, write_gguf, write_hf, write_llama2c, write_llama2c_tokenizer,
-                              write_meta, write_unsupported_gguf)
+from tiny_checkpoints import (  # noqa: E402
+    SEED_AR,
+    SEED_ZH,
+    TinyModel,
+    build_transformer,
+    make_tiny_model,
+    train_sentencepiece,
+    write_gguf,
+    write_hf,
+    write_llama2c,
+    write_llama2c_tokenizer,
+    write_meta,
+    write_unsupported_gguf,
+)
 
 from llama_ref.checkpoints import CheckpointError, meta_hidden_dim, open_checkpoint  # noqa: E402
 
@@ -121,6 +132,7 @@ def test_hf_directory_brings_its_chat_template(tmp_path):
 
 # ---------------------------------------------------------------------------- against transformers
 
+
 @pytest.fixture
 def transformers(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -132,15 +144,30 @@ def test_logits_match_transformers(tmp_path, transformers, variant):
     extra = {}
     if variant == "gqa-llama3-tied":
         # head_dim 32 and these frequencies put four wavelengths in the blended band of Llama 3.1 scaling
-        extra = dict(num_key_value_heads=2, tie_word_embeddings=True,
-                     rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                   "high_freq_factor": 8.0, "original_max_position_embeddings": 256})
-    config = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=160, num_hidden_layers=2,
-                                      num_attention_heads=4, max_position_embeddings=512, **extra)
+        extra = dict(
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 8.0,
+                "original_max_position_embeddings": 256,
+            },
+        )
+    config = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        **extra,
+    )
     torch.manual_seed(0)
     hf_model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():  # HF initialises norms to 1; scramble them so a misplaced norm shows
-        for name, param in hf_model.named_parameters():
+        for param in hf_model.parameters():
             param.copy_(1 + 0.2 * torch.randn_like(param) if param.ndim == 1 else 0.3 * torch.randn_like(param))
     hf_model.save_pretrained(tmp_path / "hf", safe_serialization=True)
     train_sentencepiece(tmp_path / "hf" / "tokenizer.model")
@@ -156,13 +183,15 @@ def test_logits_match_transformers(tmp_path, transformers, variant):
     if variant == "gqa-llama3-tied":
         # the same model as llama.cpp writes it: Llama 3.1 scaling becomes a rope_freqs tensor
         source = TinyModel(checkpoint.args, dict(checkpoint.tensors()), tmp_path / "hf" / "tokenizer.model")
-        gguf_checkpoint = open_checkpoint(write_gguf(source, tmp_path / "llama3.gguf",
-                                                     rope_scaling=config.rope_parameters))
+        gguf_checkpoint = open_checkpoint(
+            write_gguf(source, tmp_path / "llama3.gguf", rope_scaling=config.rope_parameters)
+        )
         ours_gguf = build_transformer(gguf_checkpoint.args, gguf_checkpoint.tensors())(tokens, 0)
         assert (ours_gguf - theirs).abs().max().item() < 1e-4
 
 
 # ---------------------------------------------------------------------------- bad input
+
 
 def assert_one_line_error(path, *fragments):
     with pytest.raises(CheckpointError) as caught:
@@ -235,9 +264,12 @@ def test_hf_tokenizer_larger_than_the_model(tmp_path):
     config = json.loads((directory / "config.json").read_text())
     # a smaller model: drop the embedding rows past 256 and say so in config.json
     from safetensors.torch import load_file, save_file
+
     for shard in directory.glob("*.safetensors"):
-        tensors = {n: (t[:256].contiguous() if n in ("model.embed_tokens.weight", "lm_head.weight") else t)
-                   for n, t in load_file(shard).items()}
+        tensors = {
+            n: (t[:256].contiguous() if n in ("model.embed_tokens.weight", "lm_head.weight") else t)
+            for n, t in load_file(shard).items()
+        }
         save_file(tensors, shard)
     (directory / "config.json").write_text(json.dumps({**config, "vocab_size": 256}))
     assert_one_line_error(directory, "512 tokens", "256")
@@ -269,8 +301,12 @@ def test_hf_directory_of_another_architecture(tmp_path):
 def test_cli_reports_a_bad_model_in_one_line(tmp_path):
     path = tmp_path / "model.gguf"
     path.write_bytes(b"garbage" * 10)
-    result = subprocess.run([sys.executable, "-m", "llama_ref", "--model", str(path), "--max-tokens", "1"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "llama_ref", "--model", str(path), "--max-tokens", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1 and str(path) in result.stderr and "not a GGUF file" in result.stderr
@@ -278,13 +314,20 @@ def test_cli_reports_a_bad_model_in_one_line(tmp_path):
 
 # ---------------------------------------------------------------------------- crafted headers
 
+
 def gguf_bytes_claiming_a_huge_array() -> bytes:
     """65 bytes: GGUF v3, no tensors, one key whose uint8 array claims 2^60 elements."""
     import struct
 
     key = b"general.huge"
-    return (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key
-            + struct.pack("<IIQ", 9, 0, 1 << 60) + b"\x00" * 5)
+    return (
+        b"GGUF"
+        + struct.pack("<IQQ", 3, 0, 1)
+        + struct.pack("<Q", len(key))
+        + key
+        + struct.pack("<IIQ", 9, 0, 1 << 60)
+        + b"\x00" * 5
+    )
 
 
 def test_a_gguf_claiming_more_than_it_holds_fails_at_once(tmp_path):
@@ -402,9 +445,11 @@ def test_load_llama_takes_a_catalog_name_or_a_path_and_fails_with_one_line(tmp_p
 
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(path.read_bytes()[:4000])
-    for model, kernels, names in [("no-such-model", "auto", ["no-such-model", "--list-models"]),
-                                  (broken, "auto", ["broken.gguf"]),
-                                  (path, "no-such-kernel", ["no-such-kernel"])]:
+    for model, kernels, names in [
+        ("no-such-model", "auto", ["no-such-model", "--list-models"]),
+        (broken, "auto", ["broken.gguf"]),
+        (path, "no-such-kernel", ["no-such-kernel"]),
+    ]:
         with pytest.raises(LlamaRefError) as failed:
             load_llama(model, max_seq_len=32, max_batch_size=1, device="cpu", kernels=kernels)
         message = str(failed.value)

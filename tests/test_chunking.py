@@ -10,8 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from explainer.chunking import (CHUNK_KINDS, CODE_LANGUAGES, chunk_file, chunk_source, detect_code_language,
-                                enclosing_view)
+from explainer.chunking import (
+    CHUNK_KINDS,
+    CODE_LANGUAGES,
+    chunk_file,
+    chunk_source,
+    detect_code_language,
+    enclosing_view,
+)
 from explainer.errors import UserError
 
 REPO = Path(__file__).parent.parent
@@ -28,7 +34,7 @@ def assert_exact(chunked, expected_text, first_line=1):
     for chunk in chunked.chunks:
         assert chunk.start_line == next_line
         assert chunk.end_line >= chunk.start_line
-        assert chunk.code == "".join(lines[chunk.start_line - first_line:chunk.end_line - first_line + 1])
+        assert chunk.code == "".join(lines[chunk.start_line - first_line : chunk.end_line - first_line + 1])
         assert chunk.kind in CHUNK_KINDS
         assert chunk.symbol == "" or chunk.symbol in {s.name for s in chunked.symbols}
         assert set(chunk.calls) <= {s.name for s in chunked.symbols}
@@ -46,6 +52,7 @@ def first_code_line(code, comment_starts=("#",)):
 
 
 # --- the seed post's generate() --------------------------------------------------------------
+
 
 def fixture_line(text):
     """1-based number of the fixture's line that starts with `text` after indentation."""
@@ -80,8 +87,7 @@ def test_generate_is_split_the_way_the_seed_post_walks_through_it():
 def test_whole_file_groups_imports_and_explains_each_definition_in_order():
     chunked = chunk_file(GENERATE_FIXTURE)
     assert_exact(chunked, GENERATE_FIXTURE.read_text())
-    assert [s.name for s in chunked.symbols] == [
-        "Llama", "Llama.__init__", "Llama.generate", "sample_top_p"]
+    assert [s.name for s in chunked.symbols] == ["Llama", "Llama.__init__", "Llama.generate", "sample_top_p"]
     assert [s.kind for s in chunked.symbols] == ["class", "method", "method", "function"]
     imports = chunked.chunks[0]
     assert imports.kind == "imports"
@@ -111,8 +117,11 @@ def test_symbols_carry_signature_docstring_and_text():
 
 def test_long_loop_is_split_into_header_and_inner_statements():
     chunked = chunk_file(GENERATE_FIXTURE, symbol="Llama.generate", max_lines=10)
-    assert_exact(chunked, next(s.text for s in chunked.symbols if s.name == "Llama.generate"),
-                 first_line=fixture_line("@torch.inference_mode()"))
+    assert_exact(
+        chunked,
+        next(s.text for s in chunked.symbols if s.name == "Llama.generate"),
+        first_line=fixture_line("@torch.inference_mode()"),
+    )
     loop_line = fixture_line("for cur_pos in range(min_prompt_len, total_len):")
     header = next(c for c in chunked.chunks if c.start_line == loop_line)
     assert header.kind == "for"
@@ -163,66 +172,72 @@ def test_project_sources_chunk_exactly(path):
 
 # --- placement rules on small hand-written inputs ----------------------------------------------
 
+
 def kinds_and_lines(chunked):
     return [(c.kind, c.symbol, c.start_line, c.end_line) for c in chunked.chunks]
 
 
 def test_imports_group_across_blank_lines_and_blank_lines_end_the_chunk_before():
-    source = ("import os\n"
-              "\n"
-              "import sys\n"
-              "\n"
-              "\n"
-              "LIMIT = 3\n"
-              "\n"
-              "\n"
-              "def helper():\n"
-              "    return 1\n")
+    source = "import os\n\nimport sys\n\n\nLIMIT = 3\n\n\ndef helper():\n    return 1\n"
     chunked = chunk_source(source, "m.py", "python")
-    assert kinds_and_lines(chunked) == [("imports", "", 1, 5), ("module", "", 6, 8),
-                                        ("function", "helper", 9, 10)]
+    assert kinds_and_lines(chunked) == [("imports", "", 1, 5), ("module", "", 6, 8), ("function", "helper", 9, 10)]
 
 
 def test_comments_go_with_the_code_below_them():
-    source = ("def f(items):\n"        # 1
-              "    total = 0\n"        # 2
-              "    # add them up\n"    # 3
-              "    for item in items:\n"
-              "        total += item\n"
-              "    # done\n"           # 6: right under the loop, then a blank line
-              "\n"
-              "    # the answer\n"     # 8
-              "    return total\n")
+    source = (
+        "def f(items):\n"  # 1
+        "    total = 0\n"  # 2
+        "    # add them up\n"  # 3
+        "    for item in items:\n"
+        "        total += item\n"
+        "    # done\n"  # 6: right under the loop, then a blank line
+        "\n"
+        "    # the answer\n"  # 8
+        "    return total\n"
+    )
     chunked = chunk_source(source, "m.py", "python", max_lines=3)
-    assert kinds_and_lines(chunked) == [("signature", "f", 1, 1), ("block", "f", 2, 2),
-                                        ("for", "f", 3, 7), ("return", "f", 8, 9)]
+    assert kinds_and_lines(chunked) == [
+        ("signature", "f", 1, 1),
+        ("block", "f", 2, 2),
+        ("for", "f", 3, 7),
+        ("return", "f", 8, 9),
+    ]
 
 
 def test_long_if_gets_a_chunk_per_branch():
-    source = ("def f(x):\n"
-              "    if x > 1:\n"
-              "        a = 1\n"
-              "        b = 2\n"
-              "    elif x > 0:\n"
-              "        a = 3\n"
-              "    else:\n"
-              "        a = 4\n"
-              "    return a\n")
+    source = (
+        "def f(x):\n"
+        "    if x > 1:\n"
+        "        a = 1\n"
+        "        b = 2\n"
+        "    elif x > 0:\n"
+        "        a = 3\n"
+        "    else:\n"
+        "        a = 4\n"
+        "    return a\n"
+    )
     chunked = chunk_source(source, "m.py", "python", max_lines=3)
-    assert kinds_and_lines(chunked) == [("signature", "f", 1, 1), ("if", "f", 2, 4),
-                                        ("if", "f", 5, 6), ("if", "f", 7, 8), ("return", "f", 9, 9)]
+    assert kinds_and_lines(chunked) == [
+        ("signature", "f", 1, 1),
+        ("if", "f", 2, 4),
+        ("if", "f", 5, 6),
+        ("if", "f", 7, 8),
+        ("return", "f", 9, 9),
+    ]
 
 
 def test_calls_resolve_methods_through_self_and_functions_by_name():
-    source = ("def helper():\n"
-              "    return 1\n"
-              "\n"
-              "class Model:\n"
-              "    def step(self):\n"
-              "        return helper() + self.other() + len([])\n"
-              "\n"
-              "    def other(self):\n"
-              "        return Model.step(self)\n")
+    source = (
+        "def helper():\n"
+        "    return 1\n"
+        "\n"
+        "class Model:\n"
+        "    def step(self):\n"
+        "        return helper() + self.other() + len([])\n"
+        "\n"
+        "    def other(self):\n"
+        "        return Model.step(self)\n"
+    )
     chunked = chunk_source(source, "m.py", "python", max_lines=2)
     calls = {c.symbol: c.calls for c in chunked.chunks if c.calls}
     assert calls == {"Model.step": ("helper", "Model.other"), "Model.other": ("Model.step",)}
@@ -278,7 +293,10 @@ def test_c_file_structure():
     assert_exact(chunked, C_SOURCE)
     assert chunked.warnings == []
     assert [(s.name, s.kind) for s in chunked.symbols] == [
-        ("Config", "class"), ("softmax", "function"), ("main", "function")]
+        ("Config", "class"),
+        ("softmax", "function"),
+        ("main", "function"),
+    ]
     softmax = chunked.symbols[1]
     assert softmax.signature == "void softmax(float* x, int size)"
     assert softmax.docstring == "// softmax in place over x[0..size)"
@@ -296,32 +314,39 @@ def test_c_file_structure():
 
 
 def test_cpp_methods_are_qualified_and_called_through_this():
-    source = ("class Linear {\n"
-              " public:\n"
-              "  float forward(float x) {\n"
-              "    return this->scale(x) + bias(x);\n"
-              "  }\n"
-              "  float scale(float x) { return x; }\n"
-              "  float bias(float x) { return 0; }\n"
-              "};\n")
+    source = (
+        "class Linear {\n"
+        " public:\n"
+        "  float forward(float x) {\n"
+        "    return this->scale(x) + bias(x);\n"
+        "  }\n"
+        "  float scale(float x) { return x; }\n"
+        "  float bias(float x) { return 0; }\n"
+        "};\n"
+    )
     chunked = chunk_source(source, "linear.cpp", "cpp", max_lines=3)
     assert_exact(chunked, source)
     assert [(s.name, s.kind) for s in chunked.symbols] == [
-        ("Linear", "class"), ("Linear::forward", "method"), ("Linear::scale", "method"),
-        ("Linear::bias", "method")]
+        ("Linear", "class"),
+        ("Linear::forward", "method"),
+        ("Linear::scale", "method"),
+        ("Linear::bias", "method"),
+    ]
     forward = next(c for c in chunked.chunks if c.symbol == "Linear::forward")
     assert forward.calls == ("Linear::scale", "Linear::bias")
 
 
 def test_cuda_kernel_launch_parses_cleanly():
-    source = ("__global__ void scale(float *x) {\n"
-              "    x[threadIdx.x] *= 2;\n"
-              "}\n"
-              "\n"
-              "int main() {\n"
-              "    scale<<<1, 32>>>(0);\n"
-              "    return 0;\n"
-              "}\n")
+    source = (
+        "__global__ void scale(float *x) {\n"
+        "    x[threadIdx.x] *= 2;\n"
+        "}\n"
+        "\n"
+        "int main() {\n"
+        "    scale<<<1, 32>>>(0);\n"
+        "    return 0;\n"
+        "}\n"
+    )
     chunked = chunk_source(source, "k.cu", "cuda")
     assert chunked.warnings == []
     assert [s.name for s in chunked.symbols] == ["scale", "main"]
@@ -329,6 +354,7 @@ def test_cuda_kernel_launch_parses_cleanly():
 
 
 # --- bad input ---------------------------------------------------------------------------------
+
 
 def test_syntax_errors_still_chunk_with_a_warning_naming_the_lines():
     source = "def f(:\n    return 1\n\nx = 2\n"
@@ -376,7 +402,12 @@ def test_unknown_extension_lists_the_supported_ones():
 
 def test_detect_code_language_by_extension():
     assert [detect_code_language(p) for p in ("a.py", "b.C", "c.h", "d.hpp", "e.cu")] == [
-        "python", "c", "c", "cpp", "cuda"]
+        "python",
+        "c",
+        "c",
+        "cpp",
+        "cuda",
+    ]
 
 
 @pytest.mark.parametrize("name", CODE_LANGUAGES)
@@ -402,14 +433,16 @@ def test_unknown_symbol_lists_the_available_ones():
 
 
 def test_a_symbol_defined_twice_explains_the_first_with_a_warning():
-    source = ("class Box:\n"
-              "    @property\n"
-              "    def size(self):\n"
-              "        return self._size\n"
-              "\n"
-              "    @size.setter\n"
-              "    def size(self, value):\n"
-              "        self._size = value\n")
+    source = (
+        "class Box:\n"
+        "    @property\n"
+        "    def size(self):\n"
+        "        return self._size\n"
+        "\n"
+        "    @size.setter\n"
+        "    def size(self, value):\n"
+        "        self._size = value\n"
+    )
     chunked = chunk_source(source, "box.py", "python", symbol="Box.size")
     assert [(c.start_line, c.end_line) for c in chunked.chunks] == [(2, 4)]
     assert chunked.warnings == ["box.py: Box.size is defined 2 times (lines 2, 6); explaining the first"]
@@ -423,10 +456,8 @@ def test_missing_file_is_one_clear_line(tmp_path):
 # --- properties: any input ------------------------------------------------------------------------
 
 # Garbage made of the characters code is made of, newlines frequent, so that parsers get far.
-PYTHONISH = st.text(alphabet="defclass ifor whiletryexcept:()[]{}=+-*#'\"\\\n\n\n\t    xyz123.,@",
-                    max_size=400)
-CISH = st.text(alphabet="intfor while if else do switch case:(){}[];=+-*/#<>\"'\\\n\n\n\t    xyz123.,",
-               max_size=400)
+PYTHONISH = st.text(alphabet="defclass ifor whiletryexcept:()[]{}=+-*#'\"\\\n\n\n\t    xyz123.,@", max_size=400)
+CISH = st.text(alphabet="intfor while if else do switch case:(){}[];=+-*/#<>\"'\\\n\n\n\t    xyz123.,", max_size=400)
 
 
 def check_any_source(source, path, code_language, max_lines):
@@ -449,20 +480,34 @@ def test_any_python_text_chunks_exactly(source, max_lines):
 
 
 @PROPERTY
-@given(source=st.one_of(st.text(max_size=300), CISH), max_lines=st.integers(1, 40),
-       code_language=st.sampled_from(["c", "cpp", "cuda"]))
+@given(
+    source=st.one_of(st.text(max_size=300), CISH),
+    max_lines=st.integers(1, 40),
+    code_language=st.sampled_from(["c", "cpp", "cuda"]),
+)
 def test_any_c_text_chunks_exactly(source, max_lines, code_language):
     check_any_source(source, "gen.c", code_language, max_lines)
 
 
 # --- properties: structured programs ---------------------------------------------------------------
 
+
 def indent(lines):
     return ["    " + line if line else line for line in lines]
 
 
-PY_SIMPLE = ["x = 1", "y = f(x)", "return x", "pass", "# a comment", "print('hi')",
-             "total += item; count += 1", "s = '''multi\n\nline'''", "z = (1,\n     2)", ""]
+PY_SIMPLE = [
+    "x = 1",
+    "y = f(x)",
+    "return x",
+    "pass",
+    "# a comment",
+    "print('hi')",
+    "total += item; count += 1",
+    "s = '''multi\n\nline'''",
+    "z = (1,\n     2)",
+    "",
+]
 PY_TOP_SIMPLE = ["import os", "from a import b", "CONST = 3", "# banner", ""]
 
 
@@ -486,29 +531,49 @@ def py_statement(draw, depth):
             lines += ["else:"] + indent(draw(py_block(depth + 1)))
         return lines
     if shape == "try":
-        return (["try:"] + body + ["except ValueError as error:"] + indent(draw(py_block(depth + 1)))
-                + ["finally:"] + indent(draw(py_block(depth + 1))))
-    header = {"for": "for i in range(3):", "while": "while x:", "with": "with open(p) as f:",
-              "def": "def f(a, b=2):", "class": "class C(Base):"}[shape]
+        return (
+            ["try:"]
+            + body
+            + ["except ValueError as error:"]
+            + indent(draw(py_block(depth + 1)))
+            + ["finally:"]
+            + indent(draw(py_block(depth + 1)))
+        )
+    header = {
+        "for": "for i in range(3):",
+        "while": "while x:",
+        "with": "with open(p) as f:",
+        "def": "def f(a, b=2):",
+        "class": "class C(Base):",
+    }[shape]
     decorators = ["@decorator(1)"] if shape in ("def", "class") and draw(st.booleans()) else []
     has_docstring = shape in ("def", "class") and draw(st.booleans())
-    docstring = ['    """Doc', '', '    string."""'] if has_docstring else []
+    docstring = ['    """Doc', "", '    string."""'] if has_docstring else []
     return decorators + [header] + docstring + body
 
 
 @st.composite
 def py_program(draw):
-    items = draw(st.lists(st.one_of(py_statement(0), st.sampled_from(PY_TOP_SIMPLE).map(lambda s: [s])),
-                          min_size=1, max_size=8))
+    items = draw(
+        st.lists(st.one_of(py_statement(0), st.sampled_from(PY_TOP_SIMPLE).map(lambda s: [s])), min_size=1, max_size=8)
+    )
     lines = [line for item in items for line in item] + ["pass"]
     newline = draw(st.sampled_from(["\n", "\r\n"]))
     return newline.join(lines) + draw(st.sampled_from(["", newline, newline * 2]))
 
 
-PY_KIND_OPENERS = {"for": ("for", "else"), "while": ("while", "else"), "with": ("with",),
-                   "if": ("if", "elif", "else"), "try": ("try", "except", "else", "finally"),
-                   "signature": ("@", "def", "class"), "function": ("@", "def"),
-                   "class": ("@", "class"), "return": ("return",), "imports": ("import", "from")}
+PY_KIND_OPENERS = {
+    "for": ("for", "else"),
+    "while": ("while", "else"),
+    "with": ("with",),
+    "if": ("if", "elif", "else"),
+    "try": ("try", "except", "else", "finally"),
+    "signature": ("@", "def", "class"),
+    "function": ("@", "def"),
+    "class": ("@", "class"),
+    "return": ("return",),
+    "imports": ("import", "from"),
+}
 
 
 @PROPERTY
@@ -522,10 +587,23 @@ def test_python_programs_chunk_exactly_at_statement_boundaries(source, max_lines
             assert first_code_line(chunk.code).startswith(PY_KIND_OPENERS[chunk.kind]), chunk
 
 
-C_STATEMENTS = ["x = 1;", "f(x);", "return x;", "// a comment", "/* block\n * comment */",
-                "int y = g(1,\n          2);", ""]
-C_TOP = ["#include <stdio.h>", "#define N 3", "int counter = 0;", "// banner", "",
-         "typedef struct {\n    int dim;\n\n    float *w;\n} Config;"]
+C_STATEMENTS = [
+    "x = 1;",
+    "f(x);",
+    "return x;",
+    "// a comment",
+    "/* block\n * comment */",
+    "int y = g(1,\n          2);",
+    "",
+]
+C_TOP = [
+    "#include <stdio.h>",
+    "#define N 3",
+    "int counter = 0;",
+    "// banner",
+    "",
+    "typedef struct {\n    int dim;\n\n    float *w;\n} Config;",
+]
 
 
 @st.composite
@@ -567,15 +645,22 @@ def c_program(draw):
     return "\n".join(items) + draw(st.sampled_from(["", "\n"]))
 
 
-C_KIND_OPENERS = {"for": ("for",), "while": ("while",), "do": ("do",),
-                  "switch": ("switch", "case", "default"),
-                  "if": ("if", "} else", "else"), "return": ("return",), "imports": ("#include",),
-                  "class": ("typedef",), "function": ("int f(",), "signature": ("int f(", "typedef")}
+C_KIND_OPENERS = {
+    "for": ("for",),
+    "while": ("while",),
+    "do": ("do",),
+    "switch": ("switch", "case", "default"),
+    "if": ("if", "} else", "else"),
+    "return": ("return",),
+    "imports": ("#include",),
+    "class": ("typedef",),
+    "function": ("int f(",),
+    "signature": ("int f(", "typedef"),
+}
 
 
 @PROPERTY
-@given(source=c_program().filter(str.strip), max_lines=st.integers(1, 15),
-       code_language=st.sampled_from(["c", "cpp"]))
+@given(source=c_program().filter(str.strip), max_lines=st.integers(1, 15), code_language=st.sampled_from(["c", "cpp"]))
 def test_c_programs_chunk_exactly_at_statement_boundaries(source, max_lines, code_language):
     chunked = chunk_source(source, "gen.c", code_language, max_lines=max_lines)
     assert chunked.warnings == []

@@ -9,13 +9,17 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from tiny_checkpoints import make_tiny_model, write_gguf  # noqa: E402
+
 from llama_ref import Llama  # noqa: E402
 from llama_ref.constrain import JsonFields, JsonFieldsConstraint  # noqa: E402
 from llama_ref.engine import Engine, Job  # noqa: E402
-from tiny_checkpoints import make_tiny_model, write_gguf  # noqa: E402
 
-SHAPE = JsonFields(keys=("1", "2", "3"), markers=(("1", "2"), (), ("1", "2", "3", "10")),
-                   pairs=((("1", "2"),), (), (("2", "10"), ("3", "10"))))  # links: ⟦2⟧ before ⟦10⟧
+SHAPE = JsonFields(
+    keys=("1", "2", "3"),
+    markers=(("1", "2"), (), ("1", "2", "3", "10")),
+    pairs=((("1", "2"),), (), (("2", "10"), ("3", "10"))),
+)  # links: ⟦2⟧ before ⟦10⟧
 SMALL = JsonFields(keys=("1", "2"), markers=(("1", "2"), ("1",)))  # closes within the tiny model's context
 MARKER = re.compile(r"⟦([^⟦⟧]*)⟧")
 
@@ -40,13 +44,19 @@ def shape_problems(text: str, shape: JsonFields) -> list[str]:
         value = data[key]
         if "\n" in value:
             problems.append(f"{key}: spans lines")
-        if sorted(MARKER.findall(value)) != sorted(labels) or value.count("⟦") != len(labels) \
-                or value.count("⟧") != len(labels):
+        if (
+            sorted(MARKER.findall(value)) != sorted(labels)
+            or value.count("⟦") != len(labels)
+            or value.count("⟧") != len(labels)
+        ):
             problems.append(f"{key}: markers {MARKER.findall(value)} instead of {list(labels)}")
         elif shape.pairs:
             found = MARKER.findall(value)
-            problems += [f"{key}: ⟦{a}⟧ after ⟦{b}⟧" for a, b in shape.pairs[shape.keys.index(key)]
-                         if found.index(a) > found.index(b)]
+            problems += [
+                f"{key}: ⟦{a}⟧ after ⟦{b}⟧"
+                for a, b in shape.pairs[shape.keys.index(key)]
+                if found.index(a) > found.index(b)
+            ]
     return problems
 
 
@@ -60,8 +70,13 @@ def test_a_random_model_writes_the_shape_only_when_constrained(tiny, temperature
     vocab = tiny.model.params.vocab_size
     budget = tiny.model.max_seq_len - len(prompt(tiny))
     free = Job(prompt(tiny), budget, temperature=temperature, seed=seed)
-    shaped = Job(prompt(tiny), budget, temperature=temperature, seed=seed,
-                 constraint=JsonFieldsConstraint(SMALL, tiny.tokenizer, vocab, max_tokens=budget))
+    shaped = Job(
+        prompt(tiny),
+        budget,
+        temperature=temperature,
+        seed=seed,
+        constraint=JsonFieldsConstraint(SMALL, tiny.tokenizer, vocab, max_tokens=budget),
+    )
     engine.run([free, shaped])
     assert shape_problems(tiny.tokenizer.decode(free.tokens), SMALL)  # the random model alone: no
     assert shape_problems(tiny.tokenizer.decode(shaped.tokens), SMALL) == []
@@ -105,7 +120,7 @@ def test_look_alikes_foreign_markers_and_early_ends_are_refused(tiny):
     assert spells('{\n"1": "Voir ⟦1⟧ ici⟦2⟧, \\"cité\\" \\u00e9"\n}')
     assert not spells('{\n"1": "Voir ⟦2⟧')  # a link's closing marker before its opening one
     assert not spells('{"1": "')  # another layout than the one asked for
-    assert not spells('```json\n{')  # a fence around the object
+    assert not spells("```json\n{")  # a fence around the object
     assert not spells('{\n"1": "Voir 【1】 ici"')  # a look-alike instead of the marker
     assert not spells('{\n"1": "Voir ⟦3⟧')  # a marker the value does not owe
     assert not spells('{\n"1": "Voir ⟦1⟧ ⟦1⟧')  # a marker twice
@@ -115,7 +130,7 @@ def test_look_alikes_foreign_markers_and_early_ends_are_refused(tiny):
     assert not spells('{\n"1": "Voir \\u000a')  # nor one spelled as \u000a
     assert not spells('{\n"1": "Voir \\u000')  # a prefix that can only become a control character
     assert spells('{\n"1": "Voir \\u00')  # one that can still become a letter
-    for start in ('\\u', '\\u00', '\\u27e', '\\u007', '\\ud83d\\ude0'):
+    for start in ("\\u", "\\u00", "\\u27e", "\\u007", "\\ud83d\\ude0"):
         # the way out that a pick owing markers is steered onto is itself on the shape, to the end
         assert spells('{\n"1": "Voir ' + start), start
         constraint = JsonFieldsConstraint(shape, tiny.tokenizer, tiny.model.params.vocab_size)
@@ -164,7 +179,7 @@ def test_a_model_that_ends_a_value_owing_a_marker_writes_the_marker(tiny):
     shape = JsonFields(keys=("1",), markers=(("1",),))
     constraint = JsonFieldsConstraint(shape, tiny.tokenizer, tiny.model.params.vocab_size, max_tokens=100)
     constraint._strip_space = False
-    for byte in '{\n"1": "Voir'.encode():
+    for byte in b'{\n"1": "Voir':
         constraint.advance(tiny.tokenizer.token_bytes.index(bytes([byte])))
     quote = tiny.tokenizer.token_bytes.index(b'"')
     assert not constraint.allows(quote)

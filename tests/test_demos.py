@@ -195,8 +195,9 @@ def test_stop_ends_a_running_demo_and_every_child_it_started(project):
     left_session, in_group = unique_sleep(), unique_sleep()
     os.mkfifo(project / "started")
     signal_read = os.open(project / "started", os.O_RDONLY | os.O_NONBLOCK)
-    post = (f"```sh demo timeout=60\nsetsid sleep {left_session} &\nsleep {in_group} &\n"
-            f"echo started > started\nwait\n```\n")
+    post = (
+        f"```sh demo timeout=60\nsetsid sleep {left_session} &\nsleep {in_group} &\necho started > started\nwait\n```\n"
+    )
     runner, outcome = runner_for(project), []
 
     def build():
@@ -240,8 +241,10 @@ def test_a_demo_sees_no_key_or_token_of_the_build(project, monkeypatch):
 
 
 def test_output_over_the_limit_is_cut_with_a_visible_marker(project):
-    post = ("```python demo\nimport sys\nmebibyte = ('x' * 1023 + '\\n') * 1024\n"
-            "for _ in range(200):\n    sys.stdout.write(mebibyte)\n```\n")
+    post = (
+        "```python demo\nimport sys\nmebibyte = ('x' * 1023 + '\\n') * 1024\n"
+        "for _ in range(200):\n    sys.stdout.write(mebibyte)\n```\n"
+    )
     published = expand_demos(post, runner_for(project), "p.md")
     assert len(published.encode()) < 1.1 * (1 << 20)
     assert published.endswith("x\n… output truncated: 1 MiB shown of 200 MiB\n```\n")

@@ -7,10 +7,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from tiny_checkpoints import make_tiny_model, write_gguf  # noqa: E402
+
 from llama_ref import Llama  # noqa: E402
 from llama_ref.catalog import resolve_model  # noqa: E402
 from llama_ref.engine import CACHE_STEP, CacheShape, Engine, EngineStopped, Job, PrefixCache  # noqa: E402
-from tiny_checkpoints import make_tiny_model, write_gguf  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,8 @@ def test_prefix_cache_and_anchor_off_give_the_same_tokens(tiny):
     prompts = prompts_sharing_a_start(tiny.model.params.vocab_size)
     cached = Engine(tiny.model, tiny.tokenizer).run([Job(p, 12, stop_ids=frozenset()) for p in prompts])
     uncached = Engine(tiny.model, tiny.tokenizer, prefix_cache_bytes=0, anchor=False).run(
-        [Job(p, 12, stop_ids=frozenset()) for p in prompts])
+        [Job(p, 12, stop_ids=frozenset()) for p in prompts]
+    )
     assert [j.tokens for j in cached] == [j.tokens for j in uncached]
     assert all(j.cached_tokens == 0 for j in uncached)
     # the second prompt shares 23 tokens with the first; the last one is the whole shared start
@@ -75,7 +77,8 @@ def test_each_row_stops_at_its_own_stop_token(tiny):
     stop = free_run[5]
     first = free_run.index(stop)
     stopping, running = Engine(tiny.model, tiny.tokenizer).run(
-        [Job(prompt, 12, stop_ids=frozenset({stop})), Job(prompt, 12, stop_ids=frozenset())])
+        [Job(prompt, 12, stop_ids=frozenset({stop})), Job(prompt, 12, stop_ids=frozenset())]
+    )
     assert stopping.finish_reason == "stop" and stopping.tokens == free_run[:first]
     assert running.finish_reason == "length" and running.tokens == free_run
 
@@ -85,7 +88,8 @@ def test_seeded_sampling_repeats_whatever_runs_beside_it(tiny):
     sampled = dict(temperature=0.9, top_p=0.95, seed=3, stop_ids=frozenset())
     alone = Engine(tiny.model, tiny.tokenizer).run([Job(prompts[0], 15, **sampled)])[0]
     together = Engine(tiny.model, tiny.tokenizer).run(
-        [Job(prompts[4], 9, stop_ids=frozenset()), Job(prompts[0], 15, **sampled)])[1]
+        [Job(prompts[4], 9, stop_ids=frozenset()), Job(prompts[0], 15, **sampled)]
+    )[1]
     assert together.tokens == alone.tokens
 
 
@@ -107,8 +111,10 @@ def test_an_abandoned_job_leaves_its_row_or_the_queue_at_the_next_step(tiny):
     prompts = prompts_sharing_a_start(tiny.model.params.vocab_size)
     engine = Engine(tiny.model, tiny.tokenizer)  # 3 rows: the fourth job waits
     readers_gone = [False] * 4
-    jobs = [engine.submit(Job(p, 40, stop_ids=frozenset(), abandoned=lambda i=i: readers_gone[i]))
-            for i, p in enumerate(prompts[:4])]
+    jobs = [
+        engine.submit(Job(p, 40, stop_ids=frozenset(), abandoned=lambda i=i: readers_gone[i]))
+        for i, p in enumerate(prompts[:4])
+    ]
     for _ in range(5):
         engine.step()
     readers_gone[1] = readers_gone[3] = True  # one running, one still queued
@@ -155,8 +161,7 @@ def test_plan_reserves_what_the_jobs_need_within_the_engines_limits(short_rows):
 
     # positions: step + 20 + 40 at most, so 2 steps; a row: the second's 20 tokens of its own and 40 more
     assert engine.plan([first, second], [30, 40]) == CacheShape(2, 2 * step, step)
-    assert (model.max_batch_size, model.max_seq_len, model.row_len, model.anchor_len) == (2, 2 * step, step,
-                                                                                          2 * step)
+    assert (model.max_batch_size, model.max_seq_len, model.row_len, model.anchor_len) == (2, 2 * step, step, 2 * step)
     planned = engine.run(jobs)
     assert [job.cached_tokens for job in planned] == [0, step]  # the shared start came from the anchor
 
@@ -217,13 +222,18 @@ def test_prefix_cache_keeps_the_most_recent_within_its_bound():
 
 @pytest.mark.slow
 def test_smollm2_answers_equal_generate_token_for_token():
-    llama = Llama.build(resolve_model("smollm2-135m"), max_seq_len=512, max_batch_size=4, device="cpu",
-                        dtype="fp32")
-    questions = ["What is 2+2? Answer with one number.", "Name three colours.",
-                 "Write a Python function that adds two numbers.", "What is the capital of France?",
-                 "Explain recursion in one sentence."]
-    prompts = [llama.tokenizer.encode(llama.render_chat([{"role": "user", "content": q}]), bos=False, eos=False)
-               for q in questions]
+    llama = Llama.build(resolve_model("smollm2-135m"), max_seq_len=512, max_batch_size=4, device="cpu", dtype="fp32")
+    questions = [
+        "What is 2+2? Answer with one number.",
+        "Name three colours.",
+        "Write a Python function that adds two numbers.",
+        "What is the capital of France?",
+        "Explain recursion in one sentence.",
+    ]
+    prompts = [
+        llama.tokenizer.encode(llama.render_chat([{"role": "user", "content": q}]), bos=False, eos=False)
+        for q in questions
+    ]
     jobs = Engine(llama.model, llama.tokenizer, prefill_chunk=16).run([Job(p, 24) for p in prompts])
     for job, prompt in zip(jobs, prompts):
         (expected,), _ = llama.generate([prompt], 24, temperature=0)

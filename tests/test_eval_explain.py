@@ -10,10 +10,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from scripted_server import user_text
 
 from explainer.backends.openai import OpenAIBackend
 from explainer.chunking import chunk_file
-from scripted_server import user_text
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,7 +45,7 @@ def pick_top_p(probs, p):
     return random.choice(kept)
 '''
 
-PIECE_TOML = '''\
+PIECE_TOML = """\
 [[piece]]
 id = "pick_top_p"
 file = "sampler.py"
@@ -63,15 +63,17 @@ symbol = "pick_top_p"
 [piece.points]
 "sorts" = ["sort"]
 "draws at random" = ["random"]
-'''
+"""
 
 TITLE = "# Top-p sampling by hand"
 
 
 def scripted(intro: str, explanation: str):
     """A server script: the introduction request gets TITLE and `intro`, the chunk request `explanation`."""
+
     def script(body):
         return f"{TITLE}\n\n{intro}" if "title" in user_text(body) else explanation
+
     return script
 
 
@@ -103,31 +105,39 @@ def test_prose_leaves_out_code_blocks_and_markup_but_keeps_inline_code():
 
 
 def test_recall_counts_a_point_hit_by_any_alternative_and_reports_the_missed_one(project, scripted_server, openai_env):
-    server = scripted_server(scripted(
-        intro="This function samples an index.",
-        explanation="It orders the indices in **descending** order of probability, then returns "
-                    "one of the kept ones chosen at random.\n\n```python\ntotal += probs[index]  # cumulative\n```"))
+    server = scripted_server(
+        scripted(
+            intro="This function samples an index.",
+            explanation="It orders the indices in **descending** order of probability, then returns "
+            "one of the kept ones chosen at random.\n\n```python\ntotal += probs[index]  # cumulative\n```",
+        )
+    )
     record = explain_and_score(project, server)
-    assert record["points"] == {"sorts the probabilities, largest first": "descending",
-                                "keeps a running total until it reaches p": None,  # only the pasted code said it
-                                "draws one of the kept entries at random": "random"}
+    assert record["points"] == {
+        "sorts the probabilities, largest first": "descending",
+        "keeps a running total until it reaches p": None,  # only the pasted code said it
+        "draws one of the kept entries at random": "random",
+    }
     assert record["recall_pct"] == pytest.approx(66.7)
     assert record["invented"] == []
     assert "error" not in record
 
 
-def test_invented_names_come_from_the_grounding_check_and_the_must_not_invent_list(project, scripted_server,
-                                                                                 openai_env):
-    server = scripted_server(scripted(
-        intro="Like `np.random.choice`, it samples from the most likely `probs`.",
-        explanation="It sorts with `sorted` and keeps a running total in `total`, then calls "
-                    "`random.choice`; NumPy could do this too, and `top_p_mask` is never built."))
+def test_invented_names_come_from_the_grounding_check_and_the_must_not_invent_list(
+    project, scripted_server, openai_env
+):
+    server = scripted_server(
+        scripted(
+            intro="Like `np.random.choice`, it samples from the most likely `probs`.",
+            explanation="It sorts with `sorted` and keeps a running total in `total`, then calls "
+            "`random.choice`; NumPy could do this too, and `top_p_mask` is never built.",
+        )
+    )
     record = explain_and_score(project, server)
     names = {entry["name"]: entry["found_by"] for entry in record["invented"]}
     # np.random.choice: in the introduction, checked here against the whole file; top_p_mask: flagged
     # by explain_file's own check of the chunk; numpy: a must_not_invent name, said without backticks.
-    assert names == {"top_p_mask": "grounding check", "np.random.choice": "grounding check",
-                     "numpy": "must_not_invent"}
+    assert names == {"top_p_mask": "grounding check", "np.random.choice": "grounding check", "numpy": "must_not_invent"}
     assert record["recall_pct"] == 100.0
 
 
@@ -140,14 +150,23 @@ def test_a_failed_explanation_scores_zero_and_keeps_the_error(project, scripted_
     assert summary["failed"] == 1 and summary["invented_mean"] is None
 
 
-def test_the_runner_writes_json_and_tables_and_a_rerun_comes_from_the_cache(project, tmp_path, scripted_server,
-                                                                          openai_env, monkeypatch, capsys):
+def test_the_runner_writes_json_and_tables_and_a_rerun_comes_from_the_cache(
+    project, tmp_path, scripted_server, openai_env, monkeypatch, capsys
+):
     server = scripted_server(scripted(intro="It samples.", explanation="It sorts, then picks at random."))
     monkeypatch.setattr(ev, "ROOT", project)
     monkeypatch.setattr(ev, "EVAL_SET", project / "pieces.toml")
     monkeypatch.setattr(ev, "RESULTS", tmp_path / "results")
-    args = ["--backend", "openai", "--base-url", server.base_url, "--model", "scripted/model",
-            "--cache-dir", str(tmp_path / "cache")]
+    args = [
+        "--backend",
+        "openai",
+        "--base-url",
+        server.base_url,
+        "--model",
+        "scripted/model",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
 
     assert ev.main(args) == 0
     output = json.loads((tmp_path / "results" / "eval_scripted_model.json").read_text(encoding="utf-8"))
@@ -163,8 +182,9 @@ def test_the_runner_writes_json_and_tables_and_a_rerun_comes_from_the_cache(proj
     rerun = json.loads((tmp_path / "results" / "eval_scripted_model.json").read_text(encoding="utf-8"))
     assert rerun["summary"]["pieces"] == 1
     # The model took no time in the rerun; the earlier run's measurements stand for it.
-    assert {k: rerun["pieces"][0][k] for k in ("wall_s", "tokens_out", "measured_on")} == \
-           {k: output["pieces"][0][k] for k in ("wall_s", "tokens_out", "measured_on")}
+    assert {k: rerun["pieces"][0][k] for k in ("wall_s", "tokens_out", "measured_on")} == {
+        k: output["pieces"][0][k] for k in ("wall_s", "tokens_out", "measured_on")
+    }
     assert "from cache" in capsys.readouterr().err
 
 
@@ -182,13 +202,16 @@ def test_the_eval_set_is_well_formed_and_every_symbol_exists():
 
 def test_a_malformed_eval_set_is_one_clear_error(tmp_path):
     path = tmp_path / "pieces.toml"
-    path.write_text(textwrap.dedent('''\
+    path.write_text(
+        textwrap.dedent("""\
         [[piece]]
         id = "x"
         file = "a.py"
         symbol = "f"
         [piece.points]
         "only one point" = ["word"]
-        '''), encoding="utf-8")
+        """),
+        encoding="utf-8",
+    )
     with pytest.raises(ev.UserError, match="piece 1 \\(x\\): needs 2 to 4 points"):
         ev.load_pieces(path)

@@ -14,6 +14,7 @@ import pytest
 from markdown_it import MarkdownIt
 from mdit_py_plugins.front_matter import front_matter_plugin
 from ruamel.yaml import YAML
+from scripted_server import Reply, user_text
 
 from explainer.backends import UnusableAnswer
 from explainer.backends.openai import OpenAIBackend
@@ -22,7 +23,6 @@ from explainer.chunking import chunk_file
 from explainer.explain import explain_file, split_title, ungrounded_names
 from explainer.post import Post, Section
 from explainer.render import post_json, render_post
-from scripted_server import Reply, user_text
 
 # Every chunk of this file starts with a different line, so an answer that echoes its chunk's
 # first line can be traced back to exactly one code block of the post.
@@ -105,7 +105,7 @@ def fences_and_following_code(post_markdown: str) -> list[tuple[str, list[str]]]
     for index, token in enumerate(tokens):
         if token.type != "fence":
             continue
-        following = tokens[index + 1:index + 3]
+        following = tokens[index + 1 : index + 3]
         spans = []
         if [t.type for t in following] == ["paragraph_open", "inline"]:
             spans = [child.content for child in following[1].children if child.type == "code_inline"]
@@ -113,19 +113,22 @@ def fences_and_following_code(post_markdown: str) -> list[tuple[str, list[str]]]
     return blocks
 
 
-def test_one_request_per_chunk_plus_one_and_each_answer_lands_under_its_chunk(scripted_server, openai_env, sample,
-                                                                               tmp_path):
+def test_one_request_per_chunk_plus_one_and_each_answer_lands_under_its_chunk(
+    scripted_server, openai_env, sample, tmp_path
+):
     server = scripted_server(echo_script(sample))
     chunks = chunk_file(sample, max_lines=MAX_LINES).chunks
     assert len(chunks) >= 6  # the file really is split: the test below is about many answers
 
-    post, usage = explain_file(sample, backend=backend_for(server), cache=Cache(tmp_path / "cache"),
-                               max_lines=MAX_LINES, date="2024-05-01")
+    post, usage = explain_file(
+        sample, backend=backend_for(server), cache=Cache(tmp_path / "cache"), max_lines=MAX_LINES, date="2024-05-01"
+    )
 
     assert len(server.requests) == len(chunks) + 1
     assert (usage.requests, usage.cache_hits) == (len(chunks) + 1, 0)
-    assert [(s.start_line, s.end_line, s.code) for s in post.sections] == \
-        [(c.start_line, c.end_line, c.code) for c in chunks]
+    assert [(s.start_line, s.end_line, s.code) for s in post.sections] == [
+        (c.start_line, c.end_line, c.code) for c in chunks
+    ]
     rendered = render_post(post)
     blocks = fences_and_following_code(rendered)
     assert len(blocks) == len(chunks)
@@ -137,12 +140,14 @@ def test_one_request_per_chunk_plus_one_and_each_answer_lands_under_its_chunk(sc
 
 def test_a_second_identical_run_is_answered_from_the_cache(scripted_server, openai_env, sample, tmp_path):
     server = scripted_server(echo_script(sample))
-    first, _ = explain_file(sample, backend=backend_for(server), cache=Cache(tmp_path / "cache"),
-                            max_lines=MAX_LINES, date="2024-05-01")
+    first, _ = explain_file(
+        sample, backend=backend_for(server), cache=Cache(tmp_path / "cache"), max_lines=MAX_LINES, date="2024-05-01"
+    )
     sent = len(server.requests)
 
-    again, usage = explain_file(sample, backend=backend_for(server), cache=Cache(tmp_path / "cache"),
-                                max_lines=MAX_LINES, date="2024-05-01")
+    again, usage = explain_file(
+        sample, backend=backend_for(server), cache=Cache(tmp_path / "cache"), max_lines=MAX_LINES, date="2024-05-01"
+    )
 
     assert len(server.requests) == sent
     assert (usage.requests, usage.cache_hits, usage.tokens_in) == (0, sent, 0)
@@ -181,7 +186,7 @@ def test_requests_about_one_symbol_share_their_beginning(scripted_server, openai
     assert "22 |     return best" in shared  # the definition's last line
     pieces = [p for p in prompts if "Write the opening of the post" not in p]
     assert len(pieces) == len(prompts) - 1
-    assert all(p[len(shared):].count("```") >= 2 for p in pieces)  # each piece's own code follows
+    assert all(p[len(shared) :].count("```") >= 2 for p in pieces)  # each piece's own code follows
     systems = {body["messages"][0]["content"] for body in server.requests}
     assert len(systems) == 1
 
@@ -191,8 +196,7 @@ def test_names_the_code_does_not_contain_are_flagged(scripted_server, openai_env
     server = scripted_server(echo_script(sample, {"probs = softmax([s / temperature for s in scores])": invented}))
     warnings = []
 
-    post, _ = explain_file(sample, "pick", backend=backend_for(server), max_lines=MAX_LINES,
-                           on_warning=warnings.append)
+    post, _ = explain_file(sample, "pick", backend=backend_for(server), max_lines=MAX_LINES, on_warning=warnings.append)
 
     flagged = {section.start_line: section.ungrounded for section in post.sections}
     assert flagged[15] == ["torch.empty"]
@@ -214,39 +218,70 @@ def test_lang_asks_for_the_answer_in_that_language_and_marks_the_post(scripted_s
     assert "test-model逐段解释了这段代码。" in rendered  # the notice from translations/zh.toml
 
 
-@pytest.mark.parametrize("span, context, flagged", [
-    ("self.model.params", "params = self.model.params", []),
-    ("model.params", "params = self.model.params", []),  # a tail of a dotted name in the code
-    ("torch.empty", "x = torch.full((1,), 0)", ["torch.empty"]),  # `torch` alone does not ground it
-    ("param", "params = 1", ["param"]),  # part of a longer name is not the name
-    ("sample_top_p()", "sample_top_p(probs, p)", []),
-    ("Llama::generate", "Llama::generate(a)", []),
-    ("this->model", "this->model = m;", []),
-    ("None", "", []), ("True", "", []), ("len", "", []),  # keywords and builtins
-    ("42", "", []), ("x + 1", "", []), ('"cuda"', "", []), ("tokens[:, 0]", "", []), ("a.b/c", "", []),
-])
+@pytest.mark.parametrize(
+    "span, context, flagged",
+    [
+        ("self.model.params", "params = self.model.params", []),
+        ("model.params", "params = self.model.params", []),  # a tail of a dotted name in the code
+        ("torch.empty", "x = torch.full((1,), 0)", ["torch.empty"]),  # `torch` alone does not ground it
+        ("param", "params = 1", ["param"]),  # part of a longer name is not the name
+        ("sample_top_p()", "sample_top_p(probs, p)", []),
+        ("Llama::generate", "Llama::generate(a)", []),
+        ("this->model", "this->model = m;", []),
+        ("None", "", []),
+        ("True", "", []),
+        ("len", "", []),  # keywords and builtins
+        ("42", "", []),
+        ("x + 1", "", []),
+        ('"cuda"', "", []),
+        ("tokens[:, 0]", "", []),
+        ("a.b/c", "", []),
+    ],
+)
 def test_which_backticked_spans_count_as_invented_names(span, context, flagged):
     assert ungrounded_names(f"See `{span}` here.", context, frozenset({"None", "True", "len"})) == flagged
 
 
 def test_only_inline_code_spans_are_checked():
-    explanation = ("Escaped \\`frobnicate\\` is text.\n\n```python\nfrobnicate()\n```\n\n"
-                   "``` `grab` ``` holds backticks, `invented_name` is a name.")
+    explanation = (
+        "Escaped \\`frobnicate\\` is text.\n\n```python\nfrobnicate()\n```\n\n"
+        "``` `grab` ``` holds backticks, `invented_name` is a name."
+    )
     assert ungrounded_names(explanation, "") == ["invented_name"]
 
 
 def test_the_title_is_the_heading_the_answer_opens_with():
-    assert split_title("# Sampling: `pick` explained\n\nIt picks.\n\nTwice.", "x") == \
-        ("Sampling: `pick` explained", "It picks.\n\nTwice.")
-    assert split_title("No heading here.\n\n# Late heading", "sampler.py") == \
-        ("sampler.py", "No heading here.\n\n# Late heading")
+    assert split_title("# Sampling: `pick` explained\n\nIt picks.\n\nTwice.", "x") == (
+        "Sampling: `pick` explained",
+        "It picks.\n\nTwice.",
+    )
+    assert split_title("No heading here.\n\n# Late heading", "sampler.py") == (
+        "sampler.py",
+        "No heading here.\n\n# Late heading",
+    )
 
 
 def post_with(code: str, explanation: str = "It works.", title: str = "A post") -> Post:
-    return Post(title=title, lang="en", date="2024-05-01", source_path="src/x.py", code_language="python",
-                intro="An intro.", model="m",
-                sections=[Section(code=code, code_language="python", start_line=3, end_line=5, symbol="f",
-                                  kind="block", explanation=explanation)])
+    return Post(
+        title=title,
+        lang="en",
+        date="2024-05-01",
+        source_path="src/x.py",
+        code_language="python",
+        intro="An intro.",
+        model="m",
+        sections=[
+            Section(
+                code=code,
+                code_language="python",
+                start_line=3,
+                end_line=5,
+                symbol="f",
+                kind="block",
+                explanation=explanation,
+            )
+        ],
+    )
 
 
 def test_the_translation_notice_shows_a_model_name_as_text():
@@ -278,8 +313,13 @@ def test_liquid_leaves_code_and_prose_exactly_as_written():
     explanation = "Fills `{{ name }}` and runs `{% if x %}`."
     rendered = render_post(post_with(code, explanation))
     body = rendered.split("---\n", 2)[2]
-    liquid = subprocess.run(["ruby", "-e", 'require "liquid"; print Liquid::Template.parse(STDIN.read).render'],
-                            input=body, capture_output=True, text=True, check=True).stdout
+    liquid = subprocess.run(
+        ["ruby", "-e", 'require "liquid"; print Liquid::Template.parse(STDIN.read).render'],
+        input=body,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     blocks = fences_and_following_code(liquid)
     assert blocks == [(code, ["{{ name }}", "{% if x %}"])]
 
@@ -328,8 +368,14 @@ def test_a_cut_off_answer_is_asked_again_once_firmly(scripted_server, openai_env
 
     server = scripted_server(script)
     warnings = []
-    post, usage = explain_file(sample, "pick", backend=backend_for(server), cache=Cache(tmp_path / "cache"),
-                               max_lines=MAX_LINES, on_warning=warnings.append)
+    post, usage = explain_file(
+        sample,
+        "pick",
+        backend=backend_for(server),
+        cache=Cache(tmp_path / "cache"),
+        max_lines=MAX_LINES,
+        on_warning=warnings.append,
+    )
 
     assert post.title == TITLE
     firm = [user_text(body) for body in server.requests if "Your answer must be short" in user_text(body)]
@@ -339,23 +385,31 @@ def test_a_cut_off_answer_is_asked_again_once_firmly(scripted_server, openai_env
 
     # a rerun is answered from the cache, the retried piece included, and writes the same post
     asked = len(server.requests)
-    again, rerun = explain_file(sample, "pick", backend=backend_for(server), cache=Cache(tmp_path / "cache"),
-                                max_lines=MAX_LINES, on_warning=warnings.append)
+    again, rerun = explain_file(
+        sample,
+        "pick",
+        backend=backend_for(server),
+        cache=Cache(tmp_path / "cache"),
+        max_lines=MAX_LINES,
+        on_warning=warnings.append,
+    )
     assert len(server.requests) == asked and rerun.requests == 0
     assert again == post
 
 
 def test_a_second_cut_off_fails_the_post(scripted_server, openai_env, sample):
     plain = echo_script(sample)
-    server = scripted_server(lambda body: Reply("# Too long", finish_reason="length")
-                             if "title" in user_text(body) else plain(body))
+    server = scripted_server(
+        lambda body: Reply("# Too long", finish_reason="length") if "title" in user_text(body) else plain(body)
+    )
     with pytest.raises(UnusableAnswer, match="cut off"):
         explain_file(sample, "pick", backend=backend_for(server), max_lines=MAX_LINES, on_warning=lambda w: None)
     assert sum("Your answer must be short" in user_text(body) for body in server.requests) == 1
 
 
-def test_a_path_outside_the_current_folder_never_shows_where_it_lives(scripted_server, openai_env, tmp_path,
-                                                                      monkeypatch):
+def test_a_path_outside_the_current_folder_never_shows_where_it_lives(
+    scripted_server, openai_env, tmp_path, monkeypatch
+):
     project = tmp_path / "home" / "writer" / "proj"
     (project / ".git").mkdir(parents=True)
     (project / "src").mkdir()

@@ -14,17 +14,23 @@ from pathlib import Path
 
 import pytest
 from markdown_it import MarkdownIt
-
 from scripted_server import interrupt_when, user_text
 from test_explain import MAX_LINES, SAMPLE, echo_script, fences_and_following_code, first_code_line
 
 from explainer.chunking import chunk_file
 
 
-def run(*args: str, env: dict | None = None, cwd: Path | None = None,
-        program: tuple[str, ...] = (sys.executable, "-m", "explainer", "explain")) -> subprocess.CompletedProcess:
-    environment = {key: value for key, value in os.environ.items()
-                   if key not in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "EXPLAINER_CACHE_DIR")}
+def run(
+    *args: str,
+    env: dict | None = None,
+    cwd: Path | None = None,
+    program: tuple[str, ...] = (sys.executable, "-m", "explainer", "explain"),
+) -> subprocess.CompletedProcess:
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "EXPLAINER_CACHE_DIR")
+    }
     environment.update(env or {})
     return subprocess.run([*program, *args], capture_output=True, text=True, env=environment, cwd=cwd, timeout=120)
 
@@ -42,8 +48,15 @@ def server(scripted_server, sample):
 
 
 def explain(server, *args: str, **options) -> subprocess.CompletedProcess:
-    return run(*args, "--base-url", server.base_url, "--max-lines", str(MAX_LINES),
-               env={"OPENAI_API_KEY": "sk-test-not-a-real-key"}, **options)
+    return run(
+        *args,
+        "--base-url",
+        server.base_url,
+        "--max-lines",
+        str(MAX_LINES),
+        env={"OPENAI_API_KEY": "sk-test-not-a-real-key"},
+        **options,
+    )
 
 
 def test_the_post_goes_to_stdout_and_the_usage_to_stderr_and_a_rerun_is_free(server, sample, tmp_path):
@@ -92,8 +105,16 @@ def test_json_format_lists_invented_names(scripted_server, sample):
 
 def test_the_explain_script_and_openai_base_url_from_the_environment(server, sample):
     # No key and no --base-url: OPENAI_BASE_URL alone picks the openai backend.
-    result = run(str(sample), "--symbol", "softmax", "--no-cache", "--max-lines", str(MAX_LINES),
-                 env={"OPENAI_BASE_URL": server.base_url}, program=(str(Path(sys.executable).parent / "explain"),))
+    result = run(
+        str(sample),
+        "--symbol",
+        "softmax",
+        "--no-cache",
+        "--max-lines",
+        str(MAX_LINES),
+        env={"OPENAI_BASE_URL": server.base_url},
+        program=(str(Path(sys.executable).parent / "explain"),),
+    )
 
     assert result.returncode == 0, result.stderr
     assert server.requests and "```python" in result.stdout
@@ -128,8 +149,9 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     }
 
 
-@pytest.mark.parametrize("case", ["binary", "not utf-8", "empty", "missing", "unsupported", "unknown symbol",
-                                  "unknown language"])
+@pytest.mark.parametrize(
+    "case", ["binary", "not utf-8", "empty", "missing", "unsupported", "unknown symbol", "unknown language"]
+)
 def test_bad_input_is_one_error_line_and_exit_code_1(server, sample, tmp_path, case):
     args, expected = bad_inputs(tmp_path)[case]
     result = explain(server, *args, "--no-cache")
@@ -157,8 +179,19 @@ def test_ctrl_c_while_requests_are_in_flight_exits_at_once_and_the_rerun_finishe
     environment = {key: value for key, value in os.environ.items() if key not in ("OPENAI_BASE_URL",)}
     environment.update(OPENAI_API_KEY="sk-test-not-a-real-key", EXPLAINER_CACHE_DIR=str(tmp_path / "cache"))
     output = tmp_path / "post.md"
-    command = [sys.executable, "-m", "explainer", "explain", str(sample), "--base-url", server.base_url,
-               "--max-lines", str(MAX_LINES), "--output", str(output)]
+    command = [
+        sys.executable,
+        "-m",
+        "explainer",
+        "explain",
+        str(sample),
+        "--base-url",
+        server.base_url,
+        "--max-lines",
+        str(MAX_LINES),
+        "--output",
+        str(output),
+    ]
     with open(tmp_path / "stderr.txt", "w+", encoding="utf-8") as log:
         returncode, messages = interrupt_when(command, environment, held, release, signal.SIGINT, log)
 
@@ -193,8 +226,18 @@ def test_a_file_name_and_a_model_name_reach_the_page_as_text_not_html(scripted_s
     server = scripted_server(echo_script(sample))
     model = "gpt<svg onload=alert(8)>"
 
-    result = run(sample.name, "--model", model, "--base-url", server.base_url, "--max-lines", str(MAX_LINES),
-                 "--no-cache", env={"OPENAI_API_KEY": "sk-test-not-a-real-key"}, cwd=tmp_path)
+    result = run(
+        sample.name,
+        "--model",
+        model,
+        "--base-url",
+        server.base_url,
+        "--max-lines",
+        str(MAX_LINES),
+        "--no-cache",
+        env={"OPENAI_API_KEY": "sk-test-not-a-real-key"},
+        cwd=tmp_path,
+    )
 
     assert result.returncode == 0, result.stderr
     page = PageText(MarkdownIt("commonmark", {"html": True}).render(result.stdout.split("---\n", 2)[2]))

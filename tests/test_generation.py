@@ -16,8 +16,9 @@ PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):\n 
 @pytest.fixture(scope="module")
 def llama():
     # float layers: the reference, token for token what transformers computes
-    return Llama.build(resolve_model("smollm2-135m"), max_seq_len=256, max_batch_size=4, device="cpu", dtype="fp32",
-                       kernels="float")
+    return Llama.build(
+        resolve_model("smollm2-135m"), max_seq_len=256, max_batch_size=4, device="cpu", dtype="fp32", kernels="float"
+    )
 
 
 def encode(llama, text):
@@ -85,8 +86,7 @@ def test_streamed_tokens_are_the_returned_tokens(llama):
 
 def test_chat_completion_uses_the_checkpoints_template(llama):
     assert "<|im_start|>" in llama.chat_template  # from the GGUF metadata
-    [result] = llama.chat_completion([[{"role": "user", "content": "What is 2 + 2?"}]], temperature=0,
-                                     max_gen_len=40)
+    [result] = llama.chat_completion([[{"role": "user", "content": "What is 2 + 2?"}]], temperature=0, max_gen_len=40)
     assert result["generation"]["role"] == "assistant"
     assert result["generation"]["content"].strip()
     assert result["finish_reason"] in ("stop", "length")
@@ -99,10 +99,17 @@ def test_prompt_longer_than_context_is_a_clear_error(llama):
 
 @pytest.mark.slow  # two more builds of the model
 def test_int8_weights_stay_close_to_full_precision():
-    full = Llama.build(resolve_model("smollm2-135m"), max_seq_len=64, max_batch_size=1, device="cpu", dtype="fp32",
-                       kernels="float")
-    int8 = Llama.build(resolve_model("smollm2-135m"), max_seq_len=64, max_batch_size=1, device="cpu", dtype="fp32",
-                       kernels="int8-weights")
+    full = Llama.build(
+        resolve_model("smollm2-135m"), max_seq_len=64, max_batch_size=1, device="cpu", dtype="fp32", kernels="float"
+    )
+    int8 = Llama.build(
+        resolve_model("smollm2-135m"),
+        max_seq_len=64,
+        max_batch_size=1,
+        device="cpu",
+        dtype="fp32",
+        kernels="int8-weights",
+    )
     tokens = torch.tensor([encode(full, "The quick brown fox jumps over the lazy dog")])
     ref = torch.log_softmax(full.model.forward(tokens, 0), -1)
     approx = torch.log_softmax(int8.model.forward(tokens, 0), -1)
@@ -118,17 +125,17 @@ def test_greedy_tokens_match_transformers_on_the_same_gguf(llama, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     transformers = pytest.importorskip("transformers")
     path = resolve_model("smollm2-135m")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                           dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     hf.eval()
     eos = llama.tokenizer.eos_id
     for text in PROMPTS:
         prompt = encode(llama, text)
         ours, _ = llama.generate([prompt], max_gen_len=32, temperature=0, stop_tokens=[eos])
         with torch.no_grad():
-            out = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=eos,
-                              pad_token_id=eos)
-        theirs = out[0, len(prompt):].tolist()
+            out = hf.generate(
+                torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=eos, pad_token_id=eos
+            )
+        theirs = out[0, len(prompt) :].tolist()
         if eos in theirs:
             theirs = theirs[: theirs.index(eos)]
         assert ours[0] == theirs, text

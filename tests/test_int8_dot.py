@@ -13,8 +13,9 @@ from llama_ref.kernels import fbgemm_available, int8_exact  # noqa: E402
 from llama_ref.quantize import INT8_FEW_ROWS, Int8DotLinear  # noqa: E402
 
 needs_fbgemm = pytest.mark.skipif(not fbgemm_available(), reason="needs fbgemm (x86 builds of torch)")
-needs_exact_int8 = pytest.mark.skipif(not int8_exact(), reason="w8a8 needs exact int8 products (AVX512-VNNI, "
-                                      "AVX-VNNI or AMX), which this CPU lacks")
+needs_exact_int8 = pytest.mark.skipif(
+    not int8_exact(), reason="w8a8 needs exact int8 products (AVX512-VNNI, AVX-VNNI or AMX), which this CPU lacks"
+)
 # (weight bits, torch._int_mm for many rows), and what each needs
 PATHS = [pytest.param((8, True), marks=needs_exact_int8, id="w8a8"), pytest.param((7, False), id="w7a8")]
 
@@ -71,12 +72,12 @@ def test_a_rows_answer_does_not_depend_on_its_batch_or_on_the_kernel(path):
     layer, weight, bias, x = layer_and_input(INT8_FEW_ROWS + 3, path)
     many = layer(x)  # torch._int_mm for w8a8
     few = layer(x[:4])  # fbgemm
-    alone = torch.cat([layer(x[i:i + 1]) for i in range(4)])
+    alone = torch.cat([layer(x[i : i + 1]) for i in range(4)])
     assert torch.equal(few, alone)
     assert torch.equal(many[:4], few)
     # the outlier in row 0 coarsened row 0 only: every other row is as close to the float product as usual
     exact = x.float() @ weight.float().T + bias.float()
-    error = ((many.float() - exact).norm(dim=1) / exact.norm(dim=1))
+    error = (many.float() - exact).norm(dim=1) / exact.norm(dim=1)
     assert error[1:].max() < 0.03, error
     assert error[0] > error[1:].max()
 
@@ -94,9 +95,10 @@ def test_a_batch_of_several_tokens_per_row_keeps_its_shape(path):
 # default they stay in float, test below). w7a8: Qwen2.5-Coder-0.5B as the table gives it to an AVX2 CPU: its
 # projections are above SMALL_WEIGHTS, as the default model's are. (SmolLM2 with every tiny layer in 7 bits
 # is a model no CPU class gets; its 2+2 came out wrong.) Qwen2.5-Coder-0.5B, loaded twice, is for make test.
-MODEL_PATHS = [pytest.param(("smollm2-135m", "w8a8", "bf16"), marks=needs_exact_int8, id="w8a8"),
-               pytest.param(("qwen2.5-coder-0.5b", "w7a8", "fp32"), marks=[needs_fbgemm, pytest.mark.slow],
-                            id="w7a8")]
+MODEL_PATHS = [
+    pytest.param(("smollm2-135m", "w8a8", "bf16"), marks=needs_exact_int8, id="w8a8"),
+    pytest.param(("qwen2.5-coder-0.5b", "w7a8", "fp32"), marks=[needs_fbgemm, pytest.mark.slow], id="w7a8"),
+]
 
 
 @pytest.fixture(scope="module", params=MODEL_PATHS)
@@ -105,8 +107,9 @@ def model_int8(request):
     with pytest.MonkeyPatch.context() as patch:
         if name == "smollm2-135m":
             patch.setattr(kernels, "SMALL_WEIGHTS", 0)
-        return name, Llama.build(resolve_model(name), max_seq_len=256, max_batch_size=4, device="cpu", dtype=dtype,
-                                 kernels=kernel)
+        return name, Llama.build(
+            resolve_model(name), max_seq_len=256, max_batch_size=4, device="cpu", dtype=dtype, kernels=kernel
+        )
 
 
 def int8_layers(model):
@@ -116,25 +119,34 @@ def int8_layers(model):
 def test_int8_products_go_to_every_big_layer(model_int8):
     name, llama = model_int8
     threshold = 0 if name == "smollm2-135m" else kernels.SMALL_WEIGHTS  # as the fixture built it
-    big = [layer for layer, m in llama.model.named_modules() if layer != "output"
-           and isinstance(m, (torch.nn.Linear, Int8DotLinear)) and m.in_features * m.out_features >= threshold]
+    big = [
+        layer
+        for layer, m in llama.model.named_modules()
+        if layer != "output"
+        and isinstance(m, (torch.nn.Linear, Int8DotLinear))
+        and m.in_features * m.out_features >= threshold
+    ]
     assert big and sorted(big) == sorted(set(int8_layers(llama.model)) - {"output"})  # w2 and w13 at least
 
 
 @needs_fbgemm
 def test_a_small_models_projections_stay_in_float():
-    plain = Llama.build(resolve_model("smollm2-135m"), max_seq_len=64, max_batch_size=1, device="cpu",
-                        dtype="fp32", kernels="w7a8")
+    plain = Llama.build(
+        resolve_model("smollm2-135m"), max_seq_len=64, max_batch_size=1, device="cpu", dtype="fp32", kernels="w7a8"
+    )
     assert [name for name in int8_layers(plain.model) if name != "output"] == []  # too small to gain
 
 
 def test_int8_products_predict_the_tokens_float_predicts(model_int8):
     name, llama = model_int8
-    text = ("def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n"
-            "The function above returns the n-th Fibonacci number by keeping the last two values.")
+    text = (
+        "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n"
+        "The function above returns the n-th Fibonacci number by keeping the last two values."
+    )
     tokens = torch.tensor([llama.tokenizer.encode(text, bos=False, eos=False)])
-    plain = Llama.build(resolve_model(name), max_seq_len=256, max_batch_size=1, device="cpu",
-                        dtype=llama.model.dtype, kernels="float")
+    plain = Llama.build(
+        resolve_model(name), max_seq_len=256, max_batch_size=1, device="cpu", dtype=llama.model.dtype, kernels="float"
+    )
     with torch.no_grad():
         ours = llama.model.forward(tokens, 0)[0].float()
         theirs = plain.model.forward(tokens, 0)[0].float()
@@ -146,8 +158,10 @@ def test_the_engine_answers_right_with_int8_products(model_int8):
     """(Token-for-token equality of the engine with generate() is tested with float kernels, in test_engine.py.)"""
     _name, llama = model_int8
     questions = ["What is 2+2? Answer with one number.", "What is the capital of France? Answer with one word."]
-    prompts = [llama.tokenizer.encode(llama.render_chat([{"role": "user", "content": q}]), bos=False, eos=False)
-               for q in questions]
+    prompts = [
+        llama.tokenizer.encode(llama.render_chat([{"role": "user", "content": q}]), bos=False, eos=False)
+        for q in questions
+    ]
     jobs = Engine(llama.model, llama.tokenizer, prefill_chunk=16).run([Job(p, 16) for p in prompts])
     answers = [llama.tokenizer.decode(job.tokens) for job in jobs]
     assert "4" in answers[0] and "Paris" in answers[1], answers

@@ -8,19 +8,22 @@ import threading
 import time
 
 import pytest
+from scripted_server import Reply, user_text
 
 from explainer.backends import JsonAnswer, Request, UnusableAnswer
 from explainer.backends.openai import DEFAULT_MODEL, OpenAIBackend, retry_delay
 from explainer.errors import UserError
-from scripted_server import Reply, user_text
 
 KEY = "sk-test-not-a-real-key"  # what the openai_env fixture exports
 
 
 def chunk_requests(count: int) -> list[Request]:
-    return [Request(messages=({"role": "system", "content": "You explain code."},
-                              {"role": "user", "content": f"chunk {i}"}))
-            for i in range(count)]
+    return [
+        Request(
+            messages=({"role": "system", "content": "You explain code."}, {"role": "user", "content": f"chunk {i}"})
+        )
+        for i in range(count)
+    ]
 
 
 def backend_for(server, **settings) -> OpenAIBackend:
@@ -47,8 +50,12 @@ def test_each_request_is_sent_once_with_its_settings_and_answered_in_order(scrip
     sent = {user_text(body): body for body in server.requests}
     assert sent["chunk 3"]["model"] == "test-model"
     assert sent["chunk 3"]["messages"] == list(requests[3].messages)
-    assert (sent["chunk 3"]["max_tokens"], sent["chunk 3"]["temperature"], sent["chunk 3"]["top_p"],
-            sent["chunk 3"]["seed"]) == (77, 0.7, 0.5, 42)
+    assert (
+        sent["chunk 3"]["max_tokens"],
+        sent["chunk 3"]["temperature"],
+        sent["chunk 3"]["top_p"],
+        sent["chunk 3"]["seed"],
+    ) == (77, 0.7, 0.5, 42)
 
 
 def test_answers_stay_with_their_requests_when_the_server_answers_in_reverse(scripted_server, openai_env):
@@ -119,10 +126,12 @@ def fail_first_then_answer(first: Reply):
     return script
 
 
-@pytest.mark.parametrize("headers, logged_wait", [({"Retry-After": "0"}, "in 0 s"),
-                                                  ({"retry-after-ms": "5"}, "in 0.005 s")])
-def test_rate_limit_is_retried_after_the_wait_the_server_asks_for(scripted_server, openai_env, caplog,
-                                                                  headers, logged_wait):
+@pytest.mark.parametrize(
+    "headers, logged_wait", [({"Retry-After": "0"}, "in 0 s"), ({"retry-after-ms": "5"}, "in 0.005 s")]
+)
+def test_rate_limit_is_retried_after_the_wait_the_server_asks_for(
+    scripted_server, openai_env, caplog, headers, logged_wait
+):
     server = scripted_server(fail_first_then_answer(Reply("slow down", status=429, headers=headers)))
     # A backoff of a minute: only honouring the server's header makes the retry come at once.
     completions = backend_for(server, backoff=60.0).complete(chunk_requests(1))
@@ -177,13 +186,19 @@ def test_an_answer_cut_off_at_max_tokens_is_an_error(scripted_server, openai_env
 def test_one_unusable_answer_does_not_stop_the_other_requests(scripted_server, openai_env):
     """As with the local backend: a cut-off answer is raised only once every other request is answered,
     so the caller asks again for that one only."""
-    server = scripted_server(lambda body: Reply("The loop starts by", finish_reason="length")
-                             if user_text(body) == "chunk 0" else f"answer to {user_text(body)}")
+    server = scripted_server(
+        lambda body: (
+            Reply("The loop starts by", finish_reason="length")
+            if user_text(body) == "chunk 0"
+            else f"answer to {user_text(body)}"
+        )
+    )
     arrived = {}
 
     with pytest.raises(UnusableAnswer, match="request 1 of 6"):
-        backend_for(server, concurrency=2).complete(chunk_requests(6),
-                                                    on_done=lambda i, c: arrived.__setitem__(i, c.text))
+        backend_for(server, concurrency=2).complete(
+            chunk_requests(6), on_done=lambda i, c: arrived.__setitem__(i, c.text)
+        )
 
     assert arrived == {i: f"answer to chunk {i}" for i in range(1, 6)}
     assert len(server.requests) == 6
@@ -193,9 +208,13 @@ def test_a_request_too_long_for_the_servers_context_is_an_unusable_answer(script
     """vLLM, llama.cpp's server and OpenAI word it differently; each says "context length" (OpenAI and our
     serve also send code context_length_exceeded). It is the request's size, not the server: the caller
     may split it."""
-    server = scripted_server(lambda body: Reply(
-        "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens.", status=400)
-        if user_text(body) == "chunk 1" else f"answer to {user_text(body)}")
+    server = scripted_server(
+        lambda body: (
+            Reply("This model's maximum context length is 4096 tokens. However, you requested 5000 tokens.", status=400)
+            if user_text(body) == "chunk 1"
+            else f"answer to {user_text(body)}"
+        )
+    )
 
     with pytest.raises(UnusableAnswer) as error:
         backend_for(server).complete(chunk_requests(3))
@@ -298,8 +317,7 @@ def schema_refused(body):
     return f'{{"1": "answer to {user_text(body)}", "2": "more"}}'
 
 
-def test_a_shaped_answer_asks_for_its_json_schema_and_a_plain_one_asks_for_nothing_new(scripted_server,
-                                                                                        openai_env):
+def test_a_shaped_answer_asks_for_its_json_schema_and_a_plain_one_asks_for_nothing_new(scripted_server, openai_env):
     server = scripted_server(lambda body: f"answer to {user_text(body)}")
     requests = chunk_requests(2) + shaped_requests(1, keys=("2", "1", "title"))
 
@@ -312,17 +330,23 @@ def test_a_shaped_answer_asks_for_its_json_schema_and_a_plain_one_asks_for_nothi
     assert len(shaped) == 1 and set(shaped[0]) == PLAIN_FIELDS | {"response_format"}
     assert shaped[0]["response_format"] == {
         "type": "json_schema",
-        "json_schema": {"name": "answer", "strict": True,
-                        "schema": {"type": "object",
-                                   "properties": {"2": {"type": "string"}, "1": {"type": "string"},
-                                                  "title": {"type": "string"}},
-                                   "required": ["2", "1", "title"],
-                                   "additionalProperties": False}}}
+        "json_schema": {
+            "name": "answer",
+            "strict": True,
+            "schema": {
+                "type": "object",
+                "properties": {"2": {"type": "string"}, "1": {"type": "string"}, "title": {"type": "string"}},
+                "required": ["2", "1", "title"],
+                "additionalProperties": False,
+            },
+        },
+    }
     assert list(shaped[0]["response_format"]["json_schema"]["schema"]["properties"]) == ["2", "1", "title"]
 
 
-def test_a_server_that_refuses_the_schema_is_asked_again_without_it_once_and_for_all(scripted_server,
-                                                                                      openai_env, caplog):
+def test_a_server_that_refuses_the_schema_is_asked_again_without_it_once_and_for_all(
+    scripted_server, openai_env, caplog
+):
     server = scripted_server(schema_refused)
     backend = backend_for(server)
 
@@ -331,14 +355,16 @@ def test_a_server_that_refuses_the_schema_is_asked_again_without_it_once_and_for
 
     assert [c.text for c in first + second] == [f'{{"1": "answer to chunk {i}", "2": "more"}}' for i in (0, 0, 1)]
     assert ["response_format" in body for body in server.requests] == [True, False, False, False]
-    assert server.requests[1] == {name: value for name, value in server.requests[0].items()
-                                  if name != "response_format"}
+    assert server.requests[1] == {
+        name: value for name, value in server.requests[0].items() if name != "response_format"
+    }
     warnings = [r.message for r in caplog.records if "JSON schema" in r.message]
     assert len(warnings) == 1 and "response_format is not supported" in warnings[0]
 
 
-def test_requests_in_flight_when_the_schema_is_refused_all_get_answers_and_one_warning(scripted_server,
-                                                                                       openai_env, caplog):
+def test_requests_in_flight_when_the_schema_is_refused_all_get_answers_and_one_warning(
+    scripted_server, openai_env, caplog
+):
     count = 4
     barrier = threading.Barrier(count, timeout=10)  # all four are sent with the schema before any refusal
 
@@ -363,20 +389,31 @@ def test_requests_in_flight_when_the_schema_is_refused_all_get_answers_and_one_w
 
 
 def test_a_422_for_the_schema_falls_back_too(scripted_server, openai_env):
-    server = scripted_server(lambda body: Reply("Unprocessable Entity", status=422) if "response_format" in body
-                             else "fine")
+    server = scripted_server(
+        lambda body: Reply("Unprocessable Entity", status=422) if "response_format" in body else "fine"
+    )
 
     assert [c.text for c in backend_for(server).complete(shaped_requests(1))] == ["fine"]
     assert ["response_format" in body for body in server.requests] == [True, False]
 
 
-@pytest.mark.parametrize("reply, error", [
-    (Reply("This model's maximum context length is 4096 tokens. However, you requested 5000 tokens.",
-           status=400, code="context_length_exceeded"), UnusableAnswer),
-    (Reply("Invalid value for 'temperature': must be at most 2", status=400), UserError),
-])
-def test_another_400_for_a_shaped_answer_keeps_its_meaning_and_is_not_sent_again(scripted_server, openai_env,
-                                                                                 caplog, reply, error):
+@pytest.mark.parametrize(
+    "reply, error",
+    [
+        (
+            Reply(
+                "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens.",
+                status=400,
+                code="context_length_exceeded",
+            ),
+            UnusableAnswer,
+        ),
+        (Reply("Invalid value for 'temperature': must be at most 2", status=400), UserError),
+    ],
+)
+def test_another_400_for_a_shaped_answer_keeps_its_meaning_and_is_not_sent_again(
+    scripted_server, openai_env, caplog, reply, error
+):
     server = scripted_server(lambda body: reply)
     backend = backend_for(server)
 
@@ -399,5 +436,5 @@ def test_retry_delay_follows_the_server_then_backs_off_exponentially():
     assert retry_delay(4, {"retry-after-ms": "250", "Retry-After": "7"}, backoff=1.0) == 0.25
     assert retry_delay(4, {"Retry-After": "7"}, backoff=1.0) == 7.0
     for retry in range(4):  # jitter takes off at most a quarter of the doubling delay
-        assert 0.75 * 2 ** retry <= retry_delay(retry, {}, backoff=1.0) <= 2 ** retry
+        assert 0.75 * 2**retry <= retry_delay(retry, {}, backoff=1.0) <= 2**retry
     assert retry_delay(20, {}, backoff=1.0) <= 30.0

@@ -30,13 +30,21 @@ def imported_packages(source: str, module: str) -> set[str]:
             if node.level == 0:
                 found.add((node.module or "").split(".")[0])
             else:
-                base = package[:len(package) - node.level]  # the package `from .` or `from ..` means
+                base = package[: len(package) - node.level]  # the package `from .` or `from ..` means
                 names = base + (node.module.split(".") if node.module else [])
                 found.update([names[0]] if names else [alias.name for alias in node.names])
-        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
-              and isinstance(node.args[0].value, str)
-              and (isinstance(node.func, ast.Name) and node.func.id == "__import__"
-                   or isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")):
+        elif (
+            isinstance(node, ast.Call)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+            and (
+                isinstance(node.func, ast.Name)
+                and node.func.id == "__import__"
+                or isinstance(node.func, ast.Attribute)
+                and node.func.attr == "import_module"
+            )
+        ):
             found.add(node.args[0].value.split(".")[0])
     return found
 
@@ -46,17 +54,20 @@ def module_name(path: Path) -> str:
     return ".".join(path.relative_to(ROOT).with_suffix("").parts)
 
 
-@pytest.mark.parametrize("source, module, expected", [
-    ("import explainer.cli", "llama_ref.serve", {"explainer"}),
-    ("from explainer.errors import UserError", "llama_ref.serve", {"explainer"}),
-    ("def f():\n    from explainer import cli\n", "llama_ref.serve", {"explainer"}),
-    ("from .. import explainer", "llama_ref.serve", {"explainer"}),
-    ("from . import engine", "llama_ref.serve", {"llama_ref"}),
-    ("from . import engine", "llama_ref.__init__", {"llama_ref"}),
-    ("import importlib\nimportlib.import_module('explainer.cli')", "llama_ref.serve", {"importlib", "explainer"}),
-    ("__import__('explainer')", "llama_ref.serve", {"explainer"}),
-    ("import os, torch.nn as nn", "llama_ref.model", {"os", "torch"}),
-])
+@pytest.mark.parametrize(
+    "source, module, expected",
+    [
+        ("import explainer.cli", "llama_ref.serve", {"explainer"}),
+        ("from explainer.errors import UserError", "llama_ref.serve", {"explainer"}),
+        ("def f():\n    from explainer import cli\n", "llama_ref.serve", {"explainer"}),
+        ("from .. import explainer", "llama_ref.serve", {"explainer"}),
+        ("from . import engine", "llama_ref.serve", {"llama_ref"}),
+        ("from . import engine", "llama_ref.__init__", {"llama_ref"}),
+        ("import importlib\nimportlib.import_module('explainer.cli')", "llama_ref.serve", {"importlib", "explainer"}),
+        ("__import__('explainer')", "llama_ref.serve", {"explainer"}),
+        ("import os, torch.nn as nn", "llama_ref.model", {"os", "torch"}),
+    ],
+)
 def test_imports_are_found_however_they_are_written(source, module, expected):
     assert imported_packages(source, module) == expected
 
@@ -65,8 +76,11 @@ def test_no_module_of_llama_ref_imports_explainer():
     """llama_ref stands alone: explainer builds on it, never the other way round."""
     paths = sorted((ROOT / "llama_ref").rglob("*.py"))
     assert len(paths) > 10
-    importers = [module_name(path) for path in paths
-                 if "explainer" in imported_packages(path.read_text(encoding="utf-8"), module_name(path))]
+    importers = [
+        module_name(path)
+        for path in paths
+        if "explainer" in imported_packages(path.read_text(encoding="utf-8"), module_name(path))
+    ]
     assert importers == []
 
 
@@ -75,19 +89,26 @@ def test_the_chat_templates_sandbox_child_imports_no_llama_ref_module():
     llama_ref is installed, if any, is not the code beside it, so the child must not import the package."""
     from llama_ref import chat
 
-    child = subprocess.run([sys.executable, "-I", "-X", "importtime", chat.__file__], input=b"",
-                           capture_output=True, timeout=120)
+    child = subprocess.run(
+        [sys.executable, "-I", "-X", "importtime", chat.__file__], input=b"", capture_output=True, timeout=120
+    )
     assert child.returncode == 0 and child.stdout == b"ready\n", child.stderr.decode()[-2000:]
-    imported = {line.rsplit("|", 1)[-1].strip() for line in child.stderr.decode().splitlines()
-                if line.startswith("import time:")}
+    imported = {
+        line.rsplit("|", 1)[-1].strip()
+        for line in child.stderr.decode().splitlines()
+        if line.startswith("import time:")
+    }
     assert "jinja2.sandbox" in imported
     assert sorted(name for name in imported if name.split(".")[0] == "llama_ref") == []
 
 
 def prose(source: str) -> list[tuple[int, str]]:
     """(line, text) of every comment and docstring in a Python source."""
-    found = [(token.start[0], token.string) for token in tokenize.generate_tokens(io.StringIO(source).readline)
-             if token.type == tokenize.COMMENT]
+    found = [
+        (token.start[0], token.string)
+        for token in tokenize.generate_tokens(io.StringIO(source).readline)
+        if token.type == tokenize.COMMENT
+    ]
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             docstring = ast.get_docstring(node, clean=False)
@@ -97,18 +118,26 @@ def prose(source: str) -> list[tuple[int, str]]:
 
 
 def measurements(source: str) -> list[tuple[int, str]]:
-    return sorted((line, text) for line, text in prose(source)
-                  if any(word in text.replace(OUTPUT_LABEL, "") for word in MEASUREMENT_WORDS))
+    return sorted(
+        (line, text)
+        for line, text in prose(source)
+        if any(word in text.replace(OUTPUT_LABEL, "") for word in MEASUREMENT_WORDS)
+    )
 
 
 def test_a_measurement_in_a_comment_or_a_docstring_is_found():
-    source = ('"""Fast."""\n\ndef f():\n    """Runs at 60 tok/s."""\n    x = 1  # 2x faster on Zen 5\n'
-              '    return "tok/s"  # prints the label\n\n\ndef main():\n    """Ends with "achieved tok/s"."""\n')
+    source = (
+        '"""Fast."""\n\ndef f():\n    """Runs at 60 tok/s."""\n    x = 1  # 2x faster on Zen 5\n'
+        '    return "tok/s"  # prints the label\n\n\ndef main():\n    """Ends with "achieved tok/s"."""\n'
+    )
     assert [line for line, _text in measurements(source)] == [4, 5]
 
 
 def test_no_comment_or_docstring_carries_a_measurement():
-    found = [f"{path.relative_to(ROOT)}:{line}" for package in ("llama_ref", "explainer")
-             for path in sorted((ROOT / package).rglob("*.py"))
-             for line, _text in measurements(path.read_text(encoding="utf-8"))]
+    found = [
+        f"{path.relative_to(ROOT)}:{line}"
+        for package in ("llama_ref", "explainer")
+        for path in sorted((ROOT / package).rglob("*.py"))
+        for line, _text in measurements(path.read_text(encoding="utf-8"))
+    ]
     assert found == []

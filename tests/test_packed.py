@@ -15,8 +15,10 @@ from llama_ref import Llama  # noqa: E402
 from llama_ref.kernels import onednn_bf16  # noqa: E402
 from llama_ref.quantize import PACKED_MAX_ROWS, PackedLinear  # noqa: E402
 
-needs_onednn_bf16 = pytest.mark.skipif(not onednn_bf16(), reason="bf16-blocked needs oneDNN's bf16 (AVX512BW/VL/DQ "
-                                       "or AVX-NE-CONVERT), which this CPU lacks")
+needs_onednn_bf16 = pytest.mark.skipif(
+    not onednn_bf16(),
+    reason="bf16-blocked needs oneDNN's bf16 (AVX512BW/VL/DQ or AVX-NE-CONVERT), which this CPU lacks",
+)
 
 
 def packed_layers(model):
@@ -39,8 +41,7 @@ def decode_logits(llama, prompt, rows):
 
 @needs_onednn_bf16
 def test_every_four_bit_matrix_gets_a_packed_copy_in_bf16_on_cpu(gguf_path):
-    llama = Llama.build(gguf_path, max_seq_len=64, max_batch_size=2, device="cpu", dtype="bf16",
-                        kernels="bf16-blocked")
+    llama = Llama.build(gguf_path, max_seq_len=64, max_batch_size=2, device="cpu", dtype="bf16", kernels="bf16-blocked")
     # 7 matrices in each of 2 layers, and the output matrix
     assert len(packed_layers(llama.model)) == 15
     plain = Llama.build(gguf_path, max_seq_len=64, max_batch_size=2, device="cpu", dtype="bf16", kernels="float")
@@ -52,12 +53,21 @@ def test_every_four_bit_matrix_gets_a_packed_copy_in_bf16_on_cpu(gguf_path):
 def test_decode_steps_read_the_files_values(gguf_path, rows):
     """The packed path is as close to the file's exact (fp32) values as the bf16 weights are."""
     prompt = [1, 37, 99, 200, 5, 17, 301, 44]
-    exact = decode_logits(Llama.build(gguf_path, max_seq_len=64, max_batch_size=rows, device="cpu",
-                                      dtype="fp32", kernels="float"), prompt, rows)
-    bf16 = decode_logits(Llama.build(gguf_path, max_seq_len=64, max_batch_size=rows, device="cpu",
-                                     dtype="bf16", kernels="float"), prompt, rows)
-    packed = decode_logits(Llama.build(gguf_path, max_seq_len=64, max_batch_size=rows, device="cpu",
-                                       dtype="bf16", kernels="bf16-blocked"), prompt, rows)
+    exact = decode_logits(
+        Llama.build(gguf_path, max_seq_len=64, max_batch_size=rows, device="cpu", dtype="fp32", kernels="float"),
+        prompt,
+        rows,
+    )
+    bf16 = decode_logits(
+        Llama.build(gguf_path, max_seq_len=64, max_batch_size=rows, device="cpu", dtype="bf16", kernels="float"),
+        prompt,
+        rows,
+    )
+    packed = decode_logits(
+        Llama.build(gguf_path, max_seq_len=64, max_batch_size=rows, device="cpu", dtype="bf16", kernels="bf16-blocked"),
+        prompt,
+        rows,
+    )
     bf16_error = (bf16 - exact).abs().max().item()
     packed_error = (packed - exact).abs().max().item()
     assert packed_error <= 2 * bf16_error + 1e-3, (packed_error, bf16_error)
@@ -104,20 +114,35 @@ def test_a_tied_output_matrix_is_blocked_as_a_copy_and_the_embedding_keeps_its_r
     from llama_ref.quantize import BlockedLinear
 
     gguf_path = write_gguf(make_tiny_model(tmp_path, tie_embeddings=True), tmp_path / "tied.gguf", Q.Q4_0)
-    plain = Llama.build(gguf_path, max_seq_len=64, max_batch_size=PACKED_MAX_ROWS + 1, device="cpu", dtype="bf16",
-                        kernels="float")
-    fast = Llama.build(gguf_path, max_seq_len=64, max_batch_size=PACKED_MAX_ROWS + 1, device="cpu", dtype="bf16",
-                       kernels="bf16-blocked")
-    blocked = [name for name, m in fast.model.named_modules()
-               if isinstance(m, BlockedLinear) or getattr(m, "blocked", None) is not None]
+    plain = Llama.build(
+        gguf_path, max_seq_len=64, max_batch_size=PACKED_MAX_ROWS + 1, device="cpu", dtype="bf16", kernels="float"
+    )
+    fast = Llama.build(
+        gguf_path,
+        max_seq_len=64,
+        max_batch_size=PACKED_MAX_ROWS + 1,
+        device="cpu",
+        dtype="bf16",
+        kernels="bf16-blocked",
+    )
+    blocked = [
+        name
+        for name, m in fast.model.named_modules()
+        if isinstance(m, BlockedLinear) or getattr(m, "blocked", None) is not None
+    ]
     assert len(blocked) == 15  # every matrix: 7 in each of 2 layers, and the output
     tokens = torch.arange(plain.model.params.vocab_size)[None]
-    torch.testing.assert_close(fast.model.tok_embeddings(tokens), plain.model.tok_embeddings(tokens),
-                               rtol=0.01, atol=0.01 * plain.model.tok_embeddings.weight.abs().max().item())
+    torch.testing.assert_close(
+        fast.model.tok_embeddings(tokens),
+        plain.model.tok_embeddings(tokens),
+        rtol=0.01,
+        atol=0.01 * plain.model.tok_embeddings.weight.abs().max().item(),
+    )
     # more rows than the 4-bit copies serve: every matrix, the output's copy too, is the bf16 one reordered
     prompt, rows = [1, 37, 99, 200, 5], PACKED_MAX_ROWS + 1
-    torch.testing.assert_close(decode_logits(fast, prompt, rows), decode_logits(plain, prompt, rows),
-                               rtol=0.02, atol=0.02)
+    torch.testing.assert_close(
+        decode_logits(fast, prompt, rows), decode_logits(plain, prompt, rows), rtol=0.02, atol=0.02
+    )
 
 
 @needs_onednn_bf16
@@ -127,13 +152,13 @@ def test_plain_bf16_layers_reading_the_same_input_are_fused_into_one_call(tmp_pa
     path = write_gguf(make_tiny_model(tmp_path), tmp_path / "f32.gguf")
     rows = 3
     plain = Llama.build(path, max_seq_len=64, max_batch_size=rows, device="cpu", dtype="bf16", kernels="float")
-    fused = Llama.build(path, max_seq_len=64, max_batch_size=rows, device="cpu", dtype="bf16",
-                        kernels="bf16-blocked")
+    fused = Llama.build(path, max_seq_len=64, max_batch_size=rows, device="cpu", dtype="bf16", kernels="bf16-blocked")
     for layer in fused.model.layers:
         assert layer.attention.wqkv is not None and layer.attention.wq is None
         assert layer.feed_forward.w13 is not None and layer.feed_forward.w1 is None
     prompt = [1, 37, 99, 200, 5, 17]
-    torch.testing.assert_close(decode_logits(fused, prompt, rows), decode_logits(plain, prompt, rows),
-                               rtol=0.02, atol=0.02)
+    torch.testing.assert_close(
+        decode_logits(fused, prompt, rows), decode_logits(plain, prompt, rows), rtol=0.02, atol=0.02
+    )
     # and through generate(): the same greedy tokens
-    assert (fused.generate([prompt], 12, temperature=0)[0] == plain.generate([prompt], 12, temperature=0)[0])
+    assert fused.generate([prompt], 12, temperature=0)[0] == plain.generate([prompt], 12, temperature=0)[0]

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize as reference
 
 from llama_ref import quants
@@ -9,8 +10,16 @@ from llama_ref.quants import dequantize
 
 # byte offsets of the fp16 scale fields in each block (ggml block layouts)
 FP16_FIELDS = {
-    Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q5_1: [0, 2], Q.Q8_0: [0],
-    Q.Q2_K: [80, 82], Q.Q3_K: [108], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208],
+    Q.Q4_0: [0],
+    Q.Q4_1: [0, 2],
+    Q.Q5_0: [0],
+    Q.Q5_1: [0, 2],
+    Q.Q8_0: [0],
+    Q.Q2_K: [80, 82],
+    Q.Q3_K: [108],
+    Q.Q4_K: [0, 2],
+    Q.Q5_K: [0, 2],
+    Q.Q6_K: [208],
 }
 
 
@@ -20,7 +29,7 @@ def random_blocks(qtype, rows, blocks_per_row, seed=0):
     type_size = GGML_QUANT_SIZES[qtype][1]
     raw = rng.integers(0, 256, (rows * blocks_per_row, type_size), dtype=np.uint8)
     for at in FP16_FIELDS[qtype]:
-        raw[:, at:at + 2] = rng.normal(0, 0.1, (len(raw), 1)).astype(np.float16).view(np.uint8)
+        raw[:, at : at + 2] = rng.normal(0, 0.1, (len(raw), 1)).astype(np.float16).view(np.uint8)
     return raw.reshape(rows, blocks_per_row * type_size)
 
 
@@ -33,11 +42,14 @@ def test_quantised_types_match_the_gguf_library(qtype):
     torch.testing.assert_close(ours, expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("qtype, array", [  # in the dtypes GGUFReader gives each
-    pytest.param(Q.F32, np.random.default_rng(1).normal(size=(3, 40)).astype(np.float32), id="F32"),
-    pytest.param(Q.F16, np.random.default_rng(2).normal(size=(3, 40)).astype(np.float16), id="F16"),
-    pytest.param(Q.BF16, np.random.default_rng(3).integers(0, 256, (3, 80), dtype=np.uint8), id="BF16"),
-])
+@pytest.mark.parametrize(
+    "qtype, array",
+    [  # in the dtypes GGUFReader gives each
+        pytest.param(Q.F32, np.random.default_rng(1).normal(size=(3, 40)).astype(np.float32), id="F32"),
+        pytest.param(Q.F16, np.random.default_rng(2).normal(size=(3, 40)).astype(np.float16), id="F16"),
+        pytest.param(Q.BF16, np.random.default_rng(3).integers(0, 256, (3, 80), dtype=np.uint8), id="BF16"),
+    ],
+)
 def test_float_types_match_the_gguf_library(qtype, array):
     expected = torch.from_numpy(reference(array, qtype)).reshape(3, 40)
     torch.testing.assert_close(dequantize(array, qtype, (3, 40)), expected, rtol=0, atol=0, equal_nan=True)

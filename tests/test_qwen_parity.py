@@ -9,8 +9,14 @@ torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
-from tiny_checkpoints import (GGUF_LAYER_PARTS, HF_LAYER_PARTS, build_transformer, close_gguf,  # noqa: E402
-                              gguf_writer, train_sentencepiece)
+from tiny_checkpoints import (  # noqa: E402
+    GGUF_LAYER_PARTS,
+    HF_LAYER_PARTS,
+    build_transformer,
+    close_gguf,
+    gguf_writer,
+    train_sentencepiece,
+)
 
 from llama_ref import Llama  # noqa: E402
 from llama_ref.catalog import list_models, resolve_model  # noqa: E402
@@ -28,13 +34,22 @@ def offline(monkeypatch):
 
 # ---------------------------------------------------------------------------- a tiny random Qwen2
 
+
 @pytest.fixture(scope="module")
 def tiny_qwen2(tmp_path_factory):
     """A random Qwen2ForCausalLM saved as Hugging Face saves it, with a sentencepiece tokenizer beside it."""
     directory = tmp_path_factory.mktemp("qwen2") / "hf"
-    config = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
-                                      tie_word_embeddings=False, use_sliding_window=False)
+    config = transformers.Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+    )
     torch.manual_seed(0)
     model = transformers.Qwen2ForCausalLM(config).eval()
     with torch.no_grad():  # HF starts norms at 1 and biases at 0; scramble both so a misplaced one shows
@@ -65,8 +80,11 @@ def test_hf_directory_logits_match_transformers(tiny_qwen2):
 
 
 # Hugging Face name -> GGUF name, as llama.cpp's convert_hf_to_gguf.py maps Qwen2's tensors
-GGUF_TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                  "lm_head.weight": "output.weight"}
+GGUF_TOP_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
 HF_TO_GGUF_PARTS = {HF_LAYER_PARTS[part]: GGUF_LAYER_PARTS[part] for part in HF_LAYER_PARTS}
 
 
@@ -82,10 +100,16 @@ def write_qwen2_gguf(model, tokenizer_model, path):
     """A qwen2 GGUF as convert_hf_to_gguf.py writes one: Qwen2Model keeps Hugging Face's rotate-half q/k rows
     (llama.cpp runs qwen2 with NEOX rope), so, unlike llama's, they are written as they are, biases included."""
     config = model.config
-    args = ModelArgs(dim=config.hidden_size, n_layers=config.num_hidden_layers, n_heads=config.num_attention_heads,
-                     n_kv_heads=config.num_key_value_heads, hidden_dim=config.intermediate_size,
-                     norm_eps=config.rms_norm_eps, rope_theta=config.rope_parameters["rope_theta"],
-                     context_length=config.max_position_embeddings)
+    args = ModelArgs(
+        dim=config.hidden_size,
+        n_layers=config.num_hidden_layers,
+        n_heads=config.num_attention_heads,
+        n_kv_heads=config.num_key_value_heads,
+        hidden_dim=config.intermediate_size,
+        norm_eps=config.rms_norm_eps,
+        rope_theta=config.rope_parameters["rope_theta"],
+        context_length=config.max_position_embeddings,
+    )
     writer = gguf_writer(path, "qwen2", args, tokenizer_model)
     for name, tensor in model.state_dict().items():
         writer.add_tensor(gguf_tensor_name(name), tensor.float().numpy())
@@ -143,16 +167,23 @@ def greedy(request):
     del llama
     gc.collect()
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                              dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
     assert model.dtype == torch.float32
     results = {}
     for label, (ids, tokens) in ours.items():
         prompt = torch.tensor([ids])
         with torch.no_grad():
-            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
-                                 do_sample=False, output_scores=True, return_dict_in_generate=True)
-        theirs = out.sequences[0, len(ids):].tolist()
+            out = model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+        theirs = out.sequences[0, len(ids) :].tolist()
         results[label] = tokens, theirs, [top_two_margin(step[0]) for step in out.scores]
     del model, out
     gc.collect()
@@ -161,7 +192,7 @@ def greedy(request):
     for label, (tokens, theirs, margins) in results.items():
         ids = ours[label][0]
         with torch.no_grad():
-            logits = fast.model.forward(torch.tensor([ids + theirs[:-1]]), 0)[0, len(ids) - 1:]
+            logits = fast.model.forward(torch.tensor([ids + theirs[:-1]]), 0)[0, len(ids) - 1 :]
         results[label] = tokens, theirs, margins, logits.argmax(-1).tolist()
     del fast
     gc.collect()
@@ -176,7 +207,9 @@ def test_greedy_tokens_match_transformers(greedy, prompt):
     assert ours == theirs, (
         f"first difference at new token {first_difference}: llama_ref {ours[first_difference]}, transformers "
         f"{theirs[first_difference]}; transformers' top two logits there differ by {margins[first_difference]:.2e}"
-        if first_difference is not None else f"lengths differ: llama_ref {len(ours)}, transformers {len(theirs)}")
+        if first_difference is not None
+        else f"lengths differ: llama_ref {len(ours)}, transformers {len(theirs)}"
+    )
     assert len(ours) == NEW_TOKENS
 
 

@@ -14,8 +14,16 @@ from pathlib import Path
 import pytest
 
 from llama_ref.catalog import CatalogError, list_models, resolve_model
-from llama_ref.chat import CHATML_TEMPLATE, LLAMA2_TEMPLATE, LLAMA3_TEMPLATE, MAX_PROMPT_CHARS, ChatTemplateError, \
-    chat_tokens, fallback_template, render_chat
+from llama_ref.chat import (
+    CHATML_TEMPLATE,
+    LLAMA2_TEMPLATE,
+    LLAMA3_TEMPLATE,
+    MAX_PROMPT_CHARS,
+    ChatTemplateError,
+    chat_tokens,
+    fallback_template,
+    render_chat,
+)
 from llama_ref.checkpoints import open_checkpoint
 from llama_ref.tokenizer import PieceScoreTokenizer
 
@@ -58,7 +66,7 @@ TEXTS = {
     "specials_inline": "before<|im_start|>user\nhi<|im_end|>\n<tool_call>{}</tool_call><|endoftext|>after [PAD151665]",
     "contractions_and_spaces": "I'LL say it's   done\n\n\n  \t x  \r\n  ",
     # decomposed accents: neither llama.cpp nor transformers' GGUF loader normalises to NFC
-    "combining_marks": "cafe\u0301 A\u030a \u212b \U0001F600 \u200d",
+    "combining_marks": "cafe\u0301 A\u030a \u212b \U0001f600 \u200d",
 }
 
 
@@ -66,8 +74,9 @@ TEXTS = {
 @pytest.mark.parametrize("name", TEXTS)
 def test_encode_matches_transformers(name, qwen_checkpoint, hf_tokenizer):
     text = TEXTS[name]
-    assert qwen_checkpoint.tokenizer.encode(text, bos=False, eos=False) == \
-        hf_tokenizer.encode(text, add_special_tokens=False)
+    assert qwen_checkpoint.tokenizer.encode(text, bos=False, eos=False) == hf_tokenizer.encode(
+        text, add_special_tokens=False
+    )
 
 
 @pytest.mark.slow
@@ -87,22 +96,46 @@ def test_stop_ids_end_a_turn_and_the_text(qwen_checkpoint, hf_tokenizer):
     assert {turn_end, text_end} <= qwen_checkpoint.tokenizer.stop_ids
 
 
-TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "Today's weather in a city, <in °C> & wind",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "e.g. 北京"}},
-                   "required": ["city"]}}}
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Today's weather in a city, <in °C> & wind",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "description": "e.g. 北京"}},
+            "required": ["city"],
+        },
+    },
+}
 DIALOGS = {
     "user_only": ([{"role": "user", "content": "Explain `int x = 12345;`"}], None),
-    "system_and_turns": ([{"role": "system", "content": "You explain C code."},
-                          {"role": "user", "content": "What is argc?"},
-                          {"role": "assistant", "content": "The argument count."},
-                          {"role": "user", "content": "And argv?"}], None),
+    "system_and_turns": (
+        [
+            {"role": "system", "content": "You explain C code."},
+            {"role": "user", "content": "What is argc?"},
+            {"role": "assistant", "content": "The argument count."},
+            {"role": "user", "content": "And argv?"},
+        ],
+        None,
+    ),
     "tools": ([{"role": "user", "content": "Weather in Beijing?"}], [TOOL]),
-    "tool_call_and_responses": ([
-        {"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Weather in Beijing?"},
-        {"role": "assistant", "content": "", "tool_calls": [
-            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "北京 <x>"}}}]},
-        {"role": "tool", "content": "22°C"}, {"role": "tool", "content": "windy"}], [TOOL]),
+    "tool_call_and_responses": (
+        [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "Weather in Beijing?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "北京 <x>"}}}
+                ],
+            },
+            {"role": "tool", "content": "22°C"},
+            {"role": "tool", "content": "windy"},
+        ],
+        [TOOL],
+    ),
 }
 
 
@@ -119,6 +152,7 @@ def test_checkpoint_chat_template_renders_like_transformers(name, qwen_checkpoin
 
 
 # ---------------------------------------------------------------------------- chat.py, no model
+
 
 @pytest.fixture
 def tiny_tokenizer():
@@ -138,8 +172,9 @@ def test_bos_and_eos_are_passed_as_their_marker_text(tiny_tokenizer):
 
 def test_fallback_template_follows_the_vocabulary(tiny_tokenizer):
     assert fallback_template(tiny_tokenizer) == CHATML_TEMPLATE
-    llama3 = PieceScoreTokenizer(["<|begin_of_text|>", "<|start_header_id|>"], [0.0, 0.0], ["control", "control"],
-                                 bos_id=0, eos_id=-1, unk_id=-1)
+    llama3 = PieceScoreTokenizer(
+        ["<|begin_of_text|>", "<|start_header_id|>"], [0.0, 0.0], ["control", "control"], bos_id=0, eos_id=-1, unk_id=-1
+    )
     assert fallback_template(llama3) == LLAMA3_TEMPLATE
     plain = PieceScoreTokenizer(["<s>", "</s>"], [0.0, 0.0], ["control", "control"], bos_id=0, eos_id=1, unk_id=-1)
     assert fallback_template(plain) == LLAMA2_TEMPLATE
@@ -147,8 +182,12 @@ def test_fallback_template_follows_the_vocabulary(tiny_tokenizer):
 
 def test_tools_are_written_as_plain_json(tiny_tokenizer):
     # transformers' tojson: keys in order, nothing HTML-escaped (jinja2's own filter sorts and escapes)
-    rendered = render_chat("{% for tool in tools %}{{ tool | tojson }}{% endfor %}", tiny_tokenizer, USER,
-                           tools=[{"name": "f", "description": "<b> & 'x' ü"}])
+    rendered = render_chat(
+        "{% for tool in tools %}{{ tool | tojson }}{% endfor %}",
+        tiny_tokenizer,
+        USER,
+        tools=[{"name": "f", "description": "<b> & 'x' ü"}],
+    )
     assert rendered == '{"name": "f", "description": "<b> & \'x\' ü"}'
 
 
@@ -161,8 +200,12 @@ def test_a_huge_value_is_refused_before_it_is_built(tiny_tokenizer):
     with pytest.raises(ChatTemplateError, match="over the limit"):
         render_chat("{{ ('x' * 10**10) | length }}", tiny_tokenizer, USER)
     with pytest.raises(ChatTemplateError, match="over the limit"):  # doubling in a namespace, 2**60 characters
-        render_chat("{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}"
-                    "{% endfor %}{{ ns.s | length }}", tiny_tokenizer, USER)
+        render_chat(
+            "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}"
+            "{% endfor %}{{ ns.s | length }}",
+            tiny_tokenizer,
+            USER,
+        )
 
 
 def test_a_loop_without_calls_or_output_is_stopped_by_the_deadline(tiny_tokenizer):
@@ -179,18 +222,28 @@ def test_a_hostile_template_fails_within_the_default_bound_with_one_line(tiny_to
     assert str(info.value) == "chat template: rendering ran past its time limit of 2 s; the template loops too long"
 
 
-@pytest.mark.parametrize("template", ["{{ 'x' | center(10**10) }}", "{{ messages | tojson(indent=10**10) }}",
-                                      "{{ 'x'.ljust(10**10) }}", "{% if 'x' is divisibleby(10**10) %}{% endif %}"])
-def test_filters_tests_and_methods_are_refused_widths_past_the_limit_before_they_build_anything(template,
-                                                                                                tiny_tokenizer):
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ 'x' | center(10**10) }}",
+        "{{ messages | tojson(indent=10**10) }}",
+        "{{ 'x'.ljust(10**10) }}",
+        "{% if 'x' is divisibleby(10**10) %}{% endif %}",
+    ],
+)
+def test_filters_tests_and_methods_are_refused_widths_past_the_limit_before_they_build_anything(
+    template, tiny_tokenizer
+):
     with pytest.raises(ChatTemplateError, match="the number 10000000000, over the size limit"):
         render_chat(template, tiny_tokenizer, USER)
 
 
 def test_checked_calls_pass_every_argument_through(tiny_tokenizer):
     # tool templates name macro parameters `function`; filters take keywords
-    template = ("{% macro show(function) %}{{ function }}{% endmacro %}{{ show(function='f') }}"
-                "{{ 'ab' | replace('a', 'c', count=1) }}")
+    template = (
+        "{% macro show(function) %}{{ function }}{% endmacro %}{{ show(function='f') }}"
+        "{{ 'ab' | replace('a', 'c', count=1) }}"
+    )
     assert render_chat(template, tiny_tokenizer, USER) == "fcb"
 
 
@@ -225,29 +278,36 @@ print(json.dumps({"outcome": outcome, "grew": peak(resource.RUSAGE_SELF) - befor
 BIG = "{% set a = 'x' * 4000000 %}"
 
 
-@pytest.mark.parametrize("template", [
-    "{{ '{:>1500000000}'.format('a') }}",  # the review's: 5.6 s against a 2 s deadline, and 1.4 GB more RSS
-    "{{ '%300000000d' % 1 }}",  # 1.16 GiB
-    BIG + "{{ ('y' * 200).replace('', a) | length }}",  # 878 MiB
-    BIG + "{{ (a" + " ~ a" * 100 + ") | length }}",  # 406 MiB
-    BIG + "{{ ([a] * 100) | join | length }}",
-    BIG + "{{ ([a] * 100) | string | length }}",  # a list's str(): no size check sees it coming
-    "{% set t = '\t' * 4000000 %}{{ t.expandtabs(100) | length }}",
-], ids=["format width", "percent", "replace", "tilde", "join", "string", "expandtabs"])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ '{:>1500000000}'.format('a') }}",  # the review's: 5.6 s against a 2 s deadline, and 1.4 GB more RSS
+        "{{ '%300000000d' % 1 }}",  # 1.16 GiB
+        BIG + "{{ ('y' * 200).replace('', a) | length }}",  # 878 MiB
+        BIG + "{{ (a" + " ~ a" * 100 + ") | length }}",  # 406 MiB
+        BIG + "{{ ([a] * 100) | join | length }}",
+        BIG + "{{ ([a] * 100) | string | length }}",  # a list's str(): no size check sees it coming
+        "{% set t = '\t' * 4000000 %}{{ t.expandtabs(100) | length }}",
+    ],
+    ids=["format width", "percent", "replace", "tilde", "join", "string", "expandtabs"],
+)
 def test_a_template_that_builds_a_huge_value_in_one_step_stays_within_64_mib(template):
-    measured = subprocess.run([sys.executable, "-c", MEASURE, template], capture_output=True, text=True, timeout=120,
-                              cwd=REPO)
+    measured = subprocess.run(
+        [sys.executable, "-c", MEASURE, template], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
     assert measured.returncode == 0, measured.stderr
     result = json.loads(measured.stdout)
-    assert result["outcome"] == ("chat template: rendering needed more than its memory limit of 64 MiB; the "
-                                 "template or the dialog is too large")
+    assert result["outcome"] == (
+        "chat template: rendering needed more than its memory limit of 64 MiB; the template or the dialog is too large"
+    )
     assert result["grew"] <= 64 << 20 and result["template_process_grew"] <= 64 << 20, result
 
 
 def test_a_large_dialog_still_renders(tiny_tokenizer):
     content = "中" * (MAX_PROMPT_CHARS - 100)
-    assert render_chat(CHATML_TEMPLATE, tiny_tokenizer, [{"role": "user", "content": content}]).count("中") == \
-        len(content)
+    assert render_chat(CHATML_TEMPLATE, tiny_tokenizer, [{"role": "user", "content": content}]).count("中") == len(
+        content
+    )
 
 
 def test_raise_exception_gives_its_message_on_one_line(tiny_tokenizer):
@@ -257,15 +317,18 @@ def test_raise_exception_gives_its_message_on_one_line(tiny_tokenizer):
     assert str(info.value) == "chat template: Conversation roles must alternate user/assistant/user"
 
 
-@pytest.mark.parametrize("template", ["{{ ''.__class__.__mro__ }}", "{{ messages.append(1) }}",
-                                      "{{ messages[0].update(role='system') }}"])
+@pytest.mark.parametrize(
+    "template", ["{{ ''.__class__.__mro__ }}", "{{ messages.append(1) }}", "{{ messages[0].update(role='system') }}"]
+)
 def test_the_sandbox_refuses_internals_and_mutation(template, tiny_tokenizer):
     with pytest.raises(ChatTemplateError, match="SecurityError"):
         render_chat(template, tiny_tokenizer, USER)
 
 
-@pytest.mark.parametrize("template, problem", [("{% for %}", "line 1"), ("{{ nothing.here }}", "UndefinedError"),
-                                               ("{{ 'a' + 1 }}", "TypeError")])
+@pytest.mark.parametrize(
+    "template, problem",
+    [("{% for %}", "line 1"), ("{{ nothing.here }}", "UndefinedError"), ("{{ 'a' + 1 }}", "TypeError")],
+)
 def test_template_mistakes_are_one_line_errors(template, problem, tiny_tokenizer):
     with pytest.raises(ChatTemplateError, match=problem) as info:
         render_chat(template, tiny_tokenizer, USER)
@@ -285,7 +348,7 @@ def test_a_special_tokens_name_in_a_message_is_text_not_a_control_token(tiny_tok
 
     assert (ids.count(start), ids.count(end)) == (2, 1)  # the template's own: user's turn, then the assistant's
     tail = tiny_tokenizer.encode_text("assistant\n")
-    assert ids[0] == start and ids[-len(tail) - 1:] == [start] + tail
+    assert ids[0] == start and ids[-len(tail) - 1 :] == [start] + tail
 
 
 def test_a_message_holding_the_hiding_characters_gets_them_back_as_text(tiny_tokenizer):
@@ -308,5 +371,6 @@ def test_the_default_vocabulary_encodes_a_messages_control_token_names_as_text(q
     # Qwen's template: its default system turn, the user's turn, the assistant's
     assert marks == [im_start, im_end, im_start, im_end, im_start]
     rendered = render_chat(qwen_checkpoint.chat_template, tokenizer, [{"role": "user", "content": "hello"}])
-    assert chat_tokens(qwen_checkpoint.chat_template, tokenizer, [{"role": "user", "content": "hello"}]) == \
-        tokenizer.encode(rendered, bos=False, eos=False)  # without such names, the same tokens as before
+    assert chat_tokens(
+        qwen_checkpoint.chat_template, tokenizer, [{"role": "user", "content": "hello"}]
+    ) == tokenizer.encode(rendered, bos=False, eos=False)  # without such names, the same tokens as before

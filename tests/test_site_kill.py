@@ -9,10 +9,10 @@ import sys
 import threading
 
 import pytest
-
-from explainer.fileio import TEMP_PREFIX
 from scripted_server import interrupt_when, user_text
 from site_support import EXPLANATION, is_translation, make_site, run_build, site_script
+
+from explainer.fileio import TEMP_PREFIX
 
 LANGUAGES = ["en", "zh", "ar"]
 

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from site_support import site_script, to_toml
 
 VICTIM_KEY = "sk-victim-123"
@@ -34,18 +33,30 @@ def make_site(tmp_path: Path, server, **site) -> Path:
     folder = tmp_path / "site"
     folder.mkdir()
     (folder / "code.py").write_text(CODE)
-    config = {"site": {"languages": ["en"], **site}, "backend": {"name": "openai", "base_url": server.base_url},
-              "posts": [{"slug": "add", "date": "2024-05-01", "file": "code.py"}]}
+    config = {
+        "site": {"languages": ["en"], **site},
+        "backend": {"name": "openai", "base_url": server.base_url},
+        "posts": [{"slug": "add", "date": "2024-05-01", "file": "code.py"}],
+    }
     (folder / "explainer.toml").write_text(to_toml(config))
     return folder
 
 
 def build(folder: Path, *args: str, environment: dict | None = None) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("OPENAI_BASE_URL", "EXPLAINER_CACHE_DIR", "OPENAI_API_KEY")}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("OPENAI_BASE_URL", "EXPLAINER_CACHE_DIR", "OPENAI_API_KEY")
+    }
     env.update({"OPENAI_API_KEY": VICTIM_KEY, **(environment or {})})
-    return subprocess.run([sys.executable, "-m", "explainer", "build", "--no-demos", *args], cwd=folder,
-                          capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "explainer", "build", "--no-demos", *args],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:
@@ -59,8 +70,9 @@ def keys_sent(server) -> list[str]:
     return [headers.get("authorization", "") for headers in server.headers]
 
 
-@pytest.mark.parametrize("key, value", [("root", "../secret"), ("output", "../outside"),
-                                        ("cache_dir", "../outside/cache")])
+@pytest.mark.parametrize(
+    "key, value", [("root", "../secret"), ("output", "../outside"), ("cache_dir", "../outside/cache")]
+)
 def test_a_path_out_of_the_sites_folder_is_refused_before_anything_is_read_or_written(tmp_path, server, key, value):
     folder = make_site(tmp_path, server, **{key: value})
     if key == "root":
@@ -90,8 +102,9 @@ def test_the_key_goes_only_to_a_server_the_user_named(tmp_path, server):
         result = build(folder, *how)
         assert result.returncode == 0, result.stderr
     assert set(keys_sent(server)) == {f"Bearer {VICTIM_KEY}"}  # sent where the user said so, and only then
-    by_environment = build(folder, "--cache-dir", str(tmp_path / "cache2"),
-                           environment={"OPENAI_BASE_URL": server.base_url})
+    by_environment = build(
+        folder, "--cache-dir", str(tmp_path / "cache2"), environment={"OPENAI_BASE_URL": server.base_url}
+    )
     assert by_environment.returncode == 0, by_environment.stderr
 
 

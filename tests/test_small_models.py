@@ -11,16 +11,18 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from tiny_checkpoints import make_tiny_model, write_gguf  # noqa: E402
+
 from llama_ref import Llama, quantize  # noqa: E402
 from llama_ref.catalog import resolve_model  # noqa: E402
 from llama_ref.loading import SMALL_CACHE_BYTES, cache_bytes, kv_cache_dtype  # noqa: E402
 from llama_ref.model import ModelArgs  # noqa: E402
 from llama_ref.quantize import INT8_COPY_MAX_ROWS, BlockedLinear, can_block, int8_rows  # noqa: E402
-from tiny_checkpoints import make_tiny_model, write_gguf  # noqa: E402
 
-needs_blocking = pytest.mark.skipif(not can_block(torch.nn.Linear(8, 8).bfloat16()),
-                                    reason="bf16-blocked needs oneDNN's bf16 (AVX512BW/VL/DQ or AVX-NE-CONVERT), "
-                                           "which this CPU lacks")
+needs_blocking = pytest.mark.skipif(
+    not can_block(torch.nn.Linear(8, 8).bfloat16()),
+    reason="bf16-blocked needs oneDNN's bf16 (AVX512BW/VL/DQ or AVX-NE-CONVERT), which this CPU lacks",
+)
 
 
 def layer_and_input(rows, seed=0):
@@ -52,14 +54,22 @@ def test_one_or_two_rows_are_multiplied_by_the_int8_copy_and_more_by_the_bf16_we
 def test_int8_copies_of_a_real_models_weights_predict_the_tokens_bf16_predicts(monkeypatch):
     """SmolLM2's output layer (49152 x 576) is above INT8_COPY_MAX_WEIGHTS, so it gets a copy only here: its
     other layers have 4-bit copies from the GGUF. One-row calls (the copy) against the whole text at once."""
-    monkeypatch.setattr(quantize, "INT8_COPY_MAX_WEIGHTS", 2 ** 26)
-    llama = Llama.build(resolve_model("smollm2-135m"), max_seq_len=256, max_batch_size=1, device="cpu",
-                        dtype="bf16", kernels="bf16-blocked")
+    monkeypatch.setattr(quantize, "INT8_COPY_MAX_WEIGHTS", 2**26)
+    llama = Llama.build(
+        resolve_model("smollm2-135m"),
+        max_seq_len=256,
+        max_batch_size=1,
+        device="cpu",
+        dtype="bf16",
+        kernels="bf16-blocked",
+    )
     output = llama.model.output
     assert isinstance(output, BlockedLinear) and output.q is not None
-    text = ("def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n"
-            "The function above returns the n-th Fibonacci number by keeping the last two values. Each "
-            "step of the loop moves the pair one place along the sequence, so after n steps a holds F(n).")
+    text = (
+        "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n"
+        "The function above returns the n-th Fibonacci number by keeping the last two values. Each "
+        "step of the loop moves the pair one place along the sequence, so after n steps a holds F(n)."
+    )
     tokens = torch.tensor([llama.tokenizer.encode(text, bos=False, eos=False)])
     seen = {}
     hook = output.register_forward_hook(lambda module, args, out: seen.update(hidden=args[0][0]))
@@ -89,14 +99,19 @@ def test_one_token_steps_over_a_fp32_cache_give_the_logits_of_one_whole_pass(tmp
     tokens = torch.tensor([llama.tokenizer.encode("Once upon a time there was a little", bos=True, eos=False)])
     with torch.no_grad():
         whole = llama.model.forward(tokens, 0)[0].float()
-        steps = torch.cat([llama.model.forward(tokens[:, i:i + 1], i)[0] for i in range(tokens.shape[1])]).float()
+        steps = torch.cat([llama.model.forward(tokens[:, i : i + 1], i)[0] for i in range(tokens.shape[1])]).float()
     torch.testing.assert_close(steps, whole, rtol=0.02, atol=0.05 * whole.abs().max().item())
     assert (steps.argmax(-1) == whole.argmax(-1)).float().mean() >= 0.9
 
 
 def run_cli(*args, **env):
-    return subprocess.run([sys.executable, "-m", "llama_ref", *args], capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **env})
+    return subprocess.run(
+        [sys.executable, "-m", "llama_ref", *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **env},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +121,20 @@ def tiny_gguf(tmp_path_factory):
 
 
 def greedy(tiny_gguf, *extra, **env):
-    return run_cli("--model", tiny_gguf, "--device", "cpu", "--temperature", "0", "--max-tokens", "40",
-                   "--prompt", "Once upon a time", *extra, **env)
+    return run_cli(
+        "--model",
+        tiny_gguf,
+        "--device",
+        "cpu",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "40",
+        "--prompt",
+        "Once upon a time",
+        *extra,
+        **env,
+    )
 
 
 @pytest.mark.slow  # torch.compile builds C++
@@ -116,14 +143,12 @@ def test_compiled_steps_compute_what_plain_steps_compute(tiny_gguf, tmp_path, mo
     """In bf16, with the int8 copies a step of this model reads. The compiled kernels round differently (they
     keep fused intermediates in fp32), so the logits are close, not equal."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # compiled here, not read back
-    llama = Llama.build(tiny_gguf, max_seq_len=64, max_batch_size=1, device="cpu", dtype="bf16",
-                        kernels="bf16-blocked")
+    llama = Llama.build(tiny_gguf, max_seq_len=64, max_batch_size=1, device="cpu", dtype="bf16", kernels="bf16-blocked")
     tokens = torch.tensor([llama.tokenizer.encode("Once upon a time there was a little", bos=True, eos=False)])
 
     def steps():
         with torch.no_grad():
-            return torch.cat([llama.model.forward(tokens[:, i:i + 1], i)[0]
-                              for i in range(tokens.shape[1])]).float()
+            return torch.cat([llama.model.forward(tokens[:, i : i + 1], i)[0] for i in range(tokens.shape[1])]).float()
 
     plain = steps()
     llama.model.compile_steps()
@@ -149,12 +174,17 @@ def test_compiled_steps_write_what_plain_steps_write(tiny_gguf, tmp_path):
 
 def test_without_a_compiler_compile_warns_once_and_writes_the_same(tiny_gguf, tmp_path):
     plain = greedy(tiny_gguf, "--dtype", "bf16")
-    compiled = greedy(tiny_gguf, "--dtype", "bf16", "--compile", CXX=str(tmp_path / "no-such-compiler"),
-                      TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    compiled = greedy(
+        tiny_gguf,
+        "--dtype",
+        "bf16",
+        "--compile",
+        CXX=str(tmp_path / "no-such-compiler"),
+        TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
+    )
     assert compiled.returncode == 0, compiled.stderr
     assert compiled.stdout == plain.stdout
     lines = compiled.stderr.strip().splitlines()
     assert sum("torch.compile failed, so decoding runs without it" in line for line in lines) == 1, lines
     # one line for the warning, not a source location and a line of torch's code
     assert all(line.startswith(("warning: ", "achieved tok/s: ")) for line in lines), lines
-

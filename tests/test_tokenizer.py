@@ -9,8 +9,16 @@ from llama_ref.tokenizer import SentencePieceTokenizer, StreamDecoder, load_hf_t
 
 CODE_BLOCKS = [token.content for token in MarkdownIt().parse(SEED_ZH) if token.type == "fence"]
 SAMPLES = [SEED_ZH, SEED_AR, *CODE_BLOCKS]
-EDGE_CASES = ["", " ", "  leading spaces", "trailing space ", "\n\nnewlines\n", "x    42  and 7", "🦙 llama ☕",
-              "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n"]
+EDGE_CASES = [
+    "",
+    " ",
+    "  leading spaces",
+    "trailing space ",
+    "\n\nnewlines\n",
+    "x    42  and 7",
+    "🦙 llama ☕",
+    "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +50,11 @@ def smollm_reference():
         transformers = pytest.importorskip("transformers")
         reference = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     reference.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True),
-         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     return reference
 
 

@@ -19,18 +19,18 @@ from hypothesis import strategies as st
 from markdown_it import MarkdownIt
 from mdit_py_plugins.front_matter import front_matter_plugin
 from ruamel.yaml import YAML
+from scripted_server import Reply, ScriptedServer, user_text
 
 from explainer.backends import Completion, Usage
 from explainer.backends.openai import OpenAIBackend
 from explainer.cache import Cache
 from explainer.cli import main
 from explainer.errors import UserError
-from explainer.post import Post, Section
-from explainer.render import render_post
 from explainer.languages import language
 from explainer.markdown_segments import split_document
+from explainer.post import Post, Section
+from explainer.render import render_post
 from explainer.translate import SegmentTranslator, translate_file, translate_markdown, translate_post
-from scripted_server import Reply, ScriptedServer, user_text
 
 DATA = Path(__file__).parent / "data"
 SEED = (DATA / "seed_zh.md").read_text(encoding="utf-8")
@@ -67,8 +67,9 @@ def fake_translation(text: str, target: str) -> str:
 
 def well_behaved(body: dict) -> str:
     target = target_of(body)
-    return json.dumps({key: fake_translation(value, target) for key, value in sent_segments(body).items()},
-                      ensure_ascii=False)
+    return json.dumps(
+        {key: fake_translation(value, target) for key, value in sent_segments(body).items()}, ensure_ascii=False
+    )
 
 
 def fences(text: str) -> list[str]:
@@ -81,7 +82,7 @@ def count(text: str, token_type: str) -> int:
 
 def front_matter(text: str) -> dict:
     assert text.startswith("---\n")
-    return YAML(typ="safe").load(text[4:text.index("\n---\n", 4)])
+    return YAML(typ="safe").load(text[4 : text.index("\n---\n", 4)])
 
 
 def backend_for(server) -> OpenAIBackend:
@@ -105,8 +106,9 @@ def seed_post(tmp_path) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_seed_post_goes_to_arabic_and_english_with_code_and_structure_intact(scripted_server, openai_env,
-                                                                            seed_post, tmp_path):
+def test_seed_post_goes_to_arabic_and_english_with_code_and_structure_intact(
+    scripted_server, openai_env, seed_post, tmp_path
+):
     server = scripted_server(well_behaved)
     out = tmp_path / "site"
 
@@ -140,15 +142,28 @@ def test_seed_post_goes_to_arabic_and_english_with_code_and_structure_intact(scr
         assert never_sent not in sent
 
 
-def test_translate_command_writes_each_language_and_prints_the_paths(scripted_server, openai_env, seed_post,
-                                                                    tmp_path):
+def test_translate_command_writes_each_language_and_prints_the_paths(scripted_server, openai_env, seed_post, tmp_path):
     server = scripted_server(well_behaved)
-    result = CliRunner().invoke(main, ["translate", str(seed_post), "--to", "ar,en", "-o", str(tmp_path / "out"),
-                                       "--base-url", server.base_url, "--no-cache"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "translate",
+            str(seed_post),
+            "--to",
+            "ar,en",
+            "-o",
+            str(tmp_path / "out"),
+            "--base-url",
+            server.base_url,
+            "--no-cache",
+        ],
+    )
     assert result.exit_code == 0, result.output
     paths = result.stdout.split()
-    assert paths == [str(tmp_path / "out" / "ar" / "2023-08-17-llama-ar.md"),
-                     str(tmp_path / "out" / "en" / "2023-08-17-llama-en.md")]
+    assert paths == [
+        str(tmp_path / "out" / "ar" / "2023-08-17-llama-ar.md"),
+        str(tmp_path / "out" / "en" / "2023-08-17-llama-en.md"),
+    ]
     assert "requests" in result.stderr  # the usage summary
     assert front_matter(Path(paths[0]).read_text(encoding="utf-8"))["dir"] == "rtl"
 
@@ -170,15 +185,17 @@ def drop_markers(value: str, target: str) -> str:
     translated = fake_translation(value, target)
     while "⟦" in translated:
         start = translated.index("⟦")
-        translated = translated[:start] + translated[translated.index("⟧", start) + 1:]
+        translated = translated[:start] + translated[translated.index("⟧", start) + 1 :]
     return translated
 
 
 def mangle_each(mangle):
     def script(body):
         target = target_of(body)
-        return json.dumps({key: mangle(value, target) for key, value in sent_segments(body).items()},
-                          ensure_ascii=False)
+        return json.dumps(
+            {key: mangle(value, target) for key, value in sent_segments(body).items()}, ensure_ascii=False
+        )
+
     return script
 
 
@@ -208,45 +225,64 @@ def break_front_matter(body):
 FAILURES = {
     "dropped markers (fences and links lost)": (mangle_each(drop_markers), "is missing"),
     "code duplicated after the Arabic phrase": (
-        mangle_each(lambda value, target: fake_translation(value, target)
-                    + f"\nتم ترجمة الكود أعلاه إلى:\n```python\n{CODE_LINE}\n```"),
-        "spans several lines"),
+        mangle_each(
+            lambda value, target: (
+                fake_translation(value, target) + f"\nتم ترجمة الكود أعلاه إلى:\n```python\n{CODE_LINE}\n```"
+            )
+        ),
+        "spans several lines",
+    ),
     "the Arabic phrase on one line": (
         mangle_each(lambda value, target: fake_translation(value, target) + " تم ترجمة الكود أعلاه إلى:"),
-        "chatter"),
+        "chatter",
+    ),
     "code with a translated comment instead of a marker": (
-        mangle_each(lambda value, target: fake_translation(value, target).replace(
-            "⟦1⟧", f"`{CODE_LINE}  # الطول الكلي المقبول`")),
-        "⟦1⟧ is missing"),
+        mangle_each(
+            lambda value, target: fake_translation(value, target).replace(
+                "⟦1⟧", f"`{CODE_LINE}  # الطول الكلي المقبول`"
+            )
+        ),
+        "⟦1⟧ is missing",
+    ),
     "chatter before each segment": (
         mangle_each(lambda value, target: "Here is the translation: " + fake_translation(value, target)),
-        "chatter"),
+        "chatter",
+    ),
     "a ```markdown wrapper around the answer": (wrap_whole_answer, "not a JSON object"),
     "a truncated answer (finish_reason=length)": (cut_off, "finish_reason=length"),
     "front matter pasted into the title": (break_front_matter, "front matter title"),
-    "the source left untranslated": (
-        mangle_each(lambda value, target: value), "reads as zh, not ar"),
+    "the source left untranslated": (mangle_each(lambda value, target: value), "reads as zh, not ar"),
     "raw HTML added to the prose": (
         mangle_each(lambda value, target: fake_translation(value, target) + ' <img src="x" onerror="alert(1)">'),
-        "HTML or Liquid differs from the source"),
+        "HTML or Liquid differs from the source",
+    ),
     "a stray backtick, which kramdown may pair with a code span's": (
-        mangle_each(lambda value, target: fake_translation(value, target) + " `"), "stray backtick"),
+        mangle_each(lambda value, target: fake_translation(value, target) + " `"),
+        "stray backtick",
+    ),
     "a look-alike left beside its marker (the marker forced in at the end)": (
-        mangle_each(lambda value, target: fake_translation(value, target).replace("⟦1⟧", "[1]") + " ⟦1⟧"
-                    if "⟦1⟧" in value else fake_translation(value, target)),
-        "'[1]' looks like placeholder ⟦1⟧"),
+        mangle_each(
+            lambda value, target: (
+                fake_translation(value, target).replace("⟦1⟧", "[1]") + " ⟦1⟧"
+                if "⟦1⟧" in value
+                else fake_translation(value, target)
+            )
+        ),
+        "'[1]' looks like placeholder ⟦1⟧",
+    ),
 }
 
 
 @pytest.mark.parametrize("failure", list(FAILURES))
-def test_each_failure_mode_is_caught_and_nothing_is_written(failure, scripted_server, openai_env, seed_post,
-                                                            tmp_path):
+def test_each_failure_mode_is_caught_and_nothing_is_written(failure, scripted_server, openai_env, seed_post, tmp_path):
     script, expected = FAILURES[failure]
     server = scripted_server(only_in_arabic(script))
     out = tmp_path / "out"
 
-    result = CliRunner().invoke(main, ["translate", str(seed_post), "--to", "en,ar", "-o", str(out),
-                                       "--base-url", server.base_url, "--no-cache"])
+    result = CliRunner().invoke(
+        main,
+        ["translate", str(seed_post), "--to", "en,ar", "-o", str(out), "--base-url", server.base_url, "--no-cache"],
+    )
 
     assert result.exit_code == 1
     message = result.stderr.strip()
@@ -257,13 +293,16 @@ def test_each_failure_mode_is_caught_and_nothing_is_written(failure, scripted_se
 
 
 def test_what_a_translation_adds_is_made_inert_and_the_authors_html_is_kept(scripted_server, openai_env):
-    source = ('Press <kbd>Ctrl</kbd> and read `a<b>` in the note below, which explains the whole thing.\n\n'
-              '<div class="note">The author wrote this <b>HTML</b> on purpose.</div>\n')
+    source = (
+        "Press <kbd>Ctrl</kbd> and read `a<b>` in the note below, which explains the whole thing.\n\n"
+        '<div class="note">The author wrote this <b>HTML</b> on purpose.</div>\n'
+    )
 
     def adds_a_script_link(body):
         answer = json.loads(well_behaved(body))
-        return json.dumps({key: value + " [x](javascript:alert(1))" for key, value in answer.items()},
-                          ensure_ascii=False)
+        return json.dumps(
+            {key: value + " [x](javascript:alert(1))" for key, value in answer.items()}, ensure_ascii=False
+        )
 
     server = scripted_server(adds_a_script_link)
     translated = translate_markdown(source, "ar", backend_for(server), source_lang="en")
@@ -277,13 +316,16 @@ def test_what_a_translation_adds_is_made_inert_and_the_authors_html_is_kept(scri
 def test_what_a_translation_adds_to_the_front_matter_is_escaped_like_the_body(scripted_server, openai_env):
     """The review's finding: a model-added script link landed as written in title: and excerpt:, while the
     same link in the body was made inert."""
-    source = ("---\ntitle: Running LLaMA on a small graphics card\nexcerpt: What people hit when they run "
-              "the model at home.\n---\n\nThe body of the post explains the whole thing in one sentence.\n")
+    source = (
+        "---\ntitle: Running LLaMA on a small graphics card\nexcerpt: What people hit when they run "
+        "the model at home.\n---\n\nThe body of the post explains the whole thing in one sentence.\n"
+    )
 
     def adds_a_script_link(body):
         answer = json.loads(well_behaved(body))
-        return json.dumps({key: value + " [z](javascript:alert(9))" for key, value in answer.items()},
-                          ensure_ascii=False)
+        return json.dumps(
+            {key: value + " [z](javascript:alert(9))" for key, value in answer.items()}, ensure_ascii=False
+        )
 
     server = scripted_server(adds_a_script_link)
     translated = translate_markdown(source, "ar", backend_for(server), source_lang="en")
@@ -295,8 +337,15 @@ def test_what_a_translation_adds_to_the_front_matter_is_escaped_like_the_body(sc
 
 
 def test_a_generated_posts_title_is_escaped_like_its_intro():
-    post = Post(title="Sampling [z](javascript:alert(9)) <b onclick=x>", lang="en", date="2024-01-02",
-                source_path="demo.py", code_language="python", intro="An intro.", sections=[])
+    post = Post(
+        title="Sampling [z](javascript:alert(9)) <b onclick=x>",
+        lang="en",
+        date="2024-01-02",
+        source_path="demo.py",
+        code_language="python",
+        intro="An intro.",
+        sections=[],
+    )
     front = YAML(typ="safe").load(render_post(post).split("---\n")[1])
     assert front["title"] == "Sampling [z](javascript\\:alert(9)) &lt;b onclick=x&gt;"
 
@@ -320,8 +369,9 @@ def firmly_asked(body: dict) -> bool:
     return "was rejected" in body["messages"][0]["content"]
 
 
-def test_a_segment_that_loses_a_marker_alone_is_asked_again_varied_and_passes(scripted_server, openai_env,
-                                                                             seed_post, tmp_path):
+def test_a_segment_that_loses_a_marker_alone_is_asked_again_varied_and_passes(
+    scripted_server, openai_env, seed_post, tmp_path
+):
     """The failure seen with Qwen2.5-Coder-1.5B on zh and ja: a marker dropped. Asked again alone with another
     seed, some sampling and a firmer prompt, the model keeps it, and the language is written whole."""
 
@@ -338,8 +388,9 @@ def test_a_segment_that_loses_a_marker_alone_is_asked_again_varied_and_passes(sc
     assert {(body["seed"], body["temperature"]) for body in again} == {(1, 0.4)}
 
 
-def test_a_segment_failing_every_retry_fails_its_language_after_three_more_asks(scripted_server, openai_env,
-                                                                                seed_post, tmp_path):
+def test_a_segment_failing_every_retry_fails_its_language_after_three_more_asks(
+    scripted_server, openai_env, seed_post, tmp_path
+):
     server = scripted_server(only_in_arabic(mangle_each(drop_markers)))
     with pytest.raises(UserError, match="asked 4 times"):
         translate_file(seed_post, ["ar"], backend_for(server), out_dir=tmp_path / "out")
@@ -348,8 +399,9 @@ def test_a_segment_failing_every_retry_fails_its_language_after_three_more_asks(
     assert not (tmp_path / "out").exists()
 
 
-def test_keep_source_on_failure_writes_the_language_and_lists_what_stayed(scripted_server, openai_env, seed_post,
-                                                                         tmp_path):
+def test_keep_source_on_failure_writes_the_language_and_lists_what_stayed(
+    scripted_server, openai_env, seed_post, tmp_path
+):
     """Only on request: the failed segments keep their source text, the copy's front matter names them, and
     the command says so; without the flag the same run writes nothing (test above)."""
     lost = "Nvidia 驱动，LLaMA 和 ChatGPT"
@@ -363,8 +415,21 @@ def test_keep_source_on_failure_writes_the_language_and_lists_what_stayed(script
 
     server = scripted_server(script)
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["translate", str(seed_post), "--to", "ar", "-o", str(out),
-                                       "--base-url", server.base_url, "--no-cache", "--keep-source-on-failure"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "translate",
+            str(seed_post),
+            "--to",
+            "ar",
+            "-o",
+            str(out),
+            "--base-url",
+            server.base_url,
+            "--no-cache",
+            "--keep-source-on-failure",
+        ],
+    )
     assert result.exit_code == 0, result.output
     [written] = out.glob("ar/*.md")
     text = written.read_text(encoding="utf-8")
@@ -398,8 +463,9 @@ def test_broken_front_matter_in_the_source_is_one_clear_error(scripted_server, o
     server = scripted_server(well_behaved)
     post = tmp_path / "post.md"
     post.write_text('---\ntitle: "unclosed\nlayout: post\n---\n\nSome text here.\n', encoding="utf-8")
-    result = CliRunner().invoke(main, ["translate", str(post), "--to", "ar", "--base-url", server.base_url,
-                                       "--no-cache"])
+    result = CliRunner().invoke(
+        main, ["translate", str(post), "--to", "ar", "--base-url", server.base_url, "--no-cache"]
+    )
     assert result.exit_code == 1
     assert result.stderr.startswith("Error: post.md: the front matter is not valid YAML")
     assert server.requests == [] and sorted(p.name for p in tmp_path.iterdir()) == ["post.md"]
@@ -409,8 +475,9 @@ def test_a_source_markdown_it_cannot_read_is_one_clear_error(scripted_server, op
     server = scripted_server(well_behaved)
     post = tmp_path / "post.md"
     post.write_text("Some text here.\n\n>1. <!--\n>", encoding="utf-8")  # markdown-it-py 4.3.0 raises on it
-    result = CliRunner().invoke(main, ["translate", str(post), "--to", "ar", "--base-url", server.base_url,
-                                       "--no-cache"])
+    result = CliRunner().invoke(
+        main, ["translate", str(post), "--to", "ar", "--base-url", server.base_url, "--no-cache"]
+    )
     assert result.exit_code == 1 and result.stderr.count("\n") == 1
     assert result.stderr.startswith("Error: post.md: markdown-it-py") and "cannot read" in result.stderr
     assert server.requests == []
@@ -480,11 +547,25 @@ def test_a_cached_translation_that_a_newer_check_refuses_is_asked_again(scripted
 def test_a_generated_post_is_translated_as_data_and_its_code_never_sent(scripted_server, openai_env):
     server = scripted_server(well_behaved)
     code = "def scale(x):\n    # 把输入乘以二\n    return x * 2\n"
-    post = Post(title="理解 `scale` 函数", lang="zh", date="2024-01-02", source_path="demo.py",
+    post = Post(
+        title="理解 `scale` 函数",
+        lang="zh",
+        date="2024-01-02",
+        source_path="demo.py",
+        code_language="python",
+        intro="这篇文章逐段解释一个很小的函数，看看它是如何工作的。",
+        sections=[
+            Section(
+                code=code,
                 code_language="python",
-                intro="这篇文章逐段解释一个很小的函数，看看它是如何工作的。",
-                sections=[Section(code=code, code_language="python", start_line=1, end_line=3, symbol="scale",
-                                  kind="function", explanation="函数 `scale` 把参数 `x` 乘以二，然后返回结果。")])
+                start_line=1,
+                end_line=3,
+                symbol="scale",
+                kind="function",
+                explanation="函数 `scale` 把参数 `x` 乘以二，然后返回结果。",
+            )
+        ],
+    )
 
     translated = translate_post(post, "en", backend_for(server))
 
@@ -502,19 +583,23 @@ def test_a_generated_post_is_translated_as_data_and_its_code_never_sent(scripted
 # Property: an identity translator gives back the same structure and the same code
 # ---------------------------------------------------------------------------------------------
 
-SENTENCES = ["The model reads the whole prompt before it writes anything",
-             "Each layer of the network keeps its own cache of keys and values",
-             "We ran the example on a small graphics card without trouble",
-             "Sampling with a lower temperature makes the answers more predictable"]
+SENTENCES = [
+    "The model reads the whole prompt before it writes anything",
+    "Each layer of the network keeps its own cache of keys and values",
+    "We ran the example on a small graphics card without trouble",
+    "Sampling with a lower temperature makes the answers more predictable",
+]
 sentence = st.sampled_from(SENTENCES)
 # No Devanagari: the documents claim to be Hindi, so no stray text can look like untranslated source.
-code_text = st.text(st.sampled_from([chr(c) for c in range(32, 127) if chr(c) not in "`~"] + list("é中文ü→\t")),
-                    max_size=40)
+code_text = st.text(
+    st.sampled_from([chr(c) for c in range(32, 127) if chr(c) not in "`~"] + list("é中文ü→\t")), max_size=40
+)
 inline = st.one_of(
     sentence,
     code_text.filter(lambda t: t.strip() and "\n" not in t).map(lambda t: f"`{t.strip()}`"),
     st.tuples(sentence, st.sampled_from(["https://example.com/a_b", "/docs/page.html"])).map(
-        lambda pair: f"[{pair[0]}]({pair[1]})"),
+        lambda pair: f"[{pair[0]}]({pair[1]})"
+    ),
     sentence.map(lambda s: f"**{s}**"),
     st.just("see https://example.org/x_y?q=1 there"),
     st.just("{{ site.baseurl }}"),
@@ -528,16 +613,19 @@ block = st.one_of(
     line,
     st.lists(line, min_size=2, max_size=3).map("\n".join),  # a paragraph with soft breaks
     st.lists(line, min_size=1, max_size=3).map(lambda items: "\n".join(f"- {item}" for item in items)),
-    st.lists(line, min_size=1, max_size=3).map(lambda items: "\n".join(f"{n}. {item}"
-                                                                       for n, item in enumerate(items, 1))),
+    st.lists(line, min_size=1, max_size=3).map(
+        lambda items: "\n".join(f"{n}. {item}" for n, item in enumerate(items, 1))
+    ),
     st.lists(line, min_size=1, max_size=2).map(lambda lines: "\n".join(f"> {item}" for item in lines)),
     st.tuples(st.sampled_from(["", "python", "c"]), st.lists(code_text, max_size=4)).map(
-        lambda pair: f"```{pair[0]}\n" + "\n".join(pair[1]) + "\n```"),
+        lambda pair: f"```{pair[0]}\n" + "\n".join(pair[1]) + "\n```"
+    ),
     st.lists(code_text.filter(lambda t: t.strip()), min_size=1, max_size=3).map(
-        lambda lines: "\n".join("    " + item.strip() for item in lines)),
+        lambda lines: "\n".join("    " + item.strip() for item in lines)
+    ),
     st.tuples(sentence, sentence).map(lambda pair: f"| {pair[0]} | `code` |\n|---|---|\n| {pair[1]} | two |"),
     st.just("{% highlight python %}\nprint('keep me')  # a comment\n{% endhighlight %}"),
-    st.just("<div class=\"note\">\nRaw HTML that stays as it is.\n</div>"),
+    st.just('<div class="note">\nRaw HTML that stays as it is.\n</div>'),
     st.just("***"),
 )
 documents = st.lists(block, min_size=1, max_size=8).map(lambda blocks: "\n\n".join(blocks) + "\n")
@@ -556,25 +644,29 @@ def identity_backend():
 @given(document=documents)
 def test_identity_translation_keeps_structure_and_code_bytes(identity_backend, document):
     translated = translate_markdown(document, "en", identity_backend, source_lang="hi")
-    body = translated[translated.index("\n---\n", 4) + len("\n---\n"):]
+    body = translated[translated.index("\n---\n", 4) + len("\n---\n") :]
 
     assert fences(body) == fences(document)
     source_tokens, body_tokens = REFERENCE.parse(document), REFERENCE.parse(body)
     assert [t.type for t in body_tokens] == [t.type for t in source_tokens]
-    assert [t.content for t in body_tokens if t.type == "html_block"] == \
-        [t.content for t in source_tokens if t.type == "html_block"]
+    assert [t.content for t in body_tokens if t.type == "html_block"] == [
+        t.content for t in source_tokens if t.type == "html_block"
+    ]
     source_inline = [c for t in source_tokens for c in t.children or () if c.type != "softbreak"]
     body_inline = [c for t in body_tokens for c in t.children or () if c.type != "softbreak"]
-    assert [(c.type, c.content, c.attrs) for c in body_inline if c.type != "text"] == \
-        [(c.type, c.content, c.attrs) for c in source_inline if c.type != "text"]
+    assert [(c.type, c.content, c.attrs) for c in body_inline if c.type != "text"] == [
+        (c.type, c.content, c.attrs) for c in source_inline if c.type != "text"
+    ]
     if "\n" not in "".join(t.content for t in source_tokens if t.type == "inline"):
         assert body == document  # without soft line breaks, an identity translation changes nothing
 
 
 @pytest.mark.parametrize("lookalike", ["【{n}】", "[[{n}]]", "⟦ {n} ⟧"])
-def test_a_placeholder_written_as_a_lookalike_is_mapped_back(lookalike, scripted_server, openai_env, seed_post,
-                                                             tmp_path):
+def test_a_placeholder_written_as_a_lookalike_is_mapped_back(
+    lookalike, scripted_server, openai_env, seed_post, tmp_path
+):
     """Small models write ⟦1⟧ as 【1】 (zh) or drop into [[1]]: unambiguous, so repaired, and the post is whole."""
+
     def respell(value, target):
         translated = fake_translation(value, target)
         return translated.replace("⟦1⟧", lookalike.format(n=1), 1)
@@ -587,14 +679,17 @@ def test_a_placeholder_written_as_a_lookalike_is_mapped_back(lookalike, scripted
     assert all(len(sent_segments(body)) > 1 for body in server.requests)  # accepted at once, no retries
 
 
-@pytest.mark.parametrize("translation, expected", [
-    ("see 【1】 and ⟦2⟧", "see ⟦1⟧ and ⟦2⟧"),
-    ("see [[1]] and [[2]]", "see ⟦1⟧ and ⟦2⟧"),
-    ("see ⟦1⟧ and 【1】", "see ⟦1⟧ and 【1】"),  # ⟦1⟧ is there: nothing is missing, nothing changes
-    ("see 【1】 and 【1】 and ⟦2⟧", "see 【1】 and 【1】 and ⟦2⟧"),  # two candidates: ambiguous, left to fail
-    ("see 【1】 and [[1]] and ⟦2⟧", "see 【1】 and [[1]] and ⟦2⟧"),
-    ("see 【3】", "see 【3】"),  # no placeholder 3 in the segment
-])
+@pytest.mark.parametrize(
+    "translation, expected",
+    [
+        ("see 【1】 and ⟦2⟧", "see ⟦1⟧ and ⟦2⟧"),
+        ("see [[1]] and [[2]]", "see ⟦1⟧ and ⟦2⟧"),
+        ("see ⟦1⟧ and 【1】", "see ⟦1⟧ and 【1】"),  # ⟦1⟧ is there: nothing is missing, nothing changes
+        ("see 【1】 and 【1】 and ⟦2⟧", "see 【1】 and 【1】 and ⟦2⟧"),  # two candidates: ambiguous, left to fail
+        ("see 【1】 and [[1]] and ⟦2⟧", "see 【1】 and [[1]] and ⟦2⟧"),
+        ("see 【3】", "see 【3】"),  # no placeholder 3 in the segment
+    ],
+)
 def test_lookalikes_are_repaired_only_when_unambiguous(translation, expected):
     from explainer.translation_checks import repair_placeholders
 

@@ -52,4 +52,6 @@ def test_detect_lang_answers_with_a_human_language_a_post_can_be_written_in():
     assert detect_lang("Each piece of the function is explained in a few sentences below it.") == "en"
     assert detect_lang("下面用几句话解释这个函数的每一部分。") == "zh"
     # Even code is given the human language it reads most like, never a programming language.
-    assert detect_lang("def scale(x):\n    return x * 2\n") in {language(code).detect_code for code in known_languages()}
+    assert detect_lang("def scale(x):\n    return x * 2\n") in {
+        language(code).detect_code for code in known_languages()
+    }

@@ -25,8 +25,13 @@ def texts(markdown: str) -> list[str]:
 def translate_with(markdown: str, translations: dict[str, str]) -> str:
     """Rebuild `markdown` with segments replaced by hand-written translations (by source text)."""
     document = split_document(markdown)
-    return document.rebuild({index: segment.restore(translations[segment.text])
-                             for index, segment in enumerate(document.segments) if segment.text in translations})
+    return document.rebuild(
+        {
+            index: segment.restore(translations[segment.text])
+            for index, segment in enumerate(document.segments)
+            if segment.text in translations
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -35,27 +40,44 @@ def translate_with(markdown: str, translations: dict[str, str]) -> str:
 
 
 def test_inline_code_links_urls_html_math_and_liquid_become_markers():
-    markdown = ("Run `make test`, read [the docs](https://x.org/a_b \"Docs\") or https://example.com/x_y, "
-                "press <kbd>Ctrl</kbd>, see ![plot](p.png), solve $a^2$ and use {{ site.url }} &amp; \\*.\n")
+    markdown = (
+        'Run `make test`, read [the docs](https://x.org/a_b "Docs") or https://example.com/x_y, '
+        "press <kbd>Ctrl</kbd>, see ![plot](p.png), solve $a^2$ and use {{ site.url }} &amp; \\*.\n"
+    )
     [segment] = split_document(markdown).segments
-    assert segment.text == ("Run ⟦1⟧, read ⟦2⟧the docs⟦3⟧ or ⟦4⟧, press ⟦5⟧Ctrl⟦6⟧, see ⟦7⟧, "
-                            "solve ⟦8⟧ and use ⟦9⟧ ⟦10⟧ ⟦11⟧.")
-    assert segment.protected == ("`make test`", "[", '](https://x.org/a_b "Docs")', "https://example.com/x_y",
-                                 "<kbd>", "</kbd>", "![plot](p.png)", "$a^2$", "{{ site.url }}", "&amp;", "\\*")
+    assert segment.text == (
+        "Run ⟦1⟧, read ⟦2⟧the docs⟦3⟧ or ⟦4⟧, press ⟦5⟧Ctrl⟦6⟧, see ⟦7⟧, solve ⟦8⟧ and use ⟦9⟧ ⟦10⟧ ⟦11⟧."
+    )
+    assert segment.protected == (
+        "`make test`",
+        "[",
+        '](https://x.org/a_b "Docs")',
+        "https://example.com/x_y",
+        "<kbd>",
+        "</kbd>",
+        "![plot](p.png)",
+        "$a^2$",
+        "{{ site.url }}",
+        "&amp;",
+        "\\*",
+    )
     assert segment.pairs == ((2, 3),)
 
 
 def test_a_link_whose_text_is_its_url_is_protected_whole():
     # The seed's links look like this; a model must not get to "translate" the URL in the text.
-    assert texts("链接为[https://lzwjava.github.io/computer](https://lzwjava.github.io/computer)。\n") == \
-        ["链接为⟦1⟧。"]
+    assert texts("链接为[https://lzwjava.github.io/computer](https://lzwjava.github.io/computer)。\n") == [
+        "链接为⟦1⟧。"
+    ]
 
 
 def test_front_matter_code_html_and_liquid_blocks_are_never_segments():
-    markdown = ("---\ntitle: Keep me out\n---\n\n```python\nprint('fenced')  # comment\n```\n\n"
-                "    indented code line\n\n<div>\nraw html words\n</div>\n\n"
-                "{% highlight python %}\nprint('liquid')\n\nmore = 1\n{% endhighlight %}\n\n$$\nE = mc^2\n$$\n\n"
-                "Only this sentence is prose.\n")
+    markdown = (
+        "---\ntitle: Keep me out\n---\n\n```python\nprint('fenced')  # comment\n```\n\n"
+        "    indented code line\n\n<div>\nraw html words\n</div>\n\n"
+        "{% highlight python %}\nprint('liquid')\n\nmore = 1\n{% endhighlight %}\n\n$$\nE = mc^2\n$$\n\n"
+        "Only this sentence is prose.\n"
+    )
     assert texts(markdown) == ["Only this sentence is prose."]
 
 
@@ -79,16 +101,17 @@ def test_the_seed_post_sends_no_code_and_no_urls():
 def test_a_wrapped_paragraph_in_a_quote_comes_back_on_one_quoted_line():
     markdown = "> first line\n> second line\n\nafter\n"
     assert texts(markdown) == ["first line second line", "after"]
-    assert translate_with(markdown, {"first line second line": "première et seconde"}) == \
-        "> première et seconde\n\nafter\n"
+    assert (
+        translate_with(markdown, {"first line second line": "première et seconde"})
+        == "> première et seconde\n\nafter\n"
+    )
 
 
 def test_a_hard_break_keeps_its_line_and_quote_marker():
     markdown = "> roses are red  \n> violets are blue\n"
     [segment] = split_document(markdown).segments
     assert segment.text == "roses are red⟦1⟧violets are blue"
-    assert translate_with(markdown, {segment.text: "les roses⟦1⟧les violettes"}) == \
-        "> les roses  \n> les violettes\n"
+    assert translate_with(markdown, {segment.text: "les roses⟦1⟧les violettes"}) == "> les roses  \n> les violettes\n"
 
 
 def test_untouched_parts_keep_their_bytes():
@@ -125,10 +148,13 @@ def test_a_translated_comment_inside_code_is_rejected():
 
 
 def test_code_duplicated_after_the_arabic_phrase_is_rejected():
-    duplicated = SEED.replace("最终，我们可以运行它。",
-                              "تم ترجمة الكود أعلاه إلى:\n\n```\ninput_ids = input_ids.to(model.device)\n```\n\n最终，我们可以运行它。")
-    assert "16 code/verbatim blocks in the source, 17 in the translation" in \
-        structure(SEED).differences(structure(duplicated))
+    duplicated = SEED.replace(
+        "最终，我们可以运行它。",
+        "تم ترجمة الكود أعلاه إلى:\n\n```\ninput_ids = input_ids.to(model.device)\n```\n\n最终，我们可以运行它。",
+    )
+    assert "16 code/verbatim blocks in the source, 17 in the translation" in structure(SEED).differences(
+        structure(duplicated)
+    )
 
 
 def test_a_flattened_heading_and_list_are_rejected():
@@ -145,28 +171,38 @@ def test_a_flattened_heading_and_list_are_rejected():
 LINKED = split_document("Read [the guide](https://x.org) and run `make` before the build starts today.\n").segments[0]
 
 
-@pytest.mark.parametrize("translation, problem", [
-    ("Lisez ⟦1⟧le guide⟦2⟧ et lancez avant que la compilation commence.", "placeholder ⟦3⟧ is missing"),
-    ("Lisez ⟦1⟧le guide⟦2⟧ et ⟦3⟧ ⟦3⟧ avant que la compilation commence.", "placeholder ⟦3⟧ appears 2 times"),
-    ("Lisez ⟦1⟧le guide⟦2⟧ et ⟦3⟧ ⟦4⟧ avant que la compilation commence.", "unknown placeholder ⟦4⟧"),
-    ("Lisez ⟦2⟧le guide⟦1⟧ et lancez ⟦3⟧ avant que la compilation commence.", "out of order"),
-    ("Lisez ⟦1⟧le guide⟦2⟧ et lancez ⟦3 avant que la compilation commence.", "placeholder is broken"),
-    ("Lisez ⟦1⟧le guide⟦2⟧ et lancez ⟦3⟧ avant.\n```\nmake\n```", "spans several lines"),
-    ("Voici la traduction : ⟦1⟧le guide⟦2⟧ ⟦3⟧ ```markdown", "chatter"),
-    ("# Lisez ⟦1⟧le guide⟦2⟧ et lancez ⟦3⟧ avant que la compilation commence.", "headings"),
-    ("Lisez ⟦1⟧le guide⟦2⟧ et lancez ⟦3⟧ et `rm -rf` avant que la compilation commence.", "inline code"),
-    ("Read ⟦1⟧the guide⟦2⟧ and run ⟦3⟧ before the whole build starts today.", "reads as en, not fr"),
-    # the markers dropped from the sentence and heaped at its end (Qwen2.5-Coder-1.5B, steered to them)
-    ("Lisez le guide et lancez la commande avant que la compilation commence ⟦1⟧⟦2⟧⟦3⟧.", "side by side"),
-])
+@pytest.mark.parametrize(
+    "translation, problem",
+    [
+        ("Lisez ⟦1⟧le guide⟦2⟧ et lancez avant que la compilation commence.", "placeholder ⟦3⟧ is missing"),
+        ("Lisez ⟦1⟧le guide⟦2⟧ et ⟦3⟧ ⟦3⟧ avant que la compilation commence.", "placeholder ⟦3⟧ appears 2 times"),
+        ("Lisez ⟦1⟧le guide⟦2⟧ et ⟦3⟧ ⟦4⟧ avant que la compilation commence.", "unknown placeholder ⟦4⟧"),
+        ("Lisez ⟦2⟧le guide⟦1⟧ et lancez ⟦3⟧ avant que la compilation commence.", "out of order"),
+        ("Lisez ⟦1⟧le guide⟦2⟧ et lancez ⟦3 avant que la compilation commence.", "placeholder is broken"),
+        ("Lisez ⟦1⟧le guide⟦2⟧ et lancez ⟦3⟧ avant.\n```\nmake\n```", "spans several lines"),
+        ("Voici la traduction : ⟦1⟧le guide⟦2⟧ ⟦3⟧ ```markdown", "chatter"),
+        ("# Lisez ⟦1⟧le guide⟦2⟧ et lancez ⟦3⟧ avant que la compilation commence.", "headings"),
+        ("Lisez ⟦1⟧le guide⟦2⟧ et lancez ⟦3⟧ et `rm -rf` avant que la compilation commence.", "inline code"),
+        ("Read ⟦1⟧the guide⟦2⟧ and run ⟦3⟧ before the whole build starts today.", "reads as en, not fr"),
+        # the markers dropped from the sentence and heaped at its end (Qwen2.5-Coder-1.5B, steered to them)
+        ("Lisez le guide et lancez la commande avant que la compilation commence ⟦1⟧⟦2⟧⟦3⟧.", "side by side"),
+    ],
+)
 def test_segment_problems(translation, problem):
     problems = segment_problems(LINKED, translation, language("fr"), source_lang="en")
     assert any(problem in found for found in problems), problems
 
 
 def test_a_good_segment_translation_passes():
-    assert segment_problems(LINKED, "Lisez ⟦1⟧le guide⟦2⟧ et lancez ⟦3⟧ avant que la compilation ne commence.",
-                            language("fr"), source_lang="en") == []
+    assert (
+        segment_problems(
+            LINKED,
+            "Lisez ⟦1⟧le guide⟦2⟧ et lancez ⟦3⟧ avant que la compilation ne commence.",
+            language("fr"),
+            source_lang="en",
+        )
+        == []
+    )
 
 
 @pytest.mark.parametrize("word", ["मODEल", "सेट업", "लог"])
@@ -176,19 +212,28 @@ def test_a_hindi_word_that_mixes_scripts_is_refused_and_a_latin_word_of_its_own_
     broken = f"आज बिल्ड शुरू होने से पहले ⟦1⟧{word} गाइड⟦2⟧ पढ़ें और ⟦3⟧ चलाएँ।"
     good = "आज बिल्ड शुरू होने से पहले GPU का ⟦1⟧गाइड⟦2⟧ पढ़ें और ⟦3⟧ चलाएँ।"
     hindi = language("hi")
-    assert any(f"a word mixes scripts ('{word}')" in problem
-               for problem in segment_problems(LINKED, broken, hindi, source_lang="en"))
+    assert any(
+        f"a word mixes scripts ('{word}')" in problem
+        for problem in segment_problems(LINKED, broken, hindi, source_lang="en")
+    )
     assert segment_problems(LINKED, good, hindi, source_lang="en") == []
     # Korean attaches particles to Latin words ("GPU를"): its language file allows such words
-    assert not any("mixes scripts" in problem for problem in
-                   segment_problems(LINKED, "오늘 빌드가 시작되기 전에 ⟦1⟧가이드⟦2⟧를 읽고 GPU를 쓰는 ⟦3⟧을 실행하세요.",
-                                    language("ko"), source_lang="en"))
+    assert not any(
+        "mixes scripts" in problem
+        for problem in segment_problems(
+            LINKED,
+            "오늘 빌드가 시작되기 전에 ⟦1⟧가이드⟦2⟧를 읽고 GPU를 쓰는 ⟦3⟧을 실행하세요.",
+            language("ko"),
+            source_lang="en",
+        )
+    )
 
 
 def test_a_pipe_in_a_table_cell_is_rejected():
     cell = split_document("| Column |\n|---|\n| the value of the setting |\n").segments[1]
-    assert "a '|' in a table cell would split the cell" in \
-        segment_problems(cell, "la valeur | du réglage", language("fr"), source_lang="en")
+    assert "a '|' in a table cell would split the cell" in segment_problems(
+        cell, "la valeur | du réglage", language("fr"), source_lang="en"
+    )
 
 
 def test_a_quote_already_in_another_language_may_stay_in_it():

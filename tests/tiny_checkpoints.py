@@ -29,8 +29,10 @@ from llama_ref.model import ModelArgs, Transformer
 SEED_ZH = (Path(__file__).parent / "data" / "seed_zh.md").read_text(encoding="utf-8")
 SEED_AR = (Path(__file__).parent / "data" / "seed_ar_broken.md").read_text(encoding="utf-8")
 CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>")
-CHATML_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-                   "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 GGUF_TOKEN_TYPES = {"normal": 1, "unknown": 2, "control": 3, "byte": 6}
 
 
@@ -40,10 +42,20 @@ def train_sentencepiece(path: Path, vocab_size: int = 512) -> Path:
 
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter((SEED_ZH + SEED_AR).splitlines()), model_writer=model, vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=True, character_coverage=0.98, split_digits=True,
-        allow_whitespace_only_pieces=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=True, control_symbols=list(CONTROL_TOKENS), minloglevel=2)
+        sentence_iterator=iter((SEED_ZH + SEED_AR).splitlines()),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=0.98,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        control_symbols=list(CONTROL_TOKENS),
+        minloglevel=2,
+    )
     path.write_bytes(model.getvalue())
     return path
 
@@ -65,8 +77,9 @@ def sentencepiece_pieces(tokenizer_model: Path):
 
     sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_model))
     for i in range(sp.get_piece_size()):
-        kind = ("control" if sp.is_control(i) else "unknown" if sp.is_unknown(i)
-                else "byte" if sp.is_byte(i) else "normal")
+        kind = (
+            "control" if sp.is_control(i) else "unknown" if sp.is_unknown(i) else "byte" if sp.is_byte(i) else "normal"
+        )
         yield sp.id_to_piece(i), sp.get_score(i), kind
 
 
@@ -77,8 +90,18 @@ def make_tiny_model(directory: Path, *, tie_embeddings: bool = False, seed: int 
     the logits visibly. hidden_dim 192 is what Meta's FeedForward computes for dim 64, multiple_of 32.
     """
     tokenizer_model = train_sentencepiece(directory / "tokenizer.model")
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=192, norm_eps=1e-5,
-                     rope_theta=10000.0, tie_embeddings=tie_embeddings, context_length=128)
+    args = ModelArgs(
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=512,
+        hidden_dim=192,
+        norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_embeddings=tie_embeddings,
+        context_length=128,
+    )
     generator = torch.Generator().manual_seed(seed)
     reference = Transformer(args)
     weights = {}
@@ -103,22 +126,40 @@ def build_transformer(args: ModelArgs, weights) -> Transformer:
 
 # ---------------------------------------------------------------------------- GGUF
 
-GGUF_LAYER_PARTS = {"attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
-                    "attention.wv": "attn_v", "attention.wo": "attn_output", "ffn_norm": "ffn_norm",
-                    "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up"}
+GGUF_LAYER_PARTS = {
+    "attention_norm": "attn_norm",
+    "attention.wq": "attn_q",
+    "attention.wk": "attn_k",
+    "attention.wv": "attn_v",
+    "attention.wo": "attn_output",
+    "ffn_norm": "ffn_norm",
+    "feed_forward.w1": "ffn_gate",
+    "feed_forward.w2": "ffn_down",
+    "feed_forward.w3": "ffn_up",
+}
 
 
 def gguf_name(meta_name: str) -> str:
-    top = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-           "output.weight": "output.weight"}
+    top = {
+        "tok_embeddings.weight": "token_embd.weight",
+        "norm.weight": "output_norm.weight",
+        "output.weight": "output.weight",
+    }
     if meta_name in top:
         return top[meta_name]
     _, layer, rest = meta_name.split(".", 2)
     return f"blk.{layer}.{GGUF_LAYER_PARTS[rest.removesuffix('.weight')]}.weight"
 
 
-def write_gguf(model: TinyModel, path: Path, qtype=None, *, architecture: str = "llama",
-               rope_scaling: dict | None = None, weights: dict | None = None) -> Path:
+def write_gguf(
+    model: TinyModel,
+    path: Path,
+    qtype=None,
+    *,
+    architecture: str = "llama",
+    rope_scaling: dict | None = None,
+    weights: dict | None = None,
+) -> Path:
     """A llama GGUF like llama.cpp writes: Meta-layout q/k, norms in F32, matrices in `qtype` (default F32),
     a sentencepiece ("llama") vocabulary, the chat template, and Llama 3.1 rope scaling as rope_freqs."""
     import gguf
@@ -184,8 +225,11 @@ def write_unsupported_gguf(path: Path) -> Path:
     writer = gguf_writer(path, "llama")
     writer.add_block_count(1)
     block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.IQ2_XXS][1]
-    writer.add_tensor("blk.0.ffn_down.weight", np.zeros((64, block_bytes), dtype=np.uint8),
-                      raw_dtype=gguf.GGMLQuantizationType.IQ2_XXS)
+    writer.add_tensor(
+        "blk.0.ffn_down.weight",
+        np.zeros((64, block_bytes), dtype=np.uint8),
+        raw_dtype=gguf.GGMLQuantizationType.IQ2_XXS,
+    )
     writer.add_tensor("output_norm.weight", np.ones(64, dtype=np.float32))
     return close_gguf(writer, path)
 
@@ -209,11 +253,17 @@ def llama3_rope_divisors(head_dim: int, theta: float, scaling: dict) -> np.ndarr
 
 # ---------------------------------------------------------------------------- Hugging Face
 
-HF_LAYER_PARTS = {"attention_norm": "input_layernorm", "attention.wq": "self_attn.q_proj",
-                  "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-                  "attention.wo": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-                  "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-                  "feed_forward.w3": "mlp.up_proj"}
+HF_LAYER_PARTS = {
+    "attention_norm": "input_layernorm",
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj",
+}
 
 
 def hf_permute(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -228,12 +278,24 @@ def write_hf(model: TinyModel, directory: Path) -> Path:
 
     args = model.args
     directory.mkdir(parents=True, exist_ok=True)
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
-              "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
-              "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
-              "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
-              "max_position_embeddings": args.context_length, "tie_word_embeddings": args.tie_embeddings,
-              "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "intermediate_size": args.hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "max_position_embeddings": args.context_length,
+        "tie_word_embeddings": args.tie_embeddings,
+        "hidden_act": "silu",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "float32",
+    }
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     hf = {}
     for name, tensor in model.weights.items():
@@ -243,8 +305,10 @@ def write_hf(model: TinyModel, directory: Path) -> Path:
             tensor = hf_permute(tensor, args.n_kv_heads)
         hf[hf_name(name)] = tensor.contiguous()
     names = sorted(hf)
-    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[: len(names) // 2],
+        "model-00002-of-00002.safetensors": names[len(names) // 2 :],
+    }
     for file, shard_names in shards.items():
         save_file({n: hf[n] for n in shard_names}, str(directory / file), metadata={"format": "pt"})
     weight_map = {n: file for file, shard_names in shards.items() for n in shard_names}
@@ -254,8 +318,11 @@ def write_hf(model: TinyModel, directory: Path) -> Path:
 
 
 def hf_name(meta_name: str) -> str:
-    top = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-           "output.weight": "lm_head.weight"}
+    top = {
+        "tok_embeddings.weight": "model.embed_tokens.weight",
+        "norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight",
+    }
     if meta_name in top:
         return top[meta_name]
     _, layer, rest = meta_name.split(".", 2)
@@ -264,13 +331,21 @@ def hf_name(meta_name: str) -> str:
 
 # ---------------------------------------------------------------------------- Meta
 
+
 def write_meta(model: TinyModel, directory: Path, n_shards: int = 2) -> Path:
     """params.json and consolidated.0N.pth shards, split as Llama 2's fairscale layers split them;
     tokenizer.model goes to the parent directory, as in facebookresearch/llama's download layout."""
     args = model.args
     directory.mkdir(parents=True, exist_ok=True)
-    params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
-              "multiple_of": 32, "norm_eps": args.norm_eps, "vocab_size": -1}
+    params = {
+        "dim": args.dim,
+        "n_layers": args.n_layers,
+        "n_heads": args.n_heads,
+        "n_kv_heads": args.n_kv_heads,
+        "multiple_of": 32,
+        "norm_eps": args.norm_eps,
+        "vocab_size": -1,
+    }
     (directory / "params.json").write_text(json.dumps(params))
     shards = [{} for _ in range(n_shards)]
     for name, tensor in model.weights.items():
@@ -292,6 +367,7 @@ def write_meta(model: TinyModel, directory: Path, n_shards: int = 2) -> Path:
 
 # ---------------------------------------------------------------------------- llama2.c
 
+
 def write_llama2c(model: TinyModel, path: Path, version: int) -> Path:
     """A llama2.c checkpoint as export.py's legacy_export (version 0) or version1_export writes it,
     with tokenizer.bin beside it."""
@@ -302,24 +378,47 @@ def write_llama2c(model: TinyModel, path: Path, version: int) -> Path:
     def layers(part):
         return [w[f"layers.{i}.{part}.weight"] for i in range(args.n_layers)]
 
-    header = [args.dim, args.hidden_dim, args.n_layers, args.n_heads, args.n_kv_heads, args.vocab_size,
-              args.context_length]
+    header = [
+        args.dim,
+        args.hidden_dim,
+        args.n_layers,
+        args.n_heads,
+        args.n_kv_heads,
+        args.vocab_size,
+        args.context_length,
+    ]
     matrices = [*layers("attention.wq"), *layers("attention.wk"), *layers("attention.wv"), *layers("attention.wo")]
     ffn = [*layers("feed_forward.w1"), *layers("feed_forward.w2"), *layers("feed_forward.w3")]
     with path.open("wb") as f:
         if version == 0:
             header[5] = args.vocab_size if args.tie_embeddings else -args.vocab_size
             f.write(struct.pack("<7i", *header))
-            angles = torch.outer(torch.arange(args.context_length).float(),
-                                 1.0 / 10000.0 ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
-            tensors = [w["tok_embeddings.weight"], *layers("attention_norm"), *matrices, *layers("ffn_norm"), *ffn,
-                       w["norm.weight"], torch.cos(angles), torch.sin(angles)]
+            angles = torch.outer(
+                torch.arange(args.context_length).float(),
+                1.0 / 10000.0 ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim),
+            )
+            tensors = [
+                w["tok_embeddings.weight"],
+                *layers("attention_norm"),
+                *matrices,
+                *layers("ffn_norm"),
+                *ffn,
+                w["norm.weight"],
+                torch.cos(angles),
+                torch.sin(angles),
+            ]
         else:
             f.write(struct.pack("<Ii", 0x616B3432, 1) + struct.pack("<7i", *header))
             f.write(struct.pack("<B", int(args.tie_embeddings)))
             f.write(b"\0" * (256 - f.tell()))
-            tensors = [*layers("attention_norm"), *layers("ffn_norm"), w["norm.weight"], w["tok_embeddings.weight"],
-                       *matrices, *ffn]
+            tensors = [
+                *layers("attention_norm"),
+                *layers("ffn_norm"),
+                w["norm.weight"],
+                w["tok_embeddings.weight"],
+                *matrices,
+                *ffn,
+            ]
         if not args.tie_embeddings:
             tensors.append(w["output.weight"])
         for tensor in tensors:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 from explainer.errors import UserError
 from llama_ref.constrain import JsonFields
-
 
 # An answer that is one JSON object of one-line strings with these keys, each holding its markers exactly
 # once: llama_ref.constrain's shape (it imports no torch). A backend enforces what it can: the local one
@@ -54,8 +54,10 @@ class Usage:
     extra: dict = field(default_factory=dict)
 
     def summary(self) -> str:
-        return (f"{self.requests} requests, {self.tokens_in} tokens in, {self.tokens_out} tokens out, "
-                f"{self.cache_hits} cache hits")
+        return (
+            f"{self.requests} requests, {self.tokens_in} tokens in, {self.tokens_out} tokens out, "
+            f"{self.cache_hits} cache hits"
+        )
 
 
 class UnusableAnswer(UserError):
@@ -75,8 +77,9 @@ class Backend(Protocol):
     name: str  # "openai" or "local": part of the cache key
     model: str  # model name or file: part of the cache key
 
-    def complete(self, requests: list[Request],
-                 on_done: Callable[[int, Completion], None] | None = None) -> list[Completion]:
+    def complete(
+        self, requests: list[Request], on_done: Callable[[int, Completion], None] | None = None
+    ) -> list[Completion]:
         """Answer every request, in order. Call on_done(index, completion) as each one finishes
         so the caller can cache it at once.
 
@@ -123,10 +126,24 @@ def register(kind: BackendKind) -> BackendKind:
     return kind
 
 
-register(BackendKind("openai", "any OpenAI-compatible API", "explainer.backends.openai:from_settings",
-                     frozenset({"model", "base_url", "concurrency"})))
-register(BackendKind("local", "the bundled llama_ref model, on this machine", "explainer.backends.local:from_settings",
-                     frozenset({"model", "batch_size"}), batches_locally=True, model_files=True))
+register(
+    BackendKind(
+        "openai",
+        "any OpenAI-compatible API",
+        "explainer.backends.openai:from_settings",
+        frozenset({"model", "base_url", "concurrency"}),
+    )
+)
+register(
+    BackendKind(
+        "local",
+        "the bundled llama_ref model, on this machine",
+        "explainer.backends.local:from_settings",
+        frozenset({"model", "batch_size"}),
+        batches_locally=True,
+        model_files=True,
+    )
+)
 
 _FLAGS = {"base_url": "--base-url / base_url", "concurrency": "concurrency", "batch_size": "batch_size"}
 
@@ -162,7 +179,8 @@ def make_backend(settings: BackendSettings, where: str = "--backend") -> Backend
     for name, flag in _FLAGS.items():
         if getattr(settings, name) is not None and name not in kind.settings:
             users = [k.name for k in BACKENDS.values() if name in k.settings]
-            raise UserError(f"{flag} is for the {' and '.join(users)} backend; leave it out with the "
-                            f"{kind.name} backend")
+            raise UserError(
+                f"{flag} is for the {' and '.join(users)} backend; leave it out with the {kind.name} backend"
+            )
     module, function = kind.factory.split(":")
     return getattr(importlib.import_module(module), function)(settings)

@@ -20,8 +20,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from explainer.backends import Completion, Request, UnusableAnswer
 from explainer.errors import UserError
@@ -53,9 +53,15 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self, model: str | os.PathLike | None = None, device: str | None = None,
-                 dtype: str | None = None, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                 max_seq_len: int = DEFAULT_MAX_SEQ_LEN, kernels: str = "auto"):
+    def __init__(
+        self,
+        model: str | os.PathLike | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+        kernels: str = "auto",
+    ):
         if max_batch_size < 1:
             raise UserError(f"max_batch_size must be at least 1, got {max_batch_size}")
         from llama_ref.catalog import CATALOG, DEFAULT_MODEL
@@ -99,8 +105,9 @@ class LocalBackend:
         except LlamaRefError as exc:  # the checkpoint's own chat template: a broken or hostile model file
             raise UserError(f"{self.model}: {exc}; use another checkpoint or fix its chat template") from None
 
-    def complete(self, requests: list[Request],
-                 on_done: Callable[[int, Completion], None] | None = None) -> list[Completion]:
+    def complete(
+        self, requests: list[Request], on_done: Callable[[int, Completion], None] | None = None
+    ) -> list[Completion]:
         """Answer every request, in order. Each answer reaches on_done as soon as it is finished. An
         answer cut off (at max_tokens, or where max_seq_len ends), or a prompt that fills max_seq_len,
         raises UnusableAnswer after every other answer has reached on_done."""
@@ -114,8 +121,17 @@ class LocalBackend:
         too_long = [i for i, p in enumerate(prompts) if len(p) >= self.max_seq_len]
         runs = [i for i in range(len(requests)) if i not in too_long]
         budgets = {i: min(requests[i].max_tokens, self.max_seq_len - len(prompts[i])) for i in runs}
-        jobs = [Job(prompts[i], budgets[i], temperature=requests[i].temperature, top_p=requests[i].top_p,
-                    seed=requests[i].seed, constraint=self._constraint(requests[i], budgets[i])) for i in runs]
+        jobs = [
+            Job(
+                prompts[i],
+                budgets[i],
+                temperature=requests[i].temperature,
+                top_p=requests[i].top_p,
+                seed=requests[i].seed,
+                constraint=self._constraint(requests[i], budgets[i]),
+            )
+            for i in runs
+        ]
         looping: set[int] = set()
         for job in jobs:
             job.abandoned = self._loop_watch(job, looping)
@@ -135,8 +151,9 @@ class LocalBackend:
                     (repeating if id(job) in looping else cut_off).append(index)
                     return
                 loops.append(index)
-            results[index] = Completion(text=text, finish_reason="stop", tokens_in=len(job.prompt_tokens),
-                                        tokens_out=len(job.tokens))
+            results[index] = Completion(
+                text=text, finish_reason="stop", tokens_in=len(job.prompt_tokens), tokens_out=len(job.tokens)
+            )
             if on_done is not None:
                 on_done(index, results[index])
 
@@ -144,21 +161,33 @@ class LocalBackend:
             self.engine.plan([prompts[i] for i in runs], [budgets[i] for i in runs])
             self.engine.run(jobs, on_finished=finished)
         if loops:
-            log.warning("the model kept repeating itself in %d of %d answers; each was kept up to the first "
-                        "repeat", len(loops), len(requests))
+            log.warning(
+                "the model kept repeating itself in %d of %d answers; each was kept up to the first repeat",
+                len(loops),
+                len(requests),
+            )
         reasons: dict[int, str] = {}
         for i in too_long:
-            reasons[i] = (f"{self.model}: request {i + 1} of {len(requests)} has {len(prompts[i])} prompt tokens, "
-                          f"which leaves no room for an answer in max_seq_len={self.max_seq_len}; "
-                          "send less text per request")
+            reasons[i] = (
+                f"{self.model}: request {i + 1} of {len(requests)} has {len(prompts[i])} prompt tokens, "
+                f"which leaves no room for an answer in max_seq_len={self.max_seq_len}; "
+                "send less text per request"
+            )
         for i in cut_off:
-            limit = (f"max_tokens={requests[i].max_tokens}" if budgets[i] == requests[i].max_tokens
-                     else f"{budgets[i]} tokens, all that max_seq_len={self.max_seq_len} left after the prompt")
-            reasons[i] = (f"{self.model}: the answer to request {i + 1} of {len(requests)} was cut off at {limit} "
-                          "(finish_reason=length); allow more tokens or send less per request")
+            limit = (
+                f"max_tokens={requests[i].max_tokens}"
+                if budgets[i] == requests[i].max_tokens
+                else f"{budgets[i]} tokens, all that max_seq_len={self.max_seq_len} left after the prompt"
+            )
+            reasons[i] = (
+                f"{self.model}: the answer to request {i + 1} of {len(requests)} was cut off at {limit} "
+                "(finish_reason=length); allow more tokens or send less per request"
+            )
         for i in repeating:
-            reasons[i] = (f"{self.model}: the answer to request {i + 1} of {len(requests)} kept repeating itself "
-                          "and was stopped; try another model or ask again")
+            reasons[i] = (
+                f"{self.model}: the answer to request {i + 1} of {len(requests)} kept repeating itself "
+                "and was stopped; try another model or ask again"
+            )
         if reasons:
             first = min(too_long or cut_off or repeating)
             others = f" (and {len(reasons) - 1} other request(s) of this call)" if len(reasons) > 1 else ""
@@ -185,8 +214,9 @@ class LocalBackend:
             return None
         from llama_ref.constrain import JsonFieldsConstraint
 
-        return JsonFieldsConstraint(request.json_answer, self.llama.tokenizer, self.llama.model.params.vocab_size,
-                                    max_tokens)
+        return JsonFieldsConstraint(
+            request.json_answer, self.llama.tokenizer, self.llama.model.params.vocab_size, max_tokens
+        )
 
     @property
     def llama(self):
@@ -196,8 +226,14 @@ class LocalBackend:
             from llama_ref.loading import load_llama  # torch is imported here, not before
 
             try:
-                self._llama = load_llama(self._spec, max_seq_len=BUILD_SEQ_LEN, max_batch_size=1, device=self.device,
-                                         dtype=self.dtype, kernels=self.kernels)
+                self._llama = load_llama(
+                    self._spec,
+                    max_seq_len=BUILD_SEQ_LEN,
+                    max_batch_size=1,
+                    device=self.device,
+                    dtype=self.dtype,
+                    kernels=self.kernels,
+                )
             except LlamaRefError as exc:
                 raise UserError(str(exc)) from None
         return self._llama
@@ -208,8 +244,9 @@ class LocalBackend:
         if self._engine is None:
             from llama_ref.engine import Engine
 
-            self._engine = Engine(self.llama.model, self.llama.tokenizer, max_batch_size=self.max_batch_size,
-                                  max_seq_len=self.max_seq_len)
+            self._engine = Engine(
+                self.llama.model, self.llama.tokenizer, max_batch_size=self.max_batch_size, max_seq_len=self.max_seq_len
+            )
         return self._engine
 
 
@@ -225,8 +262,10 @@ def repeats_itself(text: str) -> bool:
     if len(flat) <= LOOP_TAIL_CHARS:
         return False
     tail = flat[-LOOP_TAIL_CHARS:]
-    return any(flat[-LOOP_TAIL_CHARS - period:-period] == tail
-               for period in range(1, min(LOOP_PERIOD, len(flat) - LOOP_TAIL_CHARS) + 1))
+    return any(
+        flat[-LOOP_TAIL_CHARS - period : -period] == tail
+        for period in range(1, min(LOOP_PERIOD, len(flat) - LOOP_TAIL_CHARS) + 1)
+    )
 
 
 def before_loop(text: str) -> str | None:
@@ -244,11 +283,11 @@ def before_loop(text: str) -> str | None:
     flat = "".join(flat)
     first_seen: dict[str, int] = {}
     for start in range(len(flat) - LOOP_CHARS + 1):
-        stretch = flat[start:start + LOOP_CHARS]
+        stretch = flat[start : start + LOOP_CHARS]
         if stretch in first_seen:
             repeat = origin[start]
             # The repeat may begin with the first copy's last character (". The" after "Intro.")
             sentence_end = max(text.rfind(mark, 0, repeat + 1) for mark in SENTENCE_ENDS)
-            return text[:sentence_end + 1 if sentence_end >= 0 else repeat].rstrip() or None
+            return text[: sentence_end + 1 if sentence_end >= 0 else repeat].rstrip() or None
         first_seen.setdefault(stretch, start)
     return None

@@ -19,8 +19,8 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Mapping
 
 import openai
 
@@ -55,7 +55,7 @@ def retry_delay(retry: int, headers: Mapping[str, str], backoff: float) -> float
             return max(0.0, when.timestamp() - time.time())
         except (TypeError, ValueError):
             pass
-    return min(backoff * 2 ** retry, MAX_BACKOFF) * random.uniform(0.75, 1.0)
+    return min(backoff * 2**retry, MAX_BACKOFF) * random.uniform(0.75, 1.0)
 
 
 def _one_line(text: str, limit: int = 200) -> str:
@@ -66,10 +66,13 @@ def _one_line(text: str, limit: int = 200) -> str:
 DEFAULT_CONCURRENCY = 8  # requests in flight per call
 
 
-def from_settings(settings) -> "OpenAIBackend":
+def from_settings(settings) -> OpenAIBackend:
     """The registry's factory (explainer.backends.BACKENDS)."""
-    return OpenAIBackend(model=settings.model, base_url=settings.base_url,
-                         concurrency=DEFAULT_CONCURRENCY if settings.concurrency is None else settings.concurrency)
+    return OpenAIBackend(
+        model=settings.model,
+        base_url=settings.base_url,
+        concurrency=DEFAULT_CONCURRENCY if settings.concurrency is None else settings.concurrency,
+    )
 
 
 class OpenAIBackend:
@@ -82,15 +85,25 @@ class OpenAIBackend:
 
     name = "openai"
 
-    def __init__(self, model: str | None = None, base_url: str | None = None, api_key: str | None = None,
-                 concurrency: int = DEFAULT_CONCURRENCY, timeout: float = 120.0, max_retries: int = 5, backoff: float = 0.5):
+    def __init__(
+        self,
+        model: str | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        timeout: float = 120.0,
+        max_retries: int = 5,
+        backoff: float = 0.5,
+    ):
         self.model = model or DEFAULT_MODEL
         base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
         api_key = api_key or os.environ.get("OPENAI_API_KEY") or None
         if api_key is None:
             if base_url is None:
-                raise UserError("OPENAI_API_KEY is not set; export it, or use --backend local "
-                                "(a server given with --base-url needs no key)")
+                raise UserError(
+                    "OPENAI_API_KEY is not set; export it, or use --backend local "
+                    "(a server given with --base-url needs no key)"
+                )
             api_key = "unused"  # servers without auth ignore it, but the SDK insists on one
         if concurrency < 1:
             raise UserError(f"concurrency must be at least 1, got {concurrency}")
@@ -107,8 +120,9 @@ class OpenAIBackend:
         self._schemas = True  # False once the server refused a response_format: never sent again
         self._schemas_lock = threading.Lock()
 
-    def complete(self, requests: list[Request],
-                 on_done: Callable[[int, Completion], None] | None = None) -> list[Completion]:
+    def complete(
+        self, requests: list[Request], on_done: Callable[[int, Completion], None] | None = None
+    ) -> list[Completion]:
         """Answer every request, in order. on_done(index, completion) runs on a worker thread as
         each answer arrives. An unusable answer (cut off, empty) does not stop the others: every
         request is answered before UnusableAnswer is raised, as with the local backend. On any other
@@ -132,8 +146,7 @@ class OpenAIBackend:
                 failed.set()
                 raise
 
-        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(requests)),
-                                  thread_name_prefix="openai-request")
+        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(requests)), thread_name_prefix="openai-request")
         try:
             futures = [pool.submit(run, index) for index in range(len(requests))]
             wait_interruptibly(futures)  # after a failure that stops the run, queued requests return at once
@@ -145,8 +158,11 @@ class OpenAIBackend:
         if errors:  # one that stopped the run before an unusable answer; else the earliest in request order
             first = min(errors, key=lambda error: isinstance(error, UnusableAnswer))
             if isinstance(first, UnusableAnswer):
-                unusable = {index: str(future.exception()) for index, future in enumerate(futures)
-                            if isinstance(future.exception(), UnusableAnswer)}
+                unusable = {
+                    index: str(future.exception())
+                    for index, future in enumerate(futures)
+                    if isinstance(future.exception(), UnusableAnswer)
+                }
                 others = f" (and {len(unusable) - 1} other request(s) of this call)" if len(unusable) > 1 else ""
                 raise UnusableAnswer(str(first) + others, unusable) from None
             raise first
@@ -165,8 +181,10 @@ class OpenAIBackend:
                 headers = exc.response.headers if status is not None else {}
                 delay = retry_delay(retry, headers, self.backoff)
                 if delay > MAX_RETRY_AFTER:
-                    raise UserError(f"{self.base_url} asks to wait {delay:.0f} s before retrying {which} "
-                                    f"({self._status(exc)}); rerun later (finished answers are cached)") from None
+                    raise UserError(
+                        f"{self.base_url} asks to wait {delay:.0f} s before retrying {which} "
+                        f"({self._status(exc)}); rerun later (finished answers are cached)"
+                    ) from None
                 if retry == self.max_retries:
                     raise self._error(which, exc, gave_up_after=retry) from None
                 reason = f"HTTP {status}" if status is not None else type(exc).__name__
@@ -177,13 +195,20 @@ class OpenAIBackend:
     def _create(self, request: Request):
         """One chat completion, held to the answer's JSON schema while the server takes one. A refusal
         of the schema is not an attempt: the same request goes again at once, without it."""
-        settings = {"model": self.model, "messages": list(request.messages), "max_tokens": request.max_tokens,
-                    "temperature": request.temperature, "top_p": request.top_p, "seed": request.seed}
+        settings = {
+            "model": self.model,
+            "messages": list(request.messages),
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "seed": request.seed,
+        }
         if request.json_answer is None or not self._schemas:
             return self._client.chat.completions.create(**settings)
         try:
-            return self._client.chat.completions.create(**settings,
-                                                        response_format=response_format(request.json_answer))
+            return self._client.chat.completions.create(
+                **settings, response_format=response_format(request.json_answer)
+            )
         except openai.APIStatusError as exc:
             if not _refuses_schema(exc):
                 raise
@@ -196,53 +221,77 @@ class OpenAIBackend:
             if not self._schemas:
                 return
             self._schemas = False
-        log.warning("%s refused a JSON schema for the answer (%s); requests go without one "
-                    "from now on, and answers are still checked", self.base_url, self._status(exc))
+        log.warning(
+            "%s refused a JSON schema for the answer (%s); requests go without one "
+            "from now on, and answers are still checked",
+            self.base_url,
+            self._status(exc),
+        )
 
     def _completion(self, which: str, request: Request, response) -> Completion:
         # A server that is not an OpenAI-compatible API may answer 200 with HTML or other JSON;
         # the SDK then hands back a string or a half-filled object.
         choices = getattr(response, "choices", None)
         if not choices:
-            raise UserError(f"{self.base_url} did not answer {which} like an OpenAI chat-completions API; "
-                            f"fix --base-url (it usually ends in /v1)")
+            raise UserError(
+                f"{self.base_url} did not answer {which} like an OpenAI chat-completions API; "
+                f"fix --base-url (it usually ends in /v1)"
+            )
         choice = choices[0]
         if choice.finish_reason == "length":
-            raise UnusableAnswer(f"the answer to {which} was cut off at max_tokens={request.max_tokens} "
-                            f"(finish_reason=length); allow more tokens or split the code into smaller pieces")
+            raise UnusableAnswer(
+                f"the answer to {which} was cut off at max_tokens={request.max_tokens} "
+                f"(finish_reason=length); allow more tokens or split the code into smaller pieces"
+            )
         if not (choice.message.content or "").strip():
-            raise UnusableAnswer(f"{self.base_url} returned an empty answer for {which} "
-                            f"(finish_reason={choice.finish_reason}); try again or pick another --model")
+            raise UnusableAnswer(
+                f"{self.base_url} returned an empty answer for {which} "
+                f"(finish_reason={choice.finish_reason}); try again or pick another --model"
+            )
         usage = response.usage
-        return Completion(text=choice.message.content, finish_reason=choice.finish_reason or "stop",
-                          tokens_in=usage.prompt_tokens if usage else 0,
-                          tokens_out=usage.completion_tokens if usage else 0)
+        return Completion(
+            text=choice.message.content,
+            finish_reason=choice.finish_reason or "stop",
+            tokens_in=usage.prompt_tokens if usage else 0,
+            tokens_out=usage.completion_tokens if usage else 0,
+        )
 
     def _error(self, which: str, exc: openai.APIError, gave_up_after: int = 0) -> UserError:
         """One line that says what went wrong with which request and what to do about it."""
         tries = f" after {gave_up_after + 1} attempts" if gave_up_after else ""
         if isinstance(exc, openai.APITimeoutError):
-            return UserError(f"{which} to {self.base_url} timed out after {self.timeout:g} s{tries}; "
-                             f"allow a longer timeout or check the server's load")
+            return UserError(
+                f"{which} to {self.base_url} timed out after {self.timeout:g} s{tries}; "
+                f"allow a longer timeout or check the server's load"
+            )
         if isinstance(exc, openai.APIConnectionError):
             cause = exc.__cause__ or exc
-            return UserError(f"cannot reach {self.base_url}: {self._scrub(cause) or type(cause).__name__}{tries}; "
-                             f"start the server or fix --base-url")
+            return UserError(
+                f"cannot reach {self.base_url}: {self._scrub(cause) or type(cause).__name__}{tries}; "
+                f"start the server or fix --base-url"
+            )
         status, said = exc.status_code, self._status(exc)
         if status == 401:  # the server's message may quote part of the key; say nothing of it
             return UserError(f"{self.base_url} rejected the API key (HTTP 401); check OPENAI_API_KEY")
         if status == 404:
-            return UserError(f"{self.base_url} has no model {self.model!r} or no chat-completions endpoint "
-                             f"({said}); pick another --model or fix --base-url (it usually ends in /v1)")
+            return UserError(
+                f"{self.base_url} has no model {self.model!r} or no chat-completions endpoint "
+                f"({said}); pick another --model or fix --base-url (it usually ends in /v1)"
+            )
         if status == 429:
-            return UserError(f"{self.base_url} is still rate-limiting {which}{tries} ({said}); "
-                             f"wait and rerun (finished answers are cached) or lower the concurrency")
+            return UserError(
+                f"{self.base_url} is still rate-limiting {which}{tries} ({said}); "
+                f"wait and rerun (finished answers are cached) or lower the concurrency"
+            )
         if status >= 500:
-            return UserError(f"{self.base_url} failed on {which}{tries} ({said}); "
-                             f"rerun later (finished answers are cached)")
+            return UserError(
+                f"{self.base_url} failed on {which}{tries} ({said}); rerun later (finished answers are cached)"
+            )
         if status == 400 and _context_exceeded(exc):  # OpenAI's, vLLM's, llama.cpp's and our serve's code
-            return UnusableAnswer(f"{which} is too long for {self.model}'s context at {self.base_url} ({said}); "
-                                  "send less text per request")
+            return UnusableAnswer(
+                f"{which} is too long for {self.model}'s context at {self.base_url} ({said}); "
+                "send less text per request"
+            )
         return UserError(f"{self.base_url} refused {which} ({said}); check --model and the request settings")
 
     def _status(self, exc: openai.APIStatusError) -> str:
@@ -261,12 +310,19 @@ class OpenAIBackend:
 def response_format(shape: JsonAnswer) -> dict:
     """Structured outputs for `shape`: one object with exactly its keys, in order, each a string. Strict
     mode (OpenAI's) takes only schemas whose every property is required and that forbid others."""
-    return {"type": "json_schema",
-            "json_schema": {"name": "answer", "strict": True,
-                            "schema": {"type": "object",
-                                       "properties": {key: {"type": "string"} for key in shape.keys},
-                                       "required": list(shape.keys),
-                                       "additionalProperties": False}}}
+    return {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "answer",
+            "strict": True,
+            "schema": {
+                "type": "object",
+                "properties": {key: {"type": "string"} for key in shape.keys},
+                "required": list(shape.keys),
+                "additionalProperties": False,
+            },
+        },
+    }
 
 
 def _refuses_schema(exc: openai.APIStatusError) -> bool:
@@ -277,8 +333,17 @@ def _refuses_schema(exc: openai.APIStatusError) -> bool:
     if exc.status_code != 400 or _context_exceeded(exc):
         return False
     said = str(exc).lower()
-    return any(words in said for words in ("response_format", "response format", "json_schema", "json schema",
-                                           "structured output", "not supported"))
+    return any(
+        words in said
+        for words in (
+            "response_format",
+            "response format",
+            "json_schema",
+            "json schema",
+            "structured output",
+            "not supported",
+        )
+    )
 
 
 def _context_exceeded(exc: openai.APIStatusError) -> bool:
