@@ -1,6 +1,7 @@
 # Test fixture: the upstream-style generate() that the seed post walks through, chunk by chunk.
 # The method body is copied from the seed post's code block; the rest is a small frame around it.
 
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -16,13 +17,13 @@ class Llama:
     @torch.inference_mode()
     def generate(
         self,
-        prompt_tokens: list[list[int]],
+        prompt_tokens: List[List[int]],
         max_gen_len: int,
         temperature: float = 0.6,
         top_p: float = 0.9,
         logprobs: bool = False,
         echo: bool = False,
-    ) -> tuple[list[list[int]], list[list[float]] | None]:
+    ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         params = self.model.params
         bsz = len(prompt_tokens)
         assert bsz <= params.max_batch_size, (bsz, params.max_batch_size)
@@ -59,9 +60,13 @@ class Llama:
 
             next_token = next_token.reshape(-1)
             # only replace token if prompt has already been generated
-            next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
+            next_token = torch.where(
+                input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token
+            )
             tokens[:, cur_pos] = next_token
-            eos_reached |= (~input_text_mask[:, cur_pos]) & (next_token == self.tokenizer.eos_id)
+            eos_reached |= (~input_text_mask[:, cur_pos]) & (
+                next_token == self.tokenizer.eos_id
+            )
             prev_pos = cur_pos
             if all(eos_reached):
                 break
