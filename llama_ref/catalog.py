@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 from llama_ref.errors import CheckpointError
 
@@ -162,6 +162,7 @@ def _in_place(model: CatalogModel) -> Path:
 
 def _assembled(model: CatalogModel) -> Path:
     path = model.assembled_path()
+    assert path is not None  # resolve_model comes here only for a model with an assembled_name
     if _remembered(model, path):
         return path
     try:
@@ -174,7 +175,7 @@ def _assembled(model: CatalogModel) -> Path:
             missing = [package for package, part in zip(model.packages, parts) if part is None]
             if missing:
                 raise _not_installed(model, missing)
-            _assemble(model, parts, path)
+            _assemble(model, [part for part in parts if part is not None], path)  # none is None: see above
             _remember(model, path)
     except OSError as exc:
         raise CatalogError(
@@ -206,7 +207,7 @@ def _assemble(model: CatalogModel, parts: Sequence[Path], path: Path) -> None:
 
 
 def _stream(
-    paths: Sequence[Path], sink: BinaryIO | None = None, on_part: Callable[[int], None] | None = None
+    paths: Sequence[Path], sink: IO[bytes] | None = None, on_part: Callable[[int], None] | None = None
 ) -> tuple[int, str]:
     """Size and sha256 of the files' concatenation, copied into `sink` on the way when one is given."""
     sha256, size = hashlib.sha256(), 0

@@ -27,6 +27,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from jinja2 import TemplateSyntaxError, nodes
 from jinja2.compiler import CodeGenerator
@@ -34,12 +35,13 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 
-if __name__ == "__main__":  # the sandbox's child process runs this file alone (-I): no package to import
-
-    class LlamaRefError(Exception):  # type: ignore[no-redef]
-        pass
-else:
+if TYPE_CHECKING or __name__ != "__main__":  # mypy checks the module as the package imports it
     from llama_ref.errors import LlamaRefError
+else:  # the sandbox's child process runs this file alone (-I): no package to import
+
+    class LlamaRefError(Exception):
+        pass
+
 
 # Fallback chat templates, used when a checkpoint carries none; jinja2 like the HF/GGUF ones.
 LLAMA2_TEMPLATE = (

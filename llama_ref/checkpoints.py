@@ -54,7 +54,7 @@ class Checkpoint:
     tokenizer: Tokenizer
     chat_template: str | None
     tensor_shapes: dict[str, tuple[int, ...]]  # Meta names; known before any weight is read
-    read_tensors: Callable[..., Iterator[tuple[str, torch.Tensor]]] = field(repr=False)
+    read_tensors: Callable[..., Iterator[tuple[str, torch.Tensor | Rows]]] = field(repr=False)
     # GGUF only: a 4-bit weight as its exact (q, scale, min) groups (quants.int4_groups), else None
     read_int4: Callable[[str], tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] | None = field(
         default=None, repr=False
@@ -182,7 +182,7 @@ def _is_llama2c(path: Path) -> Path | None:
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Every weight model.Transformer(args) loads, with its shape."""
-    q_rows, kv_rows = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    q_rows, kv_rows = args.n_heads * args.head_dim, args.kv_heads * args.head_dim
     shapes = {"tok_embeddings.weight": (args.vocab_size, args.dim), "norm.weight": (args.dim,)}
     if not args.tie_embeddings:
         shapes["output.weight"] = (args.vocab_size, args.dim)
@@ -263,7 +263,7 @@ def _rotary_to_meta(name: str, tensor: torch.Tensor, args: ModelArgs) -> torch.T
     if ".attention.wq." in name:
         return _hf_rotary_to_meta(tensor, args.n_heads)
     if ".attention.wk." in name:
-        return _hf_rotary_to_meta(tensor, args.n_kv_heads)
+        return _hf_rotary_to_meta(tensor, args.kv_heads)
     return tensor
 
 

@@ -142,7 +142,9 @@ class JsonFieldsConstraint:
         if self.finished:
             return token in self.table.stops
         data = self._bytes(token)
-        state = self._feed(self._state, data) if data is not None else None
+        if data is None:
+            return False
+        state = self._feed(self._state, data)
         if state is None:
             return False
         if self._steering and not self._shortest_end(self._state).startswith(data):
@@ -191,6 +193,7 @@ class JsonFieldsConstraint:
         return len(self._shortest_end(self._state))
 
     def _left(self) -> int:
+        assert self.max_tokens is not None  # asked only once _tight() found a budget
         return self.max_tokens - self._generated
 
     def _tight(self) -> bool:

@@ -115,7 +115,7 @@ class Job:
     _error: Exception | None = field(default=None, repr=False)
     _cancelled: bool = field(default=False, repr=False)
     # a paused job's stream decoder and sampling generator, for the row it resumes in
-    _paused: tuple | None = field(default=None, repr=False)
+    _paused: tuple[StreamDecoder, torch.Generator | None] | None = field(default=None, repr=False)
 
     def cancel(self) -> None:
         """Free this job's row at the engine's next step (a client went away)."""
@@ -152,12 +152,12 @@ class Job:
 class _Row:
     job: Job
     slot: int
+    decoder: StreamDecoder  # the answer's text so far, piece by piece
     sequence: list[int] = field(default_factory=list)  # what it prefills: the prompt, and a resumed job's answer
     steps: int = 0  # decode steps since it was admitted
     filled: int = 0  # positions of this job's prompt and answer that have keys and values
     shared: int = 0  # of those, how many it reads from the anchor; its own row holds the rest, from index 0
     anchoring: bool = False  # its prompt is being prefilled into the anchor
-    decoder: StreamDecoder | None = None
     generator: torch.Generator | None = None
     next_token: int | None = None  # sampled, not yet fed back
 
@@ -418,14 +418,14 @@ class Engine:
         if decoding:
             self._decode(decoding)
 
-    def _rows_by_client(self) -> dict:
-        held: dict = {}
+    def _rows_by_client(self) -> dict[object, int]:
+        held: dict[object, int] = {}
         for row in self._slots:
             if row is not None:
                 held[row.job.client] = held.get(row.job.client, 0) + 1
         return held
 
-    def _next_waiting(self, held: dict) -> Job:
+    def _next_waiting(self, held: dict[object, int]) -> Job:
         """The waiting job whose client runs the fewest rows; the first come among equals."""
         return min(self._waiting, key=lambda job: held.get(job.client, 0))
 
@@ -437,13 +437,16 @@ class Engine:
                 return
             held = self._rows_by_client()
             client = self._next_waiting(held).client
-        most = max(held, key=held.get)
+        most = max(held, key=held.__getitem__)
         if most == client or held[most] <= max(1, len(self._slots) // 2):
             return
         ready = [
             row
             for row in self._slots
-            if row.job.client == most and row.steps >= PREEMPT_AFTER_STEPS and row.next_token is not None
+            if row is not None  # every slot is taken (checked above)
+            and row.job.client == most
+            and row.steps >= PREEMPT_AFTER_STEPS
+            and row.next_token is not None
         ]
         if ready:
             self._pause(min(ready, key=lambda row: row.filled))  # the least to read back when it resumes
@@ -559,6 +562,7 @@ class Engine:
             if other is not None and not other.anchoring:
                 positions[slot], shared[slot] = other.filled, other.shared
         for row in rows:
+            assert row.next_token is not None  # step() decodes only rows with a token to feed
             tokens[row.slot, 0] = row.next_token
         shared_tensor = torch.tensor(shared, device=self.device) if self._anchored else None
         plan = StepPlan(rows=slice(0, width), shared=shared_tensor)
@@ -630,6 +634,7 @@ class Engine:
         highest = max((r.slot for r in self._slots if r is not None), default=-1)
         if highest > freed:
             moved = self._slots[highest]
+            assert moved is not None  # highest is an occupied slot
             own = 0 if moved.anchoring else moved.filled - moved.shared
             for layer in self.model.layers:
                 cache = layer.attention.cache

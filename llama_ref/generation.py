@@ -137,26 +137,25 @@ class Llama:
             if eos_reached.all():
                 break
 
-        if logprobs:
-            token_logprobs = token_logprobs.tolist()
-        out_tokens, out_logprobs = [], []
+        logprob_rows: list[list[float]] = token_logprobs.tolist() if logprobs else []
+        out_tokens: list[list[int]] = []
+        out_logprobs: list[list[float]] = []
         stop_set = set(stop.tolist())
         for i, toks in enumerate(tokens.tolist()):
             # cut to max gen len
             start = 0 if echo else len(prompt_tokens[i])
             toks = toks[start : len(prompt_tokens[i]) + max_gen_len]
-            probs = None
-            if logprobs:
-                probs = token_logprobs[i][start : len(prompt_tokens[i]) + max_gen_len]
+            row_logprobs = logprob_rows[i][start : len(prompt_tokens[i]) + max_gen_len] if logprobs else None
             # cut to the first stop token produced by the model (a stop token inside an echoed prompt stays)
             first_new = len(prompt_tokens[i]) - start
             for stop_idx in range(first_new, len(toks)):
                 if toks[stop_idx] in stop_set:
                     toks = toks[:stop_idx]
-                    probs = probs[:stop_idx] if logprobs else None
+                    row_logprobs = row_logprobs[:stop_idx] if row_logprobs is not None else None
                     break
             out_tokens.append(toks)
-            out_logprobs.append(probs)
+            if row_logprobs is not None:
+                out_logprobs.append(row_logprobs)
         return (out_tokens, out_logprobs if logprobs else None)
 
     def text_completion(

@@ -167,6 +167,7 @@ def _row(linear: Choice, small: Choice, output: Choice, embedding: Choice) -> di
 _FEW_CALLS = Choice("float", "too small to gain: a quantized call's fixed cost is more than the bytes it saves")
 _INT8_ROWS = Choice("int8-weights", "int8 rows, widened when looked up: a quarter of fp32's bytes, half of bf16's")
 _FLOAT_DEVICE = Choice("float", "the device's own matmul in bf16 or fp16")
+_NO_AVX2 = Choice("float", "no AVX2: torch's fp32 matmul is what this CPU runs best")
 
 TABLE: dict[str, dict[str, Choice]] = {
     "avx512-bf16": _row(
@@ -197,7 +198,7 @@ TABLE: dict[str, dict[str, Choice]] = {
         Choice("int8-weights", "a quarter of fp32's bytes"),
         _INT8_ROWS,
     ),
-    "generic": _row(*[Choice("float", "no AVX2: torch's fp32 matmul is what this CPU runs best")] * 3, _INT8_ROWS),
+    "generic": _row(_NO_AVX2, _NO_AVX2, _NO_AVX2, _INT8_ROWS),
     "cuda": _row(_FLOAT_DEVICE, _FLOAT_DEVICE, _FLOAT_DEVICE, Choice("float", "the device's dtype")),
     "mps": _row(_FLOAT_DEVICE, _FLOAT_DEVICE, _FLOAT_DEVICE, Choice("float", "the device's dtype")),
 }

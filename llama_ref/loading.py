@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from llama_ref import kernels as kernel_table
-from llama_ref.checkpoints import Checkpoint, CheckpointError, open_checkpoint
+from llama_ref.checkpoints import Checkpoint, CheckpointError, Rows, open_checkpoint
 from llama_ref.device import check_fits, pick_device, pick_dtype
 from llama_ref.kernels import Plan, plan, role
 from llama_ref.model import ModelArgs, Transformer
@@ -64,9 +64,9 @@ def load_model(
     with its KV cache set up. Each layer gets the kernel kernels.plan() picks for this machine and for
     `kernels` (auto: the table's row for this CPU class). Raises a LlamaRefError: CheckpointError,
     DeviceError, KernelError or TokenizerError."""
-    device = pick_device(device)  # a mistyped device, dtype or kernel is reported before a slow load
-    dtype = pick_dtype(dtype, device)
-    layer_plan = plan(device.type, dtype, kernels)
+    torch_device = pick_device(device)  # a mistyped device, dtype or kernel is reported before a slow load
+    dtype = pick_dtype(dtype, torch_device)
+    layer_plan = plan(torch_device.type, dtype, kernels)
     checkpoint = open_checkpoint(model_path)
     args = checkpoint.args
     max_seq_len = min(max_seq_len, args.context_length)  # positions past the trained context are noise
@@ -77,14 +77,14 @@ def load_model(
     with torch.device("meta"):
         model = Transformer(args).to(dtype)
         targets = place_kernels(model, layer_plan, dtype)
-    cache_dtype = kv_cache_dtype(args, max_batch_size, max_seq_len, dtype, device)
+    cache_dtype = kv_cache_dtype(args, max_batch_size, max_seq_len, dtype, torch_device)
     check_fits(
         model_bytes(model),
         cache_bytes(args, max_batch_size, max_seq_len, cache_dtype),
-        device,
+        torch_device,
         quantized=layer_plan.quantized(),
     )
-    model = model.to_empty(device=device)
+    model = model.to_empty(device=torch_device)
     if args.tie_embeddings and type(model.output) is nn.Linear and type(model.tok_embeddings) is nn.Embedding:
         model.output.weight = model.tok_embeddings.weight
     _load_weights(model, checkpoint, targets)
@@ -93,7 +93,7 @@ def load_model(
         if checkpoint.read_int4 is not None:
             pack_linears(model, checkpoint.int4_groups)
         block_linears(model)
-    model.setup_caches(max_batch_size, max_seq_len, dtype=cache_dtype, device=device)
+    model.setup_caches(max_batch_size, max_seq_len, dtype=cache_dtype, device=torch_device)
     model.eval()
     # Only the tokenizer and template outlive the load: the checkpoint holds the file's mapping, and
     # its pages would stay resident beside the weights they were copied into.
@@ -229,6 +229,7 @@ def _load_weights(model: Transformer, checkpoint: Checkpoint, targets: dict[str,
             for target in targets[name]:
                 _load_into(model, checkpoint, name, tensor, target, pending)
         elif name in params:
+            assert isinstance(tensor, torch.Tensor)  # only tensors that go to targets come as Rows (by_rows)
             _check_shape(checkpoint, name, tensor, params[name].shape)
             with torch.no_grad():
                 params[name].copy_(tensor)
@@ -255,17 +256,26 @@ def _numel(shape) -> int:
 
 
 def _load_into(
-    model: Transformer, checkpoint: Checkpoint, name: str, tensor: torch.Tensor, target: Target, pending: dict
+    model: Transformer,
+    checkpoint: Checkpoint,
+    name: str,
+    tensor: torch.Tensor | Rows,
+    target: Target,
+    pending: dict,
 ) -> None:
     module = model.get_submodule(target.path)
     if name.endswith(".bias"):
+        bias = module.bias
+        assert isinstance(bias, torch.Tensor) and isinstance(tensor, torch.Tensor)  # a bias is never read by rows
         with torch.no_grad():
-            module.bias[target.offset : target.offset + tensor.shape[0]].copy_(tensor)
+            bias[target.offset : target.offset + tensor.shape[0]].copy_(tensor)
         return
     if type(module) is nn.Linear:  # a tied output that keeps floats beside a quantized embedding
+        assert isinstance(tensor, torch.Tensor)  # by_rows leaves out what a plain nn.Linear takes
         with torch.no_grad():
             module.weight.copy_(tensor)
         return
+    assert isinstance(module, (Int8Linear, Int8DotLinear, Int8Embedding))  # what place_kernels put there
     parts = pending.setdefault(target.path, [None] * target.parts)
     parts[target.part] = tensor
     if any(part is None for part in parts):
@@ -273,15 +283,15 @@ def _load_into(
     del pending[target.path]
     weight = parts[0] if len(parts) == 1 else torch.cat(parts)  # a Rows (by_rows) comes alone
     parts.clear()
-    expected = (
-        getattr(module, "out_features", None) or module.weight.shape[0],
-        getattr(module, "in_features", None) or module.weight.shape[1],
-    )
+    if isinstance(module, Int8Embedding):
+        expected = tuple(module.weight.shape)
+    else:
+        expected = (module.out_features, module.in_features)
     _check_shape(checkpoint, name, weight, expected)
     module.load_float_weight(weight)
 
 
-def _check_shape(checkpoint: Checkpoint, name: str, tensor: torch.Tensor, expected) -> None:
+def _check_shape(checkpoint: Checkpoint, name: str, tensor: torch.Tensor | Rows, expected) -> None:
     if tuple(tensor.shape) != tuple(expected):
         raise CheckpointError(
             f"{checkpoint.path}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(expected)}; "
@@ -312,4 +322,4 @@ def kv_cache_dtype(args: ModelArgs, batch: int, seq_len: int, dtype: torch.dtype
 
 def cache_bytes(args: ModelArgs, batch: int, seq_len: int, dtype: torch.dtype) -> int:
     element = torch.finfo(dtype).bits // 8
-    return 2 * args.n_layers * batch * seq_len * args.n_kv_heads * args.head_dim * element
+    return 2 * args.n_layers * batch * seq_len * args.kv_heads * args.head_dim * element

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from llama_ref.quantize import Int8Embedding
 
 
 @dataclass
@@ -41,6 +46,12 @@ class ModelArgs:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """n_kv_heads as __post_init__ settled it: never None once the args exist."""
+        assert self.n_kv_heads is not None
+        return self.n_kv_heads
 
 
 def scale_rope_frequencies(freqs: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -91,6 +102,9 @@ class KVCache(nn.Module):
     Heads come before positions so that attention reads a slice of the cache as it is, with no copy.
     """
 
+    k: torch.Tensor  # buffers, registered in __init__
+    v: torch.Tensor
+
     def __init__(self, batch: int, seq_len: int, n_kv_heads: int, head_dim: int, dtype, device):
         super().__init__()
         shape = (batch, n_kv_heads, seq_len, head_dim)
@@ -115,7 +129,7 @@ class KVCache(nn.Module):
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
         self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=args.qkv_bias)
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=args.qkv_bias)
@@ -136,10 +150,13 @@ class Attention(nn.Module):
         k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
-        keys, values = (self.anchor if into_anchor else self.cache).update(rows, input_pos, kv_len, k, v)
+        cache = self.anchor if into_anchor else self.cache
+        assert cache is not None, "Transformer.setup_caches() allocates the caches before any forward pass"
+        keys, values = cache.update(rows, input_pos, kv_len, k, v)
         q = q.to(keys.dtype)  # a small cache is fp32 on a CPU whatever the weights are (loading.kv_cache_dtype)
         shared_kv = None
         if shared:  # the rows read the anchor's first `shared` positions, then their own
+            assert self.anchor is not None, "a plan that shares positions needs an anchor (setup_caches anchor_len)"
             shared_kv = self.anchor.k[0, :, :shared], self.anchor.v[0, :, :shared]
         if seqlen == 1 and mask is None and keys.dtype == torch.float32:
             # one new token that sees the whole cache: in fp32, SDPA is one call and the fastest way
@@ -280,13 +297,14 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.params = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # load_model may swap in an Int8Embedding (loading.place_kernels)
+        self.tok_embeddings: nn.Embedding | Int8Embedding = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.compiled_step = None  # compile_steps()
+        self.compiled_step: Callable[..., torch.Tensor] | None = None  # compile_steps()
 
     def setup_caches(
         self,
@@ -306,15 +324,21 @@ class Transformer(nn.Module):
         dtype, device = dtype or self.dtype, device or self.device
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.row_len, self.anchor_len = row_len or max_seq_len, anchor_len
-        for layer in self.layers:
-            layer.attention.cache = None  # freed before the new one is allocated
-            layer.attention.cache = KVCache(max_batch_size, self.row_len, args.n_kv_heads, args.head_dim, dtype, device)
-            layer.attention.anchor = None
+        for attention in self.attentions():
+            attention.cache = None  # freed before the new one is allocated
+            attention.cache = KVCache(max_batch_size, self.row_len, args.kv_heads, args.head_dim, dtype, device)
+            attention.anchor = None
             if anchor_len:
-                layer.attention.anchor = KVCache(1, anchor_len, args.n_kv_heads, args.head_dim, dtype, device)
+                attention.anchor = KVCache(1, anchor_len, args.kv_heads, args.head_dim, dtype, device)
         self.freqs_cis = precompute_freqs_cis(
             args.head_dim, max_seq_len, args.rope_theta, args.rope_scaling, device=device
         )
+
+    def attentions(self) -> Iterator[Attention]:
+        """Each layer's attention, in order (nn.ModuleList hands its items back as plain Modules)."""
+        for layer in self.layers:
+            assert isinstance(layer, TransformerBlock)
+            yield layer.attention
 
     @property
     def dtype(self) -> torch.dtype:
@@ -327,11 +351,13 @@ class Transformer(nn.Module):
 
     def setup_anchor(self, anchor_len: int) -> None:
         """Allocate (or resize) only the anchor, keeping the rows' caches."""
-        args, ref = self.params, self.layers[0].attention.cache.k
+        cache = next(self.attentions()).cache
+        assert cache is not None, "setup_caches() first"
+        args, ref = self.params, cache.k
         self.anchor_len = anchor_len
-        for layer in self.layers:
-            layer.attention.anchor = None
-            layer.attention.anchor = KVCache(1, anchor_len, args.n_kv_heads, args.head_dim, ref.dtype, ref.device)
+        for attention in self.attentions():
+            attention.anchor = None
+            attention.anchor = KVCache(1, anchor_len, args.kv_heads, args.head_dim, ref.dtype, ref.device)
 
     def compile_steps(self) -> None:
         """Run one-token steps at one position for every row (Llama.generate's decode steps) through
@@ -385,7 +411,11 @@ class Transformer(nn.Module):
         rows = rows or slice(0, bsz)
         steps = torch.arange(seqlen, device=tokens.device)
         length = self.anchor_len if into_anchor else self.row_len
+        cache_pos: int | torch.Tensor  # where the caches take the tokens: one int for every row, or one per row
         if isinstance(start_pos, int):
+            # one first position for every row comes with one count of shared positions, or none: a prefill
+            # chunk (Engine._prefill_chunk) or a step of Llama.generate
+            assert not isinstance(shared, torch.Tensor), "per-row shared counts need per-row positions"
             input_pos = (start_pos + steps).expand(bsz, seqlen)
             # the caches take every row's first position as one int: a slice, not a scatter
             cache_pos = start_pos - (shared or 0)
@@ -416,6 +446,7 @@ class Transformer(nn.Module):
             span = int(lengths.max())
             if span:  # the anchor's positions come first: each row sees the first `shared` of them
                 seen = torch.arange(span, device=tokens.device) < lengths[:, None, None, None]
+                assert mask is not None  # needs_mask: shared positions always need one
                 mask = torch.cat([seen.expand(-1, -1, seqlen, -1), mask.expand(bsz, -1, -1, -1)], dim=-1)
         if mask is not None and seqlen == 1:  # decode steps add it: 0 where a row looks, -inf elsewhere
             mask = torch.zeros(mask.shape, device=tokens.device).masked_fill_(~mask, float("-inf"))

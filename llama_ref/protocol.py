@@ -16,6 +16,10 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from llama_ref.constrain import JsonFieldsConstraint
 
 ROLES = ("system", "user", "assistant")
 # Fields whose meaning this server would otherwise silently drop: refused instead.
@@ -58,7 +62,7 @@ class CompletionRequest:
     temperature: float
     top_p: float
     seed: int | None
-    constraint: object | None  # a constrain.JsonFieldsConstraint, for a json_schema response_format
+    constraint: JsonFieldsConstraint | None  # for a json_schema response_format
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with the usage
 

@@ -46,6 +46,9 @@ def int8_rows(
 class Int8Linear(nn.Module):
     """int8 weights (one scale per output row) times activations in the model's dtype."""
 
+    weight: torch.Tensor  # buffers, registered in __init__
+    scales: torch.Tensor
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=None, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -74,6 +77,9 @@ class Int8Linear(nn.Module):
 
 class Int8Embedding(nn.Module):
     """A token table held as int8 rows with one scale each; looked-up rows come back in `dtype`."""
+
+    weight: torch.Tensor  # buffers, registered in __init__
+    scales: torch.Tensor
 
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype=None, device=None):
         super().__init__()
@@ -203,7 +209,7 @@ class PackedLinear(nn.Linear):
     def block(self) -> None:
         """Swap the bf16 weight for the same values in oneDNN's layout (see BlockedLinear)."""
         self.register_buffer("blocked", _blocked(self.weight), persistent=False)
-        self.weight = None
+        self.weight = None  # type: ignore[assignment]  # nn.Linear's weight is a Tensor; forward() checks for None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
@@ -278,9 +284,12 @@ def _convert(model: nn.Module, make, convertible) -> int:
     for prefix in [name for name, module in model.named_modules() if any(hasattr(module, f) for f in FUSED)]:
         module = model.get_submodule(prefix)
         for fused, names in FUSED.items():
-            parts = [getattr(module, name, None) for name in names]
-            if not hasattr(module, fused) or not all(part is not None and convertible(part) for part in parts):
+            if not hasattr(module, fused):
                 continue
+            found = (getattr(module, name, None) for name in names)
+            parts = [part for part in found if part is not None and convertible(part)]
+            if len(parts) < len(names):
+                continue  # one is missing or not convertible: they stay as they are
             biases = [part.bias for part in parts]
             if any(b is None for b in biases) != all(b is None for b in biases):
                 continue  # some with a bias, some without: they stay separate
@@ -350,6 +359,7 @@ class Int8DotLinear(nn.Module):
         layer = cls(weight.shape[1], weight.shape[0], bias is not None, dtype=weight.dtype, **kwargs)
         layer.load_float_weight(weight)
         if bias is not None:
+            assert layer.bias is not None  # built with a bias, since `bias` was given
             layer.bias.data = bias.detach().clone()
         return layer
 
@@ -372,6 +382,7 @@ class Int8DotLinear(nn.Module):
         step = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-30) / 127.0
         rounded = (flat / step).round_()  # within ±127: step is max |x| / 127
         if self.q is None or rows <= INT8_FEW_ROWS:
+            assert FBGEMM_LINEAR is not None  # kernels.py offers w8a8 and w7a8 only with a torch that has it
             out = FBGEMM_LINEAR(rounded, 1.0, 128, self.fbgemm)  # = products * weight scales
         else:
             out = torch._int_mm(rounded.to(torch.int8), self.q.t()).float()

@@ -105,6 +105,8 @@ class ModelServer(HTTPServer):
     # socketserver's backlog is 5: a burst of clients overflowed it, and each connection the kernel dropped
     # waited a second for its retry. Waiting in the kernel's queue costs nothing.
     request_queue_size = socket.SOMAXCONN
+    # after bind, getsockname() of the IPv4 or IPv6 socket: the host is always a str (typeshed allows bytes)
+    server_address: tuple[str, int] | tuple[str, int, int, int]
 
     def __init__(
         self,
@@ -513,7 +515,7 @@ class _Intake:
         """In a thread of its own: answer the request, then give the connection back, or close it."""
         keep = False
         try:
-            keep = not _Handler((connection.sock, request), connection.address, self.server).close_connection
+            keep = not _Handler((request, connection.sock), connection.address, self.server).close_connection
         except OSError:  # the client went away while the answer was written
             pass
         except Exception as exc:  # a bug of ours: the connection is closed, the log says one line
@@ -596,14 +598,15 @@ def _error_response(error: ApiError) -> bytes:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """Answers one request, read whole by the intake: `request` is (socket, the request's bytes). Afterwards
-    close_connection says whether the connection goes back to the intake for the next one."""
+    """Answers one request, read whole by the intake: `request` is (the request's bytes, socket), the shape of
+    socketserver's datagram requests. Afterwards close_connection says whether the connection goes back to the
+    intake for the next one."""
 
     protocol_version = "HTTP/1.1"  # keep-alive: the SDK reuses its connections
     server: ModelServer
 
     def setup(self):
-        self.connection, data = self.request
+        data, self.connection = self.request
         self.request = self.connection
         self.rfile = io.BytesIO(data)
         self.wfile = self.connection.makefile("wb")

@@ -21,6 +21,7 @@ import re
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 from llama_ref.errors import LlamaRefError
 
@@ -85,7 +86,11 @@ class Tokenizer:
         # gets its dummy space prefix again after every special token.
         ids: list[int] = []
         for piece, special_id in self.split_specials(text):
-            ids += [special_id] if piece is None else self._encode_text(piece)
+            if piece is None:
+                assert special_id is not None  # split_specials gives one of the two
+                ids.append(special_id)
+            else:
+                ids += self._encode_text(piece)
         return ids
 
     def split_specials(self, text: str) -> Iterator[tuple[str | None, int | None]]:
@@ -362,16 +367,20 @@ class PieceScoreTokenizer(Tokenizer):
                 ids.append(self._unk_id)
         return ids
 
-    def _merge_best_pairs(self, symbols: list[str]) -> list[str]:
+    def _merge_best_pairs(self, symbols: list[str | None]) -> list[str]:
+        """Merge neighbours, the best-scored pair first, in `symbols`: a symbol merged into its left neighbour
+        becomes None. next_of and prev_of link the symbols still there."""
         n = len(symbols)
         next_of = list(range(1, n + 1))
         prev_of = list(range(-1, n - 1))
         candidates: list[tuple[float, int, str]] = []
 
-        def consider(left: int):
+        def consider(left: int) -> None:
             right = next_of[left]
             if right < n:
-                merged = symbols[left] + symbols[right]
+                left_symbol, right_symbol = symbols[left], symbols[right]
+                assert left_symbol is not None and right_symbol is not None  # linked symbols are still there
+                merged = left_symbol + right_symbol
                 if merged in self._score:
                     heapq.heappush(candidates, (-self._score[merged], left, merged))
 
@@ -380,7 +389,12 @@ class PieceScoreTokenizer(Tokenizer):
         while candidates:
             _, left, merged = heapq.heappop(candidates)
             right = next_of[left]
-            if symbols[left] is None or right >= n or symbols[left] + symbols[right] != merged:
+            left_symbol = symbols[left]
+            if left_symbol is None or right >= n:
+                continue  # merged away since this pair was scored
+            right_symbol = symbols[right]
+            assert right_symbol is not None  # linked symbols are still there
+            if left_symbol + right_symbol != merged:
                 continue  # a neighbour changed since this pair was scored
             symbols[left], symbols[right] = merged, None
             next_of[left] = next_of[right]
@@ -418,8 +432,9 @@ LLAMA3_FAMILY = ("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "falcon3", "pix
 PLAIN_GPT2 = ("default", "gpt-2", "gpt2", "mpt", "olmo", "jais")
 
 
-def tokenizer_from_gguf(meta: Mapping[str, object]) -> Tokenizer:
-    """Build the tokenizer a GGUF file describes from its tokenizer.ggml.* metadata."""
+def tokenizer_from_gguf(meta: Mapping[str, Any]) -> Tokenizer:
+    """Build the tokenizer a GGUF file describes from its tokenizer.ggml.* metadata (values as gguf's reader
+    decodes them: each key's type is whatever the file says, so they are Any here)."""
     model = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
     if not tokens:
@@ -465,7 +480,7 @@ def _byte_level_bpe(tokens: Sequence[str], kinds: Sequence[str], merges: Sequenc
 
     bpe = models.BPE(
         vocab={t: i for i, t in enumerate(tokens)},
-        merges=[tuple(m.split(" ", 1)) for m in merges],
+        merges=[cast("tuple[str, str]", tuple(m.split(" ", 1))) for m in merges],  # "a b" -> ("a", "b")
         ignore_merges=pre in LLAMA3_FAMILY,
     )  # llama.cpp takes a whole word that is in the vocab
     backend = Backend(bpe)
@@ -502,7 +517,9 @@ def read_llama2c_tokenizer(path: Path, vocab_size: int) -> PieceScoreTokenizer:
     uint32 max_token_length, then per token float32 score, int32 length, UTF-8 bytes. Pieces use real
     spaces; ids 0, 1, 2 are <unk>, <s> (written "\\n<s>\\n") and </s> (written "\\n</s>\\n")."""
     data = path.read_bytes()
-    pieces, scores, pos = [], [], 4
+    pieces: list[str] = []
+    scores: list[float] = []
+    pos = 4
     while pos < len(data):
         if pos + 8 > len(data):
             raise TokenizerError(f"ends inside token {len(pieces)}; the file is truncated")
