@@ -1,6 +1,6 @@
 """Each kernel of llama_ref's table (llama_ref/kernels.py) on one layer shape, on this CPU: ms per call.
 
-    python benchmarks/kernels.py [--threads 2] [--rows 1,8,64,256] [--shape 8960x1536]
+    python benchmarks/bench_kernels.py [--threads 2] [--rows 1,8,64,256] [--shape 8960x1536]
 
 Weights are cycled through more than the caches hold (as a decode step reads them), activations in fp32 or, for
 bf16-blocked, bf16. A kernel this CPU cannot run is listed with why. Run it under LLAMA_REF_CPU=avx2 to measure
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         f"# Kernels on one {out_features}x{in_features} layer, class {cpu_class(cpu)} ({cpu.features()}), "
         f"{args.threads} thread(s), torch {torch.__version__}",
         "",
-        "Command: `python benchmarks/kernels.py"
+        "Command: `python benchmarks/bench_kernels.py"
         + (f" --threads {args.threads}" if args.threads != 2 else "")
         + "`; ms per call, the best of 3 passes over "
         + f"{count} layers.",
