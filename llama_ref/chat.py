@@ -366,7 +366,8 @@ def _compile(template: str):
 # address space at what it has plus MAX_RENDER_MEMORY: such a step fails there with MemoryError, and the
 # server's memory never sees it. The child also makes the deadline hard: one that overruns it is killed.
 # Children are kept for the next render (starting one costs more than a render), at most MAX_CHILDREN, one render
-# each at a time. They talk over their stdin and stdout, a JSON message framed by its length each way,
+# each at a time, unless their render failed: a template stopped at its deadline or memory limit may leave the
+# child's heap grown, with too little of its limit left for the next dialog, so the next render starts afresh. They talk over their stdin and stdout, a JSON message framed by its length each way,
 # run in a session of their own (Ctrl-C is the parent's to handle) and exit when their stdin closes.
 
 MAX_CHILDREN = 4
@@ -431,15 +432,27 @@ class _Child:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
-        self.process.stdin.close()
+        try:
+            self.process.stdin.close()
+        except OSError:  # a request left in the pipe's buffer of a child that is gone: nothing to flush it to
+            pass
         self.process.stdout.close()
+
+
+def _idle_child() -> _Child | None:
+    """A kept child that is still running, if any; those that died while idle are closed."""
+    with _children_lock:
+        while _children:
+            child = _children.pop()
+            if child.process.poll() is None:
+                return child
+            child.close()
+    return None
 
 
 def _render_in_child(request: dict) -> str:
     with _child_slots:
-        with _children_lock:
-            child = _children.pop() if _children else None
-        child = child or _Child()
+        child = _idle_child() or _Child()
         try:
             reply = child.render(request)
         except TimeoutError:
@@ -458,8 +471,11 @@ def _render_in_child(request: dict) -> str:
         except BaseException:  # Ctrl-C: the child may be mid-render
             child.close()
             raise
-        with _children_lock:
-            _children.append(child)
+        if "error" in reply:  # it may have spent its memory (a loop stopped at the deadline) or ended: not kept
+            child.close()
+        else:
+            with _children_lock:
+                _children.append(child)
     if "error" in reply:
         raise ChatTemplateError(reply["error"])
     return reply["text"]

@@ -310,6 +310,32 @@ def test_a_large_dialog_still_renders(tiny_tokenizer):
     )
 
 
+def test_a_large_dialog_renders_after_a_template_that_looped_to_its_deadline(tiny_tokenizer):
+    """A looping template (a hostile checkpoint's) grows the heap of the child that runs it until the deadline
+    stops it. A child kept after that had too little of its 64 MiB left for a large dialog, then exited, and
+    the render after that met its broken pipe: a child whose render failed is not used again."""
+    looping = "{% for i in range(100000) %}{% for j in range(100000) %}{{ '' }}{% endfor %}{% endfor %}"
+    with pytest.raises(ChatTemplateError, match="time limit"):
+        render_chat(looping, tiny_tokenizer, USER, max_seconds=2)
+    content = "中" * (MAX_PROMPT_CHARS - 100)
+    assert render_chat(CHATML_TEMPLATE, tiny_tokenizer, [{"role": "user", "content": content}]).count("中") == \
+        len(content)
+    assert render_chat(CHATML_TEMPLATE, tiny_tokenizer, USER).count("hi") == 1
+
+
+def test_an_idle_child_that_died_is_replaced(tiny_tokenizer):
+    from llama_ref import chat
+
+    render_chat(CHATML_TEMPLATE, tiny_tokenizer, USER)
+    with chat._children_lock:
+        idle = list(chat._children)
+    assert idle
+    for child in idle:  # as the system's OOM killer, or a user's kill, would
+        child.process.kill()
+        child.process.wait()
+    assert render_chat(CHATML_TEMPLATE, tiny_tokenizer, USER).count("hi") == 1
+
+
 def test_raise_exception_gives_its_message_on_one_line(tiny_tokenizer):
     template = "{{ raise_exception('Conversation roles must alternate\\nuser/assistant/user') }}"
     with pytest.raises(ChatTemplateError) as info:
