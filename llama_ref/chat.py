@@ -365,10 +365,11 @@ def _compile(template: str):
 # result's size is a list that is never complete. So templates render in a child process that caps its own
 # address space at what it has plus MAX_RENDER_MEMORY: such a step fails there with MemoryError, and the
 # server's memory never sees it. The child also makes the deadline hard: one that overruns it is killed.
-# Children are kept for the next render (starting one costs more than a render), at most MAX_CHILDREN, one render
-# each at a time, unless their render failed: a template stopped at its deadline or memory limit may leave the
-# child's heap grown, with too little of its limit left for the next dialog, so the next render starts afresh. They talk over their stdin and stdout, a JSON message framed by its length each way,
-# run in a session of their own (Ctrl-C is the parent's to handle) and exit when their stdin closes.
+# Children are kept for the next render (starting one costs more than a render), at most MAX_CHILDREN, one
+# render each at a time, unless their render failed: a template stopped at its deadline or memory limit may
+# leave the child's heap grown, with too little of its limit left for the next dialog, so the next render
+# starts afresh. They talk over their stdin and stdout, a JSON message framed by its length each way, run in
+# a session of their own (Ctrl-C is the parent's to handle) and exit when their stdin closes.
 
 MAX_CHILDREN = 4
 _START_SECONDS = 30.0  # a loaded machine can take seconds to start an interpreter and import jinja2

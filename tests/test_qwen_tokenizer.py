@@ -318,8 +318,9 @@ def test_a_large_dialog_renders_after_a_template_that_looped_to_its_deadline(tin
     with pytest.raises(ChatTemplateError, match="time limit"):
         render_chat(looping, tiny_tokenizer, USER, max_seconds=2)
     content = "中" * (MAX_PROMPT_CHARS - 100)
-    assert render_chat(CHATML_TEMPLATE, tiny_tokenizer, [{"role": "user", "content": content}]).count("中") == \
-        len(content)
+    assert render_chat(CHATML_TEMPLATE, tiny_tokenizer, [{"role": "user", "content": content}]).count("中") == len(
+        content
+    )
     assert render_chat(CHATML_TEMPLATE, tiny_tokenizer, USER).count("hi") == 1
 
 
