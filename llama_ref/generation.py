@@ -9,8 +9,8 @@ are computed after the sampled token is written (so generated tokens get real va
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
+from typing import Callable, List, Optional, Tuple  # generate() keeps the upstream signature, as Meta wrote it
 
 import torch
 import torch.nn.functional as F
@@ -55,18 +55,18 @@ class Llama:
     @torch.inference_mode()
     def generate(
         self,
-        prompt_tokens: list[list[int]],
+        prompt_tokens: List[List[int]],
         max_gen_len: int,
         temperature: float = 0.6,
         top_p: float = 0.9,
         logprobs: bool = False,
         echo: bool = False,
         *,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop_tokens: list[int] | None = None,
-        on_token: Callable[[int, int], None] | None = None,
-    ) -> tuple[list[list[int]], list[list[float]] | None]:
+        top_k: Optional[int] = None,
+        seed: Optional[int] = None,
+        stop_tokens: Optional[List[int]] = None,
+        on_token: Optional[Callable[[int, int], None]] = None,
+    ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Continue each prompt by up to max_gen_len tokens, all prompts in one batch.
 
         Returns the new tokens of each prompt (the prompt too with echo) cut at the first stop token,
