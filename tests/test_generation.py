@@ -33,6 +33,7 @@ def test_signature_is_upstreams():
     assert all(p.kind is p.KEYWORD_ONLY for p in params[7:])
 
 
+@pytest.mark.slow  # five prompts alone and together: the longest test of generate() on SmolLM2
 def test_batch_of_different_lengths_matches_each_prompt_alone(llama):
     prompts = [encode(llama, p) for p in PROMPTS]
     assert len({len(p) for p in prompts}) > 1

@@ -172,6 +172,7 @@ def test_compiled_steps_write_what_plain_steps_write(tiny_gguf, tmp_path):
     assert compiled.stderr.strip().splitlines()[-1].startswith("achieved tok/s: ")
 
 
+@pytest.mark.slow  # torch.compile tries, and fails, in a child process
 def test_without_a_compiler_compile_warns_once_and_writes_the_same(tiny_gguf, tmp_path):
     plain = greedy(tiny_gguf, "--dtype", "bf16")
     compiled = greedy(
