@@ -1,3 +1,4 @@
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -5,6 +6,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests import scripted_server and other helpers
+
+# A shell without job control starts a background command with Ctrl-C ignored, and every process it starts
+# inherits that: the Ctrl-C tests would then send SIGINT to children that cannot take it. Users press Ctrl-C
+# in a foreground terminal, so the tests run as that does, wherever make test was started.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from scripted_server import ScriptedServer  # noqa: E402
 
