@@ -7,6 +7,7 @@ llama.cpp server, so tests exercise the real client: retries, timeouts, headers,
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import threading
 from collections.abc import Callable
@@ -31,6 +32,12 @@ Script = Callable[[dict], "Reply | str"]
 def user_text(body: dict) -> str:
     """The content of the last user message of a chat request."""
     return [m for m in body["messages"] if m["role"] == "user"][-1]["content"]
+
+
+class _Server(ThreadingHTTPServer):
+    # socketserver's default backlog is 5: a client pool of 8 connecting at once overflows it, and
+    # each dropped connection waits out TCP's one-second SYN retry (llama_ref.serve sizes it the same way)
+    request_queue_size = socket.SOMAXCONN
 
 
 class ScriptedServer:
@@ -117,7 +124,7 @@ class ScriptedServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = _Server(("127.0.0.1", 0), Handler)
         # A short poll interval lets shutdown() return at once instead of after up to half a second.
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
 
