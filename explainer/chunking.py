@@ -227,6 +227,38 @@ def _parser(code_language: str) -> tree_sitter.Parser:
 # --- entry points --------------------------------------------------------------------------
 
 
+def comments_in(chunked: ChunkedFile, first: int, last: int) -> list[str]:
+    """The text of the comments on lines first..last (1-based) of the file, as the grammar finds them."""
+    return [node.text.decode("utf-8", "replace") for node in _nodes_in(chunked, first, last, ("comment",))]
+
+
+def identifiers_in(chunked: ChunkedFile, first: int, last: int) -> list[str]:
+    """The names the code on lines first..last uses (identifiers and fields), each once, in order."""
+    names: dict[str, None] = {}
+    for node in _nodes_in(chunked, first, last, IDENTIFIER_NODES):
+        names.setdefault(node.text.decode("utf-8", "replace"))
+    return list(names)
+
+
+IDENTIFIER_NODES = ("identifier", "field_identifier", "type_identifier")
+
+
+def _nodes_in(chunked: ChunkedFile, first: int, last: int, types: tuple[str, ...]) -> list[tree_sitter.Node]:
+    tree = _parser(chunked.code_language).parse(chunked.source.encode("utf-8"))
+    found: list[tree_sitter.Node] = []
+    stack = [tree.root_node]
+    while stack:
+        node = stack.pop()
+        if node.end_point[0] + 1 < first or node.start_point[0] + 1 > last:
+            continue
+        if node.type in types:
+            if first <= node.start_point[0] + 1 <= last:
+                found.append(node)
+        else:
+            stack.extend(reversed(node.children))
+    return found
+
+
 def chunk_file(path, symbol: str | None = None, max_lines: int = 30, display_path: str | None = None) -> ChunkedFile:
     """Read a source file and split it; see chunk_source. Chunks and messages name the file as
     display_path (default: path as given), so a caller can keep where the checkout lives out of them."""

@@ -26,7 +26,17 @@ from markdown_it import MarkdownIt
 
 from explainer.backends import Backend, Completion, Request, UnusableAnswer, Usage
 from explainer.cache import Cache, complete_cached, key_for
-from explainer.chunking import CODE_LANGUAGES, Chunk, ChunkedFile, Symbol, chunk_file, enclosing_view, numbered_lines
+from explainer.chunking import (
+    CODE_LANGUAGES,
+    Chunk,
+    ChunkedFile,
+    Symbol,
+    chunk_file,
+    comments_in,
+    enclosing_view,
+    identifiers_in,
+    numbered_lines,
+)
 from explainer.languages import Language, language
 from explainer.markdown_segments import UnreadableMarkdown, read_markdown
 from explainer.post import Post, Section
@@ -46,6 +56,8 @@ MAX_VIEW_LINES = 60
 MAX_DEFINITION_LINES = 160
 VIEW_CONTEXT_LINES = 4
 ELISION = "   ⋮"
+
+EXPLAIN_TEMPERATURE = 0.0
 
 NAME_SEPARATORS = ("::", "->")  # turned into "." before a backticked name is split into parts
 
@@ -121,6 +133,37 @@ def explain_file(
             arrived(missing[k], completion)
 
         complete_cached(backend, retries, cache, usage, on_done=retried, unusable=unreadable)
+
+    # One more ask for an answer about something else than its lines (off_piece); the new answer is kept,
+    # under the first request's key too, only where it is about its lines.
+    strays = {
+        index: reason
+        for index, chunk in enumerate(chunked.chunks, start=1)
+        if (reason := off_piece(chunked, chunk, answers[index].text)) is not None
+    }
+    if strays:
+        usage.extra["off_piece"] = usage.extra.get("off_piece", 0) + len(strays)
+        order = list(strays)
+        again = [on_its_lines(requests[index], chunked.chunks[index - 1], strays[index]) for index in order]
+
+        def answered_again(k, completion):
+            index = order[k]
+            if off_piece(chunked, chunked.chunks[index - 1], completion.text) is None:
+                answers[index] = completion
+                del strays[index]
+                if cache is not None:
+                    cache.put(key_for(backend, requests[index]), completion)
+
+        try:
+            complete_cached(backend, again, cache, usage, on_done=answered_again, unusable=unreadable)
+        except UnusableAnswer:
+            pass  # the first answer stays
+        for index, reason in strays.items():
+            chunk = chunked.chunks[index - 1]
+            warn(
+                f"{chunked.path}, {_lines(chunk.start_line, chunk.end_line)}: asked twice, {reason}; "
+                "check it in the post"
+            )
 
     sections = [_section(chunked, chunk, answer.text, warn) for chunk, answer in zip(chunked.chunks, answers[1:])]
     title, intro = split_title(answers[0].text, default=symbol or Path(chunked.path).name)
@@ -234,9 +277,29 @@ def chunk_request(chunked: ChunkedFile, index: int, answer_lang: Language, max_t
         lines=_lines(chunk.start_line, chunk.end_line),
         definition_kind=owner.kind if owner is not None else "",
         earlier=earlier,
+        budget=sentence_budget(chunk),
         answer_lang_label=_lang_label(answer_lang),
     )
     return _request(chunked, answer_lang, user, max_tokens)
+
+
+# Sentences an explanation may take, by the piece's lines of code: a small model pads a long answer
+# with claims the code does not make, so the budget grows with what there is to say, not with room.
+SENTENCE_BUDGET = ((2, 1), (5, 2), (12, 3), (30, 4))
+MAX_SENTENCES = 6
+
+
+def sentence_budget(chunk: Chunk) -> str:
+    """'one sentence' or 'at most N sentences', for the piece's non-blank lines; conditions and loops
+    get two at least (the condition and its cases; one pass and when it stops)."""
+    lines = sum(1 for line in chunk.code.splitlines() if line.strip())
+    count = next((n for most, n in SENTENCE_BUDGET if lines <= most), MAX_SENTENCES)
+    if chunk.kind in ("for", "while", "do", "if", "switch", "match", "try", "function", "class"):
+        count = max(count, 2)
+    return "one sentence" if count == 1 else f"at most {NUMBERS[count]} sentences"
+
+
+NUMBERS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 
 
 def overview_request(chunked: ChunkedFile, symbol: str | None, answer_lang: Language, max_tokens: int) -> Request:
@@ -290,9 +353,21 @@ def firmer(request: Request) -> Request:
     return replace(request, messages=(*earlier, {**last, "content": last["content"] + note}))
 
 
+def on_its_lines(request: Request, chunk: Chunk, reason: str) -> Request:
+    """The same request, its last message ending with why the first answer missed its lines."""
+    *earlier, last = request.messages
+    lines = _lines(chunk.start_line, chunk.end_line)
+    note = (
+        f"\n\nAn earlier answer was not about {lines}: {reason}. Explain {lines} alone, "
+        "naming the variables and calls they use."
+    )
+    return replace(request, messages=(*earlier, {**last, "content": last["content"] + note}))
+
+
 def _request(chunked: ChunkedFile, answer_lang: Language, user: str, max_tokens: int) -> Request:
     messages = ({"role": "system", "content": system_prompt(chunked, answer_lang)}, {"role": "user", "content": user})
-    return Request(messages=messages, max_tokens=max_tokens)
+    # Greedy: sampling lets a small model wander off what the code says (benchmarks/results/audit.md)
+    return Request(messages=messages, max_tokens=max_tokens, temperature=EXPLAIN_TEMPERATURE)
 
 
 def _lang_label(lang: Language) -> str:
@@ -499,3 +574,91 @@ def ungrounded_names(explanation: str, context: str, known: frozenset[str] = fro
             continue
         invented.append(name)
     return invented
+
+
+# ---------------------------------------------------------------------------------------------
+# Answers about their piece
+# ---------------------------------------------------------------------------------------------
+
+# An answer that names this many of its definition's names that its own lines do not hold (and more of
+# them than of its own lines') describes the whole definition, not its piece.
+OFF_PIECE_NAMES = 3
+# An answer whose runs of three words come this much from the docstring or comments restates them.
+RESTATED_SHARE = 0.5
+# A piece whose statements use this many names of their own, none of which its answer says, was not read.
+UNMENTIONED_BODY_NAMES = 3
+
+
+def off_piece(chunked: ChunkedFile, chunk: Chunk, answer: str) -> str | None:
+    """Why an explanation is not about its piece's lines, or None: it names more of the rest of its
+    definition than of its lines, or it only restates the docstring or comments the piece shows."""
+    owner = owner_symbol(chunked, chunk)
+    known = known_names(chunked)
+    if owner is not None and _is_part_of(chunk, owner):
+        inside: list[str] = []
+        outside: list[str] = []
+        for span in backticked(answer):
+            name = name_in(span)
+            if name is None or name in known or name in inside or name in outside:
+                continue
+            if occurs_as_name(name, chunk.code):
+                inside.append(name)
+            elif occurs_as_name(name, owner.text):
+                outside.append(name)
+        if len(outside) >= OFF_PIECE_NAMES and len(outside) > len(inside):
+            return f"it describes code outside {_lines(chunk.start_line, chunk.end_line)} ({_quoted(outside)})"
+    if chunk.kind != "signature":
+        words = prose_words(answer)
+        said = _trigrams(words)
+        notes = _trigrams(_words(comment_text(chunked, chunk, owner)))
+        if said and notes and len(said & notes) >= RESTATED_SHARE * len(said):
+            return "it restates the docstring or comments instead of explaining the code"
+        body = body_names(chunked, chunk, owner)
+        if len(body) >= UNMENTIONED_BODY_NAMES and not any(_says(words, name) for name in body):
+            return "it names nothing the code of these lines uses: it restates the docstring or the signature"
+    return None
+
+
+def body_names(chunked: ChunkedFile, chunk: Chunk, owner: Symbol | None) -> list[str]:
+    """The names of three letters or more that the piece's statements use and its definition's signature
+    does not: an answer about these lines can hardly help saying one of them, or a word that starts like one."""
+    signature = owner.signature if owner is not None else ""
+    keywords = CODE_LANGUAGES[chunked.code_language].keywords
+    return [
+        name
+        for name in identifiers_in(chunked, chunk.start_line, chunk.end_line)
+        if len(name) >= 3 and name not in keywords and not occurs_as_name(name, signature)
+    ]
+
+
+def _says(words: list[str], name: str) -> bool:
+    """Whether the words say `name` or one of its parts (min_prompt_len: min, prompt, len), or a word
+    that starts with one ("flushes" says flush)."""
+    parts = {name.lower()} | {part for part in name.lower().split("_") if len(part) >= 3}
+    return any(word.startswith(part) for word in words for part in parts)
+
+
+def comment_text(chunked: ChunkedFile, chunk: Chunk, owner: Symbol | None) -> str:
+    """The docstring the piece shows (its definition's, where the piece holds it) and its comments."""
+    parts = [owner.docstring] if owner is not None and owner.docstring and owner.docstring in chunk.code else []
+    parts += comments_in(chunked, chunk.start_line, chunk.end_line)
+    return "\n".join(parts)
+
+
+def prose_words(markdown: str) -> list[str]:
+    """The words of a Markdown answer's prose, code spans included, lower case."""
+    words: list[str] = []
+    for token in read_markdown(_markdown(), markdown):
+        for child in token.children or ():
+            if child.type in ("text", "code_inline"):
+                words += _words(child.content)
+    return words
+
+
+def _words(text: str) -> list[str]:
+    return ["".join(c for c in word if c.isalnum() or c == "_") for word in text.lower().split()]
+
+
+def _trigrams(words: list[str]) -> set[tuple[str, ...]]:
+    words = [w for w in words if w]
+    return {tuple(words[i : i + 3]) for i in range(len(words) - 2)}

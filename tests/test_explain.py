@@ -20,7 +20,7 @@ from explainer.backends import UnusableAnswer
 from explainer.backends.openai import OpenAIBackend
 from explainer.cache import Cache
 from explainer.chunking import chunk_file
-from explainer.explain import explain_file, split_title, ungrounded_names
+from explainer.explain import explain_file, off_piece, split_title, ungrounded_names
 from explainer.post import Post, Section
 from explainer.render import post_json, render_post
 
@@ -430,3 +430,90 @@ def test_a_path_outside_the_current_folder_never_shows_where_it_lives(
     monkeypatch.chdir(project)
     assert explain_file(loose, "pick", backend=backend_for(server), max_lines=MAX_LINES)[0].source_path == "sampler.py"
     assert not any(str(tmp_path) in user_text(body) for body in server.requests)
+
+
+def test_explanations_are_asked_greedily_with_a_sentence_budget_that_grows_with_the_piece(
+    scripted_server, openai_env, sample
+):
+    server = scripted_server(echo_script(sample))
+    explain_file(sample, "pick", backend=backend_for(server), max_lines=MAX_LINES)
+
+    assert {body["temperature"] for body in server.requests} == {0}
+    budgets = {}
+    for body in server.requests:
+        prompt = user_text(body)
+        if "title" not in prompt:
+            budgets[first_code_line(last_fence(prompt))] = prompt
+    assert "in one sentence." in budgets["probs = softmax([s / temperature for s in scores])"]  # 2 lines
+    loop = budgets["for index, p in enumerate(probs):"]  # 3 lines, but a loop: its pass and its end
+    assert "in at most two sentences." in loop and "when the loop stops" in loop
+
+
+def test_an_answer_about_the_rest_of_its_definition_is_asked_again_and_the_new_one_kept(
+    scripted_server, openai_env, sample, tmp_path
+):
+    plain = echo_script(sample)
+    strayed = "`pick` divides `scores` by `temperature`, runs `softmax` over them and loops with `index`."
+
+    def script(body):
+        prompt = user_text(body)
+        if last_fence(prompt).strip() == "return best" and "An earlier answer" not in prompt:
+            return strayed
+        return plain(body)
+
+    server = scripted_server(script)
+    warnings = []
+    post, usage = explain_file(
+        sample,
+        "pick",
+        backend=backend_for(server),
+        cache=Cache(tmp_path / "cache"),
+        max_lines=MAX_LINES,
+        on_warning=warnings.append,
+    )
+
+    again = [user_text(b) for b in server.requests if "An earlier answer" in user_text(b)]
+    assert len(again) == 1 and "`scores`, `temperature`, `index`" in again[0]
+    assert post.sections[-1].explanation == "This runs `return best`."
+    assert usage.extra["off_piece"] == 1 and not warnings
+    asked = len(server.requests)
+    rerun, rerun_usage = explain_file(
+        sample, "pick", backend=backend_for(server), cache=Cache(tmp_path / "cache"), max_lines=MAX_LINES
+    )
+    assert len(server.requests) == asked and rerun == post  # the kept answer is the cached one
+
+
+def test_an_answer_still_off_its_piece_is_kept_with_a_warning(scripted_server, openai_env, sample):
+    plain = echo_script(sample)
+    strayed = "`pick` divides `scores` by `temperature`, runs `softmax` over them and loops with `index`."
+    server = scripted_server(
+        lambda body: strayed if last_fence(user_text(body)).strip() == "return best" else plain(body)
+    )
+    warnings = []
+    post, usage = explain_file(
+        sample, "pick", backend=backend_for(server), max_lines=MAX_LINES, on_warning=warnings.append
+    )
+
+    assert post.sections[-1].explanation == strayed
+    assert usage.extra["off_piece"] == 1
+    assert len(warnings) == 1 and "asked twice, it describes code outside" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    "answer, reason",
+    [
+        ("Turns scores into probabilities that sum to one, as the docstring says.", "restates the docstring"),
+        ("It computes things in a helpful way, as described above.", "names nothing the code of these lines uses"),
+        (
+            "It subtracts the largest score, `top`, before `math.exp`, so no exponential overflows, "
+            "then divides each by their `total`.",
+            None,
+        ),
+        ("It takes the maximum first, so that the exponentials stay small, and divides by the sum.", None),
+    ],
+)
+def test_what_counts_as_an_answer_off_its_piece(sample, answer, reason):
+    chunked = chunk_file(sample, "softmax", max_lines=30)
+    [chunk] = chunked.chunks  # the whole function, docstring included
+    found = off_piece(chunked, chunk, answer)
+    assert (found is None) if reason is None else (reason in found), found
