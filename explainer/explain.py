@@ -167,6 +167,7 @@ def explain_file(
 
     sections = [_section(chunked, chunk, answer.text, warn) for chunk, answer in zip(chunked.chunks, answers[1:])]
     title, intro = split_title(answers[0].text, default=symbol or Path(chunked.path).name)
+    intro = opening_paragraph(intro)
     whole = "\n".join(
         [c.code for c in chunked.chunks] + [_signature_text(chunked.code_language, s) for s in chunked.symbols]
     )
@@ -500,6 +501,17 @@ def split_title(answer: str, default: str) -> tuple[str, str]:
     title = tokens[1].content.strip() or default
     rest = text.splitlines()[tokens[0].map[1] :]
     return title, "\n".join(rest).strip()
+
+
+def opening_paragraph(intro: str) -> str:
+    """The first paragraph of an introduction, which the prompt asks to be one paragraph: a small model
+    goes on with headings and step lists that restate the pieces, and each restatement is a new chance to
+    misread them (benchmarks/results/audit.md). Without a paragraph, the introduction as it is."""
+    tokens = read_markdown(_markdown(), intro)
+    first = next((t for t in tokens if t.type == "paragraph_open" and t.level == 0 and t.map is not None), None)
+    if first is None or first.map is None:
+        return intro
+    return "\n".join(intro.splitlines()[first.map[0] : first.map[1]]).strip()
 
 
 # ---------------------------------------------------------------------------------------------

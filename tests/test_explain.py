@@ -517,3 +517,24 @@ def test_what_counts_as_an_answer_off_its_piece(sample, answer, reason):
     [chunk] = chunked.chunks  # the whole function, docstring included
     found = off_piece(chunked, chunk, answer)
     assert (found is None) if reason is None else (reason in found), found
+
+
+def test_the_introduction_keeps_its_opening_paragraph_only(scripted_server, openai_env, sample):
+    plain = echo_script(sample)
+    rambling = (
+        f"# {TITLE}\n\n`pick` draws the likeliest score's index.\nIt divides by `temperature` first.\n\n"
+        "## How it works\n\n1. **Softmax**: every score becomes a probability.\n2. It returns the largest.\n\n"
+        "In summary, a crucial function."
+    )
+    server = scripted_server(lambda body: rambling if "title" in user_text(body) else plain(body))
+    post, _ = explain_file(sample, "pick", backend=backend_for(server), max_lines=MAX_LINES)
+
+    assert post.title == TITLE
+    assert post.intro == "`pick` draws the likeliest score's index.\nIt divides by `temperature` first."
+
+
+def test_an_introduction_without_a_paragraph_is_kept_as_it_is():
+    from explainer.explain import opening_paragraph
+
+    assert opening_paragraph("- one\n- two") == "- one\n- two"
+    assert opening_paragraph("> quoted\n\nThen prose.") == "Then prose."
