@@ -8,6 +8,8 @@ load_llama() is the way in by name: a catalog name or a checkpoint path, every f
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +97,7 @@ def load_model(
         block_linears(model)
     model.setup_caches(max_batch_size, max_seq_len, dtype=cache_dtype, device=torch_device)
     model.eval()
+    release_freed_memory()
     # Only the tokenizer and template outlive the load: the checkpoint holds the file's mapping, and
     # its pages would stay resident beside the weights they were copied into.
     return model, checkpoint.tokenizer, checkpoint.chat_template, layer_plan
@@ -297,6 +300,17 @@ def _check_shape(checkpoint: Checkpoint, name: str, tensor: torch.Tensor | Rows,
             f"{checkpoint.path}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(expected)}; "
             "the file does not match its own header"
         )
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing). A load frees
+    many small temporaries in pieces that glibc keeps, and they would stay in the process's RSS."""
+    if sys.platform != "linux":
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # a libc without malloc_trim (musl)
+        pass
 
 
 def model_bytes(model: Transformer) -> int:
