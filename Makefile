@@ -38,12 +38,15 @@ run: install
 sample: install
 	$(JOB) -o examples/generate-post.md
 
+# Tests run on every core, up to 4 workers (pytest-xdist): most wait on servers, subprocesses and sites as much
+# as they compute, and each worker loads its own models, so more workers cost memory. PYTEST_WORKERS=0: one process.
+PYTEST_WORKERS ?= auto --maxprocesses 4
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS)
 
 # The inner loop: every test but those marked slow (models past SmolLM2, transformers parity, torch.compile, serving).
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n $(PYTEST_WORKERS)
 
 # Style and types, configured in pyproject.toml; .ci/run runs this before the tests.
 lint: install
