@@ -69,7 +69,8 @@ bench: install
 		--target $(LLAMA_CPP_AVX2) llama-cpp-python==0.3.36
 	$(PY) benchmarks/bench_job.py --llama-cpp-avx2 $(LLAMA_CPP_AVX2) $(BENCH_ARGS)
 
-# Explanation quality: key-point recall and invented names over benchmarks/eval_set/ (benchmarks/results/README.md).
+# Explanation quality: key-point recall, false readings and invented names over benchmarks/eval_set/
+# (benchmarks/results/README.md); EVAL_ARGS=--rescore scores the stored posts again without a model.
 # Another model: make eval EVAL_ARGS="--backend openai --base-url http://127.0.0.1:8000/v1 --model M"
 EVAL_ARGS ?= --backend local
 eval: install

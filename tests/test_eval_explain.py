@@ -55,6 +55,9 @@ must_not_invent = ["numpy", "torch.multinomial"]
 "sorts the probabilities, largest first" = ["sort", "descending"]
 "keeps a running total until it reaches p" = ["cumulative", "running total"]
 "draws one of the kept entries at random" = ["multinomial", "random"]
+[piece.false_readings]
+"keeps only the most likely entry" = ["only the most likely", "argmax"]
+"stops before the entry that reaches p" = ["stops before", "excludes the entry that"]
 
 [[piece]]
 id = "pick_top_p_again"
@@ -174,7 +177,10 @@ def test_the_runner_writes_json_and_tables_and_a_rerun_comes_from_the_cache(
     assert output["summary"]["pieces"] == 2 and output["summary"]["failed"] == 0
     assert [r["recall_pct"] for r in output["pieces"]] == [pytest.approx(66.7), 100.0]
     assert "| scripted/model | openai | 2 | 0 | 83.3% |" in first_out.out
-    assert "[2/2] pick_top_p_again: recall 2/2, invented 0" in first_out.err
+    assert "[1/2] pick_top_p: recall 2/3, false readings 0/2, invented 0" in first_out.err
+    assert "[2/2] pick_top_p_again: recall 2/2, false readings 0/0, invented 0" in first_out.err
+    assert output["summary"]["false_mean"] == 0
+    assert "| pick_top_p | 66.7% | keeps a running total until it reaches p | - | - |" in first_out.out
 
     asked = len(server.requests)
     assert ev.main([*args, "--pieces", "1"]) == 0
@@ -215,3 +221,147 @@ def test_a_malformed_eval_set_is_one_clear_error(tmp_path):
     )
     with pytest.raises(ev.UserError, match="piece 1 \\(x\\): needs 2 to 4 points"):
         ev.load_pieces(path)
+
+
+def test_a_false_reading_is_hit_by_its_phrase_in_the_prose_but_not_in_pasted_code(project, scripted_server, openai_env):
+    server = scripted_server(
+        scripted(
+            intro="This function keeps **only the most likely** entries.",
+            explanation="It sorts in descending order and draws at random.\n\n"
+            "```python\nbreak  # stops before the entry that reaches p\n```",
+        )
+    )
+    record = explain_and_score(project, server)
+    assert record["false_readings"] == {
+        "keeps only the most likely entry": "only the most likely",
+        "stops before the entry that reaches p": None,  # only the pasted code said it
+    }
+    assert ev.false_hits(record) == {"keeps only the most likely entry": "only the most likely"}
+    assert 'keeps only the most likely entry ("only the most likely")' in ev.pieces_table([record])
+    assert ev.summarize([record])["false_mean"] == 1
+
+
+def test_false_readings_are_counted_per_post_written(project):
+    piece = ev.load_pieces(project / "pieces.toml")[0]
+    wrong = {
+        "false_readings": {
+            "keeps only the most likely entry": "argmax",
+            "stops before the entry that reaches p": "stops before",
+        }
+    }
+    right = {
+        "false_readings": {"keeps only the most likely entry": None, "stops before the entry that reaches p": None}
+    }
+    common = {"recall_pct": 100.0, "invented": [], "measured_on": None}
+    failed = {**common, **right, "recall_pct": 0.0, "error": "empty answer"}
+    summary = ev.summarize([{**common, **wrong}, {**common, **right}, failed])
+    assert summary["false_mean"] == 1.0  # two posts written, 2 + 0 readings hit; the failed one is not a post
+    assert (
+        ev.score_prose(piece, "It picks the argmax.")["false_readings"]["keeps only the most likely entry"] == "argmax"
+    )
+
+
+@pytest.mark.parametrize(
+    "table, why",
+    [
+        ('"a" = ["x"]\n"b" = ["y"]\n"c" = ["z"]\n"d" = ["w"]', "four readings"),
+        ('"a" = []', "no phrase"),
+        ('"a" = "x"', "a string, not a list"),
+        ('"a" = ["x", "  "]', "a blank phrase"),
+    ],
+)
+def test_a_malformed_false_reading_is_one_clear_error(tmp_path, table, why):
+    path = tmp_path / "pieces.toml"
+    path.write_text(
+        '[[piece]]\nid = "x"\nfile = "a.py"\nsymbol = "f"\n[piece.points]\n"p" = ["p"]\n"q" = ["q"]\n'
+        f"[piece.false_readings]\n{table}\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ev.UserError, match="piece 1 \\(x\\): false_readings must be a table of 0 to 3 readings"):
+        ev.load_pieces(path)
+
+
+def test_a_piece_may_have_no_false_readings(project):
+    assert ev.load_pieces(project / "pieces.toml")[1].false_readings == {}
+
+
+def _old_record(**changes):
+    """A piece's record as a results file written before false readings were scored holds it."""
+    record = {
+        "id": "pick_top_p",
+        "file": "sampler.py",
+        "symbol": "pick_top_p",
+        "recall_pct": 33.3,
+        "points": {"sorts": "sort"},
+        "invented": [{"name": "numpy", "found_by": "must_not_invent"}],
+        "prose": "It sorts the probabilities and keeps a running total, then takes the argmax.",
+        "wall_s": 3.5,
+        "tokens_in": 100,
+        "tokens_out": 50,
+        "requests": 2,
+        "cache_hits": 0,
+        "measured_on": "2026-12-01",
+        "warnings": [],
+    }
+    return {**record, **changes}
+
+
+def _old_run(records):
+    summary = {"pieces": len(records), "failed": 0, "recall_pct": 33.3, "invented_mean": 1.0, "invented_max": 1}
+    summary.update(measured=len(records), wall_s=3.5, tokens_in=100, tokens_out=50)
+    return {"model": "old/model", "backend": "openai", "date": "2026-12-01", "summary": summary, "pieces": records}
+
+
+def test_a_results_file_without_false_readings_shows_n_a():
+    run = _old_run([_old_record()])
+    assert "| old/model | openai | 1 | 0 | 33.3% | n/a | 1.00 | 1 | 3.5 | 100 | 50 |" in ev.models_table([run])
+    assert "| pick_top_p | 33.3% | - | n/a | `numpy` |" in ev.pieces_table(run["pieces"])
+    assert ev.summarize(run["pieces"])["false_mean"] is None
+
+
+def test_rescore_scores_the_stored_prose_again_and_keeps_the_rest(project, tmp_path, monkeypatch, capsys):
+    results = tmp_path / "results"
+    results.mkdir()
+    gone = _old_record(id="a_piece_since_removed", recall_pct=50.0)
+    failed = _old_record(
+        id="pick_top_p_again", error="empty answer", recall_pct=0.0, points={"sorts": None}, invented=[]
+    )
+    del failed["prose"]
+    (results / "eval_old_model.json").write_text(json.dumps(_old_run([_old_record(), failed, gone])), encoding="utf-8")
+    monkeypatch.setattr(ev, "EVAL_SET", project / "pieces.toml")
+    monkeypatch.setattr(ev, "RESULTS", results)
+
+    assert ev.main(["--rescore"]) == 0
+    rescored = json.loads((results / "eval_old_model.json").read_text(encoding="utf-8"))
+    first, again, kept = rescored["pieces"]
+    assert first["recall_pct"] == pytest.approx(66.7)  # sort and running total, against the eval set of now
+    assert first["points"]["keeps a running total until it reaches p"] == "running total"
+    assert first["false_readings"] == {
+        "keeps only the most likely entry": "argmax",
+        "stops before the entry that reaches p": None,
+    }
+    assert list(first)[list(first).index("points") + 1] == "false_readings"
+    assert first["invented"] == [{"name": "numpy", "found_by": "must_not_invent"}]  # as stored
+    assert first["wall_s"] == 3.5 and first["measured_on"] == "2026-12-01"
+    assert again["recall_pct"] == 0.0 and again["points"] == {"sorts": None, "draws at random": None}
+    assert kept == gone  # not in the eval set any more: left as it was
+    assert rescored["summary"]["false_mean"] == 1  # one post written and scored, one reading hit
+    assert rescored["date"] == "2026-12-01" and "rescored" in rescored
+    out = capsys.readouterr()
+    # recall averages all three records; false readings and invented names are per post written
+    assert "| old/model | openai | 3 | 1 | 38.9% | 1 | 1 |" in out.out
+    assert "rescored benchmarks" not in out.err and "eval_old_model.json: recall 33.3% ->" in out.err
+    assert "kept as they were: a_piece_since_removed" in out.err
+
+
+def test_rescore_asks_no_model():
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--rescore", "--backend", "local"])
+
+
+def test_every_shipped_piece_has_false_readings_that_no_point_lists():
+    for piece in ev.load_pieces(ev.EVAL_SET):
+        assert 1 <= len(piece.false_readings) <= 3, piece.id
+        alternatives = {a.lower() for phrases in piece.points.values() for a in phrases}
+        for claim, phrases in piece.false_readings.items():
+            assert not alternatives & {p.lower() for p in phrases}, f"{piece.id}: {claim}"
