@@ -63,7 +63,7 @@ from explainer.cache import Cache
 from explainer.chunking import ChunkedFile, chunk_file
 from explainer.cli import make_backend, open_cache
 from explainer.errors import UserError
-from explainer.explain import explain_file, known_names, occurs_as_name, ungrounded_names
+from explainer.explain import explain_file, known_names, occurs_as_name, off_piece, ungrounded_names
 from explainer.fileio import write_atomic
 from explainer.post import Post
 
@@ -269,6 +269,13 @@ def evaluate_piece(piece: Piece, backend: Backend, cache: Cache | None, max_line
             chunks=len(chunked.chunks),
             answers_sha256=answers_digest(post),
             **score(piece, post, chunked),
+            # answers not about their piece: asked again (explain_file), and still so in the post
+            asked_again=usage.extra.get("off_piece", 0),
+            off_piece=[
+                reason
+                for section, chunk in zip(post.sections, chunked.chunks)
+                if (reason := off_piece(chunked, chunk, section.explanation)) is not None
+            ],
         )
     record.update(
         wall_s=round(time.perf_counter() - started, 2),
@@ -313,6 +320,13 @@ def summarize(records: list[dict]) -> dict:
         "failed": len(records) - len(written),
         "recall_pct": round(mean(r["recall_pct"] for r in records), 1),
         "false_mean": round(mean(false), 2) if false else None,
+        # answers not about their lines: None for a results file written before they were counted
+        "off_piece": sum(len(r["off_piece"]) for r in records if "off_piece" in r)
+        if any("off_piece" in r for r in records)
+        else None,
+        "asked_again": sum(r.get("asked_again", 0) for r in records)
+        if any("asked_again" in r for r in records)
+        else None,
         "invented_mean": round(mean(written), 2) if written else None,
         "invented_max": max(written, default=None),
         "measured": len(measured),
@@ -367,8 +381,9 @@ def models_table(runs: list[dict]) -> str:
     scored shows n/a for them."""
     lines = [
         "| model | backend | pieces | failed | key-point recall | false readings/post (mean) "
-        "| invented/post (mean) | invented (max) | s/piece | tokens in/piece | tokens out/piece |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| invented/post (mean) | invented (max) | off-piece answers (asked again) | s/piece | tokens in/piece "
+        "| tokens out/piece |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in sorted(runs, key=lambda run: -run["summary"]["recall_pct"]):
         s = run["summary"]
@@ -376,11 +391,17 @@ def models_table(runs: list[dict]) -> str:
             f"| {run['model']} | {run['backend']} | {s['pieces']} | {s['failed']} "
             f"| {_cell(s['recall_pct'], unit='%')} | {_cell(s.get('false_mean'), 2)} "
             f"| {_cell(s['invented_mean'], 2)} "
-            f"| {_cell(s['invented_max'])} | {_cell(_per(s['wall_s'], s['measured']))} "
+            f"| {_cell(s['invented_max'])} | {_off_piece_cell(s)} | {_cell(_per(s['wall_s'], s['measured']))} "
             f"| {_cell(_per(s['tokens_in'], s['measured']), 0)} "
             f"| {_cell(_per(s['tokens_out'], s['measured']), 0)} |"
         )
     return "\n".join(lines)
+
+
+def _off_piece_cell(summary: dict) -> str:
+    if summary.get("off_piece") is None:
+        return "n/a"
+    return f"{summary['off_piece']} ({_cell(summary.get('asked_again'))})"
 
 
 def _progress_line(number: int, total: int, r: dict) -> str:

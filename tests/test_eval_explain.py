@@ -314,9 +314,10 @@ def _old_run(records):
 
 def test_a_results_file_without_false_readings_shows_n_a():
     run = _old_run([_old_record()])
-    assert "| old/model | openai | 1 | 0 | 33.3% | n/a | 1.00 | 1 | 3.5 | 100 | 50 |" in ev.models_table([run])
+    assert "| old/model | openai | 1 | 0 | 33.3% | n/a | 1.00 | 1 | n/a | 3.5 | 100 | 50 |" in ev.models_table([run])
     assert "| pick_top_p | 33.3% | - | n/a | `numpy` |" in ev.pieces_table(run["pieces"])
     assert ev.summarize(run["pieces"])["false_mean"] is None
+    assert ev.summarize(run["pieces"])["off_piece"] is None  # not counted then, not zero
 
 
 def test_rescore_scores_the_stored_prose_again_and_keeps_the_rest(project, tmp_path, monkeypatch, capsys):
@@ -365,3 +366,23 @@ def test_every_shipped_piece_has_false_readings_that_no_point_lists():
         alternatives = {a.lower() for phrases in piece.points.values() for a in phrases}
         for claim, phrases in piece.false_readings.items():
             assert not alternatives & {p.lower() for p in phrases}, f"{piece.id}: {claim}"
+
+
+def test_an_answer_that_restates_the_docstring_is_asked_again_and_counted(project, scripted_server, openai_env):
+    restated = "It samples an index from the smallest set of entries whose probabilities reach p."
+    fixed = "It sorts the indices by probability, keeps a running `total` until it reaches `p`, then picks at random."
+
+    def script(body):
+        prompt = user_text(body)
+        if "title" in prompt:
+            return f"{TITLE}\n\nThis function samples an index."
+        return fixed if "An earlier answer" in prompt else restated
+
+    record = explain_and_score(project, scripted_server(script))
+    assert record["asked_again"] == 1 and record["off_piece"] == []  # the second answer was about the code
+    assert record["points"]["keeps a running total until it reaches p"] == "running total"
+
+    stubborn = scripted_server(scripted(intro="This function samples an index.", explanation=restated))
+    record = explain_and_score(project, stubborn)
+    assert record["asked_again"] == 1 and len(record["off_piece"]) == 1 and "restates" in record["off_piece"][0]
+    assert ev.summarize([record])["off_piece"] == 1
