@@ -211,7 +211,7 @@ def explain(
         )
     finally:
         progress.close()
-    text = post_json(post) if output_format == "json" else render_post(post)
+    text = post_json(post, editable=True) if output_format == "json" else render_post(post, editable=True)
     if output is None:
         click.echo(text, nl=False)
     else:

@@ -288,20 +288,20 @@ class _Build:
         from explainer.translate import translate_post, untranslated_places
 
         generated, translated_by = source.post, None
-        ui = {**language("en").ui, **language(lang).ui}
-        if lang != generated.lang:
+        editable = lang == generated.lang  # the post its author edits: the source language's
+        if not editable:
             generated = translate_post(generated, lang, self.backend, self.cache, usage, untranslated)
             translated_by = generated.model
         extra = {"layout": self.config.layout, "dir": language(lang).dir, "ref": post.slug}
         if untranslated:  # a reader can tell a page that mixes languages, and where
             extra["untranslated"] = untranslated_places(untranslated)
-        page = render_post(generated, translated_by=translated_by, extra_front_matter=extra)
-        if source.demos_markdown:
-            page = (
-                f"{page.rstrip()}\n\n## {liquid_safe(ui['demo_output'], inline=True)}\n\n"
-                f"{liquid_safe(source.demos_markdown)}"
-            )
-        return page
+        return render_post(
+            generated,
+            translated_by=translated_by,
+            extra_front_matter=extra,
+            demos=source.demos_markdown,
+            editable=editable,
+        )
 
     def render_markdown(
         self, post: PostSpec, text: str, lang: str, usage: Usage, untranslated: list[str] | None = None
