@@ -190,12 +190,15 @@ def explain(
       explainer explain llama_ref/generation.py --symbol Llama.generate -o generate.md
       explainer explain run.c --backend local --lang zh
     """
+    from explainer.edits import edits_path, load_edits, with_author_text
     from explainer.explain import explain_file
     from explainer.fileio import write_atomic
     from explainer.progress import AnswerProgress
     from explainer.render import post_json, render_post
 
     chosen = make_backend(backend, model, base_url)
+    # the author's text of an earlier run's output, kept beside it: its mistakes before any model is asked
+    edits = load_edits(edits_path(output.parent, output.stem)) if output is not None else None
     progress = AnswerProgress(f"explaining {file}")
     try:
         post, usage = explain_file(
@@ -211,6 +214,11 @@ def explain(
         )
     finally:
         progress.close()
+    if edits is not None:  # the author's edits to the output file since it was written survive this run
+        authored = with_author_text(post, edits, output, markdown=output_format == "markdown", label=output.name)
+        for warning in authored.warnings(None, edits.path):
+            click.echo(f"Warning: {warning}", err=True)
+        post = authored.post
     text = post_json(post, editable=True) if output_format == "json" else render_post(post, editable=True)
     if output is None:
         click.echo(text, nl=False)
@@ -349,6 +357,12 @@ def translate(
     help="The config is yours: its root, output and cache_dir may lie outside its folder, and its "
     "[backend] base_url may get your OPENAI_API_KEY.",
 )
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Exit with 1 if an author's text is stale (its code changed since it was written), one line per "
+    "piece: for CI. The files are written all the same.",
+)
 def build(
     config_path: Path,
     only: tuple[str, ...],
@@ -362,6 +376,7 @@ def build(
     base_url: str | None,
     cache_dir: str | None,
     trust_config: bool,
+    strict: bool,
 ):
     """Explain, translate and render every post of a site in every language, running its demos.
 
@@ -373,6 +388,9 @@ def build(
     Only what changed is redone: answers and demo results are cached, and files whose bytes
     would not change are not rewritten. Files are written atomically, so an interrupted build
     leaves only whole files and the next one resumes from the cache.
+
+    Edits to an explained post in the source language are kept, in explanations/<slug>.toml, and
+    translated.
     """
     from explainer.progress import progress_for
     from explainer.site import BuildOptions, build_site
@@ -399,12 +417,17 @@ def build(
     for path in report.planned if dry_run else report.written:
         click.echo(str(path))
     click.echo(("Dry run: " if dry_run else "") + report.summary(), err=True)
+    stale = [f"{slug}: {problem}" for slug, problems in report.stale.items() for problem in problems] if strict else []
+    for line in stale:
+        click.echo(f"Error: {line}", err=True)
     if report.failed:
         raise UserError(
             f"{len(report.failed)} file(s) not written because a translation failed (listed above); "
             "rerun to ask again (answers that passed are cached), pass --keep-source-on-failure "
             "to publish them with the failed segments in the source language, or try another --model"
         )
+    if stale:
+        raise click.exceptions.Exit(1)
 
 
 @main.command()

@@ -57,6 +57,8 @@ class BuildReport:
     seconds: float = 0.0
     untranslated: dict[Path, list[str]] = field(default_factory=dict)  # file -> segments left in the source
     failed: dict[Path, str] = field(default_factory=dict)  # file not written -> why its translation failed
+    # post slug -> one line per stale piece of it, and per author's text that fits no piece (explainer.edits)
+    stale: dict[str, list[str]] = field(default_factory=dict)
 
     def summary(self) -> str:
         text = (
@@ -72,6 +74,8 @@ class BuildReport:
             )
         for path, why in self.failed.items():
             text += f"\n{path}: not written, its translation failed: {why}"
+        for slug, problems in self.stale.items():
+            text += "".join(f"\n{slug}: {problem}" for problem in problems)
         return text
 
 
@@ -187,7 +191,10 @@ class _Build:
             if post.markdown is not None:
                 source = _Source(markdown=self.read_markdown(post))
             else:
-                generated = self.explain(post, usage)
+                from explainer.edits import load_edits
+
+                edits = load_edits(self.config.edits_path(post))  # its mistakes, before any model is asked
+                generated = self.author_text(post, self.explain(post, usage), edits)
                 commands = post.demos if self.demos is not None else ()  # --no-demos: left out
                 demos = [
                     Demo(command, "sh", f"{self.config.path.name}: post {post.slug!r}, demo {number}")
@@ -245,6 +252,26 @@ class _Build:
             display_path=Path(post.file).as_posix(),
         )  # as the config names it
         return generated
+
+    def author_text(self, post: PostSpec, generated, edits):
+        """The explained post with its author's text over the model's (explainer.edits): edits made in the
+        source-language post since the last build are kept in its edits file before anything is written."""
+        from explainer.edits import with_author_text
+
+        authored = with_author_text(
+            generated,
+            edits,
+            self.config.post_path(post, self.config.source_lang),
+            markdown=True,
+            label=f"post {post.slug!r}",
+            inside=self.inside,
+        )
+        for warning in authored.warnings(post.slug, edits.path):
+            self.progress.say(f"warning: {post.slug}: {warning}")
+        if problems := authored.problems(post.slug, edits.path):
+            with self._lock:
+                self.report.stale[post.slug] = problems
+        return authored.post
 
     def write_variant(self, post: PostSpec, source: _Source, lang: str) -> None:
         """Write one post in one language. A translation that fails its checks writes nothing for that
