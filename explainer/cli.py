@@ -390,7 +390,7 @@ def build(
     leaves only whole files and the next one resumes from the cache.
 
     Edits to an explained post in the source language are kept, in explanations/<slug>.toml, and
-    translated.
+    translated: see explainer review.
     """
     from explainer.progress import progress_for
     from explainer.site import BuildOptions, build_site
@@ -428,6 +428,66 @@ def build(
         )
     if stale:
         raise click.exceptions.Exit(1)
+
+
+@main.command()
+@click.argument("slug")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default="explainer.toml",
+    show_default=True,
+    help="The site's config.",
+)
+@click.option(
+    "--accept",
+    "accepted",
+    multiple=True,
+    metavar="ID",
+    help="Accept this part as the post shows it: a piece's id, title, intro, or all; repeatable.",
+)
+@click.option("--trust-config", is_flag=True, help="The config is yours: as for explainer build.")
+def review(slug: str, config_path: Path, accepted: tuple[str, ...], trust_config: bool):
+    """List the parts of the explained post SLUG that no author has reviewed yet, each with its code and
+    the text the post shows; --accept keeps a part's text as the author's.
+
+    A part is reviewed once it holds the author's text: edited in the post (explainer build keeps the
+    edit), or accepted here. Both go to explanations/SLUG.toml beside the config. A stale piece (its
+    code changed since its text was written) is shown with the diff of its code. Once every part is
+    reviewed, the next build writes reviewed: true in the post's front matter.
+
+    \b
+    Examples:
+      explainer review llama-generate
+      explainer review llama-generate --accept 3f2a9c0d1e2b --accept intro
+      explainer review llama-generate --accept all
+    """
+    from explainer.edits import REVIEWED, open_review
+    from explainer.site_config import load_config
+
+    session = open_review(load_config(config_path, trust=trust_config), slug)
+    if accepted:
+        names = session.accept(accepted)
+        click.echo(
+            f"{slug}: accepted {len(names)} part(s) into {session.edits.path}; run explainer build to publish",
+            err=True,
+        )
+        return
+    items = session.items()
+    pending = [item for item in items if item.state != REVIEWED]
+    if pending:
+        click.echo("\n\n".join(item.describe() for item in pending))
+    click.echo(
+        f"{slug}: {len(pending)} of {len(items)} part(s) not reviewed"
+        + (
+            f"; edit them in {session.published.path} and build, or accept them: "
+            f"explainer review {slug} --accept ID (or all)"
+            if pending
+            else ""
+        ),
+        err=True,
+    )
 
 
 @main.command()

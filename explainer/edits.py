@@ -10,8 +10,8 @@ written, and translated from it.
 
 When the code under an author's text changes, its key names no piece any more. place() finds the piece
 that code became (the most similar code among the pieces no text is keyed by, by difflib), and the text
-stays there, marked stale, until the author edits it again. A post is reviewed when its title,
-introduction and every piece hold the author's text.
+stays there, marked stale, until the author edits it again or accepts it (explainer review). A post is
+reviewed when its title, introduction and every piece hold the author's text, written or accepted.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import dataclasses
 import difflib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from explainer import frontmatter
 from explainer.errors import UserError
@@ -40,6 +40,9 @@ from explainer.render import (
     liquid_unsafe,
     marker,
 )
+
+if TYPE_CHECKING:
+    from explainer.site_config import SiteConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -129,7 +132,7 @@ def edits_toml(edits: Edits, label: str) -> str:
     header = (
         f"# The author's text of {label}: it is published instead of the model's, and translated from it.\n"
         "# Edit it in the post (or here), then build. A piece is keyed by its code's hash; `code` is the\n"
-        "# code its text explains, so that a change to it can be shown. Written by explainer build."
+        "# code its text explains, so that a change to it can be shown. Written by explainer build and review."
     )
     blocks = [header]
     if top := [f"{key} = {_toml_string(edits.parts[key].text)}" for key in (TITLE, INTRO) if key in edits.parts]:
@@ -439,10 +442,11 @@ class StalePiece:
     diff: str
 
     def line(self, slug: str | None) -> str:
-        """One line that says so, and how to settle it: edit the text."""
+        """One line that says so, and how to settle it: edit the text, or (a site's post, `slug`) accept it."""
+        accept = f", or accept it: explainer review {slug} --accept {self.piece.id}" if slug else " to confirm it"
         return (
             f"piece {self.piece.id} ({where(self.piece.lines)}) is stale: its code changed since the author's "
-            "text was written; edit the text in the post to confirm it"
+            f"text was written; edit the text in the post{accept}"
         )
 
 
@@ -508,3 +512,122 @@ def with_author_text(
     if published is not None and adopt(edits, published, pieces_of(post.sections)):
         save_edits(edits, label, inside)
     return apply(post, edits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Review
+# ---------------------------------------------------------------------------------------------
+
+REVIEWED, NOT_REVIEWED, STALE, NOT_BUILT = "reviewed", "not reviewed", "stale", "not built"
+
+
+@dataclass(frozen=True)
+class ReviewItem:
+    name: str  # "title", "intro", or a piece id
+    state: str  # REVIEWED, NOT_REVIEWED, STALE or NOT_BUILT
+    text: str  # as the post shows it
+    piece: Piece | None = None
+    diff: str = ""  # a stale piece's code diff
+
+    def describe(self) -> str:
+        """The item as `explainer review` lists it: a heading line, then its code or diff, then its text,
+        indented."""
+        heading = self.name if self.piece is None else f"piece {self.name}, {where(self.piece.lines)}"
+        state = {
+            STALE: "stale: the code changed since the author's text was written",
+            NOT_BUILT: "not in the post yet: run explainer build",
+        }.get(self.state, self.state)
+        out = [f"{heading} ({state})"]
+        if self.piece is not None:
+            out += ["  code:" if not self.diff else "  code, changed:"]
+            out += [f"    {line}" for line in (self.diff or self.piece.code).splitlines()]
+        if self.state != NOT_BUILT:
+            out += ["  text:", *(f"    {line}" for line in self.text.splitlines() or [""])]
+        return "\n".join(line.rstrip() for line in out)
+
+
+@dataclass
+class Review:
+    """One explained post's review: its parts, and accepting them into its edits file."""
+
+    slug: str
+    edits: Edits
+    published: Published
+    pieces: list[Piece]
+    inside: Path | None = None
+
+    def items(self) -> list[ReviewItem]:
+        placement = place(self.edits, self.pieces)
+        items = []
+        for name in (TITLE, INTRO):
+            if name in self.edits.parts:
+                items.append(ReviewItem(name, REVIEWED, self.edits.parts[name].text))
+            else:
+                items.append(ReviewItem(name, NOT_REVIEWED, self.published.author_text(name)))
+        for piece in self.pieces:
+            key = placement.by_piece.get(piece.id)
+            if key is not None:
+                text = self.edits.parts[key]
+                if key == piece.id:
+                    items.append(ReviewItem(piece.id, REVIEWED, text.text, piece))
+                else:
+                    items.append(ReviewItem(piece.id, STALE, text.text, piece, code_diff(text, piece)))
+            elif piece.id in self.published.parts:
+                items.append(ReviewItem(piece.id, NOT_REVIEWED, self.published.author_text(piece.id), piece))
+            else:
+                items.append(ReviewItem(piece.id, NOT_BUILT, "", piece))
+        return items
+
+    def accept(self, names: Iterable[str]) -> list[str]:
+        """Accept the named parts as the post shows them ("all": every one not reviewed yet); a stale
+        piece's text is accepted for the code as it is now. Returns the names accepted."""
+        names = set(names)
+        items = self.items()
+        if unknown := sorted(names - {item.name for item in items} - {"all"}):
+            raise UserError(
+                f"post {self.slug!r} has no part {unknown[0]!r}; accept title, intro, a piece's id "
+                f"(explainer review {self.slug} lists them) or all"
+            )
+        chosen = [item for item in items if item.state != REVIEWED and ("all" in names or item.name in names)]
+        if not_built := [item.name for item in chosen if item.state == NOT_BUILT and item.name in names]:
+            raise UserError(f"piece {not_built[0]} is not in the post yet: run explainer build, then review it")
+        placement = place(self.edits, self.pieces)
+        accepted = []
+        for item in chosen:
+            if item.state == NOT_BUILT:
+                continue
+            if item.state == STALE:
+                del self.edits.parts[placement.by_piece[item.name]]
+            code, lines = (item.piece.code, item.piece.lines) if item.piece is not None else ("", "")
+            self.edits.parts[item.name] = AuthorText(item.text, code, lines)
+            accepted.append(item.name)
+        if accepted:
+            save_edits(self.edits, f"post {self.slug!r}", self.inside)
+        return accepted
+
+
+def open_review(config: SiteConfig, slug: str) -> Review:
+    """The review of the explained post `slug` of a site: its pieces
+    from the code as it is now, its text from the post last built. Edits made in the post since are kept
+    first, as a build keeps them."""
+    from explainer.chunking import chunk_file
+
+    slugs = [post.slug for post in config.posts]
+    if slug not in slugs:
+        raise UserError(f"no post {slug!r} in {config.path.name}; choose from {', '.join(slugs)}")
+    spec = config.posts[slugs.index(slug)]
+    if spec.file is None:
+        raise UserError(f"post {slug!r} is hand-written: its text is its author's already, nothing to review")
+    chunked = chunk_file(
+        config.root / spec.file, symbol=spec.symbol, max_lines=spec.max_lines, display_path=Path(spec.file).as_posix()
+    )
+    pieces = pieces_of(chunked.chunks)
+    path = config.post_path(spec, config.source_lang)
+    published = read_published(path, markdown=True)
+    if published is None:
+        raise UserError(f"post {slug!r} is not built yet ({path} has no explainer_written); run explainer build")
+    edits = load_edits(config.edits_path(spec))
+    inside = None if config.trusted else config.path.parent.resolve()
+    if adopt(edits, published, pieces):
+        save_edits(edits, f"post {slug!r}", inside)
+    return Review(slug, edits, published, pieces, inside)

@@ -1,5 +1,5 @@
 """The author stays in charge of an explained post: edits made in it survive every rebuild byte for byte,
-are translated from, and go stale loudly when their code changes.
+are translated from, go stale loudly when their code changes, and `explainer review` accepts the rest.
 
 A small site explains one function of its own folder through the real openai SDK and a scripted server
 on 127.0.0.1; posts are read back with markdown-it-py and ruamel, the edits file with tomllib."""
@@ -217,6 +217,95 @@ def test_changed_code_keeps_the_edit_and_marks_it_stale_and_strict_fails(config,
     assert [piece["text"] for piece in edits_file(config)["pieces"].values()] == [
         EDIT_LOOP + " Ties go to the later score now."
     ]
+
+
+def test_a_stale_piece_is_shown_with_its_diff_and_accepted_for_the_new_code(config):
+    build(config)
+    edit_post(config, explanation(LOOP), EDIT_LOOP)
+    build(config)
+    code = config.parent / "code" / "sampler.py"
+    code.write_text(SAMPLE.replace("if p > probs[best]:", "if p >= probs[best]:"), encoding="utf-8")
+    build(config)
+    loop = places(config)[LOOP]
+    new_id = piece_id_of(config, LOOP)
+
+    listing = review(config)
+
+    [heading] = [line for line in piece_headings(listing.stdout) if line.startswith(f"piece {new_id}")]
+    assert heading == f"piece {new_id}, {loop} (stale: the code changed since the author's text was written)"
+    assert "    -    if p > probs[best]:" in listing.stdout and f"    {EDIT_LOOP}" in listing.stdout
+
+    assert review(config, "--accept", new_id).exit_code == 0
+    assert run_build(config, "--strict").returncode == 0
+    [(key, piece)] = edits_file(config)["pieces"].items()
+    assert key == new_id and piece["text"] == EDIT_LOOP and "if p >= probs[best]:" in piece["code"]
+    assert "stale" not in front_matter(read_post(config))
+
+
+def review(config, *args: str):
+    return CliRunner().invoke(main, ["review", "sampler", "--config", str(config), *args])
+
+
+def piece_headings(listing: str) -> list[str]:
+    return [line for line in listing.splitlines() if line and not line.startswith(" ")]
+
+
+def test_review_shows_and_accepts_and_reviewed_appears_only_when_all_are(config, server):
+    build(config)
+
+    listing = review(config)
+
+    assert listing.exit_code == 0, listing.output
+    headings = piece_headings(listing.stdout)
+    assert headings[:2] == ["title (not reviewed)", "intro (not reviewed)"]
+    assert [heading.split(", ")[1] for heading in headings[2:]] == [
+        f"{place} (not reviewed)" for place in places(config).values()
+    ]
+    assert f"    {SCALE}" in listing.stdout and f"    {explanation(SCALE)}" in listing.stdout  # code and text
+    assert "0 of 6 part(s)" not in listing.stderr and "6 of 6 part(s) not reviewed" in listing.stderr
+    scale_id = headings[3].split(",")[0].removeprefix("piece ")
+
+    accepted = review(config, "--accept", scale_id, "--accept", "title")
+
+    assert accepted.exit_code == 0, accepted.output
+    assert edits_file(config)["title"] == TITLE
+    assert edits_file(config)["pieces"][scale_id]["text"] == explanation(SCALE)
+    left = review(config)
+    assert len(piece_headings(left.stdout)) == 4 and scale_id not in left.stdout
+    sent = len(server.requests)
+    build(config)
+    assert front_matter(read_post(config))["reviewed"] is False
+
+    assert review(config, "--accept", "all").exit_code == 0
+    build(config)
+
+    assert len(server.requests) == sent  # accepting the model's text asks nothing again
+    for lang in LANGUAGES:
+        assert front_matter(read_post(config, lang))["reviewed"] is True
+    done = review(config)
+    assert done.stdout == "" and "0 of 6 part(s) not reviewed" in done.stderr
+
+
+def test_review_mistakes_are_one_line(config):
+    not_built = review(config)
+    assert not_built.exit_code == 1 and not_built.stderr.count("\n") == 1
+    assert "post 'sampler' is not built yet" in not_built.stderr and "run explainer build" in not_built.stderr
+    build(config)
+    no_part = review(config, "--accept", "0123456789ab")
+    assert no_part.exit_code == 1 and no_part.stderr.count("\n") == 1
+    assert "post 'sampler' has no part '0123456789ab'; accept title, intro, a piece's id" in no_part.stderr
+    unknown = CliRunner().invoke(main, ["review", "nope", "--config", str(config)])
+    assert unknown.exit_code == 1 and "no post 'nope' in explainer.toml; choose from sampler" in unknown.stderr
+
+
+def test_a_handwritten_post_has_nothing_to_review(tmp_path, openai_env):
+    site = tmp_path / "site"
+    (site / "_sources").mkdir(parents=True)
+    (site / "_sources" / "notes.md").write_text("# Notes\n\nMine.\n", encoding="utf-8")
+    settings_ = {"site": {"languages": ["en"]}, "posts": [{"date": "2024-05-01", "markdown": "_sources/notes.md"}]}
+    (site / "explainer.toml").write_text(to_toml(settings_), encoding="utf-8")
+    result = CliRunner().invoke(main, ["review", "notes", "--config", str(site / "explainer.toml")])
+    assert result.exit_code == 1 and "post 'notes' is hand-written: its text is its author's already" in result.stderr
 
 
 def test_liquid_in_an_edit_is_shown_as_written_and_stays_put(config, server):
