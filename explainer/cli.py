@@ -190,12 +190,15 @@ def explain(
       explainer explain llama_ref/generation.py --symbol Llama.generate -o generate.md
       explainer explain run.c --backend local --lang zh
     """
+    from explainer.edits import edits_path, load_edits, with_author_text
     from explainer.explain import explain_file
     from explainer.fileio import write_atomic
     from explainer.progress import AnswerProgress
     from explainer.render import post_json, render_post
 
     chosen = make_backend(backend, model, base_url)
+    # the author's text of an earlier run's output, kept beside it: its mistakes before any model is asked
+    edits = load_edits(edits_path(output.parent, output.stem)) if output is not None else None
     progress = AnswerProgress(f"explaining {file}")
     try:
         post, usage = explain_file(
@@ -211,7 +214,12 @@ def explain(
         )
     finally:
         progress.close()
-    text = post_json(post) if output_format == "json" else render_post(post)
+    if edits is not None:  # the author's edits to the output file since it was written survive this run
+        authored = with_author_text(post, edits, output, markdown=output_format == "markdown", label=output.name)
+        for warning in authored.warnings(None, edits.path):
+            click.echo(f"Warning: {warning}", err=True)
+        post = authored.post
+    text = post_json(post, editable=True) if output_format == "json" else render_post(post, editable=True)
     if output is None:
         click.echo(text, nl=False)
     else:
@@ -349,6 +357,12 @@ def translate(
     help="The config is yours: its root, output and cache_dir may lie outside its folder, and its "
     "[backend] base_url may get your OPENAI_API_KEY.",
 )
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Exit with 1 if an author's text is stale (its code changed since it was written), one line per "
+    "piece: for CI. The files are written all the same.",
+)
 def build(
     config_path: Path,
     only: tuple[str, ...],
@@ -362,6 +376,7 @@ def build(
     base_url: str | None,
     cache_dir: str | None,
     trust_config: bool,
+    strict: bool,
 ):
     """Explain, translate and render every post of a site in every language, running its demos.
 
@@ -373,6 +388,9 @@ def build(
     Only what changed is redone: answers and demo results are cached, and files whose bytes
     would not change are not rewritten. Files are written atomically, so an interrupted build
     leaves only whole files and the next one resumes from the cache.
+
+    Edits to an explained post in the source language are kept, in explanations/<slug>.toml, and
+    translated: see explainer review.
     """
     from explainer.progress import progress_for
     from explainer.site import BuildOptions, build_site
@@ -399,12 +417,77 @@ def build(
     for path in report.planned if dry_run else report.written:
         click.echo(str(path))
     click.echo(("Dry run: " if dry_run else "") + report.summary(), err=True)
+    stale = [f"{slug}: {problem}" for slug, problems in report.stale.items() for problem in problems] if strict else []
+    for line in stale:
+        click.echo(f"Error: {line}", err=True)
     if report.failed:
         raise UserError(
             f"{len(report.failed)} file(s) not written because a translation failed (listed above); "
             "rerun to ask again (answers that passed are cached), pass --keep-source-on-failure "
             "to publish them with the failed segments in the source language, or try another --model"
         )
+    if stale:
+        raise click.exceptions.Exit(1)
+
+
+@main.command()
+@click.argument("slug")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default="explainer.toml",
+    show_default=True,
+    help="The site's config.",
+)
+@click.option(
+    "--accept",
+    "accepted",
+    multiple=True,
+    metavar="ID",
+    help="Accept this part as the post shows it: a piece's id, title, intro, or all; repeatable.",
+)
+@click.option("--trust-config", is_flag=True, help="The config is yours: as for explainer build.")
+def review(slug: str, config_path: Path, accepted: tuple[str, ...], trust_config: bool):
+    """List the parts of the explained post SLUG that no author has reviewed yet, each with its code and
+    the text the post shows; --accept keeps a part's text as the author's.
+
+    A part is reviewed once it holds the author's text: edited in the post (explainer build keeps the
+    edit), or accepted here. Both go to explanations/SLUG.toml beside the config. A stale piece (its
+    code changed since its text was written) is shown with the diff of its code. Once every part is
+    reviewed, the next build writes reviewed: true in the post's front matter.
+
+    \b
+    Examples:
+      explainer review llama-generate
+      explainer review llama-generate --accept 3f2a9c0d1e2b --accept intro
+      explainer review llama-generate --accept all
+    """
+    from explainer.edits import REVIEWED, open_review
+    from explainer.site_config import load_config
+
+    session = open_review(load_config(config_path, trust=trust_config), slug)
+    if accepted:
+        names = session.accept(accepted)
+        click.echo(
+            f"{slug}: accepted {len(names)} part(s) into {session.edits.path}; run explainer build to publish",
+            err=True,
+        )
+        return
+    items = session.items()
+    pending = [item for item in items if item.state != REVIEWED]
+    if pending:
+        click.echo("\n\n".join(item.describe() for item in pending))
+    click.echo(
+        f"{slug}: {len(pending)} of {len(items)} part(s) not reviewed"
+        + (
+            f"; edit them in {session.published.path} and build, or accept them: "
+            f"explainer review {slug} --accept ID (or all)"
+            if pending
+            else ""
+        ),
+        err=True,
+    )
 
 
 @main.command()

@@ -57,6 +57,8 @@ class BuildReport:
     seconds: float = 0.0
     untranslated: dict[Path, list[str]] = field(default_factory=dict)  # file -> segments left in the source
     failed: dict[Path, str] = field(default_factory=dict)  # file not written -> why its translation failed
+    # post slug -> one line per stale piece of it, and per author's text that fits no piece (explainer.edits)
+    stale: dict[str, list[str]] = field(default_factory=dict)
 
     def summary(self) -> str:
         text = (
@@ -72,6 +74,8 @@ class BuildReport:
             )
         for path, why in self.failed.items():
             text += f"\n{path}: not written, its translation failed: {why}"
+        for slug, problems in self.stale.items():
+            text += "".join(f"\n{slug}: {problem}" for problem in problems)
         return text
 
 
@@ -187,7 +191,10 @@ class _Build:
             if post.markdown is not None:
                 source = _Source(markdown=self.read_markdown(post))
             else:
-                generated = self.explain(post, usage)
+                from explainer.edits import load_edits
+
+                edits = load_edits(self.config.edits_path(post))  # its mistakes, before any model is asked
+                generated = self.author_text(post, self.explain(post, usage), edits)
                 commands = post.demos if self.demos is not None else ()  # --no-demos: left out
                 demos = [
                     Demo(command, "sh", f"{self.config.path.name}: post {post.slug!r}, demo {number}")
@@ -246,6 +253,26 @@ class _Build:
         )  # as the config names it
         return generated
 
+    def author_text(self, post: PostSpec, generated, edits):
+        """The explained post with its author's text over the model's (explainer.edits): edits made in the
+        source-language post since the last build are kept in its edits file before anything is written."""
+        from explainer.edits import with_author_text
+
+        authored = with_author_text(
+            generated,
+            edits,
+            self.config.post_path(post, self.config.source_lang),
+            markdown=True,
+            label=f"post {post.slug!r}",
+            inside=self.inside,
+        )
+        for warning in authored.warnings(post.slug, edits.path):
+            self.progress.say(f"warning: {post.slug}: {warning}")
+        if problems := authored.problems(post.slug, edits.path):
+            with self._lock:
+                self.report.stale[post.slug] = problems
+        return authored.post
+
     def write_variant(self, post: PostSpec, source: _Source, lang: str) -> None:
         """Write one post in one language. A translation that fails its checks writes nothing for that
         language and is reported (BuildReport.failed); the other languages go on. Other errors stop the build."""
@@ -288,20 +315,20 @@ class _Build:
         from explainer.translate import translate_post, untranslated_places
 
         generated, translated_by = source.post, None
-        ui = {**language("en").ui, **language(lang).ui}
-        if lang != generated.lang:
+        editable = lang == generated.lang  # the post its author edits: the source language's
+        if not editable:
             generated = translate_post(generated, lang, self.backend, self.cache, usage, untranslated)
             translated_by = generated.model
         extra = {"layout": self.config.layout, "dir": language(lang).dir, "ref": post.slug}
         if untranslated:  # a reader can tell a page that mixes languages, and where
             extra["untranslated"] = untranslated_places(untranslated)
-        page = render_post(generated, translated_by=translated_by, extra_front_matter=extra)
-        if source.demos_markdown:
-            page = (
-                f"{page.rstrip()}\n\n## {liquid_safe(ui['demo_output'], inline=True)}\n\n"
-                f"{liquid_safe(source.demos_markdown)}"
-            )
-        return page
+        return render_post(
+            generated,
+            translated_by=translated_by,
+            extra_front_matter=extra,
+            demos=source.demos_markdown,
+            editable=editable,
+        )
 
     def render_markdown(
         self, post: PostSpec, text: str, lang: str, usage: Usage, untranslated: list[str] | None = None

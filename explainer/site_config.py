@@ -71,6 +71,12 @@ class SiteConfig:
             lang=lang, slug=post.slug, date=post.date, year=year, month=month, day=day
         )
 
+    def edits_path(self, post: PostSpec) -> Path:
+        """Where the author's text of an explained post is kept: beside the config, committed with it."""
+        from explainer.edits import edits_path
+
+        return edits_path(self.path.parent, post.slug)
+
 
 _SECTIONS = {
     "site": {

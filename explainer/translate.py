@@ -394,11 +394,16 @@ def translate_post(
     untranslated: list[str] | None = None,
 ) -> Post:
     """The post in `target`: title, intro and explanations translated, code untouched (never sent).
+    The author's parts (explainer.edits) are translated from the author's text and stay the author's:
+    what the model wrote in them is escaped here, the author's own pieces restored as written.
     untranslated: as for translate_texts."""
     texts = {"title": post.title, "intro": post.intro}
     texts.update(
         {f"section {number} explanation": section.explanation for number, section in enumerate(post.sections, 1)}
     )
+    authored = {"title"} if post.title_authored else set()
+    authored |= {"intro"} if post.intro_authored else set()
+    authored |= {f"section {n} explanation" for n, section in enumerate(post.sections, 1) if section.authored}
     done = translate_texts(
         {name: text for name, text in texts.items() if text.strip()},
         target,
@@ -406,6 +411,7 @@ def translate_post(
         cache,
         usage,
         source_lang=post.lang,
+        published_as_markdown=authored,
         untranslated=untranslated,
     )
     sections = [

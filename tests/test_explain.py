@@ -297,7 +297,7 @@ def test_front_matter_survives_titles_that_look_like_yaml():
         rendered = render_post(post_with("x = 1\n", title=title))
         front = next(t for t in markdown().parse(rendered) if t.type == "front_matter")
         data = YAML(typ="safe").load(front.content)
-        assert list(data) == ["layout", "title", "lang", "date"]
+        assert list(data) == ["layout", "title", "lang", "date", "reviewed"]
         assert data["title"] == title and data["layout"] == "post"
 
 

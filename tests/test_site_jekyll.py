@@ -131,6 +131,21 @@ def test_right_to_left_pages_say_so_and_left_to_right_pages_too(site):
     assert "pre, code { direction: ltr;" in css  # code reads left to right on a right-to-left page
 
 
+def test_a_machine_written_post_says_so_and_its_edit_markers_leave_no_trace(site):
+    for lang in LANGUAGES:
+        explained = (site / "_site" / PAGES["llama-generate"] / f"llama-generate-{lang}.html").read_text(
+            encoding="utf-8"
+        )
+        handwritten = (site / "_site" / PAGES["running-llama"] / f"running-llama-{lang}.html").read_text(
+            encoding="utf-8"
+        )
+        assert "Machine-written, not reviewed yet." in explained
+        assert "not reviewed" not in handwritten  # its author wrote it
+        assert "explainer:" not in explained and "explainer_written" not in explained
+    source = (site / "_posts" / "en" / "2024-05-01-llama-generate-en.md").read_text(encoding="utf-8")
+    assert "{% comment %}explainer: piece " in source  # the markers are in the post an author edits
+
+
 def test_each_page_links_its_other_languages(site):
     for slug, day in PAGES.items():
         links = page(site, slug, "ar").links
