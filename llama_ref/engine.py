@@ -36,6 +36,7 @@ the next step.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from collections import OrderedDict, deque
@@ -185,6 +186,11 @@ class PrefixCache:
             return 0, None
         self._entries.move_to_end(best_key)
         return best, self._entries[best_key]
+
+    def wants(self, tokens: list[int], nbytes: int) -> bool:
+        """Whether add() would keep a prompt of this many bytes: it fits, and no stored prompt covers it."""
+        key = tuple(tokens)
+        return nbytes <= self.max_bytes and not any(_common_prefix(stored, key) == len(key) for stored in self._entries)
 
     def add(self, tokens: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
         key = tuple(tokens)
@@ -536,19 +542,25 @@ class Engine:
     def _remember(self, row: _Row, tokens: list[int]) -> None:
         """Keep the keys and values of `tokens`, the start of what the row holds, in the prefix cache."""
         shared = min(row.shared, len(tokens))  # what it reads from the anchor, then from its own row
-
-        def kv_of(layer, name: str) -> torch.Tensor:
-            kv = getattr(layer.attention.cache, name)[row.slot, :, : len(tokens) - shared]
-            if shared:
-                kv = torch.cat([getattr(layer.attention.anchor, name)[0, :, :shared], kv], dim=1)
-            return kv
-
-        layers = self.model.layers
-        self.prefix_cache.add(
-            tokens,
-            torch.stack([kv_of(layer, "k") for layer in layers]),
-            torch.stack([kv_of(layer, "v") for layer in layers]),
-        )
+        attentions = list(self.model.attentions())
+        first = attentions[0].cache
+        assert first is not None
+        _, heads, _, head_dim = first.k.shape
+        shape = (len(attentions), heads, len(tokens), head_dim)
+        if not self.prefix_cache.wants(tokens, 2 * first.k.element_size() * math.prod(shape)):
+            return  # copied for nothing: a stored prompt covers it, or it would not fit
+        # one copy, straight into the stored tensors: no per-layer concatenation, then a stack of those
+        k = torch.empty(shape, dtype=first.k.dtype, device=first.k.device)
+        v = torch.empty_like(k)
+        for layer, attention in enumerate(attentions):
+            cache, anchor = attention.cache, attention.anchor
+            assert cache is not None
+            for stored, name in ((k, "k"), (v, "v")):
+                if shared:
+                    assert anchor is not None
+                    stored[layer, :, :shared] = getattr(anchor, name)[0, :, :shared]
+                stored[layer, :, shared:] = getattr(cache, name)[row.slot, :, : len(tokens) - shared]
+        self.prefix_cache.add(tokens, k, v)
 
     def _decode(self, rows: list[_Row]) -> None:
         # One forward pass over slots 0..highest running; free or still-prefilling slots in between

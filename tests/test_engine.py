@@ -218,6 +218,10 @@ def test_prefix_cache_keeps_the_most_recent_within_its_bound():
     cache.add([7, 8, 9, 10], entry, entry)  # extends a stored prompt: replaces it
     assert cache.nbytes <= cache.max_bytes
     assert cache.longest_match([7, 8, 9, 10, 11])[0] == 4
+    # what add() would drop is never copied out of the KV cache: a prompt a stored one covers, or too big
+    assert not cache.wants([7, 8, 9], entry.nbytes * 2)
+    assert not cache.wants([3, 2, 1], cache.max_bytes + 1)
+    assert cache.wants([3, 2, 1], entry.nbytes * 2)
 
 
 @pytest.mark.slow
