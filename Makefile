@@ -44,7 +44,7 @@ PYTEST_WORKERS ?= auto --maxprocesses 4
 test: install
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS)
 
-# The inner loop: every test but those marked slow (models past SmolLM2, transformers parity, torch.compile, serving).
+# The inner loop: every test but those marked slow (models past SmolLM2, parity, compile, serving, sweeps).
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" -n $(PYTEST_WORKERS)
 

@@ -396,6 +396,7 @@ except CheckpointError as exc:
 """
 
 
+@pytest.mark.slow  # a sweep or subprocesses that load a model: make test, not test-fast
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_every_crafted_checkpoint_fails_fast_and_small(tmp_path):
     """Issue 10's bound: each crafted header is refused in under 0.5 s and 300 MiB, measured in a fresh

@@ -576,6 +576,7 @@ PY_KIND_OPENERS = {
 }
 
 
+@pytest.mark.slow  # a sweep or subprocesses that load a model: make test, not test-fast
 @PROPERTY
 @given(source=py_program(), max_lines=st.integers(1, 15))
 def test_python_programs_chunk_exactly_at_statement_boundaries(source, max_lines):
@@ -659,6 +660,7 @@ C_KIND_OPENERS = {
 }
 
 
+@pytest.mark.slow  # a sweep or subprocesses that load a model: make test, not test-fast
 @PROPERTY
 @given(source=c_program().filter(str.strip), max_lines=st.integers(1, 15), code_language=st.sampled_from(["c", "cpp"]))
 def test_c_programs_chunk_exactly_at_statement_boundaries(source, max_lines, code_language):

@@ -82,6 +82,7 @@ def test_bad_checkpoint_is_one_line_naming_the_file(tmp_path, make_bad_file):
     assert str(path) in result.stderr and problem in result.stderr
 
 
+@pytest.mark.slow  # a sweep or subprocesses that load a model: make test, not test-fast
 def test_unknown_device_and_dtype_are_one_line_errors():
     for args, fragment in ((["--device", "tpu"], "unknown device"), (["--dtype", "fp8"], "unknown dtype")):
         result = run_cli("--max-tokens", "1", *args)

@@ -243,6 +243,7 @@ def test_the_context_bounds_each_answer_and_a_prompt_that_fills_it_fails_alone(t
             backend.complete([short])
 
 
+@pytest.mark.slow  # a sweep or subprocesses that load a model: make test, not test-fast
 def test_a_segment_too_long_for_the_context_fails_alone_and_the_others_are_translated(tmp_path):
     """The error contract through the translator: what the local model's context cannot hold is an
     UnusableAnswer for that segment only, reported in the context's terms (never as --max-lines, which

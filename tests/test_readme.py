@@ -438,6 +438,7 @@ def runnable_classes() -> list[str]:
     return order[: order.index(own) + 1] if own in order else []
 
 
+@pytest.mark.slow  # a sweep or subprocesses that load a model: make test, not test-fast
 @pytest.mark.parametrize("cpu", runnable_classes())
 def test_the_kernel_doc_is_what_explain_kernels_prints(cpu):
     """What `--cpu CLASS --explain-kernels` prints on this machine is the doc's row for that class, or a

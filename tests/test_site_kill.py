@@ -29,6 +29,7 @@ def posts(site) -> dict[str, bytes]:
     return files
 
 
+@pytest.mark.slow  # a sweep or subprocesses that load a model: make test, not test-fast
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT], ids=["kill", "ctrl-c"])
 def test_an_interrupted_build_leaves_whole_files_and_the_next_build_finishes_it(tmp_path, scripted_server, how):
     reference_server = scripted_server(site_script)
