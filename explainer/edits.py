@@ -353,7 +353,7 @@ def _read_markdown(path: Path, text: str) -> Published | None:
 
 
 def _marker_name(block) -> str | None:
-    content = block.content.strip() if block.type == "liquid_block" else ""
+    content = block.content.strip() if block.type == "html_block" else ""
     if content.startswith(MARKER_OPEN) and content.endswith(MARKER_CLOSE) and "\n" not in content:
         return content[len(MARKER_OPEN) : -len(MARKER_CLOSE)]
     return None

@@ -36,9 +36,10 @@ from explainer.safe_markdown import escape_model_html, plain_text
 RAW_OPEN, RAW_CLOSE = "{% raw %}", "{% endraw %}"
 # How liquid_safe steps around an endraw tag written in the text: close the raw block, print `{%`, reopen.
 RAW_STEP = RAW_CLOSE + '{{ "{%" }}' + RAW_OPEN
-# An editable post marks where each of its parts starts with a Liquid comment: Jekyll drops it, and
-# markdown-it-py (markdown_segments.parser) reads it as a block of its own.
-MARKER_OPEN, MARKER_CLOSE = "{% comment %}explainer: ", "{% endcomment %}"
+# An editable post marks where each of its parts starts with an HTML comment: a Markdown viewer (GitHub's,
+# an editor's preview) and the site's page show nothing of it, and markdown-it-py reads it as a block of
+# its own. An answer cannot forge one: the model's HTML is escaped (safe_markdown.escape_model_html).
+MARKER_OPEN, MARKER_CLOSE = "<!-- explainer: ", " -->"
 WRITTEN_KEY = "explainer_written"  # the front matter key of an editable post's fingerprints
 FINGERPRINT_LENGTH = 12  # hex digits of sha256
 

@@ -342,10 +342,10 @@ def piece_id_of(config, first_line: str) -> str:
     """The id of the piece whose code starts with `first_line`, from the marker above its code block."""
     last_marker = ""
     for line in read_post(config).splitlines():
-        if line.startswith("{% comment %}explainer: piece "):
+        if line.startswith("<!-- explainer: piece "):
             last_marker = line
         elif line == first_line:
-            return last_marker.split("piece ")[1].split("{%")[0]
+            return last_marker.split("piece ")[1].split(" -->")[0]
     raise AssertionError(f"no piece starts with {first_line}")
 
 
@@ -381,7 +381,7 @@ def test_a_broken_edits_file_is_one_clear_line(config, server, content, message)
     assert result.stderr.splitlines()[-1].startswith("Error: post 'sampler': ")
 
 
-@pytest.mark.parametrize("kind", ["explainer: piece ", "explainer: pieces{"])
+@pytest.mark.parametrize("kind", ["explainer: piece ", "explainer: pieces -->"])
 def test_a_post_whose_markers_were_removed_is_not_overwritten(config, kind):
     build(config)
     marker = next(line for line in read_post(config).splitlines() if kind in line)
