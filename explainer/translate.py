@@ -55,6 +55,7 @@ from explainer.translation_checks import (
     detect_lang,
     document_problems,
     quote,
+    repair_emphasis,
     repair_placeholders,
     segment_problems,
 )
@@ -223,7 +224,9 @@ class SegmentTranslator:
             return [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
         retry = []
         for number, job in enumerate(batch, 1):
-            translation = repair_placeholders(translations.get(number, ""), len(job.segment.protected))
+            translation = repair_emphasis(
+                job.segment, repair_placeholders(translations.get(number, ""), len(job.segment.protected))
+            )
             problems = (
                 segment_problems(job.segment, translation, self.lang, self.source_lang)
                 if number in translations

@@ -3,8 +3,10 @@
 For one segment (segment_problems): the answer is not empty, on one line, without chatter; its placeholders
 are intact, each once and in a link's order, with no look-alike of one left (repair_placeholders first writes
 an unambiguous look-alike back as the placeholder); no markers heaped side by side; readable Markdown of the
-same structure, so no raw HTML the source does not have; no stray backtick, no '|' that would split a table
-cell, no word that mixes scripts, and the target language. For an answer (checked_answer): it was complete
+same structure, its emphasis, code spans, links, images, headings and HTML counted per segment, so none added
+and none dropped (repair_emphasis first unwraps emphasis the model added where that is unambiguous); no stray
+backtick, no '|' that would split a table cell, no question the source does not ask, no word that mixes
+scripts, and the target language. For an answer (checked_answer): it was complete
 (finish_reason=stop). For a whole document (document_problems): byte-identical code blocks and the same
 headings, lists, links, images and tables (Structure), and no placeholder left in the text.
 """
@@ -59,6 +61,9 @@ CHATTER = (
     "```",
     "~~~",  # a fence in prose: "```markdown" wrappers, code pasted back
 )
+# A small model turns a statement into a question of its own ("`temperature` 入口位于哪里？"): a translation
+# may not ask more questions than its source.
+QUESTION_MARKS = "?\uff1f\u061f"  # ? ？ ؟
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,6 +154,9 @@ def segment_problems(segment: Segment, translation: str, lang: Language, source_
         problems.append(f"{translation.count('`')} stray backtick(s), {segment.text.count('`')} in the source")
     if segment.in_table_cell and "|" in strip_placeholders(translation) and "|" not in segment.text:
         problems.append("a '|' in a table cell would split the cell")
+    asked, source_asks = (sum(text.count(mark) for mark in QUESTION_MARKS) for text in (translation, segment.text))
+    if asked > source_asks:
+        problems.append(f"{asked} question mark(s), {source_asks} in the source: a question the source does not ask")
     if not lang.words_mix_scripts:
         mixed = [word for word in _mixed_script_words(strip_placeholders(translation)) if word not in segment.text]
         if mixed:
@@ -199,6 +207,38 @@ def repair_placeholders(translation: str, count: int) -> str:
         if len(found) == 1 and translation.count(found[0]) == 1:
             translation = translation.replace(found[0], placeholder(n))
     return translation
+
+
+def repair_emphasis(segment: Segment, translation: str) -> str:
+    """`translation` with the emphasis it adds unwrapped, where that is unambiguous: the source segment has no
+    emphasis of that kind and not one character of its marks (`*`, `_`, `~`), so every such character in the
+    translation was added ("展示了 **1** 入口" becomes "展示了 1 入口"). Anything else (emphasis dropped, or
+    added where the source has some of that kind) is left for segment_problems to report, and asked again."""
+    if placeholder_problems(segment, translation):
+        return translation
+    try:
+        want = Counter(kind for kind, _ in _emphasis(segment.content))
+        added = {mark[0] for kind, mark in _emphasis(segment.restore(translation, as_content=True)) if not want[kind]}
+        repaired = translation
+        for char in sorted(added):
+            if char not in segment.text:
+                repaired = repaired.replace(char, "")
+        if repaired == translation:
+            return translation
+        got = Counter(kind for kind, _ in _emphasis(segment.restore(repaired, as_content=True)))
+    except UnreadableMarkdown:
+        return translation
+    return repaired if got == want else translation
+
+
+def _emphasis(content: str) -> list[tuple[str, str]]:
+    """(kind, mark) of each emphasis span in a segment's inline content: ("strong", "**"), ("em", "_"), ..."""
+    return [
+        (EMPHASIS[child.type], child.markup)
+        for token in read_markdown(parser(), normalize(content), {})
+        for child in token.children or ()
+        if child.type in EMPHASIS
+    ]
 
 
 def lookalike_problems(translation: str, source: str, count: int) -> list[str]:
@@ -252,6 +292,11 @@ def document_problems(source: str, translated: str) -> list[str]:
 
 # Structure: what a translation must keep
 
+# The emphasis a segment's translation keeps span for span: kept in the text sent (not a marker), so a model
+# may drop it, or add some ("展示了 **1** 入口的位置", where the source had no bold).
+EMPHASIS = {"em_open": "em", "strong_open": "strong", "s_open": "s"}
+EMPHASIS_MARKS = {"em": "*", "strong": "**", "s": "~~"}
+
 
 @dataclass(frozen=True)
 class Structure:
@@ -265,6 +310,7 @@ class Structure:
     table_cells: int
     blockquotes: int
     rules: int  # thematic breaks
+    emphasis: tuple[str, ...] = ()  # "em", "strong", "s" (strikethrough), one per span, sorted
 
     def differences(self, translated: Structure) -> list[str]:
         """Why `translated` is not the same document structure as self, in words."""
@@ -280,6 +326,11 @@ class Structure:
             )
         if self.verbatim_inline != translated.verbatim_inline:
             problems.append("inline code, math, HTML or Liquid differs from the source")
+        for kind in EMPHASIS.values():
+            want, got = self.emphasis.count(kind), translated.emphasis.count(kind)
+            if want != got:
+                mark = EMPHASIS_MARKS[kind]
+                problems.append(f"{kind} emphasis ({mark}): {want} in the source, {got} in the translation")
         for name in ("headings", "list_items", "links", "images", "tables", "table_cells", "blockquotes", "rules"):
             want, got = getattr(self, name), getattr(translated, name)
             if want == got:
@@ -296,7 +347,7 @@ class Structure:
 def structure(text: str) -> Structure:
     """The parts of a document a translation must not change."""
     tokens = read_markdown(parser(), normalize(text), {})
-    blocks, inline, headings, links, images = [], [], [], [], []
+    blocks, inline, headings, links, images, emphasis = [], [], [], [], [], []
     counts = Counter()
     for token in tokens:
         if token.type in VERBATIM_BLOCKS:
@@ -314,6 +365,8 @@ def structure(text: str) -> Structure:
                 links.append(str(child.attrs.get("href", "")))
             elif child.type == "image":
                 images.append(str(child.attrs.get("src", "")))
+            elif child.type in EMPHASIS:
+                emphasis.append(EMPHASIS[child.type])
     return Structure(
         verbatim_blocks=tuple(blocks),
         verbatim_inline=tuple(sorted(inline)),
@@ -325,6 +378,7 @@ def structure(text: str) -> Structure:
         table_cells=counts["cells"],
         blockquotes=counts["blockquote_open"],
         rules=counts["hr"],
+        emphasis=tuple(sorted(emphasis)),
     )
 
 
