@@ -170,7 +170,7 @@ def segment_problems(segment: Segment, translation: str, lang: Language, source_
 def placeholder_problems(segment: Segment, translation: str) -> list[str]:
     """Why the placeholders in a translation of `segment` cannot be restored: each must appear exactly
     once, no others may appear, and a link's opening one must come before its closing one."""
-    found = _placeholder_numbers(translation)
+    found = placeholder_numbers(translation)
     if found is None:
         return ["a placeholder is broken (⟦ without a matching ⟧ and number)"]
     counts = Counter(found)
@@ -254,7 +254,8 @@ def lookalike_problems(translation: str, source: str, count: int) -> list[str]:
     ]
 
 
-def _placeholder_numbers(text: str) -> list[int] | None:
+def placeholder_numbers(text: str) -> list[int] | None:
+    """The numbers of the placeholders in `text`, in order; None if one is broken (⟦ without ⟧ and a number)."""
     numbers, pos = [], 0
     while (start := text.find(PLACEHOLDER_START, pos)) >= 0:
         end = text.find(PLACEHOLDER_END, start)
@@ -386,3 +387,92 @@ def quote(text: str, limit: int = 60) -> str:
     """`text` on one line, cut at `limit` characters, quoted: for reports."""
     text = " ".join(text.split())
     return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
+# ---------------------------------------------------------------------------------------------
+# Meaning: the round trip, and the words links and emphasis mark
+# ---------------------------------------------------------------------------------------------
+
+# sacrebleu's chrF (0-100) of a translation read back into the source language, against the source, below which
+# the translation does not say what the source says. Chosen on benchmarks/translation_labels.jsonl: see
+# benchmarks/results/translation_round_trip.md.
+ROUND_TRIP_MIN_CHRF = 40.0
+# chrF below which the words a link or emphasis marks in a translation are not the source's marked words: neither
+# do they hold the source words' own translation, nor does the round trip mark words like the source's.
+MARKED_WORDS_MIN_CHRF = 25.0
+
+
+def chrf(hypothesis: str, reference: str) -> float:
+    """sacrebleu's sentence-level chrF of `hypothesis` against `reference` (0-100), over their prose: markers left
+    out, whitespace runs as one space."""
+    from sacrebleu.metrics import CHRF  # a new one per call: a metric object caches its references, unlocked
+
+    return CHRF().sentence_score(_prose(hypothesis), [_prose(reference)]).score
+
+
+def _prose(text: str) -> str:
+    return " ".join(strip_placeholders(text).split())
+
+
+def marked_words(text: str, pairs: tuple[tuple[int, int], ...]) -> list[tuple[str, str]]:
+    """(label, words) for each span of `text` (a segment or its translation, markers in) that a link or emphasis
+    marks: a link's label is its markers ("⟦1⟧…⟦2⟧", from `pairs`), an emphasis span's its kind's mark ("**"; "*"
+    for _x_ too)."""
+    spans = []
+    for opener, closer in pairs:
+        start, end = text.find(placeholder(opener)), text.find(placeholder(closer))
+        if 0 <= start < end:
+            spans.append((f"{placeholder(opener)}…{placeholder(closer)}", text[start + len(placeholder(opener)) : end]))
+    try:
+        tokens = read_markdown(parser(), normalize(text), {})
+    except UnreadableMarkdown:
+        return spans
+    for token in tokens:
+        open_spans: list[tuple[str, list[str]]] = []
+        for child in token.children or ():
+            if child.type in EMPHASIS:
+                open_spans.append((EMPHASIS_MARKS[EMPHASIS[child.type]], []))
+            elif child.type.endswith("_close") and child.type.replace("_close", "_open") in EMPHASIS and open_spans:
+                mark, words = open_spans.pop()
+                spans.append((mark, "".join(words)))
+            elif child.type in ("text", "softbreak"):
+                for _, words in open_spans:
+                    words.append(child.content or " ")
+    return spans
+
+
+def marked_words_problems(segment: Segment, translation: str, back: str, alone: dict[str, str]) -> list[str]:
+    """The marked spans of `translation` whose words are not the source's marked words: a span passes when it
+    holds most of the source words' own translation (`alone`: source words -> their translation alone) or when
+    the round trip `back` marks words like the source's. Spans of the source with no letters are not judged."""
+    translated, read_back = marked_words(translation, segment.pairs), marked_words(back, segment.pairs)
+    problems = []
+    for label, words in marked_words(segment.text, segment.pairs):
+        if not _letters(strip_placeholders(words)):
+            continue
+        ours = [span for found, span in translated if found == label]
+        forward = max((chrf(span, alone.get(words, "")) for span in ours), default=0.0)
+        backward = max((chrf(span, words) for found, span in read_back if found == label), default=0.0)
+        if max(forward, backward) < MARKED_WORDS_MIN_CHRF:
+            got = max(ours, key=lambda span: chrf(span, alone.get(words, "")), default="")
+            problems.append(
+                f"{label} marks {quote(got, 30)}, not the source's {quote(words, 30)} "
+                f"(alone: {quote(alone.get(words, ''), 30)})"
+            )
+    return problems
+
+
+def round_trip_problem(segment: Segment, back: str) -> str | None:
+    """Why `back`, the translation read back into the source language, says that the translation does not say
+    what the source does (chrF below ROUND_TRIP_MIN_CHRF); None when it does."""
+    score = chrf(back, segment.text)
+    if score >= ROUND_TRIP_MIN_CHRF:
+        return None
+    return f"read back, it says {quote(back)} (chrF {score:.0f} against the source, below {ROUND_TRIP_MIN_CHRF:.0f})"
+
+
+def meaning_problems(segment: Segment, translation: str, back: str, alone: dict[str, str]) -> list[str]:
+    """Why `translation` does not mean what `segment` says, from its round trip `back` and the source's marked
+    words translated alone (`alone`); empty when it does."""
+    problem = round_trip_problem(segment, back)
+    return ([problem] if problem else []) + marked_words_problems(segment, translation, back, alone)
