@@ -184,7 +184,6 @@ class SegmentTranslator:
             LOCAL_SEGMENTS_PER_REQUEST if kind is not None and kind.batches_locally else MAX_SEGMENTS_PER_REQUEST
         )
         self.verify = verifies_by_default(backend) if verify is None else verify
-        self.read_back_prompt = _system_prompt(language(source_lang), literal=True)
         self.untranslated: list[str] = []  # with keep_source: the failed segments (where, what failed)
         self._attempts: dict[str, int] = {}  # by key: how often a segment was asked again alone
         self._alone: dict[str, str] = {}  # marked source words -> their translation alone (meaning checks)
@@ -306,7 +305,7 @@ class SegmentTranslator:
         answers: dict[int, str] = {}
 
         def arrived(index: int, completion: Completion) -> None:
-            answers[index] = _parse_answer(completion.text, 1)[0].get(1, "")
+            answers[index] = single_answer(completion.text)
 
         try:
             complete_cached(self.backend, requests, self.cache, self.usage, on_done=arrived)
@@ -343,18 +342,16 @@ class SegmentTranslator:
         # A retry varies: another seed, some sampling, and a firmer prompt.
         return _json_request(
             self.system_prompt + (FIRMER if attempt else ""),
-            [(job.segment.text, job.segment) for job in batch],
+            [(job.segment.text, job.segment.pairs) for job in batch],
             temperature=RETRY_TEMPERATURE if attempt else 0.0,
             seed=attempt,
         )
 
     def _read_back_request(self, job: _Job, translation: str) -> Request:
-        """The translation, translated back into the source language, literally, with its markers."""
-        return _json_request(self.read_back_prompt, [(translation, job.segment)])
+        return read_back_request(translation, job.segment.pairs, self.source_lang)
 
     def _alone_request(self, words: str) -> Request:
-        """Words a link or emphasis marks in the source, translated by themselves."""
-        return _json_request(self.system_prompt, [(words, None)])
+        return marked_words_request(words, self.lang.code)
 
     def _send(self, batches: list[list[_Job]], take: Callable[[int, Completion | None, str | None], None]) -> None:
         """Send one request per batch and call take(index, completion, None), or take(index, None, what
@@ -383,22 +380,36 @@ def verifies_by_default(backend: Backend) -> bool:
     return kind is not None and kind.batches_locally
 
 
+def read_back_request(translation: str, pairs: tuple[tuple[int, int], ...], source_lang: str) -> Request:
+    """The request that reads `translation` (markers in; `pairs`: its links' markers, as in its Segment) back
+    into `source_lang`, literally, for the round trip; its answer's text is single_answer(completion.text)."""
+    return _json_request(_system_prompt(language(source_lang), literal=True), [(translation, pairs)])
+
+
+def marked_words_request(words: str, target: str) -> Request:
+    """The request that translates words a link or emphasis marks in a source segment into `target` by
+    themselves, for the marked-words check; its answer's text is single_answer(completion.text)."""
+    return _json_request(_system_prompt(language(target)), [(words, ())])
+
+
+def single_answer(text: str) -> str:
+    """The one value of an answer to a one-text request ("" when the answer is not that object)."""
+    return _parse_answer(text, 1)[0].get(1, "")
+
+
 def _json_request(
-    system: str, items: list[tuple[str, Segment | None]], temperature: float = 0.0, seed: int = 0
+    system: str, items: list[tuple[str, tuple[tuple[int, int], ...]]], temperature: float = 0.0, seed: int = 0
 ) -> Request:
     """A request for one JSON object: the texts of `items` by ids "1", "2", ..., and an answer of the same shape,
-    each value holding its text's markers exactly once (a link's in the order of its segment's `pairs`, where a
-    segment is given). The local model is held to that token by token; an API server, to the keys where it
-    takes a schema."""
+    each value holding its text's markers exactly once (a link's pair of markers in its order). The local model
+    is held to that token by token; an API server, to the keys where it takes a schema."""
     payload = json.dumps({str(number): text for number, (text, _) in enumerate(items, 1)}, ensure_ascii=False, indent=0)
     shape = JsonAnswer(
         keys=tuple(str(number) for number in range(1, len(items) + 1)),
         markers=tuple(tuple(str(n) for n in sorted(set(placeholder_numbers(text) or ()))) for text, _ in items),
         opener=PLACEHOLDER_START,
         closer=PLACEHOLDER_END,
-        pairs=tuple(
-            tuple((str(a), str(b)) for a, b in (segment.pairs if segment is not None else ())) for _, segment in items
-        ),
+        pairs=tuple(tuple((str(a), str(b)) for a, b in pairs) for _, pairs in items),
         forbidden="".join(char for char in LOOKALIKE_BRACKETS if not any(char in text for text, _ in items)) or None,
     )
     return Request(
