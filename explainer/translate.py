@@ -300,8 +300,10 @@ class SegmentTranslator:
                 if marked not in self._alone and any(char.isalpha() for char in strip_placeholders(marked))
             }
         )
-        requests = [self._read_back_request(job, translation) for job, translation, _ in checking]
-        requests += [self._alone_request(marked) for marked in words]
+        requests = [
+            read_back_request(translation, job.segment.pairs, self.source_lang) for job, translation, _ in checking
+        ]
+        requests += [marked_words_request(marked, self.lang.code) for marked in words]
         answers: dict[int, str] = {}
 
         def arrived(index: int, completion: Completion) -> None:
@@ -316,15 +318,14 @@ class SegmentTranslator:
         retry = []
         for index, (job, translation, batched) in enumerate(checking):
             problems = meaning_problems(job.segment, translation, answers.get(index, ""), self._alone)
-            if problems and batched:
+            if not problems:
+                done[job.key] = translation
+                if self.cache is not None:
+                    self.cache.put(job.key, Completion(translation, "stop"))
+            elif batched:
                 retry.append([job])  # the smaller unit first, as for any check: this segment alone
-            elif problems:
+            else:
                 retry += self._again_or_fail(job, f"{'; '.join(problems)} (got {quote(translation)})", failures)
-            if problems:
-                continue
-            done[job.key] = translation
-            if self.cache is not None:
-                self.cache.put(job.key, Completion(translation, "stop"))
         return retry
 
     def _again_or_fail(self, job: _Job, problem: str, failures: dict[str, str]) -> list[list[_Job]]:
@@ -346,12 +347,6 @@ class SegmentTranslator:
             temperature=RETRY_TEMPERATURE if attempt else 0.0,
             seed=attempt,
         )
-
-    def _read_back_request(self, job: _Job, translation: str) -> Request:
-        return read_back_request(translation, job.segment.pairs, self.source_lang)
-
-    def _alone_request(self, words: str) -> Request:
-        return marked_words_request(words, self.lang.code)
 
     def _send(self, batches: list[list[_Job]], take: Callable[[int, Completion | None, str | None], None]) -> None:
         """Send one request per batch and call take(index, completion, None), or take(index, None, what

@@ -405,7 +405,7 @@ MARKED_WORDS_MIN_CHRF = 25.0
 def chrf(hypothesis: str, reference: str) -> float:
     """sacrebleu's sentence-level chrF of `hypothesis` against `reference` (0-100), over their prose: markers left
     out, whitespace runs as one space."""
-    from sacrebleu.metrics import CHRF  # a new one per call: a metric object caches its references, unlocked
+    from sacrebleu.metrics import CHRF  # a new one per call: a metric object keeps state between calls, unlocked
 
     return CHRF().sentence_score(_prose(hypothesis), [_prose(reference)]).score
 
