@@ -4,6 +4,7 @@
     python benchmarks/round_trip_eval.py --backend openai --base-url URL --model M
         [--labels FILE] [--cache-dir DIR] [--no-cache]
     python benchmarks/round_trip_eval.py --rescore      # the read-backs of the last run, scored again: no model
+    python benchmarks/round_trip_eval.py --backend local --cached-only   # what the cache holds: no model
 
 benchmarks/translation_labels.jsonl holds one translated segment a line, as the checks see it (code, URLs and
 the like as markers ⟦1⟧, ⟦2⟧, ...), with these keys:
@@ -21,6 +22,9 @@ a segment is flagged when its read-back's chrF against the source is under the t
 emphasis marks other words. For each threshold of a sweep: the share of the unfaithful segments flagged
 (recall), the share of the faithful ones flagged, and precision.
 
+--cached-only scores the segments whose answers an earlier, interrupted run left in the cache and leaves the
+others out, counted: a run on a slow machine can be stopped and scored.
+
 Results: benchmarks/results/translation_round_trip.md and .json (every read-back, so --rescore needs no model).
 """
 
@@ -35,7 +39,7 @@ from datetime import date as Date
 from pathlib import Path
 
 from explainer.backends import BACKENDS, Usage
-from explainer.cache import Cache, complete_cached
+from explainer.cache import Cache, complete_cached, key_for
 from explainer.cli import make_backend
 from explainer.errors import UserError
 from explainer.fileio import write_atomic
@@ -99,9 +103,12 @@ def load_labels(path: Path) -> list[Labelled]:
     return rows
 
 
-def read_back(rows: list[Labelled], backend, cache: Cache | None) -> tuple[list[str], dict[tuple, str], float]:
+def read_back(
+    rows: list[Labelled], backend, cache: Cache | None, cached_only: bool = False
+) -> tuple[list[str | None], dict[tuple, str], float]:
     """Each translation read back, the marked source words translated alone (by (words, lang)), and the wall
-    seconds it took: one call, as the checks make it, so the local model runs them side by side."""
+    seconds it took: one call, as the checks make it, so the local model runs them side by side. With
+    cached_only, only what `cache` holds, and None for a read-back it does not."""
     alone_keys = sorted(
         {
             (words, row.lang)
@@ -114,20 +121,30 @@ def read_back(rows: list[Labelled], backend, cache: Cache | None) -> tuple[list[
     requests += [marked_words_request(words, lang) for words, lang in alone_keys]
     answers: dict[int, str] = {}
     started = time.monotonic()
-    try:
-        complete_cached(
-            backend, requests, cache, Usage(), on_done=lambda i, c: answers.__setitem__(i, single_answer(c.text))
-        )
-    except UserError as exc:  # an unusable answer reads as nothing, as in the checks; the rest still count
-        print(f"warning: {exc}", file=sys.stderr)
+    if cached_only:
+        if cache is None:
+            raise UserError("--cached-only reads the cache: leave out --no-cache")
+        hits = [cache.get(key_for(backend, request)) for request in requests]
+        answers = {index: single_answer(hit.text) for index, hit in enumerate(hits) if hit is not None}
+    else:
+        try:
+            complete_cached(
+                backend, requests, cache, Usage(), on_done=lambda i, c: answers.__setitem__(i, single_answer(c.text))
+            )
+        except UserError as exc:  # an unusable answer reads as nothing, as in the checks; the rest still count
+            print(f"warning: {exc}", file=sys.stderr)
     seconds = time.monotonic() - started
     alone = {key: answers.get(index, "") for index, key in enumerate(alone_keys, len(rows))}
-    return [answers.get(index, "") for index in range(len(rows))], alone, seconds
+    missing = None if cached_only else ""
+    return [answers.get(index, missing) for index in range(len(rows))], alone, seconds
 
 
-def score(rows: list[Labelled], backs: list[str], alone: dict[tuple, str]) -> list[dict]:
+def score(rows: list[Labelled], backs: list[str | None], alone: dict[tuple, str]) -> list[dict]:
+    """One record per segment read back (None: not read back, left out)."""
     records = []
     for row, back in zip(rows, backs):
+        if back is None:
+            continue
         mine = {words: text for (words, lang), text in alone.items() if lang == row.lang}
         records.append(
             {
@@ -166,12 +183,21 @@ def _share(part: int, whole: int) -> str:
 def report(result: dict) -> str:
     records = result["segments"]
     languages = sorted({(r["source_lang"], r["lang"]) for r in records})
+    timing = (
+        "answers from the cache of earlier runs"
+        if result.get("cached_only")
+        else f"{result['seconds']:.0f} s for {len(records)} read-backs and {result['alone']} marked-word requests"
+    )
+    left_out = (
+        f" {result['unanswered']} of the set's segments were not read back and are left out."
+        if result.get("unanswered")
+        else ""
+    )
     lines = [
         f"# The meaning checks on {len(records)} hand-labelled segments",
         "",
-        f"Read back by {result['backend']} {result['model']} on {result['date']} "
-        f"({result['seconds']:.0f} s for {len(records)} read-backs and {result['alone']} marked-word requests, "
-        f"one call). Pairs: {', '.join(f'{a} to {b}' for a, b in languages)}. Labels: "
+        f"Read back by {result['backend']} {result['model']} on {result['date']} ({timing}).{left_out} "
+        f"Pairs: {', '.join(f'{a} to {b}' for a, b in languages)}. Labels: "
         f"`benchmarks/translation_labels.jsonl`; a segment is flagged when its read-back scores under the "
         f"threshold (chrF against the source) or a link or emphasis marks other words.",
         "",
@@ -210,20 +236,27 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             raise UserError(f"--rescore needs {earlier.name} from an earlier run ({exc}); run with --backend") from None
         by_pair = {(r["source"], r["translation"]): r["read_back"] for r in last["segments"]}
-        backs = [by_pair.get((row.source, row.translation), "") for row in rows]
+        backs = [by_pair.get((row.source, row.translation)) for row in rows]
         alone = {(words, lang): text for words, lang, text in last["alone_translations"]}
-        meta = {key: last[key] for key in ("backend", "model", "date", "seconds")}
+        meta = {key: last.get(key) for key in ("backend", "model", "date", "seconds", "cached_only")}
     else:
         backend = make_backend(args.backend, args.model, args.base_url)
         cache = None if args.no_cache else Cache(args.cache_dir or HERE / ".eval-cache")
         print(f"{backend.name} {backend.model}: reading back {len(rows)} segments", file=sys.stderr, flush=True)
-        backs, alone, seconds = read_back(rows, backend, cache)
-        meta = {"backend": backend.name, "model": backend.model, "date": Date.today().isoformat(), "seconds": seconds}
+        backs, alone, seconds = read_back(rows, backend, cache, args.cached_only)
+        meta = {
+            "backend": backend.name,
+            "model": backend.model,
+            "date": Date.today().isoformat(),
+            "seconds": seconds,
+            "cached_only": args.cached_only,
+        }
     records = score(rows, backs, alone)
     result = {
         **meta,
         "threshold": ROUND_TRIP_MIN_CHRF,
         "alone": len(alone),
+        "unanswered": sum(back is None for back in backs),
         "summary": rates(records, ROUND_TRIP_MIN_CHRF),
         "segments": records,
         "alone_translations": [[words, lang, text] for (words, lang), text in sorted(alone.items())],
@@ -244,6 +277,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", help="answer cache folder [benchmarks/.eval-cache]")
     parser.add_argument("--no-cache", action="store_true", help="ask the model again for every answer")
     parser.add_argument("--rescore", action="store_true", help="score the last run's read-backs again; no model")
+    parser.add_argument(
+        "--cached-only", action="store_true", help="score only what the cache holds from earlier runs; no model"
+    )
     parser.add_argument(
         "--out",
         default=str(RESULTS),

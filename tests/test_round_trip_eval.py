@@ -70,7 +70,7 @@ def test_the_labelled_set_is_scored_as_the_checks_score_it(labels, tmp_path, scr
     link = result["segments"][2]
     assert link["chrf"] >= round_trip_eval.ROUND_TRIP_MIN_CHRF and link["marked_words"]  # caught by its link only
     assert len(server.requests) == 4  # three read-backs and the link's words
-    assert "| 40 (the check's) | 2/2 (100%) | 0/1 (0%) | 100% |" in out.with_suffix(".md").read_text(encoding="utf-8")
+    assert "| 20 (the check's) | 2/2 (100%) | 0/1 (0%) | 100% |" in out.with_suffix(".md").read_text(encoding="utf-8")
 
     assert round_trip_eval.main(["--rescore", "--labels", str(labels), "--out", str(out)]) == 0
     assert len(server.requests) == 4  # no model asked
@@ -83,3 +83,26 @@ def test_a_broken_label_is_one_line(tmp_path, capsys):
     assert round_trip_eval.main(["--rescore", "--labels", str(path), "--out", str(tmp_path / "x")]) == 1
     error = capsys.readouterr().err
     assert error.startswith("error: labels.jsonl line 1:") and error.count("\n") == 1
+
+
+def test_cached_only_scores_what_an_interrupted_run_left_and_counts_the_rest(
+    labels, tmp_path, scripted_server, openai_env
+):
+    """A run stopped part way (a slow machine) keeps its answers in the cache; --cached-only scores those."""
+    server = scripted_server(
+        lambda body: json.dumps({key: READ_BACK[text] for key, text in json.loads(user_text(body)).items()})
+    )
+    cache, out = tmp_path / "cache", tmp_path / "result"
+    first = LABELS[:1]
+    part = tmp_path / "part.jsonl"
+    part.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in first), encoding="utf-8")
+    common = ["--backend", "openai", "--base-url", server.base_url, "--cache-dir", str(cache), "--out", str(out)]
+    assert round_trip_eval.main([*common, "--labels", str(part)]) == 0  # as if the run had stopped after one
+    asked = len(server.requests)
+
+    assert round_trip_eval.main([*common, "--labels", str(labels), "--cached-only"]) == 0
+
+    result = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
+    assert len(server.requests) == asked and result["unanswered"] == 2
+    assert [segment["translation"] for segment in result["segments"]] == [LABELS[0]["translation"]]
+    assert "2 of the set's segments were not read back" in out.with_suffix(".md").read_text(encoding="utf-8")
