@@ -93,6 +93,17 @@ def backend_option(prefix: str = ""):
     return click.option("--backend", cls=_BackendOption, type=BackendName(), help_prefix=prefix)
 
 
+def verify_option(default_from: str):
+    # the choices are explainer.translate.VERIFY_CHOICES, written out: --help imports no translation code
+    return click.option(
+        "--verify",
+        type=click.Choice(["round-trip", "none"]),
+        help="Check that each translation means what its source says: read it back into the source language "
+        f"(a second request per segment) and check the words links and emphasis mark [default: {default_from}"
+        "round-trip for the local model, none for an API].",
+    )
+
+
 def make_backend(name: str | None, model: str | None, base_url: str | None):
     """The backend the --backend, --model and --base-url options ask for (explainer.backends' registry)."""
     from explainer.backends import BackendSettings
@@ -260,6 +271,7 @@ def explain(
     help="A segment whose translation fails every check and retry keeps its source text, instead of "
     "the language writing nothing; the copy lists it in its front matter (untranslated:).",
 )
+@verify_option("")
 def translate(
     post: Path,
     targets: str,
@@ -271,6 +283,7 @@ def translate(
     cache_dir: str | None,
     no_cache: bool,
     keep_source_on_failure: bool,
+    verify: str | None,
 ):
     """Translate a Markdown post: only prose is sent; code, links and front matter keys stay as they are.
 
@@ -299,6 +312,7 @@ def translate(
         out_dir=output_dir,
         source_lang=source_lang,
         untranslated=kept,
+        verify=None if verify is None else verify == "round-trip",
     )
     for path in written:
         click.echo(str(path))
@@ -363,6 +377,7 @@ def translate(
     help="Exit with 1 if an author's text is stale (its code changed since it was written), one line per "
     "piece: for CI. The files are written all the same.",
 )
+@verify_option("[translate] verify, else ")
 def build(
     config_path: Path,
     only: tuple[str, ...],
@@ -377,6 +392,7 @@ def build(
     cache_dir: str | None,
     trust_config: bool,
     strict: bool,
+    verify: str | None,
 ):
     """Explain, translate and render every post of a site in every language, running its demos.
 
@@ -404,6 +420,7 @@ def build(
         model=model,
         base_url=base_url,
         cache_dir=cache_dir,
+        verify=verify,
     )
     options = BuildOptions(
         only=only,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from explainer import frontmatter
-from explainer.backends import Backend, Usage, capabilities, make_backend
+from explainer.backends import Backend, Usage, backend_kind, capabilities, default_backend_name, make_backend
 from explainer.demos import Demo, DemoRunner, demo_markdown, expand_demos
 from explainer.errors import UserError
 from explainer.fileio import check_inside, write_atomic
@@ -27,7 +27,7 @@ from explainer.languages import language
 from explainer.markdown_segments import split_document
 from explainer.progress import BuildProgress
 from explainer.render import liquid_safe
-from explainer.site_config import PostSpec, SiteConfig, check_key_destination
+from explainer.site_config import PostSpec, SiteConfig, check_key_destination, unready_languages
 from explainer.waiting import wait_interruptibly
 
 DEFAULT_API_JOBS = 4  # posts × languages in flight at once on an API backend
@@ -86,8 +86,11 @@ def build_site(
     progress: BuildProgress | None = None,
 ) -> BuildReport:
     """Build every post of `config` (or options.only) in every language; see the module docstring.
-    `backend` defaults to make_backend(config.backend)."""
+    `backend` defaults to make_backend(config.backend); a language routed elsewhere ([languages.<code>])
+    gets make_backend of its own settings."""
     build = _Build(config, options, progress or BuildProgress())
+    for line in unready_languages(config, build.languages, options.keep_source_on_failure):
+        build.progress.say(f"warning: {line}")  # before any work: a long build would fail it at the end
     if options.dry_run:
         return build.report
     if backend is None:
@@ -140,6 +143,7 @@ class _Build:
             for path in self.report.planned:
                 check_inside(path.parent, self.inside)
         self.backend, self.cache = backend, Cache(self.config.cache_dir, inside=cache_inside)
+        self.routed: dict[str, Backend] = {}  # by language: the backends of [languages.<code>] tables, made once
         self.demos: DemoRunner | None = None  # --no-demos
         if self.options.run_demos:
             self.demos = DemoRunner(
@@ -155,7 +159,13 @@ class _Build:
         # The local model answers one batch at a time (it batches each call's requests itself);
         # an API takes several posts' requests at once.
         kind = capabilities(backend)
-        jobs = 1 if kind is not None and kind.batches_locally else self.config.jobs or DEFAULT_API_JOBS
+        local = kind is not None and kind.batches_locally
+        local |= any(
+            backend_kind(route.backend.name or default_backend_name(route.backend.base_url)).batches_locally
+            for lang, route in self.config.routes.items()
+            if route.backend is not None and lang in self.languages
+        )
+        jobs = 1 if local else self.config.jobs or DEFAULT_API_JOBS
         pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="explainer-build")
         try:
             # A post's languages start as soon as its source is ready, while other sources are made.
@@ -273,6 +283,16 @@ class _Build:
                 self.report.stale[post.slug] = problems
         return authored.post
 
+    def backend_for(self, lang: str) -> Backend:
+        """The backend that translates into `lang`: its own, if its [languages.<code>] table names one."""
+        route = self.config.routes.get(lang)
+        if route is None or route.backend is None:
+            return self.backend
+        with self._lock:
+            if lang not in self.routed:
+                self.routed[lang] = make_backend(route.backend, f"{self.config.path.name}: [languages.{lang}] backend")
+            return self.routed[lang]
+
     def write_variant(self, post: PostSpec, source: _Source, lang: str) -> None:
         """Write one post in one language. A translation that fails its checks writes nothing for that
         language and is reported (BuildReport.failed); the other languages go on. Other errors stop the build."""
@@ -283,7 +303,9 @@ class _Build:
         try:
             if lang != self.config.source_lang:
                 self.progress.status(post.slug, f"translating to {lang}")
-            kept: list[str] | None = [] if self.options.keep_source_on_failure else None
+            route = self.config.routes.get(lang)
+            keep = self.options.keep_source_on_failure or (route is not None and route.keep_source_on_failure)
+            kept: list[str] | None = [] if keep else None
             text = (
                 self.render_markdown(post, source.markdown, lang, usage, kept)
                 if source.markdown is not None
@@ -317,8 +339,10 @@ class _Build:
         generated, translated_by = source.post, None
         editable = lang == generated.lang  # the post its author edits: the source language's
         if not editable:
-            generated = translate_post(generated, lang, self.backend, self.cache, usage, untranslated)
-            translated_by = generated.model
+            generated = translate_post(
+                generated, lang, self.backend_for(lang), self.cache, usage, untranslated, self.config.verify
+            )
+            translated_by = self.backend_for(lang).model  # a routed language's own model, not the explaining one
         extra = {"layout": self.config.layout, "dir": language(lang).dir, "ref": post.slug}
         if untranslated:  # a reader can tell a page that mixes languages, and where
             extra["untranslated"] = untranslated_places(untranslated)
@@ -339,12 +363,13 @@ class _Build:
             text = translate_markdown(
                 text,
                 lang,
-                self.backend,
+                self.backend_for(lang),
                 self.cache,
                 usage,
                 source_lang=self.config.source_lang,
                 name=post.markdown.name,
                 untranslated=untranslated,
+                verify=self.config.verify,
             )
         # Jekyll runs Liquid over the body only; the front matter is YAML.
         rest = frontmatter.body(split_document(text))

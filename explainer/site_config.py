@@ -16,11 +16,11 @@ import dataclasses
 import os
 import string
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date as Date
 from pathlib import Path
 
-from explainer.backends import BackendSettings, backend_kind, default_backend_name
+from explainer.backends import BACKENDS, BackendSettings, backend_kind, default_backend_name
 from explainer.demos import DEFAULT_OUTPUT_LIMIT, DEFAULT_TIMEOUT_S, checked_timeout
 from explainer.errors import UserError
 from explainer.languages import language
@@ -47,6 +47,18 @@ class PostSpec:
 
 
 @dataclass(frozen=True)
+class LanguageRoute:
+    """[languages.<code>]: how one language is translated where it differs from the others."""
+
+    backend: BackendSettings | None = None  # None: the site's [backend]
+    keep_source_on_failure: bool = False  # as --keep-source-on-failure, for this language alone
+
+
+# [translate] verify: the meaning checks (explainer.translate.VERIFY_CHOICES); unset, on where the model runs here
+VERIFY_SETTINGS = {"round-trip": True, "none": False}
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     path: Path  # the explainer.toml
     root: Path  # project root: explain targets are read and demos run from here
@@ -64,6 +76,13 @@ class SiteConfig:
     trusted: bool = False  # --trust-config: its paths may leave its folder, its base_url may get the key
     # the settings whose values only the file gave (no flag or environment variable): "base_url", "cache_dir"
     from_file: frozenset[str] = frozenset()
+    verify: bool | None = None  # [translate] verify or --verify; None: on where the model runs here
+    routes: dict[str, LanguageRoute] = field(default_factory=dict)  # [languages.<code>], by language code
+
+    def backend_for(self, lang: str) -> BackendSettings:
+        """The backend that translates into `lang`: its [languages.<code>] table's, else [backend]."""
+        route = self.routes.get(lang)
+        return route.backend if route is not None and route.backend is not None else self.backend
 
     def post_path(self, post: PostSpec, lang: str) -> Path:
         year, month, day = post.date.split("-")
@@ -92,8 +111,12 @@ _SECTIONS = {
         "jobs",
     },
     "backend": {"name", "model", "base_url", "concurrency", "batch_size"},
+    "translate": {"verify"},
+    "languages": {"backend", "model", "base_url", "concurrency", "batch_size", "keep_source_on_failure"},
     "posts": {"slug", "date", "markdown", "file", "symbol", "max_lines", "demos"},
 }
+# The keys of a [languages.<code>] table that choose its backend: BackendSettings' fields, `backend` for `name`.
+_ROUTE_SETTINGS = ("model", "base_url", "concurrency", "batch_size")
 
 
 def load_config(path: str | Path, *, trust: bool = False) -> SiteConfig:
@@ -114,7 +137,10 @@ def load_config(path: str | Path, *, trust: bool = False) -> SiteConfig:
     where = path.name
     for key in data:
         if key not in _SECTIONS:
-            raise UserError(f"{where}: unknown section [{key}]; expected [site], [backend] and [[posts]]")
+            raise UserError(
+                f"{where}: unknown section [{key}]; expected [site], [backend], [translate], "
+                f"[languages.<code>] and [[posts]]"
+            )
     site = _table(data, "site", where)
     backend = _table(data, "backend", where)
     folder = path.parent.resolve()
@@ -143,10 +169,14 @@ def load_config(path: str | Path, *, trust: bool = False) -> SiteConfig:
     )
     if settings.name is not None:
         kind = backend_kind(settings.name, f"{where}: [backend] name")
-        if kind.model_files and settings.model and settings.model not in _catalog_names():
-            # a model file, relative to the config like other paths
-            model = _contained(settings.model, folder, f"{where}: [backend] model", trust)
-            settings = dataclasses.replace(settings, model=str(model))
+        settings = _model_file(settings, kind.model_files, folder, f"{where}: [backend] model", trust)
+    verify = _get(_table(data, "translate", where), "verify", str, None, where)
+    if verify is not None and verify not in VERIFY_SETTINGS:
+        raise UserError(
+            f"{where}: [translate] verify = {verify!r}; write one of "
+            + " or ".join(f'"{choice}"' for choice in VERIFY_SETTINGS)
+        )
+    routes = _routes(data, source_lang, languages, folder, where, trust)
 
     posts_data = data.get("posts", [])
     if not isinstance(posts_data, list) or not posts_data:
@@ -175,7 +205,67 @@ def load_config(path: str | Path, *, trust: bool = False) -> SiteConfig:
         posts=posts,
         trusted=trust,
         from_file=frozenset({"cache_dir"} | ({"base_url"} if settings.base_url else set())),
+        verify=None if verify is None else VERIFY_SETTINGS[verify],
+        routes=routes,
     )
+
+
+def _model_file(settings: BackendSettings, model_files: bool, folder: Path, where: str, trust: bool) -> BackendSettings:
+    """`settings` with a model that is a file, not a catalog name, resolved relative to the config like other
+    paths, for a backend whose model may be a file here."""
+    if not model_files or not settings.model or settings.model in _catalog_names():
+        return settings
+    return dataclasses.replace(settings, model=str(_contained(settings.model, folder, where, trust)))
+
+
+def _routes(
+    data: dict, source_lang: str, languages: tuple[str, ...], folder: Path, where: str, trust: bool
+) -> dict[str, LanguageRoute]:
+    """[languages.<code>] tables: a backend of its own for a language (`backend` and its settings, as in
+    [backend]), and keep_source_on_failure."""
+    tables = data.get("languages", {})
+    if not isinstance(tables, dict):
+        raise UserError(
+            f'{where}: [languages] must hold one table per language, like [languages.hi] backend = "openai"'
+        )
+    routes = {}
+    for code, table in tables.items():
+        at = f"{where}: [languages.{code}]"
+        if not isinstance(table, dict):
+            raise UserError(f'{at} must be a table, like [languages.{code}] then backend = "openai" on the next line')
+        lang = _language(code, at)
+        if lang == source_lang:
+            raise UserError(f"{at}: {lang} is the source language, which is not translated; remove the table")
+        if lang not in languages:
+            raise UserError(f"{at}: {lang} is not in [site] languages; add it there, or remove the table")
+        _check_keys(table, "languages", where, label=f"languages.{code}")
+        name = _get(table, "backend", str, None, at)
+        chosen = [key for key in _ROUTE_SETTINGS if key in table]
+        settings = None
+        if name is None and chosen:
+            raise UserError(
+                f"{at}: {chosen[0]} needs the backend it is for in the same table: "
+                f"backend = {' or '.join(repr(known) for known in BACKENDS)}"
+            )
+        if name is not None:
+            kind = backend_kind(name, f"{at} backend")
+            for key in chosen:
+                if key not in kind.settings:
+                    users = " and ".join(other.name for other in BACKENDS.values() if key in other.settings)
+                    raise UserError(f"{at}: {key} is for the {users} backend; leave it out with backend = {name!r}")
+            settings = BackendSettings(
+                name=name,
+                model=_get(table, "model", str, None, at),
+                base_url=_get(table, "base_url", str, None, at),
+                concurrency=_get(table, "concurrency", int, None, at),
+                batch_size=_get(table, "batch_size", int, None, at),
+            )
+            settings = _model_file(settings, kind.model_files, folder, f"{at} model", trust)
+        keep = table.get("keep_source_on_failure", False)
+        if not isinstance(keep, bool):
+            raise UserError(f"{at}: keep_source_on_failure = {keep!r} should be true or false")
+        routes[lang] = LanguageRoute(settings, keep)
+    return routes
 
 
 def _contained(value: str, folder: Path, where: str, trust: bool) -> Path:
@@ -202,9 +292,11 @@ def with_overrides(
     model: str | None = None,
     base_url: str | None = None,
     cache_dir: str | None = None,
+    verify: str | None = None,
 ) -> SiteConfig:
     """Apply command-line flags and the environment over the file: flag, then environment
-    (OPENAI_BASE_URL, EXPLAINER_CACHE_DIR), then explainer.toml, then the default."""
+    (OPENAI_BASE_URL, EXPLAINER_CACHE_DIR), then explainer.toml, then the default. The flags choose
+    [backend]; a language's own [languages.<code>] backend is used as the file says."""
     settings, from_file = config.backend, set(config.from_file)
     if backend and backend != settings.name:
         settings = BackendSettings(name=backend)  # another backend: the file's model and server are not for it
@@ -223,12 +315,26 @@ def with_overrides(
         backend=settings,
         from_file=frozenset(from_file),
         cache_dir=Path(cache).expanduser().resolve() if cache else config.cache_dir,
+        verify=config.verify if verify is None else VERIFY_SETTINGS[verify],
     )
 
 
 def check_key_destination(config: SiteConfig) -> None:
     """Refuse to send the environment's OPENAI_API_KEY to a server that only the (untrusted) file names."""
-    if config.trusted or "base_url" not in config.from_file or not os.environ.get("OPENAI_API_KEY"):
+    if config.trusted or not os.environ.get("OPENAI_API_KEY"):
+        return
+    for lang, route in config.routes.items():
+        if (
+            route.backend is not None
+            and route.backend.base_url
+            and "base_url" in backend_kind(route.backend.name).settings
+        ):
+            raise UserError(
+                f"{config.path.name}: [languages.{lang}] base_url = {route.backend.base_url!r} would get your "
+                f"OPENAI_API_KEY, and a site's config must not choose where your key goes: pass --trust-config if "
+                f"this explainer.toml is yours, or remove that base_url"
+            )
+    if "base_url" not in config.from_file:
         return
     if "base_url" not in backend_kind(config.backend.name or default_backend_name(config.backend.base_url)).settings:
         return
@@ -257,11 +363,12 @@ def _table(data: dict, name: str, where: str) -> dict:
     return table
 
 
-def _check_keys(table: dict, name: str, where: str):
+def _check_keys(table: dict, name: str, where: str, label: str | None = None):
     for key in table:
         if key not in _SECTIONS[name]:
             raise UserError(
-                f"{where}: unknown key {key!r} in [{name}]; expected one of {', '.join(sorted(_SECTIONS[name]))}"
+                f"{where}: unknown key {key!r} in [{label or name}]; "
+                f"expected one of {', '.join(sorted(_SECTIONS[name]))}"
             )
 
 
@@ -370,3 +477,31 @@ def _inside(path: Path, folder: Path) -> bool:
 def _slugify(text: str) -> str:
     words = "".join(char.lower() if char.isascii() and char.isalnum() else " " for char in text).split()
     return "-".join(words)
+
+
+def unready_languages(config: SiteConfig, languages: list[str], keep_source: bool = False) -> list[str]:
+    """One line per local catalog model that this build would ask for a language it was measured not to
+    translate (llama_ref.catalog: site_fails), naming the ways out; empty when there is none. A language that
+    keeps its source text on failure (the flag, or its table) is left out: its failures are published, listed."""
+    from llama_ref.catalog import CATALOG, DEFAULT_MODEL  # no torch
+
+    failing: dict[str, list[str]] = {}
+    for lang in languages:
+        route = config.routes.get(lang)
+        if lang == config.source_lang or keep_source or (route is not None and route.keep_source_on_failure):
+            continue
+        settings = config.backend_for(lang)
+        if not backend_kind(settings.name or default_backend_name(settings.base_url)).model_files:
+            continue  # an API's model is not in the catalog
+        model = CATALOG.get(settings.model or DEFAULT_MODEL)
+        if model is not None and model.translates_site(lang) is False:
+            failing.setdefault(model.name, []).append(lang)
+    lines = []
+    for model, codes in failing.items():
+        them = "them" if len(codes) > 1 else "it"
+        lines.append(
+            f"{model} failed the checks in {', '.join(codes)} when measured on the example site: expect {them} "
+            f'to fail; route {them} to another backend ([languages.{codes[0]}] backend = "openai" in '
+            f"{config.path.name}), pass --keep-source-on-failure, or drop {them} from [site] languages or --lang"
+        )
+    return lines

@@ -12,6 +12,10 @@ the local model is held to it token by token, markers included; an API server ge
 Nothing is written until every answer has passed every check (translation_checks: placeholders intact,
 no chatter, one line per segment, the same Markdown structure, a complete answer, the target language,
 and for the whole document byte-identical code blocks and the same headings, lists, links and tables).
+With verify (on by default where the model runs here), a translation must also mean what its source says
+(translation_checks.meaning_problems): it is read back into the source language by the same backend and
+scored against the source with chrF, and the words each link or emphasis marks must be the source's marked
+words, by their translation alone (one request per distinct span) or by the read-back.
 The prose of a translated Markdown post then goes through
 safe_markdown.escape_model_html, like everything else a model writes for the site. A request that
 fails is split and retried in smaller pieces, down to single segments, and a single segment is asked
@@ -54,7 +58,11 @@ from explainer.translation_checks import (
     checked_answer,
     detect_lang,
     document_problems,
+    marked_words,
+    meaning_problems,
+    placeholder_numbers,
     quote,
+    repair_emphasis,
     repair_placeholders,
     segment_problems,
 )
@@ -77,8 +85,14 @@ RETRY_TEMPERATURE = 0.4
 FIRMER = (
     "\nYour earlier answer for this segment was rejected. Check before you answer: every marker of the "
     "segment (⟦1⟧, ⟦2⟧, ...) appears exactly once in your translation, written exactly as in the "
-    "segment, and you answer with the JSON object only."
+    "segment, around the same words; the translation says what the segment says, with no word, question "
+    "or formatting added and nothing left out; and you answer with the JSON object only."
 )
+# The meaning checks (translation_checks.meaning_problems): "round-trip" reads each translation back into the
+# source language with the same backend, and translates the words a link or emphasis marks alone; "none" skips
+# them. They cost a second request per segment, so they are on by default only where the model runs here:
+# a small model's translation passes the structure checks and still says something else.
+VERIFY_CHOICES = ("round-trip", "none")
 
 
 class TranslationFailed(UserError):
@@ -90,7 +104,9 @@ class TranslationFailed(UserError):
 # ---------------------------------------------------------------------------------------------
 
 
-def _system_prompt(lang: Language) -> str:
+def _system_prompt(lang: Language, literal: bool = False) -> str:
+    """The instructions for translating into `lang`; `literal` for reading a translation back, where a
+    paraphrase would hide what a translation changed and make a faithful one look changed."""
     terms = "; ".join(
         f"{term} → {rendering}" if term != rendering else f"{term} (keep as is)"
         for term, rendering in sorted(lang.glossary.items())
@@ -106,6 +122,11 @@ def _system_prompt(lang: Language) -> str:
         "- Keep each segment on one line. Keep Markdown emphasis (*, **, _) around the same words.\n"
         "- Do not add code, do not repeat code, do not comment on the translation.\n"
         f"- Glossary, always write these terms this way: {terms}."
+        + (
+            "\n- Translate literally: keep the words and their order as close to the text as the language allows."
+            if literal
+            else ""
+        )
     )
 
 
@@ -152,6 +173,7 @@ class SegmentTranslator:
         usage: Usage,
         source_lang: str,
         keep_source: bool = False,
+        verify: bool | None = None,
     ):
         self.lang, self.backend, self.cache, self.usage = lang, backend, cache, usage
         self.source_lang = source_lang
@@ -161,8 +183,10 @@ class SegmentTranslator:
         self.segments_per_request = (
             LOCAL_SEGMENTS_PER_REQUEST if kind is not None and kind.batches_locally else MAX_SEGMENTS_PER_REQUEST
         )
+        self.verify = verifies_by_default(backend) if verify is None else verify
         self.untranslated: list[str] = []  # with keep_source: the failed segments (where, what failed)
         self._attempts: dict[str, int] = {}  # by key: how often a segment was asked again alone
+        self._alone: dict[str, str] = {}  # marked source words -> their translation alone (meaning checks)
 
     def key(self, segment: Segment) -> str:
         """One cache entry per segment, whatever batch it travelled in."""
@@ -174,38 +198,59 @@ class SegmentTranslator:
         TranslationFailed naming every segment that failed even alone; with keep_source, such a
         segment keeps its source text instead and is listed in self.untranslated."""
         done: dict[str, str] = {}  # by key: identical segments are translated once
+        # by key: what passed every check but the meaning checks, which run on all of it at once
+        # (job, translation, whether it came in a batch of several)
+        unverified: dict[str, tuple[_Job, str, bool]] = {}
         for job in jobs:
-            hit = self.cache.get(job.key) if self.cache is not None and job.key not in done else None
+            seen = job.key in done or job.key in unverified
+            hit = self.cache.get(job.key) if self.cache is not None and not seen else None
             # checked again: a check added since the answer was cached (a Hindi word that mixes scripts) applies
             # to it too, and a cached answer that fails one is asked again like a new one
             if hit is not None and not segment_problems(job.segment, hit.text, self.lang, self.source_lang):
                 self.usage.cache_hits += 1
-                done[job.key] = hit.text
-        todo = list({job.key: job for job in jobs if job.key not in done}.values())
+                self._passed(job, hit.text, done, unverified, batched=False, cache=False)
+        todo = list({job.key: job for job in jobs if job.key not in done and job.key not in unverified}.values())
         failures: dict[str, str] = {}
         self._attempts = {}
         batches = _batches(todo, self.segments_per_request)
-        while batches:
+        while batches or unverified:
             retry: list[list[_Job]] = []
 
             def take(index: int, answer: Completion | None, error: str | None, batches=batches, retry=retry) -> None:
-                # as each answer arrives: what passed is cached at once, so an interrupted run keeps it
-                retry.extend(self._take(batches[index], answer, error, done, failures))
+                # as each answer arrives: what passed is cached at once (or, with verify, once its meaning
+                # is checked), so an interrupted run keeps it
+                retry.extend(self._take(batches[index], answer, error, done, unverified, failures))
 
-            self._send(batches, take)
+            if batches:
+                self._send(batches, take)
+            if unverified:
+                retry += self._verify(unverified, done, failures)
             batches = retry
+        unique = list({job.key: job for job in jobs}.values())  # top to bottom
         if failures and self.keep_source:
-            for job in todo:
+            for job in unique:
                 if job.key in failures:
                     done[job.key] = job.segment.text
                     self.untranslated.append(failures[job.key])
         elif failures:
-            report = [failures[job.key] for job in todo if job.key in failures]  # top to bottom
+            report = [failures[job.key] for job in unique if job.key in failures]
             more = f" | and {len(report) - 5} more" if len(report) > 5 else ""
             raise TranslationFailed(
                 f"{len(report)} segment(s) failed even when sent alone: " + " | ".join(report[:5]) + more
             )
         return [done[job.key] for job in jobs]
+
+    def _passed(
+        self, job: _Job, translation: str, done: dict[str, str], unverified: dict, batched: bool, cache: bool = True
+    ) -> None:
+        """A translation passed every check but the meaning checks: kept (and cached), or, with verify, held
+        for them."""
+        if self.verify:
+            unverified[job.key] = (job, translation, batched)
+            return
+        done[job.key] = translation
+        if cache and self.cache is not None:
+            self.cache.put(job.key, Completion(translation, "stop"))
 
     def _take(
         self,
@@ -213,6 +258,7 @@ class SegmentTranslator:
         answer: Completion | None,
         error: str | None,
         done: dict[str, str],
+        unverified: dict,
         failures: dict[str, str],
     ) -> list[list[_Job]]:
         """Keep (and cache) what passed, note what failed alone; return the smaller units to retry."""
@@ -223,18 +269,61 @@ class SegmentTranslator:
             return [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
         retry = []
         for number, job in enumerate(batch, 1):
-            translation = repair_placeholders(translations.get(number, ""), len(job.segment.protected))
+            translation = repair_emphasis(
+                job.segment, repair_placeholders(translations.get(number, ""), len(job.segment.protected))
+            )
             problems = (
                 segment_problems(job.segment, translation, self.lang, self.source_lang)
                 if number in translations
                 else ["missing from the answer"]
             )
             if not problems:
-                done[job.key] = translation.strip()
-                if self.cache is not None:
-                    self.cache.put(job.key, Completion(done[job.key], "stop"))
+                self._passed(job, translation.strip(), done, unverified, batched=len(batch) > 1)
             elif len(batch) > 1:
                 retry.append([job])  # the smaller unit: this segment alone
+            else:
+                retry += self._again_or_fail(job, f"{'; '.join(problems)} (got {quote(translation)})", failures)
+        return retry
+
+    def _verify(self, unverified: dict, done: dict[str, str], failures: dict[str, str]) -> list[list[_Job]]:
+        """The meaning checks, for every translation in `unverified` at once: each read back into the source
+        language, and the source's marked words translated alone (once each), in one call, so the local model
+        runs them side by side. What passes is kept and cached; what fails is asked again like any failed
+        segment. Read-backs and marked words are cached as answers of their own."""
+        checking = list(unverified.values())
+        unverified.clear()
+        words = sorted(
+            {
+                marked
+                for job, *_ in checking
+                for _, marked in marked_words(job.segment.text, job.segment.pairs)
+                if marked not in self._alone and any(char.isalpha() for char in strip_placeholders(marked))
+            }
+        )
+        requests = [
+            read_back_request(translation, job.segment.pairs, self.source_lang) for job, translation, _ in checking
+        ]
+        requests += [marked_words_request(marked, self.lang.code) for marked in words]
+        answers: dict[int, str] = {}
+
+        def arrived(index: int, completion: Completion) -> None:
+            answers[index] = single_answer(completion.text)
+
+        try:
+            complete_cached(self.backend, requests, self.cache, self.usage, on_done=arrived)
+        except UnusableAnswer:
+            pass  # a read-back cut off or empty reads as nothing: that translation is asked again
+        for index, marked in enumerate(words, len(checking)):
+            self._alone[marked] = answers.get(index, "")
+        retry = []
+        for index, (job, translation, batched) in enumerate(checking):
+            problems = meaning_problems(job.segment, translation, answers.get(index, ""), self._alone)
+            if not problems:
+                done[job.key] = translation
+                if self.cache is not None:
+                    self.cache.put(job.key, Completion(translation, "stop"))
+            elif batched:
+                retry.append([job])  # the smaller unit first, as for any check: this segment alone
             else:
                 retry += self._again_or_fail(job, f"{'; '.join(problems)} (got {quote(translation)})", failures)
         return retry
@@ -250,32 +339,13 @@ class SegmentTranslator:
         return []
 
     def _request(self, batch: list[_Job]) -> Request:
-        payload = json.dumps(
-            {str(number): job.segment.text for number, job in enumerate(batch, 1)}, ensure_ascii=False, indent=0
-        )
         attempt = self._attempts.get(batch[0].key, 0) if len(batch) == 1 else 0
-        # Scripts differ a lot in tokens per character; leave room for the longest of them. A retry
-        # varies: another seed, some sampling, and a firmer prompt.
-        # The answer's shape: the same keys, each value holding its segment's markers exactly once. The
-        # local model is held to it token by token; an API server, to the keys where it takes a schema.
-        shape = JsonAnswer(
-            keys=tuple(str(number) for number in range(1, len(batch) + 1)),
-            markers=tuple(tuple(str(n) for n in range(1, len(job.segment.protected) + 1)) for job in batch),
-            opener=PLACEHOLDER_START,
-            closer=PLACEHOLDER_END,
-            pairs=tuple(tuple((str(a), str(b)) for a, b in job.segment.pairs) for job in batch),
-            forbidden="".join(char for char in LOOKALIKE_BRACKETS if not any(char in job.segment.text for job in batch))
-            or None,
-        )
-        return Request(
-            messages=(
-                {"role": "system", "content": self.system_prompt + (FIRMER if attempt else "")},
-                {"role": "user", "content": payload},
-            ),
-            max_tokens=min(4096, 256 + 3 * len(payload)),
+        # A retry varies: another seed, some sampling, and a firmer prompt.
+        return _json_request(
+            self.system_prompt + (FIRMER if attempt else ""),
+            [(job.segment.text, job.segment.pairs) for job in batch],
             temperature=RETRY_TEMPERATURE if attempt else 0.0,
             seed=attempt,
-            json_answer=shape,
         )
 
     def _send(self, batches: list[list[_Job]], take: Callable[[int, Completion | None, str | None], None]) -> None:
@@ -297,6 +367,54 @@ class SegmentTranslator:
             for index in range(len(requests)):
                 if index not in answered:
                     take(index, None, error.reasons.get(index, str(error)))
+
+
+def verifies_by_default(backend: Backend) -> bool:
+    """Whether the meaning checks run when no setting says: where the model runs here (VERIFY_CHOICES)."""
+    kind = capabilities(backend)
+    return kind is not None and kind.batches_locally
+
+
+def read_back_request(translation: str, pairs: tuple[tuple[int, int], ...], source_lang: str) -> Request:
+    """The request that reads `translation` (markers in; `pairs`: its links' markers, as in its Segment) back
+    into `source_lang`, literally, for the round trip; its answer's text is single_answer(completion.text)."""
+    return _json_request(_system_prompt(language(source_lang), literal=True), [(translation, pairs)])
+
+
+def marked_words_request(words: str, target: str) -> Request:
+    """The request that translates words a link or emphasis marks in a source segment into `target` by
+    themselves, for the marked-words check; its answer's text is single_answer(completion.text)."""
+    return _json_request(_system_prompt(language(target)), [(words, ())])
+
+
+def single_answer(text: str) -> str:
+    """The one value of an answer to a one-text request ("" when the answer is not that object)."""
+    return _parse_answer(text, 1)[0].get(1, "")
+
+
+def _json_request(
+    system: str, items: list[tuple[str, tuple[tuple[int, int], ...]]], temperature: float = 0.0, seed: int = 0
+) -> Request:
+    """A request for one JSON object: the texts of `items` by ids "1", "2", ..., and an answer of the same shape,
+    each value holding its text's markers exactly once (a link's pair of markers in its order). The local model
+    is held to that token by token; an API server, to the keys where it takes a schema."""
+    payload = json.dumps({str(number): text for number, (text, _) in enumerate(items, 1)}, ensure_ascii=False, indent=0)
+    shape = JsonAnswer(
+        keys=tuple(str(number) for number in range(1, len(items) + 1)),
+        markers=tuple(tuple(str(n) for n in sorted(set(placeholder_numbers(text) or ()))) for text, _ in items),
+        opener=PLACEHOLDER_START,
+        closer=PLACEHOLDER_END,
+        pairs=tuple(tuple((str(a), str(b)) for a, b in pairs) for _, pairs in items),
+        forbidden="".join(char for char in LOOKALIKE_BRACKETS if not any(char in text for text, _ in items)) or None,
+    )
+    return Request(
+        messages=({"role": "system", "content": system}, {"role": "user", "content": payload}),
+        # Scripts differ a lot in tokens per character; leave room for the longest of them.
+        max_tokens=min(4096, 256 + 3 * len(payload)),
+        temperature=temperature,
+        seed=seed,
+        json_answer=shape,
+    )
 
 
 def _batches(jobs: list[_Job], max_segments: int) -> list[list[_Job]]:
@@ -324,6 +442,7 @@ def translate_texts(
     source_lang: str = "en",
     published_as_markdown: Collection[str] = (),
     untranslated: list[str] | None = None,
+    verify: bool | None = None,
 ) -> dict[str, str]:
     """Translate several Markdown texts, named for reports, into `target` in one go.
 
@@ -336,10 +455,12 @@ def translate_texts(
 
     With an `untranslated` list, a segment that fails every retry keeps its source text instead of
     failing the language, and the list gets one entry per such segment: where it is and what failed.
+
+    `verify` runs the meaning checks (VERIFY_CHOICES) on every translation; None: verifies_by_default(backend).
     """
     lang = language(target)
     translator = SegmentTranslator(
-        lang, backend, cache, usage or Usage(), source_lang, keep_source=untranslated is not None
+        lang, backend, cache, usage or Usage(), source_lang, keep_source=untranslated is not None, verify=verify
     )
     documents = {name: _split(text, name) for name, text in texts.items()}
     jobs, owners = [], []
@@ -392,11 +513,12 @@ def translate_post(
     cache: Cache | None = None,
     usage: Usage | None = None,
     untranslated: list[str] | None = None,
+    verify: bool | None = None,
 ) -> Post:
     """The post in `target`: title, intro and explanations translated, code untouched (never sent).
     The author's parts (explainer.edits) are translated from the author's text and stay the author's:
     what the model wrote in them is escaped here, the author's own pieces restored as written.
-    untranslated: as for translate_texts."""
+    untranslated and verify: as for translate_texts."""
     texts = {"title": post.title, "intro": post.intro}
     texts.update(
         {f"section {number} explanation": section.explanation for number, section in enumerate(post.sections, 1)}
@@ -413,6 +535,7 @@ def translate_post(
         source_lang=post.lang,
         published_as_markdown=authored,
         untranslated=untranslated,
+        verify=verify,
     )
     sections = [
         dataclasses.replace(section, explanation=done.get(f"section {number} explanation", section.explanation))
@@ -447,11 +570,13 @@ def translate_markdown(
     source_lang: str | None = None,
     name: str = "post",
     untranslated: list[str] | None = None,
+    verify: bool | None = None,
 ) -> str:
     """A hand-written Markdown post in `target`. Code, URLs, HTML, math and Liquid are copied from
     the source; the front matter keeps every key and its order, gets its title, description and
     excerpt translated, and records lang, dir, translated: true and the source's hash.
-    untranslated: as for translate_texts; the front matter then lists those segments (untranslated:)."""
+    untranslated: as for translate_texts; the front matter then lists those segments (untranslated:).
+    verify: as for translate_texts."""
     lang = language(target)
     source_lang = language(source_lang).code if source_lang else markdown_lang(text, name)
     if source_lang == lang.code:
@@ -468,7 +593,15 @@ def translate_markdown(
     # The front matter's prose is published too (layouts print a title or an excerpt, some as HTML): what
     # the model wrote there is escaped like the body's.
     done = translate_texts(
-        texts, lang.code, backend, cache, usage, source_lang, published_as_markdown=set(texts), untranslated=kept
+        texts,
+        lang.code,
+        backend,
+        cache,
+        usage,
+        source_lang,
+        published_as_markdown=set(texts),
+        untranslated=kept,
+        verify=verify,
     )
     if data is None:
         data = CommentedMap()
@@ -513,11 +646,13 @@ def translate_file(
     out_dir: Path | None = None,
     source_lang: str | None = None,
     untranslated: dict[str, list[str]] | None = None,
+    verify: bool | None = None,
 ) -> list[Path]:
     """Translate a Markdown post into each target language and write the copies, all or none:
     if any language fails its checks, nothing is written. Targets in the post's own language
     are skipped. Returns the paths written. With an `untranslated` dict, segments that fail every
-    retry keep their source text instead (translate_markdown), listed there by language code."""
+    retry keep their source text instead (translate_markdown), listed there by language code. verify: as for
+    translate_texts."""
     try:
         text = source.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -532,7 +667,15 @@ def translate_file(
         kept: list[str] | None = [] if untranslated is not None else None
         try:
             outputs[output_path(source, lang.code, out_dir)] = translate_markdown(
-                text, lang.code, backend, cache, usage, source_lang, name=source.name, untranslated=kept
+                text,
+                lang.code,
+                backend,
+                cache,
+                usage,
+                source_lang,
+                name=source.name,
+                untranslated=kept,
+                verify=verify,
             )
         except TranslationFailed as exc:
             raise TranslationFailed(

@@ -3,8 +3,10 @@
 For one segment (segment_problems): the answer is not empty, on one line, without chatter; its placeholders
 are intact, each once and in a link's order, with no look-alike of one left (repair_placeholders first writes
 an unambiguous look-alike back as the placeholder); no markers heaped side by side; readable Markdown of the
-same structure, so no raw HTML the source does not have; no stray backtick, no '|' that would split a table
-cell, no word that mixes scripts, and the target language. For an answer (checked_answer): it was complete
+same structure, its emphasis, code spans, links, images, headings and HTML counted per segment, so none added
+and none dropped (repair_emphasis first unwraps emphasis the model added where that is unambiguous); no stray
+backtick, no '|' that would split a table cell, no question the source does not ask, no word that mixes
+scripts, and the target language. For an answer (checked_answer): it was complete
 (finish_reason=stop). For a whole document (document_problems): byte-identical code blocks and the same
 headings, lists, links, images and tables (Structure), and no placeholder left in the text.
 """
@@ -59,6 +61,9 @@ CHATTER = (
     "```",
     "~~~",  # a fence in prose: "```markdown" wrappers, code pasted back
 )
+# A small model turns a statement into a question of its own ("`temperature` 入口位于哪里？"): a translation
+# may not ask more questions than its source.
+QUESTION_MARKS = "?\uff1f\u061f"  # ? ？ ؟
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,6 +154,9 @@ def segment_problems(segment: Segment, translation: str, lang: Language, source_
         problems.append(f"{translation.count('`')} stray backtick(s), {segment.text.count('`')} in the source")
     if segment.in_table_cell and "|" in strip_placeholders(translation) and "|" not in segment.text:
         problems.append("a '|' in a table cell would split the cell")
+    asked, source_asks = (sum(text.count(mark) for mark in QUESTION_MARKS) for text in (translation, segment.text))
+    if asked > source_asks:
+        problems.append(f"{asked} question mark(s), {source_asks} in the source: a question the source does not ask")
     if not lang.words_mix_scripts:
         mixed = [word for word in _mixed_script_words(strip_placeholders(translation)) if word not in segment.text]
         if mixed:
@@ -162,7 +170,7 @@ def segment_problems(segment: Segment, translation: str, lang: Language, source_
 def placeholder_problems(segment: Segment, translation: str) -> list[str]:
     """Why the placeholders in a translation of `segment` cannot be restored: each must appear exactly
     once, no others may appear, and a link's opening one must come before its closing one."""
-    found = _placeholder_numbers(translation)
+    found = placeholder_numbers(translation)
     if found is None:
         return ["a placeholder is broken (⟦ without a matching ⟧ and number)"]
     counts = Counter(found)
@@ -201,6 +209,38 @@ def repair_placeholders(translation: str, count: int) -> str:
     return translation
 
 
+def repair_emphasis(segment: Segment, translation: str) -> str:
+    """`translation` with the emphasis it adds unwrapped, where that is unambiguous: the source segment has no
+    emphasis of that kind and not one character of its marks (`*`, `_`, `~`), so every such character in the
+    translation was added ("展示了 **1** 入口" becomes "展示了 1 入口"). Anything else (emphasis dropped, or
+    added where the source has some of that kind) is left for segment_problems to report, and asked again."""
+    if placeholder_problems(segment, translation):
+        return translation
+    try:
+        want = Counter(kind for kind, _ in _emphasis(segment.content))
+        added = {mark[0] for kind, mark in _emphasis(segment.restore(translation, as_content=True)) if not want[kind]}
+        repaired = translation
+        for char in sorted(added):
+            if char not in segment.text:
+                repaired = repaired.replace(char, "")
+        if repaired == translation:
+            return translation
+        got = Counter(kind for kind, _ in _emphasis(segment.restore(repaired, as_content=True)))
+    except UnreadableMarkdown:
+        return translation
+    return repaired if got == want else translation
+
+
+def _emphasis(content: str) -> list[tuple[str, str]]:
+    """(kind, mark) of each emphasis span in a segment's inline content: ("strong", "**"), ("em", "_"), ..."""
+    return [
+        (EMPHASIS[child.type], child.markup)
+        for token in read_markdown(parser(), normalize(content), {})
+        for child in token.children or ()
+        if child.type in EMPHASIS
+    ]
+
+
 def lookalike_problems(translation: str, source: str, count: int) -> list[str]:
     """Look-alikes of placeholders 1..count left in a translation (after repair_placeholders) that the
     source does not have: 【1】 or [1] beside a ⟦1⟧ would be published as text, and the marker is
@@ -214,7 +254,8 @@ def lookalike_problems(translation: str, source: str, count: int) -> list[str]:
     ]
 
 
-def _placeholder_numbers(text: str) -> list[int] | None:
+def placeholder_numbers(text: str) -> list[int] | None:
+    """The numbers of the placeholders in `text`, in order; None if one is broken (⟦ without ⟧ and a number)."""
     numbers, pos = [], 0
     while (start := text.find(PLACEHOLDER_START, pos)) >= 0:
         end = text.find(PLACEHOLDER_END, start)
@@ -252,6 +293,11 @@ def document_problems(source: str, translated: str) -> list[str]:
 
 # Structure: what a translation must keep
 
+# The emphasis a segment's translation keeps span for span: kept in the text sent (not a marker), so a model
+# may drop it, or add some ("展示了 **1** 入口的位置", where the source had no bold).
+EMPHASIS = {"em_open": "em", "strong_open": "strong", "s_open": "s"}
+EMPHASIS_MARKS = {"em": "*", "strong": "**", "s": "~~"}
+
 
 @dataclass(frozen=True)
 class Structure:
@@ -265,6 +311,7 @@ class Structure:
     table_cells: int
     blockquotes: int
     rules: int  # thematic breaks
+    emphasis: tuple[str, ...] = ()  # "em", "strong", "s" (strikethrough), one per span, sorted
 
     def differences(self, translated: Structure) -> list[str]:
         """Why `translated` is not the same document structure as self, in words."""
@@ -280,6 +327,11 @@ class Structure:
             )
         if self.verbatim_inline != translated.verbatim_inline:
             problems.append("inline code, math, HTML or Liquid differs from the source")
+        for kind in EMPHASIS.values():
+            want, got = self.emphasis.count(kind), translated.emphasis.count(kind)
+            if want != got:
+                mark = EMPHASIS_MARKS[kind]
+                problems.append(f"{kind} emphasis ({mark}): {want} in the source, {got} in the translation")
         for name in ("headings", "list_items", "links", "images", "tables", "table_cells", "blockquotes", "rules"):
             want, got = getattr(self, name), getattr(translated, name)
             if want == got:
@@ -296,7 +348,7 @@ class Structure:
 def structure(text: str) -> Structure:
     """The parts of a document a translation must not change."""
     tokens = read_markdown(parser(), normalize(text), {})
-    blocks, inline, headings, links, images = [], [], [], [], []
+    blocks, inline, headings, links, images, emphasis = [], [], [], [], [], []
     counts = Counter()
     for token in tokens:
         if token.type in VERBATIM_BLOCKS:
@@ -314,6 +366,8 @@ def structure(text: str) -> Structure:
                 links.append(str(child.attrs.get("href", "")))
             elif child.type == "image":
                 images.append(str(child.attrs.get("src", "")))
+            elif child.type in EMPHASIS:
+                emphasis.append(EMPHASIS[child.type])
     return Structure(
         verbatim_blocks=tuple(blocks),
         verbatim_inline=tuple(sorted(inline)),
@@ -325,6 +379,7 @@ def structure(text: str) -> Structure:
         table_cells=counts["cells"],
         blockquotes=counts["blockquote_open"],
         rules=counts["hr"],
+        emphasis=tuple(sorted(emphasis)),
     )
 
 
@@ -332,3 +387,92 @@ def quote(text: str, limit: int = 60) -> str:
     """`text` on one line, cut at `limit` characters, quoted: for reports."""
     text = " ".join(text.split())
     return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
+# ---------------------------------------------------------------------------------------------
+# Meaning: the round trip, and the words links and emphasis mark
+# ---------------------------------------------------------------------------------------------
+
+# sacrebleu's chrF (0-100) of a translation read back into the source language, against the source, below which
+# the translation does not say what the source says: the highest that flagged few faithful translations of
+# benchmarks/translation_labels.jsonl (benchmarks/round_trip_eval.py; benchmarks/results/README.md).
+ROUND_TRIP_MIN_CHRF = 20.0
+# chrF below which the words a link or emphasis marks in a translation are not the source's marked words: neither
+# do they hold the source words' own translation, nor does the round trip mark words like the source's.
+MARKED_WORDS_MIN_CHRF = 25.0
+
+
+def chrf(hypothesis: str, reference: str) -> float:
+    """sacrebleu's sentence-level chrF of `hypothesis` against `reference` (0-100), over their prose: markers left
+    out, whitespace runs as one space."""
+    from sacrebleu.metrics import CHRF  # a new one per call: a metric object keeps state between calls, unlocked
+
+    return CHRF().sentence_score(_prose(hypothesis), [_prose(reference)]).score
+
+
+def _prose(text: str) -> str:
+    return " ".join(strip_placeholders(text).split())
+
+
+def marked_words(text: str, pairs: tuple[tuple[int, int], ...]) -> list[tuple[str, str]]:
+    """(label, words) for each span of `text` (a segment or its translation, markers in) that a link or emphasis
+    marks: a link's label is its markers ("⟦1⟧…⟦2⟧", from `pairs`), an emphasis span's its kind's mark ("**"; "*"
+    for _x_ too)."""
+    spans = []
+    for opener, closer in pairs:
+        start, end = text.find(placeholder(opener)), text.find(placeholder(closer))
+        if 0 <= start < end:
+            spans.append((f"{placeholder(opener)}…{placeholder(closer)}", text[start + len(placeholder(opener)) : end]))
+    try:
+        tokens = read_markdown(parser(), normalize(text), {})
+    except UnreadableMarkdown:
+        return spans
+    for token in tokens:
+        open_spans: list[tuple[str, list[str]]] = []
+        for child in token.children or ():
+            if child.type in EMPHASIS:
+                open_spans.append((EMPHASIS_MARKS[EMPHASIS[child.type]], []))
+            elif child.type.endswith("_close") and child.type.replace("_close", "_open") in EMPHASIS and open_spans:
+                mark, words = open_spans.pop()
+                spans.append((mark, "".join(words)))
+            elif child.type in ("text", "softbreak"):
+                for _, words in open_spans:
+                    words.append(child.content or " ")
+    return spans
+
+
+def marked_words_problems(segment: Segment, translation: str, back: str, alone: dict[str, str]) -> list[str]:
+    """The marked spans of `translation` whose words are not the source's marked words: a span passes when it
+    holds most of the source words' own translation (`alone`: source words -> their translation alone) or when
+    the round trip `back` marks words like the source's. Spans of the source with no letters are not judged."""
+    translated, read_back = marked_words(translation, segment.pairs), marked_words(back, segment.pairs)
+    problems = []
+    for label, words in marked_words(segment.text, segment.pairs):
+        if not _letters(strip_placeholders(words)):
+            continue
+        ours = [span for found, span in translated if found == label]
+        forward = max((chrf(span, alone.get(words, "")) for span in ours), default=0.0)
+        backward = max((chrf(span, words) for found, span in read_back if found == label), default=0.0)
+        if max(forward, backward) < MARKED_WORDS_MIN_CHRF:
+            got = max(ours, key=lambda span: chrf(span, alone.get(words, "")), default="")
+            problems.append(
+                f"{label} marks {quote(got, 30)}, not the source's {quote(words, 30)} "
+                f"(alone: {quote(alone.get(words, ''), 30)})"
+            )
+    return problems
+
+
+def round_trip_problem(segment: Segment, back: str) -> str | None:
+    """Why `back`, the translation read back into the source language, says that the translation does not say
+    what the source does (chrF below ROUND_TRIP_MIN_CHRF); None when it does."""
+    score = chrf(back, segment.text)
+    if score >= ROUND_TRIP_MIN_CHRF:
+        return None
+    return f"read back, it says {quote(back)} (chrF {score:.0f} against the source, below {ROUND_TRIP_MIN_CHRF:.0f})"
+
+
+def meaning_problems(segment: Segment, translation: str, back: str, alone: dict[str, str]) -> list[str]:
+    """Why `translation` does not mean what `segment` says, from its round trip `back` and the source's marked
+    words translated alone (`alone`); empty when it does."""
+    problem = round_trip_problem(segment, back)
+    return ([problem] if problem else []) + marked_words_problems(segment, translation, back, alone)

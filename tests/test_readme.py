@@ -307,6 +307,8 @@ COUNTS = [
     ("docs/translation.md", "characters. To the local model", lambda: translation_constant("MAX_CHARS_PER_REQUEST")),
     ("docs/translation.md", "times, each with another seed", lambda: translation_constant("SEGMENT_RETRIES")),
     ("docs/translation.md", "letters is not judged", lambda: translation_constant("MIN_LETTERS_TO_DETECT")),
+    ("docs/translation.md", "of 100 to pass", lambda: translation_constant("ROUND_TRIP_MIN_CHRF")),
+    ("docs/translation.md", "of 100 for the span", lambda: translation_constant("MARKED_WORDS_MIN_CHRF")),
     ("docs/translation.md", "languages). A file holds", lambda: len(known_languages())),
     ("docs/demos.md", "lines of its output", lambda: constant("TAIL_LINES", "explainer.demos")),
     ("docs/demos.md", "seconds). When it passes", lambda: constant("DEFAULT_TIMEOUT_S", "explainer.demos")),
@@ -352,10 +354,16 @@ def test_the_configuration_doc_has_every_key_of_the_schema_with_its_default():
     from llama_ref.catalog import DEFAULT_MODEL as LOCAL_DEFAULT
 
     doc = "docs/configuration.md"
-    site, backend, posts = (table_after(doc, f"## {name}") for name in ("[site]", "[backend]", "[[posts]]"))
+    site, backend, posts, translate, languages = (
+        table_after(doc, f"## {name}") for name in ("[site]", "[backend]", "[[posts]]", "[translate]", "[languages.xx]")
+    )
     assert set(site) == _SECTIONS["site"]
     assert set(backend) == _SECTIONS["backend"]
     assert set(posts) == _SECTIONS["posts"]
+    assert set(translate) == _SECTIONS["translate"]
+    assert set(languages) == _SECTIONS["languages"]
+    assert int(languages["concurrency"][0]) == DEFAULT_CONCURRENCY
+    assert int(languages["batch_size"][0]) == DEFAULT_MAX_BATCH_SIZE
     assert site["pattern"][0] == f'"{DEFAULT_PATTERN}"'
     assert site["cache_dir"][0] == f'"{DEFAULT_CACHE_DIR}"'
     assert float(site["demo_timeout"][0]) == DEFAULT_TIMEOUT_S

@@ -252,3 +252,67 @@ def test_prose_that_cannot_be_located_is_left_alone_and_reported():
     document = split_document("| a |\n|---|\n| x \\| y |\n")
     assert [segment.text for segment in document.segments] == ["a"]
     assert document.unmapped_lines == [3]
+
+
+# ---------------------------------------------------------------------------------------------
+# Markup is counted per segment: none added, none dropped
+# ---------------------------------------------------------------------------------------------
+
+[MARKED] = split_document("Read **the guide** and [the notes](https://x.org) before the build starts today.\n").segments
+GOOD_MARKED = "Lisez **le guide** et ⟦1⟧les notes⟦2⟧ avant que la compilation commence aujourd'hui."
+
+
+@pytest.mark.parametrize(
+    "translation, problem",
+    [
+        (GOOD_MARKED.replace("**le guide**", "le guide"), "strong emphasis (**): 1 in the source, 0"),
+        (GOOD_MARKED.replace("compilation", "**compilation**"), "strong emphasis (**): 1 in the source, 2"),
+        (GOOD_MARKED.replace("compilation", "*compilation*"), "em emphasis (*): 0 in the source, 1"),
+        (GOOD_MARKED.replace("compilation", "~~compilation~~"), "s emphasis (~~): 0 in the source, 1"),
+        (GOOD_MARKED.replace("compilation", "`compilation`"), "inline code"),
+        (GOOD_MARKED.replace("compilation", "[compilation](https://evil.example)"), "links: 1 in the source, 2"),
+        (GOOD_MARKED.replace("compilation", "![compilation](x.png)"), "images: 0 in the source, 1"),
+        (GOOD_MARKED.replace("compilation", "<b>compilation</b>"), "HTML or Liquid differs"),
+        ("## " + GOOD_MARKED, "headings: 0 in the source, 1"),
+        (GOOD_MARKED.replace(".", " ?"), "a question the source does not ask"),
+    ],
+)
+def test_a_segment_may_neither_add_nor_drop_markup(translation, problem):
+    """Counted per segment: a bold span moved from one segment to the next would pass a count over the post."""
+    problems = segment_problems(MARKED, translation, language("fr"), source_lang="en")
+    assert any(problem in found for found in problems), problems
+    assert segment_problems(MARKED, GOOD_MARKED, language("fr"), source_lang="en") == []
+
+
+def test_emphasis_moved_between_segments_is_caught_though_the_post_keeps_its_count():
+    first, second = split_document("Run **it** now please.\n\nThen stop and wait here.\n").segments
+    assert segment_problems(first, "Lancez-le maintenant.", language("fr"), "en")
+    assert segment_problems(second, "Puis **arrêtez** et attendez ici.", language("fr"), "en")
+
+
+@pytest.mark.parametrize(
+    "source, translation, repaired",
+    [
+        # what Qwen2.5-Coder-1.5B wrote: the source has no bold and no '*', so each '*' was added
+        (
+            "The sampler below shows where `temperature` enters.",
+            "下面的采样器展示了 **1** 入口的位置 ⟦1⟧。",
+            "下面的采样器展示了 1 入口的位置 ⟦1⟧。",
+        ),
+        ("Keep the value below one.", "Gardez la valeur _sous_ un.", "Gardez la valeur sous un."),
+        # the source has bold of its own: which bold was added is a guess, so it is asked again instead
+        ("Keep **the value** below one.", "Gardez **la valeur** **sous** un.", None),
+        # the source has a '_' (in top_p): removing every '_' would change that word too
+        ("Keep top_p below one.", "Gardez top_p *sous* un.", "Gardez top_p sous un."),
+        ("Keep top_p below one.", "Gardez top_p _sous_ un.", None),
+        # emphasis dropped: nothing to strip
+        ("Keep **the value** below one.", "Gardez la valeur sous un.", None),
+    ],
+)
+def test_added_emphasis_is_stripped_only_when_that_is_unambiguous(source, translation, repaired):
+    from explainer.translation_checks import repair_emphasis
+
+    [segment] = split_document(source + "\n").segments
+    assert repair_emphasis(segment, translation) == (repaired or translation)
+    if repaired:
+        assert not any("emphasis" in problem for problem in segment_problems(segment, repaired, language("fr"), "en"))

@@ -1,0 +1,263 @@
+"""Translations that pass every structural check but say something else: the meaning checks, through the real
+openai SDK against a scripted server on 127.0.0.1.
+
+The cases are what Qwen2.5-Coder-1.5B-Instruct wrote for a short post about sampling (issue 28). The scripted
+server answers a segment's first request with what the model wrote, and a retry with a faithful translation; it
+also answers the requests that read each translation back into English, as the model would read back what it
+wrote ("请为故事起名:" reads back as "Please name the story:"), and the requests that translate a link's words
+alone.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import pytest
+from markdown_it import MarkdownIt
+from scripted_server import user_text
+
+from explainer.backends import BackendSettings, Usage, make_backend
+from explainer.backends.openai import OpenAIBackend
+from explainer.cache import Cache
+from explainer.translate import FIRMER, TranslationFailed, translate_markdown, verifies_by_default
+
+LINK = "https://pytorch.org/docs/stable/generated/torch.nn.functional.softmax.html"
+FORMULA = r"$p_i = \exp(z_i / T) / \sum_j \exp(z_j / T)$"
+POST = f"""## Sampling
+
+The sampler below shows where `temperature` enters.
+
+See the [PyTorch docs]({LINK}) for the reference definition, and note that {FORMULA}.
+
+- Raise it for stories:
+- Keep `top_p` below one.
+"""
+
+# For each segment as sent: what the model answered first, and a faithful answer, each read back into English;
+# what the check that catches it says; and words that only the first answer and only the faithful one have.
+# Markers: ⟦1⟧ `temperature`; ⟦1⟧⟦2⟧ the link around "PyTorch docs", ⟦3⟧ the formula.
+CASES = {
+    "bold 1 and a question": (
+        "The sampler below shows where ⟦1⟧ enters.",
+        ("下面的采样器展示了 **1** 入口的位置。⟦1⟧ 入口位于哪里？", None),
+        ("下面的采样器展示了 ⟦1⟧ 从哪里进入。", "The sampler below shows where ⟦1⟧ comes in."),
+        "a question the source does not ask",
+        ("入口位于哪里", "从哪里进入"),
+    ),
+    "the link around the formula": (
+        "See the ⟦1⟧PyTorch docs⟦2⟧ for the reference definition, and note that ⟦3⟧.",
+        (
+            "请参考 PyTorch 的文档 ⟦1⟧，并注意 ⟦3⟧。⟦2⟧",
+            "Please refer to the PyTorch documentation ⟦1⟧, and note ⟦3⟧.⟦2⟧",
+        ),
+        (
+            "有关参考定义，请参阅 ⟦1⟧PyTorch 文档⟦2⟧，并注意 ⟦3⟧。",
+            "For the reference definition, see ⟦1⟧the PyTorch documentation⟦2⟧, and note that ⟦3⟧.",
+        ),
+        "⟦1⟧…⟦2⟧ marks '，并注意 ⟦3⟧。', not the source's 'PyTorch docs'",
+        ("请参考 PyTorch 的文档", "有关参考定义"),
+    ),
+    "name the story": (
+        "Raise it for stories:",
+        ("请为故事起名:", "Please name the story:"),
+        ("写故事时调高它：", "Raise it when writing stories:"),
+        "read back, it says 'Please name the story:'",
+        ("起名", "调高它"),
+    ),
+}
+# Answered faithfully at once. The model's "keep `top_p` within one line" for "below one" is not among the cases:
+# its read-back scores above the threshold (benchmarks/results/README.md), as faithful paraphrases do.
+FAITHFUL = {"Sampling": ("采样", "Sampling"), "Keep ⟦1⟧ below one.": ("保持 ⟦1⟧ 低于 1。", "Keep ⟦1⟧ below 1.")}
+ALONE = {"PyTorch docs": "PyTorch 文档"}  # a link's words, translated by themselves
+
+
+class Model:
+    """The scripted model: translations into Chinese by segment (`answers`: each ask takes the next, the last
+    repeats), read-backs into English by translation, and a link's words alone."""
+
+    def __init__(self, answers: dict[str, list[tuple[str, str | None]]]):
+        self.answers = answers
+        self.asked = collections.Counter()
+        self.read_back = {answer: back for given in answers.values() for answer, back in given if back}
+        self.sent: list[tuple[str, str, dict]] = []  # (kind, text, body) of every request
+
+    def __call__(self, body: dict) -> str:
+        system, segments = body["messages"][0]["content"], json.loads(user_text(body))
+        answer = {}
+        for key, text in segments.items():
+            if "into English" in system:
+                kind, answer[key] = "read back", self.read_back[text]
+            elif text in ALONE:
+                kind, answer[key] = "alone", ALONE[text]
+            else:
+                given = self.answers[text]
+                kind, answer[key] = "translate", given[min(self.asked[text], len(given) - 1)][0]
+                self.asked[text] += 1
+            self.sent.append((kind, text, body))
+        return json.dumps(answer, ensure_ascii=False)
+
+    def translations(self, text: str) -> list[dict]:
+        return [body for kind, sent, body in self.sent if kind == "translate" and sent == text]
+
+
+def answers_for(case: str, faithful_on_retry: bool = True) -> dict[str, list[tuple[str, str | None]]]:
+    answers = {text: [answer] for text, answer in FAITHFUL.items()}
+    for name, (text, bad, good, *_) in CASES.items():
+        if name == case:
+            answers[text] = [bad, good] if faithful_on_retry else [bad]
+        else:
+            answers[text] = [good]
+    return answers
+
+
+def backend_for(server) -> OpenAIBackend:
+    return OpenAIBackend(model="test-model", base_url=server.base_url, backoff=0.001)
+
+
+def prose(markdown: str) -> list[str]:
+    """The text of each paragraph, heading and list item, as markdown-it-py reads it."""
+    return [token.content for token in MarkdownIt().parse(markdown) if token.type == "inline"]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_replayed_case_is_asked_again_and_the_faithful_answer_is_written(case, scripted_server, openai_env):
+    text, _, _, _, (only_bad, only_good) = CASES[case]
+    model = Model(answers_for(case))
+    server = scripted_server(model)
+
+    translated = translate_markdown(POST, "zh", backend_for(server), source_lang="en", verify=True)
+
+    first, again = model.translations(text)  # asked once more, and only once: alone, as any failed segment
+    assert len(json.loads(user_text(first))) > 1 and len(json.loads(user_text(again))) == 1
+    body = translated.split("\n---\n", 1)[1]
+    written = " ".join(prose(body))
+    assert only_good in written and only_bad not in written, written
+    assert LINK in body and FORMULA in body and "`temperature`" in body and "`top_p`" in body
+    # every other segment was asked once: a faithful answer is not asked again
+    assert all(len(model.translations(other)) == 1 for other, *_ in CASES.values() if other != text)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_without_a_faithful_answer_the_segment_fails_and_says_why(case, scripted_server, openai_env):
+    text, _, _, problem, _ = CASES[case]
+    model = Model(answers_for(case, faithful_on_retry=False))
+    server = scripted_server(model)
+
+    with pytest.raises(TranslationFailed) as failure:
+        translate_markdown(POST, "zh", backend_for(server), source_lang="en", verify=True)
+
+    message = str(failure.value)
+    assert "1 segment(s) failed" in message and "asked 4 times" in message and problem in message, message
+    assert "\n" not in message
+    alone = [body for body in model.translations(text) if len(json.loads(user_text(body))) == 1]
+    # asked alone, then 3 more times, each with another seed and a firmer prompt: as any failing segment
+    assert [body["seed"] for body in alone] == [0, 1, 2, 3]
+    assert [FIRMER in body["messages"][0]["content"] for body in alone] == [False, True, True, True]
+
+
+def test_keep_source_on_failure_keeps_the_unfaithful_segment_in_english(scripted_server, openai_env):
+    model = Model(answers_for("name the story", faithful_on_retry=False))
+    server = scripted_server(model)
+    kept: list[str] = []
+
+    translated = translate_markdown(POST, "zh", backend_for(server), source_lang="en", untranslated=kept, verify=True)
+
+    assert "- Raise it for stories:" in translated and "请为故事起名" not in translated
+    assert len(kept) == 1 and "Please name the story:" in kept[0]
+
+
+def test_added_bold_around_faithful_words_is_unwrapped_not_asked_again(scripted_server, openai_env):
+    text = CASES["bold 1 and a question"][0]
+    answers = answers_for("none")
+    answers[text] = [("下面的采样器展示了 ⟦1⟧ 从**哪里**进入。", None)]
+    model = Model(answers)
+    model.read_back["下面的采样器展示了 ⟦1⟧ 从哪里进入。"] = "The sampler below shows where ⟦1⟧ comes in."
+    server = scripted_server(model)
+
+    translated = translate_markdown(POST, "zh", backend_for(server), source_lang="en", verify=True)
+
+    assert "下面的采样器展示了 `temperature` 从哪里进入。" in translated and "**" not in translated
+    assert len(model.translations(text)) == 1
+
+
+def test_the_meaning_checks_cost_one_read_back_per_segment_and_a_rerun_asks_nothing(
+    scripted_server, openai_env, tmp_path
+):
+    model = Model(answers_for("none"))
+    server = scripted_server(model)
+    backend, cache = backend_for(server), Cache(tmp_path / "cache")
+    usage = Usage()
+
+    translate_markdown(POST, "zh", backend, cache, usage, source_lang="en", verify=True)
+
+    kinds = collections.Counter(kind for kind, _, _ in model.sent)
+    assert kinds == {"translate": 5, "read back": 5, "alone": 1}  # the five segments, and the link's words
+    assert usage.requests == len(server.requests)
+    rerun = Usage()
+    translate_markdown(POST, "zh", backend, cache, rerun, source_lang="en", verify=True)
+    assert rerun.requests == 0 and len(model.sent) == 11
+
+
+def test_a_cached_translation_made_without_the_checks_is_checked_when_they_are_on(
+    scripted_server, openai_env, tmp_path
+):
+    """The cache holds what passed the checks of its time; a check turned on later applies to it, like any
+    check added later."""
+    text, bad, good, *_ = CASES["name the story"]
+    model = Model({**answers_for("none"), text: [bad, good]})
+    server = scripted_server(model)
+    backend, cache = backend_for(server), Cache(tmp_path / "cache")
+
+    unchecked = translate_markdown(POST, "zh", backend, cache, source_lang="en", verify=False)
+    assert "请为故事起名" in unchecked and not [kind for kind, _, _ in model.sent if kind == "read back"]
+
+    checked = translate_markdown(POST, "zh", backend, cache, source_lang="en", verify=True)
+    assert "写故事时调高它" in checked and "请为故事起名" not in checked
+    assert len(model.translations(text)) == 2
+
+
+def test_the_checks_run_by_default_only_where_the_model_runs_here(scripted_server, openai_env):
+    model = Model(answers_for("none"))
+    server = scripted_server(model)
+    translate_markdown(POST, "zh", backend_for(server), source_lang="en")
+    assert not any(kind == "read back" for kind, _, _ in model.sent)  # an API: off unless asked for
+    assert verifies_by_default(make_backend(BackendSettings(name="local")))  # builds nothing, loads no model
+    assert not verifies_by_default(backend_for(server))
+
+
+# ---------------------------------------------------------------------------------------------
+# The marked words, one segment at a time
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_words_of_links_and_emphasis_are_found_in_source_and_translation():
+    from explainer.markdown_segments import split_document
+    from explainer.translation_checks import marked_words
+
+    [segment] = split_document("Read **the *whole* guide** in [the notes](https://x.org) or _here_.\n").segments
+    assert sorted(marked_words(segment.text, segment.pairs)) == [
+        ("*", "here"),
+        ("*", "whole"),
+        ("**", "the whole guide"),
+        ("⟦1⟧…⟦2⟧", "the notes"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "translation, read_back, caught",
+    [
+        ("Lesen Sie **den Leitfaden** vor dem Start.", "Read **the guide** before the start.", False),
+        # another word for it than its translation alone: the read-back shows the same words are marked
+        ("Lesen Sie **das Handbuch** vor dem Start.", "Read **the manual guide** before the start.", False),
+        # the bold moved onto other words: neither way finds the source's words in it
+        ("Lesen Sie den Leitfaden **vor dem Start**.", "Read the guide **before the start**.", True),
+    ],
+)
+def test_emphasis_must_mark_the_source_words(translation, read_back, caught):
+    from explainer.markdown_segments import split_document
+    from explainer.translation_checks import marked_words_problems
+
+    [segment] = split_document("Read **the guide** before you start.\n").segments
+    problems = marked_words_problems(segment, translation, read_back, {"the guide": "der Leitfaden"})
+    assert bool(problems) == caught, problems
