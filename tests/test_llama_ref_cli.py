@@ -69,6 +69,7 @@ def unsupported_quantisation(tmp_path):
     return write_unsupported_gguf(tmp_path / "iq2.gguf"), "IQ2_XXS"
 
 
+@pytest.mark.slow  # six runs of the CLI: make test, not test-fast (test_checkpoints checks each file in-process)
 @pytest.mark.parametrize(
     "make_bad_file",
     [truncated_gguf, wrong_magic, vocab_mismatch, missing_params_json, other_architecture, unsupported_quantisation],

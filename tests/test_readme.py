@@ -671,7 +671,13 @@ def matches(shown: str, printed: str) -> bool:
     )
 
 
-@pytest.mark.parametrize("command", CHEAP_COMMANDS, ids=[str(command) for command in CHEAP_COMMANDS])
+def _cheap(command) -> object:
+    """The command as a test case: one that loads a model (--explain-kernels) is slow (make test, not test-fast)."""
+    marks = [pytest.mark.slow] if "--explain-kernels" in program_of(command.line)[2] else []
+    return pytest.param(command, marks=marks, id=str(command))
+
+
+@pytest.mark.parametrize("command", [_cheap(command) for command in CHEAP_COMMANDS])
 def test_the_cheap_commands_run_as_written(command):
     env, program, arguments = program_of(command.line)
     printed = run_command(program, arguments, command.folder, tuple(sorted(env.items())))
