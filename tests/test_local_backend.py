@@ -44,13 +44,15 @@ def test_explains_a_method_with_the_real_model_and_reruns_from_the_cache(backend
         on_progress=lambda done, total: progress.append((done, total)),
     )
 
-    assert usage.requests == len(chunks) + 1 and usage.cache_hits == 0
+    # an answer off its piece is asked once more (explain.off_piece); a 135M model's often is
+    asked_again = usage.extra.get("off_piece", 0)
+    assert usage.requests == len(chunks) + 1 + asked_again and usage.cache_hits == 0
     assert progress[-1] == (len(chunks) + 1, len(chunks) + 1)
     assert post.backend == "local" and post.model == "smollm2-135m"
     assert [(s.start_line, s.end_line) for s in post.sections] == [(c.start_line, c.end_line) for c in chunks]
     assert all(section.explanation.strip() for section in post.sections)
     assert post.title.strip()
-    assert usage.tokens_out <= (len(chunks) + 1) * MAX_TOKENS
+    assert usage.tokens_out <= usage.requests * MAX_TOKENS
     # every request starts with the definition: each row holds only what its prompt does not share with the
     # anchor, plus its answer, so a row is shorter than a prompt
     model = backend.llama.model
@@ -68,7 +70,8 @@ def test_explains_a_method_with_the_real_model_and_reruns_from_the_cache(backend
         date=post.date,
     )
 
-    assert (rerun.requests, rerun.cache_hits) == (0, len(chunks) + 1)
+    # nothing is asked: answers still off their piece are asked again from the cache, as the first run did
+    assert (rerun.requests, rerun.cache_hits) == (0, len(chunks) + 1 + rerun.extra.get("off_piece", 0))
     assert render_post(again) == rendered
 
 
