@@ -184,6 +184,7 @@ def test_a_title_and_an_introduction_edited_are_kept_and_translated(config, serv
     assert fake_translation("Why the *first* best score wins.", "zh") in chinese
 
 
+@pytest.mark.slow  # several full builds in subprocesses: make test, not test-fast
 def test_changed_code_keeps_the_edit_and_marks_it_stale_and_strict_fails(config, server):
     build(config)
     edit_post(config, explanation(LOOP), EDIT_LOOP)
@@ -219,6 +220,7 @@ def test_changed_code_keeps_the_edit_and_marks_it_stale_and_strict_fails(config,
     ]
 
 
+@pytest.mark.slow  # several full builds in subprocesses: make test, not test-fast
 def test_a_stale_piece_is_shown_with_its_diff_and_accepted_for_the_new_code(config):
     build(config)
     edit_post(config, explanation(LOOP), EDIT_LOOP)

@@ -216,6 +216,7 @@ def test_explain_kernels_prints_the_table_for_this_machine(tiny_gguf, capsys):
         assert any(line.split()[:2] == [role, choice.kernel] for line in out.splitlines()), out
 
 
+@pytest.mark.slow  # a sweep or subprocesses that load a model: make test, not test-fast
 @pytest.mark.parametrize("kernel", ["auto", "w7a8"])
 def test_a_lesser_class_runs_or_refuses_in_one_line(tiny_gguf, kernel):
     """python -m llama_ref --cpu generic: the class of an x86 CPU without AVX2, where fbgemm cannot run."""

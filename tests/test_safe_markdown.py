@@ -223,6 +223,7 @@ def hostile_documents(count: int, seed: int) -> list[str]:
     return ["".join(chance.choice(ATOMS) for _ in range(chance.randint(1, 60))) for _ in range(count)]
 
 
+@pytest.mark.slow  # a sweep or subprocesses that load a model: make test, not test-fast
 def test_kramdown_makes_nothing_live_of_hostile_text():
     documents = hostile_documents(2000, seed=7)
     raw = kramdown([text + "\n" for text in documents])
