@@ -36,7 +36,7 @@ import importlib
 import keyword
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import tree_sitter
@@ -243,8 +243,14 @@ def identifiers_in(chunked: ChunkedFile, first: int, last: int) -> list[str]:
 IDENTIFIER_NODES = ("identifier", "field_identifier", "type_identifier")
 
 
+@lru_cache(maxsize=4)
+def _tree(code_language: str, source: str) -> tree_sitter.Tree:
+    """The file's syntax tree, parsed once for all the pieces whose names and comments are asked for."""
+    return _parser(code_language).parse(source.encode("utf-8"))
+
+
 def _nodes_in(chunked: ChunkedFile, first: int, last: int, types: tuple[str, ...]) -> list[tree_sitter.Node]:
-    tree = _parser(chunked.code_language).parse(chunked.source.encode("utf-8"))
+    tree = _tree(chunked.code_language, chunked.source)
     found: list[tree_sitter.Node] = []
     stack = [tree.root_node]
     while stack:
