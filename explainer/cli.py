@@ -325,15 +325,20 @@ def translate(
     click.echo(usage.summary(), err=True)
 
 
+def config_option(help: str):
+    """--config FILE, the site's explainer.toml, as build and review take it."""
+    return click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default="explainer.toml",
+        show_default=True,
+        help=help,
+    )
+
+
 @main.command()
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default="explainer.toml",
-    show_default=True,
-    help="The site's config: posts, languages, backend, output.",
-)
+@config_option("The site's config: posts, languages, backend, output.")
 @click.option("--only", multiple=True, metavar="POST", help="Build only this post (its slug); repeatable.")
 @click.option(
     "--lang",
@@ -449,14 +454,7 @@ def build(
 
 @main.command()
 @click.argument("slug")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default="explainer.toml",
-    show_default=True,
-    help="The site's config.",
-)
+@config_option("The site's config.")
 @click.option(
     "--accept",
     "accepted",
