@@ -449,19 +449,28 @@ def test_explanations_are_asked_greedily_with_a_sentence_budget_that_grows_with_
     assert "in at most two sentences." in loop and "when the loop stops" in loop
 
 
-def test_an_answer_about_the_rest_of_its_definition_is_asked_again_and_the_new_one_kept(
-    scripted_server, openai_env, sample, tmp_path
-):
+STRAYED = "`pick` divides `scores` by `temperature`, runs `softmax` over them and loops with `index`."
+
+
+def strays_at_return(sample, only_once: bool):
+    """echo_script, but the piece `return best` is answered about the rest of `pick` (STRAYED): the first
+    time only, or every time."""
     plain = echo_script(sample)
-    strayed = "`pick` divides `scores` by `temperature`, runs `softmax` over them and loops with `index`."
 
     def script(body):
         prompt = user_text(body)
-        if last_fence(prompt).strip() == "return best" and "An earlier answer" not in prompt:
-            return strayed
+        asked_again = "An earlier answer" in prompt
+        if last_fence(prompt).strip() == "return best" and not (only_once and asked_again):
+            return STRAYED
         return plain(body)
 
-    server = scripted_server(script)
+    return script
+
+
+def test_an_answer_about_the_rest_of_its_definition_is_asked_again_and_the_new_one_kept(
+    scripted_server, openai_env, sample, tmp_path
+):
+    server = scripted_server(strays_at_return(sample, only_once=True))
     warnings = []
     post, usage = explain_file(
         sample,
@@ -484,17 +493,13 @@ def test_an_answer_about_the_rest_of_its_definition_is_asked_again_and_the_new_o
 
 
 def test_an_answer_still_off_its_piece_is_kept_with_a_warning(scripted_server, openai_env, sample):
-    plain = echo_script(sample)
-    strayed = "`pick` divides `scores` by `temperature`, runs `softmax` over them and loops with `index`."
-    server = scripted_server(
-        lambda body: strayed if last_fence(user_text(body)).strip() == "return best" else plain(body)
-    )
+    server = scripted_server(strays_at_return(sample, only_once=False))
     warnings = []
     post, usage = explain_file(
         sample, "pick", backend=backend_for(server), max_lines=MAX_LINES, on_warning=warnings.append
     )
 
-    assert post.sections[-1].explanation == strayed
+    assert post.sections[-1].explanation == STRAYED
     assert usage.extra["off_piece"] == 1
     assert len(warnings) == 1 and "asked twice, it describes code outside" in warnings[0]
 
