@@ -18,9 +18,11 @@ the like as markers ⟦1⟧, ⟦2⟧, ...), with these keys:
 Each translation is read back into its source language with the request the checks send
 (explainer.translate.read_back_request), and the words its links and emphasis mark are translated alone, through
 an answer cache (benchmarks/.eval-cache). Scored as the checks score them (translation_checks.meaning_problems):
-a segment is flagged when its read-back's chrF against the source is under the threshold, or when a link or
-emphasis marks other words. For each threshold of a sweep: the share of the unfaithful segments flagged
-(recall), the share of the faithful ones flagged, and precision.
+a segment is flagged when its read-back's chrF against the source is under the threshold for its source language
+(translation_checks.round_trip_min_chrf), or when a link or emphasis marks other words. For the check as it
+stands, and for each threshold of a sweep over the sources whose words are spaced (en) and those whose words
+are not (zh, ja): the share of the unfaithful segments flagged (recall), the share of the faithful ones
+flagged, and precision.
 
 --cached-only scores the segments whose answers an earlier, interrupted run left in the cache and leaves the
 others out, counted: a run on a slow machine can be stopped and scored.
@@ -48,10 +50,12 @@ from explainer.markdown_segments import Segment
 from explainer.translate import marked_words_request, read_back_request, single_answer
 from explainer.translation_checks import (
     ROUND_TRIP_MIN_CHRF,
+    ROUND_TRIP_MIN_CHRF_UNSPACED,
     chrf,
     marked_words,
     marked_words_problems,
     placeholder_numbers,
+    round_trip_min_chrf,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -155,6 +159,7 @@ def score(rows: list[Labelled], backs: list[str | None], alone: dict[tuple, str]
                 "translation": row.translation,
                 "read_back": back,
                 "chrf": round(chrf(back, row.source), 1),
+                "threshold": round_trip_min_chrf(row.source_lang),
                 "marked_words": marked_words_problems(row.segment(), row.translation, back, mine),
                 "note": row.note,
             }
@@ -162,8 +167,12 @@ def score(rows: list[Labelled], backs: list[str | None], alone: dict[tuple, str]
     return records
 
 
-def rates(records: list[dict], threshold: float) -> dict:
-    flagged = [r["chrf"] < threshold or bool(r["marked_words"]) for r in records]
+def rates(records: list[dict], threshold: float | None = None) -> dict:
+    """How the check does on `records` when a read-back must score `threshold` (None: each record's own, as
+    the check has it for its source language)."""
+    flagged = [
+        r["chrf"] < (r["threshold"] if threshold is None else threshold) or bool(r["marked_words"]) for r in records
+    ]
     bad = [f for f, r in zip(flagged, records) if not r["faithful"]]
     good = [f for f, r in zip(flagged, records) if r["faithful"]]
     return {
@@ -174,6 +183,10 @@ def rates(records: list[dict], threshold: float) -> dict:
         "faithful": len(good),
         "precision": sum(bad) / sum(flagged) if any(flagged) else None,
     }
+
+
+def spaced(record: dict) -> bool:
+    return language(record["source_lang"]).spaced_words
 
 
 def _share(part: int, whole: int) -> str:
@@ -198,20 +211,35 @@ def report(result: dict) -> str:
         "",
         f"Read back by {result['backend']} {result['model']} on {result['date']} ({timing}).{left_out} "
         f"Pairs: {', '.join(f'{a} to {b}' for a, b in languages)}. Labels: "
-        f"`benchmarks/translation_labels.jsonl`; a segment is flagged when its read-back scores under the "
-        f"threshold (chrF against the source) or a link or emphasis marks other words.",
+        f"`benchmarks/translation_labels.jsonl`; a segment is flagged when its read-back scores under its source "
+        f"language's threshold (chrF against the source) or a link or emphasis marks other words.",
         "",
-        "| chrF threshold | unfaithful flagged (recall) | faithful flagged | precision |",
-        "|---:|---:|---:|---:|",
     ]
-    for threshold in SWEEP:
-        row = rates(records, threshold)
-        chosen = " (the check's)" if threshold == result["threshold"] else ""
-        precision = "-" if row["precision"] is None else f"{100 * row['precision']:.0f}%"
-        lines.append(
-            f"| {threshold:g}{chosen} | {_share(row['unfaithful_flagged'], row['unfaithful'])} | "
-            f"{_share(row['faithful_flagged'], row['faithful'])} | {precision} |"
-        )
+    check = result["summary"]
+    lines += [
+        f"The check as it stands flags {_share(check['unfaithful_flagged'], check['unfaithful'])} of the unfaithful "
+        f"segments and {_share(check['faithful_flagged'], check['faithful'])} of the faithful ones.",
+    ]
+    for words_spaced, least in ((True, ROUND_TRIP_MIN_CHRF), (False, ROUND_TRIP_MIN_CHRF_UNSPACED)):
+        group = [r for r in records if spaced(r) == words_spaced]
+        if not group:
+            continue
+        sources = ", ".join(sorted({r["source_lang"] for r in group}))
+        lines += [
+            "",
+            f"Sources whose words are {'' if words_spaced else 'not '}spaced ({sources}), {len(group)} segments:",
+            "",
+            "| chrF threshold | unfaithful flagged (recall) | faithful flagged | precision |",
+            "|---:|---:|---:|---:|",
+        ]
+        for threshold in sorted({*SWEEP, least}):
+            row = rates(group, threshold)
+            chosen = " (the check's)" if threshold == least else ""
+            precision = "-" if row["precision"] is None else f"{100 * row['precision']:.0f}%"
+            lines.append(
+                f"| {threshold:g}{chosen} | {_share(row['unfaithful_flagged'], row['unfaithful'])} | "
+                f"{_share(row['faithful_flagged'], row['faithful'])} | {precision} |"
+            )
     lines += ["", "| lang | faithful | chrF | marked words | source | read back |", "|---|---|---:|---|---|---|"]
     for r in sorted(records, key=lambda r: (r["faithful"], r["chrf"])):
         cells = [
@@ -254,10 +282,10 @@ def run(args: argparse.Namespace) -> int:
     records = score(rows, backs, alone)
     result = {
         **meta,
-        "threshold": ROUND_TRIP_MIN_CHRF,
+        "thresholds": {"spaced": ROUND_TRIP_MIN_CHRF, "unspaced": ROUND_TRIP_MIN_CHRF_UNSPACED},
         "alone": len(alone),
         "unanswered": sum(back is None for back in backs),
-        "summary": rates(records, ROUND_TRIP_MIN_CHRF),
+        "summary": rates(records),
         "segments": records,
         "alone_translations": [[words, lang, text] for (words, lang), text in sorted(alone.items())],
     }

@@ -30,6 +30,9 @@ class Language:
     # False where a word never mixes scripts (Hindi writes "GPU का"): a translation with such a word (मODEल,
     # सेट업) is refused. True where one may (Korean's "GPU를", Japanese's "GPUメモリ").
     words_mix_scripts: bool = True
+    # False where words are written without spaces between them (Chinese, Japanese): the meaning checks score
+    # a read-back into such a language on another scale (translation_checks.round_trip_min_chrf).
+    spaced_words: bool = True
 
     @property
     def detect_code(self) -> str:
@@ -69,9 +72,11 @@ def language(code: str) -> Language:
     direction = data.get("dir", "ltr")
     if direction not in ("ltr", "rtl"):
         raise UserError(f"explainer/translations/{canonical}.toml: dir must be ltr or rtl, not {direction!r}")
-    words_mix_scripts = data.get("words_mix_scripts", True)
-    if not isinstance(words_mix_scripts, bool):
-        raise UserError(f"explainer/translations/{canonical}.toml: words_mix_scripts must be true or false")
+    flags = {}
+    for flag in ("words_mix_scripts", "spaced_words"):
+        flags[flag] = data.get(flag, True)
+        if not isinstance(flags[flag], bool):
+            raise UserError(f"explainer/translations/{canonical}.toml: {flag} must be true or false")
     return Language(
         code=canonical,
         name=data["name"],
@@ -79,5 +84,5 @@ def language(code: str) -> Language:
         dir=direction,
         ui=dict(data.get("ui", {})),
         glossary=glossary,
-        words_mix_scripts=words_mix_scripts,
+        **flags,
     )

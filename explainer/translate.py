@@ -317,7 +317,7 @@ class SegmentTranslator:
             self._alone[marked] = answers.get(index, "")
         retry = []
         for index, (job, translation, batched) in enumerate(checking):
-            problems = meaning_problems(job.segment, translation, answers.get(index, ""), self._alone)
+            problems = meaning_problems(job.segment, translation, answers.get(index, ""), self._alone, self.source_lang)
             if not problems:
                 done[job.key] = translation
                 if self.cache is not None:

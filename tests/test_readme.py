@@ -308,6 +308,7 @@ COUNTS = [
     ("docs/translation.md", "times, each with another seed", lambda: translation_constant("SEGMENT_RETRIES")),
     ("docs/translation.md", "letters is not judged", lambda: translation_constant("MIN_LETTERS_TO_DETECT")),
     ("docs/translation.md", "of 100 to pass", lambda: translation_constant("ROUND_TRIP_MIN_CHRF")),
+    ("docs/translation.md", "of 100 from such", lambda: translation_constant("ROUND_TRIP_MIN_CHRF_UNSPACED")),
     ("docs/translation.md", "of 100 for the span", lambda: translation_constant("MARKED_WORDS_MIN_CHRF")),
     ("docs/translation.md", "languages). A file holds", lambda: len(known_languages())),
     ("docs/demos.md", "lines of its output", lambda: constant("TAIL_LINES", "explainer.demos")),

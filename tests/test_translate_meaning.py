@@ -65,10 +65,15 @@ CASES = {
         "read back, it says 'Please name the story:'",
         ("起名", "调高它"),
     ),
+    "within one line": (
+        "Keep ⟦1⟧ below one.",
+        ("保持 ⟦1⟧ 在一行内。", "Keep ⟦1⟧ within one line."),
+        ("保持 ⟦1⟧ 低于 1。", "Keep ⟦1⟧ below 1."),
+        "read back, it says 'Keep ⟦1⟧ within one line.'",
+        ("在一行内", "低于 1"),
+    ),
 }
-# Answered faithfully at once. The model's "keep `top_p` within one line" for "below one" is not among the cases:
-# its read-back scores above the threshold (benchmarks/results/README.md), as faithful paraphrases do.
-FAITHFUL = {"Sampling": ("采样", "Sampling"), "Keep ⟦1⟧ below one.": ("保持 ⟦1⟧ 低于 1。", "Keep ⟦1⟧ below 1.")}
+FAITHFUL = {"Sampling": ("采样", "Sampling")}  # answered faithfully at once
 ALONE = {"PyTorch docs": "PyTorch 文档"}  # a link's words, translated by themselves
 
 
@@ -261,3 +266,31 @@ def test_emphasis_must_mark_the_source_words(translation, read_back, caught):
     [segment] = split_document("Read **the guide** before you start.\n").segments
     problems = marked_words_problems(segment, translation, read_back, {"the guide": "der Leitfaden"})
     assert bool(problems) == caught, problems
+
+
+# ---------------------------------------------------------------------------------------------
+# The round trip's scale, by how the source language writes
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "source, source_lang, back, caught",
+    [
+        # issue 28's change of a word: under the bar for a source whose words are spaced
+        ("Keep ⟦1⟧ below one.", "en", "Keep ⟦1⟧ within one line.", True),
+        ("Keep ⟦1⟧ below one.", "en", "Keep ⟦1⟧ below 1.", False),
+        ("Let's learn what NCCL is.", "en", "We will learn what NCCL is.", False),
+        # a faithful read-back into Chinese from the labelled set (seed 004): one character is a word, so a
+        # paraphrase shares few n-grams; it passes here, where the same score would fail an English source
+        ("当你运行以下命令时，", "zh", "当执行命令时，", False),
+        ("ChatGPT: 以下是提供的代码的解释：", "zh", "当然，以下是代码的说明:", True),  # the speaker dropped
+    ],
+)
+def test_the_round_trip_is_scored_on_the_source_languages_scale(source, source_lang, back, caught):
+    from explainer.markdown_segments import split_document
+    from explainer.translation_checks import ROUND_TRIP_MIN_CHRF, chrf, round_trip_problem
+
+    [segment] = split_document(source.replace("⟦1⟧", "`top_p`") + "\n").segments
+    assert bool(round_trip_problem(segment, back, source_lang)) == caught
+    if source_lang == "zh" and not caught:
+        assert chrf(back, segment.text) < ROUND_TRIP_MIN_CHRF
