@@ -23,21 +23,19 @@ from explainer.cache import Cache
 from explainer.cli import make_backend
 from explainer.errors import UserError
 from explainer.languages import language
-from explainer.translate import TRANSLATED_FRONT_MATTER_KEYS, SegmentTranslator, _split, markdown_lang
+from explainer.markdown_segments import split_document
+from explainer.translate import SegmentTranslator, front_matter_prose_keys, markdown_lang
 
 
 def candidates(post: Path, targets: list[str], backend, cache: Cache, origin: str) -> tuple[list[dict], int]:
     """(rows, how many segments had no cached translation)."""
     text = post.read_text(encoding="utf-8")
     source_lang = markdown_lang(text, post.name)
-    document = _split(text, post.name)
+    # as translate_markdown sends them: the body, then the front matter's prose
+    document = split_document(text)
     data = frontmatter.read(document, post.name)
-    documents = [document] + [
-        _split(data[key], post.name)
-        for key in TRANSLATED_FRONT_MATTER_KEYS
-        if data is not None and isinstance(data.get(key), str) and data[key].strip()
-    ]
-    segments = [segment for doc in documents for segment in doc.segments if segment.translatable]
+    texts = [text] + [data[key] for key in front_matter_prose_keys(data)]
+    segments = [segment for each in texts for segment in split_document(each).segments if segment.translatable]
     rows, missing = [], 0
     for target in targets:
         translator = SegmentTranslator(language(target), backend, cache, Usage(), source_lang, verify=False)

@@ -185,10 +185,6 @@ def rates(records: list[dict], threshold: float | None = None) -> dict:
     }
 
 
-def spaced(record: dict) -> bool:
-    return language(record["source_lang"]).spaced_words
-
-
 def _share(part: int, whole: int) -> str:
     return f"{part}/{whole} ({100 * part / whole:.0f}%)" if whole else "-"
 
@@ -220,14 +216,13 @@ def report(result: dict) -> str:
         f"The check as it stands flags {_share(check['unfaithful_flagged'], check['unfaithful'])} of the unfaithful "
         f"segments and {_share(check['faithful_flagged'], check['faithful'])} of the faithful ones.",
     ]
-    for words_spaced, least in ((True, ROUND_TRIP_MIN_CHRF), (False, ROUND_TRIP_MIN_CHRF_UNSPACED)):
-        group = [r for r in records if spaced(r) == words_spaced]
-        if not group:
-            continue
+    # one sweep per threshold the check applies: sources whose words are spaced (en), and those whose are not
+    for least in sorted({r["threshold"] for r in records}, reverse=True):
+        group = [r for r in records if r["threshold"] == least]
         sources = ", ".join(sorted({r["source_lang"] for r in group}))
         lines += [
             "",
-            f"Sources whose words are {'' if words_spaced else 'not '}spaced ({sources}), {len(group)} segments:",
+            f"Sources the check holds to a chrF of {least:g} ({sources}), {len(group)} segments:",
             "",
             "| chrF threshold | unfaithful flagged (recall) | faithful flagged | precision |",
             "|---:|---:|---:|---:|",

@@ -561,6 +561,16 @@ def markdown_lang(text: str, name: str = "post") -> str:
     return next((code for code in known_languages() if code == detected), "en")
 
 
+def front_matter_prose_keys(data) -> list[str]:
+    """The keys of a post's front matter (`data`, None for none) whose prose is translated, in
+    TRANSLATED_FRONT_MATTER_KEYS order: those that hold some text."""
+    return [
+        key
+        for key in TRANSLATED_FRONT_MATTER_KEYS
+        if data is not None and isinstance(data.get(key), str) and data[key].strip()
+    ]
+
+
 def translate_markdown(
     text: str,
     target: str,
@@ -583,11 +593,7 @@ def translate_markdown(
         raise UserError(f"{name} is already in {lang.code}; pick another language with --to")
     document = _split(text, name)
     data = frontmatter.read(document, name)
-    prose_keys = [
-        key
-        for key in TRANSLATED_FRONT_MATTER_KEYS
-        if data is not None and isinstance(data.get(key), str) and data[key].strip()
-    ]
+    prose_keys = front_matter_prose_keys(data)
     texts = {name: text, **{f"front matter {key}": data[key] for key in prose_keys}}
     kept: list[str] | None = [] if untranslated is not None else None
     # The front matter's prose is published too (layouts print a title or an excerpt, some as HTML): what
