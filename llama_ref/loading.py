@@ -20,7 +20,7 @@ from llama_ref import kernels as kernel_table
 from llama_ref.checkpoints import Checkpoint, CheckpointError, Rows, open_checkpoint
 from llama_ref.device import check_fits, pick_device, pick_dtype
 from llama_ref.kernels import Plan, plan, role
-from llama_ref.model import ModelArgs, Transformer
+from llama_ref.model import SMALL_CACHE_BYTES, ModelArgs, Transformer, cache_bytes, kv_cache_dtype  # noqa: F401 (re-exported)
 from llama_ref.quantize import FUSED, Int8DotLinear, Int8Embedding, Int8Linear, block_linears, pack_linears
 
 # kernels whose modules are filled as the checkpoint's tensors stream in (load_float_weight)
@@ -79,7 +79,9 @@ def load_model(
     with torch.device("meta"):
         model = Transformer(args).to(dtype)
         targets = place_kernels(model, layer_plan, dtype)
-    cache_dtype = kv_cache_dtype(args, max_batch_size, max_seq_len, dtype, torch_device)
+    # a large cache under fp32 activations is bf16 where the layers are quantized anyway (kv_cache_dtype)
+    model.compact_kv = torch_device.type == "cpu" and dtype == torch.float32 and layer_plan.quantized()
+    cache_dtype = kv_cache_dtype(args, max_batch_size, max_seq_len, dtype, torch_device, model.compact_kv)
     check_fits(
         model_bytes(model),
         cache_bytes(args, max_batch_size, max_seq_len, cache_dtype),
@@ -320,20 +322,3 @@ def model_bytes(model: Transformer) -> int:
         if isinstance(layer, Int8DotLinear):  # fbgemm's packed copy, and torch._int_mm's
             total += layer.in_features * layer.out_features * (2 if layer.int_mm else 1)
     return total
-
-
-# A KV cache that holds at most this much in fp32 is kept in fp32 on a CPU, whatever the weights' dtype: the
-# attention of a one-token step over it is then one SDPA call. In bf16 the same step takes two matmuls, each of
-# which costs oneDNN a new setup for every new length, and SDPA itself is slower in bf16.
-SMALL_CACHE_BYTES = 64 << 20
-
-
-def kv_cache_dtype(args: ModelArgs, batch: int, seq_len: int, dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The KV cache's dtype: fp32 for a small cache on a CPU (SMALL_CACHE_BYTES), else the model's dtype."""
-    small = cache_bytes(args, batch, seq_len, torch.float32) <= SMALL_CACHE_BYTES
-    return torch.float32 if device.type == "cpu" and small else dtype
-
-
-def cache_bytes(args: ModelArgs, batch: int, seq_len: int, dtype: torch.dtype) -> int:
-    element = torch.finfo(dtype).bits // 8
-    return 2 * args.n_layers * batch * seq_len * args.kv_heads * args.head_dim * element

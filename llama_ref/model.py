@@ -96,6 +96,31 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
+# A KV cache that holds at most this much in fp32 is kept in fp32 on a CPU, whatever the weights' dtype: the
+# attention of a one-token step over it is then one SDPA call. In bf16 the same step takes two matmuls, each of
+# which costs oneDNN a new setup for every new length, and SDPA itself is slower in bf16.
+SMALL_CACHE_BYTES = 64 << 20
+
+
+def cache_bytes(args: ModelArgs, batch: int, seq_len: int, dtype: torch.dtype) -> int:
+    element = torch.finfo(dtype).bits // 8
+    return 2 * args.n_layers * batch * seq_len * args.kv_heads * args.head_dim * element
+
+
+def kv_cache_dtype(
+    args: ModelArgs, batch: int, seq_len: int, dtype: torch.dtype, device: torch.device, compact: bool = False
+) -> torch.dtype:
+    """The KV cache's dtype: fp32 for a small cache on a CPU (SMALL_CACHE_BYTES); bf16 for a larger one under
+    fp32 activations where `compact` (a CPU without native bf16 running quantized layers: half the bytes, and
+    attention widens it back to fp32 a row at a time, attend_one_token); else the model's dtype."""
+    small = cache_bytes(args, batch, seq_len, torch.float32) <= SMALL_CACHE_BYTES
+    if device.type == "cpu" and small:
+        return torch.float32
+    if compact and device.type == "cpu" and dtype == torch.float32:
+        return torch.bfloat16
+    return dtype
+
+
 class KVCache(nn.Module):
     """Preallocated once for batch x seq_len; generation writes into it in place.
 
@@ -115,7 +140,7 @@ class KVCache(nn.Module):
         """Write k, v (bsz, seqlen, heads, head_dim) at input_pos of `rows`: positions (bsz, seqlen), or
         one int, the first position of every row; return those rows' keys and values for positions 0..kv_len-1."""
         cache_k, cache_v = self.k[rows], self.v[rows]
-        k, v = k.to(cache_k.dtype), v.to(cache_v.dtype)  # a small cache is fp32 (loading.kv_cache_dtype)
+        k, v = k.to(cache_k.dtype), v.to(cache_v.dtype)  # the cache's dtype may differ (kv_cache_dtype)
         if isinstance(input_pos, int):  # one copy into a slice, not a scatter
             cache_k[:, :, input_pos : input_pos + k.shape[1]] = k.transpose(1, 2)
             cache_v[:, :, input_pos : input_pos + v.shape[1]] = v.transpose(1, 2)
@@ -153,15 +178,18 @@ class Attention(nn.Module):
         cache = self.anchor if into_anchor else self.cache
         assert cache is not None, "Transformer.setup_caches() allocates the caches before any forward pass"
         keys, values = cache.update(rows, input_pos, kv_len, k, v)
-        q = q.to(keys.dtype)  # a small cache is fp32 on a CPU whatever the weights are (loading.kv_cache_dtype)
+        # fp32 wherever the activations or the cache are (kv_cache_dtype): a small cache is fp32 under bf16
+        # weights, and a compact bf16 cache under fp32 activations is widened as attention reads it
+        compute = torch.float32 if torch.float32 in (q.dtype, keys.dtype) else keys.dtype
+        q = q.to(compute)
         shared_kv = None
         if shared:  # the rows read the anchor's first `shared` positions, then their own
             assert self.anchor is not None, "a plan that shares positions needs an anchor (setup_caches anchor_len)"
             shared_kv = self.anchor.k[0, :, :shared], self.anchor.v[0, :, :shared]
-        if seqlen == 1 and mask is None and keys.dtype == torch.float32:
+        if seqlen == 1 and mask is None and compute == torch.float32:
             # one new token that sees the whole cache: in fp32, SDPA is one call and the fastest way
             out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), keys, values, enable_gqa=self.n_kv_heads != self.n_heads
+                q.transpose(1, 2), keys.to(compute), values.to(compute), enable_gqa=self.n_kv_heads != self.n_heads
             )
         elif seqlen == 1:
             out = attend_one_token(q.transpose(1, 2), keys, values, mask, shared_kv)
@@ -173,7 +201,11 @@ class Attention(nn.Module):
         else:  # a chunk from position 0: SDPA's own causal mask is exact
             # grouped-query attention: each key/value head serves n_heads / n_kv_heads query heads
             out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), keys, values, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+                q.transpose(1, 2),
+                keys.to(compute),
+                values.to(compute),
+                is_causal=True,
+                enable_gqa=self.n_kv_heads != self.n_heads,
             )
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1).type_as(x))
 
@@ -189,16 +221,27 @@ def attend_one_token(q, keys, values, bias, shared=None):
     shared: (keys, values) of the anchor, (kv_heads, span, head_dim), that every row reads before its
     own (bias then covers the anchor's positions first). Every row's queries meet them in one matmul,
     so a prompt start that all rows share is read once per step, not once per row (cascade attention).
+
+    A cache narrower than q (a compact bf16 cache under fp32 activations: kv_cache_dtype) is widened a row
+    at a time into one buffer that stays in the CPU's caches: as fast as reading an fp32 cache, from half
+    the bytes (benchmarks/results: the AVX2 class).
     """
     bsz, n_heads, _, head_dim = q.shape
     kv_heads = keys.shape[1]
     grouped = q.reshape(bsz, kv_heads, -1, head_dim)
+    widen = keys.dtype != q.dtype
     # keys @ q^T, then transposed, rather than q @ keys^T: the cache's slice of kv_len positions is a strided
     # batch of contiguous matrices, which the CPU kernel reads as it is, but its transpose it copies first
-    scores = torch.matmul(keys, grouped.transpose(-1, -2)).transpose(-1, -2)
+    if widen:
+        buffer = torch.empty(keys.shape[1:], dtype=q.dtype, device=q.device)
+        scores = torch.stack(
+            [torch.matmul(buffer.copy_(keys[r]), grouped[r].transpose(-1, -2)) for r in range(bsz)]
+        ).transpose(-1, -2)
+    else:
+        scores = torch.matmul(keys, grouped.transpose(-1, -2)).transpose(-1, -2)
     span = 0
     if shared is not None:
-        shared_k, shared_v = shared
+        shared_k, shared_v = (part.to(q.dtype) for part in shared) if widen else shared
         span, group = shared_k.shape[1], grouped.shape[2]
         # every row's query heads of one key/value head, stacked: (kv_heads, bsz * group, head_dim)
         stacked = grouped.transpose(0, 1).reshape(kv_heads, bsz * group, head_dim)
@@ -206,12 +249,16 @@ def attend_one_token(q, keys, values, bias, shared=None):
         scores = torch.cat([shared_scores.reshape(kv_heads, bsz, group, span).transpose(0, 1), scores], dim=-1)
     # scaled, masked and widened to fp32 in one pass: bias + scale * scores
     scores = scores.float() * head_dim**-0.5 if bias is None else torch.add(bias, scores, alpha=head_dim**-0.5)
-    probs = torch.softmax(scores, dim=-1).type_as(values)
-    out = torch.matmul(probs[..., span:], values)
+    compute = q.dtype if widen else values.dtype
+    probs = torch.softmax(scores, dim=-1).to(compute)
+    if widen:
+        out = torch.stack([torch.matmul(probs[r, ..., span:], buffer.copy_(values[r])) for r in range(bsz)])
+    else:
+        out = torch.matmul(probs[..., span:], values)
     if shared is not None:  # the two parts of each sum added in fp32, as one matmul would
         shared_probs = probs[..., :span].transpose(0, 1).reshape(kv_heads, bsz * group, span)
         shared_out = torch.matmul(shared_probs, shared_v).reshape(kv_heads, bsz, group, head_dim).transpose(0, 1)
-        out = (out.float() + shared_out.float()).type_as(values)
+        out = (out.float() + shared_out.float()).to(compute)
     return out.reshape(bsz, n_heads, 1, head_dim)
 
 
@@ -228,7 +275,9 @@ def attend_chunk(q, keys, values, mask):
     bsz, n_heads, seqlen, head_dim = q.shape
     kv_heads, positions = keys.shape[1], keys.shape[2]
     group = n_heads // kv_heads
-    keys_t = keys.transpose(-1, -2).contiguous()
+    # contiguous for the matmuls, and in q's dtype where the cache is compact (kv_cache_dtype): one copy either way
+    keys_t = keys.transpose(-1, -2).to(q.dtype, memory_format=torch.contiguous_format)
+    values = values.to(q.dtype)
     bias = torch.zeros(mask.shape, device=q.device).masked_fill_(~mask, float("-inf"))
     out = torch.empty_like(q)
     # a block of queries at a time keeps each block's scores a few MB: the whole chunk's at once, or blocks
@@ -305,6 +354,7 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.compiled_step: Callable[..., torch.Tensor] | None = None  # compile_steps()
+        self.compact_kv = False  # kv_cache_dtype's `compact`: a large cache in bf16 under fp32 activations
 
     def setup_caches(
         self,
@@ -316,14 +366,16 @@ class Transformer(nn.Module):
         anchor_len: int = 0,
     ):
         """Allocate the KV caches and rotary table for max_batch_size rows of max_seq_len positions;
-        call after the weights are on their device.
+        call after the weights are on their device. dtype: the caches' (default: kv_cache_dtype's choice).
 
         row_len (default max_seq_len): what each row's own cache holds, for rows that read the start of
         their prompt from the anchor, a one-row cache of anchor_len positions (forward's `shared`)."""
         args = self.params
-        dtype, device = dtype or self.dtype, device or self.device
+        device = device or self.device
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.row_len, self.anchor_len = row_len or max_seq_len, anchor_len
+        positions = max_batch_size * self.row_len + anchor_len
+        dtype = dtype or kv_cache_dtype(args, 1, positions, self.dtype, torch.device(device), self.compact_kv)
         for attention in self.attentions():
             attention.cache = None  # freed before the new one is allocated
             attention.cache = KVCache(max_batch_size, self.row_len, args.kv_heads, args.head_dim, dtype, device)

@@ -89,6 +89,12 @@ def test_a_small_kv_cache_is_fp32_on_a_cpu_and_a_big_one_keeps_the_models_dtype(
     assert kv_cache_dtype(tiny, 1, 256, torch.bfloat16, cuda) == torch.bfloat16
     assert cache_bytes(qwen, 8, 2048, torch.float32) > SMALL_CACHE_BYTES
     assert kv_cache_dtype(qwen, 8, 2048, torch.bfloat16, cpu) == torch.bfloat16
+    # fp32 activations (a CPU without native bf16): a big cache is bf16 where the layers are quantized (compact),
+    # fp32 where they are not (the float reference), and a small one stays fp32 either way
+    assert kv_cache_dtype(qwen, 8, 2048, torch.float32, cpu, compact=True) == torch.bfloat16
+    assert kv_cache_dtype(qwen, 8, 2048, torch.float32, cpu) == torch.float32
+    assert kv_cache_dtype(tiny, 1, 256, torch.float32, cpu, compact=True) == torch.float32
+    assert kv_cache_dtype(qwen, 8, 2048, torch.float32, cuda, compact=True) == torch.float32
 
 
 def test_one_token_steps_over_a_fp32_cache_give_the_logits_of_one_whole_pass(tmp_path):
@@ -189,3 +195,52 @@ def test_without_a_compiler_compile_warns_once_and_writes_the_same(tiny_gguf, tm
     assert sum("torch.compile failed, so decoding runs without it" in line for line in lines) == 1, lines
     # one line for the warning, not a source location and a line of torch's code
     assert all(line.startswith(("warning: ", "achieved tok/s: ")) for line in lines), lines
+
+
+def test_a_compact_bf16_cache_is_widened_to_exactly_what_an_fp32_copy_of_it_gives():
+    from llama_ref.model import attend_chunk, attend_one_token
+
+    g = torch.Generator().manual_seed(3)
+    rows, kv_heads, heads, own, span, head_dim = 3, 2, 6, 40, 25, 16
+    keys = torch.randn(rows, kv_heads, own, head_dim, generator=g).bfloat16()
+    values = torch.randn(rows, kv_heads, own, head_dim, generator=g).bfloat16()
+    shared = tuple(torch.randn(kv_heads, span, head_dim, generator=g).bfloat16() for _ in range(2))
+    q = torch.randn(rows, heads, 1, head_dim, generator=g)
+    bias = torch.zeros(rows, 1, 1, span + own)
+    bias[1, ..., span + 30 :] = float("-inf")  # a shorter row
+    wide = attend_one_token(q, keys.float(), values.float(), bias, tuple(part.float() for part in shared))
+    compact = attend_one_token(q, keys, values, bias, shared)
+    assert compact.dtype == torch.float32
+    torch.testing.assert_close(compact, wide, rtol=1e-5, atol=1e-6)
+    plain = attend_one_token(q, keys, values, bias[..., span:])  # no anchor
+    torch.testing.assert_close(plain, attend_one_token(q, keys.float(), values.float(), bias[..., span:]))
+
+    chunk = torch.randn(1, heads, 7, head_dim, generator=g)
+    mask = torch.ones(1, 1, 7, own, dtype=torch.bool).tril(diagonal=own - 7)
+    torch.testing.assert_close(
+        attend_chunk(chunk, keys[:1], values[:1], mask), attend_chunk(chunk, keys[:1].float(), values[:1].float(), mask)
+    )
+
+
+def test_a_compact_cache_gives_the_fp32_caches_greedy_tokens_through_the_engine(tmp_path):
+    from llama_ref.engine import Engine, Job
+
+    path = write_gguf(make_tiny_model(tmp_path), tmp_path / "tiny.gguf")
+    llama = Llama.build(path, max_seq_len=96, max_batch_size=3, device="cpu", dtype="fp32", kernels="w7a8")
+    assert llama.model.compact_kv  # fp32 activations with quantized layers
+    generator = torch.Generator().manual_seed(5)
+    start = torch.randint(3, llama.model.params.vocab_size, (30,), generator=generator).tolist()
+    prompts = [start + torch.randint(3, 200, (n,), generator=generator).tolist() for n in (2, 9, 5)]
+
+    def answers(dtype):
+        engine = Engine(llama.model, llama.tokenizer, prefill_chunk=8, prefix_cache_bytes=0)
+        engine.reserve(3, 96, row_len=48)  # rows read the prompts' shared start from the anchor
+        llama.model.setup_caches(3, 96, dtype=dtype, row_len=48, anchor_len=96)
+        jobs = engine.run([Job(p, 12, stop_ids=frozenset()) for p in prompts])
+        assert next(llama.model.attentions()).cache.k.dtype == dtype
+        return [job.tokens for job in jobs]
+
+    wide, compact = answers(torch.float32), answers(torch.bfloat16)
+    # keys and values rounded to bf16 may move a near tie; the random model's answers agree almost everywhere
+    agree = sum(a == b for x, y in zip(wide, compact) for a, b in zip(x, y)) / sum(map(len, wide))
+    assert agree >= 0.9, (wide, compact)
