@@ -52,8 +52,10 @@ from llama_ref.model import StepPlan
 from llama_ref.tokenizer import StreamDecoder
 
 DEFAULT_PREFILL_CHUNK = 512  # long enough to keep a matmul efficient, short enough to keep streams flowing
-# A 2,000-token prompt of Qwen2.5-Coder-1.5B holds 57 MB of keys and values in bf16: room for a few
-DEFAULT_PREFIX_CACHE_BYTES = 256 << 20
+# A 2,300-token prompt of Qwen2.5-Coder-1.5B holds 66 MB of keys and values in bf16: room for the two most
+# recent, which are the ones a post's next request shares most with (the anchor holds what all share). 256 MiB
+# held four, for no more reuse in the make-run job, and was a tenth of its peak RSS on the AVX2 class.
+DEFAULT_PREFIX_CACHE_BYTES = 128 << 20
 # A row runs at least this many steps before it can be paused for another client's job: each pause costs a
 # copy of the row's keys and values, so rows must not trade places every step.
 PREEMPT_AFTER_STEPS = 16

@@ -301,7 +301,7 @@ COUNTS = [
     (
         "docs/llama_ref.md",
         "MiB in fp32 is kept in fp32",
-        lambda: constant("SMALL_CACHE_BYTES", "llama_ref.loading") / MiB,
+        lambda: constant("SMALL_CACHE_BYTES", "llama_ref.model") / MiB,
     ),
     ("docs/translation.md", "segments and 2000", lambda: translation_constant("MAX_SEGMENTS_PER_REQUEST")),
     ("docs/translation.md", "characters. To the local model", lambda: translation_constant("MAX_CHARS_PER_REQUEST")),
