@@ -19,7 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from explainer import frontmatter
-from explainer.backends import Backend, Usage, backend_kind, capabilities, default_backend_name, make_backend
+from explainer.backends import (
+    Backend,
+    BackendSettings,
+    UnusableAnswer,
+    Usage,
+    backend_kind,
+    capabilities,
+    default_backend_name,
+    make_backend,
+)
 from explainer.demos import Demo, DemoRunner, demo_markdown, expand_demos
 from explainer.errors import UserError
 from explainer.fileio import check_inside, write_atomic
@@ -77,6 +86,19 @@ class BuildReport:
         for slug, problems in self.stale.items():
             text += "".join(f"\n{slug}: {problem}" for problem in problems)
         return text
+
+
+class UnconfiguredBackend:
+    """A language's own backend that cannot be made here (its API is not configured) while its table keeps the
+    source text on failure: every request is unusable, so each segment the cache does not hold stays as it is."""
+
+    def __init__(self, settings: BackendSettings, reason: str):
+        self.name = settings.name or default_backend_name(settings.base_url)
+        self.model = settings.model or "(not configured)"
+        self.reason = reason
+
+    def complete(self, requests, on_done=None):
+        raise UnusableAnswer(self.reason, dict.fromkeys(range(len(requests)), self.reason))
 
 
 def build_site(
@@ -144,6 +166,10 @@ class _Build:
                 check_inside(path.parent, self.inside)
         self.backend, self.cache = backend, Cache(self.config.cache_dir, inside=cache_inside)
         self.routed: dict[str, Backend] = {}  # by language: the backends of [languages.<code>] tables, made once
+        for lang, route in self.config.routes.items():
+            if lang in self.languages and route.backend is not None and route.keep_source_on_failure:
+                # made now: a route that cannot be made here (no API configured) is said before any work
+                self.backend_for(lang)
         self.demos: DemoRunner | None = None  # --no-demos
         if self.options.run_demos:
             self.demos = DemoRunner(
@@ -290,7 +316,19 @@ class _Build:
             return self.backend
         with self._lock:
             if lang not in self.routed:
-                self.routed[lang] = make_backend(route.backend, f"{self.config.path.name}: [languages.{lang}] backend")
+                where = f"{self.config.path.name}: [languages.{lang}] backend"
+                try:
+                    self.routed[lang] = make_backend(route.backend, where)
+                except UserError as error:
+                    if not route.keep_source_on_failure:
+                        raise
+                    # "to an API where one is configured, else kept in the source language": the pages are
+                    # written, every segment not in the cache keeps its source text and is listed
+                    self.routed[lang] = UnconfiguredBackend(route.backend, f"{where}: {error}")
+                    self.progress.say(
+                        f"warning: {lang}: {error}; its pages keep the {self.config.source_lang} text, listed in "
+                        f"their front matter (untranslated:), as [languages.{lang}] keep_source_on_failure says"
+                    )
             return self.routed[lang]
 
     def write_variant(self, post: PostSpec, source: _Source, lang: str) -> None:
@@ -342,7 +380,10 @@ class _Build:
             generated = translate_post(
                 generated, lang, self.backend_for(lang), self.cache, usage, untranslated, self.config.verify
             )
-            translated_by = self.backend_for(lang).model  # a routed language's own model, not the explaining one
+            translator = self.backend_for(lang)
+            # a routed language's own model, not the explaining one; none where its API is not configured
+            unconfigured = isinstance(translator, UnconfiguredBackend) and not usage.cache_hits
+            translated_by = None if unconfigured else translator.model
         extra = {"layout": self.config.layout, "dir": language(lang).dir, "ref": post.slug}
         if untranslated:  # a reader can tell a page that mixes languages, and where
             extra["untranslated"] = untranslated_places(untranslated)

@@ -83,6 +83,32 @@ def test_keep_source_on_failure_for_one_language(site, scripted_server):
     assert "untranslated" not in front_matter(chinese.read_text(encoding="utf-8"))
 
 
+def test_a_language_routed_to_an_api_that_is_not_configured_keeps_its_source_text(site, monkeypatch):
+    # Hindi on the example site: to an API where one is configured, else kept in English and listed
+    main_server, config = site  # its [backend] names its server, which needs no key
+    monkeypatch.delenv("OPENAI_API_KEY")
+    add_toml(config, '[languages.ar]\nbackend = "openai"\nkeep_source_on_failure = true\n')
+
+    result = build(config)
+
+    assert result.exit_code == 0, result.output
+    [line] = [line for line in result.output.splitlines() if line.startswith("warning: ar:")]
+    assert "OPENAI_API_KEY is not set" in line and "keep the en text" in line and "untranslated:" in line
+    assert result.output.index(line) < result.output.index("written")  # said before any page is written
+    assert "Arabic" not in {target(body) for body in main_server.requests if is_translation(body)}
+    posts = config.parent / "_posts"
+    for name in ("2023-08-17-running-llama", "2024-05-01-llama-generate"):
+        english = (posts / "en" / f"{name}-en.md").read_text(encoding="utf-8")
+        arabic = (posts / "ar" / f"{name}-ar.md").read_text(encoding="utf-8")
+        assert front_matter(arabic)["untranslated"], name
+        assert "not configured" not in arabic  # no translation notice naming a model that did not translate
+        chinese = (posts / "zh" / f"{name}-zh.md").read_text(encoding="utf-8")
+        assert "untranslated" not in front_matter(chinese)
+        # the prose is the English page's, as it is (the page's own notices come in Arabic from the language file)
+        paragraphs = [t.content for t in PARSER.parse(english) if t.type == "inline" and len(t.content) > 40]
+        assert len([text for text in paragraphs if text in arabic]) >= len(paragraphs) / 2, name
+
+
 def local_site(config, languages: list[str], extra: str = "") -> None:
     text = config.read_text(encoding="utf-8")
     start = text.index("[backend]")
