@@ -11,6 +11,7 @@ The config is read by explainer.site_config; progress is shown by explainer.prog
 
 from __future__ import annotations
 
+import os
 import textwrap
 import threading
 import time
@@ -88,6 +89,17 @@ class BuildReport:
         return text
 
 
+def unconfigured_api(settings: BackendSettings) -> str | None:
+    """What an API backend lacks to be used here (no key and no server to send to), or None: it has what it
+    needs, or it runs its model here."""
+    name = settings.name or default_backend_name(settings.base_url)
+    if "base_url" not in backend_kind(name).settings:  # not an API: its model runs here
+        return None
+    if settings.base_url or os.environ.get("OPENAI_BASE_URL") or os.environ.get("OPENAI_API_KEY"):
+        return None
+    return "no API configured here (no OPENAI_API_KEY, OPENAI_BASE_URL or base_url in its table)"
+
+
 class UnconfiguredBackend:
     """A language's own backend that cannot be made here (its API is not configured) while its table keeps the
     source text on failure: every request is unusable, so each segment the cache does not hold stays as it is."""
@@ -113,6 +125,14 @@ def build_site(
     build = _Build(config, options, progress or BuildProgress())
     for line in unready_languages(config, build.languages, options.keep_source_on_failure):
         build.progress.say(f"warning: {line}")  # before any work: a long build would fail it at the end
+    for lang, route in config.routes.items():
+        missing = unconfigured_api(route.backend) if route.backend is not None and lang in build.languages else None
+        if missing is not None and not (route.keep_source_on_failure or options.keep_source_on_failure):
+            raise UserError(
+                f"{config.path.name}: [languages.{lang}] backend = {route.backend.name!r} has {missing}: set "
+                f"OPENAI_API_KEY, give the table a base_url, add keep_source_on_failure = true to keep its "
+                f"source text, or drop {lang} from [site] languages or --lang"
+            )
     if options.dry_run:
         return build.report
     if backend is None:
@@ -167,7 +187,7 @@ class _Build:
         self.backend, self.cache = backend, Cache(self.config.cache_dir, inside=cache_inside)
         self.routed: dict[str, Backend] = {}  # by language: the backends of [languages.<code>] tables, made once
         for lang, route in self.config.routes.items():
-            if lang in self.languages and route.backend is not None and route.keep_source_on_failure:
+            if lang in self.languages and route.backend is not None:
                 # made now: a route that cannot be made here (no API configured) is said before any work
                 self.backend_for(lang)
         self.demos: DemoRunner | None = None  # --no-demos
@@ -317,17 +337,18 @@ class _Build:
         with self._lock:
             if lang not in self.routed:
                 where = f"{self.config.path.name}: [languages.{lang}] backend"
-                try:
+                keep = route.keep_source_on_failure or self.options.keep_source_on_failure
+                missing = unconfigured_api(route.backend) if keep else None
+                if missing is None:
                     self.routed[lang] = make_backend(route.backend, where)
-                except UserError as error:
-                    if not route.keep_source_on_failure:
-                        raise
+                else:
                     # "to an API where one is configured, else kept in the source language": the pages are
                     # written, every segment not in the cache keeps its source text and is listed
-                    self.routed[lang] = UnconfiguredBackend(route.backend, f"{where}: {error}")
+                    self.routed[lang] = UnconfiguredBackend(route.backend, f"{where}: {missing}")
                     self.progress.say(
-                        f"warning: {lang}: {error}; its pages keep the {self.config.source_lang} text, listed in "
-                        f"their front matter (untranslated:), as [languages.{lang}] keep_source_on_failure says"
+                        f"warning: {lang}: [languages.{lang}] backend = {self.routed[lang].name!r} has {missing}; "
+                        f"its pages keep the {self.config.source_lang} text, listed in their front matter "
+                        f"(untranslated:); configure one to translate {lang}"
                     )
             return self.routed[lang]
 

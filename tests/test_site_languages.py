@@ -93,7 +93,8 @@ def test_a_language_routed_to_an_api_that_is_not_configured_keeps_its_source_tex
 
     assert result.exit_code == 0, result.output
     [line] = [line for line in result.output.splitlines() if line.startswith("warning: ar:")]
-    assert "OPENAI_API_KEY is not set" in line and "keep the en text" in line and "untranslated:" in line
+    assert "no API configured here (no OPENAI_API_KEY" in line and "keep the en text" in line
+    assert "untranslated:" in line and "configure one to translate ar" in line
     assert result.output.index(line) < result.output.index("written")  # said before any page is written
     assert "Arabic" not in {target(body) for body in main_server.requests if is_translation(body)}
     posts = config.parent / "_posts"
@@ -107,6 +108,19 @@ def test_a_language_routed_to_an_api_that_is_not_configured_keeps_its_source_tex
         # the prose is the English page's, as it is (the page's own notices come in Arabic from the language file)
         paragraphs = [t.content for t in PARSER.parse(english) if t.type == "inline" and len(t.content) > 40]
         assert len([text for text in paragraphs if text in arabic]) >= len(paragraphs) / 2, name
+
+
+def test_without_keep_source_an_unconfigured_route_stops_the_build_in_one_line(site, monkeypatch):
+    _, config = site
+    monkeypatch.delenv("OPENAI_API_KEY")
+    add_toml(config, '[languages.ar]\nbackend = "openai"\n')
+
+    result = build(config)
+
+    assert result.exit_code != 0
+    [line] = result.output.strip().splitlines()  # before any work
+    assert line.startswith("Error: ") and "[languages.ar] backend = 'openai' has no API configured here" in line
+    assert "keep_source_on_failure = true" in line and "drop ar" in line
 
 
 def local_site(config, languages: list[str], extra: str = "") -> None:
