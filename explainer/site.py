@@ -126,10 +126,15 @@ def build_site(
     for line in unready_languages(config, build.languages, options.keep_source_on_failure):
         build.progress.say(f"warning: {line}")  # before any work: a long build would fail it at the end
     for lang, route in config.routes.items():
-        missing = unconfigured_api(route.backend) if route.backend is not None and lang in build.languages else None
-        if missing is not None and not (route.keep_source_on_failure or options.keep_source_on_failure):
+        settings = route.backend
+        missing = unconfigured_api(settings) if settings is not None and lang in build.languages else None
+        if (
+            settings is not None
+            and missing is not None
+            and not (route.keep_source_on_failure or options.keep_source_on_failure)
+        ):
             raise UserError(
-                f"{config.path.name}: [languages.{lang}] backend = {route.backend.name!r} has {missing}: set "
+                f"{config.path.name}: [languages.{lang}] backend = {settings.name!r} has {missing}: set "
                 f"OPENAI_API_KEY, give the table a base_url, add keep_source_on_failure = true to keep its "
                 f"source text, or drop {lang} from [site] languages or --lang"
             )
