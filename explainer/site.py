@@ -349,7 +349,7 @@ class _Build:
                 else:
                     # "to an API where one is configured, else kept in the source language": the pages are
                     # written, every segment not in the cache keeps its source text and is listed
-                    self.routed[lang] = UnconfiguredBackend(route.backend, f"{where}: {missing}")
+                    self.routed[lang] = UnconfiguredBackend(route.backend, f"no API configured for [languages.{lang}]")
                     self.progress.say(
                         f"warning: {lang}: [languages.{lang}] backend = {self.routed[lang].name!r} has {missing}; "
                         f"its pages keep the {self.config.source_lang} text, listed in their front matter "
