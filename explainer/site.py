@@ -125,19 +125,20 @@ def build_site(
     build = _Build(config, options, progress or BuildProgress())
     for line in unready_languages(config, build.languages, options.keep_source_on_failure):
         build.progress.say(f"warning: {line}")  # before any work: a long build would fail it at the end
-    for lang, route in config.routes.items():
-        settings = route.backend
-        missing = unconfigured_api(settings) if settings is not None and lang in build.languages else None
-        if (
-            settings is not None
-            and missing is not None
-            and not (route.keep_source_on_failure or options.keep_source_on_failure)
-        ):
+    for lang in build.languages:  # a language's own API with nothing to send to: said before any work
+        route, missing = config.routes.get(lang), build.unconfigured(lang)
+        if route is None or route.backend is None or missing is None:
+            continue
+        table = f"[languages.{lang}] backend = {route.backend.name!r}"
+        if not build.keeps_source(lang):
             raise UserError(
-                f"{config.path.name}: [languages.{lang}] backend = {settings.name!r} has {missing}: set "
-                f"OPENAI_API_KEY, give the table a base_url, add keep_source_on_failure = true to keep its "
-                f"source text, or drop {lang} from [site] languages or --lang"
+                f"{config.path.name}: {table} has {missing}: set OPENAI_API_KEY, give the table a base_url, add "
+                f"keep_source_on_failure = true to keep its source text, or drop {lang} from [site] languages or --lang"
             )
+        build.progress.say(
+            f"warning: {lang}: {table} has {missing}; its pages keep the {config.source_lang} text, listed in "
+            f"their front matter (untranslated:); configure one to translate {lang}"
+        )
     if options.dry_run:
         return build.report
     if backend is None:
@@ -191,10 +192,6 @@ class _Build:
                 check_inside(path.parent, self.inside)
         self.backend, self.cache = backend, Cache(self.config.cache_dir, inside=cache_inside)
         self.routed: dict[str, Backend] = {}  # by language: the backends of [languages.<code>] tables, made once
-        for lang, route in self.config.routes.items():
-            if lang in self.languages and route.backend is not None:
-                # made now: a route that cannot be made here (no API configured) is said before any work
-                self.backend_for(lang)
         self.demos: DemoRunner | None = None  # --no-demos
         if self.options.run_demos:
             self.demos = DemoRunner(
@@ -334,6 +331,16 @@ class _Build:
                 self.report.stale[post.slug] = problems
         return authored.post
 
+    def keeps_source(self, lang: str) -> bool:
+        """Whether a segment of `lang` that fails every retry keeps its source text: the flag, or its table."""
+        route = self.config.routes.get(lang)
+        return self.options.keep_source_on_failure or (route is not None and route.keep_source_on_failure)
+
+    def unconfigured(self, lang: str) -> str | None:
+        """What the API of `lang`'s own table lacks here (unconfigured_api), or None (none lacking, or no table)."""
+        route = self.config.routes.get(lang)
+        return None if route is None or route.backend is None else unconfigured_api(route.backend)
+
     def backend_for(self, lang: str) -> Backend:
         """The backend that translates into `lang`: its own, if its [languages.<code>] table names one."""
         route = self.config.routes.get(lang)
@@ -341,20 +348,14 @@ class _Build:
             return self.backend
         with self._lock:
             if lang not in self.routed:
-                where = f"{self.config.path.name}: [languages.{lang}] backend"
-                keep = route.keep_source_on_failure or self.options.keep_source_on_failure
-                missing = unconfigured_api(route.backend) if keep else None
-                if missing is None:
-                    self.routed[lang] = make_backend(route.backend, where)
-                else:
+                if self.unconfigured(lang) is not None and self.keeps_source(lang):
                     # "to an API where one is configured, else kept in the source language": the pages are
-                    # written, every segment not in the cache keeps its source text and is listed
+                    # written, every segment not in the cache keeps its source text and is listed (build_site
+                    # said so before any work)
                     self.routed[lang] = UnconfiguredBackend(route.backend, f"no API configured for [languages.{lang}]")
-                    self.progress.say(
-                        f"warning: {lang}: [languages.{lang}] backend = {self.routed[lang].name!r} has {missing}; "
-                        f"its pages keep the {self.config.source_lang} text, listed in their front matter "
-                        f"(untranslated:); configure one to translate {lang}"
-                    )
+                else:
+                    where = f"{self.config.path.name}: [languages.{lang}] backend"
+                    self.routed[lang] = make_backend(route.backend, where)
             return self.routed[lang]
 
     def write_variant(self, post: PostSpec, source: _Source, lang: str) -> None:
@@ -367,9 +368,7 @@ class _Build:
         try:
             if lang != self.config.source_lang:
                 self.progress.status(post.slug, f"translating to {lang}")
-            route = self.config.routes.get(lang)
-            keep = self.options.keep_source_on_failure or (route is not None and route.keep_source_on_failure)
-            kept: list[str] | None = [] if keep else None
+            kept: list[str] | None = [] if self.keeps_source(lang) else None
             text = (
                 self.render_markdown(post, source.markdown, lang, usage, kept)
                 if source.markdown is not None

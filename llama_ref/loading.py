@@ -20,7 +20,7 @@ from llama_ref import kernels as kernel_table
 from llama_ref.checkpoints import Checkpoint, CheckpointError, Rows, open_checkpoint
 from llama_ref.device import check_fits, pick_device, pick_dtype
 from llama_ref.kernels import Plan, plan, role
-from llama_ref.model import SMALL_CACHE_BYTES, ModelArgs, Transformer, cache_bytes, kv_cache_dtype  # noqa: F401 (re-exported)
+from llama_ref.model import ModelArgs, Transformer, cache_bytes, kv_cache_dtype
 from llama_ref.quantize import FUSED, Int8DotLinear, Int8Embedding, Int8Linear, block_linears, pack_linears
 
 # kernels whose modules are filled as the checkpoint's tensors stream in (load_float_weight)

@@ -15,8 +15,7 @@ from tiny_checkpoints import make_tiny_model, write_gguf  # noqa: E402
 
 from llama_ref import Llama, quantize  # noqa: E402
 from llama_ref.catalog import resolve_model  # noqa: E402
-from llama_ref.loading import SMALL_CACHE_BYTES, cache_bytes, kv_cache_dtype  # noqa: E402
-from llama_ref.model import ModelArgs  # noqa: E402
+from llama_ref.model import SMALL_CACHE_BYTES, ModelArgs, cache_bytes, kv_cache_dtype  # noqa: E402
 from llama_ref.quantize import INT8_COPY_MAX_ROWS, BlockedLinear, can_block, int8_rows  # noqa: E402
 
 needs_blocking = pytest.mark.skipif(
