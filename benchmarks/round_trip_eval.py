@@ -54,6 +54,7 @@ from explainer.translation_checks import (
     chrf,
     marked_words,
     marked_words_problems,
+    names_problem,
     placeholder_numbers,
     round_trip_min_chrf,
 )
@@ -161,6 +162,7 @@ def score(rows: list[Labelled], backs: list[str | None], alone: dict[tuple, str]
                 "chrf": round(chrf(back, row.source), 1),
                 "threshold": round_trip_min_chrf(row.source_lang),
                 "marked_words": marked_words_problems(row.segment(), row.translation, back, mine),
+                "names": names_problem(row.segment(), row.translation),
                 "note": row.note,
             }
         )
@@ -171,7 +173,8 @@ def rates(records: list[dict], threshold: float | None = None) -> dict:
     """How the check does on `records` when a read-back must score `threshold` (None: each record's own, as
     the check has it for its source language)."""
     flagged = [
-        r["chrf"] < (r["threshold"] if threshold is None else threshold) or bool(r["marked_words"]) for r in records
+        r["chrf"] < (r["threshold"] if threshold is None else threshold) or bool(r["marked_words"]) or bool(r["names"])
+        for r in records
     ]
     bad = [f for f, r in zip(flagged, records) if not r["faithful"]]
     good = [f for f, r in zip(flagged, records) if r["faithful"]]
@@ -207,15 +210,30 @@ def report(result: dict) -> str:
         "",
         f"Read back by {result['backend']} {result['model']} on {result['date']} ({timing}).{left_out} "
         f"Pairs: {', '.join(f'{a} to {b}' for a, b in languages)}. Labels: "
-        f"`benchmarks/translation_labels.jsonl`; a segment is flagged when its read-back scores under its source "
-        f"language's threshold (chrF against the source) or a link or emphasis marks other words.",
+        f"`benchmarks/translation_labels.jsonl`; a segment is flagged when its translation leaves out a name of the "
+        f"source (an acronym or identifier), its read-back scores under its source language's threshold (chrF "
+        f"against the source), or a link or emphasis marks other words.",
         "",
     ]
     check = result["summary"]
     lines += [
         f"The check as it stands flags {_share(check['unfaithful_flagged'], check['unfaithful'])} of the unfaithful "
         f"segments and {_share(check['faithful_flagged'], check['faithful'])} of the faithful ones.",
+        "",
+        "| part of the check | unfaithful flagged | faithful flagged |",
+        "|---|---:|---:|",
     ]
+    parts = {
+        "names left out": lambda r: bool(r.get("names")),
+        "read-back under its threshold (chrF)": lambda r: r["chrf"] < r["threshold"],
+        "marked words": lambda r: bool(r["marked_words"]),
+    }
+    for name, flags in parts.items():
+        bad = [r for r in records if not r["faithful"]]
+        good = [r for r in records if r["faithful"]]
+        lines.append(
+            f"| {name} | {_share(sum(map(flags, bad)), len(bad))} | {_share(sum(map(flags, good)), len(good))} |"
+        )
     # one sweep per threshold the check applies: sources whose words are spaced (en), and those whose are not
     for least in sorted({r["threshold"] for r in records}, reverse=True):
         group = [r for r in records if r["threshold"] == least]
@@ -235,13 +253,17 @@ def report(result: dict) -> str:
                 f"| {threshold:g}{chosen} | {_share(row['unfaithful_flagged'], row['unfaithful'])} | "
                 f"{_share(row['faithful_flagged'], row['faithful'])} | {precision} |"
             )
-    lines += ["", "| lang | faithful | chrF | marked words | source | read back |", "|---|---|---:|---|---|---|"]
+    lines += [
+        "",
+        "| lang | faithful | chrF | names left out, marked words | source | read back |",
+        "|---|---|---:|---|---|---|",
+    ]
     for r in sorted(records, key=lambda r: (r["faithful"], r["chrf"])):
         cells = [
             f"{r['source_lang']}→{r['lang']}",
             "yes" if r["faithful"] else f"no: {r['note']}",
             f"{r['chrf']:.1f}",
-            "; ".join(r["marked_words"]) or "",
+            "; ".join(([r["names"]] if r.get("names") else []) + r["marked_words"]),
             r["source"],
             r["read_back"],
         ]

@@ -13,9 +13,11 @@ Nothing is written until every answer has passed every check (translation_checks
 no chatter, one line per segment, the same Markdown structure, a complete answer, the target language,
 and for the whole document byte-identical code blocks and the same headings, lists, links and tables).
 With verify (on by default where the model runs here), a translation must also mean what its source says
-(translation_checks.meaning_problems): it is read back into the source language by the same backend and
-scored against the source with chrF, and the words each link or emphasis marks must be the source's marked
-words, by their translation alone (one request per distinct span) or by the read-back.
+(translation_checks.meaning_problems): it keeps every name of the source (acronyms and identifiers, checked
+first: a translation that leaves one out is asked again without a read-back), it is read back into the source
+language by the same backend and scored against the source with chrF, and the words each link or emphasis
+marks must be the source's marked words, by their translation alone (one request per distinct span) or by
+the read-back.
 The prose of a translated Markdown post then goes through
 safe_markdown.escape_model_html, like everything else a model writes for the site. A request that
 fails is split and retried in smaller pieces, down to single segments, and a single segment is asked
@@ -60,6 +62,7 @@ from explainer.translation_checks import (
     document_problems,
     marked_words,
     meaning_problems,
+    names_problem,
     placeholder_numbers,
     quote,
     repair_emphasis,
@@ -86,7 +89,8 @@ FIRMER = (
     "\nYour earlier answer for this segment was rejected. Check before you answer: every marker of the "
     "segment (⟦1⟧, ⟦2⟧, ...) appears exactly once in your translation, written exactly as in the "
     "segment, around the same words; the translation says what the segment says, with no word, question "
-    "or formatting added and nothing left out; and you answer with the JSON object only."
+    "or formatting added and nothing left out; names (acronyms such as NVIDIA or GPU, and identifiers) are "
+    "written exactly as in the segment; and you answer with the JSON object only."
 )
 # The meaning checks (translation_checks.meaning_problems): "round-trip" reads each translation back into the
 # source language with the same backend, and translates the words a link or emphasis marks alone; "none" skips
@@ -292,6 +296,14 @@ class SegmentTranslator:
         segment. Read-backs and marked words are cached as answers of their own."""
         checking = list(unverified.values())
         unverified.clear()
+        # a translation that leaves out a name fails without a read-back: that request is saved
+        unnamed = {job.key: names_problem(job.segment, translation) for job, translation, _ in checking}
+        retry = [
+            self._problem(job, [unnamed[job.key]], translation, batched, failures)
+            for job, translation, batched in checking
+            if unnamed[job.key]
+        ]
+        checking = [entry for entry in checking if not unnamed[entry[0].key]]
         words = sorted(
             {
                 marked
@@ -315,18 +327,24 @@ class SegmentTranslator:
             pass  # a read-back cut off or empty reads as nothing: that translation is asked again
         for index, marked in enumerate(words, len(checking)):
             self._alone[marked] = answers.get(index, "")
-        retry = []
         for index, (job, translation, batched) in enumerate(checking):
             problems = meaning_problems(job.segment, translation, answers.get(index, ""), self._alone, self.source_lang)
             if not problems:
                 done[job.key] = translation
                 if self.cache is not None:
                     self.cache.put(job.key, Completion(translation, "stop"))
-            elif batched:
-                retry.append([job])  # the smaller unit first, as for any check: this segment alone
             else:
-                retry += self._again_or_fail(job, f"{'; '.join(problems)} (got {quote(translation)})", failures)
-        return retry
+                retry.append(self._problem(job, problems, translation, batched, failures))
+        return [batch for batches in retry for batch in batches]
+
+    def _problem(
+        self, job: _Job, problems: list, translation: str, batched: bool, failures: dict[str, str]
+    ) -> list[list[_Job]]:
+        """A translation that failed a meaning check: asked again alone if it came in a batch (the smaller unit
+        first, as for any check), else again or failed."""
+        if batched:
+            return [[job]]
+        return self._again_or_fail(job, f"{'; '.join(problems)} (got {quote(translation)})", failures)
 
     def _again_or_fail(self, job: _Job, problem: str, failures: dict[str, str]) -> list[list[_Job]]:
         """A segment that failed alone: ask again, varied, while retries are left; then record why."""

@@ -44,12 +44,14 @@ TARGET_WORDS = {"zh": "这是翻译的文字", "ar": "هذه ترجمة النص
 
 
 def fake_translation(text: str, lang: str) -> str:
-    """Every word of `text` replaced by a word of `lang`; placeholders (⟦1⟧) and punctuation kept,
-    as a faithful translation keeps them."""
+    """Every word of `text` replaced by a word of `lang`; placeholders (⟦1⟧), punctuation and names (NVIDIA,
+    torch.cuda.OutOfMemoryError: translation_checks.names) kept, as a faithful translation keeps them."""
+    from explainer.translation_checks import names
+
     words = []
     for word in text.split(" "):
         letters = [index for index, char in enumerate(word) if char.isalnum()]
-        if "⟦" in word or not letters:
+        if "⟦" in word or not letters or names(word):
             words.append(word)
         else:
             words.append(word[: letters[0]] + TARGET_WORDS[lang] + word[letters[-1] + 1 :])

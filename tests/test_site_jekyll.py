@@ -170,7 +170,9 @@ def injected_script(body: dict) -> str:
     if is_translation(body):
         answer = json.loads(site_script(body))
         return json.dumps(
-            {key: f"{value} [x](javascript:alert(1))" for key, value in answer.items()}, ensure_ascii=False
+            # link text in Chinese: a segment of names alone ("NVIDIA NCCL, ⟦1⟧") stays Chinese with it
+            {key: f"{value} [点这里](javascript:alert(1))" for key, value in answer.items()},
+            ensure_ascii=False,
         )
     if "Write the opening" in body["messages"][-1]["content"]:
         return f"# How generate() writes text\n\nA **bold** start. {INJECTED}"

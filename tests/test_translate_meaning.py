@@ -294,3 +294,56 @@ def test_the_round_trip_is_scored_on_the_source_languages_scale(source, source_l
     assert bool(round_trip_problem(segment, back, source_lang)) == caught
     if source_lang == "zh" and not caught:
         assert chrf(back, segment.text) < ROUND_TRIP_MIN_CHRF
+
+
+# ---------------------------------------------------------------------------------------------
+# Names: what every faithful translation keeps as written
+# ---------------------------------------------------------------------------------------------
+
+
+def test_names_are_acronyms_and_identifiers_not_units_or_capitalized_words():
+    from explainer.translation_checks import names
+
+    # sources of the labelled set (benchmarks/translation_labels.jsonl)
+    assert names(
+        "torch.cuda.OutOfMemoryError: CUDA out of memory. Tried to allocate 86.00 MiB (GPU 0; 11.69 GiB total capacity)"
+    ) == ["torch.cuda.OutOfMemoryError", "CUDA", "GPU"]
+    assert names("multi-GPU and multi-node primitives optimized for NVIDIA GPUs") == ["GPU", "NVIDIA"]
+    assert names("llama2.c runs a 15M-parameter story model; ⟦1⟧ does the same with SmolLM2-135M") == [
+        "llama2.c",
+        "SmolLM2",
+    ]
+    # ordinary words, abbreviations and sizes are written the target language's way
+    assert names("Written in English, e.g. in February; llama-2-7b needs about 13GB.") == []
+
+
+def test_a_translation_that_leaves_out_a_name_is_asked_again_without_a_read_back(scripted_server, openai_env):
+    """A zh answer that drops the exception's name (labelled set: it reads back fluently, chrF 52, over the bar),
+    then a faithful one. The first is caught by the name alone: no read-back is asked for it."""
+    text = "It fails with torch.cuda.OutOfMemoryError when the card is full."
+    dropped = ("显卡满时它会失败。", "It fails when the card is full.")
+    kept = (
+        "显卡满时它会以 torch.cuda.OutOfMemoryError 失败。",
+        "It fails with torch.cuda.OutOfMemoryError when the card is full.",
+    )
+    model = Model({text: [dropped, kept]})
+    server = scripted_server(model)
+
+    translated = translate_markdown(text + "\n", "zh", backend_for(server), source_lang="en", verify=True)
+
+    assert kept[0] in translated and dropped[0] not in translated
+    first, again = model.translations(text)
+    assert FIRMER in again["messages"][0]["content"] and "identifiers" in FIRMER
+    read_backs = [sent for kind, sent, _ in model.sent if kind == "read back"]
+    assert read_backs == [kept[0]]  # the answer without the name was never read back
+
+
+def test_a_translation_that_never_keeps_the_name_fails_and_names_it(scripted_server, openai_env):
+    text = "It fails with torch.cuda.OutOfMemoryError when the card is full."
+    model = Model({text: [("显卡满时它会失败。", "It fails when the card is full.")]})
+    server = scripted_server(model)
+
+    with pytest.raises(TranslationFailed) as failure:
+        translate_markdown(text + "\n", "zh", backend_for(server), source_lang="en", verify=True)
+
+    assert "leaves out 'torch.cuda.OutOfMemoryError'" in str(failure.value) and "asked 4 times" in str(failure.value)
