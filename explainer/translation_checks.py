@@ -108,10 +108,10 @@ def _lang_problem(segment: Segment, translation: str, lang: Language, source_lan
 def _mixed_script_words(text: str) -> list[str]:
     """The words of `text` whose letters come from more than one script (by their Unicode names: LATIN,
     DEVANAGARI, HANGUL, ...). A word is a run of letters and combining marks (Devanagari's vowel signs are
-    marks, not letters)."""
+    marks, not letters). Arabic's tatweel ends a word: "الـGPU" joins the article to a Latin name on purpose."""
     words, word = [], []
     for ch in text + " ":
-        if unicodedata.category(ch)[0] in "LM":
+        if unicodedata.category(ch)[0] in "LM" and ch != "\u0640":
             word.append(ch)
             continue
         if word:

@@ -229,6 +229,19 @@ def test_a_hindi_word_that_mixes_scripts_is_refused_and_a_latin_word_of_its_own_
     )
 
 
+@pytest.mark.parametrize("word", ["التmplتة", "مismatchة"])
+def test_an_arabic_word_that_mixes_scripts_is_refused_and_a_name_joined_by_a_tatweel_is_not(word):
+    # what Qwen2.5-Coder-1.5B wrote for the example site's hand-written post; Arabic writes "GPU" or "الـGPU"
+    broken = f"اقرأ ⟦1⟧الدليل⟦2⟧ عن {word} وشغّل ⟦3⟧ قبل أن يبدأ البناء."
+    good = "اقرأ ⟦1⟧الدليل⟦2⟧ عن الـGPU وشغّل ⟦3⟧ قبل أن يبدأ البناء."
+    arabic = language("ar")
+    assert any(
+        f"a word mixes scripts ('{word}')" in problem
+        for problem in segment_problems(LINKED, broken, arabic, source_lang="en")
+    )
+    assert not any("mixes scripts" in problem for problem in segment_problems(LINKED, good, arabic, source_lang="en"))
+
+
 def test_a_pipe_in_a_table_cell_is_rejected():
     cell = split_document("| Column |\n|---|\n| the value of the setting |\n").segments[1]
     assert "a '|' in a table cell would split the cell" in segment_problems(
