@@ -210,8 +210,8 @@ def report(result: dict) -> str:
         "",
         f"Read back by {result['backend']} {result['model']} on {result['date']} ({timing}).{left_out} "
         f"Pairs: {', '.join(f'{a} to {b}' for a, b in languages)}. Labels: "
-        f"`benchmarks/translation_labels.jsonl`; a segment is flagged when its translation leaves out a name of the "
-        f"source (an acronym or identifier), its read-back scores under its source language's threshold (chrF "
+        f"`benchmarks/translation_labels.jsonl`; a segment is flagged when its translation leaves out or adds a name "
+        f"(an acronym or identifier), its read-back scores under its source language's threshold (chrF "
         f"against the source), or a link or emphasis marks other words.",
         "",
     ]
@@ -224,7 +224,7 @@ def report(result: dict) -> str:
         "|---|---:|---:|",
     ]
     parts = {
-        "names left out": lambda r: bool(r.get("names")),
+        "a name left out or added": lambda r: bool(r.get("names")),
         "read-back under its threshold (chrF)": lambda r: r["chrf"] < r["threshold"],
         "marked words": lambda r: bool(r["marked_words"]),
     }
@@ -255,7 +255,7 @@ def report(result: dict) -> str:
             )
     lines += [
         "",
-        "| lang | faithful | chrF | names left out, marked words | source | read back |",
+        "| lang | faithful | chrF | names, marked words | source | read back |",
         "|---|---|---:|---|---|---|",
     ]
     for r in sorted(records, key=lambda r: (r["faithful"], r["chrf"])):

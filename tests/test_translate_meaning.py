@@ -347,3 +347,26 @@ def test_a_translation_that_never_keeps_the_name_fails_and_names_it(scripted_ser
         translate_markdown(text + "\n", "zh", backend_for(server), source_lang="en", verify=True)
 
     assert "leaves out 'torch.cuda.OutOfMemoryError'" in str(failure.value) and "asked 4 times" in str(failure.value)
+
+
+@pytest.mark.parametrize(
+    "source, translation, caught",
+    [
+        # from the labelled set: a name that stands for another, and words beside names alone
+        (
+            "The NVIDIA Collective Communication Library (NCCL) implements",
+            "CUDA コレクティブ ライブラリ (NCCL) は",
+            "adds 'CUDA'",
+        ),
+        ("NVIDIA NCCL, `nccl`", "NVIDIA NCCL, 协议⟦1⟧", "adds words to a segment of names alone"),
+        ("NVIDIA NCCL, `nccl`", "NCCL, NVIDIA⟦1⟧", None),  # reordered: the same names, nothing beside them
+        ("The NVIDIA Collective Communication Library (NCCL) implements", "NVIDIA 集合通信库 (NCCL) 实现了", None),
+    ],
+)
+def test_a_translation_adds_no_name_and_no_word_to_names_alone(source, translation, caught):
+    from explainer.markdown_segments import split_document
+    from explainer.translation_checks import names_problem
+
+    [segment] = split_document(source + "\n").segments
+    problem = names_problem(segment, translation)
+    assert (problem is None) if caught is None else (caught in (problem or "")), problem
