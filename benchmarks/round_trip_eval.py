@@ -54,6 +54,7 @@ from explainer.translation_checks import (
     chrf,
     marked_words,
     marked_words_problems,
+    names_alone,
     names_problem,
     placeholder_numbers,
     round_trip_min_chrf,
@@ -163,6 +164,8 @@ def score(rows: list[Labelled], backs: list[str | None], alone: dict[tuple, str]
                 "threshold": round_trip_min_chrf(row.source_lang),
                 "marked_words": marked_words_problems(row.segment(), row.translation, back, mine),
                 "names": names_problem(row.segment(), row.translation),
+                # names alone: the check reads nothing back (names_problem judges it); its chrF is shown, not used
+                "names_alone": names_alone(row.segment()),
                 "note": row.note,
             }
         )
@@ -173,7 +176,9 @@ def rates(records: list[dict], threshold: float | None = None) -> dict:
     """How the check does on `records` when a read-back must score `threshold` (None: each record's own, as
     the check has it for its source language)."""
     flagged = [
-        r["chrf"] < (r["threshold"] if threshold is None else threshold) or bool(r["marked_words"]) or bool(r["names"])
+        (not r.get("names_alone") and r["chrf"] < (r["threshold"] if threshold is None else threshold))
+        or bool(r["marked_words"])
+        or bool(r["names"])
         for r in records
     ]
     bad = [f for f, r in zip(flagged, records) if not r["faithful"]]
@@ -225,7 +230,7 @@ def report(result: dict) -> str:
     ]
     parts = {
         "a name left out or added": lambda r: bool(r.get("names")),
-        "read-back under its threshold (chrF)": lambda r: r["chrf"] < r["threshold"],
+        "read-back under its threshold (chrF)": lambda r: not r.get("names_alone") and r["chrf"] < r["threshold"],
         "marked words": lambda r: bool(r["marked_words"]),
     }
     for name, flags in parts.items():

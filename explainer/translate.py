@@ -62,6 +62,7 @@ from explainer.translation_checks import (
     document_problems,
     marked_words,
     meaning_problems,
+    names_alone,
     names_problem,
     placeholder_numbers,
     quote,
@@ -312,8 +313,11 @@ class SegmentTranslator:
                 if marked not in self._alone and any(char.isalpha() for char in strip_placeholders(marked))
             }
         )
+        # a segment of names alone has nothing to read back: the names check has judged it
+        reading = [index for index, (job, _, _) in enumerate(checking) if not names_alone(job.segment)]
         requests = [
-            read_back_request(translation, job.segment.pairs, self.source_lang) for job, translation, _ in checking
+            read_back_request(checking[index][1], checking[index][0].segment.pairs, self.source_lang)
+            for index in reading
         ]
         requests += [marked_words_request(marked, self.lang.code) for marked in words]
         answers: dict[int, str] = {}
@@ -325,10 +329,11 @@ class SegmentTranslator:
             complete_cached(self.backend, requests, self.cache, self.usage, on_done=arrived)
         except UnusableAnswer:
             pass  # a read-back cut off or empty reads as nothing: that translation is asked again
-        for index, marked in enumerate(words, len(checking)):
+        for index, marked in enumerate(words, len(reading)):
             self._alone[marked] = answers.get(index, "")
+        backs = {index: answers.get(request, "") for request, index in enumerate(reading)}
         for index, (job, translation, batched) in enumerate(checking):
-            problems = meaning_problems(job.segment, translation, answers.get(index, ""), self._alone, self.source_lang)
+            problems = meaning_problems(job.segment, translation, backs.get(index), self._alone, self.source_lang)
             if not problems:
                 done[job.key] = translation
                 if self.cache is not None:

@@ -540,6 +540,14 @@ def names_problem(segment: Segment, translation: str) -> str | None:
     return "; ".join(problems) + ": names stay as the source writes them"
 
 
+def names_alone(segment: Segment) -> bool:
+    """Whether `segment`'s prose is names and nothing else to translate ("NVIDIA NCCL, ⟦1⟧"): names_problem
+    judges all of its translation, and a read-back could only add what the model invents ("NVIDIA NCCL, the
+    library for efficient inter-node communication")."""
+    named = names(segment.text)
+    return bool(named) and not _letters(_without(strip_placeholders(segment.text), named))
+
+
 def _without(text: str, found: list[str]) -> str:
     for name in found:
         text = re.sub(re.escape(name), " ", text, flags=re.IGNORECASE)
@@ -547,11 +555,13 @@ def _without(text: str, found: list[str]) -> str:
 
 
 def meaning_problems(
-    segment: Segment, translation: str, back: str, alone: dict[str, str], source_lang: str
+    segment: Segment, translation: str, back: str | None, alone: dict[str, str], source_lang: str
 ) -> list[str]:
-    """Why `translation` does not mean what `segment` (in `source_lang`) says: a name it leaves out
-    (names_problem), its round trip `back`, and the source's marked words translated alone (`alone`); empty
-    when it does."""
-    found = (names_problem(segment, translation), round_trip_problem(segment, back, source_lang))
+    """Why `translation` does not mean what `segment` (in `source_lang`) says: its names (names_problem), its
+    round trip `back` (None: not read back, a segment of names alone), and the source's marked words
+    translated alone (`alone`); empty when it does."""
+    found = [names_problem(segment, translation)]
+    if back is not None:
+        found.append(round_trip_problem(segment, back, source_lang))
     problems = [problem for problem in found if problem]
-    return problems + marked_words_problems(segment, translation, back, alone)
+    return problems + marked_words_problems(segment, translation, back or "", alone)

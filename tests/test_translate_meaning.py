@@ -370,3 +370,19 @@ def test_a_translation_adds_no_name_and_no_word_to_names_alone(source, translati
     [segment] = split_document(source + "\n").segments
     problem = names_problem(segment, translation)
     assert (problem is None) if caught is None else (caught in (problem or "")), problem
+
+
+def test_a_segment_of_names_alone_is_not_read_back(scripted_server, openai_env):
+    """The example site's "NVIDIA NCCL, <link>": translated into Arabic as it is, read back as "NVIDIA NCCL, the
+    library for efficient inter-node communication" (chrF 38), so the read-back failed a faithful translation on
+    every try. The names check judges such a segment; nothing is read back."""
+    text = "NVIDIA NCCL, ⟦1⟧"
+    model = Model({text: [(text, "NVIDIA NCCL, the library for efficient inter-node communication ⟦1⟧")]})
+    server = scripted_server(model)
+
+    translated = translate_markdown(
+        "NVIDIA NCCL, <https://developer.nvidia.com/nccl>\n", "zh", backend_for(server), source_lang="en", verify=True
+    )
+
+    assert "NVIDIA NCCL, <https://developer.nvidia.com/nccl>" in translated
+    assert [kind for kind, _, _ in model.sent] == ["translate"]
