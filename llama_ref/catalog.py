@@ -102,7 +102,8 @@ CATALOG: dict[str, CatalogModel] = {
             assembled_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
             # es: the whole site, every segment passing the meaning checks too (2026-12-07, cee68b0); a
             # second build (69aa903, compact KV cache) failed 1 of its 39 segments, correctly (the Spanish
-            # spoke of NCCL where the source says `nvidia-smi` shows the card): mostly, not always. hi: three
+            # spoke of NCCL where the source says `nvidia-smi` shows the card): mostly, not always; with the
+            # names check (78ffd64), whole again: a translation that adds a name is asked again. hi: three
             # segments of words that mix scripts; de: a list item's markers, still failing alone once the
             # steering was fixed. zh, ja, fr, ar: with the meaning checks (2026-12-07), segments of the
             # hand-written post failed every retry (zh 1, ja 3, fr 1, ar 4;
