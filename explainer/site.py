@@ -74,7 +74,8 @@ class BuildReport:
         text = (
             f"{self.posts} post(s) × {self.languages} language(s): {len(self.written)} file(s) written, "
             f"{len(self.unchanged)} unchanged; {self.usage.requests} request(s), "
-            f"{self.usage.cache_hits} cache hit(s); {self.demo_runs} demo run(s), "
+            f"{self.usage.cache_hits} cache hit(s), {self.usage.retried} segment(s) asked again; "
+            f"{self.demo_runs} demo run(s), "
             f"{self.demo_cache_hits} from cache; {self.seconds:.1f} s"
         )
         for path, segments in self.untranslated.items():

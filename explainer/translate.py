@@ -191,6 +191,7 @@ class SegmentTranslator:
         self.verify = verifies_by_default(backend) if verify is None else verify
         self.untranslated: list[str] = []  # with keep_source: the failed segments (where, what failed)
         self._attempts: dict[str, int] = {}  # by key: how often a segment was asked again alone
+        self._retried: set[str] = set()  # keys of the segments asked again (Usage.retried)
         self._alone: dict[str, str] = {}  # marked source words -> their translation alone (meaning checks)
 
     def key(self, segment: Segment) -> str:
@@ -285,6 +286,7 @@ class SegmentTranslator:
             if not problems:
                 self._passed(job, translation.strip(), done, unverified, batched=len(batch) > 1)
             elif len(batch) > 1:
+                self._asked_again(job)
                 retry.append([job])  # the smaller unit: this segment alone
             else:
                 retry += self._again_or_fail(job, f"{'; '.join(problems)} (got {quote(translation)})", failures)
@@ -348,14 +350,22 @@ class SegmentTranslator:
         """A translation that failed a meaning check: asked again alone if it came in a batch (the smaller unit
         first, as for any check), else again or failed."""
         if batched:
+            self._asked_again(job)
             return [[job]]
         return self._again_or_fail(job, f"{'; '.join(problems)} (got {quote(translation)})", failures)
+
+    def _asked_again(self, job: _Job) -> None:
+        """Count a segment asked again after its answer failed a check, once however often (Usage.retried)."""
+        if job.key not in self._retried:
+            self._retried.add(job.key)
+            self.usage.retried += 1
 
     def _again_or_fail(self, job: _Job, problem: str, failures: dict[str, str]) -> list[list[_Job]]:
         """A segment that failed alone: ask again, varied, while retries are left; then record why."""
         attempt = self._attempts.get(job.key, 0)
         if attempt < SEGMENT_RETRIES:
             self._attempts[job.key] = attempt + 1
+            self._asked_again(job)
             return [[job]]
         tries = f" (asked {attempt + 1} times)" if attempt else ""
         failures[job.key] = f"{job.where}: {problem}{tries}"

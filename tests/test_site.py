@@ -62,7 +62,9 @@ def test_build_writes_every_post_in_every_language_in_the_seed_authors_layout(co
     ]
     assert result.stdout.split() == [f"{path}-{path.parent.name}.md" for path in expected]
     assert "2 post(s) × 3 language(s): 6 file(s) written, 0 unchanged" in result.stderr
-    assert f"{len(server.requests)} request(s), 0 cache hit(s); 2 demo run(s)" in result.stderr
+    assert (
+        f"{len(server.requests)} request(s), 0 cache hit(s), 0 segment(s) asked again; 2 demo run(s)" in result.stderr
+    )
     assert "running-llama: ar written" in result.stderr  # plain progress lines when not on a terminal
 
     for slug, date in (("running-llama", "2023-08-17"), ("llama-generate", "2024-05-01")):

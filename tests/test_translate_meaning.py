@@ -143,6 +143,22 @@ def test_each_replayed_case_is_asked_again_and_the_faithful_answer_is_written(ca
     assert all(len(model.translations(other)) == 1 for other, *_ in CASES.values() if other != text)
 
 
+def test_the_segments_asked_again_are_counted_once_each(scripted_server, openai_env):
+    model = Model(answers_for("name the story"))  # caught once, faithful on the retry
+    server = scripted_server(model)
+    usage = Usage()
+
+    translate_markdown(POST, "zh", backend_for(server), usage=usage, source_lang="en", verify=True)
+
+    assert usage.retried == 1 and "1 segment(s) asked again" in usage.summary()
+    model = Model(answers_for("name the story", faithful_on_retry=False))  # asked 4 times, then kept
+    usage = Usage()
+    translate_markdown(
+        POST, "zh", backend_for(scripted_server(model)), usage=usage, source_lang="en", verify=True, untranslated=[]
+    )
+    assert usage.retried == 1
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_without_a_faithful_answer_the_segment_fails_and_says_why(case, scripted_server, openai_env):
     text, _, _, problem, _ = CASES[case]

@@ -51,12 +51,13 @@ class Usage:
     cache_hits: int = 0
     tokens_in: int = 0
     tokens_out: int = 0
+    retried: int = 0  # translated segments asked again because an answer failed a check
     extra: dict = field(default_factory=dict)
 
     def summary(self) -> str:
         return (
             f"{self.requests} requests, {self.tokens_in} tokens in, {self.tokens_out} tokens out, "
-            f"{self.cache_hits} cache hits"
+            f"{self.cache_hits} cache hits" + (f", {self.retried} segment(s) asked again" if self.retried else "")
         )
 
 
