@@ -449,3 +449,4 @@ class _Build:
             total.cache_hits += usage.cache_hits
             total.tokens_in += usage.tokens_in
             total.tokens_out += usage.tokens_out
+            total.retried += usage.retried

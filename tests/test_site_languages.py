@@ -78,7 +78,11 @@ def test_keep_source_on_failure_for_one_language(site, scripted_server):
 
     assert result.exit_code == 0, result.output
     arabic = config.parent / "_posts" / "ar" / "2023-08-17-running-llama-ar.md"
-    assert front_matter(arabic.read_text(encoding="utf-8"))["untranslated"]
+    kept = front_matter(arabic.read_text(encoding="utf-8"))["untranslated"]
+    assert kept
+    # each Arabic segment asked again, counted once (those of the other post too), and nothing else
+    other = front_matter((arabic.parent / "2024-05-01-llama-generate-ar.md").read_text(encoding="utf-8"))
+    assert f"{len(kept) + len(other['untranslated'])} segment(s) asked again" in result.output
     chinese = config.parent / "_posts" / "zh" / "2023-08-17-running-llama-zh.md"
     assert "untranslated" not in front_matter(chinese.read_text(encoding="utf-8"))
 
