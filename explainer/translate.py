@@ -285,11 +285,8 @@ class SegmentTranslator:
             )
             if not problems:
                 self._passed(job, translation.strip(), done, unverified, batched=len(batch) > 1)
-            elif len(batch) > 1:
-                self._asked_again(job)
-                retry.append([job])  # the smaller unit: this segment alone
             else:
-                retry += self._again_or_fail(job, f"{'; '.join(problems)} (got {quote(translation)})", failures)
+                retry += self._problem(job, problems, translation, len(batch) > 1, failures)
         return retry
 
     def _verify(self, unverified: dict, done: dict[str, str], failures: dict[str, str]) -> list[list[_Job]]:
@@ -347,8 +344,8 @@ class SegmentTranslator:
     def _problem(
         self, job: _Job, problems: list, translation: str, batched: bool, failures: dict[str, str]
     ) -> list[list[_Job]]:
-        """A translation that failed a meaning check: asked again alone if it came in a batch (the smaller unit
-        first, as for any check), else again or failed."""
+        """A translation that failed a check: asked again alone if it came in a batch (the smaller unit first),
+        else again or failed."""
         if batched:
             self._asked_again(job)
             return [[job]]

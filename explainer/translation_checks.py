@@ -533,7 +533,7 @@ def names_problem(segment: Segment, translation: str) -> str | None:
     added = [name for name in names(translation) if name.casefold() not in source.casefold()]
     if added:
         problems.append(f"adds {', '.join(quote(name, 40) for name in added)}, which the source does not name")
-    if named and not missing and not _letters(_without(source, named)) and _letters(_without(written, named)):
+    if not missing and names_alone(segment) and _letters(_without(written, named)):
         problems.append(f"adds words to a segment of names alone ({quote(_without(written, named).strip(), 30)})")
     if not problems:
         return None
