@@ -38,7 +38,13 @@ from explainer.chunking import (
     numbered_lines,
 )
 from explainer.languages import Language, language
-from explainer.markdown_segments import UnreadableMarkdown, read_markdown
+from explainer.markdown_segments import (
+    PLACEHOLDER_END,
+    PLACEHOLDER_START,
+    UnreadableMarkdown,
+    read_markdown,
+    split_document,
+)
 from explainer.post import Post, Section
 from explainer.render import fenced
 from explainer.safe_markdown import escape_model_html
@@ -58,6 +64,7 @@ VIEW_CONTEXT_LINES = 4
 ELISION = "   ⋮"
 
 EXPLAIN_TEMPERATURE = 0.0
+INTRO_SENTENCES = 3  # overview.j2 asks for "two or three sentences"
 
 NAME_SEPARATORS = ("::", "->")  # turned into "." before a backticked name is split into parts
 
@@ -167,7 +174,7 @@ def explain_file(
 
     sections = [_section(chunked, chunk, answer.text, warn) for chunk, answer in zip(chunked.chunks, answers[1:])]
     title, intro = split_title(answers[0].text, default=symbol or Path(chunked.path).name)
-    intro = opening_paragraph(intro)
+    intro = within_budget(opening_paragraph(intro), INTRO_SENTENCES)
     whole = "\n".join(
         [c.code for c in chunked.chunks] + [_signature_text(chunked.code_language, s) for s in chunked.symbols]
     )
@@ -193,6 +200,8 @@ def explain_file(
 
 def _section(chunked: ChunkedFile, chunk: Chunk, answer: str, warn: WarningCallback) -> Section:
     explanation = answer.strip()
+    if chunk.kind not in UNCUT_KINDS:
+        explanation = within_budget(explanation, sentence_count(chunk))
     invented = ungrounded_names(explanation, grounding_text(chunked, chunk), known_names(chunked))
     if invented:
         warn(
@@ -288,16 +297,102 @@ def chunk_request(chunked: ChunkedFile, index: int, answer_lang: Language, max_t
 # with claims the code does not make, so the budget grows with what there is to say, not with room.
 SENTENCE_BUDGET = ((2, 1), (5, 2), (12, 3), (30, 4))
 MAX_SENTENCES = 6
+# Answers kept whole past their budget: a signature's is a sentence and a list of parameters; a whole
+# definition's walks through all of it, and cutting it cost key points that no false sentence paid for
+# (benchmarks/results/audit.md, lever 2).
+UNCUT_KINDS = ("signature", "function", "class")
 
 
-def sentence_budget(chunk: Chunk) -> str:
-    """'one sentence' or 'at most N sentences', for the piece's non-blank lines; conditions and loops
-    get two at least (the condition and its cases; one pass and when it stops)."""
+def sentence_count(chunk: Chunk) -> int:
+    """The sentences an explanation of `chunk` may take, by its non-blank lines; conditions and loops get
+    two at least (the condition and its cases; one pass and when it stops)."""
     lines = sum(1 for line in chunk.code.splitlines() if line.strip())
     count = next((n for most, n in SENTENCE_BUDGET if lines <= most), MAX_SENTENCES)
     if chunk.kind in ("for", "while", "do", "if", "switch", "match", "try", "function", "class"):
         count = max(count, 2)
+    return count
+
+
+def sentence_budget(chunk: Chunk) -> str:
+    """'one sentence' or 'at most N sentences': sentence_count as the prompt says it."""
+    count = sentence_count(chunk)
     return "one sentence" if count == 1 else f"at most {NUMBERS[count]} sentences"
+
+
+# What ends a sentence: these, then a space or the end (closing quotes and brackets may come between).
+SENTENCE_ENDS = ".!?"
+# These end one wherever they stand (Chinese and Japanese full stops, Hindi's danda).
+SENTENCE_ENDS_UNSPACED = "。！？।"
+SENTENCE_CLOSERS = "\"'”’)]»」』"
+ABBREVIATIONS = ("e.g.", "i.e.", "cf.", "vs.")
+
+
+def sentence_ends(text: str) -> list[int]:
+    """Where each sentence of a paragraph's prose ends (the offset after its closing mark). Code spans
+    must be out of the text already (markdown_segments' placeholders), so `self.model` ends nothing;
+    the last sentence ends at the end of the text whether it has a mark or not."""
+    ends: list[int] = []
+    index = 0
+    while index < len(text):
+        char = text[index]
+        if char in SENTENCE_ENDS_UNSPACED or char in SENTENCE_ENDS:
+            end = index + 1
+            while end < len(text) and text[end] in SENTENCE_CLOSERS:
+                end += 1
+            spaced = end == len(text) or text[end].isspace()
+            abbreviated = char == "." and any(text[: index + 1].lower().endswith(a) for a in ABBREVIATIONS)
+            if char in SENTENCE_ENDS_UNSPACED or (spaced and not abbreviated):
+                ends.append(end)
+            index = end
+        else:
+            index += 1
+    if text.strip() and (not ends or text[ends[-1] :].strip()):
+        ends.append(len(text.rstrip()))
+    return ends
+
+
+def within_budget(answer: str, most: int) -> str:
+    """The answer cut after its first `most` sentences, where it is plain paragraphs; an answer with a list,
+    a heading or code, or whose cut would fall inside a link, stays as it is. A small model asked for two
+    sentences often writes six, and the ones past its budget are where it drifts from the code
+    (benchmarks/results/audit.md: 7 of the lever-1 post's 16 false sentences)."""
+    tokens = read_markdown(_markdown(), answer)
+    if any(t.type not in ("paragraph_open", "inline", "paragraph_close") for t in tokens):
+        return answer
+    document = split_document(answer)
+    kept: dict[int, str] = {}
+    left = most
+    for index, segment in enumerate(document.segments):
+        if left <= 0:
+            kept[index] = ""
+            continue
+        ends = sentence_ends(segment.text)
+        if len(ends) <= left:
+            left -= len(ends)
+            continue
+        text = segment.text[: ends[left - 1]]
+        shown = _numbers(text)
+        if any((opening in shown) != (closing in shown) for opening, closing in segment.pairs):
+            return answer
+        kept[index] = segment.restore(text)
+        left = 0
+    if not kept:
+        return answer
+    cut = document.rebuild(kept).strip()
+    while "\n\n\n" in cut:
+        cut = cut.replace("\n\n\n", "\n\n")
+    return cut
+
+
+def _numbers(text: str) -> set[int]:
+    """The placeholder numbers in a segment's text."""
+    found = set()
+    start = text.find(PLACEHOLDER_START)
+    while start >= 0:
+        end = text.find(PLACEHOLDER_END, start)
+        found.add(int(text[start + 1 : end]))
+        start = text.find(PLACEHOLDER_START, end)
+    return found
 
 
 NUMBERS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import textwrap
 
@@ -20,7 +21,7 @@ from explainer.backends import UnusableAnswer
 from explainer.backends.openai import OpenAIBackend
 from explainer.cache import Cache
 from explainer.chunking import chunk_file
-from explainer.explain import explain_file, off_piece, split_title, ungrounded_names
+from explainer.explain import explain_file, off_piece, split_title, ungrounded_names, within_budget
 from explainer.post import Post, Section
 from explainer.render import post_json, render_post
 
@@ -82,7 +83,8 @@ def echo_script(source_path, extra: dict[str, str] | None = None):
         code = last_fence(prompt).rstrip("\n")
         assert code in chunks, "a chunk request must end with its chunk's code"
         first = first_code_line(code)
-        return f"This runs `{first}`. {extra.get(first, '')}".strip()
+        # one sentence however long the extra: answers are cut to their sentence budget
+        return f"This runs `{first}`: {extra[first]}" if first in extra else f"This runs `{first}`."
 
     return script
 
@@ -192,7 +194,7 @@ def test_requests_about_one_symbol_share_their_beginning(scripted_server, openai
 
 
 def test_names_the_code_does_not_contain_are_flagged(scripted_server, openai_env, sample):
-    invented = "It is like `torch.empty` but uses `softmax`, `s / temperature`, `True` and `42`."
+    invented = "it is like `torch.empty` but uses `softmax`, `s / temperature`, `True` and `42`."
     server = scripted_server(echo_script(sample, {"probs = softmax([s / temperature for s in scores])": invented}))
     warnings = []
 
@@ -543,3 +545,87 @@ def test_an_introduction_without_a_paragraph_is_kept_as_it_is():
 
     assert opening_paragraph("- one\n- two") == "- one\n- two"
     assert opening_paragraph("> quoted\n\nThen prose.") == "Then prose."
+
+
+LONG_ANSWERS = {
+    # lines 15-17, two lines of code: one sentence
+    "probs = softmax([s / temperature for s in scores])": (
+        "`probs` holds the `softmax` of each score over `temperature`. Then `best` starts at 0, e.g. the first "
+        "index. A third sentence the budget has no room for."
+    ),
+    # the loop: its pass and when it stops, two sentences
+    "for index, p in enumerate(probs):": (
+        "One pass compares `p` with `probs[best]` and keeps the larger one's `index`. It stops after the last "
+        "of `probs`.\n\nIt is a crucial step."
+    ),
+}
+
+
+def test_an_answer_past_its_sentence_budget_keeps_its_first_sentences_and_the_cache_the_whole(
+    scripted_server, openai_env, sample, tmp_path
+):
+    plain = echo_script(sample)
+
+    def script(body):
+        first = first_code_line(last_fence(user_text(body))) if "title" not in user_text(body) else ""
+        return LONG_ANSWERS.get(first) or plain(body)
+
+    server = scripted_server(script)
+    cache = Cache(tmp_path / "cache")
+    post, _ = explain_file(sample, "pick", backend=backend_for(server), cache=cache, max_lines=MAX_LINES)
+
+    by_line = {section.start_line: section.explanation for section in post.sections}
+    assert by_line[15] == "`probs` holds the `softmax` of each score over `temperature`."
+    assert by_line[18] == (
+        "One pass compares `p` with `probs[best]` and keeps the larger one's `index`. It stops after the last "
+        "of `probs`."
+    )
+    # the cache keeps the model's whole answer: a later budget can keep more of it without asking again
+    with sqlite3.connect(tmp_path / "cache" / "answers.sqlite") as stored:
+        assert any("A third sentence" in text for (text,) in stored.execute("SELECT text FROM answers"))
+    asked = len(server.requests)
+    again, _ = explain_file(sample, "pick", backend=backend_for(server), cache=cache, max_lines=MAX_LINES)
+    assert len(server.requests) == asked and again == post
+
+
+@pytest.mark.parametrize(
+    "answer, most, kept",
+    [
+        # dots in code spans, decimals and abbreviations end no sentence
+        (
+            "It calls `self.model.forward`, i.e. the model, with 0.5. Then more. And more.",
+            1,
+            "It calls `self.model.forward`, i.e. the model, with 0.5.",
+        ),
+        # a sentence may end inside a closing bracket or quote
+        ('It stops (at the end.) Then "quoted." Third.', 2, 'It stops (at the end.) Then "quoted."'),
+        # Chinese and Japanese full stops need no space
+        ("它复制提示。然后生成。最后返回。", 2, "它复制提示。然后生成。"),
+        # later paragraphs go whole
+        ("One. Two.\n\nThree.\n\nFour.", 2, "One. Two."),
+        ("One.\n\nTwo. Three.", 2, "One.\n\nTwo."),
+        # within budget: as it is
+        ("One. Two.", 2, "One. Two."),
+        # a list, a heading or code: as it is
+        ("Sets up:\n- `a`. Then.\n- `b`. Then.", 1, "Sets up:\n- `a`. Then.\n- `b`. Then."),
+        ("# Title\n\nOne. Two.", 1, "# Title\n\nOne. Two."),
+        # a cut inside a link would break it: as it is
+        (
+            "See [the loop. It stops](https://example.com/a.b) here. Then.",
+            1,
+            "See [the loop. It stops](https://example.com/a.b) here. Then.",
+        ),
+        ("See [the loop](https://example.com/a.b). Then.", 1, "See [the loop](https://example.com/a.b)."),
+    ],
+)
+def test_which_sentences_an_answer_keeps(answer, most, kept):
+    assert within_budget(answer, most) == kept
+
+
+def test_a_whole_definition_keeps_its_whole_answer(scripted_server, openai_env, sample):
+    walk = "`softmax` turns scores into probabilities. It takes `top` first. Then `exps`. Then `total`. Then divides."
+    server = scripted_server(lambda body: f"# {TITLE}\n\nIntro." if "title" in user_text(body) else walk)
+    post, _ = explain_file(sample, "softmax", backend=backend_for(server), max_lines=30)
+
+    [section] = post.sections
+    assert section.kind == "function" and section.explanation == walk
