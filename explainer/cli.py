@@ -156,7 +156,8 @@ def open_cache(cache_dir: str | None, no_cache: bool):
     type=click.Choice(["markdown", "json"]),
     default="markdown",
     show_default=True,
-    help="markdown: a Jekyll post; json: the post's data, with ungrounded names.",
+    help="markdown: a Jekyll post; json: the post's data, with ungrounded names and the sentences left out "
+    "past each answer's budget (left_out).",
 )
 @click.option("--cache-dir", help="Answer cache folder [default: EXPLAINER_CACHE_DIR, else ~/.cache/llama-explainer].")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the answer cache.")

@@ -480,7 +480,7 @@ def apply(post: Post, edits: Edits) -> Authored:
     for piece, section in zip(pieces, post.sections):
         key = placement.by_piece.get(piece.id)
         if key is not None:
-            section = dataclasses.replace(section, explanation=edits.parts[key].text, authored=True)
+            section = dataclasses.replace(section, explanation=edits.parts[key].text, authored=True, left_out="")
         sections.append(section)
     stale = [
         StalePiece(piece, placement.by_piece[piece.id], code_diff(edits.parts[placement.by_piece[piece.id]], piece))
@@ -494,6 +494,7 @@ def apply(post: Post, edits: Edits) -> Authored:
         title=title.text if title is not None else post.title,
         title_authored=title is not None,
         intro=intro.text if intro is not None else post.intro,
+        intro_left_out="" if intro is not None else post.intro_left_out,
         intro_authored=intro is not None,
         reviewed=title is not None
         and intro is not None

@@ -174,7 +174,7 @@ def explain_file(
 
     sections = [_section(chunked, chunk, answer.text, warn) for chunk, answer in zip(chunked.chunks, answers[1:])]
     title, intro = split_title(answers[0].text, default=symbol or Path(chunked.path).name)
-    intro = within_budget(opening_paragraph(intro), INTRO_SENTENCES)
+    intro, intro_left_out = budget_split(opening_paragraph(intro), INTRO_SENTENCES)
     whole = "\n".join(
         [c.code for c in chunked.chunks] + [_signature_text(chunked.code_language, s) for s in chunked.symbols]
     )
@@ -191,6 +191,7 @@ def explain_file(
         source_path=chunked.path,
         code_language=chunked.code_language,
         intro=intro,
+        intro_left_out=intro_left_out,
         sections=sections,
         backend=backend.name,
         model=backend.model,
@@ -200,8 +201,9 @@ def explain_file(
 
 def _section(chunked: ChunkedFile, chunk: Chunk, answer: str, warn: WarningCallback) -> Section:
     explanation = answer.strip()
+    left_out = ""
     if chunk.kind not in UNCUT_KINDS:
-        explanation = within_budget(explanation, sentence_count(chunk))
+        explanation, left_out = budget_split(explanation, sentence_count(chunk))
     invented = ungrounded_names(explanation, grounding_text(chunked, chunk), known_names(chunked))
     if invented:
         warn(
@@ -217,6 +219,7 @@ def _section(chunked: ChunkedFile, chunk: Chunk, answer: str, warn: WarningCallb
         kind=chunk.kind,
         explanation=explanation,
         ungrounded=invented,
+        left_out=left_out,
     )
 
 
@@ -352,19 +355,26 @@ def sentence_ends(text: str) -> list[int]:
 
 
 def within_budget(answer: str, most: int) -> str:
-    """The answer cut after its first `most` sentences, where it is plain paragraphs; an answer with a list,
-    a heading or code, or whose cut would fall inside a link, stays as it is. A small model asked for two
-    sentences often writes six, and the ones past its budget are where it drifts from the code
+    """The answer cut after its first `most` sentences (budget_split)."""
+    return budget_split(answer, most)[0]
+
+
+def budget_split(answer: str, most: int) -> tuple[str, str]:
+    """(the answer's first `most` sentences, the rest), where it is plain paragraphs; an answer with a list,
+    a heading or code, or whose cut would fall inside a link, is kept whole: (answer, ""). A small model asked
+    for two sentences often writes six, and the ones past its budget are where it drifts from the code
     (benchmarks/results/audit.md: 7 of the lever-1 post's 16 false sentences)."""
     tokens = read_markdown(_markdown(), answer)
     if any(t.type not in ("paragraph_open", "inline", "paragraph_close") for t in tokens):
-        return answer
+        return answer, ""
     document = split_document(answer)
     kept: dict[int, str] = {}
+    rest: list[str] = []
     left = most
     for index, segment in enumerate(document.segments):
         if left <= 0:
             kept[index] = ""
+            rest.append(document.source[segment.start : segment.end].strip())
             continue
         ends = sentence_ends(segment.text)
         if len(ends) <= left:
@@ -373,15 +383,16 @@ def within_budget(answer: str, most: int) -> str:
         text = segment.text[: ends[left - 1]]
         shown = _numbers(text)
         if any((opening in shown) != (closing in shown) for opening, closing in segment.pairs):
-            return answer
+            return answer, ""
         kept[index] = segment.restore(text)
+        rest.append(segment.restore(segment.text[ends[left - 1] :]).strip())
         left = 0
     if not kept:
-        return answer
+        return answer, ""
     cut = document.rebuild(kept).strip()
     while "\n\n\n" in cut:
         cut = cut.replace("\n\n\n", "\n\n")
-    return cut
+    return cut, "\n\n".join(part for part in rest if part)
 
 
 def _numbers(text: str) -> set[int]:

@@ -21,6 +21,9 @@ class Section:
     kind: str  # chunk kind from chunking.CHUNK_KINDS: signature, block, for, if, return, imports, ...
     explanation: str = ""  # Markdown prose, translatable
     ungrounded: list[str] = field(default_factory=list)  # `identifiers` the explanation invented
+    # the model's sentences past the piece's budget, left out of the post (explain.budget_split); in the
+    # JSON data only, for an author who wants to read them
+    left_out: str = ""
     authored: bool = False  # the explanation is the author's (explainer.edits): published as written
 
 
@@ -32,6 +35,7 @@ class Post:
     source_path: str  # as given by the user, relative where possible
     code_language: str  # programming language of the source: python, c, cpp, cuda
     intro: str = ""  # translatable
+    intro_left_out: str = ""  # the introduction's sentences past its three (JSON only), as Section.left_out
     sections: list[Section] = field(default_factory=list)
     backend: str = ""
     model: str = ""

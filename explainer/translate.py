@@ -568,7 +568,10 @@ def translate_post(
         verify=verify,
     )
     sections = [
-        dataclasses.replace(section, explanation=done.get(f"section {number} explanation", section.explanation))
+        # what was left out of the source post is not part of it: not translated, not carried
+        dataclasses.replace(
+            section, explanation=done.get(f"section {number} explanation", section.explanation), left_out=""
+        )
         for number, section in enumerate(post.sections, 1)
     ]
     return dataclasses.replace(
@@ -576,6 +579,7 @@ def translate_post(
         lang=language(target).code,
         title=done.get("title", post.title),
         intro=done.get("intro", post.intro),
+        intro_left_out="",
         sections=sections,
     )
 

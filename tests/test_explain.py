@@ -580,6 +580,14 @@ def test_an_answer_past_its_sentence_budget_keeps_its_first_sentences_and_the_ca
         "One pass compares `p` with `probs[best]` and keeps the larger one's `index`. It stops after the last "
         "of `probs`."
     )
+    # the JSON data keeps what was left out, for the author to read
+    sections = json.loads(post_json(post))["sections"]
+    assert (
+        sections[1]["left_out"]
+        == "Then `best` starts at 0, e.g. the first index. A third sentence the budget has no room for."
+    )
+    assert sections[2]["left_out"] == "It is a crucial step."
+    assert sections[3]["left_out"] == ""
     # the cache keeps the model's whole answer: a later budget can keep more of it without asking again
     with sqlite3.connect(tmp_path / "cache" / "answers.sqlite") as stored:
         assert any("A third sentence" in text for (text,) in stored.execute("SELECT text FROM answers"))
