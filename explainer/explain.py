@@ -709,7 +709,8 @@ UNMENTIONED_BODY_NAMES = 3
 
 def off_piece(chunked: ChunkedFile, chunk: Chunk, answer: str) -> str | None:
     """Why an explanation is not about its piece's lines, or None: it names more of the rest of its
-    definition than of its lines, or it only restates the docstring or comments the piece shows."""
+    definition than of its lines, or the definition itself and none of its lines' names, or it only restates
+    the docstring or comments the piece shows."""
     owner = owner_symbol(chunked, chunk)
     known = known_names(chunked)
     if owner is not None and _is_part_of(chunk, owner):
@@ -725,6 +726,12 @@ def off_piece(chunked: ChunkedFile, chunk: Chunk, answer: str) -> str | None:
                 outside.append(name)
         if len(outside) >= OFF_PIECE_NAMES and len(outside) > len(inside):
             return f"it describes code outside {_lines(chunk.start_line, chunk.end_line)} ({_quoted(outside)})"
+        # "The `Llama.generate` function is a method that generates ...": the definition as a whole, and not
+        # one name of the piece's own
+        short = owner.name.replace("::", ".").rpartition(".")[2]
+        named = {name_in(span) for span in backticked(answer)}
+        if not inside and (owner.name in named or (short in named and not occurs_as_name(short, chunk.code))):
+            return f"it describes `{owner.name}` as a whole, not {_lines(chunk.start_line, chunk.end_line)}"
     if chunk.kind != "signature":
         words = prose_words(answer)
         said = _trigrams(words)

@@ -637,3 +637,19 @@ def test_a_whole_definition_keeps_its_whole_answer(scripted_server, openai_env, 
 
     [section] = post.sections
     assert section.kind == "function" and section.explanation == walk
+
+
+@pytest.mark.parametrize(
+    "answer, flagged",
+    [
+        ("The `pick` function is a method that samples a score, as its name says.", True),
+        ("`pick()` draws an index from the scores.", True),
+        ("One pass of the loop in `pick` keeps the `index` of the largest `p` in `best`.", False),
+        ("One pass keeps the index of the largest probability.", False),
+    ],
+)
+def test_an_answer_about_its_whole_definition_instead_of_its_lines_is_off_its_piece(sample, answer, flagged):
+    chunked = chunk_file(sample, "pick", max_lines=MAX_LINES)
+    [loop] = [c for c in chunked.chunks if c.kind == "for"]
+    found = off_piece(chunked, loop, answer)
+    assert (found is not None and "`pick` as a whole" in found) if flagged else found is None, found
