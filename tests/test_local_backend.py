@@ -168,6 +168,9 @@ def test_a_looping_answer_is_kept_up_to_the_first_repeat():
     assert before_loop("# T\n\n" + two + two.replace("\n\n", " ") + "It reads") == "# T\n\n" + two.strip()
     assert before_loop("A normal answer that was cut off in the middle of a sente") is None
     assert before_loop("It is fast, it is fast, and it is cut") is None  # too short to be a loop
+    # a cut after a list item's number leaves no empty item behind: the "." of "3." ends no sentence there
+    steps = "Steps:\n\n1. Sets `total_len` from the longest prompt.\n2. Fills `tokens` with the pad id.\n3."
+    assert before_loop(steps + " Sets `total_len` from the longest prompt. Fills") == steps[: -len("\n3.")]
 
 
 def test_an_answer_is_stopped_once_its_tail_repeats_itself_exactly():

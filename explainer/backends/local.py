@@ -288,6 +288,24 @@ def before_loop(text: str) -> str | None:
             repeat = origin[start]
             # The repeat may begin with the first copy's last character (". The" after "Intro.")
             sentence_end = max(text.rfind(mark, 0, repeat + 1) for mark in SENTENCE_ENDS)
-            return text[: sentence_end + 1 if sentence_end >= 0 else repeat].rstrip() or None
+            return _without_empty_last_item(text[: sentence_end + 1 if sentence_end >= 0 else repeat].rstrip()) or None
         first_seen.setdefault(stretch, start)
     return None
+
+
+def _without_empty_last_item(text: str) -> str:
+    """`text` without a list item left empty at its end: the "." of "5." reads as a sentence end, so a cut
+    before a loop may end on the marker of an item the model had not written yet."""
+    from explainer.markdown_segments import UnreadableMarkdown, parser, read_markdown
+
+    try:
+        tokens = read_markdown(parser(), text)
+    except UnreadableMarkdown:
+        return text
+    lines = text.split("\n")
+    for opening, closing in zip(tokens[-3::-1], tokens[-2::-1]):
+        if opening.type == "list_item_open" and opening.map is not None and opening.map[1] >= len(lines):
+            if closing.type == "list_item_close":
+                return "\n".join(lines[: opening.map[0]]).rstrip()
+            break
+    return text
