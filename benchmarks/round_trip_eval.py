@@ -46,7 +46,7 @@ from explainer.cli import make_backend
 from explainer.errors import UserError
 from explainer.fileio import write_atomic
 from explainer.languages import language
-from explainer.markdown_segments import Segment
+from explainer.markdown_segments import Segment, placeholder_numbers
 from explainer.translate import marked_words_request, read_back_request, single_answer
 from explainer.translation_checks import (
     ROUND_TRIP_MIN_CHRF,
@@ -56,7 +56,6 @@ from explainer.translation_checks import (
     marked_words_problems,
     names_alone,
     names_problem,
-    placeholder_numbers,
     round_trip_min_chrf,
 )
 

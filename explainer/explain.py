@@ -38,13 +38,7 @@ from explainer.chunking import (
     numbered_lines,
 )
 from explainer.languages import Language, language
-from explainer.markdown_segments import (
-    PLACEHOLDER_END,
-    PLACEHOLDER_START,
-    UnreadableMarkdown,
-    read_markdown,
-    split_document,
-)
+from explainer.markdown_segments import UnreadableMarkdown, placeholder_numbers, read_markdown, split_document
 from explainer.post import Post, Section
 from explainer.render import fenced
 from explainer.safe_markdown import escape_model_html
@@ -354,11 +348,6 @@ def sentence_ends(text: str) -> list[int]:
     return ends
 
 
-def within_budget(answer: str, most: int) -> str:
-    """The answer cut after its first `most` sentences (budget_split)."""
-    return budget_split(answer, most)[0]
-
-
 def budget_split(answer: str, most: int) -> tuple[str, str]:
     """(the answer's first `most` sentences, the rest), where it is plain paragraphs; an answer with a list,
     a heading or code, or whose cut would fall inside a link, is kept whole: (answer, ""). A small model asked
@@ -381,7 +370,7 @@ def budget_split(answer: str, most: int) -> tuple[str, str]:
             left -= len(ends)
             continue
         text = segment.text[: ends[left - 1]]
-        shown = _numbers(text)
+        shown = set(placeholder_numbers(text) or ())
         if any((opening in shown) != (closing in shown) for opening, closing in segment.pairs):
             return answer, ""
         kept[index] = segment.restore(text)
@@ -393,17 +382,6 @@ def budget_split(answer: str, most: int) -> tuple[str, str]:
     while "\n\n\n" in cut:
         cut = cut.replace("\n\n\n", "\n\n")
     return cut, "\n\n".join(part for part in rest if part)
-
-
-def _numbers(text: str) -> set[int]:
-    """The placeholder numbers in a segment's text."""
-    found = set()
-    start = text.find(PLACEHOLDER_START)
-    while start >= 0:
-        end = text.find(PLACEHOLDER_END, start)
-        found.add(int(text[start + 1 : end]))
-        start = text.find(PLACEHOLDER_START, end)
-    return found
 
 
 NUMBERS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
@@ -716,8 +694,8 @@ def off_piece(chunked: ChunkedFile, chunk: Chunk, answer: str) -> str | None:
     if owner is not None and _is_part_of(chunk, owner):
         inside: list[str] = []
         outside: list[str] = []
-        for span in backticked(answer):
-            name = name_in(span)
+        named = [name_in(span) for span in backticked(answer)]
+        for name in named:
             if name is None or name in known or name in inside or name in outside:
                 continue
             if occurs_as_name(name, chunk.code):
@@ -729,7 +707,6 @@ def off_piece(chunked: ChunkedFile, chunk: Chunk, answer: str) -> str | None:
         # "The `Llama.generate` function is a method that generates ...": the definition as a whole, and not
         # one name of the piece's own
         short = owner.name.replace("::", ".").rpartition(".")[2]
-        named = {name_in(span) for span in backticked(answer)}
         if not inside and (owner.name in named or (short in named and not occurs_as_name(short, chunk.code))):
             return f"it describes `{owner.name}` as a whole, not {_lines(chunk.start_line, chunk.end_line)}"
     if chunk.kind != "signature":

@@ -285,6 +285,20 @@ class Segment:
         return "".join(out)
 
 
+def placeholder_numbers(text: str) -> list[int] | None:
+    """The numbers of the placeholders in `text`, in order; None if one is broken (⟦ without ⟧ and a number)."""
+    numbers, pos = [], 0
+    while (start := text.find(PLACEHOLDER_START, pos)) >= 0:
+        end = text.find(PLACEHOLDER_END, start)
+        if end < 0 or not text[start + 1 : end].isdigit():
+            return None
+        numbers.append(int(text[start + 1 : end]))
+        pos = end + 1
+    if PLACEHOLDER_END in text[pos:]:
+        return None
+    return numbers
+
+
 def strip_placeholders(text: str) -> str:
     out, pos = [], 0
     while (start := text.find(PLACEHOLDER_START, pos)) >= 0:

@@ -50,6 +50,7 @@ from explainer.markdown_segments import (
     PLACEHOLDER_START,
     Segment,
     UnreadableMarkdown,
+    placeholder_numbers,
     split_document,
     strip_placeholders,
 )
@@ -64,7 +65,6 @@ from explainer.translation_checks import (
     meaning_problems,
     names_alone,
     names_problem,
-    placeholder_numbers,
     quote,
     repair_emphasis,
     repair_placeholders,

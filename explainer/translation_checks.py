@@ -31,6 +31,7 @@ from explainer.markdown_segments import (
     normalize,
     parser,
     placeholder,
+    placeholder_numbers,
     read_markdown,
     strip_placeholders,
 )
@@ -253,20 +254,6 @@ def lookalike_problems(translation: str, source: str, count: int) -> list[str]:
         for form in forms
         if form.format(n=n) in translation and form.format(n=n) not in source
     ]
-
-
-def placeholder_numbers(text: str) -> list[int] | None:
-    """The numbers of the placeholders in `text`, in order; None if one is broken (⟦ without ⟧ and a number)."""
-    numbers, pos = [], 0
-    while (start := text.find(PLACEHOLDER_START, pos)) >= 0:
-        end = text.find(PLACEHOLDER_END, start)
-        if end < 0 or not text[start + 1 : end].isdigit():
-            return None
-        numbers.append(int(text[start + 1 : end]))
-        pos = end + 1
-    if PLACEHOLDER_END in text[pos:]:
-        return None
-    return numbers
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from explainer.backends import UnusableAnswer
 from explainer.backends.openai import OpenAIBackend
 from explainer.cache import Cache
 from explainer.chunking import chunk_file
-from explainer.explain import explain_file, off_piece, split_title, ungrounded_names, within_budget
+from explainer.explain import budget_split, explain_file, off_piece, split_title, ungrounded_names
 from explainer.post import Post, Section
 from explainer.render import post_json, render_post
 
@@ -627,7 +627,7 @@ def test_an_answer_past_its_sentence_budget_keeps_its_first_sentences_and_the_ca
     ],
 )
 def test_which_sentences_an_answer_keeps(answer, most, kept):
-    assert within_budget(answer, most) == kept
+    assert budget_split(answer, most)[0] == kept
 
 
 def test_a_whole_definition_keeps_its_whole_answer(scripted_server, openai_env, sample):

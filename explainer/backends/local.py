@@ -25,6 +25,7 @@ from pathlib import Path
 
 from explainer.backends import Completion, Request, UnusableAnswer
 from explainer.errors import UserError
+from explainer.markdown_segments import UnreadableMarkdown, parser, read_markdown
 
 DEFAULT_MAX_SEQ_LEN = 4096  # prompt + answer per row; our prompts need far less than the models' trained context
 # Rows the engine runs at once. The KV cache grows with it: 8 x 4096 positions of Qwen2.5-Coder-1.5B in
@@ -296,8 +297,6 @@ def before_loop(text: str) -> str | None:
 def _without_empty_last_item(text: str) -> str:
     """`text` without a list item left empty at its end: the "." of "5." reads as a sentence end, so a cut
     before a loop may end on the marker of an item the model had not written yet."""
-    from explainer.markdown_segments import UnreadableMarkdown, parser, read_markdown
-
     try:
         tokens = read_markdown(parser(), text)
     except UnreadableMarkdown:
